@@ -1,0 +1,237 @@
+//! The desktop app shell: load a base/chat pair, list them, run one prompt through both.
+//! All model work happens on a worker thread that owns the models; the UI only sends commands and
+//! shows events, so it never freezes.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, channel};
+
+use anyhow::Result;
+use crossdiff::generate::{Sampling, generate};
+use crossdiff::{Backend, LoadOptions, Model};
+use eframe::egui;
+
+pub fn run() -> Result<()> {
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default().with_inner_size([1100.0, 720.0]).with_title("crossdiff"),
+        ..Default::default()
+    };
+    eframe::run_native("crossdiff", options, Box::new(|cc| Ok(Box::new(CrossdiffApp::new(cc.egui_ctx.clone())))))
+        .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+}
+
+enum Job {
+    Load { dirs: [PathBuf; 2], backend: Backend },
+    Prompt { text: String, chat: bool, max_tokens: usize },
+}
+
+enum Event {
+    Loaded { slot: usize, summary: ModelSummary },
+    Text { slot: usize, text: String },
+    Done,
+    Error(String),
+}
+
+#[derive(Clone)]
+pub struct ModelSummary {
+    pub dir: String,
+    pub layers: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub parameters: usize,
+}
+
+pub struct CrossdiffApp {
+    dirs: [String; 2],
+    backend: Backend,
+    prompt: String,
+    chat: bool,
+    max_tokens: usize,
+    models: [Option<ModelSummary>; 2],
+    answers: [String; 2],
+    busy: Option<&'static str>,
+    error: Option<String>,
+    jobs: Sender<Job>,
+    events: Receiver<Event>,
+}
+
+impl CrossdiffApp {
+    pub fn new(ctx: egui::Context) -> Self {
+        let (jobs, job_rx) = channel();
+        let (event_tx, events) = channel();
+        std::thread::spawn(move || worker(job_rx, event_tx, ctx));
+        let bundled = |name: &str| {
+            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-gemma2").join(name);
+            if p.exists() { p.canonicalize().unwrap_or(p).display().to_string() } else { String::new() }
+        };
+        Self {
+            dirs: [bundled("base"), bundled("chat")],
+            backend: Backend::Cpu,
+            prompt: "What is a crosscoder?".into(),
+            chat: true,
+            max_tokens: 32,
+            models: [None, None],
+            answers: [String::new(), String::new()],
+            busy: None,
+            error: None,
+            jobs,
+            events,
+        }
+    }
+
+    fn poll(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            match ev {
+                Event::Loaded { slot, summary } => self.models[slot] = Some(summary),
+                Event::Text { slot, text } => self.answers[slot] = text,
+                Event::Done => self.busy = None,
+                Event::Error(e) => {
+                    self.error = Some(e);
+                    self.busy = None;
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, job: Job, what: &'static str) {
+        self.error = None;
+        self.busy = Some(what);
+        if self.jobs.send(job).is_err() {
+            self.error = Some("the worker thread stopped".into());
+            self.busy = None;
+        }
+    }
+
+    pub fn models_ui(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Models");
+        for (slot, label) in ["Base model", "Chat model"].iter().enumerate() {
+            ui.label(*label);
+            ui.add(egui::TextEdit::singleline(&mut self.dirs[slot]).desired_width(f32::INFINITY))
+                .labelled_by(ui.label("snapshot directory").id);
+        }
+        egui::ComboBox::from_label("Backend").selected_text(self.backend.to_string()).show_ui(ui, |ui| {
+            for b in [Backend::Cpu, Backend::Wgpu, Backend::Cuda] {
+                ui.selectable_value(&mut self.backend, b, b.to_string());
+            }
+        });
+        let idle = self.busy.is_none();
+        if ui.add_enabled(idle, egui::Button::new("Load models")).clicked() {
+            let dirs = [PathBuf::from(&self.dirs[0]), PathBuf::from(&self.dirs[1])];
+            self.models = [None, None];
+            self.send(Job::Load { dirs, backend: self.backend }, "loading models");
+        }
+        ui.separator();
+        for (slot, name) in ["base", "chat"].iter().enumerate() {
+            match &self.models[slot] {
+                Some(m) => {
+                    ui.label(format!(
+                        "{name}: {}\n{} layers, width {}, vocab {}, {:.1}M parameters",
+                        m.dir,
+                        m.layers,
+                        m.hidden,
+                        m.vocab,
+                        m.parameters as f64 / 1e6
+                    ));
+                }
+                None => {
+                    ui.weak(format!("{name}: not loaded"));
+                }
+            }
+        }
+    }
+
+    pub fn prompt_ui(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Prompt");
+        let edit = ui.add(egui::TextEdit::multiline(&mut self.prompt).desired_rows(3).desired_width(f32::INFINITY));
+        edit.labelled_by(ui.label("prompt text").id);
+        ui.horizontal(|ui| {
+            ui.checkbox(&mut self.chat, "Use chat template");
+            ui.add(egui::DragValue::new(&mut self.max_tokens).range(1..=1024)).labelled_by(ui.label("max tokens").id);
+        });
+        let ready = self.busy.is_none() && self.models.iter().all(Option::is_some);
+        if ui.add_enabled(ready, egui::Button::new("Run on both")).clicked() {
+            self.answers = [String::new(), String::new()];
+            let job = Job::Prompt { text: self.prompt.clone(), chat: self.chat, max_tokens: self.max_tokens };
+            self.send(job, "generating");
+        }
+        ui.columns(2, |cols| {
+            for (slot, name) in ["Base", "Chat"].iter().enumerate() {
+                cols[slot].strong(*name);
+                cols[slot].label(&self.answers[slot]);
+            }
+        });
+    }
+}
+
+impl eframe::App for CrossdiffApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.poll();
+        egui::Panel::top("status").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                ui.strong("crossdiff");
+                if let Some(what) = self.busy {
+                    ui.spinner();
+                    ui.label(what);
+                }
+                if let Some(e) = &self.error {
+                    ui.colored_label(egui::Color32::LIGHT_RED, format!("error: {e}"));
+                }
+            });
+        });
+        egui::Panel::left("models").default_size(380.0).show(ui, |ui| self.models_ui(ui));
+        egui::CentralPanel::default().show(ui, |ui| self.prompt_ui(ui));
+    }
+}
+
+/// Owns the loaded models; runs one job at a time and reports back through `events`.
+fn worker(jobs: Receiver<Job>, events: Sender<Event>, ctx: egui::Context) {
+    let mut models: Vec<Model> = Vec::new();
+    let send = |ev: Event| {
+        let _ = events.send(ev);
+        ctx.request_repaint();
+    };
+    for job in jobs {
+        let result = match job {
+            Job::Load { dirs, backend } => (|| -> Result<()> {
+                models.clear();
+                let device = backend.device()?;
+                for (slot, dir) in dirs.iter().enumerate() {
+                    let m = Model::load(dir, &device, LoadOptions::default())?;
+                    let c = &m.gemma.config;
+                    send(Event::Loaded {
+                        slot,
+                        summary: ModelSummary {
+                            dir: dir.display().to_string(),
+                            layers: c.num_hidden_layers,
+                            hidden: c.hidden_size,
+                            vocab: c.vocab_size,
+                            parameters: c.parameter_count(),
+                        },
+                    });
+                    models.push(m);
+                }
+                crossdiff::model::check_models(&models[0], &models[1])
+            })(),
+            Job::Prompt { text, chat, max_tokens } => (|| -> Result<()> {
+                for (slot, m) in models.iter().enumerate() {
+                    let ids = m.prompt_ids(&text, chat)?;
+                    let stop = m.stop_ids();
+                    let mut new = Vec::new();
+                    generate(&m.gemma, &ids, max_tokens, Sampling::default(), &stop, |id| {
+                        if !stop.contains(&id) {
+                            new.push(id);
+                            if let Ok(t) = m.tokenizer.decode(&new) {
+                                send(Event::Text { slot, text: t });
+                            }
+                        }
+                        true
+                    })?;
+                }
+                Ok(())
+            })(),
+        };
+        match result {
+            Ok(()) => send(Event::Done),
+            Err(e) => send(Event::Error(format!("{e:#}"))),
+        }
+    }
+}

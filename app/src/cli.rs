@@ -1,0 +1,176 @@
+//! Command-line front end (interfaces.md, "Commands"). Each command parses, calls the engine and
+//! prints a one-line summary; the engine owns all the logic.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use crossdiff::generate::{Sampling, generate};
+use crossdiff::{Backend, LoadOptions, Model};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "crossdiff", version, about = "Find what chat fine-tuning changed inside a language model. No subcommand opens the desktop app.")]
+struct Cli {
+    /// Compute backend: wgpu (any GPU, or Mesa lavapipe on CPU), cpu (burn flex), cuda (needs the `cuda` build feature).
+    #[arg(long, global = true, default_value = "wgpu")]
+    backend: Backend,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one prompt; write input_ids, every block output and the logits to a safetensors file.
+    Inspect {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// Render the prompt as one user turn with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Stream a completion (KV cache; greedy unless --temperature > 0).
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode tokens/s and peak memory of the Gemma 2 forward.
+    Forward {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        context: usize,
+        /// Decode steps to time after a `context`-token prompt.
+        #[arg(long, default_value_t = 32)]
+        decode: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A Hugging Face snapshot directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Keep matmul weights in f16 on the device (half the memory; activations stay f32).
+    #[arg(long)]
+    f16: bool,
+}
+
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inspect { model, prompt, chat, out } => {
+            let m = load(&model, cli.backend)?;
+            let ids = m.prompt_ids(&prompt, chat)?;
+            let started = Instant::now();
+            let result = crossdiff::inspect::inspect(&m, ids)?;
+            result.write(&out)?;
+            println!(
+                "inspect: {} tokens, {} blocks, logits [{}, {}] → {} ({:.2}s, {})",
+                result.ids.len(),
+                result.blocks.len(),
+                result.ids.len(),
+                m.gemma.config.vocab_size,
+                out.display(),
+                started.elapsed().as_secs_f64(),
+                cli.backend
+            );
+        }
+        Command::Generate { model, prompt, chat, max_tokens, temperature, top_p, seed } => {
+            let m = load(&model, cli.backend)?;
+            let ids = m.prompt_ids(&prompt, chat)?;
+            let stop = m.stop_ids();
+            let started = Instant::now();
+            let mut stdout = std::io::stdout();
+            let mut shown = String::new();
+            let mut generated = Vec::new();
+            let sampling = Sampling { temperature, top_p, seed };
+            let out = generate(&m.gemma, &ids, max_tokens, sampling, &stop, |id| {
+                if stop.contains(&id) {
+                    return true;
+                }
+                // Decode the whole continuation each time so multi-token characters print whole.
+                generated.push(id);
+                if let Ok(text) = m.tokenizer.decode(&generated) {
+                    if let Some(new) = text.strip_prefix(shown.as_str()) {
+                        let _ = write!(stdout, "{new}");
+                        let _ = stdout.flush();
+                    }
+                    shown = text;
+                }
+                true
+            })?;
+            let secs = started.elapsed().as_secs_f64();
+            let reason = if out.last().is_some_and(|id| stop.contains(id)) { "stop token" } else { "max tokens" };
+            println!();
+            eprintln!(
+                "generate: {} prompt + {} new tokens in {secs:.2}s ({:.1} tokens/s, {reason}, {})",
+                ids.len(),
+                out.len(),
+                out.len() as f64 / secs,
+                cli.backend
+            );
+        }
+        Command::Bench { which: BenchCommand::Forward { model, batch, context, decode, repeats } } => {
+            let m = load(&model, cli.backend)?;
+            let r = crossdiff::bench::bench_forward(&m, batch, context, decode, repeats)?;
+            println!("{}", serde_json::to_string(&r)?);
+            println!(
+                "bench forward: prefill {:.1} tokens/s, decode {:.1} tokens/s, peak host {} MiB ({}, batch {batch}, context {context})",
+                r.prefill_tokens_per_s,
+                r.decode_tokens_per_s,
+                r.peak_host_bytes.unwrap_or(0) / (1 << 20),
+                cli.backend
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Loads a model with a progress bar over its tensors.
+fn load(args: &ModelArgs, backend: Backend) -> Result<Model> {
+    let device = backend.device()?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors ({eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(args.model.display().to_string());
+    let model = Model::load_with_progress(&args.model, &device, LoadOptions { f16_weights: args.f16 }, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    model
+}

@@ -1,0 +1,67 @@
+//! The `crossdiff` binary end to end on the committed fixtures.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-gemma2").join(name)
+}
+
+fn crossdiff(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(args).output().unwrap()
+}
+
+#[test]
+fn inspect_writes_reference_blocks() {
+    let out = std::env::temp_dir().join(format!("crossdiff-cli-inspect-{}.safetensors", std::process::id()));
+    let base = fixture("base");
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "inspect",
+        "--model",
+        base.to_str().unwrap(),
+        "--prompt",
+        "The cat sat on the river bank at night.",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(stdout.starts_with("inspect: 16 tokens, 4 blocks"), "{stdout}");
+    // block.3 of the written file equals transformers' output of the last block.
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let got: Vec<f32> = st.tensor("block.3").unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let rbytes = std::fs::read(fixture("reference/base.safetensors")).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&rbytes).unwrap();
+    let want: Vec<f32> =
+        reference.tensor("p0.block.3").unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= 1e-4 * scale, "block.3 error {err} vs scale {scale}");
+}
+
+#[test]
+fn generate_streams_the_greedy_continuation() {
+    let chat = fixture("chat");
+    let r = crossdiff(&["--backend", "cpu", "generate", "--model", chat.to_str().unwrap(), "--prompt", "Hi", "--chat", "--max-tokens", "5"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(stderr.contains("generate: ") && stderr.contains("new tokens"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&r.stdout).trim().is_empty());
+}
+
+#[test]
+fn bad_input_is_one_line_and_nonzero() {
+    let r = crossdiff(&["--backend", "cpu", "inspect", "--model", "/no/such/model", "--prompt", "x", "--out", "/tmp/x.safetensors"]);
+    assert_eq!(r.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: /no/such/model: not a model snapshot directory"), "{stderr}");
+
+    let r = crossdiff(&["--backend", "tpu", "inspect", "--model", "x", "--prompt", "x", "--out", "y"]);
+    assert_ne!(r.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("unknown backend \"tpu\""));
+}

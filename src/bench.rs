@@ -1,0 +1,79 @@
+//! `crossdiff bench forward`: prefill and decode throughput of the Gemma 2 forward, and peak memory.
+
+use std::time::Instant;
+
+use anyhow::{Result, anyhow};
+use serde::Serialize;
+
+use crate::generate::SplitMix64;
+use crate::model::Model;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwardBench {
+    pub batch: usize,
+    pub context: usize,
+    pub decode_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    /// Peak resident host memory of the process (VmHWM), bytes.
+    pub peak_host_bytes: Option<u64>,
+    /// Bytes the device allocator holds after the run, where the backend reports it.
+    pub device_bytes: Option<u64>,
+}
+
+/// Times `repeats` full forwards of a `[batch, context]` batch of random tokens (after one warm-up),
+/// then `decode_tokens` KV-cache decode steps after a `context`-token prompt.
+pub fn bench_forward(model: &Model, batch: usize, context: usize, decode_tokens: usize, repeats: usize) -> Result<ForwardBench> {
+    let g = &model.gemma;
+    let vocab = g.config.vocab_size as u64;
+    let mut rng = SplitMix64(7);
+    let seqs: Vec<Vec<u32>> = (0..batch)
+        .map(|_| (0..context).map(|_| (rng.next_u64() % vocab) as u32).collect())
+        .collect();
+    let sync = || g.device().sync().map_err(|e| anyhow!("device sync failed: {e:?}"));
+
+    let run = || -> Result<()> {
+        let logits = g.forward(g.batch_ids(&seqs)?);
+        drop(logits);
+        sync()
+    };
+    run()?;
+    let start = Instant::now();
+    for _ in 0..repeats.max(1) {
+        run()?;
+    }
+    let prefill = (batch * context * repeats.max(1)) as f64 / start.elapsed().as_secs_f64();
+
+    let mut decode = 0.0;
+    if decode_tokens > 0 {
+        let mut cache = g.new_cache();
+        let prompt = g.batch_ids(&seqs)?;
+        drop(g.step(prompt, &mut cache));
+        sync()?;
+        let start = Instant::now();
+        let mut next: Vec<Vec<u32>> = vec![vec![1]; batch];
+        for _ in 0..decode_tokens {
+            let logits = g.step(g.batch_ids(&next)?, &mut cache);
+            let rows = logits.argmax(1).try_into_vec_as::<i64>().map_err(|e| anyhow!("{e:?}"))?;
+            next = rows.iter().map(|&r| vec![r as u32]).collect();
+        }
+        decode = (batch * decode_tokens) as f64 / start.elapsed().as_secs_f64();
+    }
+    Ok(ForwardBench {
+        batch,
+        context,
+        decode_tokens,
+        prefill_tokens_per_s: prefill,
+        decode_tokens_per_s: decode,
+        peak_host_bytes: peak_rss_bytes(),
+        device_bytes: g.device().memory_pool_usage().map(|u| u.bytes_in_use as u64),
+    })
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

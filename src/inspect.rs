@@ -1,0 +1,49 @@
+//! `crossdiff inspect`: one prompt through the model, every block output and the logits to a
+//! safetensors file (`input_ids` i64 [T], `block.{l}` f32 [T, d], `logits` f32 [T, V]).
+
+use std::path::Path;
+
+use anyhow::{Result, anyhow};
+
+use crate::io::{OwnedTensor, write_safetensors};
+use crate::model::Model;
+
+pub struct Inspection {
+    pub ids: Vec<u32>,
+    /// Output of each block, `[T, d]` row-major.
+    pub blocks: Vec<Vec<f32>>,
+    /// `[T, V]` row-major.
+    pub logits: Vec<f32>,
+}
+
+pub fn inspect(model: &Model, ids: Vec<u32>) -> Result<Inspection> {
+    let g = &model.gemma;
+    let input = g.batch_ids(std::slice::from_ref(&ids))?;
+    let mut blocks = Vec::with_capacity(g.num_layers());
+    let mut pending = Vec::new();
+    let last = g.forward_blocks(input, g.num_layers() - 1, |_, out| pending.push(out.clone()));
+    for out in pending {
+        blocks.push(read(out)?);
+    }
+    let [b, t, d] = last.dims();
+    let logits = read(g.logits(last.reshape([b * t, d])))?;
+    Ok(Inspection { ids, blocks, logits })
+}
+
+fn read<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
+    t.try_into_vec_as::<f32>().map_err(|e| anyhow!("reading a tensor from the device: {e:?}"))
+}
+
+impl Inspection {
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let t = self.ids.len();
+        let d = self.blocks.first().map_or(0, |b| b.len() / t.max(1));
+        let v = self.logits.len() / t.max(1);
+        let mut tensors = vec![OwnedTensor::i64("input_ids", vec![t], &self.ids.iter().map(|&i| i as i64).collect::<Vec<_>>())];
+        for (l, block) in self.blocks.iter().enumerate() {
+            tensors.push(OwnedTensor::f32(format!("block.{l}"), vec![t, d], block));
+        }
+        tensors.push(OwnedTensor::f32("logits", vec![t, v], &self.logits));
+        write_safetensors(path, &tensors)
+    }
+}

@@ -1,0 +1,18 @@
+//! crossdiff engine: Gemma 2 on burn (wgpu, CPU, CUDA), snapshots, tokenizers and chat templates.
+//! No UI code lives here; the app and the command line are in `app/`.
+
+pub mod backend;
+pub mod bench;
+pub mod gemma2;
+pub mod generate;
+pub mod inspect;
+pub mod io;
+pub mod model;
+pub mod snapshot;
+pub mod tokenizer;
+
+pub use backend::Backend;
+pub use gemma2::{Gemma2, LoadOptions};
+pub use model::Model;
+pub use snapshot::{Gemma2Config, Snapshot};
+pub use tokenizer::{ChatTokenizer, Message};

@@ -1,0 +1,172 @@
+//! Shared test helpers: the committed fixtures and their transformers reference outputs.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use crossdiff::Backend;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-gemma2").join(name)
+}
+
+pub struct Reference {
+    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+    pub meta: Value,
+}
+
+impl Reference {
+    pub fn load(model: &str) -> Self {
+        let dir = fixture("reference");
+        let bytes = std::fs::read(dir.join(format!("{model}.safetensors"))).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let values: Vec<f64> = match view.dtype() {
+                Dtype::F32 => view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+                Dtype::I64 => view.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+                other => panic!("unexpected dtype {other:?}"),
+            };
+            tensors.insert(name, (view.shape().to_vec(), values));
+        }
+        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{model}.json"))).unwrap()).unwrap();
+        Self { tensors, meta }
+    }
+
+    pub fn get(&self, name: &str) -> &(Vec<usize>, Vec<f64>) {
+        self.tensors.get(name).unwrap_or_else(|| panic!("reference has no {name}"))
+    }
+
+    pub fn ids(&self, prompt: usize) -> Vec<u32> {
+        self.get(&format!("p{prompt}.input_ids")).1.iter().map(|&v| v as u32).collect()
+    }
+
+    pub fn prompts(&self) -> &Vec<Value> {
+        self.meta["prompts"].as_array().unwrap()
+    }
+}
+
+/// max |a − b| ≤ tol · max |b|: relative to the tensor's scale, so near-zero entries do not
+/// dominate.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12);
+    let (mut worst, mut at) = (0.0f64, 0);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}: non-finite value at {i}");
+        let e = (*g as f64 - w).abs();
+        if e > worst {
+            worst = e;
+            at = i;
+        }
+    }
+    assert!(
+        worst <= tol * scale,
+        "{what}: max abs error {worst:.3e} at {at} (got {}, want {}) exceeds {tol:e} × scale {scale:.3e}",
+        got[at],
+        want[at]
+    );
+}
+
+/// The wgpu device, or None when this machine has no Vulkan driver. CI sets
+/// CROSSDIFF_REQUIRE_WGPU=1 (it installs Mesa's lavapipe), which turns a missing device into a failure.
+pub fn wgpu_device() -> Option<Device> {
+    match Backend::Wgpu.device() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("CROSSDIFF_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
+                panic!("CROSSDIFF_REQUIRE_WGPU=1 but wgpu is unusable: {e:#}");
+            }
+            eprintln!("skipping wgpu comparison: {e:#}");
+            None
+        }
+    }
+}
+
+/// A scratch directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "crossdiff-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    /// A copy of a fixture snapshot directory.
+    pub fn copy_of(tag: &str, fixture_name: &str) -> Self {
+        let t = Self::new(tag);
+        for entry in std::fs::read_dir(fixture(fixture_name)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), t.0.join(entry.file_name())).unwrap();
+        }
+        t
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Every weight of a fixture snapshot as (dtype, shape, raw bytes), read from its shards.
+pub fn fixture_weights(name: &str) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            for (n, v) in st.tensors() {
+                out.insert(n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()));
+            }
+        }
+    }
+    out
+}
+
+/// Converts bf16 bytes to f32 or f16 bytes.
+pub fn convert_bf16(bytes: &[u8], to: Dtype) -> Vec<u8> {
+    bytes
+        .chunks_exact(2)
+        .flat_map(|b| {
+            let v = half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            match to {
+                Dtype::F32 => v.to_le_bytes().to_vec(),
+                Dtype::F16 => half::f16::from_f32(v).to_bits().to_le_bytes().to_vec(),
+                _ => b.to_vec(),
+            }
+        })
+        .collect()
+}
+
+/// Writes `weights` as one `model.safetensors` into `dir`, removing any shards and index there.
+pub fn write_single_file(dir: &Path, weights: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("model") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = weights
+        .iter()
+        .map(|(n, (dt, shape, bytes))| (n.clone(), safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}

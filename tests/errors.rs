@@ -1,0 +1,154 @@
+//! Bad input gives one clear line naming the file and the field, never a panic.
+
+mod common;
+
+use burn::tensor::Device;
+use common::{TempDir, fixture_weights, write_single_file};
+use crossdiff::{LoadOptions, Model};
+
+fn load_err(dir: &std::path::Path) -> String {
+    match Model::load(dir, &Device::flex(), LoadOptions::default()) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            assert!(!msg.contains('\n'), "error is not one line: {msg}");
+            msg
+        }
+    }
+}
+
+fn edit_json(path: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn missing_directory_and_missing_config() {
+    let msg = load_err(std::path::Path::new("/nonexistent/model"));
+    assert!(msg.contains("/nonexistent/model") && msg.contains("not a model snapshot"), "{msg}");
+    let dir = TempDir::copy_of("noconfig", "base");
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("config.json") && msg.contains("cannot read"), "{msg}");
+}
+
+#[test]
+fn missing_weights_and_missing_tokenizer() {
+    let dir = TempDir::copy_of("noweights", "base");
+    std::fs::remove_file(dir.path().join("model.safetensors.index.json")).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("no weights") && msg.contains("model.safetensors"), "{msg}");
+
+    let dir = TempDir::copy_of("noshard", "base");
+    std::fs::remove_file(dir.path().join("model-00002-of-00004.safetensors")).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("model-00002-of-00004.safetensors"), "{msg}");
+
+    let dir = TempDir::copy_of("notok", "base");
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("tokenizer.json") && msg.contains("missing"), "{msg}");
+}
+
+#[test]
+fn unknown_model_type_and_bad_config_fields() {
+    let dir = TempDir::copy_of("llama", "base");
+    let cfg = dir.path().join("config.json");
+    edit_json(&cfg, |v| v["model_type"] = "llama".into());
+    let msg = load_err(dir.path());
+    assert!(msg.contains("config.json") && msg.contains("`model_type`") && msg.contains("llama"), "{msg}");
+
+    edit_json(&cfg, |v| {
+        v["model_type"] = "gemma2".into();
+        v.as_object_mut().unwrap().remove("head_dim");
+    });
+    let msg = load_err(dir.path());
+    assert!(msg.contains("config.json") && msg.contains("head_dim"), "{msg}");
+
+    edit_json(&cfg, |v| {
+        v["head_dim"] = 24.into();
+        v["num_key_value_heads"] = 3.into();
+    });
+    let msg = load_err(dir.path());
+    assert!(msg.contains("config.json") && msg.contains("num_key_value_heads"), "{msg}");
+
+    std::fs::write(&cfg, "{ not json").unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("config.json") && msg.contains("not valid JSON"), "{msg}");
+}
+
+#[test]
+fn missing_and_misshaped_tensors() {
+    let dir = TempDir::copy_of("missing", "base");
+    let mut w = fixture_weights("base");
+    w.remove("model.layers.2.mlp.up_proj.weight");
+    write_single_file(dir.path(), &w);
+    let msg = load_err(dir.path());
+    assert!(msg.contains("missing tensor `model.layers.2.mlp.up_proj.weight`"), "{msg}");
+
+    let mut w = fixture_weights("base");
+    let (_, shape, bytes) = w.get_mut("model.layers.1.self_attn.k_proj.weight").unwrap();
+    // Same byte count, transposed shape: only the shape check can catch it.
+    shape.reverse();
+    let _ = bytes;
+    write_single_file(dir.path(), &w);
+    let msg = load_err(dir.path());
+    assert!(
+        msg.contains("model.safetensors")
+            && msg.contains("`model.layers.1.self_attn.k_proj.weight`")
+            && msg.contains("shape [72, 48]")
+            && msg.contains("expected [48, 72]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn corrupt_and_truncated_safetensors() {
+    let dir = TempDir::copy_of("corrupt", "base");
+    let shard = dir.path().join("model-00003-of-00004.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[8..16].copy_from_slice(b"garbage!");
+    std::fs::write(&shard, &bytes).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("model-00003-of-00004.safetensors") && msg.contains("corrupt safetensors header"), "{msg}");
+
+    let dir = TempDir::copy_of("truncated", "base");
+    let shard = dir.path().join("model-00001-of-00004.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("model-00001-of-00004.safetensors") && msg.contains("corrupt"), "{msg}");
+}
+
+#[test]
+fn base_chat_mismatch_names_the_field() {
+    let device = Device::flex();
+    let base = Model::load(common::fixture("base"), &device, LoadOptions::default()).unwrap();
+
+    // Different tokenizer: one vocabulary entry renamed.
+    let dir = TempDir::copy_of("tokmismatch", "chat");
+    let tok = dir.path().join("tokenizer.json");
+    edit_json(&tok, |v| {
+        let vocab = v["model"]["vocab"].as_object_mut().unwrap();
+        let id = vocab.remove("▁the").expect("fixture vocabulary has ▁the");
+        vocab.insert("▁thé".into(), id);
+    });
+    let chat = Model::load(dir.path(), &device, LoadOptions::default()).unwrap();
+    let msg = format!("{:#}", crossdiff::model::check_models(&base, &chat).unwrap_err());
+    assert!(msg.contains("tokenizers differ") && msg.contains("tokenizer.json") && msg.contains("▁th"), "{msg}");
+
+    // Different width: a whole other model.
+    let dir = TempDir::copy_of("widthmismatch", "chat");
+    edit_json(&dir.path().join("config.json"), |v| v["num_hidden_layers"] = 2.into());
+    let snap = crossdiff::Snapshot::open(dir.path()).unwrap();
+    let msg = format!("{:#}", crossdiff::snapshot::check_pair(&base.snapshot, &snap).unwrap_err());
+    assert!(msg.contains("num_hidden_layers") && msg.contains('4') && msg.contains('2'), "{msg}");
+}
+
+#[test]
+fn out_of_vocabulary_ids_are_refused() {
+    let model = Model::load(common::fixture("base"), &Device::flex(), LoadOptions::default()).unwrap();
+    let err = model.gemma.batch_ids(&[vec![2, 100_000]]).unwrap_err();
+    assert!(format!("{err}").contains("100000"));
+}
