@@ -77,3 +77,40 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReaderBench {
+    pub tokens: u64,
+    pub reader_tokens_per_s: f64,
+    /// f32 pair bytes delivered per second (what training consumes).
+    pub reader_gb_per_s: f64,
+    /// Sequential read of the shard files, bytes as stored per second.
+    pub raw_read_gb_per_s: f64,
+}
+
+/// One epoch through the shuffled reader, then a plain sequential read of every shard file.
+pub fn bench_reader(cache: &std::path::Path, batch: usize, shuffle_tokens: usize) -> Result<ReaderBench> {
+    use crate::reader::{CacheReader, ReaderConfig};
+    let cfg = ReaderConfig { batch, shuffle_tokens, epochs: Some(1), ..Default::default() };
+    let mut reader = CacheReader::open(cache, cfg)?;
+    let d = reader.index.d_model;
+    let start = Instant::now();
+    let mut tokens = 0u64;
+    while let Some(b) = reader.next_batch()? {
+        tokens += b.batch as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let index = reader.index.clone();
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    for s in &index.shards {
+        bytes += std::fs::read(cache.join(&s.file))?.len() as u64;
+    }
+    let raw = bytes as f64 / start.elapsed().as_secs_f64() / 1e9;
+    Ok(ReaderBench {
+        tokens,
+        reader_tokens_per_s: tokens as f64 / secs,
+        reader_gb_per_s: (tokens * 2 * d as u64 * 4) as f64 / secs / 1e9,
+        raw_read_gb_per_s: raw,
+    })
+}

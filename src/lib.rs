@@ -1,13 +1,19 @@
-//! crossdiff engine: Gemma 2 on burn (wgpu, CPU, CUDA), snapshots, tokenizers and chat templates.
+//! crossdiff engine: Gemma 2 on burn (wgpu, CPU, CUDA), snapshots, tokenizers and chat templates,
+//! the paired activation cache and its shuffled reader.
 //! No UI code lives here; the app and the command line are in `app/`.
 
 pub mod backend;
 pub mod bench;
+pub mod cache;
+pub mod data;
 pub mod gemma2;
 pub mod generate;
 pub mod inspect;
 pub mod io;
 pub mod model;
+pub mod onthefly;
+mod parquet_source;
+pub mod reader;
 pub mod snapshot;
 pub mod tokenizer;
 

@@ -47,7 +47,8 @@ pub struct CrossdiffApp {
     chat: bool,
     max_tokens: usize,
     models: [Option<ModelSummary>; 2],
-    answers: [String; 2],
+    /// Each model's answer so far (`None` before its generation starts).
+    answers: [Option<String>; 2],
     busy: Option<&'static str>,
     error: Option<String>,
     jobs: Sender<Job>,
@@ -70,7 +71,7 @@ impl CrossdiffApp {
             chat: true,
             max_tokens: 32,
             models: [None, None],
-            answers: [String::new(), String::new()],
+            answers: [None, None],
             busy: None,
             error: None,
             jobs,
@@ -78,11 +79,16 @@ impl CrossdiffApp {
         }
     }
 
+    /// Sets the base and chat snapshot directories (what the two text fields hold).
+    pub fn set_model_dirs(&mut self, dirs: [String; 2]) {
+        self.dirs = dirs;
+    }
+
     fn poll(&mut self) {
         while let Ok(ev) = self.events.try_recv() {
             match ev {
                 Event::Loaded { slot, summary } => self.models[slot] = Some(summary),
-                Event::Text { slot, text } => self.answers[slot] = text,
+                Event::Text { slot, text } => self.answers[slot] = Some(text),
                 Event::Done => self.busy = None,
                 Event::Error(e) => {
                     self.error = Some(e);
@@ -149,14 +155,16 @@ impl CrossdiffApp {
         });
         let ready = self.busy.is_none() && self.models.iter().all(Option::is_some);
         if ui.add_enabled(ready, egui::Button::new("Run on both")).clicked() {
-            self.answers = [String::new(), String::new()];
+            self.answers = [None, None];
             let job = Job::Prompt { text: self.prompt.clone(), chat: self.chat, max_tokens: self.max_tokens };
             self.send(job, "generating");
         }
         ui.columns(2, |cols| {
-            for (slot, name) in ["Base", "Chat"].iter().enumerate() {
-                cols[slot].strong(*name);
-                cols[slot].label(&self.answers[slot]);
+            for (slot, name) in ["base", "chat"].iter().enumerate() {
+                cols[slot].strong(format!("{name} answer"));
+                if let Some(answer) = &self.answers[slot] {
+                    cols[slot].label(format!("answer {name}: {answer}"));
+                }
             }
         });
     }
@@ -216,6 +224,7 @@ fn worker(jobs: Receiver<Job>, events: Sender<Event>, ctx: egui::Context) {
                     let ids = m.prompt_ids(&text, chat)?;
                     let stop = m.stop_ids();
                     let mut new = Vec::new();
+                    send(Event::Text { slot, text: String::new() });
                     generate(&m.gemma, &ids, max_tokens, Sampling::default(), &stop, |id| {
                         if !stop.contains(&id) {
                             new.push(id);

@@ -8,6 +8,8 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use crossdiff::generate::{Sampling, generate};
+use crossdiff::cache::{ActDtype, CacheJob, run_cache};
+use crossdiff::data::TokenizeOptions;
 use crossdiff::{Backend, LoadOptions, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -52,6 +54,47 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Paired activation cache: run blocks 0..=L of both models over the data, write token-aligned
+    /// (base, chat) pairs. Re-running the same command resumes.
+    Cache {
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        chat: PathBuf,
+        /// .txt, .jsonl (`text` or `messages`) or .parquet (`text` or `messages` column) files.
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<PathBuf>,
+        #[arg(long)]
+        layer: usize,
+        #[arg(long)]
+        tokens: u64,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        context: usize,
+        #[arg(long, default_value = "bf16")]
+        dtype: ActDtype,
+        /// Interleave the data files 1:1 by tokens (the paper mixes web text and chat).
+        #[arg(long)]
+        mix: bool,
+        /// Drop each document's leading <bos>.
+        #[arg(long)]
+        drop_bos: bool,
+        /// Drop the first N tokens of each document.
+        #[arg(long, default_value_t = 0)]
+        skip_first: usize,
+        /// Tokens per shard file.
+        #[arg(long, default_value_t = 65536)]
+        shard_tokens: usize,
+        /// Padded tokens per forward batch.
+        #[arg(long, default_value_t = 8192)]
+        batch_tokens: usize,
+        /// One model on the device at a time: a base pass, then a chat pass.
+        #[arg(long)]
+        low_memory: bool,
+        #[arg(long)]
+        f16: bool,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -74,6 +117,15 @@ enum BenchCommand {
         decode: usize,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+    },
+    /// Reader throughput (GB/s of f32 pairs delivered) beside a raw sequential read of the shards.
+    Reader {
+        #[arg(long)]
+        cache: PathBuf,
+        #[arg(long, default_value_t = 2048)]
+        batch: usize,
+        #[arg(long, default_value_t = 262144)]
+        shuffle_tokens: usize,
     },
 }
 
@@ -142,6 +194,78 @@ pub fn run() -> Result<()> {
                 cli.backend
             );
         }
+        Command::Cache {
+            base,
+            chat,
+            data,
+            layer,
+            tokens,
+            out,
+            context,
+            dtype,
+            mix,
+            drop_bos,
+            skip_first,
+            shard_tokens,
+            batch_tokens,
+            low_memory,
+            f16,
+        } => {
+            let job = CacheJob {
+                base,
+                chat,
+                data,
+                layer,
+                tokens,
+                out,
+                dtype,
+                tokenize: TokenizeOptions { context, drop_bos, skip_first },
+                mix,
+                shard_tokens,
+                batch_tokens,
+                low_memory,
+                load: LoadOptions { f16_weights: f16 },
+            };
+            let device = cli.backend.device()?;
+            let stop = interrupt_flag();
+            let bar = ProgressBar::new(tokens).with_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {human_pos}/{human_len} tokens, {per_sec}, ETA {eta}")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            bar.set_message("loading models");
+            let started = Instant::now();
+            let index = run_cache(
+                &job,
+                &device,
+                |p| {
+                    bar.set_length(p.target);
+                    bar.set_position(p.tokens);
+                    bar.set_message(p.phase);
+                },
+                || !stop.load(std::sync::atomic::Ordering::SeqCst),
+            )?;
+            bar.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64();
+            let state = if index.complete { "complete" } else { "interrupted; re-run the same command to resume" };
+            println!(
+                "cache: {} tokens in {} shards at layer {}, {} → {} ({:.1}s, {state})",
+                index.total_tokens,
+                index.shards.len(),
+                index.layer,
+                job.dtype_name(),
+                job.out.display(),
+                secs
+            );
+        }
+        Command::Bench { which: BenchCommand::Reader { cache, batch, shuffle_tokens } } => {
+            let r = crossdiff::bench::bench_reader(&cache, batch, shuffle_tokens)?;
+            println!("{}", serde_json::to_string(&r)?);
+            println!(
+                "bench reader: {:.2} GB/s of f32 pairs ({:.0} tokens/s), raw sequential read {:.2} GB/s of shard bytes",
+                r.reader_gb_per_s, r.reader_tokens_per_s, r.raw_read_gb_per_s
+            );
+        }
         Command::Bench { which: BenchCommand::Forward { model, batch, context, decode, repeats } } => {
             let m = load(&model, cli.backend)?;
             let r = crossdiff::bench::bench_forward(&m, batch, context, decode, repeats)?;
@@ -173,4 +297,18 @@ fn load(args: &ModelArgs, backend: Backend) -> Result<Model> {
     });
     bar.finish_and_clear();
     model
+}
+
+/// Set by Ctrl-C: long jobs finish the shard or step they are in, save, and exit cleanly.
+fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // A second Ctrl-C: the user really wants out; the last atomic write is on disk.
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: finishing the current shard, then stopping (Ctrl-C again to quit now)");
+    });
+    flag
 }

@@ -1,0 +1,5 @@
+//! The `crossdiff` program: command line (`cli`) and desktop app (`app`). All domain logic lives in
+//! the engine crate; this crate only parses, presents and runs work on background threads.
+
+pub mod app;
+pub mod cli;

@@ -1,0 +1,618 @@
+//! The paired activation cache (interfaces.md, "Activation cache"): token-aligned (base, chat)
+//! residuals at the output of block L, in safetensors shards, with `cache.json` as the index.
+//!
+//! Writing: documents stream in, are grouped into shards of whole documents (in stream order), and
+//! each shard's documents are batched by length, run through blocks 0..=L of each model and written
+//! atomically; `cache.json` is rewritten after every shard, so a killed run resumes at the next
+//! shard and produces byte-identical files. `--low-memory` runs the base model over every shard
+//! first (partial shards on disk), then the chat model.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::tensor::Device;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Mixer, TokenizeOptions, TokenizedDoc};
+use crate::gemma2::LoadOptions;
+use crate::io::{OwnedTensor, write_atomic, write_safetensors};
+use crate::model::{Model, check_models};
+
+pub const FORMAT: &str = "crossdiff-cache/1";
+
+/// Element type of the stored activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ActDtype {
+    #[default]
+    Bf16,
+    F16,
+    F32,
+}
+
+impl std::str::FromStr for ActDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            _ => bail!("--dtype: \"{s}\" is not one of bf16, f16, f32"),
+        }
+    }
+}
+
+impl ActDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            _ => 2,
+        }
+    }
+
+    pub fn safetensors(self) -> Dtype {
+        match self {
+            Self::Bf16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+            Self::F32 => Dtype::F32,
+        }
+    }
+
+    pub fn from_safetensors(d: Dtype) -> Option<Self> {
+        match d {
+            Dtype::BF16 => Some(Self::Bf16),
+            Dtype::F16 => Some(Self::F16),
+            Dtype::F32 => Some(Self::F32),
+            _ => None,
+        }
+    }
+
+    /// Appends `values` encoded in this dtype.
+    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        match self {
+            Self::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Self::F16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            Self::Bf16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        }
+    }
+
+    /// Decodes little-endian bytes of this dtype into f32.
+    pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            Self::F32 => bytes.chunks_exact(4).zip(out).for_each(|(b, o)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            Self::F16 => bytes
+                .chunks_exact(2)
+                .zip(out)
+                .for_each(|(b, o)| *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+            // bf16 is the top half of an f32: a shift, no rounding.
+            Self::Bf16 => bytes
+                .chunks_exact(2)
+                .zip(out)
+                .for_each(|(b, o)| *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardInfo {
+    pub file: String,
+    pub tokens: u64,
+    #[serde(default)]
+    pub documents: u64,
+    /// Word-wise FNV-style hash of the file, checked when the reader loads it (0 = not recorded).
+    #[serde(default)]
+    pub checksum: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceInfo {
+    pub path: String,
+    #[serde(default)]
+    pub tokens: u64,
+}
+
+/// `cache.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheIndex {
+    pub format: String,
+    pub d_model: usize,
+    pub layer: usize,
+    pub dtype: ActDtype,
+    pub models: Vec<String>,
+    pub total_tokens: u64,
+    pub shards: Vec<ShardInfo>,
+    #[serde(default)]
+    pub sources: Vec<SourceInfo>,
+    /// What the run was asked for; a resumed run must ask for the same.
+    #[serde(default)]
+    pub settings: Option<CacheSettings>,
+    /// Documents fully written (the resume point in the data stream).
+    #[serde(default)]
+    pub documents: u64,
+    #[serde(default)]
+    pub complete: bool,
+    /// `--low-memory` base pass: shards holding only base activations so far.
+    #[serde(default)]
+    pub partial_shards: Vec<ShardInfo>,
+}
+
+/// The options that determine a cache's content.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheSettings {
+    pub target_tokens: u64,
+    pub context: usize,
+    pub mix: bool,
+    pub drop_bos: bool,
+    pub skip_first: usize,
+    pub shard_tokens: usize,
+    pub batch_tokens: usize,
+    pub data: Vec<String>,
+}
+
+impl CacheIndex {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("cache.json")
+    }
+
+    /// Reads `cache.json` and checks every listed shard's header against it (cheap: headers only).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+        let index: Self = serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        if index.format != FORMAT {
+            bail!("{}: field `format` is \"{}\", expected \"{FORMAT}\"", path.display(), index.format);
+        }
+        let listed: u64 = index.shards.iter().map(|s| s.tokens).sum();
+        if listed != index.total_tokens {
+            bail!("{}: field `total_tokens` is {} but the shards hold {listed}", path.display(), index.total_tokens);
+        }
+        for shard in &index.shards {
+            index.check_shard_header(dir, shard)?;
+        }
+        Ok(index)
+    }
+
+    /// Validates a shard's safetensors header, tensor shapes and file length without reading its data.
+    pub fn check_shard_header(&self, dir: &Path, shard: &ShardInfo) -> Result<ShardLayout> {
+        use std::io::Read;
+        let path = dir.join(&shard.file);
+        let mut f = std::fs::File::open(&path).map_err(|e| anyhow!("{}: shard listed in cache.json cannot be opened: {e}", path.display()))?;
+        let len = f.metadata()?.len();
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n).map_err(|_| anyhow!("{}: corrupt shard: shorter than a safetensors header", path.display()))?;
+        let header_len = u64::from_le_bytes(n);
+        if header_len > 100_000_000 || 8 + header_len > len {
+            bail!("{}: corrupt shard: safetensors header length {header_len} does not fit the file", path.display());
+        }
+        let mut header = vec![0u8; header_len as usize];
+        f.read_exact(&mut header)?;
+        let mut buf = n.to_vec();
+        buf.extend_from_slice(&header);
+        let (_, meta) = SafeTensors::read_metadata(&buf).map_err(|e| anyhow!("{}: corrupt shard header: {e}", path.display()))?;
+        if 8 + header_len + meta.data_len() as u64 != len {
+            bail!(
+                "{}: corrupt shard: file is {len} bytes, its header describes {} (truncated?)",
+                path.display(),
+                8 + header_len + meta.data_len() as u64
+            );
+        }
+        let acts = meta.info("acts").ok_or_else(|| anyhow!("{}: shard has no `acts` tensor", path.display()))?;
+        let dtype = ActDtype::from_safetensors(acts.dtype)
+            .ok_or_else(|| anyhow!("{}: tensor `acts` has dtype {:?}, expected bf16, f16 or f32", path.display(), acts.dtype))?;
+        if acts.shape != [shard.tokens as usize, 2, self.d_model] {
+            bail!(
+                "{}: tensor `acts` has shape {:?}, cache.json says [{}, 2, {}]",
+                path.display(),
+                acts.shape,
+                shard.tokens,
+                self.d_model
+            );
+        }
+        Ok(ShardLayout { dtype, acts_offset: 8 + header_len as usize + acts.data_offsets.0 })
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        write_atomic(&Self::path(dir), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
+    }
+}
+
+/// Where a shard's activations sit in its file.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardLayout {
+    pub dtype: ActDtype,
+    pub acts_offset: usize,
+}
+
+/// A fast non-cryptographic hash over 8-byte words (corruption detection, not security).
+pub fn checksum(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+    }
+    for &b in chunks.remainder() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^ bytes.len() as u64
+}
+
+/// Reads a whole shard file, verifying its checksum when cache.json records one.
+pub fn read_shard_file(dir: &Path, shard: &ShardInfo) -> Result<Vec<u8>> {
+    let path = dir.join(&shard.file);
+    let bytes = std::fs::read(&path).map_err(|e| anyhow!("{}: cannot read shard: {e}", path.display()))?;
+    if shard.checksum != 0 && checksum(&bytes) != shard.checksum {
+        bail!("{}: corrupt shard: checksum does not match cache.json", path.display());
+    }
+    Ok(bytes)
+}
+
+/// `crossdiff cache` options.
+#[derive(Debug, Clone)]
+pub struct CacheJob {
+    pub base: PathBuf,
+    pub chat: PathBuf,
+    pub data: Vec<PathBuf>,
+    pub layer: usize,
+    pub tokens: u64,
+    pub out: PathBuf,
+    pub dtype: ActDtype,
+    pub tokenize: TokenizeOptions,
+    pub mix: bool,
+    /// Tokens per shard file.
+    pub shard_tokens: usize,
+    /// Padded tokens per forward batch (batch × longest document).
+    pub batch_tokens: usize,
+    pub low_memory: bool,
+    pub load: LoadOptions,
+}
+
+impl CacheJob {
+    pub fn dtype_name(&self) -> &'static str {
+        match self.dtype {
+            ActDtype::Bf16 => "bf16",
+            ActDtype::F16 => "f16",
+            ActDtype::F32 => "f32",
+        }
+    }
+
+    pub fn settings(&self) -> CacheSettings {
+        CacheSettings {
+            target_tokens: self.tokens,
+            context: self.tokenize.context,
+            mix: self.mix,
+            drop_bos: self.tokenize.drop_bos,
+            skip_first: self.tokenize.skip_first,
+            shard_tokens: self.shard_tokens,
+            batch_tokens: self.batch_tokens,
+            data: self.data.iter().map(|p| p.display().to_string()).collect(),
+        }
+    }
+}
+
+/// Progress of a cache run, for a progress bar.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheProgress {
+    pub tokens: u64,
+    pub target: u64,
+    pub phase: &'static str,
+}
+
+/// One shard's tokens before any model has run.
+pub(crate) struct ShardPlan {
+    pub(crate) docs: Vec<TokenizedDoc>,
+    /// Global index of the first document.
+    pub(crate) first_doc: u64,
+    pub(crate) tokens: usize,
+}
+
+/// Cuts the document stream into shards of whole documents, in stream order.
+#[derive(Default)]
+pub(crate) struct Planner {
+    /// A document that did not fit the previous shard.
+    carry: Option<TokenizedDoc>,
+}
+
+impl Planner {
+    /// The next shard: whole documents up to `shard_tokens`; the run's last document is cut so the
+    /// run ends at exactly `remaining` tokens. `None` when the data is exhausted.
+    pub(crate) fn next(&mut self, mixer: &mut Mixer, first_doc: u64, shard_tokens: usize, remaining: u64) -> Result<Option<ShardPlan>> {
+        let mut plan = ShardPlan { docs: Vec::new(), first_doc, tokens: 0 };
+        let budget = remaining.min(shard_tokens as u64) as usize;
+        while plan.tokens < budget {
+            let doc = match self.carry.take() {
+                Some(d) => Some(d),
+                None => mixer.next_doc()?,
+            };
+            let Some(mut doc) = doc else { break };
+            let room = budget - plan.tokens;
+            if doc.ids.len() > room {
+                if !plan.docs.is_empty() && (doc.ids.len() as u64) <= remaining - plan.tokens as u64 {
+                    self.carry = Some(doc);
+                    break;
+                }
+                doc.ids.truncate(room);
+                doc.template.truncate(room);
+            }
+            plan.tokens += doc.ids.len();
+            plan.docs.push(doc);
+        }
+        Ok(if plan.docs.is_empty() { None } else { Some(plan) })
+    }
+}
+
+impl ShardPlan {
+    fn metadata_tensors(&self) -> Vec<OwnedTensor> {
+        let mut ids = Vec::with_capacity(self.tokens);
+        let mut doc_index = Vec::with_capacity(self.tokens);
+        let mut position = Vec::with_capacity(self.tokens);
+        let mut template = Vec::with_capacity(self.tokens);
+        for (k, d) in self.docs.iter().enumerate() {
+            ids.extend_from_slice(&d.ids);
+            doc_index.extend(std::iter::repeat_n((self.first_doc + k as u64) as u32, d.ids.len()));
+            position.extend((0..d.ids.len() as u32).map(|p| p + d.first_position));
+            template.extend(d.template.iter().map(|&t| t as u8));
+        }
+        let u32s = |name: &str, v: &[u32]| OwnedTensor {
+            name: name.into(),
+            dtype: Dtype::U32,
+            shape: vec![v.len()],
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        vec![
+            u32s("token_ids", &ids),
+            u32s("doc_index", &doc_index),
+            u32s("position", &position),
+            OwnedTensor { name: "template".into(), dtype: Dtype::BOOL, shape: vec![template.len()], bytes: template },
+        ]
+    }
+}
+
+/// Runs blocks 0..=layer over the plan's documents (batched by length) and returns `[tokens, d]`
+/// f32 rows in document order.
+pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_tokens: usize) -> Result<Vec<f32>> {
+    let d = model.gemma.config.hidden_size;
+    let mut offsets = Vec::with_capacity(plan.docs.len());
+    let mut acc = 0;
+    for doc in &plan.docs {
+        offsets.push(acc);
+        acc += doc.ids.len();
+    }
+    let mut out = vec![0.0f32; acc * d];
+    // Longest first, so each batch pads little; batches hold at most `batch_tokens` padded tokens.
+    let mut order: Vec<usize> = (0..plan.docs.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(plan.docs[i].ids.len()), i));
+    let mut start = 0;
+    while start < order.len() {
+        let longest = plan.docs[order[start]].ids.len();
+        let per_batch = (batch_tokens / longest).max(1);
+        let group = &order[start..(start + per_batch).min(order.len())];
+        let seqs: Vec<Vec<u32>> = group.iter().map(|&i| plan.docs[i].ids.clone()).collect();
+        let h = model.gemma.forward_to(model.gemma.batch_ids(&seqs)?, layer);
+        let [_, t, _] = h.dims();
+        let rows = h.try_into_vec_as::<f32>().map_err(|e| anyhow!("reading activations from the device: {e:?}"))?;
+        for (b, &i) in group.iter().enumerate() {
+            let n = plan.docs[i].ids.len();
+            let src = &rows[b * t * d..(b * t + n) * d];
+            out[offsets[i] * d..(offsets[i] + n) * d].copy_from_slice(src);
+        }
+        start += group.len();
+    }
+    Ok(out)
+}
+
+fn shard_name(i: usize) -> String {
+    format!("acts-{i:05}.safetensors")
+}
+
+/// Interleaves base and chat rows `[n, d]` each into `[n, 2, d]` bytes of `dtype`.
+pub(crate) fn pair_bytes(base: &[f32], chat: &[f32], d: usize, dtype: ActDtype) -> Vec<u8> {
+    let n = base.len() / d;
+    let mut out = Vec::with_capacity(n * 2 * d * dtype.bytes());
+    for r in 0..n {
+        dtype.encode(&base[r * d..(r + 1) * d], &mut out);
+        dtype.encode(&chat[r * d..(r + 1) * d], &mut out);
+    }
+    out
+}
+
+/// Runs (or resumes) a cache job. `progress` is called after every shard; returning `false` from
+/// `keep_going` stops cleanly after the current shard (Ctrl-C, the app's cancel button).
+pub fn run_cache(
+    job: &CacheJob,
+    device: &Device,
+    mut progress: impl FnMut(CacheProgress),
+    keep_going: impl Fn() -> bool,
+) -> Result<CacheIndex> {
+    std::fs::create_dir_all(&job.out).map_err(|e| anyhow!("{}: cannot create: {e}", job.out.display()))?;
+    if job.batch_tokens == 0 || job.tokenize.context == 0 {
+        bail!("--batch-tokens and --context must be positive");
+    }
+    if job.shard_tokens < job.tokenize.context {
+        bail!("--shard-tokens ({}) must be at least --context ({}): shards hold whole documents", job.shard_tokens, job.tokenize.context);
+    }
+    let base_snap = crate::snapshot::Snapshot::open(&job.base)?;
+    let chat_snap = crate::snapshot::Snapshot::open(&job.chat)?;
+    crate::snapshot::check_pair(&base_snap, &chat_snap)?;
+    let layers = base_snap.config.num_hidden_layers;
+    if job.layer >= layers {
+        bail!("--layer {} is out of range: the models have {layers} blocks (0..={})", job.layer, layers - 1);
+    }
+    let d = base_snap.config.hidden_size;
+    let models = vec![base_snap.name(), chat_snap.name()];
+    drop((base_snap, chat_snap));
+
+    let index_path = CacheIndex::path(&job.out);
+    let mut index = if index_path.exists() {
+        let existing = CacheIndex::open(&job.out)?;
+        let same = existing.layer == job.layer
+            && existing.d_model == d
+            && existing.dtype == job.dtype
+            && existing.models == models
+            && existing.settings.as_ref() == Some(&job.settings());
+        if !same {
+            bail!(
+                "{}: the cache there was made with other settings (layer, models, dtype, data or sizes); \
+                 re-run the same command to resume it, or choose another --out",
+                index_path.display()
+            );
+        }
+        existing
+    } else {
+        CacheIndex {
+            format: FORMAT.into(),
+            d_model: d,
+            layer: job.layer,
+            dtype: job.dtype,
+            models,
+            total_tokens: 0,
+            shards: Vec::new(),
+            sources: job.data.iter().map(|p| SourceInfo { path: p.display().to_string(), tokens: 0 }).collect(),
+            settings: Some(job.settings()),
+            documents: 0,
+            complete: false,
+            partial_shards: Vec::new(),
+        }
+    };
+    if index.complete {
+        return Ok(index);
+    }
+
+    let device = device.clone();
+    let load = |dir: &Path| Model::load(dir, &device, job.load);
+    let base = load(&job.base)?;
+    let chat = if job.low_memory { None } else { Some(load(&job.chat)?) };
+    if let Some(chat) = &chat {
+        check_models(&base, chat)?;
+    } else {
+        let chat_tok = crate::tokenizer::ChatTokenizer::from_dir(&job.chat)?;
+        base.tokenizer.check_same(&chat_tok)?;
+    }
+
+    // Base (or both) pass over the data stream.
+    let mut mixer = Mixer::new(&job.data, job.mix, &base.tokenizer, job.tokenize.clone())?;
+    mixer.skip(done_docs_total(&index))?;
+    let mut tokens_done = index.total_tokens + index.partial_shards.iter().map(|s| s.tokens).sum::<u64>();
+    let mut planner = Planner::default();
+    let phase = if job.low_memory { "base pass" } else { "caching" };
+    while tokens_done < job.tokens && keep_going() {
+        let Some(plan) = planner.next(&mut mixer, done_docs_total(&index), job.shard_tokens, job.tokens - tokens_done)? else {
+            break;
+        };
+        let base_acts = compute_acts(&base, &plan, job.layer, job.batch_tokens)?;
+        let shard_i = index.shards.len() + index.partial_shards.len();
+        let info = ShardInfo { file: shard_name(shard_i), tokens: plan.tokens as u64, documents: plan.docs.len() as u64, checksum: 0 };
+        match &chat {
+            Some(chat) => {
+                let chat_acts = compute_acts(chat, &plan, job.layer, job.batch_tokens)?;
+                let mut tensors = vec![OwnedTensor {
+                    name: "acts".into(),
+                    dtype: job.dtype.safetensors(),
+                    shape: vec![plan.tokens, 2, d],
+                    bytes: pair_bytes(&base_acts, &chat_acts, d, job.dtype),
+                }];
+                tensors.extend(plan.metadata_tensors());
+                let path = job.out.join(&info.file);
+                write_safetensors(&path, &tensors)?;
+                let checksum = checksum(&std::fs::read(&path)?);
+                index.shards.push(ShardInfo { checksum, ..info });
+                index.total_tokens += plan.tokens as u64;
+                index.documents += plan.docs.len() as u64;
+            }
+            None => {
+                let mut bytes = Vec::new();
+                job.dtype.encode(&base_acts, &mut bytes);
+                let mut tensors =
+                    vec![OwnedTensor { name: "acts_base".into(), dtype: job.dtype.safetensors(), shape: vec![plan.tokens, d], bytes }];
+                tensors.extend(plan.metadata_tensors());
+                write_safetensors(&job.out.join(partial_name(&info.file)), &tensors)?;
+                index.partial_shards.push(info);
+            }
+        }
+        tokens_done += plan.tokens as u64;
+        for (s, t) in index.sources.iter_mut().zip(mixer.tokens_per_source()) {
+            s.tokens = *t;
+        }
+        index.write(&job.out)?;
+        progress(CacheProgress { tokens: tokens_done, target: job.tokens, phase });
+    }
+    if !keep_going() {
+        return Ok(index);
+    }
+    drop(base);
+
+    // --low-memory: the chat pass over the partial shards.
+    if job.low_memory && !index.partial_shards.is_empty() {
+        let chat = load(&job.chat)?;
+        let mut done = index.total_tokens;
+        while let Some(info) = index.partial_shards.first().cloned() {
+            if !keep_going() {
+                return Ok(index);
+            }
+            let partial = job.out.join(partial_name(&info.file));
+            let bytes = std::fs::read(&partial).map_err(|e| anyhow!("{}: cannot read partial shard: {e}", partial.display()))?;
+            let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: corrupt partial shard: {e}", partial.display()))?;
+            let plan = plan_from_partial(&st, &chat.tokenizer).with_context(|| partial.display().to_string())?;
+            let base_view = st.tensor("acts_base").map_err(|e| anyhow!("{}: {e}", partial.display()))?;
+            let mut base_acts = vec![0.0f32; plan.tokens * d];
+            job.dtype.decode(base_view.data(), &mut base_acts);
+            let chat_acts = compute_acts(&chat, &plan, job.layer, job.batch_tokens)?;
+            let mut tensors = vec![OwnedTensor {
+                name: "acts".into(),
+                dtype: job.dtype.safetensors(),
+                shape: vec![plan.tokens, 2, d],
+                bytes: pair_bytes(&base_acts, &chat_acts, d, job.dtype),
+            }];
+            tensors.extend(plan.metadata_tensors());
+            let path = job.out.join(&info.file);
+            write_safetensors(&path, &tensors)?;
+            let checksum = checksum(&std::fs::read(&path)?);
+            index.partial_shards.remove(0);
+            index.shards.push(ShardInfo { checksum, ..info.clone() });
+            index.total_tokens += info.tokens;
+            index.documents += info.documents;
+            index.write(&job.out)?;
+            let _ = std::fs::remove_file(&partial);
+            done += info.tokens;
+            progress(CacheProgress { tokens: done, target: index.total_tokens + index.partial_shards.iter().map(|s| s.tokens).sum::<u64>(), phase: "chat pass" });
+        }
+    }
+    index.complete = true;
+    index.write(&job.out)?;
+    Ok(index)
+}
+
+fn done_docs_total(index: &CacheIndex) -> u64 {
+    index.documents + index.partial_shards.iter().map(|s| s.documents).sum::<u64>()
+}
+
+fn partial_name(file: &str) -> String {
+    format!("{file}.base-partial")
+}
+
+/// Rebuilds a shard's documents from a partial shard's metadata (the chat pass of --low-memory).
+fn plan_from_partial(st: &SafeTensors, _tok: &crate::tokenizer::ChatTokenizer) -> Result<ShardPlan> {
+    let u32s = |name: &str| -> Result<Vec<u32>> {
+        let v = st.tensor(name).map_err(|e| anyhow!("tensor `{name}`: {e}"))?;
+        Ok(v.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    };
+    let ids = u32s("token_ids")?;
+    let docs_ix = u32s("doc_index")?;
+    let pos = u32s("position")?;
+    let template = st.tensor("template").map_err(|e| anyhow!("tensor `template`: {e}"))?.data().to_vec();
+    let mut docs: Vec<TokenizedDoc> = Vec::new();
+    let mut last = None;
+    for i in 0..ids.len() {
+        if last != Some(docs_ix[i]) {
+            docs.push(TokenizedDoc { ids: Vec::new(), first_position: pos[i], template: Vec::new(), source: 0 });
+            last = Some(docs_ix[i]);
+        }
+        let d = docs.last_mut().expect("pushed above");
+        d.ids.push(ids[i]);
+        d.template.push(template[i] != 0);
+    }
+    Ok(ShardPlan { first_doc: docs_ix.first().copied().unwrap_or(0) as u64, tokens: ids.len(), docs })
+}
