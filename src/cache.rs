@@ -7,8 +7,8 @@
 //! shard and produces byte-identical files. `--low-memory` runs the base model over every shard
 //! first (partial shards on disk), then the chat model.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::tensor::Device;
@@ -188,19 +188,36 @@ impl CacheIndex {
         }
         let mut header = vec![0u8; header_len as usize];
         f.read_exact(&mut header)?;
-        let mut buf = n.to_vec();
-        buf.extend_from_slice(&header);
-        let (_, meta) = SafeTensors::read_metadata(&buf).map_err(|e| anyhow!("{}: corrupt shard header: {e}", path.display()))?;
-        if 8 + header_len + meta.data_len() as u64 != len {
+        // Parse the header JSON directly: safetensors' own parser wants the whole file in memory.
+        let meta: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| anyhow!("{}: corrupt shard header: {e}", path.display()))?;
+        let mut data_len = 0u64;
+        let mut acts = None;
+        for (name, info) in &meta {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info: HeaderEntry = serde_json::from_value(info.clone())
+                .map_err(|e| anyhow!("{}: corrupt shard header, tensor `{name}`: {e}", path.display()))?;
+            data_len = data_len.max(info.data_offsets.1);
+            if name == "acts" {
+                acts = Some(info);
+            }
+        }
+        if 8 + header_len + data_len != len {
             bail!(
                 "{}: corrupt shard: file is {len} bytes, its header describes {} (truncated?)",
                 path.display(),
-                8 + header_len + meta.data_len() as u64
+                8 + header_len + data_len
             );
         }
-        let acts = meta.info("acts").ok_or_else(|| anyhow!("{}: shard has no `acts` tensor", path.display()))?;
-        let dtype = ActDtype::from_safetensors(acts.dtype)
-            .ok_or_else(|| anyhow!("{}: tensor `acts` has dtype {:?}, expected bf16, f16 or f32", path.display(), acts.dtype))?;
+        let acts = acts.ok_or_else(|| anyhow!("{}: shard has no `acts` tensor", path.display()))?;
+        let dtype = match acts.dtype.as_str() {
+            "BF16" => ActDtype::Bf16,
+            "F16" => ActDtype::F16,
+            "F32" => ActDtype::F32,
+            other => bail!("{}: tensor `acts` has dtype {other}, expected BF16, F16 or F32", path.display()),
+        };
         if acts.shape != [shard.tokens as usize, 2, self.d_model] {
             bail!(
                 "{}: tensor `acts` has shape {:?}, cache.json says [{}, 2, {}]",
@@ -210,13 +227,24 @@ impl CacheIndex {
                 self.d_model
             );
         }
-        Ok(ShardLayout { dtype, acts_offset: 8 + header_len as usize + acts.data_offsets.0 })
+        let expected = acts.shape.iter().product::<usize>() as u64 * dtype.bytes() as u64;
+        if acts.data_offsets.1 - acts.data_offsets.0 != expected {
+            bail!("{}: corrupt shard header: tensor `acts` data size does not match its shape", path.display());
+        }
+        Ok(ShardLayout { dtype, acts_offset: 8 + header_len as usize + acts.data_offsets.0 as usize })
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
         write_atomic(&Self::path(dir), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
     }
+}
+
+#[derive(Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
 }
 
 /// Where a shard's activations sit in its file.

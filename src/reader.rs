@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use anyhow::{Result, bail};
-use safetensors::SafeTensors;
 
 use crate::cache::{CacheIndex, read_shard_file};
 use crate::generate::SplitMix64;

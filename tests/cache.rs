@@ -92,6 +92,7 @@ fn cached_pairs_equal_inspect_block_outputs() {
     ];
     let d = 72;
     let mut docs_seen = 0;
+    let mut templated = 0;
     for shard in all_shards(dir.path(), &index) {
         // Group the shard's rows by document and compare each with a single-prompt inspect.
         let mut start = 0;
@@ -99,6 +100,8 @@ fn cached_pairs_equal_inspect_block_outputs() {
             let end = (start..shard.ids.len()).find(|&i| shard.doc[i] != shard.doc[start]).unwrap_or(shard.ids.len());
             let ids = shard.ids[start..end].to_vec();
             assert_eq!(shard.pos[start..end], (0..(end - start) as u32).collect::<Vec<_>>());
+            assert_eq!(shard.template[start..end], template_flags(&models[1].tokenizer, &ids));
+            templated += usize::from(shard.template[start..end].iter().any(|&f| f));
             for (m, model) in models.iter().enumerate() {
                 let result = crossdiff::inspect::inspect(model, ids.clone()).unwrap();
                 let want: Vec<f64> = result.blocks[1].iter().map(|&x| x as f64).collect();
@@ -110,6 +113,10 @@ fn cached_pairs_equal_inspect_block_outputs() {
         }
     }
     assert!(docs_seen > 10);
+    assert!(templated > 3 && templated < docs_seen, "chat documents carry template flags, web text none");
+    // --mix: the two sources contributed (nearly) equal token counts.
+    let (web, chat) = (index.sources[0].tokens, index.sources[1].tokens);
+    assert!(web > 0 && chat > 0 && web.abs_diff(chat) <= 48, "{web} vs {chat}");
 }
 
 #[test]

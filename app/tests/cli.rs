@@ -45,12 +45,30 @@ fn inspect_writes_reference_blocks() {
 
 #[test]
 fn generate_streams_the_greedy_continuation() {
-    let chat = fixture("chat");
-    let r = crossdiff(&["--backend", "cpu", "generate", "--model", chat.to_str().unwrap(), "--prompt", "Hi", "--chat", "--max-tokens", "5"]);
+    // transformers' greedy continuation of the first reference prompt, decoded.
+    let rbytes = std::fs::read(fixture("reference/base.safetensors")).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&rbytes).unwrap();
+    let greedy: Vec<u32> =
+        reference.tensor("p0.greedy").unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+    let tok = crossdiff::ChatTokenizer::from_dir(&fixture("base")).unwrap();
+    let want = tok.decode(&greedy).unwrap();
+    let base = fixture("base");
+    let n = greedy.len().to_string();
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "generate",
+        "--model",
+        base.to_str().unwrap(),
+        "--prompt",
+        "The cat sat on the river bank at night.",
+        "--max-tokens",
+        &n,
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(String::from_utf8_lossy(&r.stdout), format!("{want}\n"));
     let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(stderr.contains("generate: ") && stderr.contains("new tokens"), "{stderr}");
-    assert!(!String::from_utf8_lossy(&r.stdout).trim().is_empty());
+    assert!(stderr.contains(&format!("generate: 16 prompt + {n} new tokens")), "{stderr}");
 }
 
 #[test]
