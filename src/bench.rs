@@ -114,3 +114,40 @@ pub fn bench_reader(cache: &std::path::Path, batch: usize, shuffle_tokens: usize
         raw_read_gb_per_s: raw,
     })
 }
+
+/// Writes a cache of `tokens` random pairs of width `d` (bf16, shards of `shard_tokens`) for
+/// benchmarking the reader at real sizes without running a model.
+pub fn write_synthetic_cache(dir: &std::path::Path, tokens: u64, d: usize, shard_tokens: u64) -> Result<()> {
+    use crate::cache::{ActDtype, CacheIndex, FORMAT, ShardInfo, checksum};
+    use crate::io::{OwnedTensor, write_safetensors};
+    std::fs::create_dir_all(dir)?;
+    let mut rng = SplitMix64(1);
+    let mut shards = Vec::new();
+    let mut done = 0;
+    while done < tokens {
+        let n = (tokens - done).min(shard_tokens) as usize;
+        let values: Vec<f32> = (0..n * 2 * d).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let mut bytes = Vec::new();
+        ActDtype::Bf16.encode(&values, &mut bytes);
+        let file = format!("acts-{:05}.safetensors", shards.len());
+        let path = dir.join(&file);
+        write_safetensors(&path, &[OwnedTensor { name: "acts".into(), dtype: safetensors::Dtype::BF16, shape: vec![n, 2, d], bytes }])?;
+        shards.push(ShardInfo { file, tokens: n as u64, documents: 0, checksum: checksum(&std::fs::read(&path)?) });
+        done += n as u64;
+    }
+    CacheIndex {
+        format: FORMAT.into(),
+        d_model: d,
+        layer: 0,
+        dtype: ActDtype::Bf16,
+        models: vec!["synthetic".into(), "synthetic".into()],
+        total_tokens: tokens,
+        shards,
+        sources: Vec::new(),
+        settings: None,
+        documents: 0,
+        complete: true,
+        partial_shards: Vec::new(),
+    }
+    .write(dir)
+}

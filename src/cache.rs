@@ -526,6 +526,8 @@ pub fn run_cache(
     let mut tokens_done = index.total_tokens + index.partial_shards.iter().map(|s| s.tokens).sum::<u64>();
     let mut planner = Planner::default();
     let phase = if job.low_memory { "base pass" } else { "caching" };
+    // Models are loaded: a first report lets callers time the computation alone.
+    progress(CacheProgress { tokens: tokens_done, target: job.tokens, phase });
     while tokens_done < job.tokens && keep_going() {
         let Some(plan) = planner.next(&mut mixer, done_docs_total(&index), job.shard_tokens, job.tokens - tokens_done)? else {
             break;

@@ -12,7 +12,7 @@ use crate::cache::{Planner, compute_acts};
 use crate::data::{Mixer, TokenizeOptions};
 use crate::gemma2::LoadOptions;
 use crate::model::{Model, check_models};
-use crate::reader::{Chunk, PairBatch, ShufflePool};
+use crate::reader::{Chunk, PairBatch, RowBlock, ShufflePool};
 
 #[derive(Debug, Clone)]
 pub struct OnTheFlyConfig {
@@ -63,7 +63,7 @@ impl OnTheFlySource {
                     }
                     done += plan.tokens as u64;
                     docs += plan.docs.len() as u64;
-                    if tx.send(Chunk::Rows(rows)).is_err() {
+                    if tx.send(Chunk::Rows(RowBlock::from_f32(&rows, d))).is_err() {
                         return Ok(());
                     }
                 }

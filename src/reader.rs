@@ -15,7 +15,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use anyhow::{Result, bail};
 
-use crate::cache::{CacheIndex, read_shard_file};
+use crate::cache::{ActDtype, CacheIndex, read_shard_file};
 use crate::generate::SplitMix64;
 
 /// A batch of pairs, `[batch, 2, d]` row-major f32 (index 1: 0 = base, 1 = chat).
@@ -51,11 +51,28 @@ struct Piece {
     rows: std::ops::Range<usize>,
 }
 
-/// What the producer thread sends: a chunk of f32 rows, or the end of an epoch.
+/// What the producer thread sends: a block of rows as stored, or the end of an epoch.
 pub(crate) enum Chunk {
-    Rows(Vec<f32>),
+    Rows(RowBlock),
     EpochEnd,
     Failed(String),
+}
+
+/// Rows `[rows, 2, d]` in their stored dtype, starting at byte `offset` of `bytes` (a whole shard
+/// file read in one go, or rows computed on the fly).
+pub(crate) struct RowBlock {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) offset: usize,
+    pub(crate) rows: usize,
+    pub(crate) dtype: ActDtype,
+}
+
+impl RowBlock {
+    pub(crate) fn from_f32(rows: &[f32], d: usize) -> Self {
+        let mut bytes = Vec::with_capacity(rows.len() * 4);
+        ActDtype::F32.encode(rows, &mut bytes);
+        Self { rows: rows.len() / (2 * d), bytes, offset: 0, dtype: ActDtype::F32 }
+    }
 }
 
 /// The training stream over a cache directory.
@@ -129,16 +146,21 @@ impl CacheReader {
     }
 }
 
-/// Reads one piece of a shard as f32 rows `[rows, 2, d]`.
-fn read_rows(dir: &Path, index: &CacheIndex, piece: &Piece) -> Result<Vec<f32>> {
+/// Reads one piece of a shard: the whole file in one sequential read, checked.
+fn read_block(dir: &Path, index: &CacheIndex, piece: &Piece) -> Result<RowBlock> {
     let info = &index.shards[piece.shard];
     let layout = index.check_shard_header(dir, info)?;
     let bytes = read_shard_file(dir, info)?;
     let row_bytes = 2 * index.d_model * layout.dtype.bytes();
-    let from = layout.acts_offset + piece.rows.start * row_bytes;
-    let to = layout.acts_offset + piece.rows.end * row_bytes;
-    let mut out = vec![0.0f32; piece.rows.len() * 2 * index.d_model];
-    layout.dtype.decode(&bytes[from..to], &mut out);
+    Ok(RowBlock { bytes, offset: layout.acts_offset + piece.rows.start * row_bytes, rows: piece.rows.len(), dtype: layout.dtype })
+}
+
+/// Reads one piece of a shard as f32 rows `[rows, 2, d]`.
+fn read_rows(dir: &Path, index: &CacheIndex, piece: &Piece) -> Result<Vec<f32>> {
+    let block = read_block(dir, index, piece)?;
+    let row_bytes = 2 * index.d_model * block.dtype.bytes();
+    let mut out = vec![0.0f32; block.rows * 2 * index.d_model];
+    block.dtype.decode(&block.bytes[block.offset..block.offset + block.rows * row_bytes], &mut out);
     Ok(out)
 }
 
@@ -148,7 +170,7 @@ fn produce_epochs(dir: &Path, index: &CacheIndex, pieces: Vec<Piece>, seed: u64,
         let mut order: Vec<usize> = (0..pieces.len()).collect();
         shuffle(&mut order, &mut SplitMix64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xC0FFEE));
         for i in order {
-            let chunk = match read_rows(dir, index, &pieces[i]) {
+            let chunk = match read_block(dir, index, &pieces[i]) {
                 Ok(rows) => Chunk::Rows(rows),
                 Err(e) => Chunk::Failed(format!("{e:#}")),
             };
@@ -172,10 +194,13 @@ pub fn shuffle<T>(v: &mut [T], rng: &mut SplitMix64) {
     }
 }
 
-/// Rows waiting to be drawn, and the channel that refills them.
+/// Rows waiting to be drawn, and the channel that refills them. The pool keeps whole blocks in
+/// their stored dtype and a list of (block, row) handles; a draw swap-removes a handle and
+/// converts just that row to f32, so refills never copy rows and the pool costs the stored size.
 pub(crate) struct ShufflePool {
     rx: Receiver<Chunk>,
-    rows: Vec<f32>,
+    blocks: Vec<Option<PoolBlock>>,
+    handles: Vec<(u32, u32)>,
     d: usize,
     batch: usize,
     capacity: usize,
@@ -186,11 +211,18 @@ pub(crate) struct ShufflePool {
     pub epoch: u64,
 }
 
+struct PoolBlock {
+    block: RowBlock,
+    /// Rows of this block still in the pool; the block is freed at zero.
+    left: usize,
+}
+
 impl ShufflePool {
     pub(crate) fn new(rx: Receiver<Chunk>, d: usize, batch: usize, capacity: usize, seed: u64) -> Self {
         Self {
             rx,
-            rows: Vec::new(),
+            blocks: Vec::new(),
+            handles: Vec::new(),
             d,
             batch,
             capacity: capacity.max(batch),
@@ -202,14 +234,26 @@ impl ShufflePool {
     }
 
     fn len(&self) -> usize {
-        self.rows.len() / (2 * self.d)
+        self.handles.len()
     }
 
-    /// Pulls chunks until the pool holds `capacity` rows or the epoch's data is all in.
+    fn add(&mut self, block: RowBlock) {
+        let slot = match self.blocks.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.blocks.push(None);
+                self.blocks.len() - 1
+            }
+        };
+        self.handles.extend((0..block.rows as u32).map(|r| (slot as u32, r)));
+        self.blocks[slot] = Some(PoolBlock { left: block.rows, block });
+    }
+
+    /// Pulls blocks until the pool holds `capacity` rows or the epoch's data is all in.
     fn fill(&mut self) -> Result<()> {
         while !self.epoch_drained && !self.finished && self.len() < self.capacity {
             match self.rx.recv() {
-                Ok(Chunk::Rows(r)) => self.rows.extend_from_slice(&r),
+                Ok(Chunk::Rows(b)) => self.add(b),
                 Ok(Chunk::EpochEnd) => self.epoch_drained = true,
                 Ok(Chunk::Failed(e)) => bail!("{e}"),
                 Err(_) => self.finished = true,
@@ -234,17 +278,19 @@ impl ShufflePool {
         }
         let w = 2 * self.d;
         let take = self.batch.min(self.len());
-        let mut acts = Vec::with_capacity(take * w);
-        for _ in 0..take {
-            let n = self.len();
-            let r = (self.rng.next_u64() % n as u64) as usize;
-            acts.extend_from_slice(&self.rows[r * w..(r + 1) * w]);
-            // swap-remove row r
-            if r != n - 1 {
-                let (head, tail) = self.rows.split_at_mut((n - 1) * w);
-                head[r * w..(r + 1) * w].copy_from_slice(&tail[..w]);
+        let mut acts = vec![0.0f32; take * w];
+        for out in acts.chunks_exact_mut(w) {
+            let r = (self.rng.next_u64() % self.len() as u64) as usize;
+            let (slot, row) = self.handles.swap_remove(r);
+            let entry = self.blocks[slot as usize].as_mut().expect("a handle points at a live block");
+            let b = &entry.block;
+            let row_bytes = w * b.dtype.bytes();
+            let at = b.offset + row as usize * row_bytes;
+            b.dtype.decode(&b.bytes[at..at + row_bytes], out);
+            entry.left -= 1;
+            if entry.left == 0 {
+                self.blocks[slot as usize] = None;
             }
-            self.rows.truncate((n - 1) * w);
         }
         Ok(Some(PairBatch { acts, batch: take, d: self.d }))
     }

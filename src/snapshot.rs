@@ -253,6 +253,18 @@ impl WeightFile {
         Ok(Self { path, mmap })
     }
 
+    /// Drops the mapped pages of a tensor that has been converted, so the page cache of the
+    /// mapping does not add a second copy of the weights to the process's resident memory.
+    fn release(&self, bytes: &[u8]) {
+        #[cfg(unix)]
+        {
+            let offset = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
+            // SAFETY: a read-only, file-backed mapping: MADV_DONTNEED only drops pages, which are
+            // read back from the file on the next access; contents never change.
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len()) };
+        }
+    }
+
     fn parse(&self) -> Result<SafeTensors<'_>> {
         SafeTensors::deserialize(&self.mmap)
             .map_err(|e| anyhow!("{}: corrupt safetensors header: {e}", self.path.display()))
@@ -351,7 +363,7 @@ impl Snapshot {
         let dtype = StoredDtype::from_safetensors(view.dtype()).ok_or_else(|| {
             anyhow!("{}: tensor `{name}` has unsupported dtype {:?} (expected bf16, f16 or f32)", file.path.display(), view.dtype())
         })?;
-        Ok(match dtype {
+        let values = match dtype {
             StoredDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             StoredDtype::F16 => bytes
                 .chunks_exact(2)
@@ -361,7 +373,9 @@ impl Snapshot {
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
                 .collect(),
-        })
+        };
+        file.release(bytes);
+        Ok(values)
     }
 
     /// Reads a PyTorch `[out, in]` linear weight and returns it transposed to `[in, out]`, so the

@@ -120,8 +120,14 @@ enum BenchCommand {
     },
     /// Reader throughput (GB/s of f32 pairs delivered) beside a raw sequential read of the shards.
     Reader {
+        /// The cache to read; with --synthetic-tokens it is created there first (random bf16 pairs).
         #[arg(long)]
         cache: PathBuf,
+        #[arg(long)]
+        synthetic_tokens: Option<u64>,
+        /// Width of the synthetic pairs (2304 = Gemma 2 2B).
+        #[arg(long, default_value_t = 2304)]
+        d: usize,
         #[arg(long, default_value_t = 2048)]
         batch: usize,
         #[arg(long, default_value_t = 262144)]
@@ -235,10 +241,13 @@ pub fn run() -> Result<()> {
             );
             bar.set_message("loading models");
             let started = Instant::now();
+            // (time, tokens) at the first report, after the models loaded: the rate is this run's own.
+            let mut first: Option<(Instant, u64)> = None;
             let index = run_cache(
                 &job,
                 &device,
                 |p| {
+                    first.get_or_insert((Instant::now(), p.tokens));
                     bar.set_length(p.target);
                     bar.set_position(p.tokens);
                     bar.set_message(p.phase);
@@ -247,18 +256,21 @@ pub fn run() -> Result<()> {
             )?;
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
+            let rate = first.map_or(0.0, |(t, n)| (index.total_tokens.saturating_sub(n)) as f64 / t.elapsed().as_secs_f64());
             let state = if index.complete { "complete" } else { "interrupted; re-run the same command to resume" };
             println!(
-                "cache: {} tokens in {} shards at layer {}, {} → {} ({:.1}s, {state})",
+                "cache: {} tokens in {} shards at layer {}, {} → {} ({secs:.1}s, {rate:.1} tokens/s after loading, {state})",
                 index.total_tokens,
                 index.shards.len(),
                 index.layer,
                 job.dtype_name(),
                 job.out.display(),
-                secs
             );
         }
-        Command::Bench { which: BenchCommand::Reader { cache, batch, shuffle_tokens } } => {
+        Command::Bench { which: BenchCommand::Reader { cache, synthetic_tokens, d, batch, shuffle_tokens } } => {
+            if let Some(tokens) = synthetic_tokens {
+                crossdiff::bench::write_synthetic_cache(&cache, tokens, d, 65536)?;
+            }
             let r = crossdiff::bench::bench_reader(&cache, batch, shuffle_tokens)?;
             println!("{}", serde_json::to_string(&r)?);
             println!(
