@@ -18,6 +18,10 @@ pub struct LoadOptions {
     /// Store matmul weights and the embedding in f16 (halves memory). Activations, norms and
     /// softmax stay f32.
     pub f16_weights: bool,
+    /// Rows per embedding block (default: as many as fit in 1 GiB). Gemma's 256000 × 2304 f32
+    /// embedding is 2.4 GB, more than some drivers allow in one buffer (lavapipe: 2 GiB), so it
+    /// is stored in vocabulary blocks.
+    pub embed_block_rows: Option<usize>,
 }
 
 /// A `[in, out]` weight; multiplies in f16 when stored in f16 and returns f32.
@@ -57,8 +61,8 @@ pub struct KvCache {
 
 pub struct Gemma2 {
     pub config: Gemma2Config,
-    /// `[vocab, hidden]`; also the unembedding (tied).
-    embed: Tensor<2>,
+    /// `[vocab, hidden]` in vocabulary blocks of at most 1 GiB; also the unembedding (tied).
+    embed: Vec<Tensor<2>>,
     /// sqrt(hidden) rounded to the stored weight dtype, as transformers multiplies it.
     normalizer: f32,
     final_norm: Tensor<2>,
@@ -110,7 +114,14 @@ impl Gemma2 {
             Some(dt) => dt,
             None => snapshot.dtype_of(embed_name)?,
         };
-        let embed = upload(snapshot.read_f32(embed_name, &[c.vocab_size, d])?, [c.vocab_size, d], weight_dtype);
+        let all = snapshot.read_f32(embed_name, &[c.vocab_size, d])?;
+        let elem = if options.f16_weights { 2 } else { 4 };
+        let block_rows = options.embed_block_rows.unwrap_or((1usize << 30) / (d * elem)).max(1);
+        let embed = all
+            .chunks(block_rows * d)
+            .map(|rows| upload(rows.to_vec(), [rows.len() / d, d], weight_dtype))
+            .collect();
+        drop(all);
         tick(1);
         let normalizer = run_dtype.round((d as f32).sqrt());
 
@@ -179,9 +190,29 @@ impl Gemma2 {
     /// Embedding lookup × normaliser: `[batch·time, hidden]`.
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<2> {
         let [b, t] = ids.dims();
-        let rows = self.embed.clone().select(0, ids.reshape([b * t]));
-        let rows = if rows.dtype() == DType::F16 { rows.cast(FloatDType::F32) } else { rows };
-        rows.mul_scalar(self.normalizer)
+        let ids = ids.reshape([b * t]);
+        let to_f32 = |rows: Tensor<2>| if rows.dtype() == DType::F16 { rows.cast(FloatDType::F32) } else { rows };
+        if self.embed.len() == 1 {
+            return to_f32(self.embed[0].clone().select(0, ids)).mul_scalar(self.normalizer);
+        }
+        // Several vocabulary blocks: look up in each with clamped local ids, keep the rows whose id
+        // falls in the block.
+        let mut start = 0i64;
+        let mut out: Option<Tensor<2>> = None;
+        for block in &self.embed {
+            let n = block.dims()[0] as i64;
+            let local = ids.clone().sub_scalar(start);
+            let inside = local.clone().greater_equal_elem(0).bool_and(local.clone().lower_elem(n));
+            let rows = to_f32(block.clone().select(0, local.clamp(0, n - 1)));
+            let keep = inside.float().reshape([b * t, 1]);
+            let rows = rows * keep;
+            out = Some(match out {
+                Some(acc) => acc + rows,
+                None => rows,
+            });
+            start += n;
+        }
+        out.expect("at least one embedding block").mul_scalar(self.normalizer)
     }
 
     /// Runs blocks `0..=last_layer` and returns their output `[batch, time, hidden]`, calling
@@ -233,10 +264,16 @@ impl Gemma2 {
     /// Final norm, tied unembedding, final soft-cap: `[rows, hidden]` → `[rows, vocab]`.
     pub fn logits(&self, h: Tensor<2>) -> Tensor<2> {
         let x = rms_norm(h, &self.final_norm, self.config.rms_norm_eps);
-        let logits = if self.embed.dtype() == DType::F16 {
-            x.cast(FloatDType::F16).matmul(self.embed.clone().transpose()).cast(FloatDType::F32)
-        } else {
-            x.matmul(self.embed.clone().transpose())
+        let unembed = |block: &Tensor<2>| {
+            if block.dtype() == DType::F16 {
+                x.clone().cast(FloatDType::F16).matmul(block.clone().transpose()).cast(FloatDType::F32)
+            } else {
+                x.clone().matmul(block.clone().transpose())
+            }
+        };
+        let logits = match self.embed.as_slice() {
+            [one] => unembed(one),
+            blocks => Tensor::cat(blocks.iter().map(unembed).collect(), 1),
         };
         match self.config.final_logit_softcapping {
             Some(c) => soft_cap(logits, c),

@@ -433,3 +433,22 @@ fn bad_data_lines_are_named() {
     let err = crossdiff::data::open_source(&dir.path().join("x.csv")).err().unwrap();
     assert!(format!("{err}").contains("x.csv"));
 }
+
+#[test]
+fn drop_bos_skip_first_and_context_shape_documents() {
+    let model = Model::load(fixture("base"), &Device::flex(), LoadOptions::default()).unwrap();
+    let tok = &model.tokenizer;
+    let doc = crossdiff::data::Document::Text("The cat sat on the river bank at night.".into());
+    let full = tok.encode("The cat sat on the river bank at night.", true).unwrap();
+    assert_eq!(full[0], tok.bos_id.unwrap());
+    let t = |o: TokenizeOptions| crossdiff::data::tokenize(tok, &doc, 0, &o).unwrap().unwrap();
+    let kept = t(TokenizeOptions { context: 5, ..Default::default() });
+    assert_eq!((kept.ids.as_slice(), kept.first_position), (&full[..5], 0));
+    let no_bos = t(TokenizeOptions { context: 5, drop_bos: true, skip_first: 0 });
+    assert_eq!((no_bos.ids.as_slice(), no_bos.first_position), (&full[1..6], 1));
+    let skipped = t(TokenizeOptions { context: 100, drop_bos: true, skip_first: 3 });
+    assert_eq!((skipped.ids.as_slice(), skipped.first_position), (&full[4..], 4));
+    // Nothing left: the document is dropped, not an empty row.
+    let gone = crossdiff::data::tokenize(tok, &doc, 0, &TokenizeOptions { context: 10, drop_bos: false, skip_first: 1000 }).unwrap();
+    assert!(gone.is_none());
+}

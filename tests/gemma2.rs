@@ -90,7 +90,16 @@ fn blocks_and_logits_match_transformers_on_wgpu() {
 #[test]
 fn f16_weight_storage_stays_close() {
     // f16 storage rounds weights (bf16 → f16 is exact for most values) and multiplies in f16.
-    check_blocks_and_logits(&flex(), LoadOptions { f16_weights: true }, 2e-2);
+    check_blocks_and_logits(&flex(), LoadOptions { f16_weights: true, ..Default::default() }, 2e-2);
+}
+
+#[test]
+fn embedding_in_vocabulary_blocks_gives_the_same_outputs() {
+    // 676 rows in blocks of 100: lookups and logits cross block boundaries.
+    check_blocks_and_logits(&flex(), LoadOptions { embed_block_rows: Some(100), ..Default::default() }, TOL);
+    if let Some(device) = wgpu_device() {
+        check_blocks_and_logits(&device, LoadOptions { embed_block_rows: Some(100), ..Default::default() }, TOL);
+    }
 }
 
 #[test]
@@ -223,4 +232,21 @@ fn inspect_file_has_the_interface_layout() {
     assert_eq!(logits.shape(), &[t, model.gemma.config.vocab_size]);
     let values: Vec<f32> = logits.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     assert_close("written logits", &values, &reference.get("p1.logits").1, TOL);
+}
+
+#[test]
+fn generation_stops_on_a_stop_token() {
+    let model = Model::load(fixture("base"), &flex(), LoadOptions::default()).unwrap();
+    let reference = Reference::load("base");
+    let greedy: Vec<u32> = reference.get("p0.greedy").1.iter().map(|&v| v as u32).collect();
+    // Declare the third greedy token a stop token: generation ends right after emitting it.
+    let stop = [greedy[2]];
+    let first = greedy.iter().position(|t| *t == greedy[2]).unwrap();
+    let got = generate(&model.gemma, &reference.ids(0), 10, Sampling::default(), &stop, |_| true).unwrap();
+    assert_eq!(got, greedy[..=first].to_vec());
+    // The model's own stop ids are <end_of_turn> and <eos>, read from the files.
+    let tok = &model.tokenizer;
+    let mut want = vec![tok.end_of_turn_id.unwrap(), tok.eos_id.unwrap()];
+    want.sort();
+    assert_eq!(model.stop_ids(), want);
 }

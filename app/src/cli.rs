@@ -230,7 +230,7 @@ pub fn run() -> Result<()> {
                 shard_tokens,
                 batch_tokens,
                 low_memory,
-                load: LoadOptions { f16_weights: f16 },
+                load: LoadOptions { f16_weights: f16, ..Default::default() },
             };
             let device = cli.backend.device()?;
             let stop = interrupt_flag();
@@ -303,7 +303,7 @@ fn load(args: &ModelArgs, backend: Backend) -> Result<Model> {
             .progress_chars("=> "),
     );
     bar.set_message(args.model.display().to_string());
-    let model = Model::load_with_progress(&args.model, &device, LoadOptions { f16_weights: args.f16 }, |done, total| {
+    let model = Model::load_with_progress(&args.model, &device, LoadOptions { f16_weights: args.f16, ..Default::default() }, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     });
