@@ -23,13 +23,18 @@ pub struct ForwardBench {
 
 /// Times `repeats` full forwards of a `[batch, context]` batch of random tokens (after one warm-up),
 /// then `decode_tokens` KV-cache decode steps after a `context`-token prompt.
-pub fn bench_forward(model: &Model, batch: usize, context: usize, decode_tokens: usize, repeats: usize) -> Result<ForwardBench> {
+pub fn bench_forward(
+    model: &Model,
+    batch: usize,
+    context: usize,
+    decode_tokens: usize,
+    repeats: usize,
+) -> Result<ForwardBench> {
     let g = &model.gemma;
     let vocab = g.config.vocab_size as u64;
     let mut rng = SplitMix64(7);
-    let seqs: Vec<Vec<u32>> = (0..batch)
-        .map(|_| (0..context).map(|_| (rng.next_u64() % vocab) as u32).collect())
-        .collect();
+    let seqs: Vec<Vec<u32>> =
+        (0..batch).map(|_| (0..context).map(|_| (rng.next_u64() % vocab) as u32).collect()).collect();
     let sync = || g.device().sync().map_err(|e| anyhow!("device sync failed: {e:?}"));
 
     let run = || -> Result<()> {
@@ -131,7 +136,10 @@ pub fn write_synthetic_cache(dir: &std::path::Path, tokens: u64, d: usize, shard
         ActDtype::Bf16.encode(&values, &mut bytes);
         let file = format!("acts-{:05}.safetensors", shards.len());
         let path = dir.join(&file);
-        write_safetensors(&path, &[OwnedTensor { name: "acts".into(), dtype: safetensors::Dtype::BF16, shape: vec![n, 2, d], bytes }])?;
+        write_safetensors(
+            &path,
+            &[OwnedTensor { name: "acts".into(), dtype: safetensors::Dtype::BF16, shape: vec![n, 2, d], bytes }],
+        )?;
         shards.push(ShardInfo { file, tokens: n as u64, documents: 0, checksum: checksum(&std::fs::read(&path)?) });
         done += n as u64;
     }

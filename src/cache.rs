@@ -81,7 +81,9 @@ impl ActDtype {
     /// Decodes little-endian bytes of this dtype into f32.
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
         match self {
-            Self::F32 => bytes.chunks_exact(4).zip(out).for_each(|(b, o)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            Self::F32 => {
+                bytes.chunks_exact(4).zip(out).for_each(|(b, o)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
             Self::F16 => bytes
                 .chunks_exact(2)
                 .zip(out)
@@ -178,10 +180,12 @@ impl CacheIndex {
     pub fn check_shard_header(&self, dir: &Path, shard: &ShardInfo) -> Result<ShardLayout> {
         use std::io::Read;
         let path = dir.join(&shard.file);
-        let mut f = std::fs::File::open(&path).map_err(|e| anyhow!("{}: shard listed in cache.json cannot be opened: {e}", path.display()))?;
+        let mut f = std::fs::File::open(&path)
+            .map_err(|e| anyhow!("{}: shard listed in cache.json cannot be opened: {e}", path.display()))?;
         let len = f.metadata()?.len();
         let mut n = [0u8; 8];
-        f.read_exact(&mut n).map_err(|_| anyhow!("{}: corrupt shard: shorter than a safetensors header", path.display()))?;
+        f.read_exact(&mut n)
+            .map_err(|_| anyhow!("{}: corrupt shard: shorter than a safetensors header", path.display()))?;
         let header_len = u64::from_le_bytes(n);
         if header_len > 100_000_000 || 8 + header_len > len {
             bail!("{}: corrupt shard: safetensors header length {header_len} does not fit the file", path.display());
@@ -189,8 +193,8 @@ impl CacheIndex {
         let mut header = vec![0u8; header_len as usize];
         f.read_exact(&mut header)?;
         // Parse the header JSON directly: safetensors' own parser wants the whole file in memory.
-        let meta: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
-            .map_err(|e| anyhow!("{}: corrupt shard header: {e}", path.display()))?;
+        let meta: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| anyhow!("{}: corrupt shard header: {e}", path.display()))?;
         let mut data_len = 0u64;
         let mut acts = None;
         for (name, info) in &meta {
@@ -347,7 +351,13 @@ pub(crate) struct Planner {
 impl Planner {
     /// The next shard: whole documents up to `shard_tokens`; the run's last document is cut so the
     /// run ends at exactly `remaining` tokens. `None` when the data is exhausted.
-    pub(crate) fn next(&mut self, mixer: &mut Mixer, first_doc: u64, shard_tokens: usize, remaining: u64) -> Result<Option<ShardPlan>> {
+    pub(crate) fn next(
+        &mut self,
+        mixer: &mut Mixer,
+        first_doc: u64,
+        shard_tokens: usize,
+        remaining: u64,
+    ) -> Result<Option<ShardPlan>> {
         let mut plan = ShardPlan { docs: Vec::new(), first_doc, tokens: 0 };
         let budget = remaining.min(shard_tokens as u64) as usize;
         while plan.tokens < budget {
@@ -460,7 +470,11 @@ pub fn run_cache(
         bail!("--batch-tokens and --context must be positive");
     }
     if job.shard_tokens < job.tokenize.context {
-        bail!("--shard-tokens ({}) must be at least --context ({}): shards hold whole documents", job.shard_tokens, job.tokenize.context);
+        bail!(
+            "--shard-tokens ({}) must be at least --context ({}): shards hold whole documents",
+            job.shard_tokens,
+            job.tokenize.context
+        );
     }
     let base_snap = crate::snapshot::Snapshot::open(&job.base)?;
     let chat_snap = crate::snapshot::Snapshot::open(&job.chat)?;
@@ -473,6 +487,13 @@ pub fn run_cache(
     let models = vec![base_snap.name(), chat_snap.name()];
     drop((base_snap, chat_snap));
 
+    // Temporary files of an interrupted write are garbage: the shard they belonged to is redone.
+    for entry in std::fs::read_dir(&job.out)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     let index_path = CacheIndex::path(&job.out);
     let mut index = if index_path.exists() {
         let existing = CacheIndex::open(&job.out)?;
@@ -529,12 +550,19 @@ pub fn run_cache(
     // Models are loaded: a first report lets callers time the computation alone.
     progress(CacheProgress { tokens: tokens_done, target: job.tokens, phase });
     while tokens_done < job.tokens && keep_going() {
-        let Some(plan) = planner.next(&mut mixer, done_docs_total(&index), job.shard_tokens, job.tokens - tokens_done)? else {
+        let Some(plan) =
+            planner.next(&mut mixer, done_docs_total(&index), job.shard_tokens, job.tokens - tokens_done)?
+        else {
             break;
         };
         let base_acts = compute_acts(&base, &plan, job.layer, job.batch_tokens)?;
         let shard_i = index.shards.len() + index.partial_shards.len();
-        let info = ShardInfo { file: shard_name(shard_i), tokens: plan.tokens as u64, documents: plan.docs.len() as u64, checksum: 0 };
+        let info = ShardInfo {
+            file: shard_name(shard_i),
+            tokens: plan.tokens as u64,
+            documents: plan.docs.len() as u64,
+            checksum: 0,
+        };
         match &chat {
             Some(chat) => {
                 let chat_acts = compute_acts(chat, &plan, job.layer, job.batch_tokens)?;
@@ -555,8 +583,12 @@ pub fn run_cache(
             None => {
                 let mut bytes = Vec::new();
                 job.dtype.encode(&base_acts, &mut bytes);
-                let mut tensors =
-                    vec![OwnedTensor { name: "acts_base".into(), dtype: job.dtype.safetensors(), shape: vec![plan.tokens, d], bytes }];
+                let mut tensors = vec![OwnedTensor {
+                    name: "acts_base".into(),
+                    dtype: job.dtype.safetensors(),
+                    shape: vec![plan.tokens, d],
+                    bytes,
+                }];
                 tensors.extend(plan.metadata_tensors());
                 write_safetensors(&job.out.join(partial_name(&info.file)), &tensors)?;
                 index.partial_shards.push(info);
@@ -583,8 +615,10 @@ pub fn run_cache(
                 return Ok(index);
             }
             let partial = job.out.join(partial_name(&info.file));
-            let bytes = std::fs::read(&partial).map_err(|e| anyhow!("{}: cannot read partial shard: {e}", partial.display()))?;
-            let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: corrupt partial shard: {e}", partial.display()))?;
+            let bytes = std::fs::read(&partial)
+                .map_err(|e| anyhow!("{}: cannot read partial shard: {e}", partial.display()))?;
+            let st = SafeTensors::deserialize(&bytes)
+                .map_err(|e| anyhow!("{}: corrupt partial shard: {e}", partial.display()))?;
             let plan = plan_from_partial(&st, &chat.tokenizer).with_context(|| partial.display().to_string())?;
             let base_view = st.tensor("acts_base").map_err(|e| anyhow!("{}: {e}", partial.display()))?;
             let mut base_acts = vec![0.0f32; plan.tokens * d];
@@ -607,7 +641,11 @@ pub fn run_cache(
             index.write(&job.out)?;
             let _ = std::fs::remove_file(&partial);
             done += info.tokens;
-            progress(CacheProgress { tokens: done, target: index.total_tokens + index.partial_shards.iter().map(|s| s.tokens).sum::<u64>(), phase: "chat pass" });
+            progress(CacheProgress {
+                tokens: done,
+                target: index.total_tokens + index.partial_shards.iter().map(|s| s.tokens).sum::<u64>(),
+                phase: "chat pass",
+            });
         }
     }
     index.complete = true;

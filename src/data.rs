@@ -172,7 +172,12 @@ impl Default for TokenizeOptions {
 }
 
 /// Tokenizes a document; `None` when nothing is left after truncation and skipping.
-pub fn tokenize(tok: &ChatTokenizer, doc: &Document, source: usize, opts: &TokenizeOptions) -> Result<Option<TokenizedDoc>> {
+pub fn tokenize(
+    tok: &ChatTokenizer,
+    doc: &Document,
+    source: usize,
+    opts: &TokenizeOptions,
+) -> Result<Option<TokenizedDoc>> {
     let ids = match doc {
         Document::Text(t) => tok.encode(t, true)?,
         Document::Chat(m) => tok.encode_chat(m, false)?,

@@ -117,10 +117,8 @@ impl Gemma2 {
         let all = snapshot.read_f32(embed_name, &[c.vocab_size, d])?;
         let elem = if options.f16_weights { 2 } else { 4 };
         let block_rows = options.embed_block_rows.unwrap_or((1usize << 30) / (d * elem)).max(1);
-        let embed = all
-            .chunks(block_rows * d)
-            .map(|rows| upload(rows.to_vec(), [rows.len() / d, d], weight_dtype))
-            .collect();
+        let embed =
+            all.chunks(block_rows * d).map(|rows| upload(rows.to_vec(), [rows.len() / d, d], weight_dtype)).collect();
         drop(all);
         tick(1);
         let normalizer = run_dtype.round((d as f32).sqrt());

@@ -39,7 +39,8 @@ impl Inspection {
         let t = self.ids.len();
         let d = self.blocks.first().map_or(0, |b| b.len() / t.max(1));
         let v = self.logits.len() / t.max(1);
-        let mut tensors = vec![OwnedTensor::i64("input_ids", vec![t], &self.ids.iter().map(|&i| i as i64).collect::<Vec<_>>())];
+        let mut tensors =
+            vec![OwnedTensor::i64("input_ids", vec![t], &self.ids.iter().map(|&i| i as i64).collect::<Vec<_>>())];
         for (l, block) in self.blocks.iter().enumerate() {
             tensors.push(OwnedTensor::f32(format!("block.{l}"), vec![t, d], block));
         }

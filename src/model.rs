@@ -35,11 +35,7 @@ impl Model {
     /// Token ids for a prompt: plain text gets `<bos>` from the tokenizer; `chat` renders it as
     /// one user turn with the model's template and the generation prompt.
     pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
-        if chat {
-            self.tokenizer.encode_chat(&[Message::user(text)], true)
-        } else {
-            self.tokenizer.encode(text, true)
-        }
+        if chat { self.tokenizer.encode_chat(&[Message::user(text)], true) } else { self.tokenizer.encode(text, true) }
     }
 
     pub fn stop_ids(&self) -> Vec<u32> {

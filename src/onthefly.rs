@@ -51,7 +51,13 @@ impl OnTheFlySource {
                 let mut done = 0u64;
                 let mut docs = 0u64;
                 while done < cfg.tokens {
-                    let Some(plan) = planner.next(&mut mixer, docs, cfg.chunk_tokens.max(cfg.tokenize.context), cfg.tokens - done)? else {
+                    let Some(plan) = planner.next(
+                        &mut mixer,
+                        docs,
+                        cfg.chunk_tokens.max(cfg.tokenize.context),
+                        cfg.tokens - done,
+                    )?
+                    else {
                         break;
                     };
                     let b = compute_acts(&base, &plan, cfg.layer, cfg.batch_tokens)?;

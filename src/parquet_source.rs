@@ -25,11 +25,8 @@ pub fn open(path: &Path) -> Result<DocStream> {
         .find_map(|name| schema.index_of(name).ok().map(|i| (i, *name)))
         .ok_or_else(|| anyhow!("{}: no `text` or `messages` column", path.display()))?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(1024)
-        .build()
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let reader =
+        builder.with_projection(mask).with_batch_size(1024).build().map_err(|e| anyhow!("{}: {e}", path.display()))?;
     Ok(Box::new(ParquetDocs { reader, path: path.to_path_buf(), column, queue: VecDeque::new(), row: 0 }))
 }
 
@@ -60,15 +57,16 @@ impl ParquetDocs {
                         DataType::LargeUtf8 => col.as_string::<i64>().value(i).to_string(),
                         _ => col.as_string_view().value(i).to_string(),
                     };
-                    let v: serde_json::Value = serde_json::from_str(&s).map_err(|e| anyhow!("{}: not valid JSON: {e}", at(row)))?;
+                    let v: serde_json::Value =
+                        serde_json::from_str(&s).map_err(|e| anyhow!("{}: not valid JSON: {e}", at(row)))?;
                     Document::Chat(messages_from_json(&v).map_err(|e| anyhow!("{}: {e}", at(row)))?)
                 }
-                ("messages", DataType::List(_)) => {
-                    Document::Chat(struct_messages(col.as_list::<i32>().value(i).as_ref()).map_err(|e| anyhow!("{}: {e}", at(row)))?)
-                }
-                ("messages", DataType::LargeList(_)) => {
-                    Document::Chat(struct_messages(col.as_list::<i64>().value(i).as_ref()).map_err(|e| anyhow!("{}: {e}", at(row)))?)
-                }
+                ("messages", DataType::List(_)) => Document::Chat(
+                    struct_messages(col.as_list::<i32>().value(i).as_ref()).map_err(|e| anyhow!("{}: {e}", at(row)))?,
+                ),
+                ("messages", DataType::LargeList(_)) => Document::Chat(
+                    struct_messages(col.as_list::<i64>().value(i).as_ref()).map_err(|e| anyhow!("{}: {e}", at(row)))?,
+                ),
                 (_, other) => bail!("{}: unsupported column type {other}", at(row)),
             };
             self.queue.push_back(doc);

@@ -91,7 +91,11 @@ impl CacheReader {
             bail!("{}: the cache holds no tokens", dir.display());
         }
         if cfg.val_tokens >= index.total_tokens {
-            bail!("validation slice ({} tokens) is not smaller than the cache ({} tokens)", cfg.val_tokens, index.total_tokens);
+            bail!(
+                "validation slice ({} tokens) is not smaller than the cache ({} tokens)",
+                cfg.val_tokens,
+                index.total_tokens
+            );
         }
         if cfg.batch == 0 {
             bail!("batch size must be positive");
@@ -152,7 +156,12 @@ fn read_block(dir: &Path, index: &CacheIndex, piece: &Piece) -> Result<RowBlock>
     let layout = index.check_shard_header(dir, info)?;
     let bytes = read_shard_file(dir, info)?;
     let row_bytes = 2 * index.d_model * layout.dtype.bytes();
-    Ok(RowBlock { bytes, offset: layout.acts_offset + piece.rows.start * row_bytes, rows: piece.rows.len(), dtype: layout.dtype })
+    Ok(RowBlock {
+        bytes,
+        offset: layout.acts_offset + piece.rows.start * row_bytes,
+        rows: piece.rows.len(),
+        dtype: layout.dtype,
+    })
 }
 
 /// Reads one piece of a shard as f32 rows `[rows, 2, d]`.
@@ -164,7 +173,14 @@ fn read_rows(dir: &Path, index: &CacheIndex, piece: &Piece) -> Result<Vec<f32>> 
     Ok(out)
 }
 
-fn produce_epochs(dir: &Path, index: &CacheIndex, pieces: Vec<Piece>, seed: u64, epochs: Option<u64>, tx: SyncSender<Chunk>) {
+fn produce_epochs(
+    dir: &Path,
+    index: &CacheIndex,
+    pieces: Vec<Piece>,
+    seed: u64,
+    epochs: Option<u64>,
+    tx: SyncSender<Chunk>,
+) {
     let mut epoch = 0u64;
     while epochs.is_none_or(|e| epoch < e) {
         let mut order: Vec<usize> = (0..pieces.len()).collect();

@@ -121,7 +121,11 @@ impl Gemma2Config {
         }
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {
-                bail!("field `layer_types` has {} entries, `num_hidden_layers` is {}", types.len(), self.num_hidden_layers);
+                bail!(
+                    "field `layer_types` has {} entries, `num_hidden_layers` is {}",
+                    types.len(),
+                    self.num_hidden_layers
+                );
             }
             if let Some(bad) = types.iter().find(|t| *t != "sliding_attention" && *t != "full_attention") {
                 bail!("field `layer_types` has unknown entry \"{bad}\"");
@@ -138,11 +142,7 @@ impl Gemma2Config {
     }
 
     pub fn rope_base(&self) -> f64 {
-        self.rope_parameters
-            .as_ref()
-            .and_then(|p| p.rope_theta)
-            .or(self.rope_theta)
-            .unwrap_or(10_000.0)
+        self.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10_000.0)
     }
 
     pub fn activation(&self) -> &str {
@@ -261,7 +261,8 @@ impl WeightFile {
             let offset = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
             // SAFETY: a read-only, file-backed mapping: MADV_DONTNEED only drops pages, which are
             // read back from the file on the next access; contents never change.
-            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len()) };
+            let _ =
+                unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len()) };
         }
     }
 
@@ -311,10 +312,7 @@ impl Snapshot {
             }
             files.push(file);
         } else {
-            bail!(
-                "{}: no weights: expected model.safetensors or model.safetensors.index.json",
-                dir.display()
-            );
+            bail!("{}: no weights: expected model.safetensors or model.safetensors.index.json", dir.display());
         }
         // Parse every header once up front so a corrupt shard is reported before any work.
         for f in &files {
@@ -336,10 +334,7 @@ impl Snapshot {
     }
 
     fn view(&self, name: &str) -> Result<(&WeightFile, safetensors::tensor::TensorView<'_>)> {
-        let &slot = self
-            .index
-            .get(name)
-            .ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.dir.display()))?;
+        let &slot = self.index.get(name).ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.dir.display()))?;
         let file = &self.files[slot];
         let view = file
             .parse()?
@@ -361,14 +356,17 @@ impl Snapshot {
         }
         let bytes = view.data();
         let dtype = StoredDtype::from_safetensors(view.dtype()).ok_or_else(|| {
-            anyhow!("{}: tensor `{name}` has unsupported dtype {:?} (expected bf16, f16 or f32)", file.path.display(), view.dtype())
+            anyhow!(
+                "{}: tensor `{name}` has unsupported dtype {:?} (expected bf16, f16 or f32)",
+                file.path.display(),
+                view.dtype()
+            )
         })?;
         let values = match dtype {
             StoredDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            StoredDtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
+            StoredDtype::F16 => {
+                bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect()
+            }
             StoredDtype::Bf16 => bytes
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())

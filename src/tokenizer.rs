@@ -41,7 +41,8 @@ impl ChatTokenizer {
         if !path.exists() {
             bail!("{}: missing (the tokenizer file of the snapshot)", path.display());
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: cannot parse: {e}", path.display()))?;
+        let inner =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: cannot parse: {e}", path.display()))?;
         let config_path = dir.join("tokenizer_config.json");
         let mut chat_template = None;
         let mut template_source = config_path.clone();
@@ -74,7 +75,8 @@ impl ChatTokenizer {
         }
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.exists() {
-            chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| anyhow!("{}: cannot read: {e}", jinja.display()))?);
+            chat_template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| anyhow!("{}: cannot read: {e}", jinja.display()))?);
             template_source = jinja;
         }
         Ok(Self {
@@ -122,7 +124,10 @@ impl ChatTokenizer {
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` does.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let source = self.chat_template.as_deref().ok_or_else(|| {
-            anyhow!("{}: field `chat_template` missing: this model has no chat template", self.template_source.display())
+            anyhow!(
+                "{}: field `chat_template` missing: this model has no chat template",
+                self.template_source.display()
+            )
         })?;
         let mut env = minijinja::Environment::new();
         // transformers renders with trim_blocks and lstrip_blocks and Python string methods.
@@ -153,7 +158,8 @@ impl ChatTokenizer {
 
     /// Ids generation stops on: `<end_of_turn>` and `<eos>`, plus any the model config lists.
     pub fn stop_ids(&self, config_eos: &[u32]) -> Vec<u32> {
-        let mut ids: Vec<u32> = self.end_of_turn_id.into_iter().chain(self.eos_id).chain(config_eos.iter().copied()).collect();
+        let mut ids: Vec<u32> =
+            self.end_of_turn_id.into_iter().chain(self.eos_id).chain(config_eos.iter().copied()).collect();
         ids.sort_unstable();
         ids.dedup();
         ids

@@ -64,7 +64,9 @@ fn read_shard(path: &Path) -> Shard {
     let a = st.tensor("acts").unwrap();
     let mut acts = vec![0.0; a.shape().iter().product()];
     ActDtype::from_safetensors(a.dtype()).unwrap().decode(a.data(), &mut acts);
-    let u = |n: &str| st.tensor(n).unwrap().data().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
+    let u = |n: &str| {
+        st.tensor(n).unwrap().data().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
     Shard {
         acts,
         ids: u("token_ids"),
@@ -105,7 +107,8 @@ fn cached_pairs_equal_inspect_block_outputs() {
             for (m, model) in models.iter().enumerate() {
                 let result = crossdiff::inspect::inspect(model, ids.clone()).unwrap();
                 let want: Vec<f64> = result.blocks[1].iter().map(|&x| x as f64).collect();
-                let got: Vec<f32> = (start..end).flat_map(|r| shard.acts[(r * 2 + m) * d..(r * 2 + m + 1) * d].to_vec()).collect();
+                let got: Vec<f32> =
+                    (start..end).flat_map(|r| shard.acts[(r * 2 + m) * d..(r * 2 + m + 1) * d].to_vec()).collect();
                 common::assert_close(&format!("doc {} model {m}", shard.doc[start]), &got, &want, 1e-5);
             }
             docs_seen += 1;
@@ -182,14 +185,20 @@ fn resume_after_interruption_is_byte_identical() {
     std::fs::write(parts.path().join("acts-00002.safetensors"), b"half written").unwrap();
     let resumed = cache(&jp);
     assert!(resumed.complete);
-    std::fs::remove_file(parts.path().join(".acts-00002.safetensors.tmp-1")).unwrap();
+    // The stray temporary file is cleaned up; every file equals the uninterrupted run's.
     assert_eq!(files(whole.path()), files(parts.path()));
 
     // --low-memory (base pass, then chat pass), interrupted in the chat pass, gives the same bytes.
     let low = TempDir::new("cache-low");
     let jl = CacheJob { out: low.path().to_path_buf(), low_memory: true, ..j.clone() };
     let calls = std::cell::Cell::new(0);
-    let index = run_cache(&jl, &Device::flex(), |p| calls.set(calls.get() + u32::from(p.phase == "chat pass")), || calls.get() < 1).unwrap();
+    let index = run_cache(
+        &jl,
+        &Device::flex(),
+        |p| calls.set(calls.get() + u32::from(p.phase == "chat pass")),
+        || calls.get() < 1,
+    )
+    .unwrap();
     assert!(!index.complete && !index.partial_shards.is_empty());
     cache(&jl);
     assert_eq!(files(whole.path()), files(low.path()));
@@ -216,7 +225,8 @@ fn corrupt_and_truncated_shards_are_named() {
     let n = flipped.len();
     flipped[n - 3000] ^= 0x40;
     std::fs::write(&shard, &flipped).unwrap();
-    let mut reader = CacheReader::open(dir.path(), ReaderConfig { batch: 64, epochs: Some(1), ..Default::default() }).unwrap();
+    let mut reader =
+        CacheReader::open(dir.path(), ReaderConfig { batch: 64, epochs: Some(1), ..Default::default() }).unwrap();
     let err = loop {
         match reader.next_batch() {
             Ok(Some(_)) => continue,
@@ -299,7 +309,11 @@ fn any_dtype_and_shard_size_reads_the_same() {
         let dir = TempDir::new("cache-dtype");
         let j = CacheJob { shard_tokens: 97.max(48), ..job(dir.path(), dtype, 300) };
         cache(&j);
-        let mut r = CacheReader::open(dir.path(), ReaderConfig { batch: 1000, shuffle_tokens: 1000, epochs: Some(1), ..Default::default() }).unwrap();
+        let mut r = CacheReader::open(
+            dir.path(),
+            ReaderConfig { batch: 1000, shuffle_tokens: 1000, epochs: Some(1), ..Default::default() },
+        )
+        .unwrap();
         let b = r.next_batch().unwrap().unwrap();
         let mut got = row_keys(&b.acts, d);
         let mut want = row_keys(&exact.iter().map(|&x| round(x)).collect::<Vec<_>>(), d);
@@ -332,7 +346,11 @@ fn a_hand_written_cache_in_the_format_reads() {
     let meta = serde_json::json!({"format": "crossdiff-cache/1", "d_model": d, "layer": 3, "dtype": "f32",
         "models": ["a", "b"], "total_tokens": 8, "shards": shards, "sources": []});
     std::fs::write(dir.path().join("cache.json"), meta.to_string()).unwrap();
-    let mut r = CacheReader::open(dir.path(), ReaderConfig { batch: 8, shuffle_tokens: 8, epochs: Some(1), ..Default::default() }).unwrap();
+    let mut r = CacheReader::open(
+        dir.path(),
+        ReaderConfig { batch: 8, shuffle_tokens: 8, epochs: Some(1), ..Default::default() },
+    )
+    .unwrap();
     let mut got = row_keys(&r.next_batch().unwrap().unwrap().acts, d);
     got.sort();
     expected.sort();
@@ -379,12 +397,15 @@ fn parquet_text_and_messages_columns_read_like_jsonl() {
     let dir = TempDir::new("parquet");
     let texts = ["First document.", "Second one, longer than the first."];
     let text_path = dir.path().join("web.parquet");
-    let batch = RecordBatch::try_from_iter([("text", Arc::new(StringArray::from(texts.to_vec())) as ArrayRef)]).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&text_path).unwrap(), batch.schema(), None).unwrap();
+    let batch =
+        RecordBatch::try_from_iter([("text", Arc::new(StringArray::from(texts.to_vec())) as ArrayRef)]).unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&text_path).unwrap(), batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
 
-    let fields = Fields::from(vec![Field::new("content", DataType::Utf8, true), Field::new("role", DataType::Utf8, true)]);
+    let fields =
+        Fields::from(vec![Field::new("content", DataType::Utf8, true), Field::new("role", DataType::Utf8, true)]);
     let mut list = ListBuilder::new(StructBuilder::from_fields(fields, 4));
     for turns in [[("Hi", "user"), ("Hello.", "assistant")], [("Who are you?", "user"), ("A model.", "assistant")]] {
         let s = list.values();
@@ -397,7 +418,8 @@ fn parquet_text_and_messages_columns_read_like_jsonl() {
     }
     let chat_path = dir.path().join("chat.parquet");
     let batch = RecordBatch::try_from_iter([("messages", Arc::new(list.finish()) as ArrayRef)]).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&chat_path).unwrap(), batch.schema(), None).unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&chat_path).unwrap(), batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
 
@@ -414,7 +436,8 @@ fn parquet_text_and_messages_columns_read_like_jsonl() {
     // A parquet file without a usable column is refused by name.
     let bad = dir.path().join("bad.parquet");
     let batch = RecordBatch::try_from_iter([("body", Arc::new(StringArray::from(vec!["x"])) as ArrayRef)]).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&bad).unwrap(), batch.schema(), None).unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&bad).unwrap(), batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
     let err = crossdiff::data::open_source(&bad).err().unwrap();
@@ -449,6 +472,8 @@ fn drop_bos_skip_first_and_context_shape_documents() {
     let skipped = t(TokenizeOptions { context: 100, drop_bos: true, skip_first: 3 });
     assert_eq!((skipped.ids.as_slice(), skipped.first_position), (&full[4..], 4));
     // Nothing left: the document is dropped, not an empty row.
-    let gone = crossdiff::data::tokenize(tok, &doc, 0, &TokenizeOptions { context: 10, drop_bos: false, skip_first: 1000 }).unwrap();
+    let gone =
+        crossdiff::data::tokenize(tok, &doc, 0, &TokenizeOptions { context: 10, drop_bos: false, skip_first: 1000 })
+            .unwrap();
     assert!(gone.is_none());
 }

@@ -138,7 +138,12 @@ fn base_chat_mismatch_names_the_field() {
     });
     let chat = Model::load(dir.path(), &device, LoadOptions::default()).unwrap();
     let msg = format!("{:#}", crossdiff::model::check_models(&base, &chat).unwrap_err());
-    assert!(msg.contains("tokenizers differ") && msg.contains("tokenizer.json") && (msg.contains("▁the") || msg.contains("▁model")), "{msg}");
+    assert!(
+        msg.contains("tokenizers differ")
+            && msg.contains("tokenizer.json")
+            && (msg.contains("▁the") || msg.contains("▁model")),
+        "{msg}"
+    );
 
     // Different width: a whole other model.
     let dir = TempDir::copy_of("widthmismatch", "chat");

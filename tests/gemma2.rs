@@ -4,7 +4,9 @@
 mod common;
 
 use burn::tensor::{Device, Tensor};
-use common::{Reference, TempDir, assert_close, convert_bf16, fixture, fixture_weights, wgpu_device, write_single_file};
+use common::{
+    Reference, TempDir, assert_close, convert_bf16, fixture, fixture_weights, wgpu_device, write_single_file,
+};
 use crossdiff::generate::{Sampling, generate};
 use crossdiff::{LoadOptions, Message, Model};
 use safetensors::Dtype;
@@ -49,10 +51,8 @@ fn chat_template_equals_apply_chat_template() {
         assert_eq!(model.tokenizer.encode_chat(&messages, true).unwrap(), ids);
     }
     // The template's own checks run: a system turn is refused with the template's message.
-    let err = model
-        .tokenizer
-        .render_chat(&[Message { role: "system".into(), content: "x".into() }], false)
-        .unwrap_err();
+    let err =
+        model.tokenizer.render_chat(&[Message { role: "system".into(), content: "x".into() }], false).unwrap_err();
     assert!(format!("{err:#}").contains("System role not supported"), "{err:#}");
     // `--chat` on a single prompt is one user turn plus the generation prompt.
     let one = model.prompt_ids("  How do crosscoders work?  ", true).unwrap();
@@ -68,9 +68,19 @@ fn check_blocks_and_logits(device: &Device, options: LoadOptions, tol: f64) {
             let result = crossdiff::inspect::inspect(&model, reference.ids(i)).unwrap();
             assert_eq!(result.blocks.len(), model.gemma.config.num_hidden_layers);
             for (l, block) in result.blocks.iter().enumerate() {
-                assert_close(&format!("{name} p{i} block {l}"), block, &reference.get(&format!("p{i}.block.{l}")).1, tol);
+                assert_close(
+                    &format!("{name} p{i} block {l}"),
+                    block,
+                    &reference.get(&format!("p{i}.block.{l}")).1,
+                    tol,
+                );
             }
-            assert_close(&format!("{name} p{i} logits"), &result.logits, &reference.get(&format!("p{i}.logits")).1, tol);
+            assert_close(
+                &format!("{name} p{i} logits"),
+                &result.logits,
+                &reference.get(&format!("p{i}.logits")).1,
+                tol,
+            );
         }
     }
 }
@@ -167,7 +177,8 @@ fn greedy_generation_equals_transformers() {
         let stop = model.stop_ids();
         for i in 0..reference.prompts().len() {
             let want: Vec<u32> = reference.get(&format!("p{i}.greedy")).1.iter().map(|&v| v as u32).collect();
-            let got = generate(&model.gemma, &reference.ids(i), want.len(), Sampling::default(), &stop, |_| true).unwrap();
+            let got =
+                generate(&model.gemma, &reference.ids(i), want.len(), Sampling::default(), &stop, |_| true).unwrap();
             assert_eq!(got, want, "{name} prompt {i}");
         }
     }

@@ -7,14 +7,18 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use crossdiff::generate::{Sampling, generate};
 use crossdiff::cache::{ActDtype, CacheJob, run_cache};
 use crossdiff::data::TokenizeOptions;
+use crossdiff::generate::{Sampling, generate};
 use crossdiff::{Backend, LoadOptions, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "crossdiff", version, about = "Find what chat fine-tuning changed inside a language model. No subcommand opens the desktop app.")]
+#[command(
+    name = "crossdiff",
+    version,
+    about = "Find what chat fine-tuning changed inside a language model. No subcommand opens the desktop app."
+)]
 struct Cli {
     /// Compute backend: wgpu (any GPU, or Mesa lavapipe on CPU), cpu (burn flex), cuda (needs the `cuda` build feature).
     #[arg(long, global = true, default_value = "wgpu")]
@@ -256,7 +260,8 @@ pub fn run() -> Result<()> {
             )?;
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
-            let rate = first.map_or(0.0, |(t, n)| (index.total_tokens.saturating_sub(n)) as f64 / t.elapsed().as_secs_f64());
+            let rate =
+                first.map_or(0.0, |(t, n)| (index.total_tokens.saturating_sub(n)) as f64 / t.elapsed().as_secs_f64());
             let state = if index.complete { "complete" } else { "interrupted; re-run the same command to resume" };
             println!(
                 "cache: {} tokens in {} shards at layer {}, {} → {} ({secs:.1}s, {rate:.1} tokens/s after loading, {state})",
@@ -303,10 +308,15 @@ fn load(args: &ModelArgs, backend: Backend) -> Result<Model> {
             .progress_chars("=> "),
     );
     bar.set_message(args.model.display().to_string());
-    let model = Model::load_with_progress(&args.model, &device, LoadOptions { f16_weights: args.f16, ..Default::default() }, |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    });
+    let model = Model::load_with_progress(
+        &args.model,
+        &device,
+        LoadOptions { f16_weights: args.f16, ..Default::default() },
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    );
     bar.finish_and_clear();
     model
 }

@@ -33,11 +33,22 @@ fn inspect_writes_reference_blocks() {
     let bytes = std::fs::read(&out).unwrap();
     std::fs::remove_file(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let got: Vec<f32> = st.tensor("block.3").unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let got: Vec<f32> = st
+        .tensor("block.3")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     let rbytes = std::fs::read(fixture("reference/base.safetensors")).unwrap();
     let reference = safetensors::SafeTensors::deserialize(&rbytes).unwrap();
-    let want: Vec<f32> =
-        reference.tensor("p0.block.3").unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let want: Vec<f32> = reference
+        .tensor("p0.block.3")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(err <= 1e-4 * scale, "block.3 error {err} vs scale {scale}");
@@ -48,8 +59,13 @@ fn generate_streams_the_greedy_continuation() {
     // transformers' greedy continuation of the first reference prompt, decoded.
     let rbytes = std::fs::read(fixture("reference/base.safetensors")).unwrap();
     let reference = safetensors::SafeTensors::deserialize(&rbytes).unwrap();
-    let greedy: Vec<u32> =
-        reference.tensor("p0.greedy").unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+    let greedy: Vec<u32> = reference
+        .tensor("p0.greedy")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+        .collect();
     let tok = crossdiff::ChatTokenizer::from_dir(&fixture("base")).unwrap();
     let want = tok.decode(&greedy).unwrap();
     let base = fixture("base");
@@ -73,7 +89,17 @@ fn generate_streams_the_greedy_continuation() {
 
 #[test]
 fn bad_input_is_one_line_and_nonzero() {
-    let r = crossdiff(&["--backend", "cpu", "inspect", "--model", "/no/such/model", "--prompt", "x", "--out", "/tmp/x.safetensors"]);
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "inspect",
+        "--model",
+        "/no/such/model",
+        "--prompt",
+        "x",
+        "--out",
+        "/tmp/x.safetensors",
+    ]);
     assert_eq!(r.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -82,4 +108,90 @@ fn bad_input_is_one_line_and_nonzero() {
     let r = crossdiff(&["--backend", "tpu", "inspect", "--model", "x", "--prompt", "x", "--out", "y"]);
     assert_ne!(r.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&r.stderr).contains("unknown backend \"tpu\""));
+}
+
+/// Every file of a directory, by name.
+fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn cache_killed_mid_run_resumes_to_identical_bytes() {
+    let tmp = std::env::temp_dir().join(format!("crossdiff-cli-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    // Enough documents for many shards.
+    let words = ["the", "cat", "model", "river", "night", "sparse", "latent", "chat", "base", "moon"];
+    let text: String = (0..1500)
+        .map(|i| (0..8 + i % 13).map(|j| words[(i * 7 + j * 3) % words.len()]).collect::<Vec<_>>().join(" ") + ".\n\n")
+        .collect();
+    let data = tmp.join("web.txt");
+    std::fs::write(&data, text).unwrap();
+    let (base, chat) = (fixture("base"), fixture("chat"));
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "--backend",
+            "cpu",
+            "cache",
+            "--base",
+            base.to_str().unwrap(),
+            "--chat",
+            chat.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--layer",
+            "2",
+            "--tokens",
+            "20000",
+            "--context",
+            "64",
+            "--shard-tokens",
+            "256",
+            "--dtype",
+            "f16",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = tmp.join("whole");
+    let r = Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(args(&whole)).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("cache: 20000 tokens"));
+
+    // SIGKILL once two shards are on disk, while the run is still going.
+    let killed = tmp.join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crossdiff"))
+        .args(args(&killed))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let index = killed.join("cache.json");
+    loop {
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+        if let Ok(text) = std::fs::read_to_string(&index) {
+            if text.matches("acts-0").count() >= 2 {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    assert_eq!(partial["complete"], false);
+
+    let r = Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(args(&killed)).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(files(&whole), files(&killed));
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

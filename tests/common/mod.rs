@@ -26,8 +26,12 @@ impl Reference {
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             let values: Vec<f64> = match view.dtype() {
-                Dtype::F32 => view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-                Dtype::I64 => view.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+                Dtype::F32 => {
+                    view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect()
+                }
+                Dtype::I64 => {
+                    view.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect()
+                }
                 other => panic!("unexpected dtype {other:?}"),
             };
             tensors.insert(name, (view.shape().to_vec(), values));
@@ -166,7 +170,9 @@ pub fn write_single_file(dir: &Path, weights: &BTreeMap<String, (Dtype, Vec<usiz
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = weights
         .iter()
-        .map(|(n, (dt, shape, bytes))| (n.clone(), safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes).unwrap()))
+        .map(|(n, (dt, shape, bytes))| {
+            (n.clone(), safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes).unwrap())
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
