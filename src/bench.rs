@@ -159,3 +159,70 @@ pub fn write_synthetic_cache(dir: &std::path::Path, tokens: u64, d: usize, shard
     }
     .write(dir)
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainBench {
+    pub steps: u64,
+    pub seconds_per_step: f64,
+    pub tokens_per_s: f64,
+    pub peak_host_bytes: Option<u64>,
+}
+
+/// Times `steps` training steps (after one warm-up step) on random Gaussian pairs.
+pub fn bench_train(
+    device: &burn::tensor::Device,
+    kind: crate::crosscoder::Kind,
+    d: usize,
+    dict: usize,
+    k: usize,
+    batch: usize,
+    steps: u64,
+) -> Result<TrainBench> {
+    use crate::reader::PairBatch;
+    use crate::train::{PairSource, TrainConfig, TrainRun};
+    struct Random {
+        rng: SplitMix64,
+        d: usize,
+        batch: usize,
+    }
+    impl PairSource for Random {
+        fn next_batch(&mut self) -> Result<Option<PairBatch>> {
+            let acts = (0..self.batch * 2 * self.d).map(|_| (self.rng.next_f64() as f32 - 0.5) * 2.0).collect();
+            Ok(Some(PairBatch { acts, batch: self.batch, d: self.d }))
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("crossdiff-bench-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config =
+        TrainConfig { k, steps: steps + 1, checkpoint_every: 0, log_every: 1, ..TrainConfig::defaults(kind, dict) };
+    let mut src = Random { rng: SplitMix64(1), d, batch };
+    // Timed from the end of step 1 (allocation, kernel compilation) to the end of the last step;
+    // the final checkpoint and export are outside the window.
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    TrainRun {
+        config,
+        out: dir.clone(),
+        device: device.clone(),
+        source: &mut src,
+        validation: None,
+        layer: None,
+        models: vec![],
+        width: d,
+    }
+    .run(
+        |_| {
+            last = Instant::now();
+            first.get_or_insert(last);
+        },
+        || true,
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let secs = first.map_or(0.0, |f| (last - f).as_secs_f64()).max(1e-9);
+    Ok(TrainBench {
+        steps,
+        seconds_per_step: secs / steps as f64,
+        tokens_per_s: (steps as usize * batch) as f64 / secs,
+        peak_host_bytes: peak_rss_bytes(),
+    })
+}

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod bench;
 pub mod cache;
+pub mod crosscoder;
 pub mod data;
 pub mod gemma2;
 pub mod generate;
@@ -16,6 +17,7 @@ mod parquet_source;
 pub mod reader;
 pub mod snapshot;
 pub mod tokenizer;
+pub mod train;
 
 pub use backend::Backend;
 pub use gemma2::{Gemma2, LoadOptions};

@@ -8,8 +8,11 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use crossdiff::cache::{ActDtype, CacheJob, run_cache};
+use crossdiff::crosscoder::Kind;
 use crossdiff::data::TokenizeOptions;
 use crossdiff::generate::{Sampling, generate};
+use crossdiff::reader::{CacheReader, ReaderConfig};
+use crossdiff::train::{TrainConfig, TrainRun};
 use crossdiff::{Backend, LoadOptions, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -99,6 +102,63 @@ enum Command {
         #[arg(long)]
         f16: bool,
     },
+    /// Train a crosscoder on a cache; checkpoints in RUN, re-running the same command resumes.
+    Train {
+        #[arg(long)]
+        cache: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "batchtopk")]
+        kind: Kind,
+        /// Dictionary size D (default: 32 × d, the paper's).
+        #[arg(long, conflicts_with = "expansion")]
+        dict_size: Option<usize>,
+        /// D as a multiple of d.
+        #[arg(long)]
+        expansion: Option<usize>,
+        #[arg(long, default_value_t = 100)]
+        k: usize,
+        #[arg(long, default_value_t = 0.041)]
+        mu: f64,
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 1000)]
+        warmup_steps: u64,
+        #[arg(long, default_value_t = 1000)]
+        threshold_start: u64,
+        #[arg(long, default_value_t = 2048)]
+        batch: usize,
+        /// Train on this many tokens (default: one pass over the cache's training split).
+        #[arg(long, conflicts_with = "steps")]
+        tokens: Option<u64>,
+        #[arg(long)]
+        steps: Option<u64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 1.0 / 32.0)]
+        aux_alpha: f64,
+        #[arg(long, default_value_t = 10_000_000)]
+        dead_tokens: u64,
+        /// Encoder column norm at init (default: 0.005 for L1, 1.0 for BatchTopK).
+        #[arg(long)]
+        init_norm: Option<f64>,
+        #[arg(long)]
+        k_anneal_from: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        k_anneal_steps: u64,
+        /// The paper's ½‖ε‖² per model instead of the released code's unsquared norm.
+        #[arg(long)]
+        squared_recon: bool,
+        /// Validation FVE every N steps on the held-out slice (0: never).
+        #[arg(long, default_value_t = 0)]
+        val_every: u64,
+        #[arg(long, default_value_t = 0)]
+        val_tokens: u64,
+        #[arg(long, default_value_t = 1000)]
+        checkpoint_every: u64,
+        #[arg(long, default_value_t = 262_144)]
+        shuffle_tokens: usize,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -121,6 +181,21 @@ enum BenchCommand {
         decode: usize,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+    },
+    /// Crosscoder training steps/s and tokens/s on random pairs.
+    Train {
+        #[arg(long, default_value_t = 2304)]
+        d: usize,
+        #[arg(long, default_value_t = 73_728)]
+        dict_size: usize,
+        #[arg(long, default_value_t = 100)]
+        k: usize,
+        #[arg(long, default_value_t = 2048)]
+        batch: usize,
+        #[arg(long, default_value = "batchtopk")]
+        kind: Kind,
+        #[arg(long, default_value_t = 5)]
+        steps: u64,
     },
     /// Reader throughput (GB/s of f32 pairs delivered) beside a raw sequential read of the shards.
     Reader {
@@ -270,6 +345,124 @@ pub fn run() -> Result<()> {
                 index.layer,
                 job.dtype_name(),
                 job.out.display(),
+            );
+        }
+        Command::Train {
+            cache,
+            out,
+            kind,
+            dict_size,
+            expansion,
+            k,
+            mu,
+            lr,
+            warmup_steps,
+            threshold_start,
+            batch,
+            tokens,
+            steps,
+            seed,
+            aux_alpha,
+            dead_tokens,
+            init_norm,
+            k_anneal_from,
+            k_anneal_steps,
+            squared_recon,
+            val_every,
+            val_tokens,
+            checkpoint_every,
+            shuffle_tokens,
+        } => {
+            let device = cli.backend.device()?;
+            let reader_cfg = ReaderConfig { batch, seed, shuffle_tokens, val_tokens, epochs: None };
+            let mut reader = CacheReader::open(&cache, reader_cfg)?;
+            let d = reader.index.d_model;
+            let dict = dict_size.unwrap_or(expansion.unwrap_or(32) * d);
+            let steps = match (steps, tokens) {
+                (Some(s), _) => s,
+                (None, Some(t)) => t.div_ceil(batch as u64),
+                (None, None) => reader.train_tokens.div_ceil(batch as u64),
+            };
+            let defaults = TrainConfig::defaults(kind, dict);
+            let config = TrainConfig {
+                k,
+                mu,
+                lr,
+                warmup_steps,
+                threshold_start,
+                steps,
+                aux_alpha,
+                dead_tokens,
+                init_norm: init_norm.unwrap_or(defaults.init_norm),
+                k_anneal_from,
+                k_anneal_steps,
+                squared_recon,
+                seed,
+                checkpoint_every,
+                val_every,
+                ..defaults
+            };
+            let validation = if val_tokens > 0 { Some(reader.validation()?) } else { None };
+            let models = reader.index.models.clone();
+            let layer = Some(reader.index.layer);
+            let stop = interrupt_flag();
+            let bar = ProgressBar::new(steps).with_style(
+                ProgressStyle::with_template("[{bar:30}] step {pos}/{len} {msg} ({per_sec}, ETA {eta})")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            let started = Instant::now();
+            let mut last = None;
+            let mut run =
+                TrainRun { config, out: out.clone(), device, source: &mut reader, validation, layer, models, width: d };
+            let cc = run.run(
+                |p| {
+                    let m = &p.metrics;
+                    let rate = m.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                    bar.set_position(m.step);
+                    bar.set_message(format!(
+                        "loss {:.4} FVE {:.3}/{:.3} L0 {:.1} dead {:.1}% {:.0} tok/s",
+                        m.loss,
+                        m.fve_base,
+                        m.fve_chat,
+                        m.l0,
+                        100.0 * m.dead_frac,
+                        rate
+                    ));
+                    last = Some(m.clone());
+                },
+                || !stop.load(std::sync::atomic::Ordering::SeqCst),
+            )?;
+            bar.finish_and_clear();
+            match last {
+                Some(m) => println!(
+                    "train: {:?} D={} step {} ({} tokens), loss {:.4}, FVE base {:.3} chat {:.3}, L0 {:.1}, dead {:.1}% → {} ({:.1}s)",
+                    cc.config.kind,
+                    cc.config.dict_size,
+                    m.step,
+                    m.tokens,
+                    m.loss,
+                    m.fve_base,
+                    m.fve_chat,
+                    m.l0,
+                    100.0 * m.dead_frac,
+                    out.display(),
+                    started.elapsed().as_secs_f64()
+                ),
+                None => println!("train: nothing to do, {} already holds a finished run", out.display()),
+            }
+        }
+        Command::Bench { which: BenchCommand::Train { d, dict_size, k, batch, kind, steps } } => {
+            let device = cli.backend.device()?;
+            let r = crossdiff::bench::bench_train(&device, kind, d, dict_size, k, batch, steps)?;
+            println!("{}", serde_json::to_string(&r)?);
+            println!(
+                "bench train: {:?} d={d} D={dict_size} k={k} batch {batch}: {:.3} s/step, {:.0} tokens/s, peak host {} MiB ({})",
+                kind,
+                r.seconds_per_step,
+                r.tokens_per_s,
+                r.peak_host_bytes.unwrap_or(0) / (1 << 20),
+                cli.backend
             );
         }
         Command::Bench { which: BenchCommand::Reader { cache, synthetic_tokens, d, batch, shuffle_tokens } } => {

@@ -1,0 +1,537 @@
+//! Crosscoder training (shared/spec/method.md §2): L1 or BatchTopK, Adam with linear warm-up,
+//! gradient-norm clipping, AuxK with dead-latent counters, the EMA inference threshold, optional
+//! k annealing; checkpoints that resume to the same loss curve.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow, bail};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::crosscoder::{
+    Crosscoder, CrosscoderConfig, Kind, Params, aux_loss, decode, encode, geometric_median, read_vec, recon_loss,
+    select_aux, select_batch_topk, tensor,
+};
+use crate::io::{OwnedTensor, write_atomic, write_safetensors};
+use crate::reader::PairBatch;
+
+/// Anything that yields training batches: the cache reader, the on-the-fly source, synthetic data.
+pub trait PairSource {
+    fn next_batch(&mut self) -> Result<Option<PairBatch>>;
+
+    /// Skips `n` batches (resume); the default draws and drops them, which replays the stream exactly.
+    fn skip_batches(&mut self, n: u64) -> Result<()> {
+        for _ in 0..n {
+            if self.next_batch()?.is_none() {
+                bail!("the data ended while skipping to the checkpoint's position");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PairSource for crate::reader::CacheReader {
+    fn next_batch(&mut self) -> Result<Option<PairBatch>> {
+        crate::reader::CacheReader::next_batch(self)
+    }
+}
+
+impl PairSource for crate::onthefly::OnTheFlySource {
+    fn next_batch(&mut self) -> Result<Option<PairBatch>> {
+        crate::onthefly::OnTheFlySource::next_batch(self)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub kind: Kind,
+    pub dict_size: usize,
+    pub k: usize,
+    pub mu: f64,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    /// The inference threshold θ is updated on steps after this one.
+    pub threshold_start: u64,
+    pub steps: u64,
+    pub aux_alpha: f64,
+    /// A latent is dead after this many tokens without being selected.
+    pub dead_tokens: u64,
+    /// Per-latent encoder column norm at init (L1: 0.005, BatchTopK: 1.0 by default).
+    pub init_norm: f64,
+    pub k_anneal_from: Option<usize>,
+    pub k_anneal_steps: u64,
+    pub squared_recon: bool,
+    /// Clip the global gradient norm to this (BatchTopK: 1.0).
+    pub clip_grad: Option<f64>,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+    pub log_every: u64,
+    pub val_every: u64,
+}
+
+impl TrainConfig {
+    pub fn defaults(kind: Kind, dict_size: usize) -> Self {
+        Self {
+            kind,
+            dict_size,
+            k: 100,
+            mu: 0.041,
+            lr: 1e-4,
+            warmup_steps: 1000,
+            threshold_start: 1000,
+            steps: 10_000,
+            aux_alpha: 1.0 / 32.0,
+            dead_tokens: 10_000_000,
+            init_norm: if kind == Kind::L1 { 0.005 } else { 1.0 },
+            k_anneal_from: None,
+            k_anneal_steps: 0,
+            squared_recon: false,
+            clip_grad: if kind == Kind::BatchTopK { Some(1.0) } else { None },
+            seed: 0,
+            checkpoint_every: 1000,
+            log_every: 10,
+            val_every: 0,
+        }
+    }
+
+    /// k at a (1-based) step, with optional linear annealing from `k_anneal_from`.
+    pub fn k_at(&self, step: u64) -> usize {
+        match self.k_anneal_from {
+            Some(from) if self.k_anneal_steps > 0 && from > self.k => {
+                let t = ((step.saturating_sub(1)) as f64 / self.k_anneal_steps as f64).min(1.0);
+                (from as f64 - (from - self.k) as f64 * t).round() as usize
+            }
+            _ => self.k,
+        }
+    }
+
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if self.warmup_steps == 0 { self.lr } else { self.lr * (step as f64 / self.warmup_steps as f64).min(1.0) }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub tokens: u64,
+    pub loss: f64,
+    pub recon: f64,
+    pub aux: f64,
+    pub l0: f64,
+    pub fve_base: f64,
+    pub fve_chat: f64,
+    pub dead_frac: f64,
+    pub lr: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_fve_base: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_fve_chat: Option<f64>,
+}
+
+/// Everything a step changes; what a checkpoint stores.
+pub struct TrainState {
+    pub params: Params,
+    pub adam_m: Params,
+    pub adam_v: Params,
+    pub step: u64,
+    pub tokens: u64,
+    /// Tokens since each latent was last selected.
+    pub since_selected: Vec<u64>,
+    pub threshold: Option<f32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    step: u64,
+    tokens: u64,
+    threshold: Option<f32>,
+    weights: String,
+    config: TrainConfig,
+    d: usize,
+}
+
+/// The loss terms of one step (before the optimiser), exposed for tests.
+pub struct StepOutput {
+    pub loss: Tensor<1>,
+    pub recon: Tensor<1>,
+    pub aux: Option<Tensor<1>>,
+    pub codes: Tensor<2>,
+    pub err: Tensor<2>,
+    /// Entries kept by BatchTopK (0/1, `[B, D]` on the host) and the smallest kept score.
+    pub kept: Option<(Vec<f32>, Option<f32>)>,
+}
+
+/// The forward pass and loss of one batch, with the dead-latent bookkeeping of the spec:
+/// counters are updated with this batch's selection first, then the dead set is read for AuxK.
+pub fn step_loss(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    step: u64,
+    since_selected: &mut [u64],
+) -> Result<StepOutput> {
+    let (d, dict) = p.dims();
+    let [b, _] = x.dims();
+    let f = encode(p, x.clone());
+    match cfg.kind {
+        Kind::L1 => {
+            let codes = f.clone();
+            let err = x - decode(p, codes.clone());
+            let recon = recon_loss(err.clone(), d, cfg.squared_recon);
+            let sparsity = (f * p.norm_sum()).sum_dim(1).mean().mul_scalar(cfg.mu);
+            let active = read_vec(codes.clone().detach().greater_elem(0.0).float().sum_dim(0))?;
+            update_counters(since_selected, &active, b);
+            Ok(StepOutput { loss: recon.clone() + sparsity, recon, aux: None, codes, err, kept: None })
+        }
+        Kind::BatchTopK => {
+            let scores = read_vec(f.clone().detach() * p.norm_sum().detach())?;
+            let keep = cfg.k_at(step) * b;
+            let (mask, min_kept) = select_batch_topk(&scores, keep);
+            let device = f.device();
+            let codes = f.clone() * tensor(mask.clone(), [b, dict], &device);
+            let err = x - decode(p, codes.clone());
+            let recon = recon_loss(err.clone(), d, cfg.squared_recon);
+            let selected: Vec<f32> = (0..dict).map(|j| (0..b).map(|r| mask[r * dict + j]).sum()).collect();
+            update_counters(since_selected, &selected, b);
+            let dead: Vec<bool> = since_selected.iter().map(|&c| c >= cfg.dead_tokens).collect();
+            let n_dead = dead.iter().filter(|&&x| x).count();
+            let mut loss = recon.clone();
+            let mut aux = None;
+            if n_dead > 0 {
+                let k_aux = (d / 2).min(n_dead);
+                let aux_mask = select_aux(&scores, dict, &dead, k_aux);
+                let e_hat = (f * tensor(aux_mask, [b, dict], &device)).matmul(p.w_dec.clone());
+                let a = aux_loss(err.clone().detach(), e_hat);
+                let value = read_vec(a.clone())?[0];
+                // NaN (no variance, or nothing fired) contributes nothing.
+                let a = if value.is_finite() { a } else { a.mul_scalar(0.0).detach() };
+                loss = loss + a.clone().mul_scalar(cfg.aux_alpha);
+                aux = Some(a);
+            }
+            Ok(StepOutput { loss, recon, aux, codes, err, kept: Some((mask, min_kept)) })
+        }
+    }
+}
+
+fn update_counters(since: &mut [u64], selected_per_latent: &[f32], batch: usize) {
+    for (c, &s) in since.iter_mut().zip(selected_per_latent) {
+        if s > 0.0 { *c = 0 } else { *c += batch as u64 }
+    }
+}
+
+/// θ's update rule: first minimum, then an EMA with weight 0.001 on steps after `threshold_start`.
+pub fn update_threshold(theta: Option<f32>, min_kept: Option<f32>, step: u64, start: u64) -> Option<f32> {
+    if step <= start {
+        return theta;
+    }
+    match (theta, min_kept) {
+        (None, Some(m)) => Some(m),
+        (Some(t), Some(m)) => Some(0.999 * t + 0.001 * m),
+        (t, None) => t,
+    }
+}
+
+/// FVE per model on a batch: `1 − Σ_dims Var(h − ĥ) / Σ_dims Var(h)`.
+pub fn fve(x: &Tensor<2>, err: &Tensor<2>, d: usize) -> Result<[f64; 2]> {
+    let var =
+        |t: Tensor<2>| -> Result<Vec<f32>> { read_vec(t.detach().var(0).reshape([2, d]).sum_dim(1).reshape([2])) };
+    let (total, resid) = (var(x.clone())?, var(err.clone())?);
+    Ok([0, 1].map(|m| 1.0 - resid[m] as f64 / total[m].max(1e-30) as f64))
+}
+
+/// Training progress for a bar or the app's curves.
+#[derive(Debug, Clone)]
+pub struct TrainProgress {
+    pub metrics: StepMetrics,
+    pub total_steps: u64,
+}
+
+pub struct TrainRun<'a> {
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    pub device: Device,
+    pub source: &'a mut dyn PairSource,
+    /// Validation pairs `[n, 2, d]` for `val_every`.
+    pub validation: Option<PairBatch>,
+    pub layer: Option<usize>,
+    pub models: Vec<String>,
+    /// Width d of one model's activations.
+    pub width: usize,
+}
+
+impl TrainRun<'_> {
+    /// Trains (resuming from `out/checkpoint` when present) until `steps` or the data ends, or until
+    /// `keep_going` says stop; checkpoints and exports the crosscoder on the way out.
+    pub fn run(
+        &mut self,
+        mut progress: impl FnMut(TrainProgress),
+        keep_going: impl Fn() -> bool,
+    ) -> Result<Crosscoder> {
+        let cfg = self.config.clone();
+        std::fs::create_dir_all(self.out.join("checkpoint")).map_err(|e| anyhow!("{}: {e}", self.out.display()))?;
+        let ad = self.device.clone().autodiff();
+        let mut state = match load_checkpoint(&self.out, &cfg, &self.device)? {
+            Some(s) => {
+                // The checkpoint's stream position: the reader replays the same batches.
+                self.source.skip_batches(s.step)?;
+                trim_metrics(&self.out, s.step)?;
+                s
+            }
+            None => {
+                let _ = std::fs::remove_file(self.out.join("metrics.jsonl"));
+                self.fresh_state()?
+            }
+        };
+        let (d, dict) = state.params.dims();
+        let mut metrics_file =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.out.join("metrics.jsonl"))?;
+        let mut first_batch = state.step == 0;
+        while state.step < cfg.steps && keep_going() {
+            let Some(batch) = self.source.next_batch()? else { break };
+            if batch.d != d {
+                bail!("the data has width {}, the crosscoder {d}", batch.d);
+            }
+            let step = state.step + 1;
+            if first_batch && cfg.kind == Kind::BatchTopK {
+                // b_dec^m := geometric median of the first batch, per model.
+                let mut b_dec = Vec::with_capacity(2 * d);
+                for m in 0..2 {
+                    let rows: Vec<f32> =
+                        batch.acts.chunks_exact(2 * d).flat_map(|r| r[m * d..(m + 1) * d].to_vec()).collect();
+                    b_dec.extend(geometric_median(&rows, d, 100, 1e-5));
+                }
+                state.params.b_dec = tensor(b_dec, [1, 2 * d], &self.device);
+            }
+            first_batch = false;
+            let x = tensor(batch.acts, [batch.batch, 2 * d], &ad);
+            let tracked = state.params.clone().map(|t| t.autodiff().require_grad());
+            let out = step_loss(&cfg, &tracked, x.clone(), step, &mut state.since_selected)?;
+            let grads = out.loss.backward();
+            let mut g: Vec<Tensor<2>> = Vec::with_capacity(4);
+            for t in tracked.list() {
+                g.push(t.grad(&grads).ok_or_else(|| anyhow!("no gradient for a parameter"))?.inner());
+            }
+            if let Some(max) = cfg.clip_grad {
+                let sq: f32 =
+                    g.iter().map(|t| read_vec(t.clone().square().sum()).map(|v| v[0])).sum::<Result<f32>>()?;
+                let norm = (sq as f64).sqrt();
+                if norm > max {
+                    g = g.into_iter().map(|t| t.mul_scalar(max / norm)).collect();
+                }
+            }
+            let lr = cfg.lr_at(step);
+            adam_step(&mut state, g, lr, step);
+            if let Some((_, min_kept)) = &out.kept {
+                state.threshold = update_threshold(state.threshold, *min_kept, step, cfg.threshold_start);
+            }
+            state.step = step;
+            state.tokens += batch.batch as u64;
+
+            if step % cfg.log_every.max(1) == 0 || step == cfg.steps {
+                let [fb, fc] = fve(&x.clone().inner(), &out.err.clone().inner(), d)?;
+                let l0 = read_vec(out.codes.clone().detach().greater_elem(0.0).float().sum())?[0] as f64
+                    / batch.batch as f64;
+                let mut m = StepMetrics {
+                    step,
+                    tokens: state.tokens,
+                    loss: read_vec(out.loss.detach())?[0] as f64,
+                    recon: read_vec(out.recon.detach())?[0] as f64,
+                    aux: match out.aux {
+                        Some(a) => read_vec(a.detach())?[0] as f64,
+                        None => 0.0,
+                    },
+                    l0,
+                    fve_base: fb,
+                    fve_chat: fc,
+                    dead_frac: state.since_selected.iter().filter(|&&c| c >= cfg.dead_tokens).count() as f64
+                        / dict as f64,
+                    lr,
+                    val_fve_base: None,
+                    val_fve_chat: None,
+                };
+                if cfg.val_every > 0 && step % cfg.val_every == 0 {
+                    if let Some(v) = &self.validation {
+                        let [vb, vc] = self.validation_fve(&state, v)?;
+                        m.val_fve_base = Some(vb);
+                        m.val_fve_chat = Some(vc);
+                    }
+                }
+                writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+                metrics_file.flush()?;
+                progress(TrainProgress { metrics: m, total_steps: cfg.steps });
+            }
+            if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
+                save_checkpoint(&self.out, &cfg, &state)?;
+            }
+        }
+        save_checkpoint(&self.out, &cfg, &state)?;
+        let cc = self.export(&state)?;
+        Ok(cc)
+    }
+
+    fn fresh_state(&self) -> Result<TrainState> {
+        let cfg = &self.config;
+        let params = Params::init(self.width, cfg.dict_size, cfg.init_norm, cfg.seed, &self.device);
+        let zeros = params.clone().map(|t| t.zeros_like());
+        Ok(TrainState {
+            adam_m: zeros.clone(),
+            adam_v: zeros,
+            params,
+            step: 0,
+            tokens: 0,
+            since_selected: vec![0; cfg.dict_size],
+            threshold: None,
+        })
+    }
+
+    fn validation_fve(&self, state: &TrainState, v: &PairBatch) -> Result<[f64; 2]> {
+        let cc = self.crosscoder(state);
+        let d = v.d;
+        let x = tensor(v.acts.clone(), [v.batch, 2 * d], &self.device);
+        let recon = decode(&cc.params, cc.codes(x.clone()));
+        fve(&x, &(x.clone() - recon), d)
+    }
+
+    fn crosscoder(&self, state: &TrainState) -> Crosscoder {
+        let (d, dict) = state.params.dims();
+        Crosscoder {
+            config: CrosscoderConfig {
+                kind: self.config.kind,
+                d,
+                dict_size: dict,
+                k: self.config.k,
+                mu: self.config.mu,
+                layer: self.layer,
+                models: self.models.clone(),
+            },
+            params: state.params.clone(),
+            threshold: state.threshold,
+        }
+    }
+
+    fn export(&self, state: &TrainState) -> Result<Crosscoder> {
+        let cc = self.crosscoder(state);
+        cc.save(&self.out)?;
+        Ok(cc)
+    }
+}
+
+fn adam_step(state: &mut TrainState, grads: Vec<Tensor<2>>, lr: f64, step: u64) {
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    let c1 = 1.0 - b1.powi(step as i32);
+    let c2 = 1.0 - b2.powi(step as i32);
+    let update = |p: &mut Tensor<2>, m: &mut Tensor<2>, v: &mut Tensor<2>, g: Tensor<2>| {
+        *m = m.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
+        *v = v.clone().mul_scalar(b2) + g.square().mul_scalar(1.0 - b2);
+        let denom = v.clone().div_scalar(c2).sqrt().add_scalar(eps);
+        *p = p.clone() - m.clone().div_scalar(c1).div(denom).mul_scalar(lr);
+    };
+    let mut g = grads.into_iter();
+    let (p, m, v) = (&mut state.params, &mut state.adam_m, &mut state.adam_v);
+    update(&mut p.w_enc, &mut m.w_enc, &mut v.w_enc, g.next().expect("4 grads"));
+    update(&mut p.b_enc, &mut m.b_enc, &mut v.b_enc, g.next().expect("4 grads"));
+    update(&mut p.w_dec, &mut m.w_dec, &mut v.w_dec, g.next().expect("4 grads"));
+    update(&mut p.b_dec, &mut m.b_dec, &mut v.b_dec, g.next().expect("4 grads"));
+}
+
+const NAMES: [&str; 4] = ["w_enc", "b_enc", "w_dec", "b_dec"];
+
+/// Writes the weights file first (a new name per step), then `state.json` pointing at it: the
+/// JSON's atomic rename is the commit point, so a crash leaves the previous checkpoint valid.
+fn save_checkpoint(out: &Path, cfg: &TrainConfig, s: &TrainState) -> Result<()> {
+    let dir = out.join("checkpoint");
+    let (d, _) = s.params.dims();
+    let weights = format!("state-{:09}.safetensors", s.step);
+    let mut tensors = Vec::new();
+    for (prefix, p) in [("param", &s.params), ("adam_m", &s.adam_m), ("adam_v", &s.adam_v)] {
+        for (name, t) in NAMES.iter().zip(p.list()) {
+            tensors.push(OwnedTensor::f32(format!("{prefix}.{name}"), t.dims().to_vec(), &read_vec(t.clone())?));
+        }
+    }
+    let since: Vec<i64> = s.since_selected.iter().map(|&c| c as i64).collect();
+    tensors.push(OwnedTensor::i64("since_selected", vec![since.len()], &since));
+    write_safetensors(&dir.join(&weights), &tensors)?;
+    let meta = CheckpointMeta {
+        step: s.step,
+        tokens: s.tokens,
+        threshold: s.threshold,
+        weights: weights.clone(),
+        config: cfg.clone(),
+        d,
+    };
+    let text = serde_json::to_string_pretty(&meta)?;
+    write_atomic(&dir.join("state.json"), |f| Ok(f.write_all(text.as_bytes())?))?;
+    for entry in std::fs::read_dir(&dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("state-") && name != weights {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+fn load_checkpoint(out: &Path, cfg: &TrainConfig, device: &Device) -> Result<Option<TrainState>> {
+    let dir = out.join("checkpoint");
+    let path = dir.join("state.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let meta: CheckpointMeta =
+        serde_json::from_str(&std::fs::read_to_string(&path)?).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let mut same = meta.config.clone();
+    same.steps = cfg.steps;
+    if &same != cfg {
+        bail!(
+            "{}: the run there was started with other settings; re-run the same command to resume it, or choose another --out",
+            path.display()
+        );
+    }
+    let file = dir.join(&meta.weights);
+    let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: cannot read: {e}", file.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{}: corrupt checkpoint: {e}", file.display()))?;
+    let get = |name: &str| -> Result<Tensor<2>> {
+        let v = st.tensor(name).map_err(|_| anyhow!("{}: missing `{name}`", file.display()))?;
+        let shape: [usize; 2] = v.shape().try_into().map_err(|_| anyhow!("{}: `{name}` is not 2-D", file.display()))?;
+        let vals = v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok(tensor(vals, shape, device))
+    };
+    let params = |prefix: &str| -> Result<Params> {
+        Ok(Params {
+            w_enc: get(&format!("{prefix}.w_enc"))?,
+            b_enc: get(&format!("{prefix}.b_enc"))?,
+            w_dec: get(&format!("{prefix}.w_dec"))?,
+            b_dec: get(&format!("{prefix}.b_dec"))?,
+        })
+    };
+    let since = st
+        .tensor("since_selected")
+        .map_err(|_| anyhow!("{}: missing `since_selected`", file.display()))?
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default()) as u64)
+        .collect();
+    Ok(Some(TrainState {
+        params: params("param")?,
+        adam_m: params("adam_m")?,
+        adam_v: params("adam_v")?,
+        step: meta.step,
+        tokens: meta.tokens,
+        since_selected: since,
+        threshold: meta.threshold,
+    }))
+}
+
+/// Keeps the metrics lines up to the checkpoint's step (the resumed run writes the rest again).
+fn trim_metrics(out: &Path, step: u64) -> Result<()> {
+    let path = out.join("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(&path, |f| Ok(f.write_all(kept.as_bytes())?))
+}

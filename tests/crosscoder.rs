@@ -1,0 +1,354 @@
+//! Crosscoder losses, gradients, selection, threshold, weights layout and training behaviour.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor};
+use common::{TempDir, assert_close};
+use crossdiff::crosscoder::{Crosscoder, Kind, Params, read_vec, select_batch_topk, tensor};
+use crossdiff::generate::SplitMix64;
+use crossdiff::reader::PairBatch;
+use crossdiff::train::{PairSource, TrainConfig, TrainRun, step_loss, update_threshold};
+use safetensors::SafeTensors;
+
+fn reference() -> BTreeMap<String, (Vec<usize>, Vec<f64>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/crosscoder-reference/cases.safetensors");
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let vals = v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect();
+            (n, (v.shape().to_vec(), vals))
+        })
+        .collect()
+}
+
+fn t2(r: &BTreeMap<String, (Vec<usize>, Vec<f64>)>, name: &str, device: &Device) -> Tensor<2> {
+    let (shape, v) = &r[name];
+    tensor(v.iter().map(|&x| x as f32).collect(), [shape[0], shape[1]], device)
+}
+
+fn reference_params(r: &BTreeMap<String, (Vec<usize>, Vec<f64>)>, device: &Device) -> Params {
+    Params {
+        w_enc: t2(r, "param.w_enc", device),
+        b_enc: t2(r, "param.b_enc", device),
+        w_dec: t2(r, "param.w_dec", device),
+        b_dec: t2(r, "param.b_dec", device),
+    }
+}
+
+fn small_config(kind: Kind) -> TrainConfig {
+    TrainConfig { k: 2, mu: 0.041, dead_tokens: 100, aux_alpha: 1.0 / 32.0, ..TrainConfig::defaults(kind, 8) }
+}
+
+#[test]
+fn loss_terms_and_gradients_equal_the_pytorch_reference() {
+    let r = reference();
+    let ad = Device::flex().autodiff();
+    for (tag, kind, squared) in [("l1", Kind::L1, false), ("l1sq", Kind::L1, true), ("topk", Kind::BatchTopK, false)] {
+        let cfg = TrainConfig { squared_recon: squared, ..small_config(kind) };
+        let p = reference_params(&r, &Device::flex()).map(|t| t.autodiff().require_grad());
+        let x = t2(&r, "x", &ad);
+        let mut since: Vec<u64> = match r.get("topk.before") {
+            Some((_, v)) if kind == Kind::BatchTopK => v.iter().map(|&x| x as u64).collect(),
+            _ => vec![0; 8],
+        };
+        let out = step_loss(&cfg, &p, x, 1, &mut since).unwrap();
+        assert_close(
+            &format!("{tag} loss"),
+            &read_vec(out.loss.clone().detach()).unwrap(),
+            &r[&format!("{tag}.loss")].1,
+            1e-5,
+        );
+        assert_close(
+            &format!("{tag} recon"),
+            &read_vec(out.recon.clone().detach()).unwrap(),
+            &r[&format!("{tag}.recon")].1,
+            1e-5,
+        );
+        let grads = out.loss.backward();
+        for (name, t) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(p.list()) {
+            let g = read_vec(t.grad(&grads).unwrap()).unwrap();
+            assert_close(&format!("{tag} grad {name}"), &g, &r[&format!("{tag}.grad.{name}")].1, 1e-5);
+        }
+        if kind == Kind::BatchTopK {
+            let (mask, min_kept) = out.kept.unwrap();
+            assert_eq!(mask.iter().map(|&m| m as f64).collect::<Vec<_>>(), r["topk.mask"].1);
+            assert_close("min kept", &[min_kept.unwrap()], &r["topk.min_kept"].1, 1e-6);
+            assert_eq!(since.iter().map(|&c| c as f64).collect::<Vec<_>>(), r["topk.after"].1);
+            let aux = read_vec(out.aux.expect("a latent is dead").detach()).unwrap();
+            assert_close("aux", &aux, &r["topk.aux"].1, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn aux_loss_is_zero_when_nothing_is_dead_and_alpha_applies_once() {
+    let r = reference();
+    let ad = Device::flex().autodiff();
+    let cfg = small_config(Kind::BatchTopK);
+    let p = reference_params(&r, &ad);
+    let mut alive = vec![0u64; 8];
+    let out = step_loss(&cfg, &p, t2(&r, "x", &ad), 1, &mut alive).unwrap();
+    assert!(out.aux.is_none());
+    assert_eq!(read_vec(out.loss.detach()).unwrap(), read_vec(out.recon.detach()).unwrap());
+    // With a dead latent: loss = recon + α·aux exactly (the bug this guards against applied α twice).
+    let mut since: Vec<u64> = r["topk.before"].1.iter().map(|&x| x as u64).collect();
+    let out = step_loss(&cfg, &p, t2(&r, "x", &ad), 1, &mut since).unwrap();
+    let (loss, recon, aux) = (
+        read_vec(out.loss.detach()).unwrap()[0] as f64,
+        read_vec(out.recon.detach()).unwrap()[0] as f64,
+        read_vec(out.aux.unwrap().detach()).unwrap()[0] as f64,
+    );
+    assert!((loss - (recon + aux / 32.0)).abs() < 1e-6, "{loss} vs {recon} + {aux}/32");
+}
+
+#[test]
+fn batch_topk_keeps_exactly_k_times_b_entries() {
+    let mut rng = SplitMix64(3);
+    for &(b, dict, k) in &[(16usize, 50usize, 3usize), (64, 200, 10), (7, 13, 1)] {
+        // Some exact ties and zeros, as ReLU codes have.
+        let scores: Vec<f32> = (0..b * dict)
+            .map(|_| {
+                let u = rng.next_f64();
+                if u < 0.3 { 0.0 } else { ((u * 8.0).floor() / 8.0) as f32 }
+            })
+            .collect();
+        let (mask, min_kept) = select_batch_topk(&scores, k * b);
+        let kept: Vec<f32> = scores.iter().zip(&mask).filter(|(_, m)| **m == 1.0).map(|(s, _)| *s).collect();
+        assert_eq!(kept.len(), k * b);
+        let floor = kept.iter().copied().fold(f32::INFINITY, f32::min);
+        assert_eq!(Some(floor), min_kept);
+        assert!(scores.iter().zip(&mask).all(|(s, m)| *m == 1.0 || *s <= floor), "a dropped score beats a kept one");
+    }
+    // Fewer positive scores than k·B: all positive ones, never a zero.
+    let (mask, _) = select_batch_topk(&[0.0, 2.0, 0.0, 1.0], 3);
+    assert_eq!(mask, vec![0.0, 1.0, 0.0, 1.0]);
+}
+
+#[test]
+fn threshold_follows_the_ema_rule() {
+    assert_eq!(update_threshold(None, Some(0.5), 1000, 1000), None, "not before the start step");
+    let t = update_threshold(None, Some(0.5), 1001, 1000);
+    assert_eq!(t, Some(0.5), "starts at the first minimum");
+    let t = update_threshold(t, Some(1.5), 1002, 1000).unwrap();
+    assert!((t - (0.999 * 0.5 + 0.001 * 1.5)).abs() < 1e-7);
+    assert_eq!(update_threshold(Some(t), None, 1003, 1000), Some(t));
+}
+
+#[test]
+fn authors_layout_loads_and_round_trips() {
+    let r = reference();
+    let device = Device::flex();
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/crosscoder-reference/authors.safetensors");
+    let cc = Crosscoder::load(&file, &device).unwrap();
+    assert_eq!((cc.config.kind, cc.config.d, cc.config.dict_size, cc.config.k), (Kind::BatchTopK, 4, 8, 2));
+    assert_eq!(cc.threshold, Some(0.25));
+    let want = reference_params(&r, &device);
+    for (name, (a, b)) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(cc.params.list().into_iter().zip(want.list()))
+    {
+        let bv: Vec<f64> = read_vec(b.clone()).unwrap().iter().map(|&x| x as f64).collect();
+        assert_close(name, &read_vec(a.clone()).unwrap(), &bv, 0.0);
+    }
+    let dir = TempDir::new("cc-save");
+    cc.save(dir.path()).unwrap();
+    let bytes = std::fs::read(dir.path().join("crosscoder.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let shapes: BTreeMap<String, Vec<usize>> = st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
+    assert_eq!(shapes["encoder.weight"], vec![2, 4, 8]);
+    assert_eq!(shapes["encoder.bias"], vec![8]);
+    assert_eq!(shapes["decoder.weight"], vec![2, 8, 4]);
+    assert_eq!(shapes["decoder.bias"], vec![2, 4]);
+    assert_eq!(shapes["k"], vec![1]);
+    assert_eq!(shapes["threshold"], vec![1]);
+    // Same bytes as the authors' file for every tensor (names without the compile prefix).
+    let abytes = std::fs::read(&file).unwrap();
+    let authors = SafeTensors::deserialize(&abytes).unwrap();
+    for (name, view) in authors.tensors() {
+        assert_eq!(st.tensor(name.trim_start_matches("_orig_mod.")).unwrap().data(), view.data(), "{name}");
+    }
+}
+
+/// Synthetic pairs from known unit directions: shared (same direction in both models), chat-only
+/// (zero in base) and base-only (zero in chat), each active with probability `p`.
+struct Planted {
+    d: usize,
+    shared: Vec<Vec<f32>>,
+    chat_only: Vec<Vec<f32>>,
+    base_only: Vec<Vec<f32>>,
+    rng: SplitMix64,
+    batch: usize,
+    batches_left: u64,
+}
+
+impl Planted {
+    fn new(d: usize, n: [usize; 3], seed: u64, batch: usize, batches: u64) -> Self {
+        let mut rng = SplitMix64(seed);
+        let unit = |rng: &mut SplitMix64| {
+            let v: Vec<f32> = (0..d).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+        };
+        let dirs = |k: usize, rng: &mut SplitMix64| (0..k).map(|_| unit(rng)).collect::<Vec<_>>();
+        let shared = dirs(n[0], &mut rng);
+        let chat_only = dirs(n[1], &mut rng);
+        let base_only = dirs(n[2], &mut rng);
+        Self { d, shared, chat_only, base_only, rng, batch, batches_left: batches }
+    }
+}
+
+impl PairSource for Planted {
+    fn next_batch(&mut self) -> anyhow::Result<Option<PairBatch>> {
+        if self.batches_left == 0 {
+            return Ok(None);
+        }
+        self.batches_left -= 1;
+        let d = self.d;
+        let mut acts = vec![0.0f32; self.batch * 2 * d];
+        for row in acts.chunks_exact_mut(2 * d) {
+            let (base, chat) = row.split_at_mut(d);
+            let add = |dir: &Vec<f32>, into: &mut [&mut [f32]], rng: &mut SplitMix64| {
+                if rng.next_f64() < 0.08 {
+                    let a = 0.5 + rng.next_f64() as f32;
+                    for t in into.iter_mut() {
+                        t.iter_mut().zip(dir).for_each(|(x, v)| *x += a * v);
+                    }
+                }
+            };
+            for v in &self.shared {
+                add(v, &mut [&mut *base, &mut *chat], &mut self.rng);
+            }
+            for v in &self.chat_only {
+                add(v, &mut [&mut *chat], &mut self.rng);
+            }
+            for v in &self.base_only {
+                add(v, &mut [&mut *base], &mut self.rng);
+            }
+        }
+        Ok(Some(PairBatch { acts, batch: self.batch, d }))
+    }
+}
+
+fn planted_config() -> TrainConfig {
+    TrainConfig {
+        k: 3,
+        lr: 3e-3,
+        warmup_steps: 50,
+        threshold_start: 200,
+        steps: 1500,
+        dead_tokens: 256 * 100,
+        seed: 5,
+        checkpoint_every: 250,
+        log_every: 50,
+        ..TrainConfig::defaults(Kind::BatchTopK, 48)
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt()).max(1e-12)
+}
+
+#[test]
+fn batchtopk_recovers_planted_chat_only_directions() {
+    let dir = TempDir::new("planted");
+    let d = 16;
+    let mut source = Planted::new(d, [14, 4, 4], 9, 256, 10_000);
+    let mut run = TrainRun {
+        config: planted_config(),
+        out: dir.path().to_path_buf(),
+        device: Device::flex(),
+        source: &mut source,
+        validation: None,
+        layer: None,
+        models: vec![],
+        width: d,
+    };
+    let cc = run.run(|_| {}, || true).unwrap();
+    let metrics: Vec<crossdiff::train::StepMetrics> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = metrics.last().unwrap();
+    eprintln!("planted, last step: {last:?}");
+    assert_eq!(last.step, 1500);
+    assert!(last.fve_base > 0.9 && last.fve_chat > 0.9, "FVE {} / {}", last.fve_base, last.fve_chat);
+    assert!(cc.threshold.is_some_and(|t| t > 0.0));
+    let w_dec = read_vec(cc.params.w_dec.clone()).unwrap();
+    let norms = cc.params.decoder_norms().unwrap();
+    let probe = Planted::new(d, [14, 4, 4], 9, 1, 1);
+    for (i, v) in probe.chat_only.iter().enumerate() {
+        // The latent whose chat decoder points along this chat-only direction.
+        let (j, cos) = (0..48)
+            .map(|j| (j, cosine(&w_dec[j * 2 * d + d..(j + 1) * 2 * d], v)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        let [nb, nc] = norms[j];
+        let delta = 0.5 * ((nc - nb) / nb.max(nc) + 1.0);
+        assert!(cos > 0.9, "chat-only direction {i}: best latent {j} has cosine {cos}");
+        eprintln!("chat-only direction {i}: latent {j}, cosine {cos:.3}, Δ {delta:.3}");
+        assert!(delta >= 0.9, "chat-only direction {i}: latent {j} has Δ = {delta} (norms {nb}, {nc})");
+    }
+}
+
+#[test]
+fn resumed_training_follows_the_same_loss_curve() {
+    let d = 16;
+    let cfg = TrainConfig { steps: 400, checkpoint_every: 100, log_every: 10, ..planted_config() };
+    let whole = TempDir::new("train-whole");
+    let mut src = Planted::new(d, [14, 4, 4], 9, 128, 10_000);
+    let mut run = TrainRun {
+        config: cfg.clone(),
+        out: whole.path().to_path_buf(),
+        device: Device::flex(),
+        source: &mut src,
+        validation: None,
+        layer: None,
+        models: vec![],
+        width: d,
+    };
+    run.run(|_| {}, || true).unwrap();
+
+    let parts = TempDir::new("train-parts");
+    let stop_at = std::cell::Cell::new(0u64);
+    {
+        let mut src = Planted::new(d, [14, 4, 4], 9, 128, 10_000);
+        let mut run = TrainRun {
+            config: cfg.clone(),
+            out: parts.path().to_path_buf(),
+            device: Device::flex(),
+            source: &mut src,
+            validation: None,
+            layer: None,
+            models: vec![],
+            width: d,
+        };
+        // Interrupted at step 250: the checkpoint on the way out is at 250.
+        run.run(|p| stop_at.set(p.metrics.step), || stop_at.get() < 250).unwrap();
+    }
+    // Simulate a crash after the last checkpoint: metrics past it must be dropped on resume.
+    {
+        let mut src = Planted::new(d, [14, 4, 4], 9, 128, 10_000);
+        let mut run = TrainRun {
+            config: cfg.clone(),
+            out: parts.path().to_path_buf(),
+            device: Device::flex(),
+            source: &mut src,
+            validation: None,
+            layer: None,
+            models: vec![],
+            width: d,
+        };
+        run.run(|_| {}, || true).unwrap();
+    }
+    let read = |p: &Path| std::fs::read_to_string(p.join("metrics.jsonl")).unwrap();
+    assert_eq!(read(whole.path()), read(parts.path()));
+    assert_eq!(
+        std::fs::read(whole.path().join("crosscoder.safetensors")).unwrap(),
+        std::fs::read(parts.path().join("crosscoder.safetensors")).unwrap()
+    );
+}
