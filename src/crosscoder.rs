@@ -152,20 +152,31 @@ pub fn decode(p: &Params, codes: Tensor<2>) -> Tensor<2> {
 /// scores are never kept). Returns the 0/1 mask and the smallest kept score.
 pub fn select_batch_topk(scores: &[f32], keep: usize) -> (Vec<f32>, Option<f32>) {
     let mut mask = vec![0.0f32; scores.len()];
-    let mut positive: Vec<u32> = (0..scores.len() as u32).filter(|&i| scores[i as usize] > 0.0).collect();
-    if positive.len() > keep {
-        // O(n) selection of the `keep` largest (descending score, then ascending index).
-        let cmp = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
-        positive.select_nth_unstable_by(keep - 1, cmp);
-        positive.truncate(keep);
+    let mut positive: Vec<f32> = scores.iter().copied().filter(|&s| s > 0.0).collect();
+    if positive.is_empty() || keep == 0 {
+        return (mask, None);
     }
-    let mut min = None::<f32>;
-    for &i in &positive {
-        mask[i as usize] = 1.0;
-        let s = scores[i as usize];
-        min = Some(min.map_or(s, |m| m.min(s)));
+    if positive.len() <= keep {
+        for (m, &s) in mask.iter_mut().zip(scores) {
+            *m = f32::from(s > 0.0);
+        }
+        return (mask, positive.iter().copied().reduce(f32::min));
     }
-    (mask, min)
+    // The keep-th largest value by an O(n) selection on the values alone, then one pass that
+    // keeps everything above it and the first tied entries (by position) up to exactly `keep`.
+    let at = positive.len() - keep;
+    let (_, &mut threshold, _) = positive.select_nth_unstable_by(at, f32::total_cmp);
+    let above = scores.iter().filter(|&&s| s > threshold).count();
+    let mut ties = keep - above;
+    for (m, &s) in mask.iter_mut().zip(scores) {
+        if s > threshold {
+            *m = 1.0;
+        } else if s == threshold && ties > 0 {
+            *m = 1.0;
+            ties -= 1;
+        }
+    }
+    (mask, Some(threshold))
 }
 
 /// AuxK selection: per token, the top `k_aux` dead latents by score (positive scores only).

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow, bail};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, IndexingUpdateOp, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::crosscoder::{
@@ -64,6 +64,10 @@ pub struct TrainConfig {
     pub squared_recon: bool,
     /// Clip the global gradient norm to this (BatchTopK: 1.0).
     pub clip_grad: Option<f64>,
+    /// BatchTopK: decode and back-propagate through the selected (token, latent) entries only
+    /// (k·B of B·D); `false` runs the dense reference computation.
+    #[serde(default = "yes")]
+    pub sparse: bool,
     pub seed: u64,
     pub checkpoint_every: u64,
     pub log_every: u64,
@@ -88,6 +92,7 @@ impl TrainConfig {
             k_anneal_steps: 0,
             squared_recon: false,
             clip_grad: if kind == Kind::BatchTopK { Some(1.0) } else { None },
+            sparse: true,
             seed: 0,
             checkpoint_every: 1000,
             log_every: 10,
@@ -109,6 +114,10 @@ impl TrainConfig {
     pub fn lr_at(&self, step: u64) -> f64 {
         if self.warmup_steps == 0 { self.lr } else { self.lr * (step as f64 / self.warmup_steps as f64).min(1.0) }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One line of `metrics.jsonl`.
@@ -157,10 +166,53 @@ pub struct StepOutput {
     pub loss: Tensor<1>,
     pub recon: Tensor<1>,
     pub aux: Option<Tensor<1>>,
-    pub codes: Tensor<2>,
+    /// Active latents per token, summed over the batch (for L0).
+    pub l0_total: f64,
     pub err: Tensor<2>,
     /// Entries kept by BatchTopK (0/1, `[B, D]` on the host) and the smallest kept score.
     pub kept: Option<(Vec<f32>, Option<f32>)>,
+    grads: GradPlan,
+}
+
+/// How the parameter gradients come out of `loss.backward()`.
+enum GradPlan {
+    /// Every parameter is tracked by autodiff.
+    Dense(Params),
+    /// Sparse BatchTopK: the decoder is tracked; the selected code values are autodiff leaves,
+    /// and the encoder gradient is assembled from their gradients (ReLU' = 1 on selected entries).
+    Sparse { w_dec: Tensor<2>, b_dec: Tensor<2>, x: Tensor<2>, picks: Vec<Picks>, dict: usize },
+}
+
+/// Selected (token, latent) entries and their code values as an autodiff leaf `[n, 1]`.
+struct Picks {
+    tokens: Tensor<1, burn::tensor::Int>,
+    latents: Tensor<1, burn::tensor::Int>,
+    values: Tensor<2>,
+}
+
+impl StepOutput {
+    /// Back-propagates the loss; gradients for (w_enc, b_enc, w_dec, b_dec), without autodiff.
+    pub fn gradients(&self) -> Result<[Tensor<2>; 4]> {
+        let grads = self.loss.backward();
+        let grad =
+            |t: &Tensor<2>| t.grad(&grads).map(Tensor::inner).ok_or_else(|| anyhow!("no gradient for a parameter"));
+        match &self.grads {
+            GradPlan::Dense(p) => Ok([grad(&p.w_enc)?, grad(&p.b_enc)?, grad(&p.w_dec)?, grad(&p.b_dec)?]),
+            GradPlan::Sparse { w_dec, b_dec, x, picks, dict } => {
+                let [_, two_d] = x.dims();
+                let device = x.device();
+                let mut g_w_enc_t = Tensor::<2>::zeros([*dict, two_d], (&device, burn::tensor::DType::F32));
+                let mut g_b_enc = Tensor::<2>::zeros([*dict, 1], (&device, burn::tensor::DType::F32));
+                for pk in picks {
+                    let g = grad(&pk.values)?; // dL/df for the picked entries, [n, 1]
+                    let rows = x.clone().select(0, pk.tokens.clone()) * g.clone();
+                    g_w_enc_t = g_w_enc_t.select_assign(0, pk.latents.clone(), rows, IndexingUpdateOp::Add);
+                    g_b_enc = g_b_enc.select_assign(0, pk.latents.clone(), g, IndexingUpdateOp::Add);
+                }
+                Ok([g_w_enc_t.transpose(), g_b_enc.reshape([1, *dict]), grad(w_dec)?, grad(b_dec)?])
+            }
+        }
+    }
 }
 
 /// The forward pass and loss of one batch, with the dead-latent bookkeeping of the spec:
@@ -172,18 +224,31 @@ pub fn step_loss(
     step: u64,
     since_selected: &mut [u64],
 ) -> Result<StepOutput> {
+    if cfg.kind == Kind::BatchTopK && cfg.sparse {
+        return sparse_topk_step(cfg, p, x, step, since_selected);
+    }
     let (d, dict) = p.dims();
     let [b, _] = x.dims();
-    let f = encode(p, x.clone());
+    let p = p.clone().map(|t| t.autodiff().require_grad());
+    let x = x.autodiff();
+    let f = encode(&p, x.clone());
     match cfg.kind {
         Kind::L1 => {
             let codes = f.clone();
-            let err = x - decode(p, codes.clone());
+            let err = x - decode(&p, codes.clone());
             let recon = recon_loss(err.clone(), d, cfg.squared_recon);
             let sparsity = (f * p.norm_sum()).sum_dim(1).mean().mul_scalar(cfg.mu);
-            let active = read_vec(codes.clone().detach().greater_elem(0.0).float().sum_dim(0))?;
+            let active = read_vec(codes.detach().greater_elem(0.0).float().sum_dim(0))?;
             update_counters(since_selected, &active, b);
-            Ok(StepOutput { loss: recon.clone() + sparsity, recon, aux: None, codes, err, kept: None })
+            Ok(StepOutput {
+                loss: recon.clone() + sparsity,
+                recon,
+                aux: None,
+                l0_total: active.iter().map(|&a| a as f64).sum(),
+                err,
+                kept: None,
+                grads: GradPlan::Dense(p),
+            })
         }
         Kind::BatchTopK => {
             let scores = read_vec(f.clone().detach() * p.norm_sum().detach())?;
@@ -191,9 +256,9 @@ pub fn step_loss(
             let (mask, min_kept) = select_batch_topk(&scores, keep);
             let device = f.device();
             let codes = f.clone() * tensor(mask.clone(), [b, dict], &device);
-            let err = x - decode(p, codes.clone());
+            let err = x - decode(&p, codes);
             let recon = recon_loss(err.clone(), d, cfg.squared_recon);
-            let selected: Vec<f32> = (0..dict).map(|j| (0..b).map(|r| mask[r * dict + j]).sum()).collect();
+            let selected = per_latent(&mask, dict);
             update_counters(since_selected, &selected, b);
             let dead: Vec<bool> = since_selected.iter().map(|&c| c >= cfg.dead_tokens).collect();
             let n_dead = dead.iter().filter(|&&x| x).count();
@@ -210,9 +275,106 @@ pub fn step_loss(
                 loss = loss + a.clone().mul_scalar(cfg.aux_alpha);
                 aux = Some(a);
             }
-            Ok(StepOutput { loss, recon, aux, codes, err, kept: Some((mask, min_kept)) })
+            let l0_total = selected.iter().map(|&a| a as f64).sum();
+            Ok(StepOutput { loss, recon, aux, l0_total, err, kept: Some((mask, min_kept)), grads: GradPlan::Dense(p) })
         }
     }
+}
+
+/// BatchTopK with the sparse decoder: the encoder runs dense (no autodiff), the k·B selected
+/// entries (and AuxK's picks) decode through `select`/`select_assign` on their decoder rows, and
+/// the encoder gradient is assembled from those entries alone.
+fn sparse_topk_step(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    step: u64,
+    since_selected: &mut [u64],
+) -> Result<StepOutput> {
+    let (d, dict) = p.dims();
+    let [b, two_d] = x.dims();
+    let device = x.device();
+    let ad = device.clone().autodiff();
+    let f = read_vec(encode(p, x.clone()))?;
+    let norms = read_vec(p.norm_sum())?;
+    let scores: Vec<f32> = f.iter().enumerate().map(|(i, v)| v * norms[i % dict]).collect();
+    let (mask, min_kept) = select_batch_topk(&scores, cfg.k_at(step) * b);
+    let selected = per_latent(&mask, dict);
+    update_counters(since_selected, &selected, b);
+    let dead: Vec<bool> = since_selected.iter().map(|&c| c >= cfg.dead_tokens).collect();
+    let n_dead = dead.iter().filter(|&&v| v).count();
+
+    let w_dec = p.w_dec.clone().autodiff().require_grad();
+    let b_dec = p.b_dec.clone().autodiff().require_grad();
+    let pick = |m: &[f32]| -> Picks {
+        let (mut ts, mut js, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, &on) in m.iter().enumerate() {
+            if on > 0.0 {
+                ts.push((i / dict) as i64);
+                js.push((i % dict) as i64);
+                vs.push(f[i]);
+            }
+        }
+        let n = vs.len();
+        Picks {
+            tokens: Tensor::from_data(burn::tensor::TensorData::new(ts, [n]), &device),
+            latents: Tensor::from_data(burn::tensor::TensorData::new(js, [n]), &device),
+            values: tensor(vs, [n, 1], &ad).require_grad(),
+        }
+    };
+    // Σ over picks of f · d_j, accumulated into each picked token's row.
+    let decode_picks = |pk: &Picks| -> Tensor<2> {
+        let rows = w_dec.clone().select(0, pk.latents.clone().autodiff()) * pk.values.clone();
+        Tensor::<2>::zeros([b, two_d], (&ad, burn::tensor::DType::F32)).select_assign(
+            0,
+            pk.tokens.clone().autodiff(),
+            rows,
+            IndexingUpdateOp::Add,
+        )
+    };
+    let main = pick(&mask);
+    let xa = x.clone().autodiff();
+    let err = xa - (decode_picks(&main) + b_dec.clone());
+    let recon = recon_loss(err.clone(), d, cfg.squared_recon);
+    let mut loss = recon.clone();
+    let mut aux = None;
+    let mut picks = vec![main];
+    if n_dead > 0 {
+        let aux_mask = select_aux(&scores, dict, &dead, (d / 2).min(n_dead));
+        if aux_mask.iter().any(|&m| m > 0.0) {
+            let aux_picks = pick(&aux_mask);
+            let a = aux_loss(err.clone().detach(), decode_picks(&aux_picks));
+            let value = read_vec(a.clone())?[0];
+            if value.is_finite() {
+                loss = loss + a.clone().mul_scalar(cfg.aux_alpha);
+                picks.push(aux_picks);
+            }
+            aux = Some(a);
+        } else {
+            // Dead latents exist but none fired: ε̂ = 0, L_aux = 1 with no gradient.
+            aux = Some(tensor(vec![1.0], [1], &ad));
+            loss = loss + tensor(vec![cfg.aux_alpha as f32], [1], &ad);
+        }
+    }
+    let l0_total = selected.iter().map(|&a| a as f64).sum();
+    Ok(StepOutput {
+        loss,
+        recon,
+        aux,
+        l0_total,
+        err,
+        kept: Some((mask, min_kept)),
+        grads: GradPlan::Sparse { w_dec, b_dec, x, picks, dict },
+    })
+}
+
+/// Column sums of a row-major `[B, D]` 0/1 mask (row-major pass: a strided one misses the cache).
+fn per_latent(mask: &[f32], dict: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; dict];
+    for row in mask.chunks_exact(dict) {
+        out.iter_mut().zip(row).for_each(|(o, m)| *o += m);
+    }
+    out
 }
 
 fn update_counters(since: &mut [u64], selected_per_latent: &[f32], batch: usize) {
@@ -271,7 +433,6 @@ impl TrainRun<'_> {
     ) -> Result<Crosscoder> {
         let cfg = self.config.clone();
         std::fs::create_dir_all(self.out.join("checkpoint")).map_err(|e| anyhow!("{}: {e}", self.out.display()))?;
-        let ad = self.device.clone().autodiff();
         let mut state = match load_checkpoint(&self.out, &cfg, &self.device)? {
             Some(s) => {
                 // The checkpoint's stream position: the reader replays the same batches.
@@ -305,14 +466,9 @@ impl TrainRun<'_> {
                 state.params.b_dec = tensor(b_dec, [1, 2 * d], &self.device);
             }
             first_batch = false;
-            let x = tensor(batch.acts, [batch.batch, 2 * d], &ad);
-            let tracked = state.params.clone().map(|t| t.autodiff().require_grad());
-            let out = step_loss(&cfg, &tracked, x.clone(), step, &mut state.since_selected)?;
-            let grads = out.loss.backward();
-            let mut g: Vec<Tensor<2>> = Vec::with_capacity(4);
-            for t in tracked.list() {
-                g.push(t.grad(&grads).ok_or_else(|| anyhow!("no gradient for a parameter"))?.inner());
-            }
+            let x = tensor(batch.acts, [batch.batch, 2 * d], &self.device);
+            let out = step_loss(&cfg, &state.params, x.clone(), step, &mut state.since_selected)?;
+            let mut g: Vec<Tensor<2>> = out.gradients()?.into();
             if let Some(max) = cfg.clip_grad {
                 let sq: f32 =
                     g.iter().map(|t| read_vec(t.clone().square().sum()).map(|v| v[0])).sum::<Result<f32>>()?;
@@ -330,9 +486,8 @@ impl TrainRun<'_> {
             state.tokens += batch.batch as u64;
 
             if step % cfg.log_every.max(1) == 0 || step == cfg.steps {
-                let [fb, fc] = fve(&x.clone().inner(), &out.err.clone().inner(), d)?;
-                let l0 = read_vec(out.codes.clone().detach().greater_elem(0.0).float().sum())?[0] as f64
-                    / batch.batch as f64;
+                let [fb, fc] = fve(&x, &out.err.clone().inner(), d)?;
+                let l0 = out.l0_total / batch.batch as f64;
                 let mut m = StepMetrics {
                     step,
                     tokens: state.tokens,

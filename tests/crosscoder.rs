@@ -47,57 +47,95 @@ fn small_config(kind: Kind) -> TrainConfig {
 #[test]
 fn loss_terms_and_gradients_equal_the_pytorch_reference() {
     let r = reference();
-    let ad = Device::flex().autodiff();
-    for (tag, kind, squared) in [("l1", Kind::L1, false), ("l1sq", Kind::L1, true), ("topk", Kind::BatchTopK, false)] {
-        let cfg = TrainConfig { squared_recon: squared, ..small_config(kind) };
-        let p = reference_params(&r, &Device::flex()).map(|t| t.autodiff().require_grad());
-        let x = t2(&r, "x", &ad);
+    let device = Device::flex();
+    let cases = [
+        ("l1", Kind::L1, false, false),
+        ("l1sq", Kind::L1, true, false),
+        ("topk", Kind::BatchTopK, false, false),
+        ("topk", Kind::BatchTopK, false, true),
+    ];
+    for (tag, kind, squared, sparse) in cases {
+        let what = format!("{tag}{}", if sparse { " (sparse)" } else { "" });
+        let cfg = TrainConfig { squared_recon: squared, sparse, ..small_config(kind) };
+        let p = reference_params(&r, &device);
+        let x = t2(&r, "x", &device);
         let mut since: Vec<u64> = match r.get("topk.before") {
             Some((_, v)) if kind == Kind::BatchTopK => v.iter().map(|&x| x as u64).collect(),
             _ => vec![0; 8],
         };
         let out = step_loss(&cfg, &p, x, 1, &mut since).unwrap();
         assert_close(
-            &format!("{tag} loss"),
+            &format!("{what} loss"),
             &read_vec(out.loss.clone().detach()).unwrap(),
             &r[&format!("{tag}.loss")].1,
             1e-5,
         );
         assert_close(
-            &format!("{tag} recon"),
+            &format!("{what} recon"),
             &read_vec(out.recon.clone().detach()).unwrap(),
             &r[&format!("{tag}.recon")].1,
             1e-5,
         );
-        let grads = out.loss.backward();
-        for (name, t) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(p.list()) {
-            let g = read_vec(t.grad(&grads).unwrap()).unwrap();
-            assert_close(&format!("{tag} grad {name}"), &g, &r[&format!("{tag}.grad.{name}")].1, 1e-5);
+        let grads = out.gradients().unwrap();
+        for (name, g) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(grads) {
+            assert_close(
+                &format!("{what} grad {name}"),
+                &read_vec(g).unwrap(),
+                &r[&format!("{tag}.grad.{name}")].1,
+                1e-5,
+            );
         }
         if kind == Kind::BatchTopK {
+            let aux = read_vec(out.aux.clone().expect("a latent is dead").detach()).unwrap();
+            assert_close(&format!("{what} aux"), &aux, &r["topk.aux"].1, 1e-5);
             let (mask, min_kept) = out.kept.unwrap();
             assert_eq!(mask.iter().map(|&m| m as f64).collect::<Vec<_>>(), r["topk.mask"].1);
             assert_close("min kept", &[min_kept.unwrap()], &r["topk.min_kept"].1, 1e-6);
             assert_eq!(since.iter().map(|&c| c as f64).collect::<Vec<_>>(), r["topk.after"].1);
-            let aux = read_vec(out.aux.expect("a latent is dead").detach()).unwrap();
-            assert_close("aux", &aux, &r["topk.aux"].1, 1e-5);
         }
+    }
+}
+
+#[test]
+fn sparse_and_dense_batchtopk_agree_on_a_larger_case() {
+    // 32 tokens, D = 64, several dead latents: the sparse path's gradients equal the dense ones.
+    let device = Device::flex();
+    let (d, dict, b) = (6, 64, 32);
+    let p = Params::init(d, dict, 1.0, 3, &device);
+    let mut rng = SplitMix64(8);
+    let x = tensor((0..b * 2 * d).map(|_| rng.next_f64() as f32 - 0.3).collect(), [b, 2 * d], &device);
+    let before: Vec<u64> = (0..dict).map(|j| if j % 5 == 0 { 1000 } else { 0 }).collect();
+    let run = |sparse| {
+        let cfg = TrainConfig { k: 3, dead_tokens: 1000, sparse, ..TrainConfig::defaults(Kind::BatchTopK, dict) };
+        let mut since = before.clone();
+        let out = step_loss(&cfg, &p, x.clone(), 1, &mut since).unwrap();
+        assert!(out.aux.is_some());
+        let loss = read_vec(out.loss.clone().detach()).unwrap();
+        (loss, out.gradients().unwrap().map(|g| read_vec(g).unwrap()), since)
+    };
+    let (dense_loss, dense_grads, dense_since) = run(false);
+    let (sparse_loss, sparse_grads, sparse_since) = run(true);
+    assert_eq!(dense_since, sparse_since);
+    let want = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    assert_close("loss", &sparse_loss, &want(&dense_loss), 1e-6);
+    for (name, (s, dn)) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(sparse_grads.iter().zip(&dense_grads)) {
+        assert_close(name, s, &want(dn), 1e-5);
     }
 }
 
 #[test]
 fn aux_loss_is_zero_when_nothing_is_dead_and_alpha_applies_once() {
     let r = reference();
-    let ad = Device::flex().autodiff();
+    let device = Device::flex();
     let cfg = small_config(Kind::BatchTopK);
-    let p = reference_params(&r, &ad);
+    let p = reference_params(&r, &device);
     let mut alive = vec![0u64; 8];
-    let out = step_loss(&cfg, &p, t2(&r, "x", &ad), 1, &mut alive).unwrap();
+    let out = step_loss(&cfg, &p, t2(&r, "x", &device), 1, &mut alive).unwrap();
     assert!(out.aux.is_none());
     assert_eq!(read_vec(out.loss.detach()).unwrap(), read_vec(out.recon.detach()).unwrap());
     // With a dead latent: loss = recon + α·aux exactly (the bug this guards against applied α twice).
     let mut since: Vec<u64> = r["topk.before"].1.iter().map(|&x| x as u64).collect();
-    let out = step_loss(&cfg, &p, t2(&r, "x", &ad), 1, &mut since).unwrap();
+    let out = step_loss(&cfg, &p, t2(&r, "x", &device), 1, &mut since).unwrap();
     let (loss, recon, aux) = (
         read_vec(out.loss.detach()).unwrap()[0] as f64,
         read_vec(out.recon.detach()).unwrap()[0] as f64,
