@@ -15,7 +15,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::generate::SplitMix64;
-use crate::io::{OwnedTensor, write_atomic, write_safetensors};
+use crate::io::{LazyTensor, f32_bytes, write_atomic, write_safetensors_streaming};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -252,19 +252,43 @@ impl Crosscoder {
         std::fs::create_dir_all(dir)?;
         let (d, dict) = self.params.dims();
         let p = &self.params;
-        let enc = read_vec(p.w_enc.clone())?; // [2d, D] = (2, d, D)
-        let dec = read_vec(p.w_dec.clone().reshape([dict, 2, d]).swap_dims(0, 1))?; // (2, D, d)
+        let lazy = |name: &str, shape: Vec<usize>, t: Tensor<2>| LazyTensor {
+            name: name.into(),
+            dtype: safetensors::Dtype::F32,
+            shape,
+            bytes: Box::new(move || Ok(f32_bytes(&read_vec(t)?))),
+        };
         let mut tensors = vec![
-            OwnedTensor::f32("encoder.weight", vec![2, d, dict], &enc),
-            OwnedTensor::f32("encoder.bias", vec![dict], &read_vec(p.b_enc.clone())?),
-            OwnedTensor::f32("decoder.weight", vec![2, dict, d], &dec),
-            OwnedTensor::f32("decoder.bias", vec![2, d], &read_vec(p.b_dec.clone())?),
+            // [2d, D] is (2, d, D) as stored; [D, 2d] → (D, 2, d) → (2, D, d).
+            lazy("encoder.weight", vec![2, d, dict], p.w_enc.clone()),
+            lazy("encoder.bias", vec![dict], p.b_enc.clone()),
+            LazyTensor {
+                name: "decoder.weight".into(),
+                dtype: safetensors::Dtype::F32,
+                shape: vec![2, dict, d],
+                bytes: Box::new(move || {
+                    Ok(f32_bytes(&read_vec(p.w_dec.clone().reshape([dict, 2, d]).swap_dims(0, 1))?))
+                }),
+            },
+            lazy("decoder.bias", vec![2, d], p.b_dec.clone()),
         ];
         if self.config.kind == Kind::BatchTopK {
-            tensors.push(OwnedTensor::f32("k", vec![1], &[self.config.k as f32]));
-            tensors.push(OwnedTensor::f32("threshold", vec![1], &[self.threshold.unwrap_or(-1.0)]));
+            let k = self.config.k as f32;
+            let theta = self.threshold.unwrap_or(-1.0);
+            tensors.push(LazyTensor {
+                name: "k".into(),
+                dtype: safetensors::Dtype::F32,
+                shape: vec![1],
+                bytes: Box::new(move || Ok(f32_bytes(&[k]))),
+            });
+            tensors.push(LazyTensor {
+                name: "threshold".into(),
+                dtype: safetensors::Dtype::F32,
+                shape: vec![1],
+                bytes: Box::new(move || Ok(f32_bytes(&[theta]))),
+            });
         }
-        write_safetensors(&dir.join("crosscoder.safetensors"), &tensors)?;
+        write_safetensors_streaming(&dir.join("crosscoder.safetensors"), tensors)?;
         let text = serde_json::to_string_pretty(&self.config)?;
         write_atomic(&dir.join("config.json"), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
     }

@@ -13,7 +13,7 @@ use crate::crosscoder::{
     Crosscoder, CrosscoderConfig, Kind, Params, aux_loss, decode, encode, geometric_median, read_vec, recon_loss,
     select_aux, select_batch_topk, tensor,
 };
-use crate::io::{OwnedTensor, write_atomic, write_safetensors};
+use crate::io::{LazyTensor, f32_bytes, write_atomic, write_safetensors_streaming};
 use crate::reader::PairBatch;
 
 /// Anything that yields training batches: the cache reader, the on-the-fly source, synthetic data.
@@ -602,12 +602,22 @@ fn save_checkpoint(out: &Path, cfg: &TrainConfig, s: &TrainState) -> Result<()> 
     let mut tensors = Vec::new();
     for (prefix, p) in [("param", &s.params), ("adam_m", &s.adam_m), ("adam_v", &s.adam_v)] {
         for (name, t) in NAMES.iter().zip(p.list()) {
-            tensors.push(OwnedTensor::f32(format!("{prefix}.{name}"), t.dims().to_vec(), &read_vec(t.clone())?));
+            tensors.push(LazyTensor {
+                name: format!("{prefix}.{name}"),
+                dtype: safetensors::Dtype::F32,
+                shape: t.dims().to_vec(),
+                bytes: Box::new(move || Ok(f32_bytes(&read_vec(t.clone())?))),
+            });
         }
     }
-    let since: Vec<i64> = s.since_selected.iter().map(|&c| c as i64).collect();
-    tensors.push(OwnedTensor::i64("since_selected", vec![since.len()], &since));
-    write_safetensors(&dir.join(&weights), &tensors)?;
+    let since: Vec<u8> = s.since_selected.iter().flat_map(|&c| (c as i64).to_le_bytes()).collect();
+    tensors.push(LazyTensor {
+        name: "since_selected".into(),
+        dtype: safetensors::Dtype::I64,
+        shape: vec![s.since_selected.len()],
+        bytes: Box::new(move || Ok(since)),
+    });
+    write_safetensors_streaming(&dir.join(&weights), tensors)?;
     let meta = CheckpointMeta {
         step: s.step,
         tokens: s.tokens,

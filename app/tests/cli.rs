@@ -195,3 +195,105 @@ fn cache_killed_mid_run_resumes_to_identical_bytes() {
     assert_eq!(files(&whole), files(&killed));
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn train_on_a_cache_writes_the_run_directory() {
+    let tmp = std::env::temp_dir().join(format!("crossdiff-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let data = |f: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/data").join(f);
+    let (cache, run) = (tmp.join("cache"), tmp.join("run"));
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "cache",
+        "--base",
+        fixture("base").to_str().unwrap(),
+        "--chat",
+        fixture("chat").to_str().unwrap(),
+        "--data",
+        data("web.txt").to_str().unwrap(),
+        data("chat.jsonl").to_str().unwrap(),
+        "--mix",
+        "--layer",
+        "2",
+        "--tokens",
+        "1500",
+        "--context",
+        "64",
+        "--shard-tokens",
+        "512",
+        "--out",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let train = |steps: &str| {
+        crossdiff(&[
+            "--backend",
+            "cpu",
+            "train",
+            "--cache",
+            cache.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--dict-size",
+            "64",
+            "--k",
+            "4",
+            "--batch",
+            "64",
+            "--steps",
+            steps,
+            "--warmup-steps",
+            "5",
+            "--threshold-start",
+            "10",
+            "--lr",
+            "1e-3",
+            "--checkpoint-every",
+            "10",
+            "--val-tokens",
+            "128",
+            "--val-every",
+            "10",
+        ])
+    };
+    let r = train("40");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8_lossy(&r.stdout);
+    // 1372 training tokens (1500 minus the 128 held out): epochs end with a partial batch.
+    assert!(out.starts_with("train: BatchTopK D=64 step 40 (2524 tokens)"), "{out}");
+
+    let bytes = std::fs::read(run.join("crosscoder.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("encoder.weight").unwrap().shape(), &[2, 72, 64]);
+    assert_eq!(st.tensor("decoder.weight").unwrap().shape(), &[2, 64, 72]);
+    assert_eq!(st.tensor("decoder.bias").unwrap().shape(), &[2, 72]);
+    let theta = f32::from_le_bytes(st.tensor("threshold").unwrap().data().try_into().unwrap());
+    assert!(theta > 0.0, "threshold learned after step 10: {theta}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (config["kind"].as_str(), config["D"].as_u64(), config["layer"].as_u64()),
+        (Some("batchtopk"), Some(64), Some(2))
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "logged every 10 steps");
+    for key in
+        ["step", "tokens", "loss", "recon", "aux", "l0", "fve_base", "fve_chat", "dead_frac", "lr", "val_fve_base"]
+    {
+        assert!(lines[3].get(key).is_some(), "metrics line lacks {key}");
+    }
+    assert!((lines[3]["l0"].as_f64().unwrap() - 4.0).abs() < 1e-9, "BatchTopK keeps k per token on average");
+    assert!(lines[3]["loss"].as_f64().unwrap() < lines[0]["loss"].as_f64().unwrap(), "loss falls");
+
+    // More steps on the same run: resumes from step 40 instead of starting over.
+    let r = train("60");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let n = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count();
+    assert_eq!(n, 6);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
