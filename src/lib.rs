@@ -2,6 +2,7 @@
 //! the paired activation cache and its shuffled reader.
 //! No UI code lives here; the app and the command line are in `app/`.
 
+pub mod analyze;
 pub mod backend;
 pub mod bench;
 pub mod cache;

@@ -159,6 +159,23 @@ enum Command {
         #[arg(long, default_value_t = 262_144)]
         shuffle_tokens: usize,
     },
+    /// Per-latent metrics and Latent Scaling over a cache: RUN/latents.csv and RUN/summary.json.
+    Analyze {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        cache: PathBuf,
+        /// Tokens of the cache to use (default: all).
+        #[arg(long)]
+        tokens: Option<u64>,
+        #[arg(long, default_value_t = 1024)]
+        batch: usize,
+        /// Error betas for the top-N latents by Δ (default: the number of chat-only latents, at least 100).
+        #[arg(long)]
+        error_top_n: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -451,6 +468,38 @@ pub fn run() -> Result<()> {
                 ),
                 None => println!("train: nothing to do, {} already holds a finished run", out.display()),
             }
+        }
+        Command::Analyze { run, cache, tokens, batch, error_top_n, seed } => {
+            let device = cli.backend.device()?;
+            let bar = ProgressBar::new(0).with_style(
+                ProgressStyle::with_template("analyze [{bar:30}] {human_pos}/{human_len} tokens, {per_sec}, ETA {eta}")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            let started = Instant::now();
+            let opts = crossdiff::analyze::AnalyzeOptions { tokens, batch, error_top_n, seed };
+            let (rows, summary) = crossdiff::analyze::analyze(&run, &cache, &device, &opts, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            crossdiff::analyze::write_outputs(&run, &rows, &summary)?;
+            bar.finish_and_clear();
+            let c = &summary.classes;
+            println!(
+                "analyze: {} latents over {} tokens: {} chat-only ({} chat-specific by Latent Scaling), {} base-only, {} shared, {} dead; FVE {:.3}/{:.3}, L0 {:.1} → {} ({:.1}s)",
+                rows.len(),
+                summary.tokens,
+                c["chat_only"],
+                summary.chat_specific,
+                c["base_only"],
+                c["shared"],
+                c["dead"],
+                summary.fve_base,
+                summary.fve_chat,
+                summary.l0,
+                run.join("latents.csv").display(),
+                started.elapsed().as_secs_f64()
+            );
         }
         Command::Bench { which: BenchCommand::Train { d, dict_size, k, batch, kind, steps } } => {
             let device = cli.backend.device()?;

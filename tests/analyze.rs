@@ -1,0 +1,215 @@
+//! `analyze` against an independent f64 recomputation of every latents.csv column.
+
+mod common;
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use common::{TempDir, fixture};
+use crossdiff::LoadOptions;
+use crossdiff::analyze::{AnalyzeOptions, CSV_HEADER, analyze, class_of, delta_norm, write_outputs};
+use crossdiff::cache::{ActDtype, CacheJob, run_cache};
+use crossdiff::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, read_vec, tensor};
+use crossdiff::data::TokenizeOptions;
+use safetensors::SafeTensors;
+
+#[test]
+fn class_boundaries_follow_the_spec() {
+    assert_eq!(class_of(0.0999), "base_only");
+    assert_eq!(class_of(0.1), "other");
+    assert_eq!(class_of(0.3999), "other");
+    assert_eq!(class_of(0.4), "shared");
+    assert_eq!(class_of(0.5999), "shared");
+    assert_eq!(class_of(0.6), "other");
+    assert_eq!(class_of(0.8999), "other");
+    assert_eq!(class_of(0.9), "chat_only");
+    assert_eq!(class_of(1.0), "chat_only");
+    assert_eq!(delta_norm(0.0, 2.0), 1.0);
+    assert_eq!(delta_norm(2.0, 0.0), 0.0);
+    assert_eq!(delta_norm(1.0, 1.0), 0.5);
+    assert!((delta_norm(0.2, 1.0) - 0.9).abs() < 1e-12);
+}
+
+fn f32s(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<f64>) {
+    let t = st.tensor(name).unwrap();
+    (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect())
+}
+
+#[test]
+fn latents_csv_equals_an_independent_recomputation() {
+    let cache = TempDir::new("analyze-cache");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data");
+    let job = CacheJob {
+        base: fixture("base"),
+        chat: fixture("chat"),
+        data: vec![data.join("web.txt"), data.join("chat.jsonl")],
+        layer: 1,
+        tokens: 600,
+        out: cache.path().to_path_buf(),
+        dtype: ActDtype::F32,
+        tokenize: TokenizeOptions { context: 48, ..Default::default() },
+        mix: true,
+        shard_tokens: 256,
+        batch_tokens: 256,
+        low_memory: false,
+        load: LoadOptions::default(),
+    };
+    run_cache(&job, &Device::flex(), |_| {}, || true).unwrap();
+
+    // A crosscoder with latents of every class: base decoders of some latents shrunk, some chat
+    // decoders shrunk, and a threshold that leaves some latents dead.
+    let (d, dict) = (72, 40);
+    let device = Device::flex();
+    let p = Params::init(d, dict, 0.3, 7, &device);
+    let mut w_dec = read_vec(p.w_dec.clone()).unwrap();
+    for j in 0..dict {
+        let (sb, sc) = match j % 8 {
+            0 => (0.02, 1.0), // chat-only
+            1 => (0.15, 1.0), // chat-only (Δ ≈ 0.925)
+            2 => (1.0, 0.05), // base-only
+            3 => (0.5, 1.0),  // other (Δ = 0.75)
+            _ => (1.0, 1.0),  // shared
+        };
+        for i in 0..d {
+            w_dec[j * 2 * d + i] *= sb;
+            w_dec[j * 2 * d + d + i] *= sc;
+        }
+    }
+    let mut b_enc = vec![0.0f32; dict];
+    b_enc[5] = -1e6; // never fires: dead
+    let run = TempDir::new("analyze-run");
+    let theta = 0.05f32;
+    let cc = Crosscoder {
+        config: CrosscoderConfig {
+            kind: Kind::BatchTopK,
+            d,
+            dict_size: dict,
+            k: 4,
+            mu: 0.0,
+            layer: Some(1),
+            models: vec![],
+        },
+        params: Params { w_dec: tensor(w_dec, [dict, 2 * d], &device), b_enc: tensor(b_enc, [1, dict], &device), ..p },
+        threshold: Some(theta),
+    };
+    cc.save(run.path()).unwrap();
+
+    let opts = AnalyzeOptions { tokens: None, batch: 100, error_top_n: Some(12), seed: 3 };
+    let (rows, summary) = analyze(run.path(), cache.path(), &device, &opts, |_, _| {}).unwrap();
+    write_outputs(run.path(), &rows, &summary).unwrap();
+    let csv = std::fs::read_to_string(run.path().join("latents.csv")).unwrap();
+    assert_eq!(csv.lines().next().unwrap(), CSV_HEADER);
+    assert_eq!(csv.lines().count(), dict + 1);
+
+    // Independent recomputation: weights from the saved file (authors' layout), tokens from the
+    // shards, everything in f64 with explicit per-token vectors.
+    let wbytes = std::fs::read(run.path().join("crosscoder.safetensors")).unwrap();
+    let w = SafeTensors::deserialize(&wbytes).unwrap();
+    let (_, enc) = f32s(&w, "encoder.weight"); // (2, d, D)
+    let (_, benc) = f32s(&w, "encoder.bias");
+    let (_, dec) = f32s(&w, "decoder.weight"); // (2, D, d)
+    let (_, bdec) = f32s(&w, "decoder.bias"); // (2, d)
+    let dvec = |m: usize, j: usize| &dec[(m * dict + j) * d..(m * dict + j + 1) * d];
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let norm = |m: usize, j: usize| dot(dvec(m, j), dvec(m, j)).sqrt();
+    let index = crossdiff::cache::CacheIndex::open(cache.path()).unwrap();
+    let mut tokens: Vec<(Vec<f64>, bool)> = Vec::new();
+    for s in &index.shards {
+        let bytes = std::fs::read(cache.path().join(&s.file)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (_, acts) = f32s(&st, "acts");
+        let template = st.tensor("template").unwrap().data().to_vec();
+        for (r, t) in acts.chunks_exact(2 * d).zip(template) {
+            tokens.push((r.to_vec(), t != 0));
+        }
+    }
+    let n = tokens.len() as f64;
+    let mut active = vec![0.0; dict];
+    let mut tmpl = vec![0.0; dict];
+    let mut max_act = vec![0.0f64; dict];
+    // β numerators and Σ f² for every latent and target.
+    let (mut f2, mut num_r, mut num_e) = (vec![0.0; dict], vec![[0.0; 2]; dict], vec![[0.0; 2]; dict]);
+    for (x, is_t) in &tokens {
+        let mut f = vec![0.0; dict];
+        for j in 0..dict {
+            let mut pre = benc[j];
+            for m in 0..2 {
+                for i in 0..d {
+                    pre += x[m * d + i] * enc[(m * d + i) * dict + j];
+                }
+            }
+            let fj = pre.max(0.0);
+            let score = fj * (norm(0, j) + norm(1, j));
+            f[j] = if score > theta as f64 { fj } else { 0.0 };
+            if f[j] > 0.0 {
+                active[j] += 1.0;
+                tmpl[j] += f64::from(u8::from(*is_t));
+                max_act[j] = max_act[j].max(score);
+            }
+        }
+        let recon: Vec<Vec<f64>> = (0..2)
+            .map(|m| (0..d).map(|i| bdec[m * d + i] + (0..dict).map(|j| f[j] * dvec(m, j)[i]).sum::<f64>()).collect())
+            .collect();
+        for j in (0..dict).filter(|&j| f[j] > 0.0) {
+            let dj = dvec(1, j);
+            f2[j] += f[j] * f[j];
+            for m in 0..2 {
+                // Least squares of y on f·d_j: Σ <f d_j, y> / Σ ‖f d_j‖² (denominator shared below).
+                num_r[j][m] += f[j] * dot(dj, &recon[m]);
+                let y: Vec<f64> = (0..d).map(|i| x[m * d + i] - recon[m][i] + f[j] * dvec(m, j)[i]).collect();
+                num_e[j][m] += f[j] * dot(dj, &y);
+            }
+        }
+    }
+    let close = |what: &str, got: Option<f64>, want: f64| {
+        let got = got.unwrap_or_else(|| panic!("{what}: missing"));
+        assert!((got - want).abs() <= 1e-4 * want.abs().max(1e-3), "{what}: {got} vs {want}");
+    };
+    let mut classes = std::collections::BTreeSet::new();
+    for r in &rows {
+        let j = r.latent;
+        let (nb, nc) = (norm(0, j), norm(1, j));
+        let delta = delta_norm(nb, nc);
+        close(&format!("{j} delta"), Some(r.delta_norm), delta);
+        close(&format!("{j} norms"), Some(r.dec_norm_base), nb);
+        close(&format!("{j} norms"), Some(r.dec_norm_chat), nc);
+        close(&format!("{j} cos"), Some(r.dec_cos), dot(dvec(0, j), dvec(1, j)) / (nb * nc));
+        let want_class = if active[j] == 0.0 { "dead" } else { class_of(delta) };
+        assert_eq!(r.class, want_class, "latent {j}");
+        classes.insert(r.class);
+        close(&format!("{j} freq"), Some(r.freq), active[j] / n);
+        close(&format!("{j} max_act"), Some(r.max_act), max_act[j]);
+        if active[j] == 0.0 {
+            assert!(r.beta_recon_base.is_none() && r.template_share.is_none() && r.nu_reconstruction.is_none());
+            continue;
+        }
+        close(&format!("{j} template"), r.template_share, tmpl[j] / active[j]);
+        let denom = nc * nc * f2[j];
+        close(&format!("{j} beta_recon_base"), r.beta_recon_base, num_r[j][0] / denom);
+        close(&format!("{j} beta_recon_chat"), r.beta_recon_chat, num_r[j][1] / denom);
+        close(&format!("{j} nu_r"), r.nu_reconstruction, num_r[j][0] / num_r[j][1]);
+        if let Some(be) = r.beta_error_base {
+            close(&format!("{j} beta_error_base"), Some(be), num_e[j][0] / denom);
+            close(&format!("{j} beta_error_chat"), r.beta_error_chat, num_e[j][1] / denom);
+            close(&format!("{j} nu_e"), r.nu_error, num_e[j][0] / num_e[j][1]);
+        }
+    }
+    assert_eq!(classes.into_iter().collect::<Vec<_>>(), vec!["base_only", "chat_only", "dead", "other", "shared"]);
+    // Error betas: the 12 top-Δ live latents plus an equal number of shared ones.
+    let mut live: Vec<_> = rows.iter().filter(|r| r.class != "dead").collect();
+    live.sort_by(|a, b| b.delta_norm.total_cmp(&a.delta_norm).then(a.latent.cmp(&b.latent)));
+    assert!(live[..12].iter().all(|r| r.beta_error_base.is_some()));
+    let with_error = rows.iter().filter(|r| r.beta_error_base.is_some()).count();
+    assert_eq!(with_error, 24);
+    assert_eq!((summary.error_betas_top_n, summary.error_betas_random_shared), (12, 12));
+    let specific = rows
+        .iter()
+        .filter(|r| {
+            r.class == "chat_only"
+                && r.nu_error.is_some_and(|v| v < 0.2)
+                && r.nu_reconstruction.is_some_and(|v| v < 0.5)
+        })
+        .count();
+    assert_eq!(summary.chat_specific, specific);
+    assert_eq!(summary.tokens, 600);
+}
