@@ -52,6 +52,14 @@ struct Block {
     sliding: bool,
 }
 
+/// A vector added to the residual stream after one block (steering).
+#[derive(Clone)]
+pub struct ResidualEdit {
+    pub layer: usize,
+    /// `[1, hidden]`.
+    pub add: Tensor<2>,
+}
+
 /// Keys and values of every layer for incremental decoding, `[batch, kv_heads, seen, head_dim]`.
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
@@ -286,6 +294,12 @@ impl Gemma2 {
     /// Incremental decoding: runs `ids` (`[batch, new]`) at positions `cache.len..`, appends their
     /// keys and values to the cache, and returns the logits of the last new position `[batch, vocab]`.
     pub fn step(&self, ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<2> {
+        self.step_edited(ids, cache, None)
+    }
+
+    /// [`Gemma2::step`] with `edit.add` (`[1, hidden]`) added to the output of block `edit.layer`
+    /// at every new position (steering).
+    pub fn step_edited(&self, ids: Tensor<2, Int>, cache: &mut KvCache, edit: Option<&ResidualEdit>) -> Tensor<2> {
         let [b, t] = ids.dims();
         let p0 = cache.len;
         let mut h = self.embed_tokens(ids);
@@ -293,6 +307,9 @@ impl Gemma2 {
         let masks = self.masks(p0, t, p0 + t);
         for (l, block) in self.layers.iter().enumerate() {
             h = self.block_forward(block, h, b, t, &rope, &masks, Some(&mut cache.layers[l]));
+            if let Some(e) = edit.filter(|e| e.layer == l) {
+                h = h + e.add.clone();
+            }
         }
         cache.len += t;
         let d = self.config.hidden_size;

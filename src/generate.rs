@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::gemma2::Gemma2;
+use crate::gemma2::{Gemma2, ResidualEdit};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Sampling {
@@ -28,6 +28,19 @@ pub fn generate(
     max_tokens: usize,
     sampling: Sampling,
     stop_ids: &[u32],
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    generate_edited(model, prompt, max_tokens, sampling, stop_ids, None, on_token)
+}
+
+/// [`generate`] with a residual edit applied at every position (prompt and generated).
+pub fn generate_edited(
+    model: &Gemma2,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: Sampling,
+    stop_ids: &[u32],
+    edit: Option<&ResidualEdit>,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
     let mut rng = SplitMix64(sampling.seed);
@@ -37,7 +50,7 @@ pub fn generate(
     for _ in 0..max_tokens {
         let ids = model.batch_ids(std::slice::from_ref(&next_input))?;
         let logits = model
-            .step(ids, &mut cache)
+            .step_edited(ids, &mut cache, edit)
             .try_into_vec_as::<f32>()
             .map_err(|e| anyhow::anyhow!("reading logits from the device: {e:?}"))?;
         let id = choose(&logits, sampling, &mut rng);

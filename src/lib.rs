@@ -12,11 +12,14 @@ pub mod gemma2;
 pub mod generate;
 pub mod inspect;
 pub mod io;
+pub mod kl;
+pub mod latents_csv;
 pub mod model;
 pub mod onthefly;
 mod parquet_source;
 pub mod reader;
 pub mod snapshot;
+pub mod steer;
 pub mod tokenizer;
 pub mod train;
 

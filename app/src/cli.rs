@@ -176,6 +176,46 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// The causal check: KL(P_chat ‖ P_patched) on assistant-predicting tokens when the base
+    /// residual is patched with sets of latents; a table on stdout and RUN/kl.json.
+    Kl {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        chat: PathBuf,
+        /// Conversations: .jsonl or .parquet with `messages`.
+        #[arg(long)]
+        data: PathBuf,
+        /// Conversations to use (the paper: 512).
+        #[arg(long, default_value_t = 512)]
+        conversations: usize,
+        /// The layer (default: the crosscoder's, from its config.json).
+        #[arg(long)]
+        layer: Option<usize>,
+    },
+    /// Generate with latent J's chat decoder direction added at the crosscoder's layer, beside the
+    /// unsteered completion.
+    Steer {
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        latent: usize,
+        /// Multiple of the latent's largest observed activation (latents.csv's max_act).
+        #[arg(long)]
+        strength: f64,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long)]
+        layer: Option<usize>,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -500,6 +540,68 @@ pub fn run() -> Result<()> {
                 run.join("latents.csv").display(),
                 started.elapsed().as_secs_f64()
             );
+        }
+        Command::Kl { run, base, chat, data, conversations, layer } => {
+            let device = cli.backend.device()?;
+            let cc = crossdiff::crosscoder::Crosscoder::load(&run, &device)?;
+            let rows = crossdiff::latents_csv::read_latents_csv(&run.join("latents.csv"))?;
+            let layer = layer
+                .or(cc.config.layer)
+                .ok_or_else(|| anyhow::anyhow!("--layer: the run's config.json names no layer"))?;
+            let load = |dir: &PathBuf| Model::load(dir, &device, LoadOptions::default());
+            let (b, c) = (load(&base)?, load(&chat)?);
+            let bar = ProgressBar::new(conversations as u64).with_style(
+                ProgressStyle::with_template("kl [{bar:30}] {pos}/{len} conversations ({eta})")
+                    .expect("static template"),
+            );
+            let stats = crossdiff::kl::kl_table(&b, &c, &cc, &rows, layer, &data, conversations, |n| {
+                bar.set_position(n as u64)
+            })?;
+            bar.finish_and_clear();
+            println!("{:<18} {:>8} {:>22} {:>22}", "condition", "latents", "KL all reply tokens", "KL first 9 tokens");
+            for s in &stats {
+                println!(
+                    "{:<18} {:>8} {:>12.4} ± {:<7.4} {:>12.4} ± {:<7.4}",
+                    s.condition, s.latents, s.mean_all, s.ci_all, s.mean_first9, s.ci_first9
+                );
+            }
+            let text = serde_json::to_string_pretty(&stats)?;
+            crossdiff::io::write_atomic(&run.join("kl.json"), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))?;
+            let gap = stats[0].mean_all;
+            let closed = if gap > 0.0 { 100.0 * (1.0 - stats[1].mean_all / gap) } else { 0.0 };
+            println!(
+                "kl: {} tokens; base→chat gap {gap:.4} (first 9: {:.4}); patching all latents closes {closed:.0}% → {}",
+                stats[0].tokens_all,
+                stats[0].mean_first9,
+                run.join("kl.json").display()
+            );
+        }
+        Command::Steer { run, model, latent, strength, prompt, chat, max_tokens, layer } => {
+            let m = load(&model, cli.backend)?;
+            let cc = crossdiff::crosscoder::Crosscoder::load(&run, m.gemma.device())?;
+            let rows = crossdiff::latents_csv::read_latents_csv(&run.join("latents.csv"))?;
+            let row = rows
+                .get(latent)
+                .ok_or_else(|| anyhow::anyhow!("--latent {latent}: latents.csv has {} rows", rows.len()))?;
+            let layer = layer
+                .or(cc.config.layer)
+                .ok_or_else(|| anyhow::anyhow!("--layer: the run's config.json names no layer"))?;
+            let edit = crossdiff::steer::steering_edit(&cc, latent, strength, row.max_act, layer)?;
+            let ids = m.prompt_ids(&prompt, chat)?;
+            let (plain, steered) = crossdiff::steer::steer(&m, &ids, &edit, max_tokens)?;
+            let text = |ids: &[u32]| -> Result<String> {
+                let stop = m.stop_ids();
+                let keep: Vec<u32> = ids.iter().copied().filter(|i| !stop.contains(i)).collect();
+                m.tokenizer.decode(&keep)
+            };
+            println!(
+                "--- unsteered ---\n{}\n--- steered: latent {latent} ({}, Δ {:.3}) × {strength} at layer {layer} ---\n{}",
+                text(&plain)?,
+                row.class,
+                row.delta_norm,
+                text(&steered)?
+            );
+            println!("steer: {} vs {} new tokens", plain.len(), steered.len());
         }
         Command::Bench { which: BenchCommand::Train { d, dict_size, k, batch, kind, steps } } => {
             let device = cli.backend.device()?;
