@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cache;
 pub mod crosscoder;
 pub mod data;
+pub mod examples;
 pub mod gemma2;
 pub mod generate;
 pub mod inspect;

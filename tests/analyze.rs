@@ -213,3 +213,122 @@ fn latents_csv_equals_an_independent_recomputation() {
     assert_eq!(summary.chat_specific, specific);
     assert_eq!(summary.tokens, 600);
 }
+
+#[test]
+fn examples_store_returns_the_true_top_contexts() {
+    use crossdiff::examples::{BINS, ExamplesOptions, ExamplesStore, HIST_BINS, build_examples};
+    let cache = TempDir::new("examples-cache");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data");
+    let job = CacheJob {
+        base: fixture("base"),
+        chat: fixture("chat"),
+        data: vec![data.join("web.txt"), data.join("chat.jsonl")],
+        layer: 2,
+        tokens: 500,
+        out: cache.path().to_path_buf(),
+        dtype: ActDtype::F32,
+        tokenize: TokenizeOptions { context: 40, ..Default::default() },
+        mix: true,
+        shard_tokens: 128,
+        batch_tokens: 256,
+        low_memory: false,
+        load: LoadOptions::default(),
+    };
+    run_cache(&job, &Device::flex(), |_| {}, || true).unwrap();
+    let device = Device::flex();
+    let (d, dict) = (72, 12);
+    let cc = Crosscoder {
+        config: CrosscoderConfig { kind: Kind::L1, d, dict_size: dict, k: 0, mu: 0.0, layer: Some(2), models: vec![] },
+        params: Params::init(d, dict, 0.2, 11, &device),
+        threshold: None,
+    };
+    let run = TempDir::new("examples-run");
+    cc.save(run.path()).unwrap();
+    let (rows, summary) = analyze(run.path(), cache.path(), &device, &AnalyzeOptions::default(), |_, _| {}).unwrap();
+    write_outputs(run.path(), &rows, &summary).unwrap();
+    let embed = |m: &str| {
+        crossdiff::Snapshot::open(fixture(m)).unwrap().read_f32("model.embed_tokens.weight", &[676, d]).unwrap()
+    };
+    let opts = ExamplesOptions { top_n: 5, per_bin: 2, context: 3, batch: 64, seed: 1, top_tokens: 4 };
+    let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
+    build_examples(run.path(), cache.path(), &device, &max_act, Some([embed("base"), embed("chat")]), &opts, None)
+        .unwrap();
+
+    // Brute force: every token's norm-scaled activation of every latent, token ids and documents.
+    let index = crossdiff::cache::CacheIndex::open(cache.path()).unwrap();
+    let (mut acts, mut ids, mut docs) = (Vec::new(), Vec::new(), Vec::new());
+    for s in &index.shards {
+        let bytes = std::fs::read(cache.path().join(&s.file)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (_, x) = f32s(&st, "acts");
+        let xt = tensor(x.iter().map(|&v| v as f32).collect(), [s.tokens as usize, 2 * d], &device);
+        acts.extend(read_vec(cc.codes(xt) * cc.params.norm_sum()).unwrap());
+        let u = |n: &str| {
+            st.tensor(n)
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        ids.extend(u("token_ids"));
+        docs.extend(u("doc_index"));
+    }
+    let n = ids.len();
+    let store = ExamplesStore::open(run.path()).unwrap();
+    let (eb, ec) = (embed("base"), embed("chat"));
+    let w_dec = read_vec(cc.params.w_dec.clone()).unwrap();
+    for j in 0..dict {
+        let got = store.latent(j).unwrap();
+        let mut all: Vec<(f32, usize)> = (0..n).map(|t| (acts[t * dict + j], t)).filter(|(a, _)| *a > 0.0).collect();
+        all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let top: Vec<_> = got.examples.iter().filter(|e| e.kind == 0).collect();
+        assert_eq!(top.len(), all.len().min(5), "latent {j}");
+        for (e, (a, t)) in top.iter().zip(&all) {
+            assert_eq!((e.token as usize, e.act), (*t, *a), "latent {j}: top examples in order");
+        }
+        for e in &got.examples {
+            let c = e.token as usize;
+            if e.kind > 0 {
+                let frac = e.act as f64 / rows[j].max_act;
+                let lo = if e.kind == 1 { 0.0 } else { BINS[e.kind as usize - 2] };
+                assert!(
+                    frac > lo && frac <= BINS[e.kind as usize - 1] + 1e-9,
+                    "latent {j}: bin {} holds {frac}",
+                    e.kind
+                );
+            }
+            for (o, (&id, &a)) in e.window_ids.iter().zip(&e.window_acts).enumerate() {
+                let t = c as i64 + o as i64 - 3;
+                if t < 0 || t >= n as i64 || docs[t as usize] != docs[c] {
+                    assert_eq!(a, -1.0, "outside the document");
+                } else {
+                    assert_eq!(
+                        (id, a),
+                        (ids[t as usize], acts[t as usize * dict + j]),
+                        "latent {j}, window offset {o}"
+                    );
+                }
+            }
+        }
+        assert_eq!(got.histogram.len(), HIST_BINS);
+        assert_eq!(got.histogram.iter().sum::<u32>() as usize, all.len(), "histogram counts every activation");
+        // Promoted tokens: the largest d_j^m · e_v over the vocabulary.
+        for (m, e) in [(0, &eb), (1, &ec)] {
+            let dir = &w_dec[j * 2 * d + m * d..j * 2 * d + (m + 1) * d];
+            let mut logits: Vec<(f64, u32)> = (0..676)
+                .map(|v| (dir.iter().zip(&e[v * d..(v + 1) * d]).map(|(a, b)| *a as f64 * *b as f64).sum(), v as u32))
+                .collect();
+            logits.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let name = if m == 0 { "promoted_base" } else { "promoted_chat" };
+            let got_ids: Vec<u32> = got.tokens[name].iter().map(|(i, _)| *i).collect();
+            assert_eq!(got_ids, logits[..4].iter().map(|(_, v)| *v).collect::<Vec<_>>(), "latent {j} {name}");
+            let low: Vec<u32> = got.tokens[if m == 0 { "suppressed_base" } else { "suppressed_chat" }]
+                .iter()
+                .map(|(i, _)| *i)
+                .collect();
+            assert_eq!(low, logits[logits.len() - 4..].iter().rev().map(|(_, v)| *v).collect::<Vec<_>>());
+        }
+    }
+    assert!(store.latent(dict).is_err());
+}

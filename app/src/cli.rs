@@ -175,6 +175,18 @@ enum Command {
         error_top_n: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The base model (for each latent's promoted/suppressed tokens through its unembedding).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// The chat model (likewise).
+        #[arg(long)]
+        chat: Option<PathBuf>,
+        /// Top activating examples stored per latent.
+        #[arg(long, default_value_t = 10)]
+        examples: usize,
+        /// Context tokens on each side of an example.
+        #[arg(long, default_value_t = 16)]
+        context: usize,
     },
     /// The causal check: KL(P_chat ‖ P_patched) on assistant-predicting tokens when the base
     /// residual is patched with sets of latents; a table on stdout and RUN/kl.json.
@@ -509,7 +521,7 @@ pub fn run() -> Result<()> {
                 None => println!("train: nothing to do, {} already holds a finished run", out.display()),
             }
         }
-        Command::Analyze { run, cache, tokens, batch, error_top_n, seed } => {
+        Command::Analyze { run, cache, tokens, batch, error_top_n, seed, base, chat, examples, context } => {
             let device = cli.backend.device()?;
             let bar = ProgressBar::new(0).with_style(
                 ProgressStyle::with_template("analyze [{bar:30}] {human_pos}/{human_len} tokens, {per_sec}, ETA {eta}")
@@ -523,6 +535,16 @@ pub fn run() -> Result<()> {
                 bar.set_position(done);
             })?;
             crossdiff::analyze::write_outputs(&run, &rows, &summary)?;
+            bar.set_message("examples");
+            let unembed = match (&base, &chat) {
+                (Some(b), Some(c)) => Some([embedding(b)?, embedding(c)?]),
+                (None, None) => None,
+                _ => anyhow::bail!("--base and --chat go together (for promoted/suppressed tokens)"),
+            };
+            let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
+            let ex =
+                crossdiff::examples::ExamplesOptions { top_n: examples, context, batch, seed, ..Default::default() };
+            crossdiff::examples::build_examples(&run, &cache, &device, &max_act, unembed, &ex, tokens)?;
             bar.finish_and_clear();
             let c = &summary.classes;
             println!(
@@ -677,4 +699,11 @@ fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
         eprintln!("\ninterrupted: finishing the current shard, then stopping (Ctrl-C again to quit now)");
     });
     flag
+}
+
+/// A snapshot's `[vocab, d]` embedding (the tied unembedding), as f32.
+fn embedding(dir: &std::path::Path) -> Result<Vec<f32>> {
+    let snap = crossdiff::Snapshot::open(dir)?;
+    let c = &snap.config;
+    snap.read_f32("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])
 }
