@@ -116,6 +116,7 @@ pub fn analyze(
     device: &Device,
     opts: &AnalyzeOptions,
     mut progress: impl FnMut(u64, u64),
+    keep_going: impl Fn() -> bool,
 ) -> Result<(Vec<LatentRow>, Summary)> {
     let cc = Crosscoder::load(run, device)?;
     let index = CacheIndex::open(cache)?;
@@ -143,9 +144,33 @@ pub fn analyze(
     let norm_sum = p.norm_sum();
     // d_j^chat as a `[2d, D]`-shaped projector for each model's half: [d, D].
     let w_chat_t = p.w_dec.clone().narrow(1, d, d).transpose();
-    for shard in &index.shards {
+    // Resume: the sums after the last finished shard, if this same analysis was interrupted.
+    let fingerprint = format!(
+        "{}|{}|{}|{total}|{}",
+        cache.display(),
+        index.total_tokens,
+        crate::cache::checksum(&std::fs::read(run.join("crosscoder.safetensors")).unwrap_or_default()),
+        opts.batch
+    );
+    let state_path = run.join("analyze-state.json");
+    let mut first_shard = 0;
+    if let Ok(text) = std::fs::read_to_string(&state_path) {
+        if let Ok(saved) = serde_json::from_str::<SavedState>(&text) {
+            if saved.fingerprint == fingerprint {
+                first_shard = saved.shards_done;
+                acc = saved.acc.into();
+            }
+        }
+    }
+    for (shard_i, shard) in index.shards.iter().enumerate().skip(first_shard) {
         if acc.tokens >= total {
             break;
+        }
+        if !keep_going() {
+            let saved = SavedState { fingerprint, shards_done: shard_i, acc: (&acc).into() };
+            let text = serde_json::to_string(&saved)?;
+            write_atomic(&state_path, |f| Ok(f.write_all(text.as_bytes())?))?;
+            bail!("analysis interrupted after {} tokens; re-run the same command to resume", acc.tokens);
         }
         let layout = index.check_shard_header(cache, shard)?;
         let bytes = read_shard_file(cache, shard)?;
@@ -167,7 +192,70 @@ pub fn analyze(
             progress(acc.tokens, total);
         }
     }
+    let _ = std::fs::remove_file(&state_path);
     finish(&cc, acc, opts, dict, d)
+}
+
+/// The running sums, as saved between shards (f64 values survive JSON exactly).
+#[derive(Serialize, serde::Deserialize)]
+struct SavedAcc {
+    tokens: u64,
+    active: Vec<f64>,
+    template_active: Vec<f64>,
+    max_act: Vec<f64>,
+    sum_f2: Vec<f64>,
+    recon: [Vec<f64>; 2],
+    err: [Vec<f64>; 2],
+    l0: f64,
+    x_sum: Vec<f64>,
+    x_sq: Vec<f64>,
+    e_sum: Vec<f64>,
+    e_sq: Vec<f64>,
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct SavedState {
+    fingerprint: String,
+    shards_done: usize,
+    acc: SavedAcc,
+}
+
+impl From<&Accumulators> for SavedAcc {
+    fn from(a: &Accumulators) -> Self {
+        Self {
+            tokens: a.tokens,
+            active: a.active.clone(),
+            template_active: a.template_active.clone(),
+            max_act: a.max_act.clone(),
+            sum_f2: a.sum_f2.clone(),
+            recon: a.recon.clone(),
+            err: a.err.clone(),
+            l0: a.l0,
+            x_sum: a.x_sum.clone(),
+            x_sq: a.x_sq.clone(),
+            e_sum: a.e_sum.clone(),
+            e_sq: a.e_sq.clone(),
+        }
+    }
+}
+
+impl From<SavedAcc> for Accumulators {
+    fn from(a: SavedAcc) -> Self {
+        Self {
+            tokens: a.tokens,
+            active: a.active,
+            template_active: a.template_active,
+            max_act: a.max_act,
+            sum_f2: a.sum_f2,
+            recon: a.recon,
+            err: a.err,
+            l0: a.l0,
+            x_sum: a.x_sum,
+            x_sq: a.x_sq,
+            e_sum: a.e_sum,
+            e_sq: a.e_sq,
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

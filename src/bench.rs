@@ -226,3 +226,74 @@ pub fn bench_train(
         peak_host_bytes: peak_rss_bytes(),
     })
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalyzeBench {
+    pub tokens: u64,
+    pub dict_size: usize,
+    pub analyze_tokens_per_s: f64,
+    pub examples_seconds: f64,
+    /// Median and worst time to fetch one latent's dashboard data from the examples store.
+    pub query_ms_median: f64,
+    pub query_ms_max: f64,
+}
+
+/// Analyze + examples store for a random crosscoder of `dict` latents over `tokens` of `cache`,
+/// then 200 random latent queries.
+pub fn bench_analyze(
+    cache: &std::path::Path,
+    device: &burn::tensor::Device,
+    dict: usize,
+    tokens: u64,
+) -> Result<AnalyzeBench> {
+    use crate::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params};
+    let index = crate::cache::CacheIndex::open(cache)?;
+    let d = index.d_model;
+    let run = std::env::temp_dir().join(format!("crossdiff-bench-analyze-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run);
+    let cc = Crosscoder {
+        config: CrosscoderConfig {
+            kind: Kind::BatchTopK,
+            d,
+            dict_size: dict,
+            k: 100,
+            mu: 0.0,
+            layer: None,
+            models: vec![],
+        },
+        params: Params::init(d, dict, 1.0, 1, device),
+        // Roughly k = 100 active latents per token on unit-scale random pairs.
+        threshold: Some(0.6),
+    };
+    cc.save(&run)?;
+    let opts = crate::analyze::AnalyzeOptions { tokens: Some(tokens), batch: 256, ..Default::default() };
+    let start = Instant::now();
+    let (rows, summary) = crate::analyze::analyze(&run, cache, device, &opts, |_, _| {}, || true)?;
+    let analyze_secs = start.elapsed().as_secs_f64();
+    crate::analyze::write_outputs(&run, &rows, &summary)?;
+    let start = Instant::now();
+    let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
+    let ex = crate::examples::ExamplesOptions { batch: 256, ..Default::default() };
+    crate::examples::build_examples(&run, cache, device, &max_act, None, &ex, Some(tokens))?;
+    let examples_seconds = start.elapsed().as_secs_f64();
+    let store = crate::examples::ExamplesStore::open(&run)?;
+    let mut rng = SplitMix64(9);
+    let mut times: Vec<f64> = (0..200)
+        .map(|_| {
+            let j = (rng.next_u64() % dict as u64) as usize;
+            let t = Instant::now();
+            let _ = store.latent(j);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let _ = std::fs::remove_dir_all(&run);
+    Ok(AnalyzeBench {
+        tokens: summary.tokens,
+        dict_size: dict,
+        analyze_tokens_per_s: summary.tokens as f64 / analyze_secs,
+        examples_seconds,
+        query_ms_median: times[times.len() / 2],
+        query_ms_max: times[times.len() - 1],
+    })
+}

@@ -95,7 +95,26 @@ fn latents_csv_equals_an_independent_recomputation() {
     cc.save(run.path()).unwrap();
 
     let opts = AnalyzeOptions { tokens: None, batch: 100, error_top_n: Some(12), seed: 3 };
-    let (rows, summary) = analyze(run.path(), cache.path(), &device, &opts, |_, _| {}).unwrap();
+    let (rows, summary) = analyze(run.path(), cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
+    // Interrupted after the first shard and resumed: the same rows, bit for bit.
+    let calls = std::cell::Cell::new(0);
+    let err = analyze(
+        run.path(),
+        cache.path(),
+        &device,
+        &opts,
+        |_, _| {},
+        || {
+            calls.set(calls.get() + 1);
+            calls.get() < 2
+        },
+    )
+    .unwrap_err();
+    assert!(format!("{err}").contains("re-run"), "{err}");
+    assert!(run.path().join("analyze-state.json").exists());
+    let (resumed, _) = analyze(run.path(), cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
+    assert_eq!(resumed, rows);
+    assert!(!run.path().join("analyze-state.json").exists());
     write_outputs(run.path(), &rows, &summary).unwrap();
     let csv = std::fs::read_to_string(run.path().join("latents.csv")).unwrap();
     assert_eq!(csv.lines().next().unwrap(), CSV_HEADER);
@@ -244,7 +263,8 @@ fn examples_store_returns_the_true_top_contexts() {
     };
     let run = TempDir::new("examples-run");
     cc.save(run.path()).unwrap();
-    let (rows, summary) = analyze(run.path(), cache.path(), &device, &AnalyzeOptions::default(), |_, _| {}).unwrap();
+    let (rows, summary) =
+        analyze(run.path(), cache.path(), &device, &AnalyzeOptions::default(), |_, _| {}, || true).unwrap();
     write_outputs(run.path(), &rows, &summary).unwrap();
     let embed = |m: &str| {
         crossdiff::Snapshot::open(fixture(m)).unwrap().read_f32("model.embed_tokens.weight", &[676, d]).unwrap()

@@ -109,10 +109,9 @@ impl CrossdiffApp {
 
     pub fn models_ui(&mut self, ui: &mut egui::Ui) {
         ui.heading("Models");
-        for (slot, label) in ["Base model", "Chat model"].iter().enumerate() {
-            ui.label(*label);
-            ui.add(egui::TextEdit::singleline(&mut self.dirs[slot]).desired_width(f32::INFINITY))
-                .labelled_by(ui.label("snapshot directory").id);
+        for (slot, label) in ["Base model directory", "Chat model directory"].iter().enumerate() {
+            let name = ui.label(*label).id;
+            ui.add(egui::TextEdit::singleline(&mut self.dirs[slot]).desired_width(f32::INFINITY)).labelled_by(name);
         }
         egui::ComboBox::from_label("Backend").selected_text(self.backend.to_string()).show_ui(ui, |ui| {
             for b in [Backend::Cpu, Backend::Wgpu, Backend::Cuda] {
@@ -147,8 +146,9 @@ impl CrossdiffApp {
 
     pub fn prompt_ui(&mut self, ui: &mut egui::Ui) {
         ui.heading("Prompt");
-        let edit = ui.add(egui::TextEdit::multiline(&mut self.prompt).desired_rows(3).desired_width(f32::INFINITY));
-        edit.labelled_by(ui.label("prompt text").id);
+        let name = ui.label("Prompt text").id;
+        ui.add(egui::TextEdit::multiline(&mut self.prompt).desired_rows(3).desired_width(f32::INFINITY))
+            .labelled_by(name);
         ui.horizontal(|ui| {
             ui.checkbox(&mut self.chat, "Use chat template");
             ui.add(egui::DragValue::new(&mut self.max_tokens).range(1..=1024)).labelled_by(ui.label("max tokens").id);

@@ -266,6 +266,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         steps: u64,
     },
+    /// analyze throughput and the examples store's per-latent query time, for a random crosscoder.
+    Analyze {
+        #[arg(long)]
+        cache: PathBuf,
+        #[arg(long, default_value_t = 73_728)]
+        dict_size: usize,
+        #[arg(long, default_value_t = 2048)]
+        tokens: u64,
+    },
     /// Reader throughput (GB/s of f32 pairs delivered) beside a raw sequential read of the shards.
     Reader {
         /// The cache to read; with --synthetic-tokens it is created there first (random bf16 pairs).
@@ -530,10 +539,18 @@ pub fn run() -> Result<()> {
             );
             let started = Instant::now();
             let opts = crossdiff::analyze::AnalyzeOptions { tokens, batch, error_top_n, seed };
-            let (rows, summary) = crossdiff::analyze::analyze(&run, &cache, &device, &opts, |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            })?;
+            let stop = interrupt_flag();
+            let (rows, summary) = crossdiff::analyze::analyze(
+                &run,
+                &cache,
+                &device,
+                &opts,
+                |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                },
+                || !stop.load(std::sync::atomic::Ordering::SeqCst),
+            )?;
             crossdiff::analyze::write_outputs(&run, &rows, &summary)?;
             bar.set_message("examples");
             let unembed = match (&base, &chat) {
@@ -636,6 +653,15 @@ pub fn run() -> Result<()> {
                 r.tokens_per_s,
                 r.peak_host_bytes.unwrap_or(0) / (1 << 20),
                 cli.backend
+            );
+        }
+        Command::Bench { which: BenchCommand::Analyze { cache, dict_size, tokens } } => {
+            let device = cli.backend.device()?;
+            let r = crossdiff::bench::bench_analyze(&cache, &device, dict_size, tokens)?;
+            println!("{}", serde_json::to_string(&r)?);
+            println!(
+                "bench analyze: {:.0} tokens/s (D={dict_size}), examples store {:.1}s, latent query {:.2} ms median / {:.2} ms max ({})",
+                r.analyze_tokens_per_s, r.examples_seconds, r.query_ms_median, r.query_ms_max, cli.backend
             );
         }
         Command::Bench { which: BenchCommand::Reader { cache, synthetic_tokens, d, batch, shuffle_tokens } } => {
