@@ -120,6 +120,36 @@ pub fn bench_reader(cache: &std::path::Path, batch: usize, shuffle_tokens: usize
     })
 }
 
+/// Writes a bf16 cache of `tokens` pairs `[2d]` filled by `fill` (rows start at zero).
+fn write_planted_cache(dir: &std::path::Path, tokens: u64, d: usize, mut fill: impl FnMut(&mut [f32])) -> Result<()> {
+    use crate::cache::{ActDtype, CacheIndex, FORMAT, ShardInfo, checksum};
+    use crate::io::{OwnedTensor, write_safetensors};
+    std::fs::create_dir_all(dir)?;
+    let n = tokens as usize;
+    let mut values = vec![0.0f32; n * 2 * d];
+    values.chunks_exact_mut(2 * d).for_each(&mut fill);
+    let mut bytes = Vec::new();
+    ActDtype::Bf16.encode(&values, &mut bytes);
+    let path = dir.join("acts-00000.safetensors");
+    write_safetensors(&path, &[OwnedTensor { name: "acts".into(), dtype: safetensors::Dtype::BF16, shape: vec![n, 2, d], bytes }])?;
+    let shards = vec![ShardInfo { file: "acts-00000.safetensors".into(), tokens, documents: 0, checksum: checksum(&std::fs::read(&path)?) }];
+    CacheIndex {
+        format: FORMAT.into(),
+        d_model: d,
+        layer: 0,
+        dtype: ActDtype::Bf16,
+        models: vec!["planted-base".into(), "planted-chat".into()],
+        total_tokens: tokens,
+        shards,
+        sources: Vec::new(),
+        settings: None,
+        documents: 0,
+        complete: true,
+        partial_shards: Vec::new(),
+    }
+    .write(dir)
+}
+
 /// Writes a cache of `tokens` random pairs of width `d` (bf16, shards of `shard_tokens`) for
 /// benchmarking the reader at real sizes without running a model.
 pub fn write_synthetic_cache(dir: &std::path::Path, tokens: u64, d: usize, shard_tokens: u64) -> Result<()> {
@@ -230,6 +260,8 @@ pub fn bench_train(
 #[derive(Debug, Clone, Serialize)]
 pub struct AnalyzeBench {
     pub tokens: u64,
+    pub chat_only: usize,
+    pub shared: usize,
     pub dict_size: usize,
     pub analyze_tokens_per_s: f64,
     pub examples_seconds: f64,
@@ -238,34 +270,70 @@ pub struct AnalyzeBench {
     pub query_ms_max: f64,
 }
 
-/// Analyze + examples store for a random crosscoder of `dict` latents over `tokens` of `cache`,
-/// then 200 random latent queries.
-pub fn bench_analyze(
-    cache: &std::path::Path,
-    device: &burn::tensor::Device,
-    dict: usize,
-    tokens: u64,
-) -> Result<AnalyzeBench> {
-    use crate::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params};
-    let index = crate::cache::CacheIndex::open(cache)?;
-    let d = index.d_model;
-    let run = std::env::temp_dir().join(format!("crossdiff-bench-analyze-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&run);
+/// The planted 2B-width case: `tokens` synthetic pairs of width `d` built from `dict` known unit
+/// directions (a tenth chat-only, a tenth base-only, the rest shared; ~`k` active per token) and a
+/// crosscoder whose latents are exactly those directions. Runs analyze and the examples store over
+/// it, then 200 random latent queries.
+pub fn bench_analyze(device: &burn::tensor::Device, d: usize, dict: usize, k: usize, tokens: u64) -> Result<AnalyzeBench> {
+    use crate::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, tensor};
+    let root = std::env::temp_dir().join(format!("crossdiff-bench-analyze-{}", std::process::id()));
+    let (run, cache) = (root.join("run"), root.join("cache"));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut rng = SplitMix64(5);
+    // Directions: one unit vector per latent; which models carry it depends on its kind.
+    let mut dirs = vec![0.0f32; dict * d];
+    for row in dirs.chunks_exact_mut(d) {
+        row.iter_mut().for_each(|x| *x = rng.next_f64() as f32 - 0.5);
+        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|x| *x /= n);
+    }
+    let kind = |j: usize| match j % 10 {
+        0 => 1u8, // chat-only
+        1 => 2,   // base-only
+        _ => 0,   // shared
+    };
+    let (in_base, in_chat) = (|j: usize| kind(j) != 1, |j: usize| kind(j) != 2);
+    // Pairs: each token activates ~k latents with magnitudes in [0.5, 1.5).
+    write_planted_cache(&cache, tokens, d, |row| {
+        for _ in 0..k {
+            let j = (rng.next_u64() % dict as u64) as usize;
+            let a = 0.5 + rng.next_f64() as f32;
+            let v = &dirs[j * d..(j + 1) * d];
+            if in_base(j) {
+                row[..d].iter_mut().zip(v).for_each(|(x, y)| *x += a * y);
+            }
+            if in_chat(j) {
+                row[d..].iter_mut().zip(v).for_each(|(x, y)| *x += a * y);
+            }
+        }
+    })?;
+    let mut enc = vec![0.0f32; 2 * d * dict];
+    let mut dec = vec![0.0f32; dict * 2 * d];
+    for j in 0..dict {
+        for i in 0..d {
+            let v = dirs[j * d + i];
+            if in_base(j) {
+                enc[i * dict + j] = v;
+                dec[j * 2 * d + i] = v;
+            }
+            if in_chat(j) {
+                enc[(d + i) * dict + j] = v;
+                dec[j * 2 * d + d + i] = v;
+            }
+        }
+    }
     let cc = Crosscoder {
-        config: CrosscoderConfig {
-            kind: Kind::BatchTopK,
-            d,
-            dict_size: dict,
-            k: 100,
-            mu: 0.0,
-            layer: None,
-            models: vec![],
+        config: CrosscoderConfig { kind: Kind::BatchTopK, d, dict_size: dict, k, mu: 0.0, layer: None, models: vec![] },
+        params: Params {
+            w_enc: tensor(enc, [2 * d, dict], device),
+            b_enc: tensor(vec![-0.3; dict], [1, dict], device),
+            w_dec: tensor(dec, [dict, 2 * d], device),
+            b_dec: tensor(vec![0.0; 2 * d], [1, 2 * d], device),
         },
-        params: Params::init(d, dict, 1.0, 1, device),
-        // Roughly k = 100 active latents per token on unit-scale random pairs.
-        threshold: Some(0.6),
+        threshold: Some(0.4),
     };
     cc.save(&run)?;
+    let cache = cache.as_path();
     let opts = crate::analyze::AnalyzeOptions { tokens: Some(tokens), batch: 256, ..Default::default() };
     let start = Instant::now();
     let (rows, summary) = crate::analyze::analyze(&run, cache, device, &opts, |_, _| {}, || true)?;
@@ -287,9 +355,11 @@ pub fn bench_analyze(
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    let _ = std::fs::remove_dir_all(&run);
+    let _ = std::fs::remove_dir_all(&root);
     Ok(AnalyzeBench {
         tokens: summary.tokens,
+        chat_only: summary.classes["chat_only"],
+        shared: summary.classes["shared"],
         dict_size: dict,
         analyze_tokens_per_s: summary.tokens as f64 / analyze_secs,
         examples_seconds,

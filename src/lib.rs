@@ -12,6 +12,7 @@ pub mod examples;
 pub mod gemma2;
 pub mod generate;
 pub mod inspect;
+pub mod kernels;
 pub mod io;
 pub mod kl;
 pub mod latents_csv;

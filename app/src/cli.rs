@@ -266,12 +266,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         steps: u64,
     },
-    /// analyze throughput and the examples store's per-latent query time, for a random crosscoder.
+    /// analyze throughput and the examples store's per-latent query time on the planted case:
+    /// synthetic pairs from known directions and a crosscoder made of them.
     Analyze {
-        #[arg(long)]
-        cache: PathBuf,
+        #[arg(long, default_value_t = 2304)]
+        d: usize,
         #[arg(long, default_value_t = 73_728)]
         dict_size: usize,
+        #[arg(long, default_value_t = 100)]
+        k: usize,
         #[arg(long, default_value_t = 2048)]
         tokens: u64,
     },
@@ -655,9 +658,9 @@ pub fn run() -> Result<()> {
                 cli.backend
             );
         }
-        Command::Bench { which: BenchCommand::Analyze { cache, dict_size, tokens } } => {
+        Command::Bench { which: BenchCommand::Analyze { d, dict_size, k, tokens } } => {
             let device = cli.backend.device()?;
-            let r = crossdiff::bench::bench_analyze(&cache, &device, dict_size, tokens)?;
+            let r = crossdiff::bench::bench_analyze(&device, d, dict_size, k, tokens)?;
             println!("{}", serde_json::to_string(&r)?);
             println!(
                 "bench analyze: {:.0} tokens/s (D={dict_size}), examples store {:.1}s, latent query {:.2} ms median / {:.2} ms max ({})",

@@ -1,0 +1,114 @@
+//! Hand-written WGSL kernels (in `shaders/`) inside burn tensors, through burn's backend-extension
+//! route (shared/spec/burn-notes.md). Each has a plain reference it is tested against.
+//!
+//! `score_histogram` is the building block of BatchTopK's batch-global top-k·B selection on the
+//! device: three histogram passes over the scores' bit patterns find the k-th largest score without
+//! sorting (or reading back) the B×D scores; [`crate::crosscoder::select_batch_topk`] is the reference.
+
+use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
+use burn::tensor::{Device, Tensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::template::{KernelSource, SourceKernel, SourceTemplate};
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::KernelId;
+use cubecl::server::KernelArguments;
+use cubecl::{CubeCount, CubeDim};
+
+const WORKGROUP: u32 = 256;
+/// Bits per pass, from the top: 11 + 11 + 10 = all 32.
+const PASSES: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
+
+/// The number of histogram bins a pass with `bits` bits fills (the output's length).
+pub fn hist_len(bits: u32) -> usize {
+    1usize << bits
+}
+
+#[backend_extension(Cube, Fusion)]
+pub trait KernelOps: Backend {
+    /// Counts of positive scores per `bits`-bit field at `shift`, among scores whose bits under
+    /// `prefix_mask` equal `prefix`. The output holds u32 counts in an f32-typed buffer of
+    /// `2^bits` elements: read it as raw bytes.
+    #[fusion(dtype = scores, shape = burn::tensor::Shape::new([hist_len(*bits)]))]
+    fn score_histogram(scores: FloatTensor<Self>, prefix: u32, prefix_mask: u32, shift: u32, bits: u32) -> FloatTensor<Self>;
+}
+
+struct HistogramKernel;
+
+impl KernelSource for HistogramKernel {
+    fn source(&self) -> SourceTemplate {
+        SourceTemplate::new(include_str!("../shaders/score_histogram.wgsl")).register("workgroup", WORKGROUP.to_string())
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info(WORKGROUP)
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+impl KernelOps for CubeBackend {
+    fn score_histogram(scores: FloatTensor<Self>, prefix: u32, prefix_mask: u32, shift: u32, bits: u32) -> FloatTensor<Self> {
+        let scores: CubeTensor = into_contiguous(scores);
+        let n = scores.meta.shape().num_elements() as u32;
+        let client = scores.client.clone();
+        let bins = hist_len(bits);
+        let hist = client.create_from_slice(&vec![0u8; bins * 4]);
+        let params: Vec<u8> = [n, prefix, prefix_mask, shift, (bins - 1) as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let params = client.create_from_slice(&params);
+        let groups = n.div_ceil(WORKGROUP).clamp(1, 4096);
+        client.launch(
+            Box::new(SourceKernel::new(HistogramKernel, CubeDim::new_1d(WORKGROUP))),
+            CubeCount::Static(groups, 1, 1),
+            KernelArguments::new().with_buffers(vec![scores.handle.clone().binding(), hist.clone().binding(), params.binding()]),
+        );
+        CubeTensor::new_contiguous(client, scores.device.clone(), burn::tensor::Shape::new([bins]), hist, burn::tensor::DType::F32)
+    }
+}
+
+/// Whether the tensor's device runs CubeCL with the WGSL compiler (the wgpu backend).
+pub fn is_wgpu(device: &Device) -> bool {
+    format!("{device:?}").contains("Wgpu")
+}
+
+fn histogram(scores: &Tensor<1>, prefix: u32, mask: u32, shift: u32, bits: u32) -> anyhow::Result<Vec<u32>> {
+    let out = Tensor::<1>::from_dispatch(<burn::backend::Dispatch as KernelOps>::score_histogram(
+        scores.clone().into_dispatch(),
+        prefix,
+        mask,
+        shift,
+        bits,
+    ));
+    let data = out.try_into_data().map_err(|e| anyhow::anyhow!("reading the histogram: {e:?}"))?;
+    Ok(data.as_bytes().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// The `keep`-th largest positive score (exactly, as f32) and how many scores are strictly above it,
+/// or `None` when at most `keep` scores are positive. Three histogram passes on the device.
+pub fn kth_largest(scores: &Tensor<1>, keep: usize) -> anyhow::Result<Option<(f32, usize)>> {
+    let (mut prefix, mut mask) = (0u32, 0u32);
+    let mut remaining = keep as u64; // how many of the largest are still to be located
+    let mut above = 0u64;
+    for (i, &(shift, bits)) in PASSES.iter().enumerate() {
+        let hist = histogram(scores, prefix, mask, shift, bits)?;
+        if i == 0 && hist.iter().map(|&c| c as u64).sum::<u64>() <= keep as u64 {
+            return Ok(None);
+        }
+        // Walk from the largest bin down until the k-th largest falls inside.
+        let mut bin = hist.len();
+        while bin > 0 {
+            bin -= 1;
+            let c = hist[bin] as u64;
+            if c >= remaining {
+                break;
+            }
+            remaining -= c;
+            above += c;
+        }
+        prefix |= (bin as u32) << shift;
+        mask |= ((1u32 << bits) - 1) << shift;
+    }
+    Ok(Some((f32::from_bits(prefix), above as usize)))
+}
