@@ -131,8 +131,16 @@ fn write_planted_cache(dir: &std::path::Path, tokens: u64, d: usize, mut fill: i
     let mut bytes = Vec::new();
     ActDtype::Bf16.encode(&values, &mut bytes);
     let path = dir.join("acts-00000.safetensors");
-    write_safetensors(&path, &[OwnedTensor { name: "acts".into(), dtype: safetensors::Dtype::BF16, shape: vec![n, 2, d], bytes }])?;
-    let shards = vec![ShardInfo { file: "acts-00000.safetensors".into(), tokens, documents: 0, checksum: checksum(&std::fs::read(&path)?) }];
+    write_safetensors(
+        &path,
+        &[OwnedTensor { name: "acts".into(), dtype: safetensors::Dtype::BF16, shape: vec![n, 2, d], bytes }],
+    )?;
+    let shards = vec![ShardInfo {
+        file: "acts-00000.safetensors".into(),
+        tokens,
+        documents: 0,
+        checksum: checksum(&std::fs::read(&path)?),
+    }];
     CacheIndex {
         format: FORMAT.into(),
         d_model: d,
@@ -274,7 +282,13 @@ pub struct AnalyzeBench {
 /// directions (a tenth chat-only, a tenth base-only, the rest shared; ~`k` active per token) and a
 /// crosscoder whose latents are exactly those directions. Runs analyze and the examples store over
 /// it, then 200 random latent queries.
-pub fn bench_analyze(device: &burn::tensor::Device, d: usize, dict: usize, k: usize, tokens: u64) -> Result<AnalyzeBench> {
+pub fn bench_analyze(
+    device: &burn::tensor::Device,
+    d: usize,
+    dict: usize,
+    k: usize,
+    tokens: u64,
+) -> Result<AnalyzeBench> {
     use crate::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, tensor};
     let root = std::env::temp_dir().join(format!("crossdiff-bench-analyze-{}", std::process::id()));
     let (run, cache) = (root.join("run"), root.join("cache"));

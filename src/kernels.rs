@@ -30,14 +30,21 @@ pub trait KernelOps: Backend {
     /// `prefix_mask` equal `prefix`. The output holds u32 counts in an f32-typed buffer of
     /// `2^bits` elements: read it as raw bytes.
     #[fusion(dtype = scores, shape = burn::tensor::Shape::new([hist_len(*bits)]))]
-    fn score_histogram(scores: FloatTensor<Self>, prefix: u32, prefix_mask: u32, shift: u32, bits: u32) -> FloatTensor<Self>;
+    fn score_histogram(
+        scores: FloatTensor<Self>,
+        prefix: u32,
+        prefix_mask: u32,
+        shift: u32,
+        bits: u32,
+    ) -> FloatTensor<Self>;
 }
 
 struct HistogramKernel;
 
 impl KernelSource for HistogramKernel {
     fn source(&self) -> SourceTemplate {
-        SourceTemplate::new(include_str!("../shaders/score_histogram.wgsl")).register("workgroup", WORKGROUP.to_string())
+        SourceTemplate::new(include_str!("../shaders/score_histogram.wgsl"))
+            .register("workgroup", WORKGROUP.to_string())
     }
 
     fn id(&self) -> KernelId {
@@ -50,21 +57,38 @@ impl KernelSource for HistogramKernel {
 }
 
 impl KernelOps for CubeBackend {
-    fn score_histogram(scores: FloatTensor<Self>, prefix: u32, prefix_mask: u32, shift: u32, bits: u32) -> FloatTensor<Self> {
+    fn score_histogram(
+        scores: FloatTensor<Self>,
+        prefix: u32,
+        prefix_mask: u32,
+        shift: u32,
+        bits: u32,
+    ) -> FloatTensor<Self> {
         let scores: CubeTensor = into_contiguous(scores);
         let n = scores.meta.shape().num_elements() as u32;
         let client = scores.client.clone();
         let bins = hist_len(bits);
         let hist = client.create_from_slice(&vec![0u8; bins * 4]);
-        let params: Vec<u8> = [n, prefix, prefix_mask, shift, (bins - 1) as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let params: Vec<u8> =
+            [n, prefix, prefix_mask, shift, (bins - 1) as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
         let params = client.create_from_slice(&params);
         let groups = n.div_ceil(WORKGROUP).clamp(1, 4096);
         client.launch(
             Box::new(SourceKernel::new(HistogramKernel, CubeDim::new_1d(WORKGROUP))),
             CubeCount::Static(groups, 1, 1),
-            KernelArguments::new().with_buffers(vec![scores.handle.clone().binding(), hist.clone().binding(), params.binding()]),
+            KernelArguments::new().with_buffers(vec![
+                scores.handle.clone().binding(),
+                hist.clone().binding(),
+                params.binding(),
+            ]),
         );
-        CubeTensor::new_contiguous(client, scores.device.clone(), burn::tensor::Shape::new([bins]), hist, burn::tensor::DType::F32)
+        CubeTensor::new_contiguous(
+            client,
+            scores.device.clone(),
+            burn::tensor::Shape::new([bins]),
+            hist,
+            burn::tensor::DType::F32,
+        )
     }
 }
 

@@ -169,7 +169,8 @@ pub struct StepOutput {
     /// Active latents per token, summed over the batch (for L0).
     pub l0_total: f64,
     pub err: Tensor<2>,
-    /// Entries kept by BatchTopK (0/1, `[B, D]` on the host) and the smallest kept score.
+    /// Entries kept by BatchTopK (0/1, `[B, D]` on the host; empty when the selection ran on the
+    /// device) and the smallest kept score.
     pub kept: Option<(Vec<f32>, Option<f32>)>,
     grads: GradPlan,
 }
@@ -281,6 +282,70 @@ pub fn step_loss(
     }
 }
 
+/// The entries of a 0/1 mask over `[B, D]`, with their code values as an autodiff leaf.
+fn pick(f: &[f32], mask: &[f32], dict: usize, device: &Device, ad: &Device) -> Picks {
+    let (mut ts, mut js, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, &on) in mask.iter().enumerate() {
+        if on > 0.0 {
+            ts.push((i / dict) as i64);
+            js.push((i % dict) as i64);
+            vs.push(f[i]);
+        }
+    }
+    let n = vs.len();
+    Picks {
+        tokens: Tensor::from_data(burn::tensor::TensorData::new(ts, [n]), device),
+        latents: Tensor::from_data(burn::tensor::TensorData::new(js, [n]), device),
+        values: tensor(vs, [n, 1], ad).require_grad(),
+    }
+}
+
+/// BatchTopK's selection without reading the B×D scores back: the WGSL histogram search finds the
+/// k·B-th largest score, a comparison makes the mask, and the picked entries are gathered on the
+/// device. `None` when the host must decide (ties split at the threshold, or nothing positive).
+struct DeviceSelection {
+    tokens: Tensor<1, burn::tensor::Int>,
+    latents: Tensor<1, burn::tensor::Int>,
+    values: Tensor<1>,
+    selected: Vec<f32>,
+    min_kept: Option<f32>,
+}
+
+fn select_on_device(
+    f: &Tensor<2>,
+    norms: &Tensor<2>,
+    keep: usize,
+    b: usize,
+    dict: usize,
+) -> Result<Option<DeviceSelection>> {
+    let a = f.clone() * norms.clone();
+    let count = |m: Tensor<2, burn::tensor::Bool>| -> Result<usize> { Ok(read_vec(m.float().sum())?[0] as usize) };
+    let (mask, min_kept) = match crate::kernels::kth_largest(&a.clone().reshape([b * dict]), keep)? {
+        None => {
+            let positive = a.clone().greater_elem(0.0);
+            if count(positive.clone())? == 0 {
+                return Ok(None);
+            }
+            let min = read_vec(a.clone().mask_fill(a.clone().lower_equal_elem(0.0), f32::INFINITY).min())?[0];
+            (positive, Some(min))
+        }
+        Some((threshold, above)) => {
+            if above + count(a.clone().equal_elem(threshold))? != keep {
+                return Ok(None);
+            }
+            (a.greater_equal_elem(threshold), Some(threshold))
+        }
+    };
+    let idx = mask.clone().argwhere(); // [n, 2]: (token, latent)
+    let n = idx.dims()[0];
+    let tokens = idx.clone().narrow(1, 0, 1).reshape([n]);
+    let latents = idx.narrow(1, 1, 1).reshape([n]);
+    let flat = tokens.clone().mul_scalar(dict as i64) + latents.clone();
+    let values = f.clone().reshape([b * dict]).select(0, flat);
+    let selected = read_vec(mask.float().sum_dim(0))?;
+    Ok(Some(DeviceSelection { tokens, latents, values, selected, min_kept }))
+}
+
 /// BatchTopK with the sparse decoder: the encoder runs dense (no autodiff), the k·B selected
 /// entries (and AuxK's picks) decode through `select`/`select_assign` on their decoder rows, and
 /// the encoder gradient is assembled from those entries alone.
@@ -295,33 +360,44 @@ fn sparse_topk_step(
     let [b, two_d] = x.dims();
     let device = x.device();
     let ad = device.clone().autodiff();
-    let f = read_vec(encode(p, x.clone()))?;
-    let norms = read_vec(p.norm_sum())?;
-    let scores: Vec<f32> = f.iter().enumerate().map(|(i, v)| v * norms[i % dict]).collect();
-    let (mask, min_kept) = select_batch_topk(&scores, cfg.k_at(step) * b);
-    let selected = per_latent(&mask, dict);
+    let keep = cfg.k_at(step) * b;
+    let f_dev = encode(p, x.clone());
+    // Host copies of the codes and scores: the host selection needs them, and AuxK does when
+    // something is dead; the device selection (wgpu) reads back only per-latent counts.
+    let read_host = || -> Result<(Vec<f32>, Vec<f32>)> {
+        let f = read_vec(f_dev.clone())?;
+        let norms = read_vec(p.norm_sum())?;
+        let scores = f.iter().enumerate().map(|(i, v)| v * norms[i % dict]).collect();
+        Ok((f, scores))
+    };
+    let on_device =
+        if crate::kernels::is_wgpu(&device) { select_on_device(&f_dev, &p.norm_sum(), keep, b, dict)? } else { None };
+    let mut host: Option<(Vec<f32>, Vec<f32>)> = None;
+    let (main, selected, mask, min_kept) = match on_device {
+        Some(sel) => {
+            let n = sel.values.dims()[0];
+            let picks = Picks {
+                tokens: sel.tokens,
+                latents: sel.latents,
+                values: sel.values.reshape([n, 1]).autodiff().require_grad(),
+            };
+            (picks, sel.selected, Vec::new(), sel.min_kept)
+        }
+        None => {
+            let (f, scores) = read_host()?;
+            let (mask, min_kept) = select_batch_topk(&scores, keep);
+            let selected = per_latent(&mask, dict);
+            let picks = pick(&f, &mask, dict, &device, &ad);
+            host = Some((f, scores));
+            (picks, selected, mask, min_kept)
+        }
+    };
     update_counters(since_selected, &selected, b);
     let dead: Vec<bool> = since_selected.iter().map(|&c| c >= cfg.dead_tokens).collect();
     let n_dead = dead.iter().filter(|&&v| v).count();
 
     let w_dec = p.w_dec.clone().autodiff().require_grad();
     let b_dec = p.b_dec.clone().autodiff().require_grad();
-    let pick = |m: &[f32]| -> Picks {
-        let (mut ts, mut js, mut vs) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, &on) in m.iter().enumerate() {
-            if on > 0.0 {
-                ts.push((i / dict) as i64);
-                js.push((i % dict) as i64);
-                vs.push(f[i]);
-            }
-        }
-        let n = vs.len();
-        Picks {
-            tokens: Tensor::from_data(burn::tensor::TensorData::new(ts, [n]), &device),
-            latents: Tensor::from_data(burn::tensor::TensorData::new(js, [n]), &device),
-            values: tensor(vs, [n, 1], &ad).require_grad(),
-        }
-    };
     // Σ over picks of f · d_j, accumulated into each picked token's row.
     let decode_picks = |pk: &Picks| -> Tensor<2> {
         let rows = w_dec.clone().select(0, pk.latents.clone().autodiff()) * pk.values.clone();
@@ -332,7 +408,6 @@ fn sparse_topk_step(
             IndexingUpdateOp::Add,
         )
     };
-    let main = pick(&mask);
     let xa = x.clone().autodiff();
     let err = xa - (decode_picks(&main) + b_dec.clone());
     let recon = recon_loss(err.clone(), d, cfg.squared_recon);
@@ -340,9 +415,13 @@ fn sparse_topk_step(
     let mut aux = None;
     let mut picks = vec![main];
     if n_dead > 0 {
+        let (f, scores) = match host.take() {
+            Some(h) => h,
+            None => read_host()?,
+        };
         let aux_mask = select_aux(&scores, dict, &dead, (d / 2).min(n_dead));
         if aux_mask.iter().any(|&m| m > 0.0) {
-            let aux_picks = pick(&aux_mask);
+            let aux_picks = pick(&f, &aux_mask, dict, &device, &ad);
             let a = aux_loss(err.clone().detach(), decode_picks(&aux_picks));
             let value = read_vec(a.clone())?[0];
             if value.is_finite() {

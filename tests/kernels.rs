@@ -11,7 +11,9 @@ use crossdiff::kernels::kth_largest;
 fn histogram_select_finds_the_same_threshold_as_the_reference() {
     let Some(device) = common::wgpu_device() else { return };
     let mut rng = SplitMix64(21);
-    for &(n, keep, zeros, tie_levels) in &[(5000usize, 300usize, 0.3, 0u32), (20_000, 1234, 0.5, 16), (777, 5, 0.9, 3), (4096, 4000, 0.0, 0)] {
+    for &(n, keep, zeros, tie_levels) in
+        &[(5000usize, 300usize, 0.3, 0u32), (20_000, 1234, 0.5, 16), (777, 5, 0.9, 3), (4096, 4000, 0.0, 0)]
+    {
         // Scores like norm-weighted ReLU codes: many zeros, positive values over a wide range, and
         // optionally a few exactly repeated levels (ties).
         let scores: Vec<f32> = (0..n)
@@ -53,5 +55,41 @@ fn histogram_select_finds_the_same_threshold_as_the_reference() {
             })
             .collect();
         assert_eq!(device_mask, mask);
+    }
+}
+
+#[test]
+fn sparse_batchtopk_step_on_wgpu_equals_the_host_selection_on_flex() {
+    use crossdiff::crosscoder::{Kind, Params, read_vec, tensor};
+    use crossdiff::train::{TrainConfig, step_loss};
+    let Some(gpu) = common::wgpu_device() else { return };
+    let cpu = burn::tensor::Device::flex();
+    // The step takes the device route on wgpu only.
+    assert!(crossdiff::kernels::is_wgpu(&gpu) && !crossdiff::kernels::is_wgpu(&cpu), "{gpu:?} / {cpu:?}");
+    let (d, dict, b) = (6, 64, 32);
+    let mut rng = SplitMix64(8);
+    let x: Vec<f32> = (0..b * 2 * d).map(|_| rng.next_f64() as f32 - 0.3).collect();
+    for dead_every in [0usize, 5] {
+        // With dead latents AuxK reads the scores back; without, nothing B×D leaves the device.
+        let before: Vec<u64> =
+            (0..dict).map(|j| if dead_every > 0 && j % dead_every == 0 { 1000 } else { 0 }).collect();
+        let run = |device: &burn::tensor::Device| {
+            let p = Params::init(d, dict, 1.0, 3, device);
+            let cfg = TrainConfig { k: 3, dead_tokens: 1000, ..TrainConfig::defaults(Kind::BatchTopK, dict) };
+            let mut since = before.clone();
+            let out = step_loss(&cfg, &p, tensor(x.clone(), [b, 2 * d], device), 1, &mut since).unwrap();
+            let loss = read_vec(out.loss.clone().detach()).unwrap();
+            let min_kept = out.kept.as_ref().unwrap().1;
+            (loss, out.gradients().unwrap().map(|g| read_vec(g).unwrap()), since, min_kept)
+        };
+        let (l_cpu, g_cpu, s_cpu, m_cpu) = run(&cpu);
+        let (l_gpu, g_gpu, s_gpu, m_gpu) = run(&gpu);
+        assert_eq!(s_cpu, s_gpu, "dead counters");
+        assert_eq!(m_cpu, m_gpu, "smallest kept score");
+        let want = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        common::assert_close("loss", &l_gpu, &want(&l_cpu), 1e-5);
+        for (name, (g, c)) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(g_gpu.iter().zip(&g_cpu)) {
+            common::assert_close(name, g, &want(c), 1e-4);
+        }
     }
 }
