@@ -21,6 +21,7 @@ pub mod onthefly;
 mod parquet_source;
 pub mod reader;
 pub mod snapshot;
+pub mod sparse_cpu;
 pub mod steer;
 pub mod tokenizer;
 pub mod train;

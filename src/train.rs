@@ -68,6 +68,10 @@ pub struct TrainConfig {
     /// (k·B of B·D); `false` runs the dense reference computation.
     #[serde(default = "yes")]
     pub sparse: bool,
+    /// On the CPU (flex) backend, run the sparse decoder and its backward as plain host loops
+    /// (`sparse_cpu`) instead of burn's generic gather/scatter; `false` takes the autodiff route.
+    #[serde(default = "yes")]
+    pub cpu_kernels: bool,
     pub seed: u64,
     pub checkpoint_every: u64,
     pub log_every: u64,
@@ -93,6 +97,7 @@ impl TrainConfig {
             squared_recon: false,
             clip_grad: if kind == Kind::BatchTopK { Some(1.0) } else { None },
             sparse: true,
+            cpu_kernels: true,
             seed: 0,
             checkpoint_every: 1000,
             log_every: 10,
@@ -182,6 +187,8 @@ enum GradPlan {
     /// Sparse BatchTopK: the decoder is tracked; the selected code values are autodiff leaves,
     /// and the encoder gradient is assembled from their gradients (ReLU' = 1 on selected entries).
     Sparse { w_dec: Tensor<2>, b_dec: Tensor<2>, x: Tensor<2>, picks: Vec<Picks>, dict: usize },
+    /// Computed directly (the CPU sparse path).
+    Ready([Tensor<2>; 4]),
 }
 
 /// Selected (token, latent) entries and their code values as an autodiff leaf `[n, 1]`.
@@ -194,11 +201,15 @@ struct Picks {
 impl StepOutput {
     /// Back-propagates the loss; gradients for (w_enc, b_enc, w_dec, b_dec), without autodiff.
     pub fn gradients(&self) -> Result<[Tensor<2>; 4]> {
+        if let GradPlan::Ready(g) = &self.grads {
+            return Ok(g.clone());
+        }
         let grads = self.loss.backward();
         let grad =
             |t: &Tensor<2>| t.grad(&grads).map(Tensor::inner).ok_or_else(|| anyhow!("no gradient for a parameter"));
         match &self.grads {
             GradPlan::Dense(p) => Ok([grad(&p.w_enc)?, grad(&p.b_enc)?, grad(&p.w_dec)?, grad(&p.b_dec)?]),
+            GradPlan::Ready(_) => unreachable!("returned above"),
             GradPlan::Sparse { w_dec, b_dec, x, picks, dict } => {
                 let [_, two_d] = x.dims();
                 let device = x.device();
@@ -282,6 +293,133 @@ pub fn step_loss(
     }
 }
 
+/// The sparse BatchTopK step on the host (flex): selection, decode, loss, and every gradient by
+/// plain loops (`sparse_cpu`); only the dense encoder matmul runs through burn.
+fn host_sparse_step(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    step: u64,
+    since_selected: &mut [u64],
+) -> Result<StepOutput> {
+    use crate::sparse_cpu::{HostPicks, decode_backward, decode_into};
+    let (d, dict) = p.dims();
+    let [b, two_d] = x.dims();
+    let device = x.device();
+    let f = read_vec(encode(p, x.clone()))?;
+    let norms = read_vec(p.norm_sum())?;
+    let scores: Vec<f32> = f.iter().enumerate().map(|(i, v)| v * norms[i % dict]).collect();
+    let (mask, min_kept) = select_batch_topk(&scores, cfg.k_at(step) * b);
+    let selected = per_latent(&mask, dict);
+    update_counters(since_selected, &selected, b);
+    let dead: Vec<bool> = since_selected.iter().map(|&c| c >= cfg.dead_tokens).collect();
+    let n_dead = dead.iter().filter(|&&v| v).count();
+    let xh = read_vec(x)?;
+    let w_dec = read_vec(p.w_dec.clone())?;
+    let b_dec = read_vec(p.b_dec.clone())?;
+
+    let main = HostPicks::from_mask(&f, &mask, dict);
+    let mut recon: Vec<f32> = (0..b).flat_map(|_| b_dec.iter().copied()).collect();
+    decode_into(&mut recon, &main, &w_dec, two_d);
+    let err: Vec<f32> = xh.iter().zip(&recon).map(|(a, r)| a - r).collect();
+    // Reconstruction term and g = ∂L/∂ĥ.
+    let mut g = vec![0.0f32; b * two_d];
+    let mut recon_loss = 0.0f64;
+    for t in 0..b {
+        for m in 0..2 {
+            let e = &err[t * two_d + m * d..t * two_d + (m + 1) * d];
+            let gs = &mut g[t * two_d + m * d..t * two_d + (m + 1) * d];
+            let sq: f64 = e.iter().map(|v| (*v as f64).powi(2)).sum();
+            if cfg.squared_recon {
+                recon_loss += 0.5 * sq / b as f64;
+                gs.iter_mut().zip(e).for_each(|(gv, ev)| *gv = -ev / b as f32);
+            } else {
+                let n = sq.sqrt();
+                recon_loss += n / (2 * b) as f64;
+                if n > 0.0 {
+                    let k = (1.0 / (2.0 * b as f64 * n)) as f32;
+                    gs.iter_mut().zip(e).for_each(|(gv, ev)| *gv = -ev * k);
+                }
+            }
+        }
+    }
+    let mut loss = recon_loss;
+    let mut aux_value = None;
+    let mut aux_picks = None;
+    let mut g_aux = Vec::new();
+    if n_dead > 0 {
+        let aux_mask = select_aux(&scores, dict, &dead, (d / 2).min(n_dead));
+        let picks = HostPicks::from_mask(&f, &aux_mask, dict);
+        let mut e_hat = vec![0.0f32; b * two_d];
+        decode_into(&mut e_hat, &picks, &w_dec, two_d);
+        let mut mean = vec![0.0f64; two_d];
+        for row in err.chunks_exact(two_d) {
+            mean.iter_mut().zip(row).for_each(|(m, v)| *m += *v as f64 / b as f64);
+        }
+        let den: f64 = err
+            .chunks_exact(two_d)
+            .map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>())
+            .sum::<f64>()
+            / b as f64;
+        let num: f64 = err.iter().zip(&e_hat).map(|(e, h)| (*e as f64 - *h as f64).powi(2)).sum::<f64>() / b as f64;
+        let a = num / den;
+        aux_value = Some(a);
+        if a.is_finite() {
+            loss += cfg.aux_alpha * a;
+            // ∂(α·num/den)/∂ê = −2α(e − ê)/(B·den); e is detached.
+            let k = (-2.0 * cfg.aux_alpha / (b as f64 * den)) as f32;
+            g_aux = err.iter().zip(&e_hat).map(|(e, h)| k * (e - h)).collect();
+            aux_picks = Some(picks);
+        }
+    }
+    // Gradients.
+    let mut grad_w_dec = vec![0.0f32; dict * two_d];
+    let grad_v = decode_backward(&main, &w_dec, &g, two_d, &mut grad_w_dec);
+    let mut grad_b_dec = vec![0.0f32; two_d];
+    for row in g.chunks_exact(two_d) {
+        grad_b_dec.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+    }
+    // Encoder gradient accumulated as [D, 2d] rows (contiguous), transposed once at the end.
+    let mut grad_enc_t = vec![0.0f32; dict * two_d];
+    let mut grad_b_enc = vec![0.0f32; dict];
+    let mut add_encoder = |picks: &HostPicks, gv: &[f32]| {
+        for ((&t, &l), &gvp) in picks.tokens.iter().zip(&picks.latents).zip(gv) {
+            grad_b_enc[l as usize] += gvp;
+            let xt = &xh[t as usize * two_d..(t as usize + 1) * two_d];
+            grad_enc_t[l as usize * two_d..(l as usize + 1) * two_d]
+                .iter_mut()
+                .zip(xt)
+                .for_each(|(o, xi)| *o += gvp * xi);
+        }
+    };
+    add_encoder(&main, &grad_v);
+    if let Some(picks) = &aux_picks {
+        let gv = decode_backward(picks, &w_dec, &g_aux, two_d, &mut grad_w_dec);
+        add_encoder(picks, &gv);
+    }
+    let mut grad_w_enc = vec![0.0f32; two_d * dict];
+    for l in 0..dict {
+        for i in 0..two_d {
+            grad_w_enc[i * dict + l] = grad_enc_t[l * two_d + i];
+        }
+    }
+    let scalar = |v: f64| tensor(vec![v as f32], [1], &device);
+    Ok(StepOutput {
+        loss: scalar(loss),
+        recon: scalar(recon_loss),
+        aux: aux_value.map(scalar),
+        l0_total: selected.iter().map(|&a| a as f64).sum(),
+        err: tensor(err, [b, two_d], &device),
+        kept: Some((mask, min_kept)),
+        grads: GradPlan::Ready([
+            tensor(grad_w_enc, [two_d, dict], &device),
+            tensor(grad_b_enc, [1, dict], &device),
+            tensor(grad_w_dec, [dict, two_d], &device),
+            tensor(grad_b_dec, [1, two_d], &device),
+        ]),
+    })
+}
+
 /// The entries of a 0/1 mask over `[B, D]`, with their code values as an autodiff leaf.
 fn pick(f: &[f32], mask: &[f32], dict: usize, device: &Device, ad: &Device) -> Picks {
     let (mut ts, mut js, mut vs) = (Vec::new(), Vec::new(), Vec::new());
@@ -359,6 +497,9 @@ fn sparse_topk_step(
     let (d, dict) = p.dims();
     let [b, two_d] = x.dims();
     let device = x.device();
+    if cfg.cpu_kernels && format!("{device:?}").contains("Flex") {
+        return host_sparse_step(cfg, p, x, step, since_selected);
+    }
     let ad = device.clone().autodiff();
     let keep = cfg.k_at(step) * b;
     let f_dev = encode(p, x.clone());
@@ -430,9 +571,12 @@ fn sparse_topk_step(
             }
             aux = Some(a);
         } else {
-            // Dead latents exist but none fired: ε̂ = 0, L_aux = 1 with no gradient.
-            aux = Some(tensor(vec![1.0], [1], &ad));
-            loss = loss + tensor(vec![cfg.aux_alpha as f32], [1], &ad);
+            // Dead latents exist but none fired: ε̂ = 0, a constant with no gradient.
+            let a = aux_loss(err.clone().detach(), err.clone().detach().zeros_like());
+            if read_vec(a.clone())?[0].is_finite() {
+                loss = loss + a.clone().mul_scalar(cfg.aux_alpha);
+            }
+            aux = Some(a);
         }
     }
     let l0_total = selected.iter().map(|&a| a as f64).sum();

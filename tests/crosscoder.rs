@@ -55,43 +55,49 @@ fn loss_terms_and_gradients_equal_the_pytorch_reference() {
         ("topk", Kind::BatchTopK, false, true),
     ];
     for (tag, kind, squared, sparse) in cases {
-        let what = format!("{tag}{}", if sparse { " (sparse)" } else { "" });
-        let cfg = TrainConfig { squared_recon: squared, sparse, ..small_config(kind) };
-        let p = reference_params(&r, &device);
-        let x = t2(&r, "x", &device);
-        let mut since: Vec<u64> = match r.get("topk.before") {
-            Some((_, v)) if kind == Kind::BatchTopK => v.iter().map(|&x| x as u64).collect(),
-            _ => vec![0; 8],
-        };
-        let out = step_loss(&cfg, &p, x, 1, &mut since).unwrap();
-        assert_close(
-            &format!("{what} loss"),
-            &read_vec(out.loss.clone().detach()).unwrap(),
-            &r[&format!("{tag}.loss")].1,
-            1e-5,
-        );
-        assert_close(
-            &format!("{what} recon"),
-            &read_vec(out.recon.clone().detach()).unwrap(),
-            &r[&format!("{tag}.recon")].1,
-            1e-5,
-        );
-        let grads = out.gradients().unwrap();
-        for (name, g) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(grads) {
+        for cpu_kernels in [false, true] {
+            let what = format!(
+                "{tag}{}{}",
+                if sparse { " (sparse)" } else { "" },
+                if cpu_kernels { " (cpu kernels)" } else { "" }
+            );
+            let cfg = TrainConfig { squared_recon: squared, sparse, cpu_kernels, ..small_config(kind) };
+            let p = reference_params(&r, &device);
+            let x = t2(&r, "x", &device);
+            let mut since: Vec<u64> = match r.get("topk.before") {
+                Some((_, v)) if kind == Kind::BatchTopK => v.iter().map(|&x| x as u64).collect(),
+                _ => vec![0; 8],
+            };
+            let out = step_loss(&cfg, &p, x, 1, &mut since).unwrap();
             assert_close(
-                &format!("{what} grad {name}"),
-                &read_vec(g).unwrap(),
-                &r[&format!("{tag}.grad.{name}")].1,
+                &format!("{what} loss"),
+                &read_vec(out.loss.clone().detach()).unwrap(),
+                &r[&format!("{tag}.loss")].1,
                 1e-5,
             );
-        }
-        if kind == Kind::BatchTopK {
-            let aux = read_vec(out.aux.clone().expect("a latent is dead").detach()).unwrap();
-            assert_close(&format!("{what} aux"), &aux, &r["topk.aux"].1, 1e-5);
-            let (mask, min_kept) = out.kept.unwrap();
-            assert_eq!(mask.iter().map(|&m| m as f64).collect::<Vec<_>>(), r["topk.mask"].1);
-            assert_close("min kept", &[min_kept.unwrap()], &r["topk.min_kept"].1, 1e-6);
-            assert_eq!(since.iter().map(|&c| c as f64).collect::<Vec<_>>(), r["topk.after"].1);
+            assert_close(
+                &format!("{what} recon"),
+                &read_vec(out.recon.clone().detach()).unwrap(),
+                &r[&format!("{tag}.recon")].1,
+                1e-5,
+            );
+            let grads = out.gradients().unwrap();
+            for (name, g) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(grads) {
+                assert_close(
+                    &format!("{what} grad {name}"),
+                    &read_vec(g).unwrap(),
+                    &r[&format!("{tag}.grad.{name}")].1,
+                    1e-5,
+                );
+            }
+            if kind == Kind::BatchTopK {
+                let aux = read_vec(out.aux.clone().expect("a latent is dead").detach()).unwrap();
+                assert_close(&format!("{what} aux"), &aux, &r["topk.aux"].1, 1e-5);
+                let (mask, min_kept) = out.kept.unwrap();
+                assert_eq!(mask.iter().map(|&m| m as f64).collect::<Vec<_>>(), r["topk.mask"].1);
+                assert_close("min kept", &[min_kept.unwrap()], &r["topk.min_kept"].1, 1e-6);
+                assert_eq!(since.iter().map(|&c| c as f64).collect::<Vec<_>>(), r["topk.after"].1);
+            }
         }
     }
 }
@@ -105,21 +111,30 @@ fn sparse_and_dense_batchtopk_agree_on_a_larger_case() {
     let mut rng = SplitMix64(8);
     let x = tensor((0..b * 2 * d).map(|_| rng.next_f64() as f32 - 0.3).collect(), [b, 2 * d], &device);
     let before: Vec<u64> = (0..dict).map(|j| if j % 5 == 0 { 1000 } else { 0 }).collect();
-    let run = |sparse| {
-        let cfg = TrainConfig { k: 3, dead_tokens: 1000, sparse, ..TrainConfig::defaults(Kind::BatchTopK, dict) };
+    let run = |sparse, cpu_kernels| {
+        let cfg = TrainConfig {
+            k: 3,
+            dead_tokens: 1000,
+            sparse,
+            cpu_kernels,
+            ..TrainConfig::defaults(Kind::BatchTopK, dict)
+        };
         let mut since = before.clone();
         let out = step_loss(&cfg, &p, x.clone(), 1, &mut since).unwrap();
         assert!(out.aux.is_some());
         let loss = read_vec(out.loss.clone().detach()).unwrap();
         (loss, out.gradients().unwrap().map(|g| read_vec(g).unwrap()), since)
     };
-    let (dense_loss, dense_grads, dense_since) = run(false);
-    let (sparse_loss, sparse_grads, sparse_since) = run(true);
-    assert_eq!(dense_since, sparse_since);
+    let (dense_loss, dense_grads, dense_since) = run(false, false);
     let want = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    assert_close("loss", &sparse_loss, &want(&dense_loss), 1e-6);
-    for (name, (s, dn)) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(sparse_grads.iter().zip(&dense_grads)) {
-        assert_close(name, s, &want(dn), 1e-5);
+    // The autodiff sparse route and the CPU loops (sparse_cpu) both equal the dense reference.
+    for cpu_kernels in [false, true] {
+        let (sparse_loss, sparse_grads, sparse_since) = run(true, cpu_kernels);
+        assert_eq!(dense_since, sparse_since);
+        assert_close(&format!("loss (cpu kernels {cpu_kernels})"), &sparse_loss, &want(&dense_loss), 1e-6);
+        for (name, (s, dn)) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(sparse_grads.iter().zip(&dense_grads)) {
+            assert_close(&format!("{name} (cpu kernels {cpu_kernels})"), s, &want(dn), 1e-5);
+        }
     }
 }
 
