@@ -28,6 +28,104 @@ impl HostPicks {
     }
 }
 
+/// BatchTopK's selection from the codes `f` (`[B, D]`) and per-latent decoder norm sums, in two
+/// passes and no sort: a 4096-bin histogram of the positive scores' top bits finds the bin holding
+/// the `keep`-th largest, an exact selection among that bin's few members gives the threshold, and
+/// one more pass emits the picks (ties at the threshold by position, exactly `keep` in all), the
+/// per-latent selection counts and the 0/1 mask. Equals [`crate::crosscoder::select_batch_topk`].
+pub fn select_topk(f: &[f32], norms: &[f32], dict: usize, keep: usize) -> (HostPicks, Vec<f32>, Vec<f32>, Option<f32>) {
+    const BITS: u32 = 12;
+    let bin_of = |s: f32| (s.to_bits() >> (32 - BITS)) as usize;
+    // Row-wise loops (the norm of latent j is a zip, not an index modulo D; no flat_map, which
+    // defeats the optimiser here).
+    let mut hist = vec![0u32; 1 << BITS];
+    for row in f.chunks_exact(dict) {
+        for (v, n) in row.iter().zip(norms) {
+            let s = v * n;
+            if s > 0.0 {
+                hist[bin_of(s)] += 1;
+            }
+        }
+    }
+    let hist: Vec<usize> = hist.into_iter().map(|c| c as usize).collect();
+    let positive: usize = hist.iter().sum();
+    // (threshold, how many scores lie strictly above it)
+    let threshold = if positive <= keep || keep == 0 {
+        None
+    } else {
+        let (mut bin, mut above) = (hist.len(), 0usize);
+        while bin > 0 {
+            bin -= 1;
+            if above + hist[bin] >= keep {
+                break;
+            }
+            above += hist[bin];
+        }
+        let mut members: Vec<f32> = Vec::new();
+        for row in f.chunks_exact(dict) {
+            for (v, n) in row.iter().zip(norms) {
+                let s = v * n;
+                if s > 0.0 && bin_of(s) == bin {
+                    members.push(s);
+                }
+            }
+        }
+        let at = members.len() - (keep - above);
+        let (_, &mut t, _) = members.select_nth_unstable_by(at, f32::total_cmp);
+        let above_in_bin = members.iter().filter(|&&m| m > t).count();
+        Some((t, above + above_in_bin))
+    };
+    let mut ties = threshold.map_or(0, |(_, above)| keep - above);
+    let mut picks = HostPicks {
+        tokens: Vec::with_capacity(keep),
+        latents: Vec::with_capacity(keep),
+        values: Vec::with_capacity(keep),
+    };
+    let mut selected = vec![0.0f32; dict];
+    let mut mask = vec![0.0f32; f.len()];
+    let mut min_kept = None::<f32>;
+    for (t, (row, mrow)) in f.chunks_exact(dict).zip(mask.chunks_exact_mut(dict)).enumerate() {
+        for (l, ((&v, &n), m)) in row.iter().zip(norms).zip(mrow.iter_mut()).enumerate() {
+            let s = v * n;
+            let take = match threshold {
+                None => s > 0.0,
+                Some((th, _)) => {
+                    s > th
+                        || (s == th && ties > 0 && {
+                            ties -= 1;
+                            true
+                        })
+                }
+            };
+            if take {
+                picks.tokens.push(t as u32);
+                picks.latents.push(l as u32);
+                picks.values.push(v);
+                selected[l] += 1.0;
+                *m = 1.0;
+                min_kept = Some(min_kept.map_or(s, |mk: f32| mk.min(s)));
+            }
+        }
+    }
+    (picks, selected, mask, min_kept)
+}
+
+/// `[rows, cols]` → `[cols, rows]`, in cache-sized blocks.
+pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const B: usize = 32;
+    let mut out = vec![0.0f32; src.len()];
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
 /// `out[t] += Σ_{p: token t} v_p W[l_p]` (rows of width `w`).
 pub fn decode_into(out: &mut [f32], picks: &HostPicks, w_dec: &[f32], w: usize) {
     for ((&t, &l), &v) in picks.tokens.iter().zip(&picks.latents).zip(&picks.values) {

@@ -302,15 +302,13 @@ fn host_sparse_step(
     step: u64,
     since_selected: &mut [u64],
 ) -> Result<StepOutput> {
-    use crate::sparse_cpu::{HostPicks, decode_backward, decode_into};
+    use crate::sparse_cpu::{HostPicks, decode_backward, decode_into, select_topk, transpose};
     let (d, dict) = p.dims();
     let [b, two_d] = x.dims();
     let device = x.device();
     let f = read_vec(encode(p, x.clone()))?;
     let norms = read_vec(p.norm_sum())?;
-    let scores: Vec<f32> = f.iter().enumerate().map(|(i, v)| v * norms[i % dict]).collect();
-    let (mask, min_kept) = select_batch_topk(&scores, cfg.k_at(step) * b);
-    let selected = per_latent(&mask, dict);
+    let (main, selected, mask, min_kept) = select_topk(&f, &norms, dict, cfg.k_at(step) * b);
     update_counters(since_selected, &selected, b);
     let dead: Vec<bool> = since_selected.iter().map(|&c| c >= cfg.dead_tokens).collect();
     let n_dead = dead.iter().filter(|&&v| v).count();
@@ -318,7 +316,6 @@ fn host_sparse_step(
     let w_dec = read_vec(p.w_dec.clone())?;
     let b_dec = read_vec(p.b_dec.clone())?;
 
-    let main = HostPicks::from_mask(&f, &mask, dict);
     let mut recon: Vec<f32> = (0..b).flat_map(|_| b_dec.iter().copied()).collect();
     decode_into(&mut recon, &main, &w_dec, two_d);
     let err: Vec<f32> = xh.iter().zip(&recon).map(|(a, r)| a - r).collect();
@@ -348,6 +345,7 @@ fn host_sparse_step(
     let mut aux_picks = None;
     let mut g_aux = Vec::new();
     if n_dead > 0 {
+        let scores: Vec<f32> = f.iter().enumerate().map(|(i, v)| v * norms[i % dict]).collect();
         let aux_mask = select_aux(&scores, dict, &dead, (d / 2).min(n_dead));
         let picks = HostPicks::from_mask(&f, &aux_mask, dict);
         let mut e_hat = vec![0.0f32; b * two_d];
@@ -397,12 +395,7 @@ fn host_sparse_step(
         let gv = decode_backward(picks, &w_dec, &g_aux, two_d, &mut grad_w_dec);
         add_encoder(picks, &gv);
     }
-    let mut grad_w_enc = vec![0.0f32; two_d * dict];
-    for l in 0..dict {
-        for i in 0..two_d {
-            grad_w_enc[i * dict + l] = grad_enc_t[l * two_d + i];
-        }
-    }
+    let grad_w_enc = transpose(&grad_enc_t, dict, two_d);
     let scalar = |v: f64| tensor(vec![v as f32], [1], &device);
     Ok(StepOutput {
         loss: scalar(loss),

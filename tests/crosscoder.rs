@@ -405,3 +405,40 @@ fn resumed_training_follows_the_same_loss_curve() {
         std::fs::read(parts.path().join("crosscoder.safetensors")).unwrap()
     );
 }
+
+#[test]
+fn cpu_histogram_selection_equals_the_reference() {
+    use crossdiff::sparse_cpu::{select_topk, transpose};
+    let mut rng = SplitMix64(77);
+    for &(b, dict, k, ties) in
+        &[(64usize, 300usize, 5usize, false), (32, 1000, 20, true), (16, 40, 3, true), (8, 50, 40, false)]
+    {
+        let f: Vec<f32> = (0..b * dict)
+            .map(|_| {
+                let u = rng.next_f64();
+                if u < 0.5 {
+                    0.0
+                } else if ties && u < 0.7 {
+                    0.25
+                } else {
+                    (rng.next_f64() * 6.0).exp() as f32 * 1e-2
+                }
+            })
+            .collect();
+        let norms: Vec<f32> = (0..dict).map(|j| if ties { 1.0 } else { 0.5 + (j % 7) as f32 * 0.1 }).collect();
+        let scores: Vec<f32> = f.iter().enumerate().map(|(i, v)| v * norms[i % dict]).collect();
+        let (want_mask, want_min) = select_batch_topk(&scores, k * b);
+        let (picks, selected, mask, min_kept) = select_topk(&f, &norms, dict, k * b);
+        assert_eq!(mask, want_mask, "b={b} dict={dict} k={k}");
+        assert_eq!(min_kept, want_min);
+        assert_eq!(picks.values.len(), want_mask.iter().filter(|&&m| m > 0.0).count());
+        for ((&t, &l), &v) in picks.tokens.iter().zip(&picks.latents).zip(&picks.values) {
+            assert_eq!(v, f[t as usize * dict + l as usize]);
+        }
+        let per: Vec<f32> = (0..dict).map(|j| (0..b).map(|r| want_mask[r * dict + j]).sum()).collect();
+        assert_eq!(selected, per);
+    }
+    let m: Vec<f32> = (0..35 * 70).map(|i| i as f32).collect();
+    let t = transpose(&m, 35, 70);
+    assert!((0..35).all(|r| (0..70).all(|c| t[c * 35 + r] == m[r * 70 + c])));
+}
