@@ -34,20 +34,33 @@ impl HostPicks {
 /// one more pass emits the picks (ties at the threshold by position, exactly `keep` in all), the
 /// per-latent selection counts and the 0/1 mask. Equals [`crate::crosscoder::select_batch_topk`].
 pub fn select_topk(f: &[f32], norms: &[f32], dict: usize, keep: usize) -> (HostPicks, Vec<f32>, Vec<f32>, Option<f32>) {
+    use rayon::prelude::*;
     const BITS: u32 = 12;
     let bin_of = |s: f32| (s.to_bits() >> (32 - BITS)) as usize;
-    // Row-wise loops (the norm of latent j is a zip, not an index modulo D; no flat_map, which
-    // defeats the optimiser here).
-    let mut hist = vec![0u32; 1 << BITS];
-    for row in f.chunks_exact(dict) {
-        for (v, n) in row.iter().zip(norms) {
-            let s = v * n;
-            if s > 0.0 {
-                hist[bin_of(s)] += 1;
+    // Rows are split across threads in chunks; within a row the norm of latent j is a zip.
+    let rows_per = (f.len() / dict).div_ceil(rayon::current_num_threads() * 4).max(1);
+    let chunk = rows_per * dict;
+    let hist: Vec<usize> = f
+        .par_chunks(chunk)
+        .map(|part| {
+            let mut h = vec![0u32; 1 << BITS];
+            for row in part.chunks_exact(dict) {
+                for (v, n) in row.iter().zip(norms) {
+                    let s = v * n;
+                    if s > 0.0 {
+                        h[bin_of(s)] += 1;
+                    }
+                }
             }
-        }
-    }
-    let hist: Vec<usize> = hist.into_iter().map(|c| c as usize).collect();
+            h
+        })
+        .reduce(|| vec![0u32; 1 << BITS], |mut a, b| {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .into_iter()
+        .map(|c| c as usize)
+        .collect();
     let positive: usize = hist.iter().sum();
     // (threshold, how many scores lie strictly above it)
     let threshold = if positive <= keep || keep == 0 {
@@ -61,51 +74,79 @@ pub fn select_topk(f: &[f32], norms: &[f32], dict: usize, keep: usize) -> (HostP
             }
             above += hist[bin];
         }
-        let mut members: Vec<f32> = Vec::new();
-        for row in f.chunks_exact(dict) {
-            for (v, n) in row.iter().zip(norms) {
-                let s = v * n;
-                if s > 0.0 && bin_of(s) == bin {
-                    members.push(s);
+        let mut members: Vec<f32> = f
+            .par_chunks(chunk)
+            .flat_map_iter(|part| {
+                let mut m = Vec::new();
+                for row in part.chunks_exact(dict) {
+                    for (v, n) in row.iter().zip(norms) {
+                        let s = v * n;
+                        if s > 0.0 && bin_of(s) == bin {
+                            m.push(s);
+                        }
+                    }
                 }
-            }
-        }
+                m
+            })
+            .collect();
         let at = members.len() - (keep - above);
         let (_, &mut t, _) = members.select_nth_unstable_by(at, f32::total_cmp);
         let above_in_bin = members.iter().filter(|&&m| m > t).count();
         Some((t, above + above_in_bin))
     };
-    let mut ties = threshold.map_or(0, |(_, above)| keep - above);
-    let mut picks = HostPicks {
-        tokens: Vec::with_capacity(keep),
-        latents: Vec::with_capacity(keep),
-        values: Vec::with_capacity(keep),
-    };
-    let mut selected = vec![0.0f32; dict];
+    // Each chunk emits its entries above the threshold and, separately, its ties (in order); the
+    // first `keep − above` ties over the whole batch are taken afterwards.
     let mut mask = vec![0.0f32; f.len()];
-    let mut min_kept = None::<f32>;
-    for (t, (row, mrow)) in f.chunks_exact(dict).zip(mask.chunks_exact_mut(dict)).enumerate() {
-        for (l, ((&v, &n), m)) in row.iter().zip(norms).zip(mrow.iter_mut()).enumerate() {
-            let s = v * n;
-            let take = match threshold {
-                None => s > 0.0,
-                Some((th, _)) => {
-                    s > th
-                        || (s == th && ties > 0 && {
-                            ties -= 1;
-                            true
-                        })
+    let parts: Vec<(Vec<(u32, u32, f32, f32)>, Vec<usize>)> = f
+        .par_chunks(chunk)
+        .zip(mask.par_chunks_mut(chunk))
+        .enumerate()
+        .map(|(c, (part, mpart))| {
+            let (mut taken, mut ties) = (Vec::new(), Vec::new());
+            for (r, (row, mrow)) in part.chunks_exact(dict).zip(mpart.chunks_exact_mut(dict)).enumerate() {
+                let t = c * rows_per + r;
+                for (l, ((&v, &n), m)) in row.iter().zip(norms).zip(mrow.iter_mut()).enumerate() {
+                    let s = v * n;
+                    let above = match threshold {
+                        None => s > 0.0,
+                        Some((th, _)) => s > th,
+                    };
+                    if above {
+                        *m = 1.0;
+                        taken.push((t as u32, l as u32, v, s));
+                    } else if threshold.is_some_and(|(th, _)| s == th) {
+                        ties.push(t * dict + l);
+                    }
                 }
-            };
-            if take {
-                picks.tokens.push(t as u32);
-                picks.latents.push(l as u32);
-                picks.values.push(v);
-                selected[l] += 1.0;
-                *m = 1.0;
-                min_kept = Some(min_kept.map_or(s, |mk: f32| mk.min(s)));
             }
+            (taken, ties)
+        })
+        .collect();
+    let mut ties_left = threshold.map_or(0, |(_, above)| keep - above);
+    let mut entries: Vec<(u32, u32, f32, f32)> = Vec::with_capacity(keep);
+    for (taken, ties) in parts {
+        entries.extend(taken);
+        for i in ties {
+            if ties_left == 0 {
+                break;
+            }
+            ties_left -= 1;
+            mask[i] = 1.0;
+            let (t, l) = (i / dict, i % dict);
+            entries.push((t as u32, l as u32, f[i], f[i] * norms[l]));
         }
+    }
+    // Row-major order, as the reference mask enumerates them.
+    entries.sort_unstable_by_key(|e| (e.0, e.1));
+    let mut picks = HostPicks { tokens: Vec::with_capacity(entries.len()), latents: Vec::with_capacity(entries.len()), values: Vec::with_capacity(entries.len()) };
+    let mut selected = vec![0.0f32; dict];
+    let mut min_kept = None::<f32>;
+    for (t, l, v, s) in entries {
+        picks.tokens.push(t);
+        picks.latents.push(l);
+        picks.values.push(v);
+        selected[l as usize] += 1.0;
+        min_kept = Some(min_kept.map_or(s, |m: f32| m.min(s)));
     }
     (picks, selected, mask, min_kept)
 }
