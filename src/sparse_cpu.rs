@@ -176,30 +176,49 @@ pub fn decode_into(out: &mut [f32], picks: &HostPicks, w_dec: &[f32], w: usize) 
     }
 }
 
-/// Accumulates `∂L/∂W_dec` and returns `∂L/∂v_p` for the picks, given `g = ∂L/∂ĥ` (`[B, w]`).
-pub fn decode_backward(picks: &HostPicks, w_dec: &[f32], g: &[f32], w: usize, grad_w_dec: &mut [f32]) -> Vec<f32> {
-    let mut grad_v = Vec::with_capacity(picks.values.len());
-    for ((&t, &l), &v) in picks.tokens.iter().zip(&picks.latents).zip(&picks.values) {
-        let (l, t) = (l as usize, t as usize);
-        let gt = &g[t * w..(t + 1) * w];
-        let row = &w_dec[l * w..(l + 1) * w];
-        grad_v.push(row.iter().zip(gt).map(|(a, b)| a * b).sum());
-        grad_w_dec[l * w..(l + 1) * w].iter_mut().zip(gt).for_each(|(o, gv)| *o += v * gv);
-    }
-    grad_v
+/// `∂L/∂v_p = W[l_p] · g[t_p]` for every pick, in parallel.
+pub fn pick_grads(picks: &HostPicks, w_dec: &[f32], g: &[f32], w: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    picks
+        .tokens
+        .par_iter()
+        .zip(picks.latents.par_iter())
+        .map(|(&t, &l)| {
+            let (t, l) = (t as usize, l as usize);
+            w_dec[l * w..(l + 1) * w].iter().zip(&g[t * w..(t + 1) * w]).map(|(a, b)| a * b).sum()
+        })
+        .collect()
 }
 
-/// One Adam step with bias correction, over flat slices, fused (one pass instead of a dozen).
-#[allow(clippy::too_many_arguments)]
-pub fn adam(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], lr: f64, step: u64, grad_scale: f32) {
-    let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
-    let c1 = 1.0 - 0.9f64.powi(step as i32);
-    let c2 = 1.0 - 0.999f64.powi(step as i32);
-    let (lr_c, c2) = ((lr / c1) as f32, c2 as f32);
-    for i in 0..p.len() {
-        let gi = g[i] * grad_scale;
-        m[i] = b1 * m[i] + (1.0 - b1) * gi;
-        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-        p[i] -= lr_c * m[i] / ((v[i] / c2).sqrt() + eps);
+/// `out[l] += Σ_{p: l_p = l} c_p · src[t_p]` over several pick sets (`out` is `[D, w]`, each
+/// `src` `[B, w]`): the gradient of the decoder rows (c = code values, src = ∂L/∂ĥ) and of the
+/// encoder columns (c = ∂L/∂v, src = x). Picks are grouped by latent so threads own whole rows.
+pub fn accumulate_by_latent(out: &mut [f32], w: usize, sets: &[(&HostPicks, &[f32], &[f32])]) {
+    use rayon::prelude::*;
+    let dict = out.len() / w;
+    // Counting sort of (set, pick) by latent.
+    let mut count = vec![0usize; dict + 1];
+    for (picks, _, _) in sets {
+        for &l in &picks.latents {
+            count[l as usize + 1] += 1;
+        }
     }
+    for j in 0..dict {
+        count[j + 1] += count[j];
+    }
+    let mut order = vec![(0u32, 0u32); count[dict]];
+    let mut next = count.clone();
+    for (si, (picks, _, _)) in sets.iter().enumerate() {
+        for (p, &l) in picks.latents.iter().enumerate() {
+            order[next[l as usize]] = (si as u32, p as u32);
+            next[l as usize] += 1;
+        }
+    }
+    out.par_chunks_mut(w).enumerate().for_each(|(l, row)| {
+        for &(si, p) in &order[count[l]..count[l + 1]] {
+            let (picks, coeffs, src) = sets[si as usize];
+            let (t, c) = (picks.tokens[p as usize] as usize, coeffs[p as usize]);
+            row.iter_mut().zip(&src[t * w..(t + 1) * w]).for_each(|(o, x)| *o += c * x);
+        }
+    });
 }

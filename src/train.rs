@@ -302,7 +302,7 @@ fn host_sparse_step(
     step: u64,
     since_selected: &mut [u64],
 ) -> Result<StepOutput> {
-    use crate::sparse_cpu::{HostPicks, decode_backward, decode_into, select_topk, transpose};
+    use crate::sparse_cpu::{HostPicks, accumulate_by_latent, decode_into, pick_grads, select_topk, transpose};
     let (d, dict) = p.dims();
     let [b, two_d] = x.dims();
     let device = x.device();
@@ -370,30 +370,29 @@ fn host_sparse_step(
             aux_picks = Some(picks);
         }
     }
-    // Gradients.
-    let mut grad_w_dec = vec![0.0f32; dict * two_d];
-    let grad_v = decode_backward(&main, &w_dec, &g, two_d, &mut grad_w_dec);
+    // Gradients: ∂L/∂v per pick, then decoder rows and encoder columns grouped by latent.
+    let grad_v = pick_grads(&main, &w_dec, &g, two_d);
     let mut grad_b_dec = vec![0.0f32; two_d];
     for row in g.chunks_exact(two_d) {
         grad_b_dec.iter_mut().zip(row).for_each(|(o, v)| *o += v);
     }
+    let grad_v_aux = aux_picks.as_ref().map(|p| pick_grads(p, &w_dec, &g_aux, two_d));
+    let mut dec_sets: Vec<(&HostPicks, &[f32], &[f32])> = vec![(&main, &main.values, &g)];
+    let mut enc_sets: Vec<(&HostPicks, &[f32], &[f32])> = vec![(&main, &grad_v, &xh)];
+    if let (Some(p), Some(gv)) = (&aux_picks, &grad_v_aux) {
+        dec_sets.push((p, &p.values, &g_aux));
+        enc_sets.push((p, gv, &xh));
+    }
+    let mut grad_w_dec = vec![0.0f32; dict * two_d];
+    accumulate_by_latent(&mut grad_w_dec, two_d, &dec_sets);
     // Encoder gradient accumulated as [D, 2d] rows (contiguous), transposed once at the end.
     let mut grad_enc_t = vec![0.0f32; dict * two_d];
+    accumulate_by_latent(&mut grad_enc_t, two_d, &enc_sets);
     let mut grad_b_enc = vec![0.0f32; dict];
-    let mut add_encoder = |picks: &HostPicks, gv: &[f32]| {
-        for ((&t, &l), &gvp) in picks.tokens.iter().zip(&picks.latents).zip(gv) {
+    for (picks, gv, _) in &enc_sets {
+        for (&l, &gvp) in picks.latents.iter().zip(gv.iter()) {
             grad_b_enc[l as usize] += gvp;
-            let xt = &xh[t as usize * two_d..(t as usize + 1) * two_d];
-            grad_enc_t[l as usize * two_d..(l as usize + 1) * two_d]
-                .iter_mut()
-                .zip(xt)
-                .for_each(|(o, xi)| *o += gvp * xi);
         }
-    };
-    add_encoder(&main, &grad_v);
-    if let Some(picks) = &aux_picks {
-        let gv = decode_backward(picks, &w_dec, &g_aux, two_d, &mut grad_w_dec);
-        add_encoder(picks, &gv);
     }
     let grad_w_enc = transpose(&grad_enc_t, dict, two_d);
     let scalar = |v: f64| tensor(vec![v as f32], [1], &device);
