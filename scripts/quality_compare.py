@@ -71,10 +71,13 @@ def train(args):
     params = [w_enc, b_enc, w_dec, b_dec]
     opt = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
-    perm = torch.randperm(len(train_x))
+    per_epoch = len(train_x) // B
     theta = None
     for step in range(1, args.steps + 1):
-        x = train_x[perm[(step - 1) * B: step * B]]
+        if (step - 1) % per_epoch == 0:
+            perm = torch.randperm(len(train_x))  # a new order every epoch
+        i = (step - 1) % per_epoch
+        x = train_x[perm[i * B: (i + 1) * B]]
         if step == 1:
             with torch.no_grad():
                 b_dec.copy_(torch.cat([geometric_median(x[:, :d]), geometric_median(x[:, d:])]))

@@ -120,64 +120,36 @@ pub fn bench_reader(cache: &std::path::Path, batch: usize, shuffle_tokens: usize
     })
 }
 
-/// Writes a bf16 cache of `tokens` pairs `[2d]` filled by `fill` (rows start at zero).
-fn write_planted_cache(dir: &std::path::Path, tokens: u64, d: usize, mut fill: impl FnMut(&mut [f32])) -> Result<()> {
-    use crate::cache::{ActDtype, CacheIndex, FORMAT, ShardInfo, checksum};
-    use crate::io::{OwnedTensor, write_safetensors};
-    std::fs::create_dir_all(dir)?;
-    let n = tokens as usize;
-    let mut values = vec![0.0f32; n * 2 * d];
-    values.chunks_exact_mut(2 * d).for_each(&mut fill);
-    let mut bytes = Vec::new();
-    ActDtype::Bf16.encode(&values, &mut bytes);
-    let path = dir.join("acts-00000.safetensors");
-    write_safetensors(
-        &path,
-        &[OwnedTensor { name: "acts".into(), dtype: safetensors::Dtype::BF16, shape: vec![n, 2, d], bytes }],
-    )?;
-    let shards = vec![ShardInfo {
-        file: "acts-00000.safetensors".into(),
-        tokens,
-        documents: 0,
-        checksum: checksum(&std::fs::read(&path)?),
-    }];
-    CacheIndex {
-        format: FORMAT.into(),
-        d_model: d,
-        layer: 0,
-        dtype: ActDtype::Bf16,
-        models: vec!["planted-base".into(), "planted-chat".into()],
-        total_tokens: tokens,
-        shards,
-        sources: Vec::new(),
-        settings: None,
-        documents: 0,
-        complete: true,
-        partial_shards: Vec::new(),
-    }
-    .write(dir)
-}
-
 /// Writes a cache of `tokens` random pairs of width `d` (bf16, shards of `shard_tokens`) for
 /// benchmarking the reader at real sizes without running a model.
 pub fn write_synthetic_cache(dir: &std::path::Path, tokens: u64, d: usize, shard_tokens: u64) -> Result<()> {
+    let mut rng = SplitMix64(1);
+    write_cache(dir, tokens, d, shard_tokens, |row| row.iter_mut().for_each(|x| *x = rng.next_f64() as f32 - 0.5))
+}
+
+/// Writes a bf16 cache of `tokens` pairs `[2d]` filled by `fill` (rows start at zero), in shards.
+fn write_cache(
+    dir: &std::path::Path,
+    tokens: u64,
+    d: usize,
+    shard_tokens: u64,
+    mut fill: impl FnMut(&mut [f32]),
+) -> Result<()> {
     use crate::cache::{ActDtype, CacheIndex, FORMAT, ShardInfo, checksum};
     use crate::io::{OwnedTensor, write_safetensors};
     std::fs::create_dir_all(dir)?;
-    let mut rng = SplitMix64(1);
     let mut shards = Vec::new();
     let mut done = 0;
     while done < tokens {
         let n = (tokens - done).min(shard_tokens) as usize;
-        let values: Vec<f32> = (0..n * 2 * d).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let mut values = vec![0.0f32; n * 2 * d];
+        values.chunks_exact_mut(2 * d).for_each(&mut fill);
         let mut bytes = Vec::new();
         ActDtype::Bf16.encode(&values, &mut bytes);
         let file = format!("acts-{:05}.safetensors", shards.len());
         let path = dir.join(&file);
-        write_safetensors(
-            &path,
-            &[OwnedTensor { name: "acts".into(), dtype: safetensors::Dtype::BF16, shape: vec![n, 2, d], bytes }],
-        )?;
+        let acts = OwnedTensor { name: "acts".into(), dtype: safetensors::Dtype::BF16, shape: vec![n, 2, d], bytes };
+        write_safetensors(&path, &[acts])?;
         shards.push(ShardInfo { file, tokens: n as u64, documents: 0, checksum: checksum(&std::fs::read(&path)?) });
         done += n as u64;
     }
@@ -186,7 +158,7 @@ pub fn write_synthetic_cache(dir: &std::path::Path, tokens: u64, d: usize, shard
         d_model: d,
         layer: 0,
         dtype: ActDtype::Bf16,
-        models: vec!["synthetic".into(), "synthetic".into()],
+        models: vec!["synthetic-base".into(), "synthetic-chat".into()],
         total_tokens: tokens,
         shards,
         sources: Vec::new(),
@@ -308,7 +280,7 @@ pub fn bench_analyze(
     };
     let (in_base, in_chat) = (|j: usize| kind(j) != 1, |j: usize| kind(j) != 2);
     // Pairs: each token activates ~k latents with magnitudes in [0.5, 1.5).
-    write_planted_cache(&cache, tokens, d, |row| {
+    write_cache(&cache, tokens, d, 65536, |row| {
         for _ in 0..k {
             let j = (rng.next_u64() % dict as u64) as usize;
             let a = 0.5 + rng.next_f64() as f32;

@@ -566,19 +566,7 @@ pub fn run_cache(
         match &chat {
             Some(chat) => {
                 let chat_acts = compute_acts(chat, &plan, job.layer, job.batch_tokens)?;
-                let mut tensors = vec![OwnedTensor {
-                    name: "acts".into(),
-                    dtype: job.dtype.safetensors(),
-                    shape: vec![plan.tokens, 2, d],
-                    bytes: pair_bytes(&base_acts, &chat_acts, d, job.dtype),
-                }];
-                tensors.extend(plan.metadata_tensors());
-                let path = job.out.join(&info.file);
-                write_safetensors(&path, &tensors)?;
-                let checksum = checksum(&std::fs::read(&path)?);
-                index.shards.push(ShardInfo { checksum, ..info });
-                index.total_tokens += plan.tokens as u64;
-                index.documents += plan.docs.len() as u64;
+                finish_shard(job, &mut index, info, &plan, &base_acts, &chat_acts, d)?;
             }
             None => {
                 let mut bytes = Vec::new();
@@ -624,20 +612,8 @@ pub fn run_cache(
             let mut base_acts = vec![0.0f32; plan.tokens * d];
             job.dtype.decode(base_view.data(), &mut base_acts);
             let chat_acts = compute_acts(&chat, &plan, job.layer, job.batch_tokens)?;
-            let mut tensors = vec![OwnedTensor {
-                name: "acts".into(),
-                dtype: job.dtype.safetensors(),
-                shape: vec![plan.tokens, 2, d],
-                bytes: pair_bytes(&base_acts, &chat_acts, d, job.dtype),
-            }];
-            tensors.extend(plan.metadata_tensors());
-            let path = job.out.join(&info.file);
-            write_safetensors(&path, &tensors)?;
-            let checksum = checksum(&std::fs::read(&path)?);
             index.partial_shards.remove(0);
-            index.shards.push(ShardInfo { checksum, ..info.clone() });
-            index.total_tokens += info.tokens;
-            index.documents += info.documents;
+            finish_shard(job, &mut index, info.clone(), &plan, &base_acts, &chat_acts, d)?;
             index.write(&job.out)?;
             let _ = std::fs::remove_file(&partial);
             done += info.tokens;
@@ -651,6 +627,32 @@ pub fn run_cache(
     index.complete = true;
     index.write(&job.out)?;
     Ok(index)
+}
+
+/// Writes a complete shard (pairs and per-token metadata) and lists it in the index.
+fn finish_shard(
+    job: &CacheJob,
+    index: &mut CacheIndex,
+    info: ShardInfo,
+    plan: &ShardPlan,
+    base_acts: &[f32],
+    chat_acts: &[f32],
+    d: usize,
+) -> Result<()> {
+    let mut tensors = vec![OwnedTensor {
+        name: "acts".into(),
+        dtype: job.dtype.safetensors(),
+        shape: vec![plan.tokens, 2, d],
+        bytes: pair_bytes(base_acts, chat_acts, d, job.dtype),
+    }];
+    tensors.extend(plan.metadata_tensors());
+    let path = job.out.join(&info.file);
+    write_safetensors(&path, &tensors)?;
+    let checksum = checksum(&std::fs::read(&path)?);
+    index.total_tokens += plan.tokens as u64;
+    index.documents += plan.docs.len() as u64;
+    index.shards.push(ShardInfo { checksum, ..info });
+    Ok(())
 }
 
 fn done_docs_total(index: &CacheIndex) -> u64 {

@@ -54,10 +54,13 @@ pub fn select_topk(f: &[f32], norms: &[f32], dict: usize, keep: usize) -> (HostP
             }
             h
         })
-        .reduce(|| vec![0u32; 1 << BITS], |mut a, b| {
-            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-            a
-        })
+        .reduce(
+            || vec![0u32; 1 << BITS],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
         .into_iter()
         .map(|c| c as usize)
         .collect();
@@ -138,7 +141,11 @@ pub fn select_topk(f: &[f32], norms: &[f32], dict: usize, keep: usize) -> (HostP
     }
     // Row-major order, as the reference mask enumerates them.
     entries.sort_unstable_by_key(|e| (e.0, e.1));
-    let mut picks = HostPicks { tokens: Vec::with_capacity(entries.len()), latents: Vec::with_capacity(entries.len()), values: Vec::with_capacity(entries.len()) };
+    let mut picks = HostPicks {
+        tokens: Vec::with_capacity(entries.len()),
+        latents: Vec::with_capacity(entries.len()),
+        values: Vec::with_capacity(entries.len()),
+    };
     let mut selected = vec![0.0f32; dict];
     let mut min_kept = None::<f32>;
     for (t, l, v, s) in entries {

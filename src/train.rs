@@ -683,13 +683,13 @@ impl TrainRun<'_> {
             first_batch = false;
             let x = tensor(batch.acts, [batch.batch, 2 * d], &self.device);
             let out = step_loss(&cfg, &state.params, x.clone(), step, &mut state.since_selected)?;
-            let mut g: Vec<Tensor<2>> = out.gradients()?.into();
+            let mut g = out.gradients()?;
             if let Some(max) = cfg.clip_grad {
                 let sq: f32 =
                     g.iter().map(|t| read_vec(t.clone().square().sum()).map(|v| v[0])).sum::<Result<f32>>()?;
                 let norm = (sq as f64).sqrt();
                 if norm > max {
-                    g = g.into_iter().map(|t| t.mul_scalar(max / norm)).collect();
+                    g = g.map(|t| t.mul_scalar(max / norm));
                 }
             }
             let lr = cfg.lr_at(step);
@@ -788,7 +788,7 @@ impl TrainRun<'_> {
     }
 }
 
-fn adam_step(state: &mut TrainState, grads: Vec<Tensor<2>>, lr: f64, step: u64) {
+fn adam_step(state: &mut TrainState, grads: [Tensor<2>; 4], lr: f64, step: u64) {
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
     let c1 = 1.0 - b1.powi(step as i32);
     let c2 = 1.0 - b2.powi(step as i32);
@@ -798,12 +798,12 @@ fn adam_step(state: &mut TrainState, grads: Vec<Tensor<2>>, lr: f64, step: u64) 
         let denom = v.clone().div_scalar(c2).sqrt().add_scalar(eps);
         *p = p.clone() - m.clone().div_scalar(c1).div(denom).mul_scalar(lr);
     };
-    let mut g = grads.into_iter();
+    let [g_w_enc, g_b_enc, g_w_dec, g_b_dec] = grads;
     let (p, m, v) = (&mut state.params, &mut state.adam_m, &mut state.adam_v);
-    update(&mut p.w_enc, &mut m.w_enc, &mut v.w_enc, g.next().expect("4 grads"));
-    update(&mut p.b_enc, &mut m.b_enc, &mut v.b_enc, g.next().expect("4 grads"));
-    update(&mut p.w_dec, &mut m.w_dec, &mut v.w_dec, g.next().expect("4 grads"));
-    update(&mut p.b_dec, &mut m.b_dec, &mut v.b_dec, g.next().expect("4 grads"));
+    update(&mut p.w_enc, &mut m.w_enc, &mut v.w_enc, g_w_enc);
+    update(&mut p.b_enc, &mut m.b_enc, &mut v.b_enc, g_b_enc);
+    update(&mut p.w_dec, &mut m.w_dec, &mut v.w_dec, g_w_dec);
+    update(&mut p.b_dec, &mut m.b_dec, &mut v.b_dec, g_b_dec);
 }
 
 const NAMES: [&str; 4] = ["w_enc", "b_enc", "w_dec", "b_dec"];
