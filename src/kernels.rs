@@ -5,7 +5,10 @@
 //! device: three histogram passes over the scores' bit patterns find the k-th largest score without
 //! sorting (or reading back) the B×D scores; [`crate::crosscoder::select_batch_topk`] is the reference.
 
-use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
+use burn::backend::{
+    Backend, backend_extension,
+    tensor::{FloatTensor, IntTensor},
+};
 use burn::tensor::{Device, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
@@ -26,6 +29,25 @@ pub fn hist_len(bits: u32) -> usize {
 
 #[backend_extension(Cube, Fusion)]
 pub trait KernelOps: Backend {
+    /// `out[r] = Σ_{p ∈ [offsets[r], offsets[r+1])} coef[p] · table[index[p]]`, `[rows, width]`
+    /// (`offsets` has rows + 1 entries; `table` is `[M, width]`).
+    #[fusion(dtype = table, shape = burn::tensor::Shape::new([offsets[0] - 1, table[1]]))]
+    fn segment_rows(
+        offsets: IntTensor<Self>,
+        index: IntTensor<Self>,
+        coef: FloatTensor<Self>,
+        table: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// `out[p] = a[ia[p]] · b[ib[p]]` (row dot products), `[n]`.
+    #[fusion(dtype = a, shape = burn::tensor::Shape::new([ia[0]]))]
+    fn pick_dot(
+        ia: IntTensor<Self>,
+        ib: IntTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
     /// Counts of positive scores per `bits`-bit field at `shift`, among scores whose bits under
     /// `prefix_mask` equal `prefix`. The output holds u32 counts in an f32-typed buffer of
     /// `2^bits` elements: read it as raw bytes.
@@ -56,7 +78,105 @@ impl KernelSource for HistogramKernel {
     }
 }
 
+struct SegmentRowsKernel;
+struct PickDotKernel;
+
+impl KernelSource for SegmentRowsKernel {
+    fn source(&self) -> SourceTemplate {
+        SourceTemplate::new(include_str!("../shaders/segment_rows.wgsl")).register("workgroup", WORKGROUP.to_string())
+    }
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info(WORKGROUP)
+    }
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+impl KernelSource for PickDotKernel {
+    fn source(&self) -> SourceTemplate {
+        SourceTemplate::new(include_str!("../shaders/pick_dot.wgsl")).register("workgroup", WORKGROUP.to_string())
+    }
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info(WORKGROUP)
+    }
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
 impl KernelOps for CubeBackend {
+    fn segment_rows(
+        offsets: IntTensor<Self>,
+        index: IntTensor<Self>,
+        coef: FloatTensor<Self>,
+        table: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (offsets, index, coef, table) =
+            (into_contiguous(offsets), into_contiguous(index), into_contiguous(coef), into_contiguous(table));
+        let rows = offsets.meta.shape()[0] - 1;
+        let width = table.meta.shape()[1];
+        let client = table.client.clone();
+        let out = client.empty(rows * width * 4);
+        let bytes: Vec<u8> = [rows as u32, width as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let params = client.create_from_slice(&bytes);
+        let groups = ((rows * width) as u32).div_ceil(WORKGROUP).clamp(1, 4096);
+        client.launch(
+            Box::new(SourceKernel::new(SegmentRowsKernel, CubeDim::new_1d(WORKGROUP))),
+            CubeCount::Static(groups, 1, 1),
+            KernelArguments::new().with_buffers(vec![
+                offsets.handle.clone().binding(),
+                index.handle.clone().binding(),
+                coef.handle.clone().binding(),
+                table.handle.clone().binding(),
+                out.clone().binding(),
+                params.binding(),
+            ]),
+        );
+        CubeTensor::new_contiguous(
+            client,
+            table.device.clone(),
+            burn::tensor::Shape::new([rows, width]),
+            out,
+            burn::tensor::DType::F32,
+        )
+    }
+
+    fn pick_dot(
+        ia: IntTensor<Self>,
+        ib: IntTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (ia, ib, a, b) = (into_contiguous(ia), into_contiguous(ib), into_contiguous(a), into_contiguous(b));
+        let n = ia.meta.shape()[0];
+        let width = a.meta.shape()[1];
+        let client = a.client.clone();
+        let out = client.empty(n.max(1) * 4);
+        let bytes: Vec<u8> = [n as u32, width as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let params = client.create_from_slice(&bytes);
+        let groups = (n as u32).div_ceil(WORKGROUP).clamp(1, 4096);
+        client.launch(
+            Box::new(SourceKernel::new(PickDotKernel, CubeDim::new_1d(WORKGROUP))),
+            CubeCount::Static(groups, 1, 1),
+            KernelArguments::new().with_buffers(vec![
+                ia.handle.clone().binding(),
+                ib.handle.clone().binding(),
+                a.handle.clone().binding(),
+                b.handle.clone().binding(),
+                out.clone().binding(),
+                params.binding(),
+            ]),
+        );
+        CubeTensor::new_contiguous(
+            client,
+            a.device.clone(),
+            burn::tensor::Shape::new([n]),
+            out,
+            burn::tensor::DType::F32,
+        )
+    }
+
     fn score_histogram(
         scores: FloatTensor<Self>,
         prefix: u32,
@@ -135,4 +255,64 @@ pub fn kth_largest(scores: &Tensor<1>, keep: usize) -> anyhow::Result<Option<(f3
         mask |= ((1u32 << bits) - 1) << shift;
     }
     Ok(Some((f32::from_bits(prefix), above as usize)))
+}
+
+/// [`KernelOps::segment_rows`] from user code: `out[r] = Σ_{p in segment r} coef[p] · table[index[p]]`.
+pub fn segment_rows(
+    offsets: &Tensor<1, burn::tensor::Int>,
+    index: &Tensor<1, burn::tensor::Int>,
+    coef: &Tensor<1>,
+    table: &Tensor<2>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as KernelOps>::segment_rows(
+        offsets.clone().into_dispatch(),
+        index.clone().into_dispatch(),
+        coef.clone().into_dispatch(),
+        table.clone().into_dispatch(),
+    ))
+}
+
+/// [`KernelOps::pick_dot`] from user code: `out[p] = a[ia[p]] · b[ib[p]]`.
+pub fn pick_dot(
+    ia: &Tensor<1, burn::tensor::Int>,
+    ib: &Tensor<1, burn::tensor::Int>,
+    a: &Tensor<2>,
+    b: &Tensor<2>,
+) -> Tensor<1> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as KernelOps>::pick_dot(
+        ia.clone().into_dispatch(),
+        ib.clone().into_dispatch(),
+        a.clone().into_dispatch(),
+        b.clone().into_dispatch(),
+    ))
+}
+
+/// Plain-op reference of [`segment_rows`] (any backend): gather, scale, scatter-add by segment.
+pub fn segment_rows_reference(
+    segment_of: &Tensor<1, burn::tensor::Int>,
+    rows: usize,
+    index: &Tensor<1, burn::tensor::Int>,
+    coef: &Tensor<1>,
+    table: &Tensor<2>,
+) -> Tensor<2> {
+    let n = coef.dims()[0];
+    let width = table.dims()[1];
+    let gathered = table.clone().select(0, index.clone()) * coef.clone().reshape([n, 1]);
+    Tensor::<2>::zeros([rows, width], &table.device()).select_assign(
+        0,
+        segment_of.clone(),
+        gathered,
+        burn::tensor::IndexingUpdateOp::Add,
+    )
+}
+
+/// Plain-op reference of [`pick_dot`].
+pub fn pick_dot_reference(
+    ia: &Tensor<1, burn::tensor::Int>,
+    ib: &Tensor<1, burn::tensor::Int>,
+    a: &Tensor<2>,
+    b: &Tensor<2>,
+) -> Tensor<1> {
+    let n = ia.dims()[0];
+    (a.clone().select(0, ia.clone()) * b.clone().select(0, ib.clone())).sum_dim(1).reshape([n])
 }

@@ -68,8 +68,9 @@ pub struct TrainConfig {
     /// (k·B of B·D); `false` runs the dense reference computation.
     #[serde(default = "yes")]
     pub sparse: bool,
-    /// On the CPU (flex) backend, run the sparse decoder and its backward as plain host loops
-    /// (`sparse_cpu`) instead of burn's generic gather/scatter; `false` takes the autodiff route.
+    /// Run the sparse decoder and its backward through crossdiff's own kernels: plain host loops
+    /// on the CPU (flex, `sparse_cpu`), the WGSL kernels on wgpu (`kernels`); `false` takes the
+    /// autodiff route through burn's generic gather/scatter.
     #[serde(default = "yes")]
     pub cpu_kernels: bool,
     pub seed: u64,
@@ -476,6 +477,139 @@ fn select_on_device(
     Ok(Some(DeviceSelection { tokens, latents, values, selected, min_kept }))
 }
 
+/// Per-segment offsets (`len + 1` entries) from per-segment counts.
+fn offsets_from_counts(counts: impl Iterator<Item = usize>) -> Vec<i64> {
+    let mut out = vec![0i64];
+    for c in counts {
+        out.push(out[out.len() - 1] + c as i64);
+    }
+    out
+}
+
+/// The sparse BatchTopK step on wgpu with the hand-written kernels: the selection from
+/// [`select_on_device`], then decode, ∂L/∂f and the decoder/encoder gradients through
+/// `segment_rows` and `pick_dot` (`shaders/`), touching only the selected entries' rows; the loss
+/// derivative itself is a few plain tensor ops. AuxK's rare picks come from the host selection.
+fn kernel_sparse_step(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    f_dev: &Tensor<2>,
+    sel: DeviceSelection,
+    since_selected: &mut [u64],
+) -> Result<StepOutput> {
+    use crate::kernels::{pick_dot, segment_rows};
+    use burn::tensor::{Int, TensorData};
+    let (d, dict) = p.dims();
+    let [b, two_d] = x.dims();
+    let device = x.device();
+    let ints = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
+    update_counters(since_selected, &sel.selected, b);
+    let dead: Vec<bool> = since_selected.iter().map(|&c| c >= cfg.dead_tokens).collect();
+    let n_dead = dead.iter().filter(|&&v| v).count();
+
+    // A pick set sorted by token (segments = tokens) and the same entries sorted by latent.
+    struct Set {
+        tokens: Tensor<1, Int>,
+        latents: Tensor<1, Int>,
+        values: Tensor<1>,
+        token_offsets: Tensor<1, Int>,
+        by_latent: Tensor<1, Int>,
+        latent_offsets: Tensor<1, Int>,
+    }
+    let make_set =
+        |tokens: Tensor<1, Int>, latents: Tensor<1, Int>, values: Tensor<1>, per_latent: &[f32]| -> Result<Set> {
+            let t = tokens.clone().try_into_vec_as::<i64>().map_err(|e| anyhow!("{e:?}"))?;
+            let mut per_token = vec![0usize; b];
+            t.iter().for_each(|&v| per_token[v as usize] += 1);
+            Ok(Set {
+                token_offsets: ints(offsets_from_counts(per_token.into_iter())),
+                by_latent: latents.clone().argsort(0),
+                latent_offsets: ints(offsets_from_counts(per_latent.iter().map(|&c| c as usize))),
+                tokens,
+                latents,
+                values,
+            })
+        };
+    let decode = |s: &Set| segment_rows(&s.token_offsets, &s.latents, &s.values, &p.w_dec);
+    let main = make_set(sel.tokens, sel.latents, sel.values, &sel.selected)?;
+    let err = x.clone() - (decode(&main) + p.b_dec.clone());
+    // ∂L/∂ĥ of the reconstruction term.
+    let (recon, g) = if cfg.squared_recon {
+        (err.clone().square().sum().mul_scalar(0.5 / b as f64), err.clone().mul_scalar(-1.0 / b as f64))
+    } else {
+        let norms = err.clone().reshape([b, 2, d]).square().sum_dim(2).sqrt(); // [B, 2, 1]
+        let g = err.clone().reshape([b, 2, d]) / norms.clone().clamp_min(1e-30).mul_scalar(-2.0 * b as f64);
+        (norms.mean(), g.reshape([b, two_d]))
+    };
+    let mut loss = recon.clone();
+    let mut aux = None;
+    let mut sets = vec![(main, g.clone())];
+    if n_dead > 0 {
+        let f = read_vec(f_dev.clone())?;
+        let norms = read_vec(p.norm_sum())?;
+        let scores: Vec<f32> = f.iter().enumerate().map(|(i, v)| v * norms[i % dict]).collect();
+        let aux_mask = select_aux(&scores, dict, &dead, (d / 2).min(n_dead));
+        let (mut ts, mut ls, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, &m) in aux_mask.iter().enumerate() {
+            if m > 0.0 {
+                ts.push((i / dict) as i64);
+                ls.push((i % dict) as i64);
+                vs.push(f[i]);
+            }
+        }
+        let e = err.clone();
+        let e_hat = if vs.is_empty() {
+            e.clone().zeros_like()
+        } else {
+            let per = per_latent(&aux_mask, dict);
+            let n = vs.len();
+            let set = make_set(ints(ts), ints(ls), tensor(vs, [n], &device), &per)?;
+            let e_hat = decode(&set);
+            sets.push((set, e_hat.clone()));
+            e_hat
+        };
+        let centered = e.clone() - e.clone().mean_dim(0);
+        let den = read_vec(centered.square().sum_dim(1).mean())?[0] as f64;
+        let a = aux_loss(e.clone(), e_hat.clone());
+        let value = read_vec(a.clone())?[0];
+        if value.is_finite() {
+            loss = loss + a.clone().mul_scalar(cfg.aux_alpha);
+            if let Some((_, g_aux)) = sets.get_mut(1) {
+                // ∂(α·num/den)/∂ê = −2α(e − ê)/(B·den); e is detached.
+                *g_aux = (e - e_hat).mul_scalar(-2.0 * cfg.aux_alpha / (b as f64 * den));
+            }
+        } else {
+            sets.truncate(1);
+        }
+        aux = Some(a);
+    }
+    // Gradients, per pick set: ∂L/∂f = W_dec[l] · g[t]; rows of W_dec and columns of W_enc.
+    let mut grad_w_dec = Tensor::<2>::zeros([dict, two_d], &device);
+    let mut grad_enc_t = Tensor::<2>::zeros([dict, two_d], &device);
+    let mut grad_b_enc = Tensor::<2>::zeros([dict, 1], &device);
+    for (s, gs) in &sets {
+        let n = s.values.dims()[0];
+        let grad_v = pick_dot(&s.latents, &s.tokens, &p.w_dec, gs);
+        let tokens_by_l = s.tokens.clone().select(0, s.by_latent.clone());
+        grad_w_dec = grad_w_dec
+            + segment_rows(&s.latent_offsets, &tokens_by_l, &s.values.clone().select(0, s.by_latent.clone()), gs);
+        grad_enc_t = grad_enc_t
+            + segment_rows(&s.latent_offsets, &tokens_by_l, &grad_v.clone().select(0, s.by_latent.clone()), &x);
+        grad_b_enc = grad_b_enc.select_assign(0, s.latents.clone(), grad_v.reshape([n, 1]), IndexingUpdateOp::Add);
+    }
+    let grad_b_dec = sets[0].1.clone().sum_dim(0);
+    Ok(StepOutput {
+        loss,
+        recon,
+        aux,
+        l0_total: sel.selected.iter().map(|&a| a as f64).sum(),
+        err,
+        kept: Some((Vec::new(), sel.min_kept)),
+        grads: GradPlan::Ready([grad_enc_t.transpose(), grad_b_enc.reshape([1, dict]), grad_w_dec, grad_b_dec]),
+    })
+}
+
 /// BatchTopK with the sparse decoder: the encoder runs dense (no autodiff), the k·B selected
 /// entries (and AuxK's picks) decode through `select`/`select_assign` on their decoder rows, and
 /// the encoder gradient is assembled from those entries alone.
@@ -505,6 +639,10 @@ fn sparse_topk_step(
     };
     let on_device =
         if crate::kernels::is_wgpu(&device) { select_on_device(&f_dev, &p.norm_sum(), keep, b, dict)? } else { None };
+    let on_device = match on_device {
+        Some(sel) if cfg.cpu_kernels => return kernel_sparse_step(cfg, p, x, &f_dev, sel, since_selected),
+        other => other,
+    };
     let mut host: Option<(Vec<f32>, Vec<f32>)> = None;
     let (main, selected, mask, min_kept) = match on_device {
         Some(sel) => {

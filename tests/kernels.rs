@@ -73,23 +73,102 @@ fn sparse_batchtopk_step_on_wgpu_equals_the_host_selection_on_flex() {
         // With dead latents AuxK reads the scores back; without, nothing B×D leaves the device.
         let before: Vec<u64> =
             (0..dict).map(|j| if dead_every > 0 && j % dead_every == 0 { 1000 } else { 0 }).collect();
-        let run = |device: &burn::tensor::Device| {
+        let run = |device: &burn::tensor::Device, cpu_kernels: bool| {
             let p = Params::init(d, dict, 1.0, 3, device);
-            let cfg = TrainConfig { k: 3, dead_tokens: 1000, ..TrainConfig::defaults(Kind::BatchTopK, dict) };
+            let cfg =
+                TrainConfig { k: 3, dead_tokens: 1000, cpu_kernels, ..TrainConfig::defaults(Kind::BatchTopK, dict) };
             let mut since = before.clone();
             let out = step_loss(&cfg, &p, tensor(x.clone(), [b, 2 * d], device), 1, &mut since).unwrap();
             let loss = read_vec(out.loss.clone().detach()).unwrap();
             let min_kept = out.kept.as_ref().unwrap().1;
             (loss, out.gradients().unwrap().map(|g| read_vec(g).unwrap()), since, min_kept)
         };
-        let (l_cpu, g_cpu, s_cpu, m_cpu) = run(&cpu);
-        let (l_gpu, g_gpu, s_gpu, m_gpu) = run(&gpu);
-        assert_eq!(s_cpu, s_gpu, "dead counters");
-        assert_eq!(m_cpu, m_gpu, "smallest kept score");
-        let want = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-        common::assert_close("loss", &l_gpu, &want(&l_cpu), 1e-5);
-        for (name, (g, c)) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(g_gpu.iter().zip(&g_cpu)) {
-            common::assert_close(name, g, &want(c), 1e-4);
+        let (l_cpu, g_cpu, s_cpu, m_cpu) = run(&cpu, true);
+        // On wgpu: the WGSL kernels (segment_rows, pick_dot) and the autodiff route.
+        for kernels in [true, false] {
+            let (l_gpu, g_gpu, s_gpu, m_gpu) = run(&gpu, kernels);
+            assert_eq!(s_cpu, s_gpu, "dead counters");
+            assert_eq!(m_cpu, m_gpu, "smallest kept score");
+            let want = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            common::assert_close(
+                &format!("loss (kernels {kernels}, dead every {dead_every})"),
+                &l_gpu,
+                &want(&l_cpu),
+                1e-5,
+            );
+            for (name, (g, c)) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(g_gpu.iter().zip(&g_cpu)) {
+                common::assert_close(
+                    &format!("{name} (kernels {kernels}, dead every {dead_every})"),
+                    g,
+                    &want(c),
+                    1e-4,
+                );
+            }
         }
     }
+}
+
+#[test]
+fn segment_rows_and_pick_dot_equal_their_references() {
+    use burn::tensor::Int;
+    use crossdiff::kernels::{pick_dot, pick_dot_reference, segment_rows, segment_rows_reference};
+    let Some(gpu) = common::wgpu_device() else { return };
+    let mut rng = SplitMix64(4);
+    let (rows, m, w) = (37usize, 53usize, 19usize);
+    // Segments of varied sizes, some empty; entries sorted by segment.
+    let mut segment_of = Vec::new();
+    for r in 0..rows {
+        for _ in 0..(rng.next_u64() % 6) {
+            segment_of.push(r as i64);
+        }
+    }
+    let n = segment_of.len();
+    let mut offsets = vec![0i64; rows + 1];
+    for &r in &segment_of {
+        offsets[r as usize + 1] += 1;
+    }
+    for r in 0..rows {
+        offsets[r + 1] += offsets[r];
+    }
+    let index: Vec<i64> = (0..n).map(|_| (rng.next_u64() % m as u64) as i64).collect();
+    let coef: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect();
+    let table: Vec<f32> = (0..m * w).map(|_| rng.next_f64() as f32 - 0.5).collect();
+    let other: Vec<f32> = (0..rows * w).map(|_| rng.next_f64() as f32 - 0.5).collect();
+    let ints =
+        |v: &Vec<i64>, d: &burn::tensor::Device| Tensor::<1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), d);
+    let floats = |v: &Vec<f32>, shape: [usize; 2], d: &burn::tensor::Device| {
+        Tensor::<2>::from_data(TensorData::new(v.clone(), shape), (d, DType::F32))
+    };
+    let cpu = burn::tensor::Device::flex();
+    // Reference on flex, kernels on wgpu.
+    let want = segment_rows_reference(
+        &ints(&segment_of, &cpu),
+        rows,
+        &ints(&index, &cpu),
+        &floats(&coef, [n, 1], &cpu).reshape([n]),
+        &floats(&table, [m, w], &cpu),
+    );
+    let got = segment_rows(
+        &ints(&offsets, &gpu),
+        &ints(&index, &gpu),
+        &floats(&coef, [n, 1], &gpu).reshape([n]),
+        &floats(&table, [m, w], &gpu),
+    );
+    let want: Vec<f64> = want.try_into_vec_as::<f32>().unwrap().iter().map(|&x| x as f64).collect();
+    common::assert_close("segment_rows", &got.try_into_vec_as::<f32>().unwrap(), &want, 1e-6);
+
+    let want = pick_dot_reference(
+        &ints(&index, &cpu),
+        &ints(&segment_of, &cpu),
+        &floats(&table, [m, w], &cpu),
+        &floats(&other, [rows, w], &cpu),
+    );
+    let got = pick_dot(
+        &ints(&index, &gpu),
+        &ints(&segment_of, &gpu),
+        &floats(&table, [m, w], &gpu),
+        &floats(&other, [rows, w], &gpu),
+    );
+    let want: Vec<f64> = want.try_into_vec_as::<f32>().unwrap().iter().map(|&x| x as f64).collect();
+    common::assert_close("pick_dot", &got.try_into_vec_as::<f32>().unwrap(), &want, 1e-6);
 }
