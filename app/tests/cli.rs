@@ -297,3 +297,60 @@ fn train_on_a_cache_writes_the_run_directory() {
     assert_eq!(n, 6);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn train_killed_mid_run_resumes_to_the_same_curve_and_weights() {
+    let tmp = std::env::temp_dir().join(format!("crossdiff-cli-trainkill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let data = |f: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/data").join(f);
+    let cache = tmp.join("cache");
+    let r = crossdiff(&[
+        "--backend", "cpu", "cache", "--base", fixture("base").to_str().unwrap(), "--chat", fixture("chat").to_str().unwrap(),
+        "--data", data("web.txt").to_str().unwrap(), data("chat.jsonl").to_str().unwrap(), "--mix", "--layer", "1",
+        "--tokens", "2000", "--context", "64", "--shard-tokens", "512", "--dtype", "f32", "--out", cache.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "--backend", "cpu", "train", "--cache", cache.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dict-size", "256",
+            "--k", "8", "--batch", "32", "--steps", "3000", "--warmup-steps", "50", "--threshold-start", "100", "--lr", "1e-3",
+            "--checkpoint-every", "100", "--dead-tokens", "3200",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = tmp.join("whole");
+    let r = Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(args(&whole)).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    // SIGKILL after a checkpoint past step 200, mid-run: no clean shutdown, metrics beyond the
+    // checkpoint are on disk and must be replaced by the resumed run's.
+    let killed = tmp.join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crossdiff"))
+        .args(args(&killed))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = killed.join("checkpoint/state.json");
+    loop {
+        assert!(child.try_wait().unwrap().is_none(), "training finished before it could be killed");
+        if let Ok(text) = std::fs::read_to_string(&state) {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if v["step"].as_u64().unwrap_or(0) >= 200 {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(args(&killed)).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let read = |p: &Path, f: &str| std::fs::read(p.join(f)).unwrap();
+    assert_eq!(read(&whole, "metrics.jsonl"), read(&killed, "metrics.jsonl"));
+    assert_eq!(read(&whole, "crosscoder.safetensors"), read(&killed, "crosscoder.safetensors"));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
