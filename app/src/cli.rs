@@ -12,7 +12,7 @@ use crossdiff::crosscoder::Kind;
 use crossdiff::data::TokenizeOptions;
 use crossdiff::generate::{Sampling, generate};
 use crossdiff::reader::{CacheReader, ReaderConfig};
-use crossdiff::train::{TrainConfig, TrainRun};
+use crossdiff::train::{PairSource, TrainConfig, TrainRun};
 use crossdiff::{Backend, LoadOptions, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -104,10 +104,26 @@ enum Command {
     },
     /// Train a crosscoder on a cache; checkpoints in RUN, re-running the same command resumes.
     Train {
-        #[arg(long)]
-        cache: PathBuf,
+        /// The activation cache to train on (or train on the fly with --base/--chat/--data/--layer).
+        #[arg(long, required_unless_present = "base")]
+        cache: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
+        /// On the fly, no disk cache: the base model (with --chat, --data, --layer).
+        #[arg(long, requires_all = ["chat", "data", "layer"], conflicts_with = "cache")]
+        base: Option<PathBuf>,
+        #[arg(long)]
+        chat: Option<PathBuf>,
+        #[arg(long, num_args = 1..)]
+        data: Vec<PathBuf>,
+        #[arg(long)]
+        layer: Option<usize>,
+        /// On the fly: truncate documents to this many tokens.
+        #[arg(long, default_value_t = 1024)]
+        context: usize,
+        /// On the fly: interleave the data files 1:1 by tokens.
+        #[arg(long)]
+        mix: bool,
         #[arg(long, default_value = "batchtopk")]
         kind: Kind,
         /// Dictionary size D (default: 32 × d, the paper's).
@@ -431,6 +447,12 @@ pub fn run() -> Result<()> {
         Command::Train {
             cache,
             out,
+            base,
+            chat,
+            data,
+            layer,
+            context,
+            mix,
             kind,
             dict_size,
             expansion,
@@ -455,14 +477,56 @@ pub fn run() -> Result<()> {
             shuffle_tokens,
         } => {
             let device = cli.backend.device()?;
-            let reader_cfg = ReaderConfig { batch, seed, shuffle_tokens, val_tokens, epochs: None };
-            let mut reader = CacheReader::open(&cache, reader_cfg)?;
-            let d = reader.index.d_model;
+            // The data: a cache through the shuffled reader, or the two models on the fly.
+            let (mut source, d, models, layer, validation, default_steps): (
+                Box<dyn PairSource>,
+                usize,
+                Vec<String>,
+                Option<usize>,
+                _,
+                _,
+            ) = match (&cache, &base, &chat, layer) {
+                (Some(cache), _, _, _) => {
+                    let reader_cfg = ReaderConfig { batch, seed, shuffle_tokens, val_tokens, epochs: None };
+                    let reader = CacheReader::open(cache, reader_cfg)?;
+                    let validation = if val_tokens > 0 { Some(reader.validation()?) } else { None };
+                    let (d, models, layer) =
+                        (reader.index.d_model, reader.index.models.clone(), Some(reader.index.layer));
+                    let default_steps = reader.train_tokens.div_ceil(batch as u64);
+                    (Box::new(reader), d, models, layer, validation, Some(default_steps))
+                }
+                (None, Some(base), Some(chat), Some(layer)) => {
+                    if val_tokens > 0 {
+                        anyhow::bail!("--val-tokens needs a cache (the on-the-fly source has no held-out slice)");
+                    }
+                    let d = crossdiff::Snapshot::open(base)?.config.hidden_size;
+                    let cfg = crossdiff::onthefly::OnTheFlyConfig {
+                        base: base.clone(),
+                        chat: chat.clone(),
+                        data: data.clone(),
+                        layer,
+                        tokenize: TokenizeOptions { context, ..Default::default() },
+                        mix,
+                        chunk_tokens: 65_536,
+                        batch_tokens: 8192,
+                        tokens: u64::MAX,
+                        load: LoadOptions::default(),
+                    };
+                    let models = vec![base.display().to_string(), chat.display().to_string()];
+                    let src =
+                        crossdiff::onthefly::OnTheFlySource::start(cfg, device.clone(), batch, shuffle_tokens, seed)?;
+                    (Box::new(src), d, models, Some(layer), None, None)
+                }
+                _ => anyhow::bail!("give --cache, or --base, --chat, --data and --layer to train on the fly"),
+            };
             let dict = dict_size.unwrap_or(expansion.unwrap_or(32) * d);
-            let steps = match (steps, tokens) {
-                (Some(s), _) => s,
-                (None, Some(t)) => t.div_ceil(batch as u64),
-                (None, None) => reader.train_tokens.div_ceil(batch as u64),
+            let steps = match (steps, tokens, default_steps) {
+                (Some(s), _, _) => s,
+                (None, Some(t), _) => t.div_ceil(batch as u64),
+                (None, None, Some(s)) => s,
+                (None, None, None) => {
+                    anyhow::bail!("--steps or --tokens: on the fly there is no cache size to default to")
+                }
             };
             let defaults = TrainConfig::defaults(kind, dict);
             let config = TrainConfig {
@@ -483,9 +547,6 @@ pub fn run() -> Result<()> {
                 val_every,
                 ..defaults
             };
-            let validation = if val_tokens > 0 { Some(reader.validation()?) } else { None };
-            let models = reader.index.models.clone();
-            let layer = Some(reader.index.layer);
             let stop = interrupt_flag();
             let bar = ProgressBar::new(steps).with_style(
                 ProgressStyle::with_template("[{bar:30}] step {pos}/{len} {msg} ({per_sec}, ETA {eta})")
@@ -494,8 +555,16 @@ pub fn run() -> Result<()> {
             );
             let started = Instant::now();
             let mut last = None;
-            let mut run =
-                TrainRun { config, out: out.clone(), device, source: &mut reader, validation, layer, models, width: d };
+            let mut run = TrainRun {
+                config,
+                out: out.clone(),
+                device,
+                source: source.as_mut(),
+                validation,
+                layer,
+                models,
+                width: d,
+            };
             let cc = run.run(
                 |p| {
                     let m = &p.metrics;

@@ -396,3 +396,71 @@ fn train_killed_mid_run_resumes_to_the_same_curve_and_weights() {
     assert_eq!(read(&whole, "crosscoder.safetensors"), read(&killed, "crosscoder.safetensors"));
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn train_on_the_fly_without_a_cache() {
+    let out = std::env::temp_dir().join(format!("crossdiff-cli-otf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let data = |f: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/data").join(f);
+    let (base, chat, web, chats) = (fixture("base"), fixture("chat"), data("web.txt"), data("chat.jsonl"));
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "train",
+        "--base",
+        base.to_str().unwrap(),
+        "--chat",
+        chat.to_str().unwrap(),
+        "--data",
+        web.to_str().unwrap(),
+        chats.to_str().unwrap(),
+        "--mix",
+        "--layer",
+        "2",
+        "--context",
+        "48",
+        "--dict-size",
+        "64",
+        "--k",
+        "4",
+        "--batch",
+        "32",
+        "--steps",
+        "30",
+        "--shuffle-tokens",
+        "256",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).starts_with("train: BatchTopK D=64 step 30 (960 tokens)"));
+    let bytes = std::fs::read(out.join("crosscoder.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("encoder.weight").unwrap().shape(), &[2, 72, 64]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["layer"].as_u64(), Some(2));
+    // Without a cache there is no held-out slice: asking for one is a clear error.
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "train",
+        "--base",
+        base.to_str().unwrap(),
+        "--chat",
+        chat.to_str().unwrap(),
+        "--data",
+        web.to_str().unwrap(),
+        "--layer",
+        "2",
+        "--steps",
+        "5",
+        "--val-tokens",
+        "10",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--val-tokens needs a cache"));
+    std::fs::remove_dir_all(&out).unwrap();
+}
