@@ -41,6 +41,24 @@ pub fn delta_norm(base: f64, chat: f64) -> f64 {
     if m == 0.0 { 0.5 } else { 0.5 * ((chat - base) / m + 1.0) }
 }
 
+/// A plain-words reading of a latent's Latent Scaling ratios (method.md §4), for dashboards.
+pub fn verdict(row: &LatentRow) -> &'static str {
+    if row.class == "dead" {
+        return "dead: never active on the evaluation tokens";
+    }
+    if row.class != "chat_only" {
+        return "not chat-only";
+    }
+    match (row.nu_error, row.nu_reconstruction) {
+        (Some(e), _) if e >= 0.2 => "Complete Shrinkage suspected: the base model's error carries this direction",
+        (_, Some(r)) if r >= 0.5 => {
+            "Latent Decoupling suspected: the base reconstruction carries it through other latents"
+        }
+        (Some(_), Some(_)) => "chat-specific",
+        _ => "chat-only (Latent Scaling not computed for this latent)",
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LatentRow {
     pub latent: usize,

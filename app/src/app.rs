@@ -40,7 +40,15 @@ pub struct ModelSummary {
     pub parameters: usize,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tab {
+    Models,
+    Latents,
+}
+
 pub struct CrossdiffApp {
+    tab: Tab,
+    pub latents: crate::latents_view::LatentsView,
     dirs: [String; 2],
     backend: Backend,
     prompt: String,
@@ -65,6 +73,8 @@ impl CrossdiffApp {
             if p.exists() { p.canonicalize().unwrap_or(p).display().to_string() } else { String::new() }
         };
         Self {
+            tab: Tab::Models,
+            latents: crate::latents_view::LatentsView::new(String::new(), bundled("chat")),
             dirs: [bundled("base"), bundled("chat")],
             backend: Backend::Cpu,
             prompt: "What is a crosscoder?".into(),
@@ -176,6 +186,8 @@ impl eframe::App for CrossdiffApp {
         egui::Panel::top("status").show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.strong("crossdiff");
+                ui.selectable_value(&mut self.tab, Tab::Models, "Models");
+                ui.selectable_value(&mut self.tab, Tab::Latents, "Latents");
                 if let Some(what) = self.busy {
                     ui.spinner();
                     ui.label(what);
@@ -185,8 +197,15 @@ impl eframe::App for CrossdiffApp {
                 }
             });
         });
-        egui::Panel::left("models").default_size(380.0).show(ui, |ui| self.models_ui(ui));
-        egui::CentralPanel::default().show(ui, |ui| self.prompt_ui(ui));
+        match self.tab {
+            Tab::Models => {
+                egui::Panel::left("models").default_size(380.0).show(ui, |ui| self.models_ui(ui));
+                egui::CentralPanel::default().show(ui, |ui| self.prompt_ui(ui));
+            }
+            Tab::Latents => {
+                egui::CentralPanel::default().show(ui, |ui| self.latents.ui(ui));
+            }
+        }
     }
 }
 

@@ -45,3 +45,103 @@ fn a_bad_model_directory_shows_an_error_not_a_crash() {
     harness.get_by_label("Load models").click();
     wait_for(&mut harness, "error: /no/such/base: not a model snapshot directory");
 }
+
+/// A small analysed run: a cache from the fixtures, a crosscoder with latents of every class, its
+/// latents.csv and examples store.
+fn analysed_run(tag: &str) -> std::path::PathBuf {
+    use crossdiff::cache::{ActDtype, CacheJob, run_cache};
+    use crossdiff::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, read_vec, tensor};
+    use crossdiff::data::TokenizeOptions;
+    let root = std::env::temp_dir().join(format!("crossdiff-app-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets");
+    let job = CacheJob {
+        base: assets.join("tiny-gemma2/base"),
+        chat: assets.join("tiny-gemma2/chat"),
+        data: vec![assets.join("data/web.txt"), assets.join("data/chat.jsonl")],
+        layer: 1,
+        tokens: 400,
+        out: root.join("cache"),
+        dtype: ActDtype::F32,
+        tokenize: TokenizeOptions { context: 48, ..Default::default() },
+        mix: true,
+        shard_tokens: 256,
+        batch_tokens: 256,
+        low_memory: false,
+        load: crossdiff::LoadOptions::default(),
+    };
+    let device = burn::tensor::Device::flex();
+    run_cache(&job, &device, |_| {}, || true).unwrap();
+    let (d, dict) = (72, 40);
+    let p = Params::init(d, dict, 0.3, 7, &device);
+    let mut w_dec = read_vec(p.w_dec.clone()).unwrap();
+    for j in 0..dict {
+        let (sb, sc) = match j % 8 {
+            0 => (0.02, 1.0),
+            2 => (1.0, 0.05),
+            3 => (0.5, 1.0),
+            _ => (1.0, 1.0),
+        };
+        for i in 0..d {
+            w_dec[j * 2 * d + i] *= sb;
+            w_dec[j * 2 * d + d + i] *= sc;
+        }
+    }
+    let cc = Crosscoder {
+        config: CrosscoderConfig { kind: Kind::L1, d, dict_size: dict, k: 0, mu: 0.0, layer: Some(1), models: vec![] },
+        params: Params { w_dec: tensor(w_dec, [dict, 2 * d], &device), ..p },
+        threshold: None,
+    };
+    let run = root.join("run");
+    cc.save(&run).unwrap();
+    let opts = crossdiff::analyze::AnalyzeOptions::default();
+    let (rows, summary) =
+        crossdiff::analyze::analyze(&run, &root.join("cache"), &device, &opts, |_, _| {}, || true).unwrap();
+    crossdiff::analyze::write_outputs(&run, &rows, &summary).unwrap();
+    let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
+    let ex = crossdiff::examples::ExamplesOptions { top_n: 3, per_bin: 1, context: 4, ..Default::default() };
+    crossdiff::examples::build_examples(&run, &root.join("cache"), &device, &max_act, None, &ex, None).unwrap();
+    run
+}
+
+#[test]
+fn latents_view_filters_rows_and_opens_the_dashboard() {
+    let run = analysed_run("latents");
+    let rows = crossdiff::latents_csv::read_latents_csv(&run.join("latents.csv")).unwrap();
+    let chat_only = rows.iter().filter(|r| r.class == "chat_only").count();
+    assert!(chat_only > 0 && chat_only < rows.len());
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 800.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.latents.run_dir = run.display().to_string();
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Latents").click();
+    harness.run_steps(2);
+    harness.get_by_label("Load run").click();
+    harness.run_steps(2);
+    harness.get_by_label("40 of 40 latents shown");
+    // Class filter: chat-only rows only.
+    harness.get_by_label("Class").click();
+    harness.run_steps(2);
+    harness.get_by_label("chat_only").click();
+    harness.run_steps(3);
+    harness.get_by_label(&format!("{chat_only} of 40 latents shown"));
+    // Search by index, then open that latent's dashboard.
+    harness.get_by_label("Class").click();
+    harness.run_steps(2);
+    harness.get_by_label("all").click();
+    harness.run_steps(3);
+    harness.get_by_label("40 of 40 latents shown");
+    harness.get_by_label("Latent index").focus();
+    harness.get_by_label("Latent index").type_text("16");
+    harness.run_steps(3);
+    harness.get_by_label("1 of 40 latents shown");
+    harness.get_by_label_contains("     16 ").click();
+    harness.run_steps(3);
+    harness.get_by_label("Latent 16");
+    let verdict = crossdiff::analyze::verdict(&rows[16]);
+    harness.get_by_label(&format!("class {} — {verdict}", rows[16].class));
+    harness.get_by_label("Activation histogram (fraction of max)");
+    std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
+}

@@ -1,0 +1,280 @@
+//! The Latents view: latents.csv as a virtualised, filterable, sortable table; selecting a row opens
+//! its dashboard (decoder norms, Δ, cosine, ν with a plain verdict, activation histogram, top and
+//! quantile examples with per-token shading, promoted/suppressed tokens).
+
+use std::path::{Path, PathBuf};
+
+use crossdiff::analyze::{LatentRow, verdict};
+use crossdiff::examples::{ExamplesStore, LatentExamples};
+use crossdiff::tokenizer::ChatTokenizer;
+use eframe::egui;
+
+const CLASSES: [&str; 6] = ["all", "chat_only", "shared", "base_only", "other", "dead"];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SortBy {
+    Latent,
+    Delta,
+    Freq,
+    NuError,
+}
+
+pub struct LatentsView {
+    pub run_dir: String,
+    /// A model snapshot whose tokenizer decodes example tokens.
+    pub model_dir: String,
+    rows: Vec<LatentRow>,
+    shown: Vec<usize>,
+    class: &'static str,
+    delta_range: (f64, f64),
+    search: String,
+    sort: SortBy,
+    store: Option<ExamplesStore>,
+    tokenizer: Option<ChatTokenizer>,
+    selected: Option<(usize, Option<LatentExamples>)>,
+    error: Option<String>,
+}
+
+impl LatentsView {
+    pub fn new(run_dir: String, model_dir: String) -> Self {
+        Self {
+            run_dir,
+            model_dir,
+            rows: Vec::new(),
+            shown: Vec::new(),
+            class: "all",
+            delta_range: (0.0, 1.0),
+            search: String::new(),
+            sort: SortBy::Latent,
+            store: None,
+            tokenizer: None,
+            selected: None,
+            error: None,
+        }
+    }
+
+    /// Reads latents.csv (and the examples store and tokenizer when present).
+    pub fn load(&mut self) {
+        let run = PathBuf::from(&self.run_dir);
+        match crossdiff::latents_csv::read_latents_csv(&run.join("latents.csv")) {
+            Ok(rows) => {
+                self.rows = rows;
+                self.error = None;
+            }
+            Err(e) => {
+                self.rows.clear();
+                self.error = Some(format!("{e:#}"));
+            }
+        }
+        self.store = ExamplesStore::open(&run).ok();
+        self.tokenizer = ChatTokenizer::from_dir(Path::new(&self.model_dir)).ok();
+        self.selected = None;
+        self.refilter();
+    }
+
+    fn refilter(&mut self) {
+        let index: Option<usize> = self.search.trim().parse().ok();
+        let (lo, hi) = self.delta_range;
+        self.shown = (0..self.rows.len())
+            .filter(|&i| {
+                let r = &self.rows[i];
+                (self.class == "all" || r.class == self.class)
+                    && r.delta_norm >= lo
+                    && r.delta_norm <= hi
+                    && index.is_none_or(|j| r.latent == j)
+            })
+            .collect();
+        let rows = &self.rows;
+        let key = |i: &usize| -> f64 {
+            let r = &rows[*i];
+            match self.sort {
+                SortBy::Latent => r.latent as f64,
+                SortBy::Delta => -r.delta_norm,
+                SortBy::Freq => -r.freq,
+                SortBy::NuError => r.nu_error.unwrap_or(f64::INFINITY),
+            }
+        };
+        self.shown.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    }
+
+    fn open(&mut self, latent: usize) {
+        let examples = self.store.as_ref().and_then(|s| s.latent(latent).ok());
+        self.selected = Some((latent, examples));
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            let name = ui.label("Run directory").id;
+            ui.add(egui::TextEdit::singleline(&mut self.run_dir).desired_width(360.0)).labelled_by(name);
+            let name = ui.label("Tokenizer from model").id;
+            ui.add(egui::TextEdit::singleline(&mut self.model_dir).desired_width(260.0)).labelled_by(name);
+            if ui.button("Load run").clicked() {
+                self.load();
+            }
+        });
+        if let Some(e) = &self.error {
+            ui.colored_label(egui::Color32::LIGHT_RED, format!("error: {e}"));
+        }
+        let mut changed = false;
+        ui.horizontal(|ui| {
+            egui::ComboBox::from_label("Class").selected_text(self.class).show_ui(ui, |ui| {
+                for c in CLASSES {
+                    changed |= ui.selectable_value(&mut self.class, c, c).changed();
+                }
+            });
+            let name = ui.label("Δ from").id;
+            changed |= ui
+                .add(egui::DragValue::new(&mut self.delta_range.0).range(0.0..=1.0).speed(0.01))
+                .labelled_by(name)
+                .changed();
+            let name = ui.label("to").id;
+            changed |= ui
+                .add(egui::DragValue::new(&mut self.delta_range.1).range(0.0..=1.0).speed(0.01))
+                .labelled_by(name)
+                .changed();
+            let name = ui.label("Latent index").id;
+            changed |=
+                ui.add(egui::TextEdit::singleline(&mut self.search).desired_width(80.0)).labelled_by(name).changed();
+            egui::ComboBox::from_label("Sort")
+                .selected_text(match self.sort {
+                    SortBy::Latent => "index",
+                    SortBy::Delta => "Δ (high first)",
+                    SortBy::Freq => "frequency",
+                    SortBy::NuError => "ν^ε (low first)",
+                })
+                .show_ui(ui, |ui| {
+                    for (s, label) in [
+                        (SortBy::Latent, "index"),
+                        (SortBy::Delta, "Δ (high first)"),
+                        (SortBy::Freq, "frequency"),
+                        (SortBy::NuError, "ν^ε (low first)"),
+                    ] {
+                        changed |= ui.selectable_value(&mut self.sort, s, label).changed();
+                    }
+                });
+        });
+        if changed {
+            self.refilter();
+        }
+        ui.label(format!("{} of {} latents shown", self.shown.len(), self.rows.len()));
+        egui::Panel::right("latent dashboard").default_size(460.0).show(ui, |ui| self.dashboard_ui(ui));
+        self.table_ui(ui);
+    }
+
+    fn table_ui(&mut self, ui: &mut egui::Ui) {
+        let row_height = ui.text_style_height(&egui::TextStyle::Body) + 4.0;
+        let mut clicked = None;
+        ui.monospace(format!("{:>7} {:>6} {:>10} {:>8} {:>8} {:>8}", "latent", "Δ", "class", "freq", "ν^ε", "ν^r"));
+        // Only the visible rows are laid out: 73,728 rows scroll as fast as 40.
+        egui::ScrollArea::vertical().auto_shrink([false, false]).show_rows(
+            ui,
+            row_height,
+            self.shown.len(),
+            |ui, range| {
+                for &i in &self.shown[range] {
+                    let r = &self.rows[i];
+                    let nu = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
+                    let text = format!(
+                        "{:>7} {:>6.3} {:>10} {:>8.4} {:>8} {:>8}",
+                        r.latent,
+                        r.delta_norm,
+                        r.class,
+                        r.freq,
+                        nu(r.nu_error),
+                        nu(r.nu_reconstruction)
+                    );
+                    let is_selected = self.selected.as_ref().is_some_and(|(j, _)| *j == r.latent);
+                    if ui
+                        .selectable_label(is_selected, egui::RichText::new(text).monospace())
+                        .on_hover_text(format!("latent {}", r.latent))
+                        .clicked()
+                    {
+                        clicked = Some(r.latent);
+                    }
+                }
+            },
+        );
+        if let Some(j) = clicked {
+            self.open(j);
+        }
+    }
+
+    fn dashboard_ui(&mut self, ui: &mut egui::Ui) {
+        let Some((j, examples)) = &self.selected else {
+            ui.weak("Select a latent to open its dashboard.");
+            return;
+        };
+        let Some(r) = self.rows.iter().find(|r| r.latent == *j) else { return };
+        ui.heading(format!("Latent {j}"));
+        ui.label(format!("class {} — {}", r.class, verdict(r)));
+        ui.label(format!(
+            "Δ {:.3}   |d base| {:.3}   |d chat| {:.3}   cos {:.3}",
+            r.delta_norm, r.dec_norm_base, r.dec_norm_chat, r.dec_cos
+        ));
+        let nu = |v: Option<f64>| v.map_or("not computed".to_string(), |v| format!("{v:.3}"));
+        ui.label(format!("ν^ε {}   ν^r {}", nu(r.nu_error), nu(r.nu_reconstruction)));
+        ui.label(format!(
+            "frequency {:.4}   max activation {:.3}   template share {}",
+            r.freq,
+            r.max_act,
+            r.template_share.map_or("–".into(), |v| format!("{v:.2}"))
+        ));
+        let Some(ex) = examples else {
+            ui.weak("No examples store in this run (run `crossdiff analyze`).");
+            return;
+        };
+        ui.separator();
+        ui.label("Activation histogram (fraction of max)");
+        let max = ex.histogram.iter().copied().max().unwrap_or(1).max(1) as f32;
+        let (rect, _) = ui.allocate_exact_size(egui::vec2(ui.available_width(), 60.0), egui::Sense::hover());
+        let w = rect.width() / ex.histogram.len().max(1) as f32;
+        for (i, &c) in ex.histogram.iter().enumerate() {
+            let h = rect.height() * c as f32 / max;
+            let x = rect.left() + i as f32 * w;
+            ui.painter().rect_filled(
+                egui::Rect::from_min_max(egui::pos2(x, rect.bottom() - h), egui::pos2(x + w - 1.0, rect.bottom())),
+                0.0,
+                egui::Color32::from_rgb(90, 140, 220),
+            );
+        }
+        for (name, list) in &ex.tokens {
+            let toks: Vec<String> = list.iter().map(|(id, _)| self.token_text(*id)).collect();
+            ui.label(format!("{name}: {}", toks.join(" · ")));
+        }
+        ui.separator();
+        egui::ScrollArea::vertical().id_salt("examples").show(ui, |ui| {
+            for e in &ex.examples {
+                let kind = if e.kind == 0 {
+                    "top".to_string()
+                } else {
+                    format!("bin {}", crossdiff::examples::BINS[e.kind as usize - 1])
+                };
+                ui.label(format!("{kind}: activation {:.3}", e.act));
+                ui.horizontal_wrapped(|ui| {
+                    ui.spacing_mut().item_spacing.x = 0.0;
+                    let peak = e.act.max(1e-6);
+                    for (&id, &a) in e.window_ids.iter().zip(&e.window_acts) {
+                        if a < 0.0 {
+                            continue;
+                        }
+                        let alpha = (255.0 * (a / peak).clamp(0.0, 1.0)) as u8;
+                        let text = egui::RichText::new(self.token_text(id))
+                            .background_color(egui::Color32::from_rgba_unmultiplied(230, 120, 40, alpha));
+                        ui.label(text).on_hover_text(format!("{a:.3}"));
+                    }
+                });
+            }
+        });
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        match &self.tokenizer {
+            Some(t) => t.decode(&[id]).unwrap_or_else(|_| format!("#{id}")).replace('\n', "\\n"),
+            None => format!("#{id}"),
+        }
+    }
+
+    pub fn rows_shown(&self) -> usize {
+        self.shown.len()
+    }
+}
