@@ -43,12 +43,14 @@ pub struct ModelSummary {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tab {
     Models,
+    Train,
     Latents,
 }
 
 pub struct CrossdiffApp {
     tab: Tab,
     pub latents: crate::latents_view::LatentsView,
+    pub train: crate::train_view::TrainView,
     dirs: [String; 2],
     backend: Backend,
     prompt: String,
@@ -75,6 +77,7 @@ impl CrossdiffApp {
         Self {
             tab: Tab::Models,
             latents: crate::latents_view::LatentsView::new(String::new(), bundled("chat")),
+            train: crate::train_view::TrainView::default(),
             dirs: [bundled("base"), bundled("chat")],
             backend: Backend::Cpu,
             prompt: "What is a crosscoder?".into(),
@@ -187,6 +190,7 @@ impl eframe::App for CrossdiffApp {
             ui.horizontal(|ui| {
                 ui.strong("crossdiff");
                 ui.selectable_value(&mut self.tab, Tab::Models, "Models");
+                ui.selectable_value(&mut self.tab, Tab::Train, "Train");
                 ui.selectable_value(&mut self.tab, Tab::Latents, "Latents");
                 if let Some(what) = self.busy {
                     ui.spinner();
@@ -201,6 +205,10 @@ impl eframe::App for CrossdiffApp {
             Tab::Models => {
                 egui::Panel::left("models").default_size(380.0).show(ui, |ui| self.models_ui(ui));
                 egui::CentralPanel::default().show(ui, |ui| self.prompt_ui(ui));
+            }
+            Tab::Train => {
+                let ctx = ui.ctx().clone();
+                egui::CentralPanel::default().show(ui, |ui| self.train.ui(ui, &ctx));
             }
             Tab::Latents => {
                 egui::CentralPanel::default().show(ui, |ui| self.latents.ui(ui));

@@ -3,4 +3,6 @@
 
 pub mod app;
 pub mod cli;
+pub mod jobs;
 pub mod latents_view;
+pub mod train_view;

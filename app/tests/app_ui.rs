@@ -145,3 +145,42 @@ fn latents_view_filters_rows_and_opens_the_dashboard() {
     harness.get_by_label("Activation histogram (fraction of max)");
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
 }
+
+#[test]
+fn train_view_shows_progress_and_cancel_stops_then_resumes() {
+    let run = analysed_run("train");
+    let root = run.parent().unwrap().to_path_buf();
+    let out = root.join("train-run");
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.train.cache_dir = root.join("cache").display().to_string();
+        app.train.run_dir = out.display().to_string();
+        app.train.dict_size = 64;
+        app.train.k = 4;
+        app.train.batch = 16;
+        app.train.steps = 10_000_000;
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Train").click();
+    harness.run_steps(2);
+    harness.get_by_label("Start training").click();
+    wait_for(&mut harness, "training status: step");
+    harness.get_by_label("Cancel training").click();
+    wait_for(&mut harness, "training finished: BatchTopK D=64");
+    let step = |p: &std::path::Path| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p.join("checkpoint/state.json")).unwrap()).unwrap();
+        v["step"].as_u64().unwrap()
+    };
+    let first = step(&out);
+    assert!(first > 0 && first < 10_000_000, "cancel checkpointed mid-run at step {first}");
+    // Start again: the run resumes from the checkpoint instead of starting over.
+    harness.get_by_label("Start training").click();
+    wait_for(&mut harness, "training status: step");
+    harness.get_by_label("Cancel training").click();
+    wait_for(&mut harness, "training finished: BatchTopK D=64");
+    assert!(step(&out) > first);
+    assert!(out.join("crosscoder.safetensors").exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}
