@@ -43,6 +43,7 @@ pub struct ModelSummary {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tab {
     Models,
+    Cache,
     Train,
     Latents,
 }
@@ -51,6 +52,7 @@ pub struct CrossdiffApp {
     tab: Tab,
     pub latents: crate::latents_view::LatentsView,
     pub train: crate::train_view::TrainView,
+    pub cache: crate::cache_view::CacheView,
     dirs: [String; 2],
     backend: Backend,
     prompt: String,
@@ -78,6 +80,7 @@ impl CrossdiffApp {
             tab: Tab::Models,
             latents: crate::latents_view::LatentsView::new(String::new(), bundled("chat")),
             train: crate::train_view::TrainView::default(),
+            cache: crate::cache_view::CacheView::new(bundled("base"), bundled("chat")),
             dirs: [bundled("base"), bundled("chat")],
             backend: Backend::Cpu,
             prompt: "What is a crosscoder?".into(),
@@ -190,6 +193,7 @@ impl eframe::App for CrossdiffApp {
             ui.horizontal(|ui| {
                 ui.strong("crossdiff");
                 ui.selectable_value(&mut self.tab, Tab::Models, "Models");
+                ui.selectable_value(&mut self.tab, Tab::Cache, "Cache");
                 ui.selectable_value(&mut self.tab, Tab::Train, "Train");
                 ui.selectable_value(&mut self.tab, Tab::Latents, "Latents");
                 if let Some(what) = self.busy {
@@ -205,6 +209,10 @@ impl eframe::App for CrossdiffApp {
             Tab::Models => {
                 egui::Panel::left("models").default_size(380.0).show(ui, |ui| self.models_ui(ui));
                 egui::CentralPanel::default().show(ui, |ui| self.prompt_ui(ui));
+            }
+            Tab::Cache => {
+                let ctx = ui.ctx().clone();
+                egui::CentralPanel::default().show(ui, |ui| self.cache.ui(ui, &ctx));
             }
             Tab::Train => {
                 let ctx = ui.ctx().clone();

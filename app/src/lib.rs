@@ -2,6 +2,7 @@
 //! the engine crate; this crate only parses, presents and runs work on background threads.
 
 pub mod app;
+pub mod cache_view;
 pub mod cli;
 pub mod jobs;
 pub mod latents_view;

@@ -184,3 +184,31 @@ fn train_view_shows_progress_and_cancel_stops_then_resumes() {
     assert!(out.join("crosscoder.safetensors").exists());
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn cache_view_estimates_disk_and_runs_a_cache() {
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets");
+    let out = std::env::temp_dir().join(format!("crossdiff-app-cacheview-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.cache.data =
+            format!("{}\n{}", assets.join("data/web.txt").display(), assets.join("data/chat.jsonl").display());
+        app.cache.out_dir = out.display().to_string();
+        app.cache.tokens = 1000;
+        app.cache.context = 48;
+        app.cache.dtype = crossdiff::cache::ActDtype::F32;
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Cache").click();
+    harness.run_steps(2);
+    // 1000 tokens × 2 models × 72 wide × 4 bytes.
+    harness.get_by_label("Disk needed: 0.00 GB");
+    assert_eq!(harness.state().cache.disk_estimate(), Some(1000 * 2 * 72 * 4));
+    harness.get_by_label("Start caching").click();
+    wait_for(&mut harness, "caching finished: 1000 tokens");
+    let index = crossdiff::cache::CacheIndex::open(&out).unwrap();
+    assert!(index.complete && index.total_tokens == 1000);
+    std::fs::remove_dir_all(&out).unwrap();
+}
