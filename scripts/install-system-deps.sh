@@ -3,7 +3,8 @@
 # - Mesa's software Vulkan driver (lavapipe) for the wgpu backend on machines without a GPU, from
 #   bookworm-backports: Mesa 25 there is ~4x faster than bookworm's 22.3, and 22.3's lavapipe
 #   crashed on burn's SPIR-V pipelines;
-# - the Vulkan loader; X11/xkb libraries and Xvfb for the desktop app and its screenshot check.
+# - the Vulkan loader; X11/xkb libraries, Xvfb and ImageMagick for the desktop app and its
+#   screenshot check.
 # Safe to re-run: does nothing when everything is present.
 set -euo pipefail
 need=()
@@ -12,6 +13,7 @@ for lib in libvulkan.so.1 libxkbcommon-x11.so.0 libX11-xcb.so.1 libXcursor.so.1 
   ldconfig -p | grep -q "$lib" || need+=("$lib")
 done
 command -v Xvfb >/dev/null || need+=(xvfb)
+command -v import >/dev/null || need+=(imagemagick)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "install-system-deps: missing ${need[*]}; run this script as root" >&2
@@ -25,7 +27,7 @@ if [ -f "$src" ] && [ ! -f "$backports" ] && grep -q 'bookworm' /etc/os-release;
   awk 'BEGIN{RS="";ORS="\n\n"} NR==1{sub(/Suites:[^\n]*/,"Suites: bookworm-backports"); print}' "$src" > "$backports"
 fi
 apt-get update -qq
-pkgs=(libvulkan1 libxkbcommon-x11-0 libx11-xcb1 libxcursor1 libxi6 libxrandr2 xvfb)
+pkgs=(libvulkan1 libxkbcommon-x11-0 libx11-xcb1 libxcursor1 libxi6 libxrandr2 xvfb imagemagick)
 if [ -f "$backports" ]; then
   apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers >/dev/null
 else

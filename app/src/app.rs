@@ -76,8 +76,15 @@ impl CrossdiffApp {
             let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-gemma2").join(name);
             if p.exists() { p.canonicalize().unwrap_or(p).display().to_string() } else { String::new() }
         };
+        // CROSSDIFF_VIEW opens a given view (screenshots, demos).
+        let tab = match std::env::var("CROSSDIFF_VIEW").as_deref() {
+            Ok("cache") => Tab::Cache,
+            Ok("train") => Tab::Train,
+            Ok("latents") => Tab::Latents,
+            _ => Tab::Models,
+        };
         Self {
-            tab: Tab::Models,
+            tab,
             latents: crate::latents_view::LatentsView::new(String::new(), bundled("chat")),
             train: crate::train_view::TrainView::default(),
             cache: crate::cache_view::CacheView::new(bundled("base"), bundled("chat")),
