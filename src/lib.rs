@@ -9,6 +9,7 @@ pub mod cache;
 pub mod crosscoder;
 pub mod data;
 pub mod examples;
+pub mod figures;
 pub mod gemma2;
 pub mod generate;
 pub mod inspect;

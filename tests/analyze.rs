@@ -352,3 +352,44 @@ fn examples_store_returns_the_true_top_contexts() {
     }
     assert!(store.latent(dict).is_err());
 }
+
+#[test]
+fn figure_data_counts_by_hand() {
+    use crossdiff::figures::{below_threshold_curve, delta_histogram, histogram, histogram_csv, nu_points};
+    let row = |latent: usize, delta: f64, nu: Option<(f64, f64)>| crossdiff::analyze::LatentRow {
+        latent,
+        delta_norm: delta,
+        dec_norm_base: 1.0,
+        dec_norm_chat: 1.0,
+        dec_cos: 0.0,
+        class: class_of(delta),
+        freq: 0.1,
+        max_act: 1.0,
+        nu_error: nu.map(|n| n.0),
+        nu_reconstruction: nu.map(|n| n.1),
+        beta_error_base: None,
+        beta_error_chat: None,
+        beta_recon_base: None,
+        beta_recon_chat: None,
+        template_share: None,
+    };
+    let rows = vec![
+        row(0, 0.95, Some((0.1, 0.2))),
+        row(1, 0.99, Some((0.6, 0.1))),
+        row(2, 1.0, None),
+        row(3, 0.5, Some((0.9, 0.95))),
+        row(4, 0.05, None),
+        row(5, 0.7, None),
+    ];
+    assert_eq!(histogram([0.0, 0.5, 0.99, 1.0, 1.5].into_iter(), 0.0, 1.0, 4), vec![1, 0, 1, 2]);
+    let h = delta_histogram(&rows, 0.0, 1.0, 10);
+    let get = |c: &str| h.iter().find(|s| s.0 == c).unwrap().1.clone();
+    assert_eq!(get("chat_only")[9], 3);
+    assert_eq!(get("shared")[5], 1);
+    assert_eq!(get("base_only")[0], 1);
+    assert_eq!(get("other")[7], 1);
+    assert_eq!(nu_points(&rows, "chat_only"), vec![(0, 0.1, 0.2), (1, 0.6, 0.1)]);
+    assert_eq!(below_threshold_curve(&rows, &[0.15, 0.3, 0.7]), vec![(0.15, 0), (0.3, 1), (0.7, 2)]);
+    let csv = histogram_csv(&h, 0.0, 1.0);
+    assert!(csv.starts_with("bin_lo,bin_hi,base_only,other,shared,chat_only\n0,0.1,1,0,0,0\n"), "{csv}");
+}

@@ -46,6 +46,7 @@ enum Tab {
     Cache,
     Train,
     Latents,
+    Plots,
 }
 
 pub struct CrossdiffApp {
@@ -53,6 +54,7 @@ pub struct CrossdiffApp {
     pub latents: crate::latents_view::LatentsView,
     pub train: crate::train_view::TrainView,
     pub cache: crate::cache_view::CacheView,
+    pub plots: crate::plots_view::PlotsView,
     dirs: [String; 2],
     backend: Backend,
     prompt: String,
@@ -81,6 +83,7 @@ impl CrossdiffApp {
             Ok("cache") => Tab::Cache,
             Ok("train") => Tab::Train,
             Ok("latents") => Tab::Latents,
+            Ok("plots") => Tab::Plots,
             _ => Tab::Models,
         };
         Self {
@@ -88,6 +91,7 @@ impl CrossdiffApp {
             latents: crate::latents_view::LatentsView::new(String::new(), bundled("chat")),
             train: crate::train_view::TrainView::default(),
             cache: crate::cache_view::CacheView::new(bundled("base"), bundled("chat")),
+            plots: crate::plots_view::PlotsView::new(String::new()),
             dirs: [bundled("base"), bundled("chat")],
             backend: Backend::Cpu,
             prompt: "What is a crosscoder?".into(),
@@ -203,6 +207,7 @@ impl eframe::App for CrossdiffApp {
                 ui.selectable_value(&mut self.tab, Tab::Cache, "Cache");
                 ui.selectable_value(&mut self.tab, Tab::Train, "Train");
                 ui.selectable_value(&mut self.tab, Tab::Latents, "Latents");
+                ui.selectable_value(&mut self.tab, Tab::Plots, "Plots");
                 if let Some(what) = self.busy {
                     ui.spinner();
                     ui.label(what);
@@ -227,6 +232,18 @@ impl eframe::App for CrossdiffApp {
             }
             Tab::Latents => {
                 egui::CentralPanel::default().show(ui, |ui| self.latents.ui(ui));
+            }
+            Tab::Plots => {
+                egui::CentralPanel::default().show(ui, |ui| self.plots.ui(ui));
+                // A clicked point opens that latent's dashboard in the Latents view.
+                if let Some(j) = self.plots.requested.take() {
+                    if self.latents.run_dir != self.plots.run_dir || self.latents.rows_shown() == 0 {
+                        self.latents.run_dir = self.plots.run_dir.clone();
+                        self.latents.load();
+                    }
+                    self.latents.open_latent(j);
+                    self.tab = Tab::Latents;
+                }
             }
         }
     }

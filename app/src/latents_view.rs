@@ -97,6 +97,11 @@ impl LatentsView {
         self.shown.sort_by(|a, b| key(a).total_cmp(&key(b)));
     }
 
+    /// Opens latent `latent`'s dashboard (also from other views).
+    pub fn open_latent(&mut self, latent: usize) {
+        self.open(latent);
+    }
+
     fn open(&mut self, latent: usize) {
         let examples = self.store.as_ref().and_then(|s| s.latent(latent).ok());
         self.selected = Some((latent, examples));

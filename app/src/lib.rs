@@ -6,4 +6,5 @@ pub mod cache_view;
 pub mod cli;
 pub mod jobs;
 pub mod latents_view;
+pub mod plots_view;
 pub mod train_view;

@@ -212,3 +212,33 @@ fn cache_view_estimates_disk_and_runs_a_cache() {
     assert!(index.complete && index.total_tokens == 1000);
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn plots_view_draws_the_figures_exports_csv_and_opens_a_clicked_latent() {
+    let run = analysed_run("plots");
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 1000.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.plots.run_dir = run.display().to_string();
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Plots").click();
+    harness.run_steps(2);
+    harness.get_by_label("Load figures").click();
+    harness.run_steps(3);
+    harness.get_by_label("Relative decoder norm Δ");
+    harness.get_by_label_contains("ν^ε vs ν^r");
+    harness.get_by_label("Export CSV: Relative decoder norm Δ").click();
+    harness.run_steps(2);
+    let csv = std::fs::read_to_string(run.join("fig-delta.csv")).unwrap();
+    let rows = crossdiff::latents_csv::read_latents_csv(&run.join("latents.csv")).unwrap();
+    let live = rows.iter().filter(|r| r.class != "dead").count() as u64;
+    let total: u64 =
+        csv.lines().skip(1).map(|l| l.split(',').skip(2).map(|c| c.parse::<u64>().unwrap()).sum::<u64>()).sum();
+    assert_eq!(total, live, "every live latent is in one bin");
+    // A click on a point asks for its latent: the Latents view opens on its dashboard.
+    harness.state_mut().plots.requested = Some(8);
+    harness.run_steps(3);
+    harness.get_by_label("Latent 8");
+    std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
+}

@@ -1,0 +1,126 @@
+//! The Plots view: the paper's figures from a run — Δ histogram coloured by class (with the
+//! [0.9, 1] zoom), ν^ε vs ν^r for chat-only latents beside the shared baseline, and the count of
+//! chat-only latents below a ν threshold (log scale). Clicking near a point opens that latent;
+//! each figure exports its data as CSV.
+
+use std::path::PathBuf;
+
+use crossdiff::analyze::LatentRow;
+use crossdiff::figures::{below_threshold_curve, delta_histogram, histogram_csv, nu_points};
+use eframe::egui;
+use egui_plot::{Bar, BarChart, Legend, Line, Plot, PlotPoints, Points, VLine};
+
+pub struct PlotsView {
+    pub run_dir: String,
+    rows: Vec<LatentRow>,
+    error: Option<String>,
+    /// A latent the user clicked, for the Latents view to open.
+    pub requested: Option<usize>,
+    pub message: Option<String>,
+}
+
+fn class_color(class: &str) -> egui::Color32 {
+    match class {
+        "chat_only" => egui::Color32::from_rgb(220, 80, 60),
+        "base_only" => egui::Color32::from_rgb(70, 130, 220),
+        "shared" => egui::Color32::from_rgb(120, 190, 90),
+        _ => egui::Color32::GRAY,
+    }
+}
+
+impl PlotsView {
+    pub fn new(run_dir: String) -> Self {
+        Self { run_dir, rows: Vec::new(), error: None, requested: None, message: None }
+    }
+
+    pub fn load(&mut self) {
+        match crossdiff::latents_csv::read_latents_csv(&PathBuf::from(&self.run_dir).join("latents.csv")) {
+            Ok(rows) => {
+                self.rows = rows;
+                self.error = None;
+            }
+            Err(e) => self.error = Some(format!("{e:#}")),
+        }
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            let name = ui.label("Run directory").id;
+            ui.add(egui::TextEdit::singleline(&mut self.run_dir).desired_width(420.0)).labelled_by(name);
+            if ui.button("Load figures").clicked() {
+                self.load();
+            }
+        });
+        if let Some(e) = &self.error {
+            ui.colored_label(egui::Color32::LIGHT_RED, format!("error: {e}"));
+        }
+        if let Some(m) = &self.message {
+            ui.label(m.as_str());
+        }
+        if self.rows.is_empty() {
+            return;
+        }
+        egui::ScrollArea::vertical().show(ui, |ui| {
+            for (title, lo, hi) in [("Relative decoder norm Δ", 0.0, 1.0), ("Δ, zoom on [0.9, 1]", 0.9, 1.0)] {
+                ui.horizontal(|ui| {
+                    ui.strong(title);
+                    if ui.button(format!("Export CSV: {title}")).clicked() {
+                        let path = PathBuf::from(&self.run_dir).join(if lo == 0.0 {
+                            "fig-delta.csv"
+                        } else {
+                            "fig-delta-zoom.csv"
+                        });
+                        let csv = histogram_csv(&delta_histogram(&self.rows, lo, hi, 100), lo, hi);
+                        self.message = Some(match std::fs::write(&path, csv) {
+                            Ok(()) => format!("wrote {}", path.display()),
+                            Err(e) => format!("cannot write {}: {e}", path.display()),
+                        });
+                    }
+                });
+                let series = delta_histogram(&self.rows, lo, hi, 100);
+                let w = (hi - lo) / 100.0;
+                Plot::new(title).height(160.0).legend(Legend::default()).show(ui, |plot| {
+                    for (class, counts) in &series {
+                        let bars = counts
+                            .iter()
+                            .enumerate()
+                            .map(|(b, &c)| Bar::new(lo + (b as f64 + 0.5) * w, c as f64).width(w))
+                            .collect();
+                        plot.bar_chart(BarChart::new(*class, bars).color(class_color(class)));
+                    }
+                    for x in [0.1, 0.4, 0.6, 0.9] {
+                        if x >= lo && x <= hi {
+                            plot.vline(VLine::new(format!("{x}"), x).style(egui_plot::LineStyle::dashed_loose()));
+                        }
+                    }
+                });
+            }
+            ui.strong("ν^ε vs ν^r: chat-only latents and the shared baseline (click a point to open it)");
+            let chat = nu_points(&self.rows, "chat_only");
+            let shared = nu_points(&self.rows, "shared");
+            let response = Plot::new("nu scatter").height(260.0).legend(Legend::default()).show(ui, |plot| {
+                let pts = |v: &[(usize, f64, f64)]| -> PlotPoints { v.iter().map(|(_, e, r)| [*e, *r]).collect() };
+                plot.points(Points::new("shared", pts(&shared)).color(class_color("shared")).radius(2.0));
+                plot.points(Points::new("chat-only", pts(&chat)).color(class_color("chat_only")).radius(3.0));
+                plot.pointer_coordinate()
+            });
+            if response.response.clicked() {
+                if let Some(p) = response.inner {
+                    let nearest = chat.iter().chain(&shared).min_by(|a, b| {
+                        let d = |q: &(usize, f64, f64)| (q.1 - p.x).powi(2) + (q.2 - p.y).powi(2);
+                        d(a).total_cmp(&d(b))
+                    });
+                    self.requested = nearest.map(|q| q.0);
+                }
+            }
+            ui.strong("Chat-only latents with |ν^ε| and |ν^r| below a threshold (log10 count)");
+            let thresholds: Vec<f64> = (0..=100).map(|i| i as f64 / 100.0).collect();
+            let curve = below_threshold_curve(&self.rows, &thresholds);
+            Plot::new("below threshold").height(160.0).show(ui, |plot| {
+                let pts: PlotPoints =
+                    curve.iter().filter(|(_, c)| *c > 0).map(|(p, c)| [*p, (*c as f64).log10()]).collect();
+                plot.line(Line::new("count", pts));
+            });
+        });
+    }
+}
