@@ -41,6 +41,11 @@ pub fn delta_norm(base: f64, chat: f64) -> f64 {
     if m == 0.0 { 0.5 } else { 0.5 * ((chat - base) / m + 1.0) }
 }
 
+/// Genuinely chat-specific (method.md §4): chat-only with ν^ε < 0.2 and ν^r < 0.5.
+pub fn is_chat_specific(r: &LatentRow) -> bool {
+    r.class == "chat_only" && r.nu_error.is_some_and(|v| v < 0.2) && r.nu_reconstruction.is_some_and(|v| v < 0.5)
+}
+
 /// A plain-words reading of a latent's Latent Scaling ratios (method.md §4), for dashboards.
 pub fn verdict(row: &LatentRow) -> &'static str {
     if row.class == "dead" {

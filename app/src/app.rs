@@ -47,6 +47,7 @@ enum Tab {
     Train,
     Latents,
     Plots,
+    Compare,
 }
 
 pub struct CrossdiffApp {
@@ -55,6 +56,7 @@ pub struct CrossdiffApp {
     pub train: crate::train_view::TrainView,
     pub cache: crate::cache_view::CacheView,
     pub plots: crate::plots_view::PlotsView,
+    pub compare: crate::compare_view::CompareView,
     dirs: [String; 2],
     backend: Backend,
     prompt: String,
@@ -84,6 +86,7 @@ impl CrossdiffApp {
             Ok("train") => Tab::Train,
             Ok("latents") => Tab::Latents,
             Ok("plots") => Tab::Plots,
+            Ok("compare") => Tab::Compare,
             _ => Tab::Models,
         };
         Self {
@@ -92,6 +95,7 @@ impl CrossdiffApp {
             train: crate::train_view::TrainView::default(),
             cache: crate::cache_view::CacheView::new(bundled("base"), bundled("chat")),
             plots: crate::plots_view::PlotsView::new(String::new()),
+            compare: crate::compare_view::CompareView::default(),
             dirs: [bundled("base"), bundled("chat")],
             backend: Backend::Cpu,
             prompt: "What is a crosscoder?".into(),
@@ -208,6 +212,7 @@ impl eframe::App for CrossdiffApp {
                 ui.selectable_value(&mut self.tab, Tab::Train, "Train");
                 ui.selectable_value(&mut self.tab, Tab::Latents, "Latents");
                 ui.selectable_value(&mut self.tab, Tab::Plots, "Plots");
+                ui.selectable_value(&mut self.tab, Tab::Compare, "Compare runs");
                 if let Some(what) = self.busy {
                     ui.spinner();
                     ui.label(what);
@@ -232,6 +237,9 @@ impl eframe::App for CrossdiffApp {
             }
             Tab::Latents => {
                 egui::CentralPanel::default().show(ui, |ui| self.latents.ui(ui));
+            }
+            Tab::Compare => {
+                egui::CentralPanel::default().show(ui, |ui| self.compare.ui(ui));
             }
             Tab::Plots => {
                 egui::CentralPanel::default().show(ui, |ui| self.plots.ui(ui));

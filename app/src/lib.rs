@@ -4,6 +4,7 @@
 pub mod app;
 pub mod cache_view;
 pub mod cli;
+pub mod compare_view;
 pub mod jobs;
 pub mod latents_view;
 pub mod plots_view;

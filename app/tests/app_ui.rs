@@ -242,3 +242,41 @@ fn plots_view_draws_the_figures_exports_csv_and_opens_a_clicked_latent() {
     harness.get_by_label("Latent 8");
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
 }
+
+#[test]
+fn compare_view_puts_two_runs_side_by_side() {
+    let a = analysed_run("compare-a");
+    let b = analysed_run("compare-b");
+    let rows = crossdiff::latents_csv::read_latents_csv(&a.join("latents.csv")).unwrap();
+    let (chat, pass) = crossdiff_app::compare_view::chat_only_passing(&rows);
+    let want_pass = rows
+        .iter()
+        .filter(|r| {
+            r.class == "chat_only"
+                && r.nu_error.is_some_and(|v| v < 0.2)
+                && r.nu_reconstruction.is_some_and(|v| v < 0.5)
+        })
+        .count();
+    assert_eq!(pass, want_pass);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.compare.runs = [a.display().to_string(), b.display().to_string()];
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Compare runs").click();
+    harness.run_steps(2);
+    harness.get_by_label("Compare").click();
+    harness.run_steps(3);
+    let c = &summary["classes"];
+    harness.get_by_label(&format!(
+        "run 1: chat-only {}, base-only {}, shared {}, other {}, dead {}",
+        c["chat_only"], c["base_only"], c["shared"], c["other"], c["dead"]
+    ));
+    harness.get_by_label_contains(&format!("run 2: {pass} of {chat} chat-only latents pass Latent Scaling"));
+    for r in [a, b] {
+        std::fs::remove_dir_all(r.parent().unwrap()).unwrap();
+    }
+}
