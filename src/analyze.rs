@@ -397,14 +397,7 @@ fn finish(
     for c in ["base_only", "shared", "chat_only", "other", "dead"] {
         classes.insert(c.to_string(), rows.iter().filter(|r| r.class == c).count());
     }
-    let chat_specific = rows
-        .iter()
-        .filter(|r| {
-            r.class == "chat_only"
-                && r.nu_error.is_some_and(|v| v < 0.2)
-                && r.nu_reconstruction.is_some_and(|v| v < 0.5)
-        })
-        .count();
+    let chat_specific = rows.iter().filter(|r| is_chat_specific(r)).count();
     let var = |sum: &[f64], sq: &[f64], m: usize| -> f64 {
         (m * d..(m + 1) * d).map(|i| sq[i] / n - (sum[i] / n).powi(2)).sum()
     };
