@@ -30,6 +30,16 @@ pub fn steering_edit(
     Ok(ResidualEdit { layer, add: tensor(add, [1, d], &cc.params.w_dec.device()) })
 }
 
+/// Several latents at once: the sum of their steering vectors (`(latent, strength, max_act)`).
+pub fn combined_edit(cc: &Crosscoder, latents: &[(usize, f64, f64)], layer: usize) -> Result<ResidualEdit> {
+    let (d, _) = cc.params.dims();
+    let mut add = tensor(vec![0.0; d], [1, d], &cc.params.w_dec.device());
+    for &(j, strength, max_act) in latents {
+        add = add + steering_edit(cc, j, strength, max_act, layer)?.add;
+    }
+    Ok(ResidualEdit { layer, add })
+}
+
 /// Greedy completions without and with the edit.
 pub fn steer(model: &Model, prompt: &[u32], edit: &ResidualEdit, max_tokens: usize) -> Result<(Vec<u32>, Vec<u32>)> {
     let stop = model.stop_ids();

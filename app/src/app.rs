@@ -47,6 +47,7 @@ enum Tab {
     Train,
     Latents,
     Plots,
+    Steering,
     Compare,
 }
 
@@ -57,6 +58,7 @@ pub struct CrossdiffApp {
     pub cache: crate::cache_view::CacheView,
     pub plots: crate::plots_view::PlotsView,
     pub compare: crate::compare_view::CompareView,
+    pub steering: crate::steering_view::SteeringView,
     dirs: [String; 2],
     backend: Backend,
     prompt: String,
@@ -87,6 +89,7 @@ impl CrossdiffApp {
             Ok("latents") => Tab::Latents,
             Ok("plots") => Tab::Plots,
             Ok("compare") => Tab::Compare,
+            Ok("steering") => Tab::Steering,
             _ => Tab::Models,
         };
         Self {
@@ -96,6 +99,7 @@ impl CrossdiffApp {
             cache: crate::cache_view::CacheView::new(bundled("base"), bundled("chat")),
             plots: crate::plots_view::PlotsView::new(String::new()),
             compare: crate::compare_view::CompareView::default(),
+            steering: crate::steering_view::SteeringView::new(bundled("chat")),
             dirs: [bundled("base"), bundled("chat")],
             backend: Backend::Cpu,
             prompt: "What is a crosscoder?".into(),
@@ -212,6 +216,7 @@ impl eframe::App for CrossdiffApp {
                 ui.selectable_value(&mut self.tab, Tab::Train, "Train");
                 ui.selectable_value(&mut self.tab, Tab::Latents, "Latents");
                 ui.selectable_value(&mut self.tab, Tab::Plots, "Plots");
+                ui.selectable_value(&mut self.tab, Tab::Steering, "Steering");
                 ui.selectable_value(&mut self.tab, Tab::Compare, "Compare runs");
                 if let Some(what) = self.busy {
                     ui.spinner();
@@ -237,6 +242,16 @@ impl eframe::App for CrossdiffApp {
             }
             Tab::Latents => {
                 egui::CentralPanel::default().show(ui, |ui| self.latents.ui(ui));
+                // The dashboard's steer button hands its latent to the Steering view.
+                if let Some(j) = self.latents.steer_request.take() {
+                    self.steering.run_dir = self.latents.run_dir.clone();
+                    self.steering.add_latent(j);
+                    self.tab = Tab::Steering;
+                }
+            }
+            Tab::Steering => {
+                let ctx = ui.ctx().clone();
+                egui::CentralPanel::default().show(ui, |ui| self.steering.ui(ui, &ctx));
             }
             Tab::Compare => {
                 egui::CentralPanel::default().show(ui, |ui| self.compare.ui(ui));

@@ -33,6 +33,8 @@ pub struct LatentsView {
     tokenizer: Option<ChatTokenizer>,
     selected: Option<(usize, Option<LatentExamples>)>,
     error: Option<String>,
+    /// Set by the dashboard's steer button; the app opens the Steering view with it.
+    pub steer_request: Option<usize>,
 }
 
 impl LatentsView {
@@ -50,6 +52,7 @@ impl LatentsView {
             tokenizer: None,
             selected: None,
             error: None,
+            steer_request: None,
         }
     }
 
@@ -211,6 +214,9 @@ impl LatentsView {
         };
         let Some(r) = self.rows.iter().find(|r| r.latent == *j) else { return };
         ui.heading(format!("Latent {j}"));
+        if ui.button(format!("Steer with latent {j}")).clicked() {
+            self.steer_request = Some(*j);
+        }
         ui.label(format!("class {} — {}", r.class, verdict(r)));
         ui.label(format!(
             "Δ {:.3}   |d base| {:.3}   |d chat| {:.3}   cos {:.3}",

@@ -280,3 +280,33 @@ fn compare_view_puts_two_runs_side_by_side() {
         std::fs::remove_dir_all(r.parent().unwrap()).unwrap();
     }
 }
+
+#[test]
+fn steering_view_generates_side_by_side_from_the_dashboard_button() {
+    let run = analysed_run("steer");
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.latents.run_dir = run.display().to_string();
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Latents").click();
+    harness.run_steps(2);
+    harness.get_by_label("Load run").click();
+    harness.run_steps(2);
+    harness.get_by_label("Latent index").focus();
+    harness.get_by_label("Latent index").type_text("3");
+    harness.run_steps(3);
+    harness.get_by_label_contains("      3 ").click();
+    harness.run_steps(3);
+    harness.get_by_label("Steer with latent 3").click();
+    harness.run_steps(3);
+    // The Steering view opened with latent 3 at strength 1.
+    harness.get_by_label("remove latent 3");
+    harness.get_by_label("Generate steered").click();
+    wait_for(&mut harness, "steering finished: 1 latents at layer 1");
+    wait_for(&mut harness, "unsteered: ");
+    // Both columns: the steered label starts with "steered: " (the other one contains it too).
+    assert_eq!(harness.query_all_by_label_contains("steered: ").count(), 2);
+    std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
+}
