@@ -158,3 +158,51 @@ fn steering_with_strength_zero_is_plain_generation_and_the_edit_lands_at_layer_l
         assert!((g - c * scale).abs() < 1e-5);
     }
 }
+
+#[test]
+fn prompt_lab_matches_independent_computations() {
+    let device = Device::flex();
+    let base = Model::load(fixture("base"), &device, LoadOptions::default()).unwrap();
+    let chat = Model::load(fixture("chat"), &device, LoadOptions::default()).unwrap();
+    let cc = l1(Params::init(72, 16, 0.5, 2, &device));
+    let ids = chat.prompt_ids("Who are you?", true).unwrap();
+    let lab = crossdiff::prompt_lab::analyze_prompt(&base, &chat, &cc, 1, &ids, &[3, 5], 4).unwrap();
+    let t = ids.len();
+    // KL from the inspect logits (a separate path), in f64.
+    let lb = crossdiff::inspect::inspect(&base, ids.clone()).unwrap().logits;
+    let lc = crossdiff::inspect::inspect(&chat, ids.clone()).unwrap().logits;
+    let v = 676;
+    for i in 0..t {
+        let ls = |r: &[f32]| {
+            let m = r.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let z: f64 = r.iter().map(|&x| (x as f64 - m).exp()).sum();
+            r.iter().map(|&x| x as f64 - m - z.ln()).collect::<Vec<f64>>()
+        };
+        let (b, c) = (ls(&lb[i * v..(i + 1) * v]), ls(&lc[i * v..(i + 1) * v]));
+        let want: f64 = c.iter().zip(&b).map(|(c, b)| c.exp() * (c - b)).sum();
+        assert!((lab.kl[i] - want).abs() < 1e-4 * want.abs().max(1e-3), "position {i}: {} vs {want}", lab.kl[i]);
+        assert_eq!(lab.next[i][1][0].0 as usize, common_argmax(&c));
+    }
+    // Activations: block 1 outputs of both models through the crosscoder, by hand.
+    let hb = crossdiff::inspect::inspect(&base, ids.clone()).unwrap().blocks[1].clone();
+    let hc = crossdiff::inspect::inspect(&chat, ids.clone()).unwrap().blocks[1].clone();
+    let enc = read_vec(cc.params.w_enc.clone()).unwrap();
+    let norms = cc.params.decoder_norms().unwrap();
+    for i in 0..t {
+        for (c, &j) in [3usize, 5].iter().enumerate() {
+            let pre: f64 = (0..72)
+                .map(|k| {
+                    hb[i * 72 + k] as f64 * enc[k * 16 + j] as f64
+                        + hc[i * 72 + k] as f64 * enc[(72 + k) * 16 + j] as f64
+                })
+                .sum();
+            let want = pre.max(0.0) * (norms[j][0] + norms[j][1]) as f64;
+            assert!((lab.chosen[c][i] as f64 - want).abs() < 1e-4 * want.abs().max(1e-2), "token {i} latent {j}");
+        }
+        assert!(lab.top_latents[i].windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+}
+
+fn common_argmax(v: &[f64]) -> usize {
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b]).then(b.cmp(&a))).unwrap()
+}

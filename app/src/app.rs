@@ -47,6 +47,7 @@ enum Tab {
     Train,
     Latents,
     Plots,
+    PromptLab,
     Steering,
     Compare,
 }
@@ -59,6 +60,7 @@ pub struct CrossdiffApp {
     pub plots: crate::plots_view::PlotsView,
     pub compare: crate::compare_view::CompareView,
     pub steering: crate::steering_view::SteeringView,
+    pub prompt_lab: crate::prompt_lab_view::PromptLabView,
     dirs: [String; 2],
     backend: Backend,
     prompt: String,
@@ -90,6 +92,7 @@ impl CrossdiffApp {
             Ok("plots") => Tab::Plots,
             Ok("compare") => Tab::Compare,
             Ok("steering") => Tab::Steering,
+            Ok("promptlab") => Tab::PromptLab,
             _ => Tab::Models,
         };
         Self {
@@ -100,6 +103,7 @@ impl CrossdiffApp {
             plots: crate::plots_view::PlotsView::new(String::new()),
             compare: crate::compare_view::CompareView::default(),
             steering: crate::steering_view::SteeringView::new(bundled("chat")),
+            prompt_lab: crate::prompt_lab_view::PromptLabView::new(bundled("base"), bundled("chat")),
             dirs: [bundled("base"), bundled("chat")],
             backend: Backend::Cpu,
             prompt: "What is a crosscoder?".into(),
@@ -216,6 +220,7 @@ impl eframe::App for CrossdiffApp {
                 ui.selectable_value(&mut self.tab, Tab::Train, "Train");
                 ui.selectable_value(&mut self.tab, Tab::Latents, "Latents");
                 ui.selectable_value(&mut self.tab, Tab::Plots, "Plots");
+                ui.selectable_value(&mut self.tab, Tab::PromptLab, "Prompt lab");
                 ui.selectable_value(&mut self.tab, Tab::Steering, "Steering");
                 ui.selectable_value(&mut self.tab, Tab::Compare, "Compare runs");
                 if let Some(what) = self.busy {
@@ -248,6 +253,10 @@ impl eframe::App for CrossdiffApp {
                     self.steering.add_latent(j);
                     self.tab = Tab::Steering;
                 }
+            }
+            Tab::PromptLab => {
+                let ctx = ui.ctx().clone();
+                egui::CentralPanel::default().show(ui, |ui| self.prompt_lab.ui(ui, &ctx));
             }
             Tab::Steering => {
                 let ctx = ui.ctx().clone();

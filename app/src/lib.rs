@@ -8,5 +8,6 @@ pub mod compare_view;
 pub mod jobs;
 pub mod latents_view;
 pub mod plots_view;
+pub mod prompt_lab_view;
 pub mod steering_view;
 pub mod train_view;

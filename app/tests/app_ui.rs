@@ -310,3 +310,24 @@ fn steering_view_generates_side_by_side_from_the_dashboard_button() {
     assert_eq!(harness.query_all_by_label_contains("steered: ").count(), 2);
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
 }
+
+#[test]
+fn prompt_lab_shows_per_token_kl_and_latents() {
+    let run = analysed_run("lab");
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.prompt_lab.run_dir = run.display().to_string();
+        app.prompt_lab.latents = "3, 8".into();
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Prompt lab").click();
+    harness.run_steps(2);
+    harness.get_by_label("Analyse").click();
+    wait_for(&mut harness, "analysis finished:");
+    harness.run_steps(3);
+    harness.get_by_label("latent 3");
+    harness.get_by_label("latent 8");
+    harness.get_by_label("KL(chat || base) of next");
+    std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
+}
