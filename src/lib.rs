@@ -20,6 +20,7 @@ pub mod latents_csv;
 pub mod model;
 pub mod onthefly;
 mod parquet_source;
+pub mod project;
 pub mod prompt_lab;
 pub mod reader;
 pub mod snapshot;

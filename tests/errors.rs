@@ -159,3 +159,28 @@ fn out_of_vocabulary_ids_are_refused() {
     let err = model.gemma.batch_ids(&[vec![2, 100_000]]).unwrap_err();
     assert!(format!("{err}").contains("100000"));
 }
+
+#[test]
+fn projects_round_trip_and_recent_list_stays_short() {
+    use crossdiff::project::{Project, remember};
+    let dir = TempDir::new("project");
+    let p = Project::create(dir.path(), "models/base".into(), "/abs/chat".into(), vec!["data/web.txt".into()]).unwrap();
+    let back = Project::open(dir.path()).unwrap();
+    assert_eq!(back, p);
+    assert_eq!(back.resolve(&back.base), dir.path().join("models/base"));
+    assert_eq!(back.resolve(&back.chat), std::path::PathBuf::from("/abs/chat"));
+    // A run folder with a crosscoder is found without being listed.
+    std::fs::create_dir_all(dir.path().join("runs/btk")).unwrap();
+    std::fs::write(dir.path().join("runs/btk/crosscoder.safetensors"), b"x").unwrap();
+    assert_eq!(back.run_dirs(), vec![dir.path().join("runs/btk")]);
+    let err = Project::open(&dir.path().join("nope")).unwrap_err();
+    assert!(format!("{err:#}").contains("crossdiff-project.json"));
+    let mut recent = Vec::new();
+    for i in 0..12 {
+        remember(&mut recent, std::path::Path::new(&format!("/p{i}")), 10);
+    }
+    remember(&mut recent, std::path::Path::new("/p5"), 10);
+    assert_eq!(recent.len(), 10);
+    assert_eq!(recent[0], std::path::PathBuf::from("/p5"));
+    assert_eq!(recent.iter().filter(|p| p.as_os_str() == "/p5").count(), 1);
+}

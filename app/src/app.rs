@@ -15,8 +15,19 @@ pub fn run() -> Result<()> {
         viewport: egui::ViewportBuilder::default().with_inner_size([1100.0, 720.0]).with_title("crossdiff"),
         ..Default::default()
     };
-    eframe::run_native("crossdiff", options, Box::new(|cc| Ok(Box::new(CrossdiffApp::new(cc.egui_ctx.clone())))))
-        .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+    eframe::run_native(
+        "crossdiff",
+        options,
+        Box::new(|cc| {
+            let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+            // Recent projects survive restarts (eframe persistence).
+            if let Some(recent) = cc.storage.and_then(|s| eframe::get_value::<Vec<PathBuf>>(s, RECENT_KEY)) {
+                app.recent = recent;
+            }
+            Ok(Box::new(app))
+        }),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
 }
 
 enum Job {
@@ -52,8 +63,14 @@ enum Tab {
     Compare,
 }
 
+const RECENT_KEY: &str = "recent_projects";
+
 pub struct CrossdiffApp {
     tab: Tab,
+    /// The open project, if any.
+    pub project: Option<crossdiff::project::Project>,
+    /// Recently opened project folders, most recent first.
+    pub recent: Vec<PathBuf>,
     pub latents: crate::latents_view::LatentsView,
     pub train: crate::train_view::TrainView,
     pub cache: crate::cache_view::CacheView,
@@ -97,6 +114,8 @@ impl CrossdiffApp {
         };
         Self {
             tab,
+            project: None,
+            recent: Vec::new(),
             latents: crate::latents_view::LatentsView::new(String::new(), bundled("chat")),
             train: crate::train_view::TrainView::default(),
             cache: crate::cache_view::CacheView::new(bundled("base"), bundled("chat")),
@@ -115,6 +134,84 @@ impl CrossdiffApp {
             error: None,
             jobs,
             events,
+        }
+    }
+
+    /// Opens a project folder: every view's paths come from it, and it joins the recent list.
+    pub fn open_project(&mut self, dir: &std::path::Path) {
+        match crossdiff::project::Project::open(dir) {
+            Ok(p) => {
+                let s = |path: &std::path::Path| p.resolve(path).display().to_string();
+                self.dirs = [s(&p.base), s(&p.chat)];
+                self.cache.base_dir = s(&p.base);
+                self.cache.chat_dir = s(&p.chat);
+                self.cache.data = p.data.iter().map(|d| s(d)).collect::<Vec<_>>().join("\n");
+                self.cache.out_dir = s(&p.cache);
+                self.train.cache_dir = s(&p.cache);
+                self.prompt_lab.base_dir = s(&p.base);
+                self.prompt_lab.chat_dir = s(&p.chat);
+                self.steering.model_dir = s(&p.chat);
+                self.latents.model_dir = s(&p.chat);
+                let runs = p.run_dirs();
+                let first_run = runs
+                    .first()
+                    .map(|r| r.display().to_string())
+                    .unwrap_or_else(|| p.dir.join("runs/batchtopk").display().to_string());
+                self.train.run_dir = first_run.clone();
+                self.latents.run_dir = first_run.clone();
+                self.plots.run_dir = first_run.clone();
+                self.steering.run_dir = first_run.clone();
+                self.prompt_lab.run_dir = first_run;
+                self.compare.runs = [
+                    runs.first().map(|r| r.display().to_string()).unwrap_or_default(),
+                    runs.get(1).map(|r| r.display().to_string()).unwrap_or_default(),
+                ];
+                crossdiff::project::remember(&mut self.recent, dir, 10);
+                self.project = Some(p);
+                self.error = None;
+            }
+            Err(e) => self.error = Some(format!("{e:#}")),
+        }
+    }
+
+    /// Creates a project in `dir` from the model directories in the Models view.
+    pub fn create_project(&mut self, dir: &std::path::Path) {
+        let result = crossdiff::project::Project::create(
+            dir,
+            PathBuf::from(&self.dirs[0]),
+            PathBuf::from(&self.dirs[1]),
+            Vec::new(),
+        );
+        match result {
+            Ok(_) => self.open_project(dir),
+            Err(e) => self.error = Some(format!("{e:#}")),
+        }
+    }
+
+    fn project_menu_ui(&mut self, ui: &mut egui::Ui) {
+        ui.menu_button("Project", |ui| {
+            if ui.button("Open project…").clicked() {
+                if let Some(dir) = rfd::FileDialog::new().set_title("Open a crossdiff project folder").pick_folder() {
+                    self.open_project(&dir);
+                }
+                ui.close();
+            }
+            if ui.button("New project…").clicked() {
+                if let Some(dir) = rfd::FileDialog::new().set_title("Folder for the new project").pick_folder() {
+                    self.create_project(&dir);
+                }
+                ui.close();
+            }
+            ui.separator();
+            for dir in self.recent.clone() {
+                if ui.button(dir.display().to_string()).clicked() {
+                    self.open_project(&dir);
+                    ui.close();
+                }
+            }
+        });
+        if let Some(p) = &self.project {
+            ui.label(format!("project: {}", p.dir.display()));
         }
     }
 
@@ -210,11 +307,16 @@ impl CrossdiffApp {
 }
 
 impl eframe::App for CrossdiffApp {
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, RECENT_KEY, &self.recent);
+    }
+
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.poll();
         egui::Panel::top("status").show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.strong("crossdiff");
+                self.project_menu_ui(ui);
                 ui.selectable_value(&mut self.tab, Tab::Models, "Models");
                 ui.selectable_value(&mut self.tab, Tab::Cache, "Cache");
                 ui.selectable_value(&mut self.tab, Tab::Train, "Train");

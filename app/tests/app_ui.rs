@@ -331,3 +331,40 @@ fn prompt_lab_shows_per_token_kl_and_latents() {
     harness.get_by_label("KL(chat || base) of next");
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
 }
+
+#[test]
+fn opening_a_project_fills_every_view_and_remembers_it() {
+    let run = analysed_run("project");
+    let root = run.parent().unwrap().to_path_buf();
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets");
+    let proj = root.join("proj");
+    let p = crossdiff::project::Project::create(
+        &proj,
+        assets.join("tiny-gemma2/base"),
+        assets.join("tiny-gemma2/chat"),
+        vec![assets.join("data/web.txt")],
+    )
+    .unwrap();
+    // The analysed run, moved under the project's runs/.
+    std::fs::rename(&run, proj.join("runs/l1")).unwrap();
+    let proj2 = proj.clone();
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(move |cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.open_project(&proj2);
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label(&format!("project: {}", proj.display()));
+    let app = harness.state();
+    assert_eq!(app.recent, vec![proj.clone()]);
+    assert_eq!(app.latents.run_dir, proj.join("runs/l1").display().to_string());
+    assert_eq!(app.cache.out_dir, p.resolve(&p.cache).display().to_string());
+    assert_eq!(app.train.cache_dir, proj.join("cache").display().to_string());
+    // The Latents view loads the project's run.
+    harness.get_by_label("Latents").click();
+    harness.run_steps(2);
+    harness.get_by_label("Load run").click();
+    harness.run_steps(2);
+    harness.get_by_label("40 of 40 latents shown");
+    std::fs::remove_dir_all(&root).unwrap();
+}
