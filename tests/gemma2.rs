@@ -261,3 +261,11 @@ fn generation_stops_on_a_stop_token() {
     want.sort();
     assert_eq!(model.stop_ids(), want);
 }
+
+#[test]
+fn parameter_count_matches_the_stored_tensors() {
+    let stored: usize =
+        common::fixture_weights("base").values().map(|(_, shape, _)| shape.iter().product::<usize>()).sum();
+    let config = crossdiff::Gemma2Config::from_file(&fixture("base").join("config.json")).unwrap();
+    assert_eq!(config.parameter_count(), stored);
+}

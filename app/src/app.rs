@@ -49,6 +49,7 @@ pub struct ModelSummary {
     pub hidden: usize,
     pub vocab: usize,
     pub parameters: usize,
+    pub config: crossdiff::Gemma2Config,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -280,7 +281,53 @@ impl CrossdiffApp {
         }
     }
 
+    /// Both snapshots' configurations side by side, and the memory their weights need.
+    fn configs_ui(&self, ui: &mut egui::Ui) {
+        let [Some(a), Some(b)] = &self.models else { return };
+        let (a, b) = (&a.config, &b.config);
+        let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| v.to_string());
+        let fields: Vec<(&str, String, String)> = vec![
+            ("hidden_size", a.hidden_size.to_string(), b.hidden_size.to_string()),
+            ("num_hidden_layers", a.num_hidden_layers.to_string(), b.num_hidden_layers.to_string()),
+            ("num_attention_heads", a.num_attention_heads.to_string(), b.num_attention_heads.to_string()),
+            ("num_key_value_heads", a.num_key_value_heads.to_string(), b.num_key_value_heads.to_string()),
+            ("head_dim", a.head_dim.to_string(), b.head_dim.to_string()),
+            ("intermediate_size", a.intermediate_size.to_string(), b.intermediate_size.to_string()),
+            ("vocab_size", a.vocab_size.to_string(), b.vocab_size.to_string()),
+            ("sliding_window", format!("{:?}", a.sliding_window), format!("{:?}", b.sliding_window)),
+            ("attn_logit_softcapping", opt(a.attn_logit_softcapping), opt(b.attn_logit_softcapping)),
+            ("final_logit_softcapping", opt(a.final_logit_softcapping), opt(b.final_logit_softcapping)),
+            ("query_pre_attn_scalar", a.query_pre_attn_scalar.to_string(), b.query_pre_attn_scalar.to_string()),
+            ("dtype", a.declared_dtype().unwrap_or("–").to_string(), b.declared_dtype().unwrap_or("–").to_string()),
+        ];
+        egui::Grid::new("configs").striped(true).show(ui, |ui| {
+            ui.strong("config.json");
+            ui.strong("base");
+            ui.strong("chat");
+            ui.end_row();
+            for (name, x, y) in fields {
+                ui.label(name);
+                ui.label(&x);
+                if x == y {
+                    ui.label(&y)
+                } else {
+                    ui.colored_label(egui::Color32::LIGHT_RED, &y)
+                };
+                ui.end_row();
+            }
+        });
+        let gib = |bytes: usize| bytes as f64 / (1u64 << 30) as f64;
+        let both = a.parameter_count() + b.parameter_count();
+        ui.label(format!(
+            "Memory for both models' weights: {:.2} GiB in f32, {:.2} GiB with --f16",
+            gib(both * 4),
+            gib(both * 2)
+        ));
+    }
+
     pub fn prompt_ui(&mut self, ui: &mut egui::Ui) {
+        self.configs_ui(ui);
+        ui.separator();
         ui.heading("Prompt");
         let name = ui.label("Prompt text").id;
         ui.add(egui::TextEdit::multiline(&mut self.prompt).desired_rows(3).desired_width(f32::INFINITY))
@@ -406,6 +453,7 @@ fn worker(jobs: Receiver<Job>, events: Sender<Event>, ctx: egui::Context) {
                             hidden: c.hidden_size,
                             vocab: c.vocab_size,
                             parameters: c.parameter_count(),
+                            config: c.clone(),
                         },
                     });
                     models.push(m);

@@ -28,6 +28,14 @@ fn loads_both_models_and_runs_a_prompt_on_each() {
     harness.get_by_label("Load models").click();
     wait_for(&mut harness, "tiny-gemma2/base\n4 layers, width 72, vocab 676");
     wait_for(&mut harness, "tiny-gemma2/chat\n4 layers, width 72, vocab 676");
+    // Configs side by side and the memory both need (parameter counts from config.json).
+    let c = crossdiff::Gemma2Config::from_file(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-gemma2/base/config.json"),
+    )
+    .unwrap();
+    let gib = (2 * c.parameter_count() * 4) as f64 / (1u64 << 30) as f64;
+    wait_for(&mut harness, &format!("Memory for both models' weights: {gib:.2} GiB in f32"));
+    harness.get_by_label("query_pre_attn_scalar");
     harness.get_by_label("Run on both").click();
     // Greedy continuations of the rendered chat prompt appear under both columns.
     wait_for(&mut harness, "answer base:");
