@@ -61,3 +61,38 @@ pub fn histogram_csv(series: &[(&'static str, Vec<u64>)], lo: f64, hi: f64) -> S
     }
     out
 }
+
+/// A per-class histogram of any latent field over [lo, hi] (decoder cosine: [−1, 1]; frequency:
+/// [0, max]).
+pub fn class_histogram(
+    rows: &[LatentRow],
+    field: fn(&LatentRow) -> f64,
+    lo: f64,
+    hi: f64,
+    bins: usize,
+) -> Vec<(&'static str, Vec<u64>)> {
+    CLASS_ORDER
+        .iter()
+        .filter(|c| **c != "dead")
+        .map(|&c| (c, histogram(rows.iter().filter(|r| r.class == c).map(field), lo, hi, bins)))
+        .collect()
+}
+
+/// `kl.json` rows: (condition, mean over all reply tokens, its 95% CI, mean over the first 9, CI).
+pub fn read_kl(path: &std::path::Path) -> anyhow::Result<Vec<(String, f64, f64, f64, f64)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let v: Vec<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(v.iter()
+        .map(|r| {
+            let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            (
+                r["condition"].as_str().unwrap_or("?").to_string(),
+                f("mean_all"),
+                f("ci_all"),
+                f("mean_first9"),
+                f("ci_first9"),
+            )
+        })
+        .collect())
+}

@@ -27,6 +27,8 @@ pub struct LatentsView {
     shown: Vec<usize>,
     class: &'static str,
     delta_range: (f64, f64),
+    nu_error_max: f64,
+    freq_min: f64,
     search: String,
     sort: SortBy,
     store: Option<ExamplesStore>,
@@ -46,6 +48,8 @@ impl LatentsView {
             shown: Vec::new(),
             class: "all",
             delta_range: (0.0, 1.0),
+            nu_error_max: f64::INFINITY,
+            freq_min: 0.0,
             search: String::new(),
             sort: SortBy::Latent,
             store: None,
@@ -85,6 +89,8 @@ impl LatentsView {
                     && r.delta_norm >= lo
                     && r.delta_norm <= hi
                     && index.is_none_or(|j| r.latent == j)
+                    && r.freq >= self.freq_min
+                    && (self.nu_error_max.is_infinite() || r.nu_error.is_some_and(|v| v <= self.nu_error_max))
             })
             .collect();
         let rows = &self.rows;
@@ -140,6 +146,20 @@ impl LatentsView {
                 .add(egui::DragValue::new(&mut self.delta_range.1).range(0.0..=1.0).speed(0.01))
                 .labelled_by(name)
                 .changed();
+            let name = ui.label("min frequency").id;
+            changed |= ui
+                .add(egui::DragValue::new(&mut self.freq_min).range(0.0..=1.0).speed(0.001))
+                .labelled_by(name)
+                .changed();
+            let mut limit = self.nu_error_max.is_finite();
+            if ui.checkbox(&mut limit, "ν^ε at most").changed() {
+                self.nu_error_max = if limit { 0.2 } else { f64::INFINITY };
+                changed = true;
+            }
+            if limit {
+                let name = ui.label("ν^ε limit").id;
+                changed |= ui.add(egui::DragValue::new(&mut self.nu_error_max).speed(0.01)).labelled_by(name).changed();
+            }
             let name = ui.label("Latent index").id;
             changed |=
                 ui.add(egui::TextEdit::singleline(&mut self.search).desired_width(80.0)).labelled_by(name).changed();

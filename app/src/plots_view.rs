@@ -60,6 +60,7 @@ impl PlotsView {
         if self.rows.is_empty() {
             return;
         }
+        let max_freq = self.rows.iter().map(|r| r.freq).fold(1e-9, f64::max);
         egui::ScrollArea::vertical().show(ui, |ui| {
             for (title, lo, hi) in [("Relative decoder norm Δ", 0.0, 1.0), ("Δ, zoom on [0.9, 1]", 0.9, 1.0)] {
                 ui.horizontal(|ui| {
@@ -112,6 +113,42 @@ impl PlotsView {
                     });
                     self.requested = nearest.map(|q| q.0);
                 }
+            }
+            for (title, field, lo, hi) in [
+                ("Decoder cosine per class", (|r: &LatentRow| r.dec_cos) as fn(&LatentRow) -> f64, -1.0, 1.0),
+                ("Activation frequency per class", |r: &LatentRow| r.freq, 0.0, max_freq),
+            ] {
+                ui.strong(title);
+                let series = crossdiff::figures::class_histogram(&self.rows, field, lo, hi, 50);
+                let w = (hi - lo) / 50.0;
+                Plot::new(title).height(140.0).legend(Legend::default()).show(ui, |plot| {
+                    for (class, counts) in &series {
+                        let bars = counts
+                            .iter()
+                            .enumerate()
+                            .map(|(b, &c)| Bar::new(lo + (b as f64 + 0.5) * w, c as f64).width(w))
+                            .collect();
+                        plot.bar_chart(BarChart::new(*class, bars).color(class_color(class)));
+                    }
+                });
+            }
+            if let Ok(kl) = crossdiff::figures::read_kl(&PathBuf::from(&self.run_dir).join("kl.json")) {
+                ui.strong("KL(P_chat || P_patched) per condition, all reply tokens, with 95% CIs");
+                Plot::new("kl bars").height(180.0).show(ui, |plot| {
+                    let bars = kl
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (name, m, _, _, _))| Bar::new(i as f64, *m).name(name).width(0.6))
+                        .collect();
+                    plot.bar_chart(BarChart::new("KL", bars));
+                    for (i, (_, m, ci, _, _)) in kl.iter().enumerate() {
+                        plot.line(Line::new(
+                            format!("CI {i}"),
+                            PlotPoints::from(vec![[i as f64, m - ci], [i as f64, m + ci]]),
+                        ));
+                    }
+                });
+                ui.label(kl.iter().enumerate().map(|(i, k)| format!("{i}: {}", k.0)).collect::<Vec<_>>().join("   "));
             }
             ui.strong("Chat-only latents with |ν^ε| and |ν^r| below a threshold (log10 count)");
             let thresholds: Vec<f64> = (0..=100).map(|i| i as f64 / 100.0).collect();

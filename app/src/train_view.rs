@@ -79,6 +79,13 @@ impl TrainView {
         if ui.add_enabled(!running, egui::Button::new("Start training")).clicked() {
             self.start(ctx.clone());
         }
+        // The run's checkpoint (the latest one is kept; resuming continues from it).
+        let state = PathBuf::from(&self.run_dir).join("checkpoint/state.json");
+        if let Ok(text) = std::fs::read_to_string(&state) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                ui.label(format!("checkpoint: step {} ({} tokens) in {}", v["step"], v["tokens"], state.display()));
+            }
+        }
         if let Some(job) = &mut self.job {
             job_ui(ui, job);
             curves_ui(ui, &job.metrics);

@@ -141,6 +141,14 @@ fn latents_view_filters_rows_and_opens_the_dashboard() {
     harness.get_by_label("all").click();
     harness.run_steps(3);
     harness.get_by_label("40 of 40 latents shown");
+    // ν^ε at most 0.2: only latents whose error beta ratio was computed and is that small.
+    let low_nu = rows.iter().filter(|r| r.nu_error.is_some_and(|v| v <= 0.2)).count();
+    harness.get_by_label("ν^ε at most").click();
+    harness.run_steps(3);
+    harness.get_by_label(&format!("{low_nu} of 40 latents shown"));
+    harness.get_by_label("ν^ε at most").click();
+    harness.run_steps(3);
+    harness.get_by_label("40 of 40 latents shown");
     harness.get_by_label("Latent index").focus();
     harness.get_by_label("Latent index").type_text("16");
     harness.run_steps(3);
@@ -182,6 +190,8 @@ fn train_view_shows_progress_and_cancel_stops_then_resumes() {
         v["step"].as_u64().unwrap()
     };
     let first = step(&out);
+    harness.run_steps(2);
+    harness.get_by_label_contains(&format!("checkpoint: step {first} "));
     assert!(first > 0 && first < 10_000_000, "cancel checkpointed mid-run at step {first}");
     // Start again: the run resumes from the checkpoint instead of starting over.
     harness.get_by_label("Start training").click();
@@ -236,6 +246,8 @@ fn plots_view_draws_the_figures_exports_csv_and_opens_a_clicked_latent() {
     harness.run_steps(3);
     harness.get_by_label("Relative decoder norm Δ");
     harness.get_by_label_contains("ν^ε vs ν^r");
+    harness.get_by_label("Decoder cosine per class");
+    harness.get_by_label("Activation frequency per class");
     harness.get_by_label("Export CSV: Relative decoder norm Δ").click();
     harness.run_steps(2);
     let csv = std::fs::read_to_string(run.join("fig-delta.csv")).unwrap();
