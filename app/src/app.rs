@@ -20,6 +20,18 @@ pub fn run() -> Result<()> {
         options,
         Box::new(|cc| {
             let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+            // CROSSDIFF_PROJECT opens a project with its first run loaded (demos, screenshots).
+            if let Ok(dir) = std::env::var("CROSSDIFF_PROJECT") {
+                app.open_project(std::path::Path::new(&dir));
+                app.latents.load();
+                app.plots.load();
+                app.compare.load();
+                if let Some(first) =
+                    app.latents.first_latent_of_class("chat_only").or(app.latents.first_latent_of_class("shared"))
+                {
+                    app.latents.open_latent(first);
+                }
+            }
             // Recent projects survive restarts (eframe persistence).
             if let Some(recent) = cc.storage.and_then(|s| eframe::get_value::<Vec<PathBuf>>(s, RECENT_KEY)) {
                 app.recent = recent;

@@ -36,6 +36,8 @@ pub struct Job {
     pub status: String,
     pub finished: Option<Result<String, String>>,
     pub metrics: Vec<JobEvent>,
+    /// When the first progress report arrived and how far it was (for the rate and ETA).
+    first_report: Option<(std::time::Instant, u64)>,
 }
 
 impl Job {
@@ -56,7 +58,16 @@ impl Job {
                 Err(e) => JobEvent::Failed(format!("{e:#}")),
             });
         });
-        Self { name, events, cancel, progress: (0, 0), status: "starting".into(), finished: None, metrics: Vec::new() }
+        Self {
+            name,
+            events,
+            cancel,
+            progress: (0, 0),
+            status: "starting".into(),
+            finished: None,
+            metrics: Vec::new(),
+            first_report: None,
+        }
     }
 
     pub fn cancel(&self) {
@@ -72,6 +83,7 @@ impl Job {
         while let Ok(ev) = self.events.try_recv() {
             match ev {
                 JobEvent::Progress { done, total, status } => {
+                    self.first_report.get_or_insert((std::time::Instant::now(), done));
                     self.progress = (done, total);
                     self.status = status;
                 }
@@ -97,6 +109,20 @@ impl Reporter {
     }
 }
 
+impl Job {
+    /// Units per second since the first report, and the seconds left at that rate.
+    pub fn rate_and_eta(&self) -> Option<(f64, f64)> {
+        let (start, from) = self.first_report?;
+        let secs = start.elapsed().as_secs_f64();
+        let (done, total) = self.progress;
+        if secs <= 0.0 || done <= from {
+            return None;
+        }
+        let rate = (done - from) as f64 / secs;
+        Some((rate, total.saturating_sub(done) as f64 / rate))
+    }
+}
+
 /// Progress bar, status line and cancel button of a job.
 pub fn job_ui(ui: &mut eframe::egui::Ui, job: &mut Job) {
     job.poll();
@@ -104,6 +130,9 @@ pub fn job_ui(ui: &mut eframe::egui::Ui, job: &mut Job) {
     let frac = if total > 0 { done as f32 / total as f32 } else { 0.0 };
     ui.add(eframe::egui::ProgressBar::new(frac).show_percentage().text(format!("{}: {done}/{total}", job.name)));
     ui.label(format!("{} status: {}", job.name, job.status));
+    if let (Some((rate, eta)), true) = (job.rate_and_eta(), job.running()) {
+        ui.label(format!("{} rate {rate:.1}/s, ETA {:.0}s", job.name, eta));
+    }
     match &job.finished {
         None => {
             if ui.button(format!("Cancel {}", job.name)).clicked() {

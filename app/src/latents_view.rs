@@ -106,6 +106,11 @@ impl LatentsView {
         self.shown.sort_by(|a, b| key(a).total_cmp(&key(b)));
     }
 
+    /// The first latent of a class, if any (to open a meaningful dashboard first).
+    pub fn first_latent_of_class(&self, class: &str) -> Option<usize> {
+        self.rows.iter().find(|r| r.class == class).map(|r| r.latent)
+    }
+
     /// Opens latent `latent`'s dashboard (also from other views).
     pub fn open_latent(&mut self, latent: usize) {
         self.open(latent);

@@ -150,6 +150,34 @@ impl PlotsView {
                 });
                 ui.label(kl.iter().enumerate().map(|(i, k)| format!("{i}: {}", k.0)).collect::<Vec<_>>().join("   "));
             }
+            // Marginals of the scatter: ν^ε and ν^r histograms, chat-only vs the shared baseline.
+            ui.columns(2, |cols| {
+                for (c, (name, pick)) in [
+                    ("ν^ε", (|p: &(usize, f64, f64)| p.1) as fn(&(usize, f64, f64)) -> f64),
+                    ("ν^r", |p: &(usize, f64, f64)| p.2),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    cols[c].label(format!("{name} histogram"));
+                    Plot::new(format!("{name} marginal")).height(120.0).legend(Legend::default()).show(
+                        &mut cols[c],
+                        |plot| {
+                            for (label, pts, class) in
+                                [("chat-only", &chat, "chat_only"), ("shared", &shared, "shared")]
+                            {
+                                let counts = crossdiff::figures::histogram(pts.iter().map(pick), -0.5, 1.5, 40);
+                                let bars = counts
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(b, &n)| Bar::new(-0.5 + (b as f64 + 0.5) * 0.05, n as f64).width(0.05))
+                                    .collect();
+                                plot.bar_chart(BarChart::new(label, bars).color(class_color(class)));
+                            }
+                        },
+                    );
+                }
+            });
             ui.strong("Chat-only latents with |ν^ε| and |ν^r| below a threshold (log10 count)");
             let thresholds: Vec<f64> = (0..=100).map(|i| i as f64 / 100.0).collect();
             let curve = below_threshold_curve(&self.rows, &thresholds);

@@ -19,6 +19,7 @@ pub struct TrainView {
     pub batchtopk: bool,
     pub dict_size: usize,
     pub k: usize,
+    pub mu: f64,
     pub lr: f64,
     pub batch: usize,
     pub steps: u64,
@@ -34,6 +35,7 @@ impl Default for TrainView {
             batchtopk: true,
             dict_size: 256,
             k: 8,
+            mu: 0.041,
             lr: 1e-3,
             batch: 256,
             steps: 1000,
@@ -62,8 +64,13 @@ impl TrainView {
             let name = ui.label("Dictionary size").id;
             ui.add(egui::DragValue::new(&mut self.dict_size).range(1..=1 << 20)).labelled_by(name);
             ui.end_row();
-            let name = ui.label("k").id;
-            ui.add(egui::DragValue::new(&mut self.k).range(1..=4096)).labelled_by(name);
+            if self.batchtopk {
+                let name = ui.label("k").id;
+                ui.add(egui::DragValue::new(&mut self.k).range(1..=4096)).labelled_by(name);
+            } else {
+                let name = ui.label("μ (L1 weight)").id;
+                ui.add(egui::DragValue::new(&mut self.mu).range(0.0..=100.0).speed(0.001)).labelled_by(name);
+            }
             ui.end_row();
             let name = ui.label("Learning rate").id;
             ui.add(egui::DragValue::new(&mut self.lr).range(1e-6..=1.0).speed(1e-4)).labelled_by(name);
@@ -95,14 +102,15 @@ impl TrainView {
     fn start(&mut self, ctx: egui::Context) {
         let (cache, out) = (PathBuf::from(&self.cache_dir), PathBuf::from(&self.run_dir));
         let kind = if self.batchtopk { Kind::BatchTopK } else { Kind::L1 };
-        let (dict, k, lr, batch, steps, backend) =
-            (self.dict_size, self.k, self.lr, self.batch, self.steps, self.backend);
+        let (dict, k, mu, lr, batch, steps, backend) =
+            (self.dict_size, self.k, self.mu, self.lr, self.batch, self.steps, self.backend);
         self.job = Some(Job::spawn("training", ctx, move |tx, cancel| {
             let device = backend.device()?;
             let mut reader = CacheReader::open(&cache, ReaderConfig { batch, ..Default::default() })?;
             let d = reader.index.d_model;
             let config = TrainConfig {
                 k,
+                mu,
                 lr,
                 steps,
                 warmup_steps: (steps / 10).min(1000),

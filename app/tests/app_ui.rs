@@ -182,6 +182,8 @@ fn train_view_shows_progress_and_cancel_stops_then_resumes() {
     harness.run_steps(2);
     harness.get_by_label("Start training").click();
     wait_for(&mut harness, "training status: step");
+    // Rate and ETA from the progress reports.
+    wait_for(&mut harness, "training rate ");
     harness.get_by_label("Cancel training").click();
     wait_for(&mut harness, "training finished: BatchTopK D=64");
     let step = |p: &std::path::Path| -> u64 {
@@ -247,6 +249,8 @@ fn plots_view_draws_the_figures_exports_csv_and_opens_a_clicked_latent() {
     harness.get_by_label("Relative decoder norm Δ");
     harness.get_by_label_contains("ν^ε vs ν^r");
     harness.get_by_label("Decoder cosine per class");
+    harness.get_by_label("ν^ε histogram");
+    harness.get_by_label("ν^r histogram");
     harness.get_by_label("Activation frequency per class");
     harness.get_by_label("Export CSV: Relative decoder norm Δ").click();
     harness.run_steps(2);
