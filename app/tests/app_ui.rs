@@ -392,3 +392,31 @@ fn opening_a_project_fills_every_view_and_remembers_it() {
     harness.get_by_label("40 of 40 latents shown");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Rendered images of views whose content does not depend on paths or data (layout regressions),
+/// compared with tests/snapshots/*.png. `UPDATE_SNAPSHOTS=1` rewrites them.
+#[test]
+fn snapshot_images_of_the_empty_views() {
+    // Rendering needs a Vulkan driver (lavapipe in CI, where its absence is a failure).
+    if let Err(e) = crossdiff::Backend::Wgpu.device() {
+        assert!(
+            std::env::var("CROSSDIFF_REQUIRE_WGPU").is_err(),
+            "CROSSDIFF_REQUIRE_WGPU=1 but wgpu is unusable: {e:#}"
+        );
+        eprintln!("skipping snapshot images: {e:#}");
+        return;
+    }
+    let mut results = egui_kittest::SnapshotResults::new();
+    for (tab, name) in [("Train", "train_view"), ("Compare runs", "compare_view"), ("Steering", "steering_view")] {
+        let mut harness = Harness::builder().with_size(eframe::egui::vec2(900.0, 520.0)).build_eframe(|cc| {
+            let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+            app.steering.model_dir.clear();
+            app
+        });
+        harness.run_steps(2);
+        harness.get_by_label(tab).click();
+        harness.run_steps(3);
+        harness.snapshot(name);
+        results.extend(harness.take_snapshot_results());
+    }
+}
