@@ -17,6 +17,8 @@ pub struct PlotsView {
     /// A latent the user clicked, for the Latents view to open.
     pub requested: Option<usize>,
     pub message: Option<String>,
+    /// Where a PNG export landed (set by the screenshot callback, shown next frame).
+    png_result: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 fn class_color(class: &str) -> egui::Color32 {
@@ -30,7 +32,7 @@ fn class_color(class: &str) -> egui::Color32 {
 
 impl PlotsView {
     pub fn new(run_dir: String) -> Self {
-        Self { run_dir, rows: Vec::new(), error: None, requested: None, message: None }
+        Self { run_dir, rows: Vec::new(), error: None, requested: None, message: None, png_result: Default::default() }
     }
 
     pub fn load(&mut self) {
@@ -50,7 +52,34 @@ impl PlotsView {
             if ui.button("Load figures").clicked() {
                 self.load();
             }
+            if ui.button("Export PNG").clicked() {
+                // The window as rendered, saved as RUN/figures.png.
+                let path = PathBuf::from(&self.run_dir).join("figures.png");
+                let result = self.png_result.clone();
+                ui.ctx().send_viewport_cmd(egui::ViewportCommand::Screenshot(egui::ScreenshotCallback::new(
+                    move |img| {
+                        let [w, h] = img.size;
+                        let bytes: Vec<u8> = img.pixels.iter().flat_map(|c| c.to_array()).collect();
+                        let msg = match image::save_buffer(
+                            &path,
+                            &bytes,
+                            w as u32,
+                            h as u32,
+                            image::ExtendedColorType::Rgba8,
+                        ) {
+                            Ok(()) => format!("wrote {}", path.display()),
+                            Err(e) => format!("cannot write {}: {e}", path.display()),
+                        };
+                        if let Ok(mut r) = result.lock() {
+                            *r = Some(msg);
+                        }
+                    },
+                )));
+            }
         });
+        if let Some(m) = self.png_result.lock().ok().and_then(|mut r| r.take()) {
+            self.message = Some(m);
+        }
         if let Some(e) = &self.error {
             ui.colored_label(egui::Color32::LIGHT_RED, format!("error: {e}"));
         }

@@ -260,6 +260,14 @@ fn plots_view_draws_the_figures_exports_csv_and_opens_a_clicked_latent() {
     let total: u64 =
         csv.lines().skip(1).map(|l| l.split(',').skip(2).map(|c| c.parse::<u64>().unwrap()).sum::<u64>()).sum();
     assert_eq!(total, live, "every live latent is in one bin");
+    // PNG export of the figures, as rendered (needs the wgpu renderer: lavapipe in CI).
+    if crossdiff::Backend::Wgpu.device().is_ok() {
+        harness.get_by_label("Export PNG").click();
+        harness.run_steps(3);
+        let png = image::open(run.join("figures.png")).unwrap();
+        assert_eq!((png.width(), png.height()), (1300, 1000));
+        harness.get_by_label_contains("wrote ");
+    }
     // A click on a point asks for its latent: the Latents view opens on its dashboard.
     harness.state_mut().plots.requested = Some(8);
     harness.run_steps(3);
