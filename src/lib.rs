@@ -19,6 +19,7 @@ pub mod kl;
 pub mod latents_csv;
 pub mod model;
 pub mod onthefly;
+pub mod optim;
 mod parquet_source;
 pub mod project;
 pub mod prompt_lab;
