@@ -212,9 +212,15 @@ impl KernelOps for CubeBackend {
     }
 }
 
-/// Whether the tensor's device runs CubeCL with the WGSL compiler (the wgpu backend).
+/// Whether the device runs CubeCL with the WGSL compiler (the wgpu backend), where the WGSL
+/// kernels apply. burn's `Device` exposes its backend only through its description.
 pub fn is_wgpu(device: &Device) -> bool {
     format!("{device:?}").contains("Wgpu")
+}
+
+/// Whether the device is burn's CPU backend (flex), whose tensors live in host memory.
+pub fn is_flex(device: &Device) -> bool {
+    format!("{device:?}").contains("Flex")
 }
 
 fn histogram(scores: &Tensor<1>, prefix: u32, mask: u32, shift: u32, bits: u32) -> anyhow::Result<Vec<u32>> {

@@ -610,9 +610,11 @@ fn kernel_sparse_step(
     })
 }
 
-/// BatchTopK with the sparse decoder: the encoder runs dense (no autodiff), the k·B selected
-/// entries (and AuxK's picks) decode through `select`/`select_assign` on their decoder rows, and
-/// the encoder gradient is assembled from those entries alone.
+/// BatchTopK with the sparse decoder: the encoder runs dense (no autodiff), then only the k·B
+/// selected entries (and AuxK's picks) are decoded and back-propagated and the encoder gradient is
+/// assembled from them. Routes: host loops on flex ([`host_sparse_step`]), the WGSL kernels on
+/// wgpu ([`kernel_sparse_step`]), and otherwise (CUDA, or `cpu_kernels = false`) burn's
+/// `select`/`select_assign` under autodiff — the reference the others are tested against.
 fn sparse_topk_step(
     cfg: &TrainConfig,
     p: &Params,
@@ -623,7 +625,7 @@ fn sparse_topk_step(
     let (d, dict) = p.dims();
     let [b, two_d] = x.dims();
     let device = x.device();
-    if cfg.cpu_kernels && format!("{device:?}").contains("Flex") {
+    if cfg.cpu_kernels && crate::kernels::is_flex(&device) {
         return host_sparse_step(cfg, p, x, step, since_selected);
     }
     let ad = device.clone().autodiff();
