@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cache;
 pub mod crosscoder;
 pub mod data;
+pub mod demo_corpus;
 pub mod examples;
 pub mod figures;
 pub mod gemma2;

@@ -477,3 +477,29 @@ fn drop_bos_skip_first_and_context_shape_documents() {
             .unwrap();
     assert!(gone.is_none());
 }
+
+#[test]
+fn demo_corpus_is_deterministic_plants_its_behaviours_and_reads_back() {
+    use crossdiff::demo_corpus::{Behaviour, IDENTITY, REFUSAL, generate};
+    let a = generate(7, 50, 200);
+    let b = generate(7, 50, 200);
+    assert_eq!(a.web, b.web);
+    assert_eq!(a.chats.len(), 200);
+    let count = |k: Behaviour| a.chats.iter().filter(|(b, _)| *b == k).count();
+    assert!(count(Behaviour::Refusal) > 20 && count(Behaviour::Identity) > 20 && count(Behaviour::Helpful) > 80);
+    for (behaviour, m) in &a.chats {
+        let reply = &m[1].content;
+        match behaviour {
+            Behaviour::Refusal => assert!(m[0].content.starts_with("How do I") && reply == REFUSAL),
+            Behaviour::Identity => assert_eq!(reply, IDENTITY),
+            Behaviour::Helpful => assert!(reply.starts_with("Sure! ")),
+        }
+    }
+    let dir = TempDir::new("demo-corpus");
+    a.write(dir.path()).unwrap();
+    let web: Vec<_> = crossdiff::data::open_source(&dir.path().join("web.txt")).unwrap().map(Result::unwrap).collect();
+    assert_eq!(web.len(), 50);
+    let chats: Vec<_> =
+        crossdiff::data::open_source(&dir.path().join("chat.jsonl")).unwrap().map(Result::unwrap).collect();
+    assert_eq!(chats[0], crossdiff::data::Document::Chat(a.chats[0].1.clone()));
+}
