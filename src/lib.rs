@@ -9,6 +9,7 @@ pub mod cache;
 pub mod crosscoder;
 pub mod data;
 pub mod demo_corpus;
+pub mod demo_tokenizer;
 pub mod examples;
 pub mod figures;
 pub mod gemma2;

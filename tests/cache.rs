@@ -503,3 +503,31 @@ fn demo_corpus_is_deterministic_plants_its_behaviours_and_reads_back() {
         crossdiff::data::open_source(&dir.path().join("chat.jsonl")).unwrap().map(Result::unwrap).collect();
     assert_eq!(chats[0], crossdiff::data::Document::Chat(a.chats[0].1.clone()));
 }
+
+#[test]
+fn demo_tokenizer_has_gemmas_layout_and_round_trips() {
+    use crossdiff::demo_tokenizer::{SPECIALS, train_tokenizer};
+    let corpus = crossdiff::demo_corpus::generate(3, 200, 200);
+    let mut texts = corpus.web.clone();
+    texts.extend(corpus.chats.iter().flat_map(|(_, m)| m.iter().map(|t| t.content.clone())));
+    let json = train_tokenizer(&texts, 400).unwrap();
+    let dir = TempDir::new("demo-tok");
+    std::fs::write(dir.path().join("tokenizer.json"), &json).unwrap();
+    let tok = crossdiff::ChatTokenizer::from_dir(dir.path()).unwrap();
+    // Specials first, in Gemma's order; then the 256 byte tokens.
+    for (i, s) in SPECIALS.iter().enumerate() {
+        assert_eq!(tok.encode(s, false).unwrap(), vec![i as u32], "{s}");
+    }
+    assert_eq!((tok.bos_id, tok.eos_id, tok.end_of_turn_id), (Some(2), Some(1), Some(6)));
+    // Corpus text: <bos> first, learned pieces, exact round trip, far fewer tokens than characters.
+    let text = &corpus.web[0];
+    let ids = tok.encode(text, true).unwrap();
+    assert_eq!(ids[0], 2);
+    assert_eq!(tok.decode(&ids[1..]).unwrap(), *text);
+    assert!(ids.len() * 3 < text.len(), "{} tokens for {} chars", ids.len(), text.len());
+    // Unseen characters fall back to bytes and still round-trip.
+    let odd = "naïve 🐱";
+    let ids = tok.encode(odd, false).unwrap();
+    assert!(ids.iter().any(|&i| (7..263).contains(&i)), "byte fallback used");
+    assert_eq!(tok.decode(&ids).unwrap(), odd);
+}
