@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cache;
 pub mod crosscoder;
 pub mod data;
+pub mod demo;
 pub mod demo_corpus;
 pub mod demo_tokenizer;
 pub mod examples;
