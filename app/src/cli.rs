@@ -244,6 +244,19 @@ enum Command {
         #[arg(long)]
         layer: Option<usize>,
     },
+    /// The embedded demo. `--rebuild` regenerates the corpus and trains the miniature base and chat
+    /// models (with planted behaviours) with crossdiff itself.
+    Demo {
+        #[arg(long, required = true)]
+        rebuild: bool,
+        #[arg(long, default_value = "assets/demo")]
+        out: PathBuf,
+        /// Training steps for the base model and again for the chat fine-tune.
+        #[arg(long, default_value_t = 800)]
+        steps: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -713,6 +726,27 @@ pub fn run() -> Result<()> {
                 text(&steered)?
             );
             println!("steer: {} vs {} new tokens", plain.len(), steered.len());
+        }
+        Command::Demo { rebuild: _, out, steps, seed } => {
+            let device = cli.backend.device()?;
+            let started = Instant::now();
+            let opts = crossdiff::demo::DemoBuild {
+                out: out.clone(),
+                seed,
+                base_steps: steps,
+                chat_steps: steps,
+                ..Default::default()
+            };
+            let l = crossdiff::demo::rebuild(&opts, &device)?;
+            println!(
+                "demo: base loss {:.3} → {:.3}, chat loss {:.3} → {:.3}; models in {} ({:.0}s)",
+                l.base.0,
+                l.base.1,
+                l.chat.0,
+                l.chat.1,
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
         }
         Command::Bench { which: BenchCommand::Train { d, dict_size, k, batch, kind, steps } } => {
             let device = cli.backend.device()?;

@@ -464,3 +464,21 @@ fn train_on_the_fly_without_a_cache() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("--val-tokens needs a cache"));
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn demo_rebuild_writes_a_loadable_model_pair() {
+    let out = std::env::temp_dir().join(format!("crossdiff-cli-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let r = crossdiff(&["--backend", "cpu", "demo", "--rebuild", "--out", out.to_str().unwrap(), "--steps", "5"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).starts_with("demo: base loss "));
+    let device = crossdiff::Backend::Cpu.device().unwrap();
+    let base = crossdiff::Model::load(out.join("base"), &device, crossdiff::LoadOptions::default()).unwrap();
+    let chat = crossdiff::Model::load(out.join("chat"), &device, crossdiff::LoadOptions::default()).unwrap();
+    crossdiff::model::check_models(&base, &chat).unwrap();
+    // Without --rebuild there is nothing to run yet: clap says what is required.
+    let r = crossdiff(&["demo"]);
+    assert_ne!(r.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--rebuild"));
+    std::fs::remove_dir_all(&out).unwrap();
+}
