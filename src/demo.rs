@@ -148,3 +148,142 @@ pub fn rebuild(opts: &DemoBuild, device: &Device) -> Result<DemoLosses> {
     chat.save_snapshot(&chat_dir)?;
     Ok(DemoLosses { base: base_losses, chat: chat_losses })
 }
+
+/// The demo pipeline's settings: the miniature pair in `models` (as `rebuild` writes it), the
+/// project written to `project`.
+#[derive(Debug, Clone)]
+pub struct DemoPipeline {
+    pub models: PathBuf,
+    pub project: PathBuf,
+    pub layer: usize,
+    pub tokens: u64,
+    pub dict_size: usize,
+    pub k: usize,
+    pub mu: f64,
+    pub steps: u64,
+    pub seed: u64,
+}
+
+impl Default for DemoPipeline {
+    fn default() -> Self {
+        Self {
+            models: PathBuf::from("assets/demo"),
+            project: PathBuf::from("demo-project"),
+            layer: 2,
+            tokens: 60_000,
+            dict_size: 256,
+            k: 8,
+            mu: 0.02,
+            steps: 1500,
+            seed: 0,
+        }
+    }
+}
+
+/// Cache (web text and chat mixed 1:1), BatchTopK and L1 crosscoders, analysis with examples, and
+/// the KL check for both, as a project folder the app opens. Re-running resumes each stage.
+pub fn run_pipeline(p: &DemoPipeline, device: &Device, mut log: impl FnMut(&str)) -> Result<()> {
+    use crate::cache::{ActDtype, CacheJob, run_cache};
+    use crate::crosscoder::Kind;
+    use crate::data::TokenizeOptions;
+    use crate::reader::{CacheReader, ReaderConfig};
+    use crate::train::{TrainConfig, TrainRun};
+    let (base, chat) = (p.models.join("base"), p.models.join("chat"));
+    let data = vec![p.models.join("data/web.txt"), p.models.join("data/chat.jsonl")];
+    let cache = p.project.join("cache");
+    log("caching activations");
+    let job = CacheJob {
+        base: base.clone(),
+        chat: chat.clone(),
+        data: data.clone(),
+        layer: p.layer,
+        tokens: p.tokens,
+        out: cache.clone(),
+        dtype: ActDtype::F32,
+        tokenize: TokenizeOptions { context: 64, ..Default::default() },
+        mix: true,
+        shard_tokens: 16_384,
+        batch_tokens: 4096,
+        low_memory: false,
+        load: crate::gemma2::LoadOptions::default(),
+    };
+    let index = run_cache(&job, device, |_| {}, || true)?;
+    let mut runs = Vec::new();
+    for (name, kind) in [("batchtopk", Kind::BatchTopK), ("l1", Kind::L1)] {
+        log(&format!("training the {name} crosscoder"));
+        let out = p.project.join("runs").join(name);
+        let mut reader = CacheReader::open(
+            &cache,
+            ReaderConfig { batch: 256, seed: p.seed, shuffle_tokens: 65_536, ..Default::default() },
+        )?;
+        let config = TrainConfig {
+            k: p.k,
+            mu: p.mu,
+            lr: 2e-3,
+            warmup_steps: 50,
+            threshold_start: p.steps / 4,
+            steps: p.steps,
+            dead_tokens: 256 * 200,
+            seed: p.seed,
+            checkpoint_every: 500,
+            log_every: 50,
+            ..TrainConfig::defaults(kind, p.dict_size)
+        };
+        let mut run = TrainRun {
+            config,
+            out: out.clone(),
+            device: device.clone(),
+            source: &mut reader,
+            validation: None,
+            layer: Some(p.layer),
+            models: index.models.clone(),
+            width: index.d_model,
+        };
+        run.run(|_| {}, || true)?;
+        log(&format!("analysing the {name} crosscoder"));
+        let (rows, summary) = crate::analyze::analyze(
+            &out,
+            &cache,
+            device,
+            &crate::analyze::AnalyzeOptions::default(),
+            |_, _| {},
+            || true,
+        )?;
+        crate::analyze::write_outputs(&out, &rows, &summary)?;
+        let embed = |dir: &Path| -> Result<Vec<f32>> {
+            let snap = crate::snapshot::Snapshot::open(dir)?;
+            let c = &snap.config;
+            snap.read_f32("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])
+        };
+        let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
+        crate::examples::build_examples(
+            &out,
+            &cache,
+            device,
+            &max_act,
+            Some([embed(&base)?, embed(&chat)?]),
+            &Default::default(),
+            None,
+        )?;
+        log(&format!("KL check for the {name} crosscoder"));
+        let (bm, cm) = (
+            crate::model::Model::load(&base, device, Default::default())?,
+            crate::model::Model::load(&chat, device, Default::default())?,
+        );
+        let cc = crate::crosscoder::Crosscoder::load(&out, device)?;
+        let stats = crate::kl::kl_table(&bm, &cm, &cc, &rows, p.layer, &data[1], 200, |_| {})?;
+        let text = serde_json::to_string_pretty(&stats)?;
+        crate::io::write_atomic(&out.join("kl.json"), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))?;
+        runs.push(PathBuf::from("runs").join(name));
+    }
+    let abs = |q: &Path| std::fs::canonicalize(q).unwrap_or_else(|_| q.to_path_buf());
+    let project = crate::project::Project {
+        dir: p.project.clone(),
+        base: abs(&base),
+        chat: abs(&chat),
+        data: data.iter().map(|d| abs(d)).collect(),
+        cache: PathBuf::from("cache"),
+        runs,
+    };
+    project.save()
+}

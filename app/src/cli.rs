@@ -247,10 +247,18 @@ enum Command {
     /// The embedded demo. `--rebuild` regenerates the corpus and trains the miniature base and chat
     /// models (with planted behaviours) with crossdiff itself.
     Demo {
-        #[arg(long, required = true)]
+        /// Rebuild the miniature models (corpus, tokenizer, base and chat training) into --models.
+        #[arg(long)]
         rebuild: bool,
+        /// Where the miniature models live.
         #[arg(long, default_value = "assets/demo")]
-        out: PathBuf,
+        models: PathBuf,
+        /// The project folder the pipeline writes (cache, runs) and the app opens.
+        #[arg(long, default_value = "demo-project")]
+        project: PathBuf,
+        /// Run the pipeline but do not open the app.
+        #[arg(long)]
+        no_app: bool,
         /// Training steps for the base model and again for the chat fine-tune.
         #[arg(long, default_value_t = 800)]
         steps: usize,
@@ -727,26 +735,37 @@ pub fn run() -> Result<()> {
             );
             println!("steer: {} vs {} new tokens", plain.len(), steered.len());
         }
-        Command::Demo { rebuild: _, out, steps, seed } => {
+        Command::Demo { rebuild, models, project, no_app, steps, seed } => {
             let device = cli.backend.device()?;
             let started = Instant::now();
-            let opts = crossdiff::demo::DemoBuild {
-                out: out.clone(),
-                seed,
-                base_steps: steps,
-                chat_steps: steps,
-                ..Default::default()
-            };
-            let l = crossdiff::demo::rebuild(&opts, &device)?;
-            println!(
-                "demo: base loss {:.3} → {:.3}, chat loss {:.3} → {:.3}; models in {} ({:.0}s)",
-                l.base.0,
-                l.base.1,
-                l.chat.0,
-                l.chat.1,
-                out.display(),
-                started.elapsed().as_secs_f64()
-            );
+            if rebuild {
+                let opts = crossdiff::demo::DemoBuild {
+                    out: models.clone(),
+                    seed,
+                    base_steps: steps,
+                    chat_steps: steps,
+                    ..Default::default()
+                };
+                let l = crossdiff::demo::rebuild(&opts, &device)?;
+                println!(
+                    "demo: base loss {:.3} → {:.3}, chat loss {:.3} → {:.3}; models in {} ({:.0}s)",
+                    l.base.0,
+                    l.base.1,
+                    l.chat.0,
+                    l.chat.1,
+                    models.display(),
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            let p = crossdiff::demo::DemoPipeline { models, project: project.clone(), seed, ..Default::default() };
+            crossdiff::demo::run_pipeline(&p, &device, |step| eprintln!("demo: {step}"))?;
+            println!("demo: project ready in {} ({:.0}s)", project.display(), started.elapsed().as_secs_f64());
+            if !no_app {
+                // SAFETY (set_var): nothing else runs yet; the app reads it once at start.
+                unsafe { std::env::set_var("CROSSDIFF_PROJECT", &project) };
+                crate::app::run()?;
+            }
         }
         Command::Bench { which: BenchCommand::Train { d, dict_size, k, batch, kind, steps } } => {
             let device = cli.backend.device()?;

@@ -469,16 +469,44 @@ fn train_on_the_fly_without_a_cache() {
 fn demo_rebuild_writes_a_loadable_model_pair() {
     let out = std::env::temp_dir().join(format!("crossdiff-cli-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let r = crossdiff(&["--backend", "cpu", "demo", "--rebuild", "--out", out.to_str().unwrap(), "--steps", "5"]);
+    let r = crossdiff(&["--backend", "cpu", "demo", "--rebuild", "--models", out.to_str().unwrap(), "--steps", "5"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(String::from_utf8_lossy(&r.stdout).starts_with("demo: base loss "));
     let device = crossdiff::Backend::Cpu.device().unwrap();
     let base = crossdiff::Model::load(out.join("base"), &device, crossdiff::LoadOptions::default()).unwrap();
     let chat = crossdiff::Model::load(out.join("chat"), &device, crossdiff::LoadOptions::default()).unwrap();
     crossdiff::model::check_models(&base, &chat).unwrap();
-    // Without --rebuild there is nothing to run yet: clap says what is required.
-    let r = crossdiff(&["demo"]);
-    assert_ne!(r.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&r.stderr).contains("--rebuild"));
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn demo_pipeline_builds_a_project_from_the_committed_models() {
+    let project = std::env::temp_dir().join(format!("crossdiff-cli-demo-project-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&project);
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo");
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "demo",
+        "--models",
+        models.to_str().unwrap(),
+        "--project",
+        project.to_str().unwrap(),
+        "--no-app",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let p = crossdiff::project::Project::open(&project).unwrap();
+    assert_eq!(p.run_dirs(), vec![project.join("runs/batchtopk"), project.join("runs/l1")]);
+    for run in p.run_dirs() {
+        for f in ["crosscoder.safetensors", "latents.csv", "summary.json", "kl.json", "examples.safetensors"] {
+            assert!(run.join(f).exists(), "{} lacks {f}", run.display());
+        }
+        // Patching every latent into the base residual closes most of the base→chat KL gap.
+        let kl: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(run.join("kl.json")).unwrap()).unwrap();
+        let mean = |c: &str| kl.iter().find(|k| k["condition"] == c).unwrap()["mean_all"].as_f64().unwrap();
+        assert!(mean("none") > 1.0, "the demo chat model differs from its base: {}", mean("none"));
+        assert!(mean("all") < 0.5 * mean("none"), "{}: all {} vs none {}", run.display(), mean("all"), mean("none"));
+    }
+    std::fs::remove_dir_all(&project).unwrap();
 }
