@@ -1,26 +1,13 @@
 #!/usr/bin/env bash
-# Builds a small project from the bundled fixtures with the CLI (cache, a BatchTopK and an L1
-# crosscoder, analysis, KL) and screenshots every view of the real app on it into docs/screenshots.
+# Screenshots of the real app's views on the demo project (`crossdiff demo` on the committed
+# miniature pair in assets/demo), under Xvfb, into docs/screenshots.
 #   bash scripts/screenshots.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/crossdiff-target}"
 bin="$CARGO_TARGET_DIR/release/crossdiff"
 proj=$(mktemp -d)
-a=assets
-"$bin" --backend cpu cache --base $a/tiny-gemma2/base --chat $a/tiny-gemma2/chat --data $a/data/web.txt $a/data/chat.jsonl \
-  --mix --layer 2 --tokens 3000 --context 64 --shard-tokens 1024 --out "$proj/cache" >/dev/null
-for kind in batchtopk l1; do
-  "$bin" --backend cpu train --cache "$proj/cache" --out "$proj/runs/$kind" --kind $kind --dict-size 144 --k 8 --mu 0.02 \
-    --batch 64 --steps 400 --warmup-steps 20 --threshold-start 100 --lr 2e-3 --dead-tokens 6400 >/dev/null
-  "$bin" --backend cpu analyze --run "$proj/runs/$kind" --cache "$proj/cache" --base $a/tiny-gemma2/base --chat $a/tiny-gemma2/chat >/dev/null
-  "$bin" --backend cpu kl --run "$proj/runs/$kind" --base $a/tiny-gemma2/base --chat $a/tiny-gemma2/chat --data $a/data/chat.jsonl \
-    --conversations 20 >/dev/null
-done
-cat >"$proj/crossdiff-project.json" <<JSON
-{"base": "$PWD/$a/tiny-gemma2/base", "chat": "$PWD/$a/tiny-gemma2/chat",
- "data": ["$PWD/$a/data/web.txt", "$PWD/$a/data/chat.jsonl"], "cache": "cache", "runs": ["runs/batchtopk", "runs/l1"]}
-JSON
+"$bin" --backend cpu demo --project "$proj" --no-app >/dev/null
 mkdir -p docs/screenshots
 Xvfb :96 -screen 0 1400x900x24 >/dev/null 2>&1 &
 xvfb=$!
