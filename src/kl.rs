@@ -16,9 +16,9 @@ use crate::crosscoder::{Crosscoder, read_vec, tensor};
 use crate::data::{Document, open_source, template_flags};
 use crate::model::Model;
 
-/// The conditions of the paper's KL table.
-pub const CONDITIONS: [&str; 7] =
-    ["none", "all", "chat_error_only", "best_delta_50", "worst_delta_50", "best_ls_50", "worst_ls_50"];
+/// The conditions of the paper's KL table, plus the latents Latent Scaling keeps.
+pub const CONDITIONS: [&str; 8] =
+    ["none", "all", "chat_error_only", "best_delta_50", "worst_delta_50", "best_ls_50", "worst_ls_50", "chat_specific"];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct KlStat {
@@ -67,6 +67,8 @@ pub fn condition_sets(rows: &[LatentRow]) -> Vec<(String, Option<Vec<usize>>)> {
         ("worst_delta_50".into(), ids(by_delta[by_delta.len() - half..].to_vec())),
         ("best_ls_50".into(), ids(by_ls[..half].iter().map(|&i| chat_only[i]).collect())),
         ("worst_ls_50".into(), ids(by_ls[by_ls.len() - half..].iter().map(|&i| chat_only[i]).collect())),
+        // The latents Latent Scaling calls genuinely chat-specific (chat-only, ν^ε < 0.2, ν^r < 0.5).
+        ("chat_specific".into(), ids(rows.iter().filter(|r| crate::analyze::is_chat_specific(r)).collect())),
     ]
 }
 

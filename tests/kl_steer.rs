@@ -80,7 +80,7 @@ fn kl_between_identical_models_is_zero() {
     // Decoder = encoder transpose for both models: d^chat = d^base, so no condition changes h_base.
     let cc = l1(Params::init(72, 16, 0.5, 1, &device));
     let stats = kl_table(&base, &same, &cc, &rows_for(&cc), 1, &chats(), 4, |_| {}).unwrap();
-    assert_eq!(stats.len(), 7);
+    assert_eq!(stats.len(), 8);
     for s in &stats {
         assert!(s.tokens_all > 20);
         assert!(s.mean_all.abs() < 1e-6 && s.mean_first9.abs() < 1e-6, "{s:?}");
