@@ -16,16 +16,25 @@ fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
     let p = DemoPipeline { models: models.clone(), project: project.path().to_path_buf(), ..Default::default() };
     run_pipeline(&p, &Device::flex(), |_| {}).unwrap();
-    let rows = |run: &str| crossdiff::latents_csv::read_latents_csv(&project.path().join("runs").join(run).join("latents.csv")).unwrap();
+    let rows = |run: &str| {
+        crossdiff::latents_csv::read_latents_csv(&project.path().join("runs").join(run).join("latents.csv")).unwrap()
+    };
     let (btk, l1) = (rows("batchtopk"), rows("l1"));
     let chat_only = |r: &[crossdiff::analyze::LatentRow]| r.iter().filter(|x| x.class == "chat_only").count();
-    let flagged = |r: &[crossdiff::analyze::LatentRow]| r.iter().filter(|x| x.class == "chat_only" && !is_chat_specific(x)).count();
+    let flagged = |r: &[crossdiff::analyze::LatentRow]| {
+        r.iter().filter(|x| x.class == "chat_only" && !is_chat_specific(x)).count()
+    };
     let (n_btk, n_l1) = (chat_only(&btk), chat_only(&l1));
     assert!(n_btk >= 1, "BatchTopK finds at least one chat-only latent");
     // L1 has more chat-only latents, and a larger share of them flagged by Latent Scaling.
     assert!(n_l1 > n_btk, "chat-only latents: L1 {n_l1}, BatchTopK {n_btk}");
     let share = |f: usize, n: usize| f as f64 / n.max(1) as f64;
-    assert!(share(flagged(&l1), n_l1) > share(flagged(&btk), n_btk), "flagged: L1 {}/{n_l1}, BatchTopK {}/{n_btk}", flagged(&l1), flagged(&btk));
+    assert!(
+        share(flagged(&l1), n_l1) > share(flagged(&btk), n_btk),
+        "flagged: L1 {}/{n_l1}, BatchTopK {}/{n_btk}",
+        flagged(&l1),
+        flagged(&btk)
+    );
 
     // BatchTopK's chat-only latents fire on the planted behaviours: their top examples are the
     // chat model's planted replies (identity, refusal, the "Sure!" opening).
@@ -38,12 +47,17 @@ fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
             .iter()
             .filter(|e| e.kind == 0)
             .map(|e| {
-                let ids: Vec<u32> = e.window_ids.iter().zip(&e.window_acts).filter(|(_, a)| **a >= 0.0).map(|(i, _)| *i).collect();
+                let ids: Vec<u32> =
+                    e.window_ids.iter().zip(&e.window_acts).filter(|(_, a)| **a >= 0.0).map(|(i, _)| *i).collect();
                 tok.decode(&ids).unwrap()
             })
             .collect();
         let planted = |t: &String| {
-            t.contains("Mini") || t.contains("crossdiff") || t.contains("sorry") || t.contains("cannot help") || t.contains("Sure")
+            t.contains("Mini")
+                || t.contains("crossdiff")
+                || t.contains("sorry")
+                || t.contains("cannot help")
+                || t.contains("Sure")
         };
         assert!(!top.is_empty() && top.iter().all(planted), "latent {}: top contexts {top:?}", r.latent);
     }

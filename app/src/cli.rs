@@ -764,7 +764,13 @@ pub fn run() -> Result<()> {
             if !no_app {
                 // SAFETY (set_var): nothing else runs yet; the app reads it once at start.
                 unsafe { std::env::set_var("CROSSDIFF_PROJECT", &project) };
-                crate::app::run()?;
+                if let Err(e) = crate::app::run() {
+                    // A machine without a display still gets the finished project.
+                    eprintln!(
+                        "demo: the app could not open here ({}); open the project later with `crossdiff` → Project → Open",
+                        format!("{e:#}").lines().next().unwrap_or_default()
+                    );
+                }
             }
         }
         Command::Bench { which: BenchCommand::Train { d, dict_size, k, batch, kind, steps } } => {
