@@ -117,7 +117,9 @@ impl Default for AnalyzeOptions {
     }
 }
 
-/// Running sums over the cache, f64 on the host.
+/// Running sums over the cache, f64 on the host; saved between shards so an interrupted analysis
+/// resumes (f64 values survive JSON exactly).
+#[derive(Serialize, serde::Deserialize)]
 struct Accumulators {
     tokens: u64,
     active: Vec<f64>,
@@ -181,7 +183,7 @@ pub fn analyze(
         if let Ok(saved) = serde_json::from_str::<SavedState>(&text) {
             if saved.fingerprint == fingerprint {
                 first_shard = saved.shards_done;
-                acc = saved.acc.into();
+                acc = saved.acc;
             }
         }
     }
@@ -190,10 +192,11 @@ pub fn analyze(
             break;
         }
         if !keep_going() {
-            let saved = SavedState { fingerprint, shards_done: shard_i, acc: (&acc).into() };
+            let tokens = acc.tokens;
+            let saved = SavedState { fingerprint, shards_done: shard_i, acc };
             let text = serde_json::to_string(&saved)?;
             write_atomic(&state_path, |f| Ok(f.write_all(text.as_bytes())?))?;
-            bail!("analysis interrupted after {} tokens; re-run the same command to resume", acc.tokens);
+            bail!("analysis interrupted after {tokens} tokens; re-run the same command to resume");
         }
         let layout = index.check_shard_header(cache, shard)?;
         let bytes = read_shard_file(cache, shard)?;
@@ -219,66 +222,11 @@ pub fn analyze(
     finish(&cc, acc, opts, dict, d)
 }
 
-/// The running sums, as saved between shards (f64 values survive JSON exactly).
-#[derive(Serialize, serde::Deserialize)]
-struct SavedAcc {
-    tokens: u64,
-    active: Vec<f64>,
-    template_active: Vec<f64>,
-    max_act: Vec<f64>,
-    sum_f2: Vec<f64>,
-    recon: [Vec<f64>; 2],
-    err: [Vec<f64>; 2],
-    l0: f64,
-    x_sum: Vec<f64>,
-    x_sq: Vec<f64>,
-    e_sum: Vec<f64>,
-    e_sq: Vec<f64>,
-}
-
 #[derive(Serialize, serde::Deserialize)]
 struct SavedState {
     fingerprint: String,
     shards_done: usize,
-    acc: SavedAcc,
-}
-
-impl From<&Accumulators> for SavedAcc {
-    fn from(a: &Accumulators) -> Self {
-        Self {
-            tokens: a.tokens,
-            active: a.active.clone(),
-            template_active: a.template_active.clone(),
-            max_act: a.max_act.clone(),
-            sum_f2: a.sum_f2.clone(),
-            recon: a.recon.clone(),
-            err: a.err.clone(),
-            l0: a.l0,
-            x_sum: a.x_sum.clone(),
-            x_sq: a.x_sq.clone(),
-            e_sum: a.e_sum.clone(),
-            e_sq: a.e_sq.clone(),
-        }
-    }
-}
-
-impl From<SavedAcc> for Accumulators {
-    fn from(a: SavedAcc) -> Self {
-        Self {
-            tokens: a.tokens,
-            active: a.active,
-            template_active: a.template_active,
-            max_act: a.max_act,
-            sum_f2: a.sum_f2,
-            recon: a.recon,
-            err: a.err,
-            l0: a.l0,
-            x_sum: a.x_sum,
-            x_sq: a.x_sq,
-            e_sum: a.e_sum,
-            e_sq: a.e_sq,
-        }
-    }
+    acc: Accumulators,
 }
 
 #[allow(clippy::too_many_arguments)]

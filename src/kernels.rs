@@ -61,45 +61,25 @@ pub trait KernelOps: Backend {
     ) -> FloatTensor<Self>;
 }
 
-struct HistogramKernel;
-
-impl KernelSource for HistogramKernel {
-    fn source(&self) -> SourceTemplate {
-        SourceTemplate::new(include_str!("../shaders/score_histogram.wgsl"))
-            .register("workgroup", WORKGROUP.to_string())
-    }
-
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info(WORKGROUP)
-    }
-
-    fn lang(&self) -> &'static str {
-        "wgsl"
-    }
+/// A WGSL file from `shaders/`, its `{{ workgroup }}` filled in.
+struct Wgsl {
+    name: &'static str,
+    source: &'static str,
 }
 
-struct SegmentRowsKernel;
-struct PickDotKernel;
+const HISTOGRAM: Wgsl = Wgsl { name: "score_histogram", source: include_str!("../shaders/score_histogram.wgsl") };
+const SEGMENT_ROWS: Wgsl = Wgsl { name: "segment_rows", source: include_str!("../shaders/segment_rows.wgsl") };
+const PICK_DOT: Wgsl = Wgsl { name: "pick_dot", source: include_str!("../shaders/pick_dot.wgsl") };
 
-impl KernelSource for SegmentRowsKernel {
+impl KernelSource for Wgsl {
     fn source(&self) -> SourceTemplate {
-        SourceTemplate::new(include_str!("../shaders/segment_rows.wgsl")).register("workgroup", WORKGROUP.to_string())
+        SourceTemplate::new(self.source).register("workgroup", WORKGROUP.to_string())
     }
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info(WORKGROUP)
-    }
-    fn lang(&self) -> &'static str {
-        "wgsl"
-    }
-}
 
-impl KernelSource for PickDotKernel {
-    fn source(&self) -> SourceTemplate {
-        SourceTemplate::new(include_str!("../shaders/pick_dot.wgsl")).register("workgroup", WORKGROUP.to_string())
-    }
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info(WORKGROUP)
+        KernelId::new::<Self>().info((self.name, WORKGROUP))
     }
+
     fn lang(&self) -> &'static str {
         "wgsl"
     }
@@ -122,7 +102,7 @@ impl KernelOps for CubeBackend {
         let params = client.create_from_slice(&bytes);
         let groups = ((rows * width) as u32).div_ceil(WORKGROUP).clamp(1, 4096);
         client.launch(
-            Box::new(SourceKernel::new(SegmentRowsKernel, CubeDim::new_1d(WORKGROUP))),
+            Box::new(SourceKernel::new(SEGMENT_ROWS, CubeDim::new_1d(WORKGROUP))),
             CubeCount::Static(groups, 1, 1),
             KernelArguments::new().with_buffers(vec![
                 offsets.handle.clone().binding(),
@@ -157,7 +137,7 @@ impl KernelOps for CubeBackend {
         let params = client.create_from_slice(&bytes);
         let groups = (n as u32).div_ceil(WORKGROUP).clamp(1, 4096);
         client.launch(
-            Box::new(SourceKernel::new(PickDotKernel, CubeDim::new_1d(WORKGROUP))),
+            Box::new(SourceKernel::new(PICK_DOT, CubeDim::new_1d(WORKGROUP))),
             CubeCount::Static(groups, 1, 1),
             KernelArguments::new().with_buffers(vec![
                 ia.handle.clone().binding(),
@@ -194,7 +174,7 @@ impl KernelOps for CubeBackend {
         let params = client.create_from_slice(&params);
         let groups = n.div_ceil(WORKGROUP).clamp(1, 4096);
         client.launch(
-            Box::new(SourceKernel::new(HistogramKernel, CubeDim::new_1d(WORKGROUP))),
+            Box::new(SourceKernel::new(HISTOGRAM, CubeDim::new_1d(WORKGROUP))),
             CubeCount::Static(groups, 1, 1),
             KernelArguments::new().with_buffers(vec![
                 scores.handle.clone().binding(),

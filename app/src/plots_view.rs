@@ -30,6 +30,15 @@ fn class_color(class: &str) -> egui::Color32 {
     }
 }
 
+/// One bar chart per class of a per-class histogram over bins of width `w` from `lo`.
+fn class_bars(plot: &mut egui_plot::PlotUi, series: &[(&'static str, Vec<u64>)], lo: f64, w: f64) {
+    for (class, counts) in series {
+        let bars =
+            counts.iter().enumerate().map(|(b, &c)| Bar::new(lo + (b as f64 + 0.5) * w, c as f64).width(w)).collect();
+        plot.bar_chart(BarChart::new(*class, bars).color(class_color(class)));
+    }
+}
+
 impl PlotsView {
     pub fn new(run_dir: String) -> Self {
         Self { run_dir, rows: Vec::new(), error: None, requested: None, message: None, png_result: Default::default() }
@@ -110,14 +119,7 @@ impl PlotsView {
                 let series = delta_histogram(&self.rows, lo, hi, 100);
                 let w = (hi - lo) / 100.0;
                 Plot::new(title).height(160.0).legend(Legend::default()).show(ui, |plot| {
-                    for (class, counts) in &series {
-                        let bars = counts
-                            .iter()
-                            .enumerate()
-                            .map(|(b, &c)| Bar::new(lo + (b as f64 + 0.5) * w, c as f64).width(w))
-                            .collect();
-                        plot.bar_chart(BarChart::new(*class, bars).color(class_color(class)));
-                    }
+                    class_bars(plot, &series, lo, w);
                     for x in [0.1, 0.4, 0.6, 0.9] {
                         if x >= lo && x <= hi {
                             plot.vline(VLine::new(format!("{x}"), x).style(egui_plot::LineStyle::dashed_loose()));
@@ -151,14 +153,7 @@ impl PlotsView {
                 let series = crossdiff::figures::class_histogram(&self.rows, field, lo, hi, 50);
                 let w = (hi - lo) / 50.0;
                 Plot::new(title).height(140.0).legend(Legend::default()).show(ui, |plot| {
-                    for (class, counts) in &series {
-                        let bars = counts
-                            .iter()
-                            .enumerate()
-                            .map(|(b, &c)| Bar::new(lo + (b as f64 + 0.5) * w, c as f64).width(w))
-                            .collect();
-                        plot.bar_chart(BarChart::new(*class, bars).color(class_color(class)));
-                    }
+                    class_bars(plot, &series, lo, w);
                 });
             }
             if let Ok(kl) = crossdiff::figures::read_kl(&PathBuf::from(&self.run_dir).join("kl.json")) {
