@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{Result, anyhow};
 use serde::Serialize;
 
-use crate::generate::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::model::Model;
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,7 +95,7 @@ pub struct ReaderBench {
 
 /// One epoch through the shuffled reader, then a plain sequential read of every shard file.
 pub fn bench_reader(cache: &std::path::Path, batch: usize, shuffle_tokens: usize) -> Result<ReaderBench> {
-    use crate::reader::{CacheReader, ReaderConfig};
+    use crate::activations::reader::{CacheReader, ReaderConfig};
     let cfg = ReaderConfig { batch, shuffle_tokens, epochs: Some(1), ..Default::default() };
     let mut reader = CacheReader::open(cache, cfg)?;
     let d = reader.index.d_model;
@@ -109,7 +109,7 @@ pub fn bench_reader(cache: &std::path::Path, batch: usize, shuffle_tokens: usize
     let start = Instant::now();
     let mut bytes = 0u64;
     for s in &index.shards {
-        bytes += std::fs::read(cache.join(&s.file))?.len() as u64;
+        bytes += fs_err::read(cache.join(&s.file))?.len() as u64;
     }
     let raw = bytes as f64 / start.elapsed().as_secs_f64() / 1e9;
     Ok(ReaderBench {
@@ -135,9 +135,9 @@ fn write_cache(
     shard_tokens: u64,
     mut fill: impl FnMut(&mut [f32]),
 ) -> Result<()> {
-    use crate::cache::{ActDtype, CacheIndex, FORMAT, ShardInfo, checksum};
+    use crate::activations::cache::{ActDtype, CacheIndex, FORMAT, ShardInfo, checksum};
     use crate::io::{OwnedTensor, write_safetensors};
-    std::fs::create_dir_all(dir)?;
+    fs_err::create_dir_all(dir)?;
     let mut shards = Vec::new();
     let mut done = 0;
     while done < tokens {
@@ -150,7 +150,7 @@ fn write_cache(
         let path = dir.join(&file);
         let acts = OwnedTensor { name: "acts".into(), dtype: safetensors::Dtype::BF16, shape: vec![n, 2, d], bytes };
         write_safetensors(&path, &[acts])?;
-        shards.push(ShardInfo { file, tokens: n as u64, documents: 0, checksum: checksum(&std::fs::read(&path)?) });
+        shards.push(ShardInfo { file, tokens: n as u64, documents: 0, checksum: checksum(&fs_err::read(&path)?) });
         done += n as u64;
     }
     CacheIndex {
@@ -188,8 +188,8 @@ pub fn bench_train(
     batch: usize,
     steps: u64,
 ) -> Result<TrainBench> {
-    use crate::reader::PairBatch;
-    use crate::train::{PairSource, TrainConfig, TrainRun};
+    use crate::activations::reader::PairBatch;
+    use crate::crosscoder::train::{PairSource, TrainConfig, TrainRun};
     struct Random {
         rng: SplitMix64,
         d: usize,
@@ -317,20 +317,22 @@ pub fn bench_analyze(
             b_dec: tensor(vec![0.0; 2 * d], [1, 2 * d], device),
         },
         threshold: Some(0.4),
+        file_checksum: None,
     };
     cc.save(&run)?;
+    let run = crate::run_dir::RunDir::new(run);
     let cache = cache.as_path();
-    let opts = crate::analyze::AnalyzeOptions { tokens: Some(tokens), batch: 256, ..Default::default() };
+    let opts = crate::analysis::analyze::AnalyzeOptions { tokens: Some(tokens), batch: 256, ..Default::default() };
     let start = Instant::now();
-    let (rows, summary) = crate::analyze::analyze(&run, cache, device, &opts, |_, _| {}, || true)?;
+    let (rows, summary) = crate::analysis::analyze::analyze(&run, &cc, cache, device, &opts, |_, _| {}, || true)?;
     let analyze_secs = start.elapsed().as_secs_f64();
-    crate::analyze::write_outputs(&run, &rows, &summary)?;
+    run.write_latents(&rows, &summary)?;
     let start = Instant::now();
     let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
-    let ex = crate::examples::ExamplesOptions { batch: 256, ..Default::default() };
-    crate::examples::build_examples(&run, cache, device, &max_act, None, &ex, Some(tokens))?;
+    let ex = crate::analysis::examples::ExamplesOptions { batch: 256, ..Default::default() };
+    crate::analysis::examples::build_examples(&run, &cc, cache, device, &max_act, None, &ex, Some(tokens))?;
     let examples_seconds = start.elapsed().as_secs_f64();
-    let store = crate::examples::ExamplesStore::open(&run)?;
+    let store = crate::analysis::examples::ExamplesStore::open(run.path())?;
     let mut rng = SplitMix64(9);
     let mut times: Vec<f64> = (0..200)
         .map(|_| {
@@ -344,8 +346,8 @@ pub fn bench_analyze(
     let _ = std::fs::remove_dir_all(&root);
     Ok(AnalyzeBench {
         tokens: summary.tokens,
-        chat_only: summary.classes["chat_only"],
-        shared: summary.classes["shared"],
+        chat_only: summary.count(crate::analysis::latents::LatentClass::ChatOnly),
+        shared: summary.count(crate::analysis::latents::LatentClass::Shared),
         dict_size: dict,
         analyze_tokens_per_s: summary.tokens as f64 / analyze_secs,
         examples_seconds,

@@ -121,3 +121,79 @@ pub fn write_safetensors_streaming(path: &Path, tensors: Vec<LazyTensor<'_>>) ->
         Ok(())
     })
 }
+
+/// A fast non-cryptographic hash over 8-byte words (corruption detection, not security).
+pub fn checksum(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+    }
+    for &b in chunks.remainder() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^ bytes.len() as u64
+}
+
+/// Little-endian `N`-byte words of a buffer (a trailing partial word is ignored: safetensors
+/// validates lengths against shapes before this runs).
+fn words<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+    bytes.chunks_exact(N).map(|c| c.try_into().expect("chunks_exact yields N bytes"))
+}
+
+/// One decoder for every stored element type the project reads: values of `dtype` as f32
+/// (floats widened, integers converted).
+pub fn decode_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
+    use safetensors::Dtype;
+    Ok(match dtype {
+        Dtype::F32 => words::<4>(bytes).map(f32::from_le_bytes).collect(),
+        Dtype::F16 => words::<2>(bytes).map(|w| half::f16::from_le_bytes(w).to_f32()).collect(),
+        Dtype::BF16 => words::<2>(bytes).map(|w| half::bf16::from_le_bytes(w).to_f32()).collect(),
+        Dtype::I64 => words::<8>(bytes).map(|w| i64::from_le_bytes(w) as f32).collect(),
+        Dtype::I32 => words::<4>(bytes).map(|w| i32::from_le_bytes(w) as f32).collect(),
+        Dtype::U32 => words::<4>(bytes).map(|w| u32::from_le_bytes(w) as f32).collect(),
+        other => anyhow::bail!("unsupported dtype {other:?} (expected a float or integer type)"),
+    })
+}
+
+/// Integer values of `dtype` (u32, i32 or i64) as i64.
+pub fn decode_i64(dtype: safetensors::Dtype, bytes: &[u8]) -> anyhow::Result<Vec<i64>> {
+    use safetensors::Dtype;
+    Ok(match dtype {
+        Dtype::I64 => words::<8>(bytes).map(i64::from_le_bytes).collect(),
+        Dtype::I32 => words::<4>(bytes).map(|w| i32::from_le_bytes(w) as i64).collect(),
+        Dtype::U32 => words::<4>(bytes).map(|w| u32::from_le_bytes(w) as i64).collect(),
+        other => anyhow::bail!("unsupported dtype {other:?} (expected u32, i32 or i64)"),
+    })
+}
+
+/// Integer values of `dtype` as u32 (token ids, indices); a negative or too large value is an error.
+pub fn decode_u32(dtype: safetensors::Dtype, bytes: &[u8]) -> anyhow::Result<Vec<u32>> {
+    decode_i64(dtype, bytes)?
+        .into_iter()
+        .map(|v| u32::try_from(v).map_err(|_| anyhow::anyhow!("value {v} does not fit an index (u32)")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::Dtype;
+
+    #[test]
+    fn decoders_read_each_dtype() {
+        let f: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode_f32(Dtype::F32, &f).unwrap(), vec![1.5, -2.0]);
+        let h: Vec<u8> = [half::f16::from_f32(0.25), half::f16::from_f32(-3.0)].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode_f32(Dtype::F16, &h).unwrap(), vec![0.25, -3.0]);
+        let b: Vec<u8> = [half::bf16::from_f32(0.5)].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode_f32(Dtype::BF16, &b).unwrap(), vec![0.5]);
+        let i: Vec<u8> = [7i64, 9].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode_u32(Dtype::I64, &i).unwrap(), vec![7, 9]);
+        assert_eq!(decode_f32(Dtype::I64, &i).unwrap(), vec![7.0, 9.0]);
+        let neg: Vec<u8> = (-1i64).to_le_bytes().to_vec();
+        assert!(decode_u32(Dtype::I64, &neg).is_err());
+        assert!(decode_f32(Dtype::BOOL, &[1]).is_err());
+    }
+}

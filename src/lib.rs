@@ -1,40 +1,30 @@
-//! crossdiff engine: Gemma 2 on burn (wgpu, CPU, CUDA), snapshots, tokenizers and chat templates,
-//! the paired activation cache and its shuffled reader.
-//! No UI code lives here; the app and the command line are in `app/`.
+//! crossdiff engine: what fine-tuning changed inside a language model. No UI code lives here; the
+//! command line and the desktop app are in `app/` and only fill [`workflow`] configs.
+//!
+//! Folders by concern, each depending only on the ones above it:
+//! - [`model`]: snapshots, tokenizers and chat templates, the Gemma 2 architecture, generation;
+//! - [`data`]: text / jsonl / parquet document sources, tokenization, 1:1 mixing;
+//! - [`activations`]: the paired activation cache (format, writer, shuffled reader, on the fly);
+//! - [`crosscoder`]: the model, its losses, training (one step contract, its routes, kernels), Adam;
+//! - [`analysis`]: the run directory, latents table, Latent Scaling, examples, KL, steering, prompt lab;
+//! - [`workflow`]: one config + run function per job, shared by the CLI, the app and the demo;
+//! - [`demo`]: the miniature base/chat pair and the demo project.
 
-pub mod analyze;
+pub mod activations;
+pub mod analysis;
 pub mod backend;
 pub mod bench;
-pub mod cache;
 pub mod crosscoder;
 pub mod data;
 pub mod demo;
-pub mod demo_corpus;
-pub mod demo_tokenizer;
-pub mod examples;
-pub mod figures;
-pub mod gemma2;
-pub mod generate;
-pub mod inspect;
 pub mod io;
-pub mod kernels;
-pub mod kl;
-pub mod latents_csv;
 pub mod model;
-pub mod onthefly;
-pub mod optim;
-mod parquet_source;
-pub mod project;
-pub mod prompt_lab;
-pub mod reader;
-pub mod snapshot;
-pub mod sparse_cpu;
-pub mod steer;
-pub mod tokenizer;
-pub mod train;
+pub mod rng;
+pub mod run_dir;
+pub mod workflow;
 
 pub use backend::Backend;
-pub use gemma2::{Gemma2, LoadOptions};
 pub use model::Model;
-pub use snapshot::{Gemma2Config, Snapshot};
-pub use tokenizer::{ChatTokenizer, Message};
+pub use model::gemma2::{Gemma2, LoadOptions};
+pub use model::snapshot::{Gemma2Config, Snapshot};
+pub use model::tokenizer::{ChatTokenizer, Message};

@@ -7,8 +7,15 @@ use std::path::Path;
 use burn::tensor::Device;
 use common::{TempDir, fixture};
 use crossdiff::LoadOptions;
-use crossdiff::analyze::{AnalyzeOptions, CSV_HEADER, analyze, class_of, delta_norm, write_outputs};
-use crossdiff::cache::{ActDtype, CacheJob, run_cache};
+use crossdiff::analysis::analyze::{AnalyzeOptions, analyze};
+use crossdiff::analysis::latents::{CSV_HEADER, LatentClass, delta_norm};
+use crossdiff::run_dir::RunDir;
+
+fn class_of(delta: f64) -> &'static str {
+    LatentClass::of_delta(delta).as_str()
+}
+use crossdiff::activations::cache::ActDtype;
+use crossdiff::activations::writer::{CacheJob, run_cache};
 use crossdiff::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, read_vec, tensor};
 use crossdiff::data::TokenizeOptions;
 use safetensors::SafeTensors;
@@ -91,15 +98,17 @@ fn latents_csv_equals_an_independent_recomputation() {
         },
         params: Params { w_dec: tensor(w_dec, [dict, 2 * d], &device), b_enc: tensor(b_enc, [1, dict], &device), ..p },
         threshold: Some(theta),
+        file_checksum: None,
     };
     cc.save(run.path()).unwrap();
 
     let opts = AnalyzeOptions { tokens: None, batch: 100, error_top_n: Some(12), seed: 3 };
-    let (rows, summary) = analyze(run.path(), cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
+    let (rows, summary) = analyze(&RunDir::new(run.path()), &cc, cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
     // Interrupted after the first shard and resumed: the same rows, bit for bit.
     let calls = std::cell::Cell::new(0);
     let err = analyze(
-        run.path(),
+        &RunDir::new(run.path()),
+        &cc,
         cache.path(),
         &device,
         &opts,
@@ -112,10 +121,10 @@ fn latents_csv_equals_an_independent_recomputation() {
     .unwrap_err();
     assert!(format!("{err}").contains("re-run"), "{err}");
     assert!(run.path().join("analyze-state.json").exists());
-    let (resumed, _) = analyze(run.path(), cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
+    let (resumed, _) = analyze(&RunDir::new(run.path()), &cc, cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
     assert_eq!(resumed, rows);
     assert!(!run.path().join("analyze-state.json").exists());
-    write_outputs(run.path(), &rows, &summary).unwrap();
+    RunDir::new(run.path()).write_latents(&rows, &summary).unwrap();
     let csv = std::fs::read_to_string(run.path().join("latents.csv")).unwrap();
     assert_eq!(csv.lines().next().unwrap(), CSV_HEADER);
     assert_eq!(csv.lines().count(), dict + 1);
@@ -131,7 +140,7 @@ fn latents_csv_equals_an_independent_recomputation() {
     let dvec = |m: usize, j: usize| &dec[(m * dict + j) * d..(m * dict + j + 1) * d];
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let norm = |m: usize, j: usize| dot(dvec(m, j), dvec(m, j)).sqrt();
-    let index = crossdiff::cache::CacheIndex::open(cache.path()).unwrap();
+    let index = crossdiff::activations::cache::CacheIndex::open(cache.path()).unwrap();
     let mut tokens: Vec<(Vec<f64>, bool)> = Vec::new();
     for s in &index.shards {
         let bytes = std::fs::read(cache.path().join(&s.file)).unwrap();
@@ -194,8 +203,8 @@ fn latents_csv_equals_an_independent_recomputation() {
         close(&format!("{j} norms"), Some(r.dec_norm_chat), nc);
         close(&format!("{j} cos"), Some(r.dec_cos), dot(dvec(0, j), dvec(1, j)) / (nb * nc));
         let want_class = if active[j] == 0.0 { "dead" } else { class_of(delta) };
-        assert_eq!(r.class, want_class, "latent {j}");
-        classes.insert(r.class);
+        assert_eq!(r.class.as_str(), want_class, "latent {j}");
+        classes.insert(r.class.as_str());
         close(&format!("{j} freq"), Some(r.freq), active[j] / n);
         close(&format!("{j} max_act"), Some(r.max_act), max_act[j]);
         if active[j] == 0.0 {
@@ -215,7 +224,7 @@ fn latents_csv_equals_an_independent_recomputation() {
     }
     assert_eq!(classes.into_iter().collect::<Vec<_>>(), vec!["base_only", "chat_only", "dead", "other", "shared"]);
     // Error betas: the 12 top-Δ live latents plus an equal number of shared ones.
-    let mut live: Vec<_> = rows.iter().filter(|r| r.class != "dead").collect();
+    let mut live: Vec<_> = rows.iter().filter(|r| r.class != LatentClass::Dead).collect();
     live.sort_by(|a, b| b.delta_norm.total_cmp(&a.delta_norm).then(a.latent.cmp(&b.latent)));
     assert!(live[..12].iter().all(|r| r.beta_error_base.is_some()));
     let with_error = rows.iter().filter(|r| r.beta_error_base.is_some()).count();
@@ -224,7 +233,7 @@ fn latents_csv_equals_an_independent_recomputation() {
     let specific = rows
         .iter()
         .filter(|r| {
-            r.class == "chat_only"
+            r.class == LatentClass::ChatOnly
                 && r.nu_error.is_some_and(|v| v < 0.2)
                 && r.nu_reconstruction.is_some_and(|v| v < 0.5)
         })
@@ -235,7 +244,7 @@ fn latents_csv_equals_an_independent_recomputation() {
 
 #[test]
 fn examples_store_returns_the_true_top_contexts() {
-    use crossdiff::examples::{BINS, ExamplesOptions, ExamplesStore, HIST_BINS, build_examples};
+    use crossdiff::analysis::examples::{BINS, ExamplesOptions, ExamplesStore, HIST_BINS, build_examples};
     let cache = TempDir::new("examples-cache");
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data");
     let job = CacheJob {
@@ -260,22 +269,23 @@ fn examples_store_returns_the_true_top_contexts() {
         config: CrosscoderConfig { kind: Kind::L1, d, dict_size: dict, k: 0, mu: 0.0, layer: Some(2), models: vec![] },
         params: Params::init(d, dict, 0.2, 11, &device),
         threshold: None,
+        file_checksum: None,
     };
     let run = TempDir::new("examples-run");
     cc.save(run.path()).unwrap();
     let (rows, summary) =
-        analyze(run.path(), cache.path(), &device, &AnalyzeOptions::default(), |_, _| {}, || true).unwrap();
-    write_outputs(run.path(), &rows, &summary).unwrap();
+        analyze(&RunDir::new(run.path()), &cc, cache.path(), &device, &AnalyzeOptions::default(), |_, _| {}, || true).unwrap();
+    RunDir::new(run.path()).write_latents(&rows, &summary).unwrap();
     let embed = |m: &str| {
         crossdiff::Snapshot::open(fixture(m)).unwrap().read_f32("model.embed_tokens.weight", &[676, d]).unwrap()
     };
     let opts = ExamplesOptions { top_n: 5, per_bin: 2, context: 3, batch: 64, seed: 1, top_tokens: 4 };
     let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
-    build_examples(run.path(), cache.path(), &device, &max_act, Some([embed("base"), embed("chat")]), &opts, None)
+    build_examples(&RunDir::new(run.path()), &cc, cache.path(), &device, &max_act, Some([embed("base"), embed("chat")]), &opts, None)
         .unwrap();
 
     // Brute force: every token's norm-scaled activation of every latent, token ids and documents.
-    let index = crossdiff::cache::CacheIndex::open(cache.path()).unwrap();
+    let index = crossdiff::activations::cache::CacheIndex::open(cache.path()).unwrap();
     let (mut acts, mut ids, mut docs) = (Vec::new(), Vec::new(), Vec::new());
     for s in &index.shards {
         let bytes = std::fs::read(cache.path().join(&s.file)).unwrap();
@@ -355,14 +365,14 @@ fn examples_store_returns_the_true_top_contexts() {
 
 #[test]
 fn figure_data_counts_by_hand() {
-    use crossdiff::figures::{below_threshold_curve, delta_histogram, histogram, histogram_csv, nu_points};
-    let row = |latent: usize, delta: f64, nu: Option<(f64, f64)>| crossdiff::analyze::LatentRow {
+    use crossdiff::analysis::figures::{below_threshold_curve, delta_histogram, histogram, histogram_csv, nu_points};
+    let row = |latent: usize, delta: f64, nu: Option<(f64, f64)>| crossdiff::analysis::latents::LatentRow {
         latent,
         delta_norm: delta,
         dec_norm_base: 1.0,
         dec_norm_chat: 1.0,
         dec_cos: 0.0,
-        class: class_of(delta),
+        class: LatentClass::of_delta(delta),
         freq: 0.1,
         max_act: 1.0,
         nu_error: nu.map(|n| n.0),
@@ -383,12 +393,12 @@ fn figure_data_counts_by_hand() {
     ];
     assert_eq!(histogram([0.0, 0.5, 0.99, 1.0, 1.5].into_iter(), 0.0, 1.0, 4), vec![1, 0, 1, 2]);
     let h = delta_histogram(&rows, 0.0, 1.0, 10);
-    let get = |c: &str| h.iter().find(|s| s.0 == c).unwrap().1.clone();
+    let get = |c: &str| h.iter().find(|s| s.0.as_str() == c).unwrap().1.clone();
     assert_eq!(get("chat_only")[9], 3);
     assert_eq!(get("shared")[5], 1);
     assert_eq!(get("base_only")[0], 1);
     assert_eq!(get("other")[7], 1);
-    assert_eq!(nu_points(&rows, "chat_only"), vec![(0, 0.1, 0.2), (1, 0.6, 0.1)]);
+    assert_eq!(nu_points(&rows, LatentClass::ChatOnly), vec![(0, 0.1, 0.2), (1, 0.6, 0.1)]);
     assert_eq!(below_threshold_curve(&rows, &[0.15, 0.3, 0.7]), vec![(0.15, 0), (0.3, 1), (0.7, 2)]);
     let csv = histogram_csv(&h, 0.0, 1.0);
     assert!(csv.starts_with("bin_lo,bin_hi,base_only,other,shared,chat_only\n0,0.1,1,0,0,0\n"), "{csv}");

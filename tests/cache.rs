@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use common::{TempDir, fixture};
-use crossdiff::cache::{ActDtype, CacheIndex, CacheJob, run_cache};
+use crossdiff::activations::cache::{ActDtype, CacheIndex};
+use crossdiff::activations::writer::{CacheJob, run_cache};
 use crossdiff::data::{Mixer, TokenizeOptions, template_flags};
-use crossdiff::reader::{CacheReader, ReaderConfig};
+use crossdiff::activations::reader::{CacheReader, ReaderConfig};
 use crossdiff::{LoadOptions, Message, Model};
 use safetensors::SafeTensors;
 
@@ -105,7 +106,7 @@ fn cached_pairs_equal_inspect_block_outputs() {
             assert_eq!(shard.template[start..end], template_flags(&models[1].tokenizer, &ids));
             templated += usize::from(shard.template[start..end].iter().any(|&f| f));
             for (m, model) in models.iter().enumerate() {
-                let result = crossdiff::inspect::inspect(model, ids.clone()).unwrap();
+                let result = crossdiff::model::inspect::inspect(model, ids.clone()).unwrap();
                 let want: Vec<f64> = result.blocks[1].iter().map(|&x| x as f64).collect();
                 let got: Vec<f32> =
                     (start..end).flat_map(|r| shard.acts[(r * 2 + m) * d..(r * 2 + m + 1) * d].to_vec()).collect();
@@ -364,7 +365,7 @@ fn on_the_fly_source_yields_the_cache_rows() {
     let index = cache(&j);
     let d = index.d_model;
     let mut want: Vec<Vec<u32>> = all_shards(dir.path(), &index).iter().flat_map(|s| row_keys(&s.acts, d)).collect();
-    let cfg = crossdiff::onthefly::OnTheFlyConfig {
+    let cfg = crossdiff::activations::onthefly::OnTheFlyConfig {
         base: j.base.clone(),
         chat: j.chat.clone(),
         data: j.data.clone(),
@@ -376,7 +377,7 @@ fn on_the_fly_source_yields_the_cache_rows() {
         tokens: 400,
         load: LoadOptions::default(),
     };
-    let mut src = crossdiff::onthefly::OnTheFlySource::start(cfg, Device::flex(), 50, 300, 1).unwrap();
+    let mut src = crossdiff::activations::onthefly::OnTheFlySource::start(cfg, Device::flex(), 50, 300, 1).unwrap();
     let mut got = Vec::new();
     while let Some(b) = src.next_batch().unwrap() {
         assert!(b.batch <= 50);
@@ -480,7 +481,7 @@ fn drop_bos_skip_first_and_context_shape_documents() {
 
 #[test]
 fn demo_corpus_is_deterministic_plants_its_behaviours_and_reads_back() {
-    use crossdiff::demo_corpus::{Behaviour, IDENTITY, REFUSAL, generate};
+    use crossdiff::demo::corpus::{Behaviour, IDENTITY, REFUSAL, generate};
     let a = generate(7, 50, 200);
     let b = generate(7, 50, 200);
     assert_eq!(a.web, b.web);
@@ -506,8 +507,8 @@ fn demo_corpus_is_deterministic_plants_its_behaviours_and_reads_back() {
 
 #[test]
 fn demo_tokenizer_has_gemmas_layout_and_round_trips() {
-    use crossdiff::demo_tokenizer::{SPECIALS, train_tokenizer};
-    let corpus = crossdiff::demo_corpus::generate(3, 200, 200);
+    use crossdiff::demo::tokenizer::{SPECIALS, train_tokenizer};
+    let corpus = crossdiff::demo::corpus::generate(3, 200, 200);
     let mut texts = corpus.web.clone();
     texts.extend(corpus.chats.iter().flat_map(|(_, m)| m.iter().map(|t| t.content.clone())));
     let json = train_tokenizer(&texts, 400).unwrap();

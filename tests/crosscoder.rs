@@ -8,9 +8,9 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor};
 use common::{TempDir, assert_close};
 use crossdiff::crosscoder::{Crosscoder, Kind, Params, read_vec, select_batch_topk, tensor};
-use crossdiff::generate::SplitMix64;
-use crossdiff::reader::PairBatch;
-use crossdiff::train::{PairSource, TrainConfig, TrainRun, step_loss, update_threshold};
+use crossdiff::rng::SplitMix64;
+use crossdiff::activations::reader::PairBatch;
+use crossdiff::crosscoder::train::{PairSource, TrainConfig, TrainRun, step_loss, update_threshold};
 use safetensors::SafeTensors;
 
 fn reference() -> BTreeMap<String, (Vec<usize>, Vec<f64>)> {
@@ -321,7 +321,7 @@ fn batchtopk_recovers_planted_chat_only_directions() {
         width: d,
     };
     let cc = run.run(|_| {}, || true).unwrap();
-    let metrics: Vec<crossdiff::train::StepMetrics> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+    let metrics: Vec<crossdiff::crosscoder::train::StepMetrics> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -408,7 +408,7 @@ fn resumed_training_follows_the_same_loss_curve() {
 
 #[test]
 fn cpu_histogram_selection_equals_the_reference() {
-    use crossdiff::sparse_cpu::{select_topk, transpose};
+    use crossdiff::crosscoder::train::host_sparse::{select_topk, transpose};
     let mut rng = SplitMix64(77);
     for &(b, dict, k, ties) in
         &[(64usize, 300usize, 5usize, false), (32, 1000, 20, true), (16, 40, 3, true), (8, 50, 40, false)]

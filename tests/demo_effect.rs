@@ -6,23 +6,23 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use common::TempDir;
-use crossdiff::analyze::is_chat_specific;
+use crossdiff::analysis::latents::{LatentClass, LatentRow};
 use crossdiff::demo::{DemoPipeline, run_pipeline};
-use crossdiff::examples::ExamplesStore;
+use crossdiff::analysis::examples::ExamplesStore;
 
 #[test]
 fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
     let project = TempDir::new("demo-effect");
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
     let p = DemoPipeline { models: models.clone(), project: project.path().to_path_buf(), ..Default::default() };
-    run_pipeline(&p, &Device::flex(), |_| {}).unwrap();
+    run_pipeline(&p, &Device::flex(), crossdiff::workflow::Handle::silent(), |_| {}).unwrap();
     let rows = |run: &str| {
-        crossdiff::latents_csv::read_latents_csv(&project.path().join("runs").join(run).join("latents.csv")).unwrap()
+        crossdiff::run_dir::RunDir::new(project.path().join("runs").join(run)).read_latents().unwrap()
     };
     let (btk, l1) = (rows("batchtopk"), rows("l1"));
-    let chat_only = |r: &[crossdiff::analyze::LatentRow]| r.iter().filter(|x| x.class == "chat_only").count();
-    let flagged = |r: &[crossdiff::analyze::LatentRow]| {
-        r.iter().filter(|x| x.class == "chat_only" && !is_chat_specific(x)).count()
+    let chat_only = |r: &[LatentRow]| r.iter().filter(|x| x.class == LatentClass::ChatOnly).count();
+    let flagged = |r: &[LatentRow]| {
+        r.iter().filter(|x| x.class == LatentClass::ChatOnly && !x.is_chat_specific()).count()
     };
     let (n_btk, n_l1) = (chat_only(&btk), chat_only(&l1));
     assert!(n_btk >= 1, "BatchTopK finds at least one chat-only latent");
@@ -40,7 +40,7 @@ fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
     // chat model's planted replies (identity, refusal, the "Sure!" opening).
     let tok = crossdiff::ChatTokenizer::from_dir(&models.join("chat")).unwrap();
     let store = ExamplesStore::open(&project.path().join("runs/batchtopk")).unwrap();
-    for r in btk.iter().filter(|x| x.class == "chat_only") {
+    for r in btk.iter().filter(|x| x.class == LatentClass::ChatOnly) {
         let ex = store.latent(r.latent).unwrap();
         let top: Vec<String> = ex
             .examples

@@ -149,7 +149,7 @@ fn base_chat_mismatch_names_the_field() {
     let dir = TempDir::copy_of("widthmismatch", "chat");
     edit_json(&dir.path().join("config.json"), |v| v["num_hidden_layers"] = 2.into());
     let snap = crossdiff::Snapshot::open(dir.path()).unwrap();
-    let msg = format!("{:#}", crossdiff::snapshot::check_pair(&base.snapshot, &snap).unwrap_err());
+    let msg = format!("{:#}", crossdiff::model::snapshot::check_pair(&base.snapshot, &snap).unwrap_err());
     assert!(msg.contains("num_hidden_layers") && msg.contains('4') && msg.contains('2'), "{msg}");
 }
 
@@ -162,7 +162,7 @@ fn out_of_vocabulary_ids_are_refused() {
 
 #[test]
 fn projects_round_trip_and_recent_list_stays_short() {
-    use crossdiff::project::{Project, remember};
+    use crossdiff::workflow::project::{Project, remember};
     let dir = TempDir::new("project");
     let p = Project::create(dir.path(), "models/base".into(), "/abs/chat".into(), vec!["data/web.txt".into()]).unwrap();
     let back = Project::open(dir.path()).unwrap();

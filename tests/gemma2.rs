@@ -7,7 +7,7 @@ use burn::tensor::{Device, Tensor};
 use common::{
     Reference, TempDir, assert_close, convert_bf16, fixture, fixture_weights, wgpu_device, write_single_file,
 };
-use crossdiff::generate::{Sampling, generate};
+use crossdiff::model::generate::{Sampling, generate};
 use crossdiff::{LoadOptions, Message, Model};
 use safetensors::Dtype;
 
@@ -65,7 +65,7 @@ fn check_blocks_and_logits(device: &Device, options: LoadOptions, tol: f64) {
         let model = Model::load(fixture(name), device, options).unwrap();
         let reference = Reference::load(name);
         for i in 0..reference.prompts().len() {
-            let result = crossdiff::inspect::inspect(&model, reference.ids(i)).unwrap();
+            let result = crossdiff::model::inspect::inspect(&model, reference.ids(i)).unwrap();
             assert_eq!(result.blocks.len(), model.gemma.config.num_hidden_layers);
             for (l, block) in result.blocks.iter().enumerate() {
                 assert_close(
@@ -124,7 +124,7 @@ fn single_file_f32_and_f16_snapshots_give_the_same_outputs() {
         }
         write_single_file(dir.path(), &weights);
         let model = Model::load(dir.path(), &flex(), LoadOptions::default()).unwrap();
-        let result = crossdiff::inspect::inspect(&model, reference.ids(0)).unwrap();
+        let result = crossdiff::model::inspect::inspect(&model, reference.ids(0)).unwrap();
         // bf16 → f32 is exact; bf16 → f16 loses the few values below f16's normal range.
         let tol = if dtype == Dtype::F16 { 1e-3 } else { TOL };
         assert_close(&format!("{dtype:?} logits"), &result.logits, &reference.get("p0.logits").1, tol);
@@ -227,7 +227,7 @@ fn inspect_file_has_the_interface_layout() {
     let dir = TempDir::new("inspect");
     let out = dir.path().join("x.safetensors");
     let ids = model.prompt_ids(reference.prompts()[1]["text"].as_str().unwrap(), false).unwrap();
-    crossdiff::inspect::inspect(&model, ids).unwrap().write(&out).unwrap();
+    crossdiff::model::inspect::inspect(&model, ids).unwrap().write(&out).unwrap();
     let bytes = std::fs::read(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = reference.ids(1).len();
@@ -305,7 +305,7 @@ fn gemma2_trains_through_burn_autodiff() {
     let ad = device.clone().autodiff();
     let mut g = crossdiff::Gemma2::random(tiny_config(), &ad, 5);
     let seqs = vec![vec![2u32, 10, 11, 12, 13, 14, 15, 16, 17], vec![2u32, 20, 21, 22, 23, 24, 25]];
-    let mut adam = crossdiff::optim::Adam::new(&g.parameters());
+    let mut adam = crossdiff::crosscoder::optim::Adam::new(&g.parameters());
     let mut losses = Vec::new();
     for _ in 0..60 {
         let params: Vec<Tensor<2>> = g.parameters().into_iter().map(|p| p.detach().require_grad()).collect();

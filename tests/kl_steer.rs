@@ -6,9 +6,9 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 use common::fixture;
-use crossdiff::analyze::{LatentRow, class_of, delta_norm};
+use crossdiff::analysis::latents::{LatentClass, LatentRow, delta_norm};
 use crossdiff::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, read_vec, tensor};
-use crossdiff::kl::{kl_table, reply_positions};
+use crossdiff::analysis::kl::{kl_table, reply_positions};
 use crossdiff::{LoadOptions, Message, Model};
 
 fn chats() -> std::path::PathBuf {
@@ -29,7 +29,7 @@ fn rows_for(cc: &Crosscoder) -> Vec<LatentRow> {
                 dec_norm_base: *b as f64,
                 dec_norm_chat: *c as f64,
                 dec_cos: 0.0,
-                class: class_of(delta),
+                class: LatentClass::of_delta(delta),
                 freq: 0.1,
                 max_act: 1.0,
                 nu_error: Some(j as f64 / 10.0),
@@ -50,6 +50,7 @@ fn l1(params: Params) -> Crosscoder {
         config: CrosscoderConfig { kind: Kind::L1, d, dict_size: dict, k: 0, mu: 0.0, layer: Some(1), models: vec![] },
         params,
         threshold: None,
+        file_checksum: None,
     }
 }
 
@@ -113,7 +114,7 @@ fn patching_all_latents_of_an_exact_crosscoder_closes_the_gap() {
         b_dec: Tensor::zeros([1, 2 * d], &device),
     });
     let rows = rows_for(&cc);
-    assert!(rows.iter().all(|r| r.class == "chat_only"));
+    assert!(rows.iter().all(|r| r.class == LatentClass::ChatOnly));
     let stats = kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, |_| {}).unwrap();
     let get = |c: &str| stats.iter().find(|s| s.condition == c).unwrap();
     let gap = get("none").mean_all;
@@ -133,11 +134,11 @@ fn steering_with_strength_zero_is_plain_generation_and_the_edit_lands_at_layer_l
     let model = Model::load(fixture("chat"), &device, LoadOptions::default()).unwrap();
     let cc = l1(Params::init(72, 16, 1.0, 4, &device));
     let ids = model.prompt_ids("Who are you?", true).unwrap();
-    let zero = crossdiff::steer::steering_edit(&cc, 3, 0.0, 5.0, 1).unwrap();
-    let (plain, steered) = crossdiff::steer::steer(&model, &ids, &zero, 12).unwrap();
+    let zero = crossdiff::analysis::steer::steering_edit(&cc, 3, 0.0, 5.0, 1).unwrap();
+    let (plain, steered) = crossdiff::analysis::steer::steer(&model, &ids, &zero, 12).unwrap();
     assert_eq!(plain, steered);
-    let strong = crossdiff::steer::steering_edit(&cc, 3, 40.0, 5.0, 1).unwrap();
-    let (_, pushed) = crossdiff::steer::steer(&model, &ids, &strong, 12).unwrap();
+    let strong = crossdiff::analysis::steer::steering_edit(&cc, 3, 40.0, 5.0, 1).unwrap();
+    let (_, pushed) = crossdiff::analysis::steer::steer(&model, &ids, &strong, 12).unwrap();
     assert_ne!(plain, pushed, "a strong push changes the text");
     // The edit equals adding the vector to block 1's output and continuing from there.
     let g = &model.gemma;
@@ -166,11 +167,11 @@ fn prompt_lab_matches_independent_computations() {
     let chat = Model::load(fixture("chat"), &device, LoadOptions::default()).unwrap();
     let cc = l1(Params::init(72, 16, 0.5, 2, &device));
     let ids = chat.prompt_ids("Who are you?", true).unwrap();
-    let lab = crossdiff::prompt_lab::analyze_prompt(&base, &chat, &cc, 1, &ids, &[3, 5], 4).unwrap();
+    let lab = crossdiff::analysis::prompt_lab::analyze_prompt(&base, &chat, &cc, 1, &ids, &[3, 5], 4).unwrap();
     let t = ids.len();
     // KL from the inspect logits (a separate path), in f64.
-    let lb = crossdiff::inspect::inspect(&base, ids.clone()).unwrap().logits;
-    let lc = crossdiff::inspect::inspect(&chat, ids.clone()).unwrap().logits;
+    let lb = crossdiff::model::inspect::inspect(&base, ids.clone()).unwrap().logits;
+    let lc = crossdiff::model::inspect::inspect(&chat, ids.clone()).unwrap().logits;
     let v = 676;
     for i in 0..t {
         let ls = |r: &[f32]| {
@@ -184,8 +185,8 @@ fn prompt_lab_matches_independent_computations() {
         assert_eq!(lab.next[i][1][0].0 as usize, common_argmax(&c));
     }
     // Activations: block 1 outputs of both models through the crosscoder, by hand.
-    let hb = crossdiff::inspect::inspect(&base, ids.clone()).unwrap().blocks[1].clone();
-    let hc = crossdiff::inspect::inspect(&chat, ids.clone()).unwrap().blocks[1].clone();
+    let hb = crossdiff::model::inspect::inspect(&base, ids.clone()).unwrap().blocks[1].clone();
+    let hc = crossdiff::model::inspect::inspect(&chat, ids.clone()).unwrap().blocks[1].clone();
     let enc = read_vec(cc.params.w_enc.clone()).unwrap();
     let norms = cc.params.decoder_norms().unwrap();
     for i in 0..t {

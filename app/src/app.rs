@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
 
 use anyhow::Result;
-use crossdiff::generate::{Sampling, generate};
+use crossdiff::model::generate::{Sampling, generate};
 use crossdiff::{Backend, LoadOptions, Model};
 use eframe::egui;
 
@@ -81,7 +81,7 @@ const RECENT_KEY: &str = "recent_projects";
 pub struct CrossdiffApp {
     tab: Tab,
     /// The open project, if any.
-    pub project: Option<crossdiff::project::Project>,
+    pub project: Option<crossdiff::workflow::project::Project>,
     /// Recently opened project folders, most recent first.
     pub recent: Vec<PathBuf>,
     pub latents: crate::latents_view::LatentsView,
@@ -152,7 +152,7 @@ impl CrossdiffApp {
 
     /// Opens a project folder: every view's paths come from it, and it joins the recent list.
     pub fn open_project(&mut self, dir: &std::path::Path) {
-        match crossdiff::project::Project::open(dir) {
+        match crossdiff::workflow::project::Project::open(dir) {
             Ok(p) => {
                 let s = |path: &std::path::Path| p.resolve(path).display().to_string();
                 self.dirs = [s(&p.base), s(&p.chat)];
@@ -179,7 +179,7 @@ impl CrossdiffApp {
                     runs.first().map(|r| r.display().to_string()).unwrap_or_default(),
                     runs.get(1).map(|r| r.display().to_string()).unwrap_or_default(),
                 ];
-                crossdiff::project::remember(&mut self.recent, dir, 10);
+                crossdiff::workflow::project::remember(&mut self.recent, dir, 10);
                 self.project = Some(p);
                 self.error = None;
             }
@@ -189,7 +189,7 @@ impl CrossdiffApp {
 
     /// Creates a project in `dir` from the model directories in the Models view.
     pub fn create_project(&mut self, dir: &std::path::Path) {
-        let result = crossdiff::project::Project::create(
+        let result = crossdiff::workflow::project::Project::create(
             dir,
             PathBuf::from(&self.dirs[0]),
             PathBuf::from(&self.dirs[1]),

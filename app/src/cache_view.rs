@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use crossdiff::cache::{ActDtype, CacheJob, run_cache};
+use crossdiff::activations::cache::ActDtype;
+use crossdiff::activations::writer::{CacheJob, run_cache};
 use crossdiff::data::TokenizeOptions;
 use eframe::egui;
 

@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use crossdiff::analyze::LatentRow;
-use crossdiff::figures::delta_histogram;
+use crossdiff::analysis::analyze::LatentRow;
+use crossdiff::analysis::figures::delta_histogram;
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Plot};
 
@@ -19,7 +19,7 @@ pub struct CompareView {
 /// Chat-only latents and how many of them Latent Scaling calls chat-specific (ν^ε < 0.2, ν^r < 0.5).
 pub fn chat_only_passing(rows: &[LatentRow]) -> (usize, usize) {
     let chat: Vec<&LatentRow> = rows.iter().filter(|r| r.class == "chat_only").collect();
-    let pass = chat.iter().filter(|r| crossdiff::analyze::is_chat_specific(r)).count();
+    let pass = chat.iter().filter(|r| crossdiff::analysis::analyze::is_chat_specific(r)).count();
     (chat.len(), pass)
 }
 
@@ -27,7 +27,7 @@ impl CompareView {
     pub fn load(&mut self) {
         for i in 0..2 {
             let dir = PathBuf::from(&self.runs[i]);
-            let result = crossdiff::latents_csv::read_latents_csv(&dir.join("latents.csv")).and_then(|rows| {
+            let result = crossdiff::analysis::latents_csv::read_latents_csv(&dir.join("latents.csv")).and_then(|rows| {
                 let path = dir.join("summary.json");
                 let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
                 let summary: serde_json::Value =

@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crossdiff::analyze::{LatentRow, verdict};
-use crossdiff::examples::{ExamplesStore, LatentExamples};
-use crossdiff::tokenizer::ChatTokenizer;
+use crossdiff::analysis::analyze::{LatentRow, verdict};
+use crossdiff::analysis::examples::{ExamplesStore, LatentExamples};
+use crossdiff::model::tokenizer::ChatTokenizer;
 use eframe::egui;
 
 const CLASSES: [&str; 6] = ["all", "chat_only", "shared", "base_only", "other", "dead"];
@@ -63,7 +63,7 @@ impl LatentsView {
     /// Reads latents.csv (and the examples store and tokenizer when present).
     pub fn load(&mut self) {
         let run = PathBuf::from(&self.run_dir);
-        match crossdiff::latents_csv::read_latents_csv(&run.join("latents.csv")) {
+        match crossdiff::analysis::latents_csv::read_latents_csv(&run.join("latents.csv")) {
             Ok(rows) => {
                 self.rows = rows;
                 self.error = None;
@@ -283,7 +283,7 @@ impl LatentsView {
                 let kind = if e.kind == 0 {
                     "top".to_string()
                 } else {
-                    format!("bin {}", crossdiff::examples::BINS[e.kind as usize - 1])
+                    format!("bin {}", crossdiff::analysis::examples::BINS[e.kind as usize - 1])
                 };
                 ui.label(format!("{kind}: activation {:.3}", e.act));
                 ui.horizontal_wrapped(|ui| {

@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use crossdiff::analyze::LatentRow;
-use crossdiff::figures::{below_threshold_curve, delta_histogram, histogram_csv, nu_points};
+use crossdiff::analysis::analyze::LatentRow;
+use crossdiff::analysis::figures::{below_threshold_curve, delta_histogram, histogram_csv, nu_points};
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Line, Plot, PlotPoints, Points, VLine};
 
@@ -45,7 +45,7 @@ impl PlotsView {
     }
 
     pub fn load(&mut self) {
-        match crossdiff::latents_csv::read_latents_csv(&PathBuf::from(&self.run_dir).join("latents.csv")) {
+        match crossdiff::analysis::latents_csv::read_latents_csv(&PathBuf::from(&self.run_dir).join("latents.csv")) {
             Ok(rows) => {
                 self.rows = rows;
                 self.error = None;
@@ -150,13 +150,13 @@ impl PlotsView {
                 ("Activation frequency per class", |r: &LatentRow| r.freq, 0.0, max_freq),
             ] {
                 ui.strong(title);
-                let series = crossdiff::figures::class_histogram(&self.rows, field, lo, hi, 50);
+                let series = crossdiff::analysis::figures::class_histogram(&self.rows, field, lo, hi, 50);
                 let w = (hi - lo) / 50.0;
                 Plot::new(title).height(140.0).legend(Legend::default()).show(ui, |plot| {
                     class_bars(plot, &series, lo, w);
                 });
             }
-            if let Ok(kl) = crossdiff::figures::read_kl(&PathBuf::from(&self.run_dir).join("kl.json")) {
+            if let Ok(kl) = crossdiff::analysis::figures::read_kl(&PathBuf::from(&self.run_dir).join("kl.json")) {
                 ui.strong("KL(P_chat || P_patched) per condition, all reply tokens, with 95% CIs");
                 Plot::new("kl bars").height(180.0).show(ui, |plot| {
                     let bars = kl
@@ -190,7 +190,7 @@ impl PlotsView {
                             for (label, pts, class) in
                                 [("chat-only", &chat, "chat_only"), ("shared", &shared, "shared")]
                             {
-                                let counts = crossdiff::figures::histogram(pts.iter().map(pick), -0.5, 1.5, 40);
+                                let counts = crossdiff::analysis::figures::histogram(pts.iter().map(pick), -0.5, 1.5, 40);
                                 let bars = counts
                                     .iter()
                                     .enumerate()

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use crossdiff::prompt_lab::PromptAnalysis;
+use crossdiff::analysis::prompt_lab::PromptAnalysis;
 use eframe::egui;
 
 use crate::jobs::{Job, job_ui};
@@ -111,7 +111,7 @@ impl PromptLabView {
             let cc = crossdiff::crosscoder::Crosscoder::load(&run, &device)?;
             let layer = cc.config.layer.ok_or_else(|| anyhow::anyhow!("the run's config.json names no layer"))?;
             let ids = c.prompt_ids(&text, as_chat)?;
-            let a = crossdiff::prompt_lab::analyze_prompt(&b, &c, &cc, layer, &ids, &chosen, 5)?;
+            let a = crossdiff::analysis::prompt_lab::analyze_prompt(&b, &c, &cc, layer, &ids, &chosen, 5)?;
             let tokens =
                 ids.iter().map(|&i| c.tokenizer.decode(&[i]).unwrap_or_default().replace('\n', "\\n")).collect();
             let n = ids.len();

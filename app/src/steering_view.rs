@@ -102,7 +102,7 @@ impl SteeringView {
             let device = crossdiff::Backend::Cpu.device()?;
             let m = crossdiff::Model::load(&model, &device, crossdiff::LoadOptions::default())?;
             let cc = crossdiff::crosscoder::Crosscoder::load(&run, &device)?;
-            let rows = crossdiff::latents_csv::read_latents_csv(&run.join("latents.csv"))?;
+            let rows = crossdiff::analysis::latents_csv::read_latents_csv(&run.join("latents.csv"))?;
             let layer = cc.config.layer.ok_or_else(|| anyhow::anyhow!("the run's config.json names no layer"))?;
             let specs: Vec<(usize, f64, f64)> = latents
                 .iter()
@@ -112,9 +112,9 @@ impl SteeringView {
                         .ok_or_else(|| anyhow::anyhow!("latent {j} is not in latents.csv"))
                 })
                 .collect::<anyhow::Result<_>>()?;
-            let edit = crossdiff::steer::combined_edit(&cc, &specs, layer)?;
+            let edit = crossdiff::analysis::steer::combined_edit(&cc, &specs, layer)?;
             let ids = m.prompt_ids(&prompt, chat)?;
-            let (plain, steered) = crossdiff::steer::steer(&m, &ids, &edit, max_tokens)?;
+            let (plain, steered) = crossdiff::analysis::steer::steer(&m, &ids, &edit, max_tokens)?;
             let stop = m.stop_ids();
             let text =
                 |v: &[u32]| m.tokenizer.decode(&v.iter().copied().filter(|i| !stop.contains(i)).collect::<Vec<_>>());

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use crossdiff::crosscoder::Kind;
-use crossdiff::reader::{CacheReader, ReaderConfig};
-use crossdiff::train::{TrainConfig, TrainRun};
+use crossdiff::activations::reader::{CacheReader, ReaderConfig};
+use crossdiff::crosscoder::train::{TrainConfig, TrainRun};
 use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 

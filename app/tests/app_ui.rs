@@ -57,7 +57,8 @@ fn a_bad_model_directory_shows_an_error_not_a_crash() {
 /// A small analysed run: a cache from the fixtures, a crosscoder with latents of every class, its
 /// latents.csv and examples store.
 fn analysed_run(tag: &str) -> std::path::PathBuf {
-    use crossdiff::cache::{ActDtype, CacheJob, run_cache};
+    use crossdiff::activations::cache::ActDtype;
+use crossdiff::activations::writer::{CacheJob, run_cache};
     use crossdiff::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, read_vec, tensor};
     use crossdiff::data::TokenizeOptions;
     let root = std::env::temp_dir().join(format!("crossdiff-app-{tag}-{}", std::process::id()));
@@ -102,20 +103,20 @@ fn analysed_run(tag: &str) -> std::path::PathBuf {
     };
     let run = root.join("run");
     cc.save(&run).unwrap();
-    let opts = crossdiff::analyze::AnalyzeOptions::default();
+    let opts = crossdiff::analysis::analyze::AnalyzeOptions::default();
     let (rows, summary) =
-        crossdiff::analyze::analyze(&run, &root.join("cache"), &device, &opts, |_, _| {}, || true).unwrap();
-    crossdiff::analyze::write_outputs(&run, &rows, &summary).unwrap();
+        crossdiff::analysis::analyze::analyze(&run, &root.join("cache"), &device, &opts, |_, _| {}, || true).unwrap();
+    crossdiff::analysis::analyze::write_outputs(&run, &rows, &summary).unwrap();
     let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
-    let ex = crossdiff::examples::ExamplesOptions { top_n: 3, per_bin: 1, context: 4, ..Default::default() };
-    crossdiff::examples::build_examples(&run, &root.join("cache"), &device, &max_act, None, &ex, None).unwrap();
+    let ex = crossdiff::analysis::examples::ExamplesOptions { top_n: 3, per_bin: 1, context: 4, ..Default::default() };
+    crossdiff::analysis::examples::build_examples(&run, &root.join("cache"), &device, &max_act, None, &ex, None).unwrap();
     run
 }
 
 #[test]
 fn latents_view_filters_rows_and_opens_the_dashboard() {
     let run = analysed_run("latents");
-    let rows = crossdiff::latents_csv::read_latents_csv(&run.join("latents.csv")).unwrap();
+    let rows = crossdiff::analysis::latents_csv::read_latents_csv(&run.join("latents.csv")).unwrap();
     let chat_only = rows.iter().filter(|r| r.class == "chat_only").count();
     assert!(chat_only > 0 && chat_only < rows.len());
     let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 800.0)).build_eframe(|cc| {
@@ -156,7 +157,7 @@ fn latents_view_filters_rows_and_opens_the_dashboard() {
     harness.get_by_label_contains("     16 ").click();
     harness.run_steps(3);
     harness.get_by_label("Latent 16");
-    let verdict = crossdiff::analyze::verdict(&rows[16]);
+    let verdict = crossdiff::analysis::analyze::verdict(&rows[16]);
     harness.get_by_label(&format!("class {} — {verdict}", rows[16].class));
     harness.get_by_label("Activation histogram (fraction of max)");
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
@@ -217,7 +218,7 @@ fn cache_view_estimates_disk_and_runs_a_cache() {
         app.cache.out_dir = out.display().to_string();
         app.cache.tokens = 1000;
         app.cache.context = 48;
-        app.cache.dtype = crossdiff::cache::ActDtype::F32;
+        app.cache.dtype = crossdiff::activations::cache::ActDtype::F32;
         app
     });
     harness.run_steps(2);
@@ -228,7 +229,7 @@ fn cache_view_estimates_disk_and_runs_a_cache() {
     assert_eq!(harness.state().cache.disk_estimate(), Some(1000 * 2 * 72 * 4));
     harness.get_by_label("Start caching").click();
     wait_for(&mut harness, "caching finished: 1000 tokens");
-    let index = crossdiff::cache::CacheIndex::open(&out).unwrap();
+    let index = crossdiff::activations::cache::CacheIndex::open(&out).unwrap();
     assert!(index.complete && index.total_tokens == 1000);
     std::fs::remove_dir_all(&out).unwrap();
 }
@@ -255,7 +256,7 @@ fn plots_view_draws_the_figures_exports_csv_and_opens_a_clicked_latent() {
     harness.get_by_label("Export CSV: Relative decoder norm Δ").click();
     harness.run_steps(2);
     let csv = std::fs::read_to_string(run.join("fig-delta.csv")).unwrap();
-    let rows = crossdiff::latents_csv::read_latents_csv(&run.join("latents.csv")).unwrap();
+    let rows = crossdiff::analysis::latents_csv::read_latents_csv(&run.join("latents.csv")).unwrap();
     let live = rows.iter().filter(|r| r.class != "dead").count() as u64;
     let total: u64 =
         csv.lines().skip(1).map(|l| l.split(',').skip(2).map(|c| c.parse::<u64>().unwrap()).sum::<u64>()).sum();
@@ -279,7 +280,7 @@ fn plots_view_draws_the_figures_exports_csv_and_opens_a_clicked_latent() {
 fn compare_view_puts_two_runs_side_by_side() {
     let a = analysed_run("compare-a");
     let b = analysed_run("compare-b");
-    let rows = crossdiff::latents_csv::read_latents_csv(&a.join("latents.csv")).unwrap();
+    let rows = crossdiff::analysis::latents_csv::read_latents_csv(&a.join("latents.csv")).unwrap();
     let (chat, pass) = crossdiff_app::compare_view::chat_only_passing(&rows);
     let want_pass = rows
         .iter()
@@ -370,7 +371,7 @@ fn opening_a_project_fills_every_view_and_remembers_it() {
     let root = run.parent().unwrap().to_path_buf();
     let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets");
     let proj = root.join("proj");
-    let p = crossdiff::project::Project::create(
+    let p = crossdiff::workflow::project::Project::create(
         &proj,
         assets.join("tiny-gemma2/base"),
         assets.join("tiny-gemma2/chat"),

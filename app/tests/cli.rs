@@ -495,7 +495,7 @@ fn demo_pipeline_builds_a_project_from_the_committed_models() {
         "--no-app",
     ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let p = crossdiff::project::Project::open(&project).unwrap();
+    let p = crossdiff::workflow::project::Project::open(&project).unwrap();
     assert_eq!(p.run_dirs(), vec![project.join("runs/batchtopk"), project.join("runs/l1")]);
     for run in p.run_dirs() {
         for f in ["crosscoder.safetensors", "latents.csv", "summary.json", "kl.json", "examples.safetensors"] {

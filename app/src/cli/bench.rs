@@ -1,0 +1,120 @@
+//! `crossdiff bench …`: the benchmarks; each prints one JSON line and a summary line.
+
+use anyhow::Result;
+use clap::Subcommand;
+use crossdiff::Backend;
+use crossdiff::crosscoder::Kind;
+use std::path::PathBuf;
+
+use super::ModelArgs;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and decode tokens/s and peak memory of the Gemma 2 forward.
+    Forward {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        context: usize,
+        /// Decode steps to time after a `context`-token prompt.
+        #[arg(long, default_value_t = 32)]
+        decode: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+    /// Crosscoder training steps/s and tokens/s on random pairs.
+    Train {
+        #[arg(long, default_value_t = 2304)]
+        d: usize,
+        #[arg(long, default_value_t = 73_728)]
+        dict_size: usize,
+        #[arg(long, default_value_t = 100)]
+        k: usize,
+        #[arg(long, default_value_t = 2048)]
+        batch: usize,
+        #[arg(long, default_value = "batchtopk")]
+        kind: Kind,
+        #[arg(long, default_value_t = 5)]
+        steps: u64,
+    },
+    /// analyze throughput and the examples store's per-latent query time on the planted case:
+    /// synthetic pairs from known directions and a crosscoder made of them.
+    Analyze {
+        #[arg(long, default_value_t = 2304)]
+        d: usize,
+        #[arg(long, default_value_t = 73_728)]
+        dict_size: usize,
+        #[arg(long, default_value_t = 100)]
+        k: usize,
+        #[arg(long, default_value_t = 2048)]
+        tokens: u64,
+    },
+    /// Reader throughput (GB/s of f32 pairs delivered) beside a raw sequential read of the shards.
+    Reader {
+        /// The cache to read; with --synthetic-tokens it is created there first (random bf16 pairs).
+        #[arg(long)]
+        cache: PathBuf,
+        #[arg(long)]
+        synthetic_tokens: Option<u64>,
+        /// Width of the synthetic pairs (2304 = Gemma 2 2B).
+        #[arg(long, default_value_t = 2304)]
+        d: usize,
+        #[arg(long, default_value_t = 2048)]
+        batch: usize,
+        #[arg(long, default_value_t = 262144)]
+        shuffle_tokens: usize,
+    },
+}
+
+pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
+    match which {
+        BenchCommand::Train { d, dict_size, k, batch, kind, steps } => {
+            let device = backend.device()?;
+            let r = crossdiff::bench::bench_train(&device, kind, d, dict_size, k, batch, steps)?;
+            println!("{}", serde_json::to_string(&r)?);
+            println!(
+                "bench train: {:?} d={d} D={dict_size} k={k} batch {batch}: {:.3} s/step, {:.0} tokens/s, peak host {} MiB ({})",
+                kind,
+                r.seconds_per_step,
+                r.tokens_per_s,
+                r.peak_host_bytes.unwrap_or(0) / (1 << 20),
+                backend
+            );
+        }
+        BenchCommand::Analyze { d, dict_size, k, tokens } => {
+            let device = backend.device()?;
+            let r = crossdiff::bench::bench_analyze(&device, d, dict_size, k, tokens)?;
+            println!("{}", serde_json::to_string(&r)?);
+            println!(
+                "bench analyze: {:.0} tokens/s (D={dict_size}), examples store {:.1}s, latent query {:.2} ms median / {:.2} ms max ({})",
+                r.analyze_tokens_per_s, r.examples_seconds, r.query_ms_median, r.query_ms_max, backend
+            );
+        }
+        BenchCommand::Reader { cache, synthetic_tokens, d, batch, shuffle_tokens } => {
+            if let Some(tokens) = synthetic_tokens {
+                crossdiff::bench::write_synthetic_cache(&cache, tokens, d, 65536)?;
+            }
+            let r = crossdiff::bench::bench_reader(&cache, batch, shuffle_tokens)?;
+            println!("{}", serde_json::to_string(&r)?);
+            println!(
+                "bench reader: {:.2} GB/s of f32 pairs ({:.0} tokens/s), raw sequential read {:.2} GB/s of shard bytes",
+                r.reader_gb_per_s, r.reader_tokens_per_s, r.raw_read_gb_per_s
+            );
+        }
+        BenchCommand::Forward { model, batch, context, decode, repeats } => {
+            let m = super::load(&model, backend)?;
+            let r = crossdiff::bench::bench_forward(&m, batch, context, decode, repeats)?;
+            println!("{}", serde_json::to_string(&r)?);
+            println!(
+                "bench forward: prefill {:.1} tokens/s, decode {:.1} tokens/s, peak host {} MiB ({}, batch {batch}, context {context})",
+                r.prefill_tokens_per_s,
+                r.decode_tokens_per_s,
+                r.peak_host_bytes.unwrap_or(0) / (1 << 20),
+                backend
+            );
+        }
+    }
+    Ok(())
+}

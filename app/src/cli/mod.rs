@@ -1,0 +1,326 @@
+//! Command-line front end (interfaces.md, "Commands"): flags parse straight into the engine's
+//! workflow configs (`crossdiff::workflow`), the job runs with a progress bar as its handle, and a
+//! one-line summary is printed. No domain logic lives here.
+
+mod bench;
+mod progress;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use crossdiff::analysis::latents::LatentClass;
+use crossdiff::model::generate::{Sampling, generate};
+use crossdiff::workflow::analyze::AnalyzeJob;
+use crossdiff::workflow::cache::CacheJob;
+use crossdiff::workflow::kl::KlJob;
+use crossdiff::workflow::models::ModelStore;
+use crossdiff::workflow::steer::SteerJob;
+use crossdiff::workflow::train::TrainJob;
+use crossdiff::{Backend, LoadOptions, Model};
+
+use progress::Bar;
+
+#[derive(Parser)]
+#[command(
+    name = "crossdiff",
+    version,
+    about = "Find what chat fine-tuning changed inside a language model. No subcommand opens the desktop app."
+)]
+struct Cli {
+    /// Compute backend: wgpu (any GPU, or Mesa lavapipe on CPU), cpu (burn flex), cuda (needs the `cuda` build feature).
+    #[arg(long, global = true, default_value = "wgpu")]
+    backend: Backend,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one prompt; write input_ids, every block output and the logits to a safetensors file.
+    Inspect {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// Render the prompt as one user turn with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Stream a completion (KV cache; greedy unless --temperature > 0).
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Paired activation cache: run blocks 0..=L of both models over the data, write token-aligned
+    /// (base, chat) pairs. Re-running the same command resumes.
+    Cache(CacheJob),
+    /// Train a crosscoder on a cache; checkpoints in RUN, re-running the same command resumes.
+    Train(TrainJob),
+    /// Per-latent metrics and Latent Scaling over a cache: RUN/latents.csv and RUN/summary.json.
+    Analyze(AnalyzeJob),
+    /// The causal check: KL(P_chat ‖ P_patched) on assistant-predicting tokens when the base
+    /// residual is patched with sets of latents; a table on stdout and RUN/kl.json.
+    Kl(KlJob),
+    /// Generate with latent J's chat decoder direction added at the crosscoder's layer, beside the
+    /// unsteered completion.
+    Steer(SteerJob),
+    /// The embedded demo. `--rebuild` regenerates the corpus and trains the miniature base and chat
+    /// models (with planted behaviours) with crossdiff itself.
+    Demo {
+        /// Rebuild the miniature models (corpus, tokenizer, base and chat training) into --models.
+        #[arg(long)]
+        rebuild: bool,
+        /// Where the miniature models live.
+        #[arg(long, default_value = "assets/demo")]
+        models: PathBuf,
+        /// The project folder the pipeline writes (cache, runs) and the app opens.
+        #[arg(long, default_value = "demo-project")]
+        project: PathBuf,
+        /// Run the pipeline but do not open the app.
+        #[arg(long)]
+        no_app: bool,
+        /// Training steps for the base model and again for the chat fine-tune.
+        #[arg(long, default_value_t = 800)]
+        steps: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCommand,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct ModelArgs {
+    /// A Hugging Face snapshot directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    load: LoadOptions,
+}
+
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let backend = cli.backend;
+    match cli.command {
+        Command::Inspect { model, prompt, chat, out } => {
+            let m = load(&model, backend)?;
+            let ids = m.prompt_ids(&prompt, chat)?;
+            let started = Instant::now();
+            let result = crossdiff::model::inspect::inspect(&m, ids)?;
+            result.write(&out)?;
+            println!(
+                "inspect: {} tokens, {} blocks, logits [{}, {}] → {} ({:.2}s, {backend})",
+                result.ids.len(),
+                result.blocks.len(),
+                result.ids.len(),
+                m.gemma.config.vocab_size,
+                out.display(),
+                started.elapsed().as_secs_f64(),
+            );
+        }
+        Command::Generate { model, prompt, chat, max_tokens, temperature, top_p, seed } => {
+            let m = load(&model, backend)?;
+            let ids = m.prompt_ids(&prompt, chat)?;
+            let stop = m.stop_ids();
+            let started = Instant::now();
+            let mut stdout = std::io::stdout();
+            let mut shown = String::new();
+            let mut generated = Vec::new();
+            let sampling = Sampling { temperature, top_p, seed };
+            let out = generate(&m.gemma, &ids, max_tokens, sampling, &stop, |id| {
+                if stop.contains(&id) {
+                    return true;
+                }
+                // Decode the whole continuation each time so multi-token characters print whole.
+                generated.push(id);
+                if let Ok(text) = m.tokenizer.decode(&generated) {
+                    if let Some(new) = text.strip_prefix(shown.as_str()) {
+                        let _ = write!(stdout, "{new}");
+                        let _ = stdout.flush();
+                    }
+                    shown = text;
+                }
+                true
+            })?;
+            let secs = started.elapsed().as_secs_f64();
+            let reason = if out.last().is_some_and(|id| stop.contains(id)) { "stop token" } else { "max tokens" };
+            println!();
+            eprintln!(
+                "generate: {} prompt + {} new tokens in {secs:.2}s ({:.1} tokens/s, {reason}, {backend})",
+                ids.len(),
+                out.len(),
+                out.len() as f64 / secs,
+            );
+        }
+        Command::Cache(job) => {
+            let device = backend.device()?;
+            let bar = Bar::new("tokens");
+            let done = crossdiff::workflow::cache::run(&job, &device, bar.handle())?;
+            bar.finish();
+            let index = &done.index;
+            let state = if index.complete { "complete" } else { "interrupted; re-run the same command to resume" };
+            println!(
+                "cache: {} tokens in {} shards at layer {}, {} → {} ({:.1}s, {:.1} tokens/s after loading, {state})",
+                index.total_tokens,
+                index.shards.len(),
+                index.layer,
+                job.dtype_name(),
+                job.out.display(),
+                done.seconds,
+                done.tokens_per_s,
+            );
+        }
+        Command::Train(job) => {
+            let device = backend.device()?;
+            let bar = Bar::new("steps");
+            let done = job.run(&device, bar.handle())?;
+            bar.finish();
+            let cc = &done.crosscoder;
+            match done.last {
+                Some(m) => println!(
+                    "train: {:?} D={} step {} ({} tokens), loss {:.4}, FVE base {:.3} chat {:.3}, L0 {:.1}, dead {:.1}% → {} ({:.1}s)",
+                    cc.config.kind,
+                    cc.config.dict_size,
+                    m.step,
+                    m.tokens,
+                    m.loss,
+                    m.fve_base,
+                    m.fve_chat,
+                    m.l0,
+                    100.0 * m.dead_frac,
+                    job.out.display(),
+                    done.seconds
+                ),
+                None => println!("train: nothing to do, {} already holds a finished run", job.out.display()),
+            }
+        }
+        Command::Analyze(job) => {
+            let device = backend.device()?;
+            let bar = Bar::new("tokens");
+            let done = job.run(&device, bar.handle())?;
+            bar.finish();
+            let (s, n) = (&done.summary, |c| done.summary.count(c));
+            println!(
+                "analyze: {} latents over {} tokens: {} chat-only ({} chat-specific by Latent Scaling), {} base-only, {} shared, {} dead; FVE {:.3}/{:.3}, L0 {:.1} → {} ({:.1}s)",
+                done.rows.len(),
+                s.tokens,
+                n(LatentClass::ChatOnly),
+                s.chat_specific,
+                n(LatentClass::BaseOnly),
+                n(LatentClass::Shared),
+                n(LatentClass::Dead),
+                s.fve_base,
+                s.fve_chat,
+                s.l0,
+                crossdiff::run_dir::RunDir::new(&job.run).latents().display(),
+                done.seconds
+            );
+        }
+        Command::Kl(job) => {
+            let device = backend.device()?;
+            let bar = Bar::new("conversations");
+            let stats = job.run(&device, &ModelStore::new(), bar.handle())?;
+            bar.finish();
+            println!("{:<18} {:>8} {:>22} {:>22}", "condition", "latents", "KL all reply tokens", "KL first 9 tokens");
+            for s in &stats {
+                println!(
+                    "{:<18} {:>8} {:>12.4} ± {:<7.4} {:>12.4} ± {:<7.4}",
+                    s.condition, s.latents, s.mean_all, s.ci_all, s.mean_first9, s.ci_first9
+                );
+            }
+            let gap = stats[0].mean_all;
+            let closed = if gap > 0.0 { 100.0 * (1.0 - stats[1].mean_all / gap) } else { 0.0 };
+            println!(
+                "kl: {} tokens; base→chat gap {gap:.4} (first 9: {:.4}); patching all latents closes {closed:.0}% → {}",
+                stats[0].tokens_all,
+                stats[0].mean_first9,
+                crossdiff::run_dir::RunDir::new(&job.run).kl().display()
+            );
+        }
+        Command::Steer(job) => {
+            let device = backend.device()?;
+            let bar = Bar::new("tensors");
+            let done = job.run(&device, &ModelStore::new(), bar.handle())?;
+            bar.finish();
+            let row = &done.rows[0];
+            println!(
+                "--- unsteered ---\n{}\n--- steered: latent {} ({}, Δ {:.3}) × {} at layer {} ---\n{}",
+                done.plain, job.latent, row.class, row.delta_norm, job.strength, done.layer, done.steered
+            );
+            println!("steer: {} vs {} new tokens", done.new_tokens[0], done.new_tokens[1]);
+        }
+        Command::Demo { rebuild, models, project, no_app, steps, seed } => {
+            let device = backend.device()?;
+            let started = Instant::now();
+            if rebuild {
+                let opts = crossdiff::demo::DemoBuild {
+                    out: models.clone(),
+                    seed,
+                    base_steps: steps,
+                    chat_steps: steps,
+                    ..Default::default()
+                };
+                let l = crossdiff::demo::rebuild(&opts, &device)?;
+                println!(
+                    "demo: base loss {:.3} → {:.3}, chat loss {:.3} → {:.3}; models in {} ({:.0}s)",
+                    l.base.0,
+                    l.base.1,
+                    l.chat.0,
+                    l.chat.1,
+                    models.display(),
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            let p = crossdiff::demo::DemoPipeline { models, project: project.clone(), seed, ..Default::default() };
+            let flag = progress::interrupt_flag();
+            let handle = crossdiff::workflow::Handle::new(&|_| {}, &flag);
+            crossdiff::demo::run_pipeline(&p, &device, handle, |step| eprintln!("demo: {step}"))?;
+            println!("demo: project ready in {} ({:.0}s)", project.display(), started.elapsed().as_secs_f64());
+            if !no_app {
+                // SAFETY (set_var): nothing else runs yet; the app reads it once at start.
+                unsafe { std::env::set_var("CROSSDIFF_PROJECT", &project) };
+                if let Err(e) = crate::app::run() {
+                    // A machine without a display still gets the finished project.
+                    eprintln!(
+                        "demo: the app could not open here ({}); open the project later with `crossdiff` → Project → Open",
+                        format!("{e:#}").lines().next().unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::Bench { which } => bench::run(which, backend)?,
+    }
+    Ok(())
+}
+
+/// Loads a model with a progress bar over its tensors.
+pub(crate) fn load(args: &ModelArgs, backend: Backend) -> Result<Model> {
+    let device = backend.device()?;
+    let bar = Bar::new("tensors");
+    let model = Model::load_with_progress(&args.model, &device, args.load, |done, total| {
+        bar.handle().progress(&format!("loading {}", args.model.display()), done as u64, total as u64, "tensors")
+    });
+    bar.finish();
+    model
+}

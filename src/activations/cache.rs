@@ -1,0 +1,262 @@
+//! The paired activation cache's format (interfaces.md, "Activation cache"): token-aligned
+//! (base, chat) residuals at the output of block L, in safetensors shards, with `cache.json` as the
+//! index. The writer is `activations::writer`, the shuffled reader `activations::reader`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow, bail};
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+
+pub use crate::io::checksum;
+
+use crate::io::write_atomic;
+
+pub const FORMAT: &str = "crossdiff-cache/1";
+
+/// Element type of the stored activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ActDtype {
+    #[default]
+    Bf16,
+    F16,
+    F32,
+}
+
+impl std::str::FromStr for ActDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            _ => bail!("--dtype: \"{s}\" is not one of bf16, f16, f32"),
+        }
+    }
+}
+
+impl ActDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            _ => 2,
+        }
+    }
+
+    pub fn safetensors(self) -> Dtype {
+        match self {
+            Self::Bf16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+            Self::F32 => Dtype::F32,
+        }
+    }
+
+    pub fn from_safetensors(d: Dtype) -> Option<Self> {
+        match d {
+            Dtype::BF16 => Some(Self::Bf16),
+            Dtype::F16 => Some(Self::F16),
+            Dtype::F32 => Some(Self::F32),
+            _ => None,
+        }
+    }
+
+    /// Appends `values` encoded in this dtype.
+    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        match self {
+            Self::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Self::F16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            Self::Bf16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        }
+    }
+
+    /// Decodes little-endian bytes of this dtype into f32.
+    pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            Self::F32 => {
+                bytes.chunks_exact(4).zip(out).for_each(|(b, o)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
+            Self::F16 => bytes
+                .chunks_exact(2)
+                .zip(out)
+                .for_each(|(b, o)| *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+            // bf16 is the top half of an f32: a shift, no rounding.
+            Self::Bf16 => bytes
+                .chunks_exact(2)
+                .zip(out)
+                .for_each(|(b, o)| *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardInfo {
+    pub file: String,
+    pub tokens: u64,
+    #[serde(default)]
+    pub documents: u64,
+    /// Word-wise FNV-style hash of the file, checked when the reader loads it (0 = not recorded).
+    #[serde(default)]
+    pub checksum: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceInfo {
+    pub path: String,
+    #[serde(default)]
+    pub tokens: u64,
+}
+
+/// `cache.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheIndex {
+    pub format: String,
+    pub d_model: usize,
+    pub layer: usize,
+    pub dtype: ActDtype,
+    pub models: Vec<String>,
+    pub total_tokens: u64,
+    pub shards: Vec<ShardInfo>,
+    #[serde(default)]
+    pub sources: Vec<SourceInfo>,
+    /// What the run was asked for; a resumed run must ask for the same.
+    #[serde(default)]
+    pub settings: Option<CacheSettings>,
+    /// Documents fully written (the resume point in the data stream).
+    #[serde(default)]
+    pub documents: u64,
+    #[serde(default)]
+    pub complete: bool,
+    /// `--low-memory` base pass: shards holding only base activations so far.
+    #[serde(default)]
+    pub partial_shards: Vec<ShardInfo>,
+}
+
+/// The options that determine a cache's content.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheSettings {
+    pub target_tokens: u64,
+    pub context: usize,
+    pub mix: bool,
+    pub drop_bos: bool,
+    pub skip_first: usize,
+    pub shard_tokens: usize,
+    pub batch_tokens: usize,
+    pub data: Vec<String>,
+}
+
+impl CacheIndex {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("cache.json")
+    }
+
+    /// Reads `cache.json` and checks every listed shard's header against it (cheap: headers only).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+        let index: Self = serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        if index.format != FORMAT {
+            bail!("{}: field `format` is \"{}\", expected \"{FORMAT}\"", path.display(), index.format);
+        }
+        let listed: u64 = index.shards.iter().map(|s| s.tokens).sum();
+        if listed != index.total_tokens {
+            bail!("{}: field `total_tokens` is {} but the shards hold {listed}", path.display(), index.total_tokens);
+        }
+        for shard in &index.shards {
+            index.check_shard_header(dir, shard)?;
+        }
+        Ok(index)
+    }
+
+    /// Validates a shard's safetensors header, tensor shapes and file length without reading its data.
+    pub fn check_shard_header(&self, dir: &Path, shard: &ShardInfo) -> Result<ShardLayout> {
+        use std::io::Read;
+        let path = dir.join(&shard.file);
+        let mut f = std::fs::File::open(&path)
+            .map_err(|e| anyhow!("{}: shard listed in cache.json cannot be opened: {e}", path.display()))?;
+        let len = f.metadata()?.len();
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n)
+            .map_err(|_| anyhow!("{}: corrupt shard: shorter than a safetensors header", path.display()))?;
+        let header_len = u64::from_le_bytes(n);
+        if header_len > 100_000_000 || 8 + header_len > len {
+            bail!("{}: corrupt shard: safetensors header length {header_len} does not fit the file", path.display());
+        }
+        let mut header = vec![0u8; header_len as usize];
+        f.read_exact(&mut header)?;
+        // Parse the header JSON directly: safetensors' own parser wants the whole file in memory.
+        let meta: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| anyhow!("{}: corrupt shard header: {e}", path.display()))?;
+        let mut data_len = 0u64;
+        let mut acts = None;
+        for (name, info) in &meta {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info: HeaderEntry = serde_json::from_value(info.clone())
+                .map_err(|e| anyhow!("{}: corrupt shard header, tensor `{name}`: {e}", path.display()))?;
+            data_len = data_len.max(info.data_offsets.1);
+            if name == "acts" {
+                acts = Some(info);
+            }
+        }
+        if 8 + header_len + data_len != len {
+            bail!(
+                "{}: corrupt shard: file is {len} bytes, its header describes {} (truncated?)",
+                path.display(),
+                8 + header_len + data_len
+            );
+        }
+        let acts = acts.ok_or_else(|| anyhow!("{}: shard has no `acts` tensor", path.display()))?;
+        let dtype = match acts.dtype.as_str() {
+            "BF16" => ActDtype::Bf16,
+            "F16" => ActDtype::F16,
+            "F32" => ActDtype::F32,
+            other => bail!("{}: tensor `acts` has dtype {other}, expected BF16, F16 or F32", path.display()),
+        };
+        if acts.shape != [shard.tokens as usize, 2, self.d_model] {
+            bail!(
+                "{}: tensor `acts` has shape {:?}, cache.json says [{}, 2, {}]",
+                path.display(),
+                acts.shape,
+                shard.tokens,
+                self.d_model
+            );
+        }
+        let expected = acts.shape.iter().product::<usize>() as u64 * dtype.bytes() as u64;
+        if acts.data_offsets.1 - acts.data_offsets.0 != expected {
+            bail!("{}: corrupt shard header: tensor `acts` data size does not match its shape", path.display());
+        }
+        Ok(ShardLayout { dtype, acts_offset: 8 + header_len as usize + acts.data_offsets.0 as usize })
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        write_atomic(&Self::path(dir), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
+    }
+}
+
+#[derive(Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
+
+/// Where a shard's activations sit in its file.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardLayout {
+    pub dtype: ActDtype,
+    pub acts_offset: usize,
+}
+
+/// Reads a whole shard file, verifying its checksum when cache.json records one.
+pub fn read_shard_file(dir: &Path, shard: &ShardInfo) -> Result<Vec<u8>> {
+    let path = dir.join(&shard.file);
+    let bytes = std::fs::read(&path).map_err(|e| anyhow!("{}: cannot read shard: {e}", path.display()))?;
+    if shard.checksum != 0 && checksum(&bytes) != shard.checksum {
+        bail!("{}: corrupt shard: checksum does not match cache.json", path.display());
+    }
+    Ok(bytes)
+}

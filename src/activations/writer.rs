@@ -1,0 +1,489 @@
+//! Writing the paired activation cache: documents stream in, are grouped into shards of whole
+//! documents (in stream order), and each shard's documents are batched by length, run through
+//! blocks 0..=L of each model and written atomically; `cache.json` is rewritten after every shard,
+//! so a killed run resumes at the next shard and produces byte-identical files. `--low-memory` runs
+//! the base model over every shard first (partial shards on disk), then the chat model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::tensor::Device;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::activations::cache::{ActDtype, CacheIndex, CacheSettings, FORMAT, ShardInfo, SourceInfo, checksum};
+use crate::data::{Mixer, TokenizeOptions, TokenizedDoc};
+use crate::io::{OwnedTensor, write_safetensors};
+use crate::model::gemma2::LoadOptions;
+use crate::model::{Model, check_models};
+
+/// Default tokens per shard file.
+pub const DEFAULT_SHARD_TOKENS: usize = 65_536;
+/// Default padded tokens per forward batch.
+pub const DEFAULT_BATCH_TOKENS: usize = 8192;
+
+/// `crossdiff cache`: run blocks 0..=L of both models over the data and write token-aligned
+/// (base, chat) pairs. Re-running the same job resumes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CacheJob {
+    /// The base model: a Hugging Face snapshot directory.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The chat model (its chat template renders the conversations).
+    #[arg(long)]
+    pub chat: PathBuf,
+    /// .txt, .jsonl (`text` or `messages`) or .parquet (`text` or `messages` column) files.
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// The block whose output is cached (0-indexed; the paper: 13 of Gemma 2 2B's 26).
+    #[arg(long)]
+    pub layer: usize,
+    /// Tokens to cache.
+    #[arg(long)]
+    pub tokens: u64,
+    /// The cache directory (cache.json and shards).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stored element type of the activations.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: ActDtype,
+    #[command(flatten)]
+    pub tokenize: TokenizeOptions,
+    /// Interleave the data files 1:1 by tokens (the paper mixes web text and chat).
+    #[arg(long)]
+    pub mix: bool,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
+    pub shard_tokens: usize,
+    /// Padded tokens per forward batch (batch × longest document).
+    #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
+    pub batch_tokens: usize,
+    /// One model on the device at a time: a base pass over every shard, then a chat pass.
+    #[arg(long)]
+    pub low_memory: bool,
+    #[command(flatten)]
+    pub load: LoadOptions,
+}
+
+impl Default for CacheJob {
+    /// The defaults of every optional setting; paths empty and `tokens` 0 (a caller fills them).
+    fn default() -> Self {
+        Self {
+            base: PathBuf::new(),
+            chat: PathBuf::new(),
+            data: Vec::new(),
+            layer: 0,
+            tokens: 0,
+            out: PathBuf::new(),
+            dtype: ActDtype::Bf16,
+            tokenize: TokenizeOptions::default(),
+            mix: false,
+            shard_tokens: DEFAULT_SHARD_TOKENS,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            low_memory: false,
+            load: LoadOptions::default(),
+        }
+    }
+}
+
+impl CacheJob {
+    /// Checks what can be checked without opening a model (the layer against the models' depth is
+    /// checked once the snapshots are open).
+    pub fn validate(&self) -> Result<()> {
+        for (flag, p) in [("--base", &self.base), ("--chat", &self.chat), ("--out", &self.out)] {
+            if p.as_os_str().is_empty() {
+                bail!("{flag}: a path is required");
+            }
+        }
+        if self.data.is_empty() {
+            bail!("--data: no data files given");
+        }
+        if self.tokens == 0 {
+            bail!("--tokens must be positive: a cache with no tokens trains nothing");
+        }
+        if self.batch_tokens == 0 || self.tokenize.context == 0 {
+            bail!("--batch-tokens and --context must be positive");
+        }
+        if self.shard_tokens < self.tokenize.context {
+            bail!(
+                "--shard-tokens ({}) must be at least --context ({}): shards hold whole documents",
+                self.shard_tokens,
+                self.tokenize.context
+            );
+        }
+        Ok(())
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        match self.dtype {
+            ActDtype::Bf16 => "bf16",
+            ActDtype::F16 => "f16",
+            ActDtype::F32 => "f32",
+        }
+    }
+
+    pub fn settings(&self) -> CacheSettings {
+        CacheSettings {
+            target_tokens: self.tokens,
+            context: self.tokenize.context,
+            mix: self.mix,
+            drop_bos: self.tokenize.drop_bos,
+            skip_first: self.tokenize.skip_first,
+            shard_tokens: self.shard_tokens,
+            batch_tokens: self.batch_tokens,
+            data: self.data.iter().map(|p| p.display().to_string()).collect(),
+        }
+    }
+}
+
+/// Progress of a cache run, for a progress bar.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheProgress {
+    pub tokens: u64,
+    pub target: u64,
+    pub phase: &'static str,
+}
+
+/// One shard's tokens before any model has run.
+pub(crate) struct ShardPlan {
+    pub(crate) docs: Vec<TokenizedDoc>,
+    /// Global index of the first document.
+    pub(crate) first_doc: u64,
+    pub(crate) tokens: usize,
+}
+
+/// Cuts the document stream into shards of whole documents, in stream order.
+#[derive(Default)]
+pub(crate) struct Planner {
+    /// A document that did not fit the previous shard.
+    carry: Option<TokenizedDoc>,
+}
+
+impl Planner {
+    /// The next shard: whole documents up to `shard_tokens`; the run's last document is cut so the
+    /// run ends at exactly `remaining` tokens. `None` when the data is exhausted.
+    pub(crate) fn next(
+        &mut self,
+        mixer: &mut Mixer,
+        first_doc: u64,
+        shard_tokens: usize,
+        remaining: u64,
+    ) -> Result<Option<ShardPlan>> {
+        let mut plan = ShardPlan { docs: Vec::new(), first_doc, tokens: 0 };
+        let budget = remaining.min(shard_tokens as u64) as usize;
+        while plan.tokens < budget {
+            let doc = match self.carry.take() {
+                Some(d) => Some(d),
+                None => mixer.next_doc()?,
+            };
+            let Some(mut doc) = doc else { break };
+            let room = budget - plan.tokens;
+            if doc.ids.len() > room {
+                if !plan.docs.is_empty() && (doc.ids.len() as u64) <= remaining - plan.tokens as u64 {
+                    self.carry = Some(doc);
+                    break;
+                }
+                doc.ids.truncate(room);
+                doc.template.truncate(room);
+            }
+            plan.tokens += doc.ids.len();
+            plan.docs.push(doc);
+        }
+        Ok(if plan.docs.is_empty() { None } else { Some(plan) })
+    }
+}
+
+impl ShardPlan {
+    fn metadata_tensors(&self) -> Vec<OwnedTensor> {
+        let mut ids = Vec::with_capacity(self.tokens);
+        let mut doc_index = Vec::with_capacity(self.tokens);
+        let mut position = Vec::with_capacity(self.tokens);
+        let mut template = Vec::with_capacity(self.tokens);
+        for (k, d) in self.docs.iter().enumerate() {
+            ids.extend_from_slice(&d.ids);
+            doc_index.extend(std::iter::repeat_n((self.first_doc + k as u64) as u32, d.ids.len()));
+            position.extend((0..d.ids.len() as u32).map(|p| p + d.first_position));
+            template.extend(d.template.iter().map(|&t| t as u8));
+        }
+        let u32s = |name: &str, v: &[u32]| OwnedTensor {
+            name: name.into(),
+            dtype: Dtype::U32,
+            shape: vec![v.len()],
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        vec![
+            u32s("token_ids", &ids),
+            u32s("doc_index", &doc_index),
+            u32s("position", &position),
+            OwnedTensor { name: "template".into(), dtype: Dtype::BOOL, shape: vec![template.len()], bytes: template },
+        ]
+    }
+}
+
+/// Runs blocks 0..=layer over the plan's documents (batched by length) and returns `[tokens, d]`
+/// f32 rows in document order.
+pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_tokens: usize) -> Result<Vec<f32>> {
+    let d = model.gemma.config.hidden_size;
+    let mut offsets = Vec::with_capacity(plan.docs.len());
+    let mut acc = 0;
+    for doc in &plan.docs {
+        offsets.push(acc);
+        acc += doc.ids.len();
+    }
+    let mut out = vec![0.0f32; acc * d];
+    // Longest first, so each batch pads little; batches hold at most `batch_tokens` padded tokens.
+    let mut order: Vec<usize> = (0..plan.docs.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(plan.docs[i].ids.len()), i));
+    let mut start = 0;
+    while start < order.len() {
+        let longest = plan.docs[order[start]].ids.len();
+        let per_batch = (batch_tokens / longest).max(1);
+        let group = &order[start..(start + per_batch).min(order.len())];
+        let seqs: Vec<Vec<u32>> = group.iter().map(|&i| plan.docs[i].ids.clone()).collect();
+        let h = model.gemma.forward_to(model.gemma.batch_ids(&seqs)?, layer);
+        let [_, t, _] = h.dims();
+        let rows = h.try_into_vec_as::<f32>().map_err(|e| anyhow!("reading activations from the device: {e:?}"))?;
+        for (b, &i) in group.iter().enumerate() {
+            let n = plan.docs[i].ids.len();
+            let src = &rows[b * t * d..(b * t + n) * d];
+            out[offsets[i] * d..(offsets[i] + n) * d].copy_from_slice(src);
+        }
+        start += group.len();
+    }
+    Ok(out)
+}
+
+fn shard_name(i: usize) -> String {
+    format!("acts-{i:05}.safetensors")
+}
+
+/// Interleaves base and chat rows `[n, d]` each into `[n, 2, d]` bytes of `dtype`.
+pub(crate) fn pair_bytes(base: &[f32], chat: &[f32], d: usize, dtype: ActDtype) -> Vec<u8> {
+    let n = base.len() / d;
+    let mut out = Vec::with_capacity(n * 2 * d * dtype.bytes());
+    for r in 0..n {
+        dtype.encode(&base[r * d..(r + 1) * d], &mut out);
+        dtype.encode(&chat[r * d..(r + 1) * d], &mut out);
+    }
+    out
+}
+
+/// Runs (or resumes) a cache job. `progress` is called after every shard; returning `false` from
+/// `keep_going` stops cleanly after the current shard (Ctrl-C, the app's cancel button).
+pub fn run_cache(
+    job: &CacheJob,
+    device: &Device,
+    mut progress: impl FnMut(CacheProgress),
+    keep_going: impl Fn() -> bool,
+) -> Result<CacheIndex> {
+    job.validate()?;
+    std::fs::create_dir_all(&job.out).map_err(|e| anyhow!("{}: cannot create: {e}", job.out.display()))?;
+    let base_snap = crate::model::snapshot::Snapshot::open(&job.base)?;
+    let chat_snap = crate::model::snapshot::Snapshot::open(&job.chat)?;
+    crate::model::snapshot::check_pair(&base_snap, &chat_snap)?;
+    let layers = base_snap.config.num_hidden_layers;
+    if job.layer >= layers {
+        bail!("--layer {} is out of range: the models have {layers} blocks (0..={})", job.layer, layers - 1);
+    }
+    let d = base_snap.config.hidden_size;
+    let models = vec![base_snap.name(), chat_snap.name()];
+    drop((base_snap, chat_snap));
+
+    // Temporary files of an interrupted write are garbage: the shard they belonged to is redone.
+    for entry in fs_err::read_dir(&job.out)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let index_path = CacheIndex::path(&job.out);
+    let mut index = if index_path.exists() {
+        let existing = CacheIndex::open(&job.out)?;
+        let same = existing.layer == job.layer
+            && existing.d_model == d
+            && existing.dtype == job.dtype
+            && existing.models == models
+            && existing.settings.as_ref() == Some(&job.settings());
+        if !same {
+            bail!(
+                "{}: the cache there was made with other settings (layer, models, dtype, data or sizes); \
+                 re-run the same command to resume it, or choose another --out",
+                index_path.display()
+            );
+        }
+        existing
+    } else {
+        CacheIndex {
+            format: FORMAT.into(),
+            d_model: d,
+            layer: job.layer,
+            dtype: job.dtype,
+            models,
+            total_tokens: 0,
+            shards: Vec::new(),
+            sources: job.data.iter().map(|p| SourceInfo { path: p.display().to_string(), tokens: 0 }).collect(),
+            settings: Some(job.settings()),
+            documents: 0,
+            complete: false,
+            partial_shards: Vec::new(),
+        }
+    };
+    if index.complete {
+        return Ok(index);
+    }
+
+    let device = device.clone();
+    let load = |dir: &Path| Model::load(dir, &device, job.load);
+    let base = load(&job.base)?;
+    let chat = if job.low_memory { None } else { Some(load(&job.chat)?) };
+    if let Some(chat) = &chat {
+        check_models(&base, chat)?;
+    } else {
+        let chat_tok = crate::model::tokenizer::ChatTokenizer::from_dir(&job.chat)?;
+        base.tokenizer.check_same(&chat_tok)?;
+    }
+
+    // Base (or both) pass over the data stream.
+    let mut mixer = Mixer::new(&job.data, job.mix, &base.tokenizer, job.tokenize.clone())?;
+    mixer.skip(done_docs_total(&index))?;
+    let mut tokens_done = index.total_tokens + index.partial_shards.iter().map(|s| s.tokens).sum::<u64>();
+    let mut planner = Planner::default();
+    let phase = if job.low_memory { "base pass" } else { "caching" };
+    // Models are loaded: a first report lets callers time the computation alone.
+    progress(CacheProgress { tokens: tokens_done, target: job.tokens, phase });
+    while tokens_done < job.tokens && keep_going() {
+        let Some(plan) =
+            planner.next(&mut mixer, done_docs_total(&index), job.shard_tokens, job.tokens - tokens_done)?
+        else {
+            break;
+        };
+        let base_acts = compute_acts(&base, &plan, job.layer, job.batch_tokens)?;
+        let shard_i = index.shards.len() + index.partial_shards.len();
+        let info = ShardInfo {
+            file: shard_name(shard_i),
+            tokens: plan.tokens as u64,
+            documents: plan.docs.len() as u64,
+            checksum: 0,
+        };
+        match &chat {
+            Some(chat) => {
+                let chat_acts = compute_acts(chat, &plan, job.layer, job.batch_tokens)?;
+                finish_shard(job, &mut index, info, &plan, &base_acts, &chat_acts, d)?;
+            }
+            None => {
+                let mut bytes = Vec::new();
+                job.dtype.encode(&base_acts, &mut bytes);
+                let mut tensors = vec![OwnedTensor {
+                    name: "acts_base".into(),
+                    dtype: job.dtype.safetensors(),
+                    shape: vec![plan.tokens, d],
+                    bytes,
+                }];
+                tensors.extend(plan.metadata_tensors());
+                write_safetensors(&job.out.join(partial_name(&info.file)), &tensors)?;
+                index.partial_shards.push(info);
+            }
+        }
+        tokens_done += plan.tokens as u64;
+        for (s, t) in index.sources.iter_mut().zip(mixer.tokens_per_source()) {
+            s.tokens = *t;
+        }
+        index.write(&job.out)?;
+        progress(CacheProgress { tokens: tokens_done, target: job.tokens, phase });
+    }
+    if !keep_going() {
+        return Ok(index);
+    }
+    drop(base);
+
+    // --low-memory: the chat pass over the partial shards.
+    if job.low_memory && !index.partial_shards.is_empty() {
+        let chat = load(&job.chat)?;
+        let mut done = index.total_tokens;
+        while let Some(info) = index.partial_shards.first().cloned() {
+            if !keep_going() {
+                return Ok(index);
+            }
+            let partial = job.out.join(partial_name(&info.file));
+            let bytes = std::fs::read(&partial)
+                .map_err(|e| anyhow!("{}: cannot read partial shard: {e}", partial.display()))?;
+            let st = SafeTensors::deserialize(&bytes)
+                .map_err(|e| anyhow!("{}: corrupt partial shard: {e}", partial.display()))?;
+            let plan = plan_from_partial(&st, &chat.tokenizer).with_context(|| partial.display().to_string())?;
+            let base_view = st.tensor("acts_base").map_err(|e| anyhow!("{}: {e}", partial.display()))?;
+            let mut base_acts = vec![0.0f32; plan.tokens * d];
+            job.dtype.decode(base_view.data(), &mut base_acts);
+            let chat_acts = compute_acts(&chat, &plan, job.layer, job.batch_tokens)?;
+            index.partial_shards.remove(0);
+            finish_shard(job, &mut index, info.clone(), &plan, &base_acts, &chat_acts, d)?;
+            index.write(&job.out)?;
+            let _ = std::fs::remove_file(&partial);
+            done += info.tokens;
+            progress(CacheProgress {
+                tokens: done,
+                target: index.total_tokens + index.partial_shards.iter().map(|s| s.tokens).sum::<u64>(),
+                phase: "chat pass",
+            });
+        }
+    }
+    index.complete = true;
+    index.write(&job.out)?;
+    Ok(index)
+}
+
+/// Writes a complete shard (pairs and per-token metadata) and lists it in the index.
+fn finish_shard(
+    job: &CacheJob,
+    index: &mut CacheIndex,
+    info: ShardInfo,
+    plan: &ShardPlan,
+    base_acts: &[f32],
+    chat_acts: &[f32],
+    d: usize,
+) -> Result<()> {
+    let mut tensors = vec![OwnedTensor {
+        name: "acts".into(),
+        dtype: job.dtype.safetensors(),
+        shape: vec![plan.tokens, 2, d],
+        bytes: pair_bytes(base_acts, chat_acts, d, job.dtype),
+    }];
+    tensors.extend(plan.metadata_tensors());
+    let path = job.out.join(&info.file);
+    write_safetensors(&path, &tensors)?;
+    let checksum = checksum(&fs_err::read(&path)?);
+    index.total_tokens += plan.tokens as u64;
+    index.documents += plan.docs.len() as u64;
+    index.shards.push(ShardInfo { checksum, ..info });
+    Ok(())
+}
+
+fn done_docs_total(index: &CacheIndex) -> u64 {
+    index.documents + index.partial_shards.iter().map(|s| s.documents).sum::<u64>()
+}
+
+fn partial_name(file: &str) -> String {
+    format!("{file}.base-partial")
+}
+
+/// Rebuilds a shard's documents from a partial shard's metadata (the chat pass of --low-memory).
+fn plan_from_partial(st: &SafeTensors, _tok: &crate::model::tokenizer::ChatTokenizer) -> Result<ShardPlan> {
+    let u32s = |name: &str| -> Result<Vec<u32>> {
+        let v = st.tensor(name).map_err(|e| anyhow!("tensor `{name}`: {e}"))?;
+        crate::io::decode_u32(v.dtype(), v.data())
+    };
+    let ids = u32s("token_ids")?;
+    let docs_ix = u32s("doc_index")?;
+    let pos = u32s("position")?;
+    let template = st.tensor("template").map_err(|e| anyhow!("tensor `template`: {e}"))?.data().to_vec();
+    let mut docs: Vec<TokenizedDoc> = Vec::new();
+    let mut last = None;
+    for i in 0..ids.len() {
+        if last != Some(docs_ix[i]) {
+            docs.push(TokenizedDoc { ids: Vec::new(), first_position: pos[i], template: Vec::new(), source: 0 });
+            last = Some(docs_ix[i]);
+        }
+        let d = docs.last_mut().expect("pushed above");
+        d.ids.push(ids[i]);
+        d.template.push(template[i] != 0);
+    }
+    Ok(ShardPlan { first_doc: docs_ix.first().copied().unwrap_or(0) as u64, tokens: ids.len(), docs })
+}

@@ -1,0 +1,10 @@
+//! Everything computed from a trained crosscoder: the latents table with Latent Scaling, the
+//! examples store, the causal KL check, steering, the prompt lab and the figures' data.
+
+pub mod analyze;
+pub mod examples;
+pub mod figures;
+pub mod kl;
+pub mod latents;
+pub mod prompt_lab;
+pub mod steer;

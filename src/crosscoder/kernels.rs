@@ -1,0 +1,304 @@
+//! Hand-written WGSL kernels (in `shaders/`) inside burn tensors, through burn's backend-extension
+//! route (shared/spec/burn-notes.md). Each has a plain reference it is tested against.
+//!
+//! `score_histogram` is the building block of BatchTopK's batch-global top-k·B selection on the
+//! device: three histogram passes over the scores' bit patterns find the k-th largest score without
+//! sorting (or reading back) the B×D scores; [`crate::crosscoder::select_batch_topk`] is the reference.
+
+use burn::backend::{
+    Backend, backend_extension,
+    tensor::{FloatTensor, IntTensor},
+};
+use burn::tensor::{Device, Tensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::template::{KernelSource, SourceKernel, SourceTemplate};
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::KernelId;
+use cubecl::server::KernelArguments;
+use cubecl::{CubeCount, CubeDim};
+
+const WORKGROUP: u32 = 256;
+/// Bits per pass, from the top: 11 + 11 + 10 = all 32.
+const PASSES: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
+
+/// The number of histogram bins a pass with `bits` bits fills (the output's length).
+pub fn hist_len(bits: u32) -> usize {
+    1usize << bits
+}
+
+#[backend_extension(Cube, Fusion)]
+pub trait KernelOps: Backend {
+    /// `out[r] = Σ_{p ∈ [offsets[r], offsets[r+1])} coef[p] · table[index[p]]`, `[rows, width]`
+    /// (`offsets` has rows + 1 entries; `table` is `[M, width]`).
+    #[fusion(dtype = table, shape = burn::tensor::Shape::new([offsets[0] - 1, table[1]]))]
+    fn segment_rows(
+        offsets: IntTensor<Self>,
+        index: IntTensor<Self>,
+        coef: FloatTensor<Self>,
+        table: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// `out[p] = a[ia[p]] · b[ib[p]]` (row dot products), `[n]`.
+    #[fusion(dtype = a, shape = burn::tensor::Shape::new([ia[0]]))]
+    fn pick_dot(
+        ia: IntTensor<Self>,
+        ib: IntTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// Counts of positive scores per `bits`-bit field at `shift`, among scores whose bits under
+    /// `prefix_mask` equal `prefix`. The output holds u32 counts in an f32-typed buffer of
+    /// `2^bits` elements: read it as raw bytes.
+    #[fusion(dtype = scores, shape = burn::tensor::Shape::new([hist_len(*bits)]))]
+    fn score_histogram(
+        scores: FloatTensor<Self>,
+        prefix: u32,
+        prefix_mask: u32,
+        shift: u32,
+        bits: u32,
+    ) -> FloatTensor<Self>;
+}
+
+/// A WGSL file from `shaders/`, its `{{ workgroup }}` filled in.
+struct Wgsl {
+    name: &'static str,
+    source: &'static str,
+}
+
+const HISTOGRAM: Wgsl = Wgsl { name: "score_histogram", source: include_str!("../../shaders/score_histogram.wgsl") };
+const SEGMENT_ROWS: Wgsl = Wgsl { name: "segment_rows", source: include_str!("../../shaders/segment_rows.wgsl") };
+const PICK_DOT: Wgsl = Wgsl { name: "pick_dot", source: include_str!("../../shaders/pick_dot.wgsl") };
+
+impl KernelSource for Wgsl {
+    fn source(&self) -> SourceTemplate {
+        SourceTemplate::new(self.source).register("workgroup", WORKGROUP.to_string())
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.name, WORKGROUP))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+impl KernelOps for CubeBackend {
+    fn segment_rows(
+        offsets: IntTensor<Self>,
+        index: IntTensor<Self>,
+        coef: FloatTensor<Self>,
+        table: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (offsets, index, coef, table) =
+            (into_contiguous(offsets), into_contiguous(index), into_contiguous(coef), into_contiguous(table));
+        let rows = offsets.meta.shape()[0] - 1;
+        let width = table.meta.shape()[1];
+        let client = table.client.clone();
+        let out = client.empty(rows * width * 4);
+        let bytes: Vec<u8> = [rows as u32, width as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let params = client.create_from_slice(&bytes);
+        let groups = ((rows * width) as u32).div_ceil(WORKGROUP).clamp(1, 4096);
+        client.launch(
+            Box::new(SourceKernel::new(SEGMENT_ROWS, CubeDim::new_1d(WORKGROUP))),
+            CubeCount::Static(groups, 1, 1),
+            KernelArguments::new().with_buffers(vec![
+                offsets.handle.clone().binding(),
+                index.handle.clone().binding(),
+                coef.handle.clone().binding(),
+                table.handle.clone().binding(),
+                out.clone().binding(),
+                params.binding(),
+            ]),
+        );
+        CubeTensor::new_contiguous(
+            client,
+            table.device.clone(),
+            burn::tensor::Shape::new([rows, width]),
+            out,
+            burn::tensor::DType::F32,
+        )
+    }
+
+    fn pick_dot(
+        ia: IntTensor<Self>,
+        ib: IntTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (ia, ib, a, b) = (into_contiguous(ia), into_contiguous(ib), into_contiguous(a), into_contiguous(b));
+        let n = ia.meta.shape()[0];
+        let width = a.meta.shape()[1];
+        let client = a.client.clone();
+        let out = client.empty(n.max(1) * 4);
+        let bytes: Vec<u8> = [n as u32, width as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let params = client.create_from_slice(&bytes);
+        let groups = (n as u32).div_ceil(WORKGROUP).clamp(1, 4096);
+        client.launch(
+            Box::new(SourceKernel::new(PICK_DOT, CubeDim::new_1d(WORKGROUP))),
+            CubeCount::Static(groups, 1, 1),
+            KernelArguments::new().with_buffers(vec![
+                ia.handle.clone().binding(),
+                ib.handle.clone().binding(),
+                a.handle.clone().binding(),
+                b.handle.clone().binding(),
+                out.clone().binding(),
+                params.binding(),
+            ]),
+        );
+        CubeTensor::new_contiguous(
+            client,
+            a.device.clone(),
+            burn::tensor::Shape::new([n]),
+            out,
+            burn::tensor::DType::F32,
+        )
+    }
+
+    fn score_histogram(
+        scores: FloatTensor<Self>,
+        prefix: u32,
+        prefix_mask: u32,
+        shift: u32,
+        bits: u32,
+    ) -> FloatTensor<Self> {
+        let scores: CubeTensor = into_contiguous(scores);
+        let n = scores.meta.shape().num_elements() as u32;
+        let client = scores.client.clone();
+        let bins = hist_len(bits);
+        let hist = client.create_from_slice(&vec![0u8; bins * 4]);
+        let params: Vec<u8> =
+            [n, prefix, prefix_mask, shift, (bins - 1) as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let params = client.create_from_slice(&params);
+        let groups = n.div_ceil(WORKGROUP).clamp(1, 4096);
+        client.launch(
+            Box::new(SourceKernel::new(HISTOGRAM, CubeDim::new_1d(WORKGROUP))),
+            CubeCount::Static(groups, 1, 1),
+            KernelArguments::new().with_buffers(vec![
+                scores.handle.clone().binding(),
+                hist.clone().binding(),
+                params.binding(),
+            ]),
+        );
+        CubeTensor::new_contiguous(
+            client,
+            scores.device.clone(),
+            burn::tensor::Shape::new([bins]),
+            hist,
+            burn::tensor::DType::F32,
+        )
+    }
+}
+
+/// Whether the device runs CubeCL with the WGSL compiler (the wgpu backend), where the WGSL
+/// kernels apply. burn's `Device` exposes its backend only through its description.
+pub fn is_wgpu(device: &Device) -> bool {
+    format!("{device:?}").contains("Wgpu")
+}
+
+/// Whether the device is burn's CPU backend (flex), whose tensors live in host memory.
+pub fn is_flex(device: &Device) -> bool {
+    format!("{device:?}").contains("Flex")
+}
+
+fn histogram(scores: &Tensor<1>, prefix: u32, mask: u32, shift: u32, bits: u32) -> anyhow::Result<Vec<u32>> {
+    let out = Tensor::<1>::from_dispatch(<burn::backend::Dispatch as KernelOps>::score_histogram(
+        scores.clone().into_dispatch(),
+        prefix,
+        mask,
+        shift,
+        bits,
+    ));
+    let data = out.try_into_data().map_err(|e| anyhow::anyhow!("reading the histogram: {e:?}"))?;
+    Ok(crate::io::decode_u32(safetensors::Dtype::U32, data.as_bytes())?)
+}
+
+/// The `keep`-th largest positive score (exactly, as f32) and how many scores are strictly above it,
+/// or `None` when at most `keep` scores are positive. Three histogram passes on the device.
+pub fn kth_largest(scores: &Tensor<1>, keep: usize) -> anyhow::Result<Option<(f32, usize)>> {
+    let (mut prefix, mut mask) = (0u32, 0u32);
+    let mut remaining = keep as u64; // how many of the largest are still to be located
+    let mut above = 0u64;
+    for (i, &(shift, bits)) in PASSES.iter().enumerate() {
+        let hist = histogram(scores, prefix, mask, shift, bits)?;
+        if i == 0 && hist.iter().map(|&c| c as u64).sum::<u64>() <= keep as u64 {
+            return Ok(None);
+        }
+        // Walk from the largest bin down until the k-th largest falls inside.
+        let mut bin = hist.len();
+        while bin > 0 {
+            bin -= 1;
+            let c = hist[bin] as u64;
+            if c >= remaining {
+                break;
+            }
+            remaining -= c;
+            above += c;
+        }
+        prefix |= (bin as u32) << shift;
+        mask |= ((1u32 << bits) - 1) << shift;
+    }
+    Ok(Some((f32::from_bits(prefix), above as usize)))
+}
+
+/// [`KernelOps::segment_rows`] from user code: `out[r] = Σ_{p in segment r} coef[p] · table[index[p]]`.
+pub fn segment_rows(
+    offsets: &Tensor<1, burn::tensor::Int>,
+    index: &Tensor<1, burn::tensor::Int>,
+    coef: &Tensor<1>,
+    table: &Tensor<2>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as KernelOps>::segment_rows(
+        offsets.clone().into_dispatch(),
+        index.clone().into_dispatch(),
+        coef.clone().into_dispatch(),
+        table.clone().into_dispatch(),
+    ))
+}
+
+/// [`KernelOps::pick_dot`] from user code: `out[p] = a[ia[p]] · b[ib[p]]`.
+pub fn pick_dot(
+    ia: &Tensor<1, burn::tensor::Int>,
+    ib: &Tensor<1, burn::tensor::Int>,
+    a: &Tensor<2>,
+    b: &Tensor<2>,
+) -> Tensor<1> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as KernelOps>::pick_dot(
+        ia.clone().into_dispatch(),
+        ib.clone().into_dispatch(),
+        a.clone().into_dispatch(),
+        b.clone().into_dispatch(),
+    ))
+}
+
+/// Plain-op reference of [`segment_rows`] (any backend): gather, scale, scatter-add by segment.
+pub fn segment_rows_reference(
+    segment_of: &Tensor<1, burn::tensor::Int>,
+    rows: usize,
+    index: &Tensor<1, burn::tensor::Int>,
+    coef: &Tensor<1>,
+    table: &Tensor<2>,
+) -> Tensor<2> {
+    let n = coef.dims()[0];
+    let width = table.dims()[1];
+    let gathered = table.clone().select(0, index.clone()) * coef.clone().reshape([n, 1]);
+    Tensor::<2>::zeros([rows, width], &table.device()).select_assign(
+        0,
+        segment_of.clone(),
+        gathered,
+        burn::tensor::IndexingUpdateOp::Add,
+    )
+}
+
+/// Plain-op reference of [`pick_dot`].
+pub fn pick_dot_reference(
+    ia: &Tensor<1, burn::tensor::Int>,
+    ib: &Tensor<1, burn::tensor::Int>,
+    a: &Tensor<2>,
+    b: &Tensor<2>,
+) -> Tensor<1> {
+    let n = ia.dims()[0];
+    (a.clone().select(0, ia.clone()) * b.clone().select(0, ib.clone())).sum_dim(1).reshape([n])
+}

@@ -1,0 +1,401 @@
+//! The crosscoder (shared/spec/method.md §2): one sparse dictionary over (base, chat) activation
+//! pairs, with L1 or BatchTopK sparsity, stored in the authors' tensor names and shapes.
+//!
+//! Internally a pair is one row of width 2d (base then chat), so the encoder is a `[2d, D]` matmul
+//! and the decoder a `[D, 2d]` one; the stored `(2, d, D)` / `(2, D, d)` layouts are reshapes and a
+//! transpose away. Selection (top k·B over the batch, AuxK's per-token top among dead latents, the
+//! inference threshold) is computed by [`select`] from the scores; it is the plain reference that a
+//! device kernel must match.
+
+pub mod kernels;
+pub mod optim;
+pub mod train;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Result, anyhow, bail};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::rng::SplitMix64;
+use crate::io::{LazyTensor, f32_bytes, write_atomic, write_safetensors_streaming};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    L1,
+    BatchTopK,
+}
+
+impl std::str::FromStr for Kind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "l1" => Ok(Self::L1),
+            "batchtopk" | "batch-topk" | "topk" => Ok(Self::BatchTopK),
+            _ => bail!("--kind: \"{s}\" is not one of batchtopk, l1"),
+        }
+    }
+}
+
+/// `config.json` beside `crosscoder.safetensors`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CrosscoderConfig {
+    pub kind: Kind,
+    /// Residual width of one model.
+    pub d: usize,
+    /// Dictionary size D.
+    #[serde(rename = "D")]
+    pub dict_size: usize,
+    pub k: usize,
+    pub mu: f64,
+    #[serde(default)]
+    pub layer: Option<usize>,
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// Parameters, as plain tensors on one device (autodiff or not).
+#[derive(Clone)]
+pub struct Params {
+    /// `[2d, D]`: rows 0..d read the base activation, d..2d the chat one.
+    pub w_enc: Tensor<2>,
+    /// `[1, D]`.
+    pub b_enc: Tensor<2>,
+    /// `[D, 2d]`: row j is (d_j^base, d_j^chat).
+    pub w_dec: Tensor<2>,
+    /// `[1, 2d]`.
+    pub b_dec: Tensor<2>,
+}
+
+impl Params {
+    pub fn list(&self) -> [&Tensor<2>; 4] {
+        [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec]
+    }
+
+    pub fn map(self, mut f: impl FnMut(Tensor<2>) -> Tensor<2>) -> Self {
+        Self { w_enc: f(self.w_enc), b_enc: f(self.b_enc), w_dec: f(self.w_dec), b_dec: f(self.b_dec) }
+    }
+
+    /// The spec's init: one Kaiming-uniform d×D matrix shared by both models, each latent's column
+    /// rescaled to norm `init_norm` per model, decoder = its transpose, zero biases.
+    pub fn init(d: usize, dict: usize, init_norm: f64, seed: u64, device: &Device) -> Self {
+        // kaiming_uniform_(a = √5) on a [d, D] tensor: bound = 1/√fan_in, fan_in = D.
+        let bound = 1.0 / (dict as f64).sqrt();
+        let mut rng = SplitMix64(seed ^ 0x1417);
+        let w: Vec<f64> = (0..d * dict).map(|_| (rng.next_f64() * 2.0 - 1.0) * bound).collect();
+        let mut col_norm = vec![0.0f64; dict];
+        for i in 0..d {
+            for j in 0..dict {
+                col_norm[j] += w[i * dict + j] * w[i * dict + j];
+            }
+        }
+        let scale: Vec<f64> = col_norm.iter().map(|n| init_norm / n.sqrt().max(1e-12)).collect();
+        let mut enc = vec![0.0f32; 2 * d * dict];
+        let mut dec = vec![0.0f32; dict * 2 * d];
+        for m in 0..2 {
+            for i in 0..d {
+                for j in 0..dict {
+                    let v = (w[i * dict + j] * scale[j]) as f32;
+                    enc[(m * d + i) * dict + j] = v;
+                    dec[j * 2 * d + m * d + i] = v;
+                }
+            }
+        }
+        Self {
+            w_enc: tensor(enc, [2 * d, dict], device),
+            b_enc: Tensor::zeros([1, dict], (device, DType::F32)),
+            w_dec: tensor(dec, [dict, 2 * d], device),
+            b_dec: Tensor::zeros([1, 2 * d], (device, DType::F32)),
+        }
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        let [two_d, dict] = self.w_enc.dims();
+        (two_d / 2, dict)
+    }
+
+    /// Per-latent decoder norms `[D, 2]` (base, chat), read to the host.
+    pub fn decoder_norms(&self) -> Result<Vec<[f32; 2]>> {
+        let (d, dict) = self.dims();
+        let w = self.w_dec.clone().reshape([dict, 2, d]);
+        let n = w.square().sum_dim(2).sqrt().reshape([dict * 2]);
+        let v = read_vec(n)?;
+        Ok(v.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
+    }
+
+    /// `‖d_j^0‖ + ‖d_j^1‖` as a `[1, D]` tensor (part of the graph when the params are tracked).
+    pub fn norm_sum(&self) -> Tensor<2> {
+        let (d, dict) = self.dims();
+        let w = self.w_dec.clone().reshape([dict, 2, d]);
+        w.square().sum_dim(2).sqrt().sum_dim(1).reshape([1, dict])
+    }
+}
+
+pub fn tensor<const N: usize>(values: Vec<f32>, shape: [usize; N], device: &Device) -> Tensor<N> {
+    Tensor::from_data(TensorData::new(values, shape), (device, DType::F32))
+}
+
+pub fn read_vec<const N: usize>(t: Tensor<N>) -> Result<Vec<f32>> {
+    t.try_into_vec_as::<f32>().map_err(|e| anyhow!("reading a tensor from the device: {e:?}"))
+}
+
+/// Pre-activations → codes `f = ReLU(x·W_enc + b_enc)`, `[B, D]`.
+pub fn encode(p: &Params, x: Tensor<2>) -> Tensor<2> {
+    (x.matmul(p.w_enc.clone()) + p.b_enc.clone()).clamp_min(0.0)
+}
+
+/// `codes·W_dec + b_dec`, `[B, 2d]`.
+pub fn decode(p: &Params, codes: Tensor<2>) -> Tensor<2> {
+    codes.matmul(p.w_dec.clone()) + p.b_dec.clone()
+}
+
+/// Which entries of a `[B, D]` score matrix BatchTopK keeps: the `keep` largest over the whole
+/// batch (ties broken by position, so exactly `keep` entries when that many are positive; zero
+/// scores are never kept). Returns the 0/1 mask and the smallest kept score.
+pub fn select_batch_topk(scores: &[f32], keep: usize) -> (Vec<f32>, Option<f32>) {
+    let mut mask = vec![0.0f32; scores.len()];
+    let mut positive: Vec<f32> = scores.iter().copied().filter(|&s| s > 0.0).collect();
+    if positive.is_empty() || keep == 0 {
+        return (mask, None);
+    }
+    if positive.len() <= keep {
+        for (m, &s) in mask.iter_mut().zip(scores) {
+            *m = f32::from(s > 0.0);
+        }
+        return (mask, positive.iter().copied().reduce(f32::min));
+    }
+    // The keep-th largest value by an O(n) selection on the values alone, then one pass that
+    // keeps everything above it and the first tied entries (by position) up to exactly `keep`.
+    let at = positive.len() - keep;
+    let (_, &mut threshold, _) = positive.select_nth_unstable_by(at, f32::total_cmp);
+    let above = scores.iter().filter(|&&s| s > threshold).count();
+    let mut ties = keep - above;
+    for (m, &s) in mask.iter_mut().zip(scores) {
+        if s > threshold {
+            *m = 1.0;
+        } else if s == threshold && ties > 0 {
+            *m = 1.0;
+            ties -= 1;
+        }
+    }
+    (mask, Some(threshold))
+}
+
+/// AuxK selection: per token, the top `k_aux` dead latents by score (positive scores only).
+pub fn select_aux(scores: &[f32], dict: usize, dead: &[bool], k_aux: usize) -> Vec<f32> {
+    let mut mask = vec![0.0f32; scores.len()];
+    let dead_ix: Vec<usize> = (0..dict).filter(|&j| dead[j]).collect();
+    for (row, out) in scores.chunks_exact(dict).zip(mask.chunks_exact_mut(dict)) {
+        let mut cand: Vec<usize> = dead_ix.iter().copied().filter(|&j| row[j] > 0.0).collect();
+        if cand.len() > k_aux {
+            cand.select_nth_unstable_by(k_aux - 1, |a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
+            cand.truncate(k_aux);
+        }
+        for j in cand {
+            out[j] = 1.0;
+        }
+    }
+    mask
+}
+
+/// Reconstruction term: the released code's unsquared `mean_b mean_m ‖h^m − ĥ^m‖₂`, or the paper's
+/// squared `mean_b Σ_m ½‖h^m − ĥ^m‖²`.
+pub fn recon_loss(err: Tensor<2>, d: usize, squared: bool) -> Tensor<1> {
+    let [b, _] = err.dims();
+    let per_model = err.reshape([b, 2, d]).square().sum_dim(2); // [B, 2, 1]
+    if squared { per_model.sum().mul_scalar(0.5 / b as f64) } else { per_model.sqrt().mean() }
+}
+
+/// AuxK loss `mean_b ‖e − ê‖² / mean_b ‖e − mean_b e‖²`; `e` is the (detached) main error.
+pub fn aux_loss(e: Tensor<2>, e_hat: Tensor<2>) -> Tensor<1> {
+    let num = (e.clone() - e_hat).square().sum_dim(1).mean();
+    let centered = e.clone() - e.mean_dim(0);
+    let den = centered.square().sum_dim(1).mean();
+    num / den
+}
+
+/// Weiszfeld's geometric median of the rows of `x` (`[n, d]`, f64 on the host).
+pub fn geometric_median(x: &[f32], d: usize, max_iter: usize, tol: f64) -> Vec<f32> {
+    let n = x.len() / d;
+    let mut y: Vec<f64> = (0..d).map(|i| (0..n).map(|r| x[r * d + i] as f64).sum::<f64>() / n as f64).collect();
+    for _ in 0..max_iter {
+        let mut num = vec![0.0f64; d];
+        let mut den = 0.0;
+        for r in 0..n {
+            let row = &x[r * d..(r + 1) * d];
+            let dist = row.iter().zip(&y).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>().sqrt().max(1e-12);
+            let w = 1.0 / dist;
+            den += w;
+            for i in 0..d {
+                num[i] += w * row[i] as f64;
+            }
+        }
+        let next: Vec<f64> = num.iter().map(|v| v / den).collect();
+        let shift = next.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        y = next;
+        if shift < tol {
+            break;
+        }
+    }
+    y.iter().map(|v| *v as f32).collect()
+}
+
+/// A trained crosscoder on the host side of the API: parameters plus BatchTopK's k and θ.
+pub struct Crosscoder {
+    pub config: CrosscoderConfig,
+    pub params: Params,
+    /// Inference threshold on norm-scaled scores (BatchTopK).
+    pub threshold: Option<f32>,
+    /// Checksum of the file it was loaded from (resumable analyses check they read the same one).
+    pub file_checksum: Option<u64>,
+}
+
+impl Crosscoder {
+    /// Writes `crosscoder.safetensors` (the authors' names and shapes) and `config.json`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        fs_err::create_dir_all(dir)?;
+        let (d, dict) = self.params.dims();
+        let p = &self.params;
+        let lazy = |name: &str, shape: Vec<usize>, t: Tensor<2>| LazyTensor {
+            name: name.into(),
+            dtype: safetensors::Dtype::F32,
+            shape,
+            bytes: Box::new(move || Ok(f32_bytes(&read_vec(t)?))),
+        };
+        let mut tensors = vec![
+            // [2d, D] is (2, d, D) as stored; [D, 2d] → (D, 2, d) → (2, D, d).
+            lazy("encoder.weight", vec![2, d, dict], p.w_enc.clone()),
+            lazy("encoder.bias", vec![dict], p.b_enc.clone()),
+            LazyTensor {
+                name: "decoder.weight".into(),
+                dtype: safetensors::Dtype::F32,
+                shape: vec![2, dict, d],
+                bytes: Box::new(move || {
+                    Ok(f32_bytes(&read_vec(p.w_dec.clone().reshape([dict, 2, d]).swap_dims(0, 1))?))
+                }),
+            },
+            lazy("decoder.bias", vec![2, d], p.b_dec.clone()),
+        ];
+        if self.config.kind == Kind::BatchTopK {
+            let k = self.config.k as f32;
+            let theta = self.threshold.unwrap_or(-1.0);
+            tensors.push(LazyTensor {
+                name: "k".into(),
+                dtype: safetensors::Dtype::F32,
+                shape: vec![1],
+                bytes: Box::new(move || Ok(f32_bytes(&[k]))),
+            });
+            tensors.push(LazyTensor {
+                name: "threshold".into(),
+                dtype: safetensors::Dtype::F32,
+                shape: vec![1],
+                bytes: Box::new(move || Ok(f32_bytes(&[theta]))),
+            });
+        }
+        write_safetensors_streaming(&dir.join("crosscoder.safetensors"), tensors)?;
+        let text = serde_json::to_string_pretty(&self.config)?;
+        write_atomic(&dir.join("config.json"), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
+    }
+
+    /// Loads `crosscoder.safetensors` (ours or the authors', `_orig_mod.` prefixes accepted);
+    /// `config.json` beside it is optional (shapes and the `k`/`threshold` tensors say the rest).
+    pub fn load(dir_or_file: &Path, device: &Device) -> Result<Self> {
+        let (dir, file) = if dir_or_file.is_dir() {
+            (dir_or_file.to_path_buf(), dir_or_file.join("crosscoder.safetensors"))
+        } else {
+            (dir_or_file.parent().map(Path::to_path_buf).unwrap_or_default(), dir_or_file.to_path_buf())
+        };
+        let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: cannot read: {e}", file.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow!("{}: corrupt safetensors header: {e}", file.display()))?;
+        let mut map: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
+        for (name, view) in st.tensors() {
+            let key = name.trim_start_matches("_orig_mod.").to_string();
+            let values = crate::io::decode_f32(view.dtype(), view.data())
+                .map_err(|e| anyhow!("{}: tensor `{name}`: {e}", file.display()))?;
+            map.insert(key, (view.shape().to_vec(), values));
+        }
+        let get = |name: &str| map.get(name).ok_or_else(|| anyhow!("{}: missing tensor `{name}`", file.display()));
+        let (enc_shape, enc) = get("encoder.weight")?;
+        let [two, d, dict] = enc_shape[..] else {
+            bail!("{}: tensor `encoder.weight` has shape {enc_shape:?}, expected (2, d, D)", file.display());
+        };
+        if two != 2 {
+            bail!(
+                "{}: tensor `encoder.weight` has shape {enc_shape:?}: the first axis must be the 2 models",
+                file.display()
+            );
+        }
+        let expect = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let (s, v) = get(name)?;
+            if s != shape {
+                bail!("{}: tensor `{name}` has shape {s:?}, expected {shape:?}", file.display());
+            }
+            Ok(v.clone())
+        };
+        let b_enc = expect("encoder.bias", &[dict])?;
+        let dec = expect("decoder.weight", &[2, dict, d])?;
+        let b_dec = expect("decoder.bias", &[2, d])?;
+        // (2, D, d) → [D, 2d]
+        let mut w_dec = vec![0.0f32; dict * 2 * d];
+        for m in 0..2 {
+            for j in 0..dict {
+                w_dec[j * 2 * d + m * d..j * 2 * d + (m + 1) * d]
+                    .copy_from_slice(&dec[(m * dict + j) * d..(m * dict + j + 1) * d]);
+            }
+        }
+        let k = map.get("k").and_then(|(_, v)| v.first().copied());
+        let threshold = map.get("threshold").and_then(|(_, v)| v.first().copied()).filter(|t| *t >= 0.0);
+        let config_path = dir.join("config.json");
+        let config = if config_path.exists() {
+            let text = fs_err::read_to_string(&config_path)?;
+            let c: CrosscoderConfig =
+                serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+            if c.d != d || c.dict_size != dict {
+                bail!(
+                    "{}: d/D ({}, {}) do not match the weights ({d}, {dict})",
+                    config_path.display(),
+                    c.d,
+                    c.dict_size
+                );
+            }
+            c
+        } else {
+            CrosscoderConfig {
+                kind: if k.is_some() { Kind::BatchTopK } else { Kind::L1 },
+                d,
+                dict_size: dict,
+                k: k.map_or(0, |k| k as usize),
+                mu: 0.0,
+                layer: None,
+                models: Vec::new(),
+            }
+        };
+        Ok(Self {
+            config,
+            params: Params {
+                w_enc: tensor(enc.clone(), [2 * d, dict], device),
+                b_enc: tensor(b_enc, [1, dict], device),
+                w_dec: tensor(w_dec, [dict, 2 * d], device),
+                b_dec: tensor(b_dec, [1, 2 * d], device),
+            },
+            threshold,
+            file_checksum: Some(crate::io::checksum(&bytes)),
+        })
+    }
+
+    /// Inference codes: L1 → ReLU codes; BatchTopK → the global JumpReLU `f_j` where the
+    /// norm-scaled score exceeds θ (all positive codes when no θ was learned yet).
+    pub fn codes(&self, x: Tensor<2>) -> Tensor<2> {
+        let f = encode(&self.params, x);
+        match (self.config.kind, self.threshold) {
+            (Kind::BatchTopK, Some(theta)) => {
+                let scores = f.clone() * self.params.norm_sum();
+                f * scores.greater_elem(theta).float()
+            }
+            _ => f,
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Documents → token ids (with `<bos>` handling, truncation, skipping) and chat-template flags.
+
+use anyhow::Result;
+
+use crate::data::document::{Document, TokenizedDoc};
+use crate::model::tokenizer::ChatTokenizer;
+
+/// The paper's context length: documents are truncated to 1024 tokens.
+pub const DEFAULT_CONTEXT: usize = 1024;
+
+/// How documents become token sequences.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct TokenizeOptions {
+    /// Truncate documents to this many tokens (the paper: 1024).
+    #[arg(long, default_value_t = DEFAULT_CONTEXT)]
+    pub context: usize,
+    /// Drop each document's leading <bos> (another public replication does; the paper keeps it for Gemma).
+    #[arg(long)]
+    pub drop_bos: bool,
+    /// Drop the first N tokens of each document (after the <bos> decision).
+    #[arg(long, default_value_t = 0)]
+    pub skip_first: usize,
+}
+
+impl Default for TokenizeOptions {
+    fn default() -> Self {
+        Self { context: DEFAULT_CONTEXT, drop_bos: false, skip_first: 0 }
+    }
+}
+
+/// Tokenizes a document; `None` when nothing is left after truncation and skipping.
+pub fn tokenize(
+    tok: &ChatTokenizer,
+    doc: &Document,
+    source: usize,
+    opts: &TokenizeOptions,
+) -> Result<Option<TokenizedDoc>> {
+    let ids = match doc {
+        Document::Text(t) => tok.encode(t, true)?,
+        Document::Chat(m) => tok.encode_chat(m, false)?,
+    };
+    let template = template_flags(tok, &ids);
+    let mut start = 0;
+    if opts.drop_bos && ids.first().is_some_and(|&i| Some(i) == tok.bos_id) {
+        start = 1;
+    }
+    start += opts.skip_first;
+    let end = ids.len().min(start + opts.context);
+    if start >= end {
+        return Ok(None);
+    }
+    Ok(Some(TokenizedDoc {
+        ids: ids[start..end].to_vec(),
+        first_position: start as u32,
+        template: template[start..end].to_vec(),
+        source,
+    }))
+}
+
+/// Chat-template tokens: `<start_of_turn>`, the role token(s) and the newline after them,
+/// `<end_of_turn>` and the newline after it. BOS is not a template token (counted separately).
+pub fn template_flags(tok: &ChatTokenizer, ids: &[u32]) -> Vec<bool> {
+    let mut flags = vec![false; ids.len()];
+    let has_newline = |id: u32| tok.decode(&[id]).map(|s| s.contains('\n')).unwrap_or(false);
+    let mut i = 0;
+    while i < ids.len() {
+        let id = Some(ids[i]);
+        if id == tok.start_of_turn_id && id.is_some() {
+            flags[i] = true;
+            // The role name up to and including its newline (a role is a few tokens at most).
+            let mut j = i + 1;
+            while j < ids.len() && j <= i + 8 {
+                flags[j] = true;
+                if has_newline(ids[j]) {
+                    break;
+                }
+                j += 1;
+            }
+            i = j + 1;
+        } else if id == tok.end_of_turn_id && id.is_some() {
+            flags[i] = true;
+            if i + 1 < ids.len() && has_newline(ids[i + 1]) {
+                flags[i + 1] = true;
+                i += 1;
+            }
+            i += 1;
+        } else {
+            i += 1;
+        }
+    }
+    flags
+}

@@ -1,0 +1,108 @@
+//! Text generation with the KV cache: greedy or temperature/top-p sampling, stopping on
+//! `<end_of_turn>` / `<eos>`.
+
+use anyhow::Result;
+
+use crate::model::gemma2::{Gemma2, ResidualEdit};
+use crate::rng::SplitMix64;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    /// 0 means greedy (argmax, first index on ties, like torch.argmax).
+    pub temperature: f32,
+    /// Nucleus sampling mass; 1.0 keeps every token.
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// Generates up to `max_tokens` after `prompt`, calling `on_token` with each new id as soon as it
+/// is chosen (return `false` to stop early). Returns the new ids, including a final stop id.
+pub fn generate(
+    model: &Gemma2,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: Sampling,
+    stop_ids: &[u32],
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    generate_edited(model, prompt, max_tokens, sampling, stop_ids, None, on_token)
+}
+
+/// [`generate`] with a residual edit applied at every position (prompt and generated).
+pub fn generate_edited(
+    model: &Gemma2,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: Sampling,
+    stop_ids: &[u32],
+    edit: Option<&ResidualEdit>,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    let mut rng = SplitMix64(sampling.seed);
+    let mut cache = model.new_cache();
+    let mut out = Vec::new();
+    let mut next_input = prompt.to_vec();
+    for _ in 0..max_tokens {
+        let ids = model.batch_ids(std::slice::from_ref(&next_input))?;
+        let logits = model
+            .step_edited(ids, &mut cache, edit)
+            .try_into_vec_as::<f32>()
+            .map_err(|e| anyhow::anyhow!("reading logits from the device: {e:?}"))?;
+        let id = choose(&logits, sampling, &mut rng);
+        out.push(id);
+        let keep_going = on_token(id);
+        if stop_ids.contains(&id) || !keep_going {
+            break;
+        }
+        next_input = vec![id];
+    }
+    Ok(out)
+}
+
+/// Picks the next token from one row of logits.
+pub fn choose(logits: &[f32], sampling: Sampling, rng: &mut SplitMix64) -> u32 {
+    if sampling.temperature <= 0.0 {
+        return argmax(logits) as u32;
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(usize, f64)> =
+        logits.iter().enumerate().map(|(i, &l)| (i, (((l - max) / sampling.temperature) as f64).exp())).collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.iter_mut().for_each(|p| p.1 /= total);
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    // Keep the smallest prefix whose mass reaches top_p (at least one token).
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for p in &probs {
+        kept += 1;
+        mass += p.1;
+        if mass >= sampling.top_p as f64 {
+            break;
+        }
+    }
+    let probs = &probs[..kept];
+    let mut r = rng.next_f64() * mass;
+    for p in probs {
+        r -= p.1;
+        if r <= 0.0 {
+            return p.0 as u32;
+        }
+    }
+    probs[kept - 1].0 as u32
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}

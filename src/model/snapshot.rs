@@ -1,0 +1,417 @@
+//! A Hugging Face model snapshot directory: `config.json`, safetensors weights (single file or
+//! sharded with `model.safetensors.index.json`; bf16, f16 or f32), tokenizer files.
+//!
+//! Weights are memory-mapped and converted one tensor at a time, so peak host memory stays near one
+//! converted tensor plus the page cache of the mapping.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow, bail};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// `config.json` of a Gemma 2 model. Field names mirror the file; both hub spellings are accepted
+/// (`rope_theta` or `rope_parameters.rope_theta`; `hidden_activation` or `hidden_act`; `layer_types`
+/// present or not).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct Gemma2Config {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    pub query_pre_attn_scalar: f64,
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<Value>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+    #[serde(default)]
+    pub dtype: Option<String>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct RopeParameters {
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_type: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+impl Gemma2Config {
+    /// Reads and validates `config.json`; every error names the file and the field.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        // Gemma 2 checkpoints nest nothing, but multimodal wrappers put the text model under text_config.
+        let value = match value.get("text_config") {
+            Some(inner) if value.get("hidden_size").is_none() => inner.clone(),
+            _ => value,
+        };
+        match value.get("model_type").and_then(Value::as_str) {
+            Some("gemma2") => {}
+            Some(other) => bail!("{}: field `model_type` is \"{other}\", only \"gemma2\" is supported", path.display()),
+            None => bail!("{}: missing field `model_type`", path.display()),
+        }
+        let config: Self =
+            serde_json::from_value(value).map_err(|e| anyhow!("{}: {}", path.display(), describe_serde_error(&e)))?;
+        config.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                bail!("field `{field}` must be positive");
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            bail!(
+                "field `num_key_value_heads` ({}) must divide `num_attention_heads` ({})",
+                self.num_key_value_heads,
+                self.num_attention_heads
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            bail!("field `head_dim` ({}) must be even for rotary embeddings", self.head_dim);
+        }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                bail!(
+                    "field `layer_types` has {} entries, `num_hidden_layers` is {}",
+                    types.len(),
+                    self.num_hidden_layers
+                );
+            }
+            if let Some(bad) = types.iter().find(|t| *t != "sliding_attention" && *t != "full_attention") {
+                bail!("field `layer_types` has unknown entry \"{bad}\"");
+            }
+        }
+        let act = self.activation();
+        if act != "gelu_pytorch_tanh" && act != "gelu_tanh" {
+            bail!("field `hidden_activation` is \"{act}\", only gelu_pytorch_tanh is supported");
+        }
+        if self.tie_word_embeddings == Some(false) {
+            bail!("field `tie_word_embeddings` is false; Gemma 2 ties the unembedding to the embedding");
+        }
+        Ok(())
+    }
+
+    pub fn rope_base(&self) -> f64 {
+        self.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10_000.0)
+    }
+
+    pub fn activation(&self) -> &str {
+        self.hidden_activation.as_deref().or(self.hidden_act.as_deref()).unwrap_or("gelu_pytorch_tanh")
+    }
+
+    /// Whether layer `i` uses the sliding window: `layer_types` when present, else even layers.
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        if self.sliding_window.is_none() {
+            return false;
+        }
+        match &self.layer_types {
+            Some(types) => types[layer] == "sliding_attention",
+            None => layer % 2 == 0,
+        }
+    }
+
+    /// The dtype the checkpoint declares (`torch_dtype` or `dtype`), if any.
+    pub fn declared_dtype(&self) -> Option<&str> {
+        self.torch_dtype.as_deref().or(self.dtype.as_deref())
+    }
+
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Parameters in the model (embedding counted once: it is tied).
+    pub fn parameter_count(&self) -> usize {
+        let d = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let per_layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 4 * d;
+        self.vocab_size * d + self.num_hidden_layers * per_layer + d
+    }
+}
+
+/// serde's messages already name the field ("missing field `x`", "invalid type ... for key `x`").
+fn describe_serde_error(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg,
+    }
+}
+
+/// The element type of stored weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl StoredDtype {
+    fn from_safetensors(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(Self::F32),
+            Dtype::F16 => Some(Self::F16),
+            Dtype::BF16 => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// `torch_dtype` names as config.json writes them.
+    pub fn from_torch_name(name: &str) -> Option<Self> {
+        match name {
+            "float32" | "float" => Some(Self::F32),
+            "float16" | "half" => Some(Self::F16),
+            "bfloat16" => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// Rounds an f32 value to this dtype and back (what `torch.tensor(x, dtype=...)` does).
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            Self::F32 => v,
+            Self::F16 => half::f16::from_f32(v).to_f32(),
+            Self::Bf16 => half::bf16::from_f32(v).to_f32(),
+        }
+    }
+}
+
+/// A snapshot directory with its config and memory-mapped weight files.
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub config: Gemma2Config,
+    files: Vec<WeightFile>,
+    /// tensor name → index into `files`.
+    index: HashMap<String, usize>,
+}
+
+struct WeightFile {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+impl WeightFile {
+    fn open(path: PathBuf) -> Result<Self> {
+        let file = File::open(&path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
+        // SAFETY: the mapping is read-only; a snapshot modified while crossdiff reads it is outside
+        // what any loader can defend against (transformers maps the same way).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| anyhow!("{}: cannot map: {e}", path.display()))?;
+        Ok(Self { path, mmap })
+    }
+
+    /// Drops the mapped pages of a tensor that has been converted, so the page cache of the
+    /// mapping does not add a second copy of the weights to the process's resident memory.
+    fn release(&self, bytes: &[u8]) {
+        #[cfg(unix)]
+        {
+            let offset = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
+            // SAFETY: a read-only, file-backed mapping: MADV_DONTNEED only drops pages, which are
+            // read back from the file on the next access; contents never change.
+            let _ =
+                unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len()) };
+        }
+    }
+
+    fn parse(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.mmap)
+            .map_err(|e| anyhow!("{}: corrupt safetensors header: {e}", self.path.display()))
+    }
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Snapshot {
+    /// Opens a snapshot directory: parses `config.json` and maps the weight files (no copy yet).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            bail!("{}: not a model snapshot directory", dir.display());
+        }
+        let config = Gemma2Config::from_file(&dir.join("config.json"))?;
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| anyhow!("{}: cannot read: {e}", index_path.display()))?;
+            let parsed: ShardIndex = serde_json::from_str(&text)
+                .map_err(|e| anyhow!("{}: {}", index_path.display(), describe_serde_error(&e)))?;
+            let mut by_file: BTreeMap<&str, usize> = BTreeMap::new();
+            for (tensor, file) in &parsed.weight_map {
+                let next = by_file.len();
+                let slot = *by_file.entry(file.as_str()).or_insert(next);
+                index.insert(tensor.clone(), slot);
+            }
+            let mut names: Vec<(&str, usize)> = by_file.into_iter().collect();
+            names.sort_by_key(|(_, i)| *i);
+            for (name, _) in names {
+                files.push(WeightFile::open(dir.join(name))?);
+            }
+        } else if single.exists() {
+            let file = WeightFile::open(single)?;
+            for name in file.parse()?.names() {
+                index.insert(name.to_string(), 0);
+            }
+            files.push(file);
+        } else {
+            bail!("{}: no weights: expected model.safetensors or model.safetensors.index.json", dir.display());
+        }
+        // Parse every header once up front so a corrupt shard is reported before any work.
+        for f in &files {
+            f.parse()?;
+        }
+        Ok(Self { dir, config, files, index })
+    }
+
+    /// The directory's last path component (how caches and runs refer to a model).
+    pub fn name(&self) -> String {
+        self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| self.dir.display().to_string())
+    }
+
+    /// Stored dtype of a tensor.
+    pub fn dtype_of(&self, name: &str) -> Result<StoredDtype> {
+        let (file, view) = self.view(name)?;
+        StoredDtype::from_safetensors(view.dtype())
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` has unsupported dtype {:?}", file.path.display(), view.dtype()))
+    }
+
+    fn view(&self, name: &str) -> Result<(&WeightFile, safetensors::tensor::TensorView<'_>)> {
+        let &slot = self.index.get(name).ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.dir.display()))?;
+        let file = &self.files[slot];
+        let view = file
+            .parse()?
+            .tensor(name)
+            .map_err(|_| anyhow!("{}: missing tensor `{name}` (listed in the index)", file.path.display()))?;
+        Ok((file, view))
+    }
+
+    /// Reads tensor `name`, checks its shape, converts it to f32 (row-major, as stored).
+    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (file, view) = self.view(name)?;
+        if view.shape() != shape {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, expected {:?} from config.json",
+                file.path.display(),
+                view.shape(),
+                shape
+            );
+        }
+        let bytes = view.data();
+        let dtype = StoredDtype::from_safetensors(view.dtype()).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor `{name}` has unsupported dtype {:?} (expected bf16, f16 or f32)",
+                file.path.display(),
+                view.dtype()
+            )
+        })?;
+        let _ = dtype; // checked above: only the three float types reach the decoder
+        let values = crate::io::decode_f32(view.dtype(), bytes)?;
+        file.release(bytes);
+        Ok(values)
+    }
+
+    /// Reads a PyTorch `[out, in]` linear weight and returns it transposed to `[in, out]`, so the
+    /// model computes `x · W` with contiguous operands.
+    pub fn read_linear_t(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Vec<f32>> {
+        let w = self.read_f32(name, &[out_dim, in_dim])?;
+        let mut t = vec![0.0f32; w.len()];
+        for o in 0..out_dim {
+            let row = &w[o * in_dim..(o + 1) * in_dim];
+            for (i, v) in row.iter().enumerate() {
+                t[i * out_dim + o] = *v;
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join("tokenizer.json")
+    }
+
+    /// Bytes the weights take on disk.
+    pub fn weight_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.mmap.len() as u64).sum()
+    }
+
+    pub fn context(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+/// Refuses a base/chat pair that cannot be diffed: the widths and vocabulary must agree.
+pub fn check_pair(base: &Snapshot, chat: &Snapshot) -> Result<()> {
+    let (a, b) = (&base.config, &chat.config);
+    let fields = [
+        ("hidden_size", a.hidden_size, b.hidden_size),
+        ("vocab_size", a.vocab_size, b.vocab_size),
+        ("num_hidden_layers", a.num_hidden_layers, b.num_hidden_layers),
+    ];
+    for (field, x, y) in fields {
+        if x != y {
+            bail!(
+                "base and chat differ in config.json field `{field}`: {} has {x}, {} has {y}",
+                base.dir.display(),
+                chat.dir.display()
+            );
+        }
+    }
+    Ok(())
+}

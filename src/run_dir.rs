@@ -1,0 +1,112 @@
+//! The crosscoder run directory (shared/spec/interfaces.md, "Crosscoder run directory"): every file
+//! name in one place. The typed readers and writers live beside the types they read (`impl RunDir`
+//! blocks in `crosscoder`, `crosscoder::train`, `analysis::latents`, `analysis::kl`), so this module
+//! depends on nothing and everything may depend on it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A run directory: `crosscoder.safetensors` + `config.json`, `checkpoint/`, `metrics.jsonl`, and
+/// what `analyze` and `kl` add.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    pub const CROSSCODER: &'static str = "crosscoder.safetensors";
+    pub const CONFIG: &'static str = "config.json";
+    pub const METRICS: &'static str = "metrics.jsonl";
+    pub const CHECKPOINT: &'static str = "checkpoint";
+    pub const CHECKPOINT_STATE: &'static str = "state.json";
+    pub const LATENTS: &'static str = "latents.csv";
+    pub const SUMMARY: &'static str = "summary.json";
+    pub const ANALYZE_STATE: &'static str = "analyze-state.json";
+    pub const EXAMPLES: &'static str = "examples.safetensors";
+    pub const KL: &'static str = "kl.json";
+
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn crosscoder(&self) -> PathBuf {
+        self.file(Self::CROSSCODER)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.file(Self::CONFIG)
+    }
+
+    pub fn metrics(&self) -> PathBuf {
+        self.file(Self::METRICS)
+    }
+
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.file(Self::CHECKPOINT)
+    }
+
+    pub fn checkpoint_state(&self) -> PathBuf {
+        self.checkpoint_dir().join(Self::CHECKPOINT_STATE)
+    }
+
+    pub fn latents(&self) -> PathBuf {
+        self.file(Self::LATENTS)
+    }
+
+    pub fn summary(&self) -> PathBuf {
+        self.file(Self::SUMMARY)
+    }
+
+    pub fn analyze_state(&self) -> PathBuf {
+        self.file(Self::ANALYZE_STATE)
+    }
+
+    pub fn examples(&self) -> PathBuf {
+        self.file(Self::EXAMPLES)
+    }
+
+    pub fn kl(&self) -> PathBuf {
+        self.file(Self::KL)
+    }
+
+    /// Whether a trained crosscoder is there.
+    pub fn has_crosscoder(&self) -> bool {
+        self.crosscoder().exists()
+    }
+
+    /// Reads and parses one JSON file of the run; errors name the file.
+    pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let path = self.file(name);
+        let text = fs_err::read_to_string(&path)?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid", path.display()))
+    }
+
+    /// Writes one JSON file of the run atomically (pretty-printed).
+    pub fn write_json<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<()> {
+        let text = serde_json::to_string_pretty(value)?;
+        crate::io::write_atomic(&self.file(name), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
+    }
+}
+
+impl From<&Path> for RunDir {
+    fn from(p: &Path) -> Self {
+        Self::new(p)
+    }
+}
+
+impl From<PathBuf> for RunDir {
+    fn from(p: PathBuf) -> Self {
+        Self::new(p)
+    }
+}

@@ -1,0 +1,149 @@
+//! The analyze job: `crossdiff analyze`, the app and the demo. The crosscoder is loaded once; the
+//! latents table with Latent Scaling, `summary.json` and the examples store are written from it.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+
+use crate::activations::cache::CacheIndex;
+use crate::analysis::analyze::AnalyzeOptions;
+use crate::analysis::examples::ExamplesOptions;
+use crate::analysis::latents::{LatentRow, Summary};
+use crate::crosscoder::Crosscoder;
+use crate::run_dir::RunDir;
+use crate::workflow::Handle;
+
+/// `crossdiff analyze`: per-latent metrics and Latent Scaling over a cache (RUN/latents.csv,
+/// RUN/summary.json) and the examples store (RUN/examples.safetensors).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AnalyzeJob {
+    /// The run directory (a trained crosscoder).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// The activation cache to stream.
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// Tokens of the cache to use (default: all).
+    #[arg(long)]
+    pub tokens: Option<u64>,
+    /// Pairs per device batch.
+    #[arg(long, default_value_t = 1024)]
+    pub batch: usize,
+    /// Error betas for the top-N latents by Δ (default: the number of chat-only latents, at least 100).
+    #[arg(long)]
+    pub error_top_n: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The base model (for each latent's promoted/suppressed tokens through its unembedding).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// The chat model (likewise).
+    #[arg(long)]
+    pub chat: Option<PathBuf>,
+    /// Top activating examples stored per latent.
+    #[arg(long, default_value_t = 10)]
+    pub examples: usize,
+    /// Context tokens on each side of an example.
+    #[arg(long, default_value_t = 16)]
+    pub context: usize,
+}
+
+impl Default for AnalyzeJob {
+    fn default() -> Self {
+        Self {
+            run: PathBuf::new(),
+            cache: PathBuf::new(),
+            tokens: None,
+            batch: 1024,
+            error_top_n: None,
+            seed: 0,
+            base: None,
+            chat: None,
+            examples: 10,
+            context: 16,
+        }
+    }
+}
+
+/// What an analysis ends with (also on disk in the run directory).
+pub struct AnalyzeOutcome {
+    pub rows: Vec<LatentRow>,
+    pub summary: Summary,
+    pub seconds: f64,
+}
+
+impl AnalyzeJob {
+    pub fn validate(&self) -> Result<()> {
+        if self.tokens == Some(0) {
+            bail!("--tokens must be positive (0 would overwrite the run's latents.csv with an empty analysis)");
+        }
+        if self.batch == 0 {
+            bail!("--batch must be positive");
+        }
+        if self.base.is_some() != self.chat.is_some() {
+            bail!("--base and --chat go together (for promoted/suppressed tokens)");
+        }
+        Ok(())
+    }
+
+    pub fn run(&self, device: &Device, handle: Handle) -> Result<AnalyzeOutcome> {
+        self.validate()?;
+        let started = std::time::Instant::now();
+        let run = RunDir::new(&self.run);
+        let cc = Crosscoder::load(run.path(), device)?;
+        let index = CacheIndex::open(&self.cache)?;
+        check_run_against_cache(&cc, &index, &self.cache)?;
+        let opts =
+            AnalyzeOptions { tokens: self.tokens, batch: self.batch, error_top_n: self.error_top_n, seed: self.seed };
+        let (rows, summary) = crate::analysis::analyze::analyze(
+            &run,
+            &cc,
+            &self.cache,
+            device,
+            &opts,
+            |done, total| handle.progress("analysing", done, total, "tokens"),
+            || handle.keep_going(),
+        )?;
+        run.write_latents(&rows, &summary)?;
+        handle.progress("examples", 0, 1, "stores");
+        let unembed = match (&self.base, &self.chat) {
+            (Some(b), Some(c)) => Some([embedding(b)?, embedding(c)?]),
+            _ => None,
+        };
+        let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
+        let ex = ExamplesOptions {
+            top_n: self.examples,
+            context: self.context,
+            batch: self.batch,
+            seed: self.seed,
+            ..Default::default()
+        };
+        crate::analysis::examples::build_examples(&run, &cc, &self.cache, device, &max_act, unembed, &ex, self.tokens)?;
+        Ok(AnalyzeOutcome { rows, summary, seconds: started.elapsed().as_secs_f64() })
+    }
+}
+
+/// A run analysed on a cache must share its width and (when both record it) its layer.
+pub fn check_run_against_cache(cc: &Crosscoder, index: &CacheIndex, cache: &std::path::Path) -> Result<()> {
+    if index.d_model != cc.config.d {
+        bail!("{}: the cache has width {}, the crosscoder {}", cache.display(), index.d_model, cc.config.d);
+    }
+    if let Some(layer) = cc.config.layer {
+        if layer != index.layer {
+            bail!(
+                "{}: the cache is of layer {}, the crosscoder was trained on layer {layer}",
+                cache.display(),
+                index.layer
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A snapshot's `[vocab, d]` embedding (the tied unembedding), as f32.
+pub fn embedding(dir: &std::path::Path) -> Result<Vec<f32>> {
+    let snap = crate::model::snapshot::Snapshot::open(dir)?;
+    let c = &snap.config;
+    snap.read_f32("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])
+}

@@ -1,0 +1,74 @@
+//! The KL job (the causal check, shared/spec/method.md §5): `crossdiff kl`, the app and the demo.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+
+use crate::analysis::kl::KlStat;
+use crate::crosscoder::Crosscoder;
+use crate::run_dir::RunDir;
+use crate::workflow::Handle;
+use crate::workflow::models::ModelStore;
+
+/// `crossdiff kl`: KL(P_chat ‖ P_patched) on assistant-predicting tokens when the base residual is
+/// patched with sets of latents; a table and RUN/kl.json.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KlJob {
+    /// The run directory (crosscoder and latents.csv).
+    #[arg(long)]
+    pub run: PathBuf,
+    #[arg(long)]
+    pub base: PathBuf,
+    #[arg(long)]
+    pub chat: PathBuf,
+    /// Conversations: .jsonl or .parquet with `messages`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Conversations to use (the paper: 512).
+    #[arg(long, default_value_t = 512)]
+    pub conversations: usize,
+    /// The layer (default: the crosscoder's, from its config.json).
+    #[arg(long)]
+    pub layer: Option<usize>,
+}
+
+impl KlJob {
+    pub fn validate(&self) -> Result<()> {
+        if self.conversations == 0 {
+            bail!("--conversations must be positive");
+        }
+        Ok(())
+    }
+
+    /// Runs the check and writes `kl.json`; models come from (and stay in) `store`.
+    pub fn run(&self, device: &Device, store: &ModelStore, handle: Handle) -> Result<Vec<KlStat>> {
+        self.validate()?;
+        let run = RunDir::new(&self.run);
+        let cc = Crosscoder::load(run.path(), device)?;
+        let rows = run.read_latents()?;
+        let layer = resolve_layer(self.layer, &cc)?;
+        let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
+        check_layer(layer, b.gemma.num_layers())?;
+        let total = self.conversations as u64;
+        let stats =
+            crate::analysis::kl::kl_table(&b, &c, &cc, &rows, layer, &self.data, self.conversations, |n| {
+                handle.progress("kl", n as u64, total, "conversations")
+            })?;
+        run.write_kl(&stats)?;
+        Ok(stats)
+    }
+}
+
+/// `--layer`, else the layer the crosscoder records.
+pub fn resolve_layer(flag: Option<usize>, cc: &Crosscoder) -> Result<usize> {
+    flag.or(cc.config.layer).ok_or_else(|| anyhow::anyhow!("--layer: the run's config.json names no layer"))
+}
+
+/// Patching after block `layer` needs a block after it... or at least the block itself.
+pub fn check_layer(layer: usize, blocks: usize) -> Result<()> {
+    if layer >= blocks {
+        bail!("--layer {layer} is out of range: the models have {blocks} blocks (0..={})", blocks - 1);
+    }
+    Ok(())
+}

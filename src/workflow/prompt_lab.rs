@@ -1,0 +1,46 @@
+//! The prompt-lab job: one text through both models and the crosscoder (the app's Prompt lab).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use burn::tensor::Device;
+
+use crate::analysis::prompt_lab::PromptAnalysis;
+use crate::crosscoder::Crosscoder;
+use crate::workflow::Handle;
+use crate::workflow::kl::{check_layer, resolve_layer};
+use crate::workflow::models::ModelStore;
+
+#[derive(Debug, Clone, Default)]
+pub struct PromptLabJob {
+    pub run: PathBuf,
+    pub base: PathBuf,
+    pub chat: PathBuf,
+    pub text: String,
+    /// Render the text as one user turn with the chat model's template.
+    pub chat_turn: bool,
+    /// Latents whose activation is shown at every token.
+    pub chosen: Vec<usize>,
+    /// Top latents listed per token.
+    pub top: usize,
+}
+
+pub struct PromptLabOutcome {
+    pub analysis: PromptAnalysis,
+    /// Each token as text (newlines shown as `\n`).
+    pub tokens: Vec<String>,
+}
+
+impl PromptLabJob {
+    pub fn run(&self, device: &Device, store: &ModelStore, handle: Handle) -> Result<PromptLabOutcome> {
+        let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
+        let cc = Crosscoder::load(&self.run, device)?;
+        let layer = resolve_layer(None, &cc)?;
+        check_layer(layer, b.gemma.num_layers())?;
+        let ids = c.prompt_ids(&self.text, self.chat_turn)?;
+        let analysis =
+            crate::analysis::prompt_lab::analyze_prompt(&b, &c, &cc, layer, &ids, &self.chosen, self.top.max(1))?;
+        let tokens = ids.iter().map(|&i| c.tokenizer.decode(&[i]).unwrap_or_default().replace('\n', "\\n")).collect();
+        Ok(PromptLabOutcome { analysis, tokens })
+    }
+}

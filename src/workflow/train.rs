@@ -1,0 +1,338 @@
+//! The train job: `crossdiff train`, the app's Train view and the demo's training stages. Picks the
+//! data source (a cache through the shuffled reader, or both models on the fly), resolves the
+//! dictionary size and the step budget, and runs the engine's training loop with progress.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+
+use crate::activations::onthefly::{OnTheFlyConfig, OnTheFlySource};
+use crate::activations::reader::{CacheReader, PairBatch, ReaderConfig};
+use crate::crosscoder::train::{PairSource, StepMetrics, TrainConfig, TrainRun, defaults};
+use crate::crosscoder::{Crosscoder, Kind};
+use crate::data::TokenizeOptions;
+use crate::model::gemma2::LoadOptions;
+use crate::workflow::Handle;
+
+/// `crossdiff train`: a crosscoder on a cache (or on the fly), checkpointed in `out`; re-running
+/// the same job resumes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainJob {
+    /// The activation cache to train on (or train on the fly with --base/--chat/--data/--layer).
+    #[arg(long, required_unless_present = "base")]
+    pub cache: Option<PathBuf>,
+    /// The run directory (crosscoder, checkpoint, metrics).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// On the fly, no disk cache: the base model (with --chat, --data, --layer).
+    #[arg(long, requires_all = ["chat", "data", "layer"], conflicts_with = "cache")]
+    pub base: Option<PathBuf>,
+    /// On the fly: the chat model.
+    #[arg(long)]
+    pub chat: Option<PathBuf>,
+    /// On the fly: the data files.
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// On the fly: the block whose output is used.
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// On the fly: how documents are tokenized.
+    #[command(flatten)]
+    pub tokenize: TokenizeOptions,
+    /// On the fly: interleave the data files 1:1 by tokens.
+    #[arg(long)]
+    pub mix: bool,
+    /// The sparsity mechanism.
+    #[arg(long, default_value = "batchtopk")]
+    pub kind: Kind,
+    /// Dictionary size D (default: 32 × d, the paper's).
+    #[arg(long, conflicts_with = "expansion")]
+    pub dict_size: Option<usize>,
+    /// D as a multiple of d.
+    #[arg(long)]
+    pub expansion: Option<usize>,
+    /// BatchTopK: active latents per token on average.
+    #[arg(long, default_value_t = defaults::K)]
+    pub k: usize,
+    /// L1: the sparsity coefficient μ.
+    #[arg(long, default_value_t = defaults::MU)]
+    pub mu: f64,
+    /// Adam's learning rate after warm-up.
+    #[arg(long, default_value_t = defaults::LR)]
+    pub lr: f64,
+    #[arg(long, default_value_t = defaults::WARMUP_STEPS)]
+    pub warmup_steps: u64,
+    /// BatchTopK: the inference threshold θ is estimated on steps after this one.
+    #[arg(long, default_value_t = defaults::THRESHOLD_START)]
+    pub threshold_start: u64,
+    /// Pairs per step.
+    #[arg(long, default_value_t = defaults::BATCH)]
+    pub batch: usize,
+    /// Train on this many tokens (default: one pass over the cache's training split).
+    #[arg(long, conflicts_with = "steps")]
+    pub tokens: Option<u64>,
+    /// Train for this many steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// AuxK's weight α.
+    #[arg(long, default_value_t = defaults::AUX_ALPHA)]
+    pub aux_alpha: f64,
+    /// A latent is dead after this many tokens without being selected.
+    #[arg(long, default_value_t = defaults::DEAD_TOKENS)]
+    pub dead_tokens: u64,
+    /// Encoder column norm at init (default: 0.005 for L1, 1.0 for BatchTopK).
+    #[arg(long)]
+    pub init_norm: Option<f64>,
+    /// Anneal k linearly from this value down to --k over --k-anneal-steps.
+    #[arg(long)]
+    pub k_anneal_from: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub k_anneal_steps: u64,
+    /// The paper's ½‖ε‖² per model instead of the released code's unsquared norm.
+    #[arg(long)]
+    pub squared_recon: bool,
+    /// Validation FVE every N steps on the held-out slice (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub val_every: u64,
+    /// Tokens held out at the end of the cache for validation.
+    #[arg(long, default_value_t = 0)]
+    pub val_tokens: u64,
+    #[arg(long, default_value_t = defaults::CHECKPOINT_EVERY)]
+    pub checkpoint_every: u64,
+    /// Rows in the shuffle pool.
+    #[arg(long, default_value_t = defaults::SHUFFLE_TOKENS)]
+    pub shuffle_tokens: usize,
+    /// Steps between metrics lines (and progress reports).
+    #[arg(long, default_value_t = defaults::LOG_EVERY, hide = true)]
+    pub log_every: u64,
+}
+
+impl Default for TrainJob {
+    /// Every optional setting at its default; `cache`/`out` empty (a caller fills them).
+    fn default() -> Self {
+        Self {
+            cache: None,
+            out: PathBuf::new(),
+            base: None,
+            chat: None,
+            data: Vec::new(),
+            layer: None,
+            tokenize: TokenizeOptions::default(),
+            mix: false,
+            kind: Kind::BatchTopK,
+            dict_size: None,
+            expansion: None,
+            k: defaults::K,
+            mu: defaults::MU,
+            lr: defaults::LR,
+            warmup_steps: defaults::WARMUP_STEPS,
+            threshold_start: defaults::THRESHOLD_START,
+            batch: defaults::BATCH,
+            tokens: None,
+            steps: None,
+            seed: 0,
+            aux_alpha: defaults::AUX_ALPHA,
+            dead_tokens: defaults::DEAD_TOKENS,
+            init_norm: None,
+            k_anneal_from: None,
+            k_anneal_steps: 0,
+            squared_recon: false,
+            val_every: 0,
+            val_tokens: 0,
+            checkpoint_every: defaults::CHECKPOINT_EVERY,
+            shuffle_tokens: defaults::SHUFFLE_TOKENS,
+            log_every: defaults::LOG_EVERY,
+        }
+    }
+}
+
+/// What a training run ends with.
+pub struct TrainOutcome {
+    pub crosscoder: Crosscoder,
+    /// The last logged step of this run (`None`: nothing was left to do).
+    pub last: Option<StepMetrics>,
+    pub total_steps: u64,
+    pub seconds: f64,
+}
+
+/// The data side of a run, opened.
+struct Opened {
+    source: Box<dyn PairSource>,
+    d: usize,
+    models: Vec<String>,
+    layer: Option<usize>,
+    validation: Option<PairBatch>,
+    /// One pass over the training split, when the data has a size.
+    one_pass_steps: Option<u64>,
+}
+
+impl TrainJob {
+    /// Checks every value that needs no file (`d`-dependent checks follow once the data is open).
+    pub fn validate(&self) -> Result<()> {
+        if self.out.as_os_str().is_empty() {
+            bail!("--out: a run directory is required");
+        }
+        if self.batch == 0 {
+            bail!("--batch must be positive");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive finite number, not {}", self.lr);
+        }
+        if !(self.mu.is_finite() && self.mu >= 0.0) {
+            bail!("--mu must be a finite number ≥ 0, not {}", self.mu);
+        }
+        if !(self.aux_alpha.is_finite() && self.aux_alpha >= 0.0) {
+            bail!("--aux-alpha must be a finite number ≥ 0, not {}", self.aux_alpha);
+        }
+        if let Some(n) = self.init_norm {
+            if !(n.is_finite() && n > 0.0) {
+                bail!("--init-norm must be a positive finite number, not {n}");
+            }
+        }
+        if self.dict_size == Some(0) || self.expansion == Some(0) {
+            bail!("--dict-size / --expansion must be positive");
+        }
+        if self.kind == Kind::BatchTopK && self.k == 0 {
+            bail!("--k must be at least 1 (k = 0 keeps no latent)");
+        }
+        if self.steps == Some(0) || self.tokens == Some(0) {
+            bail!("--steps / --tokens must be positive");
+        }
+        Ok(())
+    }
+
+    /// D for a model width d.
+    pub fn dict_size_for(&self, d: usize) -> usize {
+        self.dict_size.unwrap_or(self.expansion.unwrap_or(defaults::EXPANSION) * d)
+    }
+
+    /// The engine's hyperparameters once D and the step budget are known.
+    pub fn config(&self, dict_size: usize, steps: u64) -> TrainConfig {
+        let defaults = TrainConfig::defaults(self.kind, dict_size);
+        TrainConfig {
+            k: self.k,
+            mu: self.mu,
+            lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            threshold_start: self.threshold_start,
+            steps,
+            aux_alpha: self.aux_alpha,
+            dead_tokens: self.dead_tokens,
+            init_norm: self.init_norm.unwrap_or(defaults.init_norm),
+            k_anneal_from: self.k_anneal_from,
+            k_anneal_steps: self.k_anneal_steps,
+            squared_recon: self.squared_recon,
+            seed: self.seed,
+            checkpoint_every: self.checkpoint_every,
+            log_every: self.log_every,
+            val_every: self.val_every,
+            ..defaults
+        }
+    }
+
+    fn open(&self, device: &Device) -> Result<Opened> {
+        match (&self.cache, &self.base, &self.chat, self.layer) {
+            (Some(cache), _, _, _) => {
+                let cfg = ReaderConfig {
+                    batch: self.batch,
+                    seed: self.seed,
+                    shuffle_tokens: self.shuffle_tokens,
+                    val_tokens: self.val_tokens,
+                    epochs: None,
+                };
+                let reader = CacheReader::open(cache, cfg)?;
+                let validation = if self.val_tokens > 0 { Some(reader.validation()?) } else { None };
+                Ok(Opened {
+                    d: reader.index.d_model,
+                    models: reader.index.models.clone(),
+                    layer: Some(reader.index.layer),
+                    validation,
+                    one_pass_steps: Some(reader.train_tokens.div_ceil(self.batch as u64)),
+                    source: Box::new(reader),
+                })
+            }
+            (None, Some(base), Some(chat), Some(layer)) => {
+                if self.val_tokens > 0 {
+                    bail!("--val-tokens needs a cache (the on-the-fly source has no held-out slice)");
+                }
+                let config = crate::model::snapshot::Snapshot::open(base)?.config;
+                if layer >= config.num_hidden_layers {
+                    bail!(
+                        "--layer {layer} is out of range: the models have {} blocks (0..={})",
+                        config.num_hidden_layers,
+                        config.num_hidden_layers - 1
+                    );
+                }
+                let cfg = OnTheFlyConfig {
+                    base: base.clone(),
+                    chat: chat.clone(),
+                    data: self.data.clone(),
+                    layer,
+                    tokenize: self.tokenize.clone(),
+                    mix: self.mix,
+                    chunk_tokens: 65_536,
+                    batch_tokens: 8192,
+                    tokens: u64::MAX,
+                    load: LoadOptions::default(),
+                };
+                let src = OnTheFlySource::start(cfg, device.clone(), self.batch, self.shuffle_tokens, self.seed)?;
+                Ok(Opened {
+                    source: Box::new(src),
+                    d: config.hidden_size,
+                    models: vec![base.display().to_string(), chat.display().to_string()],
+                    layer: Some(layer),
+                    validation: None,
+                    one_pass_steps: None,
+                })
+            }
+            _ => bail!("give --cache, or --base, --chat, --data and --layer to train on the fly"),
+        }
+    }
+
+    /// The step budget: --steps, else --tokens / batch, else one pass over the cache.
+    fn steps(&self, one_pass: Option<u64>) -> Result<u64> {
+        match (self.steps, self.tokens, one_pass) {
+            (Some(s), _, _) => Ok(s),
+            (None, Some(t), _) => Ok(t.div_ceil(self.batch as u64)),
+            (None, None, Some(s)) => Ok(s),
+            (None, None, None) => bail!("--steps or --tokens: on the fly there is no cache size to default to"),
+        }
+    }
+
+    /// Trains (resuming from `out`'s checkpoint); a cancelled handle checkpoints and returns.
+    pub fn run(&self, device: &Device, handle: Handle) -> Result<TrainOutcome> {
+        self.validate()?;
+        let started = std::time::Instant::now();
+        let mut opened = self.open(device)?;
+        let dict = self.dict_size_for(opened.d);
+        if self.kind == Kind::BatchTopK && self.k > dict {
+            bail!("--k {} is larger than the dictionary (D = {dict})", self.k);
+        }
+        let steps = self.steps(opened.one_pass_steps)?;
+        let config = self.config(dict, steps);
+        let mut run = TrainRun {
+            config,
+            out: self.out.clone(),
+            device: device.clone(),
+            source: opened.source.as_mut(),
+            validation: opened.validation.take(),
+            layer: opened.layer,
+            models: opened.models.clone(),
+            width: opened.d,
+        };
+        let mut last = None;
+        handle.progress("training", 0, steps, "steps");
+        let crosscoder = run.run(
+            |p| {
+                handle.progress("training", p.metrics.step, p.total_steps, "steps");
+                handle.metrics(p.metrics.clone());
+                last = Some(p.metrics);
+            },
+            || handle.keep_going(),
+        )?;
+        Ok(TrainOutcome { crosscoder, last, total_steps: steps, seconds: started.elapsed().as_secs_f64() })
+    }
+}
