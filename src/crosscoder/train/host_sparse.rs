@@ -1,11 +1,135 @@
-//! BatchTopK's sparse decoder, its backward and Adam as plain loops over host memory: the CPU
-//! (flex) path, where tensors already live in RAM and burn's generic gather/scatter and unfused
-//! element-wise ops cost more than the arithmetic. The autodiff route in `train.rs` (decoder rows
-//! through `select`/`select_assign`) is the reference this is tested against.
+//! The host-sparse route (flex, `cpu_kernels`): BatchTopK's selection, sparse decoder, loss and
+//! backward as plain loops over host memory, where tensors already live in RAM and burn's generic
+//! gather/scatter and unfused element-wise ops cost more than the arithmetic. The autodiff-sparse
+//! route (decoder rows through `select`/`select_assign`) and the dense route are the references
+//! this is tested against.
 //!
 //! Gradients of the loss of method.md §2.2 for the picked entries (token t, latent l, code v):
 //! ĥ_t = b_dec + Σ_p v_p W_l; g_t = ∂L/∂ĥ_t; ∂L/∂W_l += v_p g_t; ∂L/∂v_p = W_l · g_t; the encoder
 //! gradient follows from ∂L/∂v_p (ReLU' = 1 on picked entries): ∂L/∂W_enc[:, l] += ∂L/∂v_p x_t.
+
+use anyhow::Result;
+use burn::tensor::Tensor;
+
+use crate::crosscoder::train::config::TrainConfig;
+use crate::crosscoder::train::step::{Selection, StepOutput, aux_weight, host_scores};
+use crate::crosscoder::{Params, encode, read_vec, tensor};
+
+/// The route: selection, decode, loss and every gradient by the loops below; only the dense encoder
+/// matmul runs through burn.
+pub(crate) fn step(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    step: u64,
+    since_selected: &mut [u64],
+) -> Result<StepOutput> {
+    let (d, dict) = p.dims();
+    let [b, two_d] = x.dims();
+    let device = x.device();
+    let f = read_vec(encode(p, x.clone()))?;
+    let norms = read_vec(p.norm_sum())?;
+    let (main, selected, mask, min_kept) = select_topk(&f, &norms, dict, cfg.k_at(step) * b);
+    let selection = Selection::batch_topk(selected, mask, min_kept);
+    let dead = selection.record(cfg, since_selected, b, d);
+    let xh = read_vec(x)?;
+    let w_dec = read_vec(p.w_dec.clone())?;
+    let b_dec = read_vec(p.b_dec.clone())?;
+
+    let mut recon: Vec<f32> = (0..b).flat_map(|_| b_dec.iter().copied()).collect();
+    decode_into(&mut recon, &main, &w_dec, two_d);
+    let err: Vec<f32> = xh.iter().zip(&recon).map(|(a, r)| a - r).collect();
+    // Reconstruction term and g = ∂L/∂ĥ.
+    let mut g = vec![0.0f32; b * two_d];
+    let mut recon_loss = 0.0f64;
+    for t in 0..b {
+        for m in 0..2 {
+            let e = &err[t * two_d + m * d..t * two_d + (m + 1) * d];
+            let gs = &mut g[t * two_d + m * d..t * two_d + (m + 1) * d];
+            let sq: f64 = e.iter().map(|v| (*v as f64).powi(2)).sum();
+            if cfg.squared_recon {
+                recon_loss += 0.5 * sq / b as f64;
+                gs.iter_mut().zip(e).for_each(|(gv, ev)| *gv = -ev / b as f32);
+            } else {
+                let n = sq.sqrt();
+                recon_loss += n / (2 * b) as f64;
+                if n > 0.0 {
+                    let k = (1.0 / (2.0 * b as f64 * n)) as f32;
+                    gs.iter_mut().zip(e).for_each(|(gv, ev)| *gv = -ev * k);
+                }
+            }
+        }
+    }
+    let mut loss = recon_loss;
+    let mut aux_value = None;
+    let mut aux_picks = None;
+    let mut g_aux = Vec::new();
+    if dead.any() {
+        let aux_mask = dead.aux_mask(&host_scores(&f, &norms, dict), dict);
+        let picks = HostPicks::from_mask(&f, &aux_mask, dict);
+        let mut e_hat = vec![0.0f32; b * two_d];
+        decode_into(&mut e_hat, &picks, &w_dec, two_d);
+        let mut mean = vec![0.0f64; two_d];
+        for row in err.chunks_exact(two_d) {
+            mean.iter_mut().zip(row).for_each(|(m, v)| *m += *v as f64 / b as f64);
+        }
+        let den: f64 = err
+            .chunks_exact(two_d)
+            .map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>())
+            .sum::<f64>()
+            / b as f64;
+        let num: f64 = err.iter().zip(&e_hat).map(|(e, h)| (*e as f64 - *h as f64).powi(2)).sum::<f64>() / b as f64;
+        let a = num / den;
+        aux_value = Some(a);
+        if let Some(alpha) = aux_weight(cfg, a) {
+            loss += alpha * a;
+            // ∂(α·num/den)/∂ê = −2α(e − ê)/(B·den); e is detached.
+            let k = (-2.0 * alpha / (b as f64 * den)) as f32;
+            g_aux = err.iter().zip(&e_hat).map(|(e, h)| k * (e - h)).collect();
+            aux_picks = Some(picks);
+        }
+    }
+    // Gradients: ∂L/∂v per pick, then decoder rows and encoder columns grouped by latent.
+    let grad_v = pick_grads(&main, &w_dec, &g, two_d);
+    let mut grad_b_dec = vec![0.0f32; two_d];
+    for row in g.chunks_exact(two_d) {
+        grad_b_dec.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+    }
+    let grad_v_aux = aux_picks.as_ref().map(|p| pick_grads(p, &w_dec, &g_aux, two_d));
+    let mut dec_sets: Vec<(&HostPicks, &[f32], &[f32])> = vec![(&main, &main.values, &g)];
+    let mut enc_sets: Vec<(&HostPicks, &[f32], &[f32])> = vec![(&main, &grad_v, &xh)];
+    if let (Some(p), Some(gv)) = (&aux_picks, &grad_v_aux) {
+        dec_sets.push((p, &p.values, &g_aux));
+        enc_sets.push((p, gv, &xh));
+    }
+    let mut grad_w_dec = vec![0.0f32; dict * two_d];
+    accumulate_by_latent(&mut grad_w_dec, two_d, &dec_sets);
+    // Encoder gradient accumulated as [D, 2d] rows (contiguous), transposed once at the end.
+    let mut grad_enc_t = vec![0.0f32; dict * two_d];
+    accumulate_by_latent(&mut grad_enc_t, two_d, &enc_sets);
+    let mut grad_b_enc = vec![0.0f32; dict];
+    for (picks, gv, _) in &enc_sets {
+        for (&l, &gvp) in picks.latents.iter().zip(gv.iter()) {
+            grad_b_enc[l as usize] += gvp;
+        }
+    }
+    let grad_w_enc = transpose(&grad_enc_t, dict, two_d);
+    let scalar = |v: f64| tensor(vec![v as f32], [1], &device);
+    let grads = [
+        tensor(grad_w_enc, [two_d, dict], &device),
+        tensor(grad_b_enc, [1, dict], &device),
+        tensor(grad_w_dec, [dict, two_d], &device),
+        tensor(grad_b_dec, [1, two_d], &device),
+    ];
+    Ok(StepOutput::new(
+        selection,
+        scalar(loss),
+        scalar(recon_loss),
+        aux_value.map(scalar),
+        tensor(err, [b, two_d], &device),
+        grads,
+    ))
+}
 
 /// Picked (token, latent, code) entries.
 pub struct HostPicks {

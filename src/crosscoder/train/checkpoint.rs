@@ -1,0 +1,147 @@
+//! Checkpoints: the training state ([`TrainState`]) written so that a resumed run follows the same
+//! loss curve bit for bit, and the metrics lines trimmed back to the checkpoint's step.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Result, anyhow, bail};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::crosscoder::train::config::TrainConfig;
+use crate::crosscoder::train::step::StepMetrics;
+use crate::crosscoder::{Params, read_vec, tensor};
+use crate::io::{LazyTensor, f32_bytes, write_atomic, write_safetensors_streaming};
+
+/// Everything a step changes; what a checkpoint stores.
+pub struct TrainState {
+    pub params: Params,
+    pub adam_m: Params,
+    pub adam_v: Params,
+    pub step: u64,
+    pub tokens: u64,
+    /// Tokens since each latent was last selected.
+    pub since_selected: Vec<u64>,
+    pub threshold: Option<f32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    step: u64,
+    tokens: u64,
+    threshold: Option<f32>,
+    weights: String,
+    config: TrainConfig,
+    d: usize,
+}
+
+const NAMES: [&str; 4] = ["w_enc", "b_enc", "w_dec", "b_dec"];
+
+/// Writes the weights file first (a new name per step), then `state.json` pointing at it: the
+/// JSON's atomic rename is the commit point, so a crash leaves the previous checkpoint valid.
+pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState) -> Result<()> {
+    let dir = out.join("checkpoint");
+    let (d, _) = s.params.dims();
+    let weights = format!("state-{:09}.safetensors", s.step);
+    let mut tensors = Vec::new();
+    for (prefix, p) in [("param", &s.params), ("adam_m", &s.adam_m), ("adam_v", &s.adam_v)] {
+        for (name, t) in NAMES.iter().zip(p.list()) {
+            tensors.push(LazyTensor {
+                name: format!("{prefix}.{name}"),
+                dtype: safetensors::Dtype::F32,
+                shape: t.dims().to_vec(),
+                bytes: Box::new(move || Ok(f32_bytes(&read_vec(t.clone())?))),
+            });
+        }
+    }
+    let since: Vec<u8> = s.since_selected.iter().flat_map(|&c| (c as i64).to_le_bytes()).collect();
+    tensors.push(LazyTensor {
+        name: "since_selected".into(),
+        dtype: safetensors::Dtype::I64,
+        shape: vec![s.since_selected.len()],
+        bytes: Box::new(move || Ok(since)),
+    });
+    write_safetensors_streaming(&dir.join(&weights), tensors)?;
+    let meta = CheckpointMeta {
+        step: s.step,
+        tokens: s.tokens,
+        threshold: s.threshold,
+        weights: weights.clone(),
+        config: cfg.clone(),
+        d,
+    };
+    let text = serde_json::to_string_pretty(&meta)?;
+    write_atomic(&dir.join("state.json"), |f| Ok(f.write_all(text.as_bytes())?))?;
+    for entry in fs_err::read_dir(&dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("state-") && name != weights {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+pub fn load(out: &Path, cfg: &TrainConfig, device: &Device) -> Result<Option<TrainState>> {
+    let dir = out.join("checkpoint");
+    let path = dir.join("state.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let meta: CheckpointMeta =
+        serde_json::from_str(&fs_err::read_to_string(&path)?).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let mut same = meta.config.clone();
+    same.steps = cfg.steps;
+    if &same != cfg {
+        bail!(
+            "{}: the run there was started with other settings; re-run the same command to resume it, or choose another --out",
+            path.display()
+        );
+    }
+    let file = dir.join(&meta.weights);
+    let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: cannot read: {e}", file.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{}: corrupt checkpoint: {e}", file.display()))?;
+    let get = |name: &str| -> Result<Tensor<2>> {
+        let v = st.tensor(name).map_err(|_| anyhow!("{}: missing `{name}`", file.display()))?;
+        let shape: [usize; 2] = v.shape().try_into().map_err(|_| anyhow!("{}: `{name}` is not 2-D", file.display()))?;
+        let vals =
+            crate::io::decode_f32(v.dtype(), v.data()).map_err(|e| anyhow!("{}: `{name}`: {e}", file.display()))?;
+        Ok(tensor(vals, shape, device))
+    };
+    let params = |prefix: &str| -> Result<Params> {
+        Ok(Params {
+            w_enc: get(&format!("{prefix}.w_enc"))?,
+            b_enc: get(&format!("{prefix}.b_enc"))?,
+            w_dec: get(&format!("{prefix}.w_dec"))?,
+            b_dec: get(&format!("{prefix}.b_dec"))?,
+        })
+    };
+    let since_view =
+        st.tensor("since_selected").map_err(|_| anyhow!("{}: missing `since_selected`", file.display()))?;
+    let since = crate::io::decode_i64(since_view.dtype(), since_view.data())
+        .map_err(|e| anyhow!("{}: `since_selected`: {e}", file.display()))?
+        .into_iter()
+        .map(|c| c as u64)
+        .collect();
+    Ok(Some(TrainState {
+        params: params("param")?,
+        adam_m: params("adam_m")?,
+        adam_v: params("adam_v")?,
+        step: meta.step,
+        tokens: meta.tokens,
+        since_selected: since,
+        threshold: meta.threshold,
+    }))
+}
+
+/// Keeps the metrics lines up to the checkpoint's step (the resumed run writes the rest again).
+pub fn trim_metrics(out: &Path, step: u64) -> Result<()> {
+    let path = out.join("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(&path, |f| Ok(f.write_all(kept.as_bytes())?))
+}

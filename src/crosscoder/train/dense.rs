@@ -1,0 +1,60 @@
+//! The dense route: every parameter tracked by autodiff, codes masked over the whole `[B, D]`
+//! batch. L1 always takes it; for BatchTopK (`sparse = false`) it is the reference the sparse
+//! routes are tested against.
+
+use anyhow::{Result, anyhow};
+use burn::tensor::Tensor;
+
+use crate::crosscoder::train::config::TrainConfig;
+use crate::crosscoder::train::step::{Selection, StepOutput, add_aux, per_latent};
+use crate::crosscoder::{Kind, Params, aux_loss, decode, encode, read_vec, recon_loss, select_batch_topk, tensor};
+
+pub fn step(cfg: &TrainConfig, p: &Params, x: Tensor<2>, step: u64, since_selected: &mut [u64]) -> Result<StepOutput> {
+    let (d, dict) = p.dims();
+    let [b, _] = x.dims();
+    let p = p.clone().map(|t| t.autodiff().require_grad());
+    let x = x.autodiff();
+    let f = encode(&p, x.clone());
+    match cfg.kind {
+        Kind::L1 => {
+            let codes = f.clone();
+            let err = x - decode(&p, codes.clone());
+            let recon = recon_loss(err.clone(), d, cfg.squared_recon);
+            let sparsity = (f * p.norm_sum()).sum_dim(1).mean().mul_scalar(cfg.mu);
+            let selection = Selection::active(read_vec(codes.detach().greater_elem(0.0).float().sum_dim(0))?);
+            selection.record(cfg, since_selected, b, d);
+            let loss = recon.clone() + sparsity;
+            let grads = backward(&loss, &p)?;
+            Ok(StepOutput::new(selection, loss, recon, None, err, grads))
+        }
+        Kind::BatchTopK => {
+            let scores = read_vec(f.clone().detach() * p.norm_sum().detach())?;
+            let keep = cfg.k_at(step) * b;
+            let (mask, min_kept) = select_batch_topk(&scores, keep);
+            let device = f.device();
+            let codes = f.clone() * tensor(mask.clone(), [b, dict], &device);
+            let err = x - decode(&p, codes);
+            let recon = recon_loss(err.clone(), d, cfg.squared_recon);
+            let selection = Selection::batch_topk(per_latent(&mask, dict), mask, min_kept);
+            let dead = selection.record(cfg, since_selected, b, d);
+            let mut loss = recon.clone();
+            let mut aux = None;
+            if dead.any() {
+                let aux_mask = dead.aux_mask(&scores, dict);
+                let e_hat = (f * tensor(aux_mask, [b, dict], &device)).matmul(p.w_dec.clone());
+                let a = aux_loss(err.clone().detach(), e_hat);
+                loss = add_aux(cfg, loss, &a)?.0;
+                aux = Some(a);
+            }
+            let grads = backward(&loss, &p)?;
+            Ok(StepOutput::new(selection, loss, recon, aux, err, grads))
+        }
+    }
+}
+
+/// Back-propagates `loss` and reads every parameter's gradient.
+fn backward(loss: &Tensor<1>, p: &Params) -> Result<[Tensor<2>; 4]> {
+    let grads = loss.backward();
+    let grad = |t: &Tensor<2>| t.grad(&grads).map(Tensor::inner).ok_or_else(|| anyhow!("no gradient for a parameter"));
+    Ok([grad(&p.w_enc)?, grad(&p.b_enc)?, grad(&p.w_dec)?, grad(&p.b_dec)?])
+}

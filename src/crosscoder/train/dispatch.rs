@@ -1,0 +1,45 @@
+//! The one place that chooses a step's route.
+
+use anyhow::Result;
+use burn::tensor::Tensor;
+
+use crate::crosscoder::kernels::{is_flex, is_wgpu};
+use crate::crosscoder::train::config::TrainConfig;
+use crate::crosscoder::train::step::StepOutput;
+use crate::crosscoder::train::{autodiff_sparse, dense, host_sparse, kernel_sparse};
+use crate::crosscoder::{Kind, Params, encode};
+
+/// One step on the batch `x` (`[B, 2d]`, 1-based `step`): loss terms, gradients and the
+/// dead-latent bookkeeping of the spec (the counters take this batch's selection first, then the
+/// dead set is read for AuxK).
+///
+/// Routes: L1, and BatchTopK with `sparse = false`, run dense (the reference). Sparse BatchTopK
+/// decodes and back-propagates only the k·B selected entries: by host loops on flex
+/// (`cpu_kernels`), by the WGSL kernels on wgpu (`cpu_kernels`, when the device selection is
+/// exact), and otherwise (CUDA, `cpu_kernels = false`, or ties at the device threshold) through
+/// burn's `select`/`select_assign` under autodiff.
+pub fn step_loss(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    step: u64,
+    since_selected: &mut [u64],
+) -> Result<StepOutput> {
+    if !(cfg.kind == Kind::BatchTopK && cfg.sparse) {
+        return dense::step(cfg, p, x, step, since_selected);
+    }
+    let device = x.device();
+    if cfg.cpu_kernels && is_flex(&device) {
+        return host_sparse::step(cfg, p, x, step, since_selected);
+    }
+    let (_, dict) = p.dims();
+    let [b, _] = x.dims();
+    let keep = cfg.k_at(step) * b;
+    let f = encode(p, x.clone());
+    let on_device =
+        if is_wgpu(&device) { kernel_sparse::select_on_device(&f, &p.norm_sum(), keep, b, dict)? } else { None };
+    match on_device {
+        Some(sel) if cfg.cpu_kernels => kernel_sparse::step(cfg, p, x, &f, sel, since_selected),
+        other => autodiff_sparse::step(cfg, p, x, &f, other, keep, since_selected),
+    }
+}
