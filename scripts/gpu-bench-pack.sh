@@ -15,7 +15,7 @@ DEBS=1
 for a in "$@"; do
   case "$a" in
     --no-debs) DEBS=0 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "gpu-bench-pack: unknown argument '$a'" >&2; exit 2 ;;
   esac
 done

@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
     --out=*) OUTFILE="${1#--out=}" ;;
     --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
     --budget=*) BUDGET="${1#--budget=}" ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "gpu-bench: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -92,12 +92,14 @@ fi
 
 # --- 2. Vulkan (GPU run only) ---------------------------------------------------------------------
 if [ "$DRY" = 0 ]; then
-  if ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; then
-    note "vulkan: loader present ($(ldconfig -p | grep -m1 'libvulkan\.so\.1' | awk '{print $NF}'))"
+  # (no `grep -q` after a pipe here: under pipefail its early exit fails the pipeline with SIGPIPE)
+  vk="$(ldconfig -p 2>/dev/null | grep 'libvulkan\.so\.1' | awk '{print $NF}' | head -n1)"
+  if [ -n "$vk" ]; then
+    note "vulkan: loader present ($vk)"
   elif ls "$ROOT"/.gl/*.deb >/dev/null 2>&1; then
     for f in "$ROOT"/.gl/*.deb; do dpkg -x "$f" / || log "dpkg -x $f failed"; done
     ldconfig
-    if ldconfig -p | grep -q 'libvulkan\.so\.1'; then
+    if [ -n "$(ldconfig -p 2>/dev/null | grep 'libvulkan\.so\.1')" ]; then
       note "vulkan: extracted $(ls "$ROOT"/.gl/*.deb | wc -l) loader packages from .gl ($(cd "$ROOT/.gl" && ls *.deb | tr '\n' ' '))"
     else
       note "vulkan: extracted .gl/*.deb but ldconfig still finds no libvulkan"
@@ -133,9 +135,10 @@ if [ "$DRY" = 0 ]; then
 fi
 
 # --- 3. PyTorch? -----------------------------------------------------------------------------------
-if "$PY" -c 'import torch, transformers, tokenizers, safetensors' >/dev/null 2>&1; then
+if pyinfo="$("$PY" -c 'import torch, transformers, tokenizers, safetensors
+print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' 2>&1)"; then
   TORCH=1
-  log "python: $("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' 2>&1 | tail -n1)"
+  log "python: $(echo "$pyinfo" | tail -n1)"
 else
   TORCH=0
   note "python: torch/transformers not importable by $PY: the PyTorch side is skipped"

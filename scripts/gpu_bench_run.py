@@ -32,7 +32,7 @@ PROFILES = {
         forward=[(1, 128), (8, 256)], decode=32, repeats=3,
         train=dict(d=2304, dict_size=73728, k=100, batch=2048, steps=5, kind="batchtopk"),
         cache=dict(layer=13, context=1024, batch_tokens=8192, tokens_default=65536, tokens_min=16384,
-                   tokens_max=262144, target_seconds=30),
+                   tokens_max=262144, target_seconds=25),
         analyze=dict(d=2304, dict_size=73728, k=100, tokens=16384),
         timeouts=dict(probe=90, train=150, torch_train=120, build=180, forward=120, torch_forward=180,
                       cache=200, torch_cache=150, analyze=150),
@@ -140,6 +140,7 @@ class Bench:
         self.env = dict(os.environ)
         tmp = os.path.join(self.work, "tmp")
         os.makedirs(tmp, exist_ok=True)
+        self.env.pop("CROSSDIFF_BACKEND", None)  # --backend is always given explicitly
         self.env["TMPDIR"] = tmp  # crossdiff's bench train/analyze write scratch files to temp_dir
         self.torch_ok = args.torch == "1"
         self.counters = {}
@@ -264,6 +265,12 @@ class Bench:
         adapters = sorted({l.strip()[:300] for l in lines if re.search(r"adapter", l, re.I)})
         if adapters:
             rec["adapter_lines"] = adapters[:5]
+        # Newer builds name the device in their summary line: "(..., wgpu: NVIDIA H100 80GB HBM3 (Vulkan))".
+        for l in reversed(lines):
+            m = re.search(r"wgpu: (.+?) \((\w+)(, a CPU adapter)?\)", l)
+            if m:
+                rec["wgpu_adapter"] = {"name": m.group(1).strip(), "api": m.group(2), "cpu_adapter": bool(m.group(3))}
+                break
         counters = [l.strip() for l in lines if "readbacks/step=" in l]
         if counters:
             rec["counters_line"] = counters[-1][:300]
@@ -629,10 +636,23 @@ class Bench:
         adapters = sorted({l for s in self.steps if self.ok(s) for l in s.get("adapter_lines", [])})
         if adapters:
             self.r["crossdiff"]["adapter_lines"] = adapters
+        wgpu = next((s["wgpu_adapter"] for s in self.steps if self.ok(s) and "wgpu_adapter" in s), None)
+        if wgpu:
+            self.r["crossdiff"]["wgpu_adapter"] = wgpu
+            self.r["gpu"]["wgpu_adapter"] = f"{wgpu['name']} ({wgpu['api']})"
+            if wgpu["cpu_adapter"] and self.mode == "gpu":
+                self.r["setup"]["notes"].append("WARNING: crossdiff's wgpu adapter is a CPU adapter, not the GPU")
         cd_steps = [s for s in self.steps if s["name"].startswith("crossdiff-") and "gpu_mem_peak_delta_mib" in s]
         if cd_steps:
             self.r["crossdiff"]["max_gpu_mem_peak_delta_mib"] = max(s["gpu_mem_peak_delta_mib"] or 0 for s in cd_steps)
             self.r["crossdiff"]["ran_on_gpu"] = self.r["crossdiff"]["max_gpu_mem_peak_delta_mib"] > 256
+        for s in self.steps:
+            js = s.get("json") or {}
+            if s["name"].startswith(("torch-", "build-")) and self.ok(s) and js.get("impl"):
+                self.r["torch"] = {k: js[k] for k in ("impl", "device", "device_name", "cuda", "threads") if k in js}
+                break
+        if self.r["torch"] is None and not self.torch_ok:
+            self.r["torch"] = {"skipped": "torch not installed"}
         self.r["failed_steps"] = [s["name"] for s in self.steps
                                   if "skipped" not in s and "superseded" not in s and not self.ok(s)]
         self.r["skipped_steps"] = [s["name"] for s in self.steps if "skipped" in s]
@@ -654,11 +674,11 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--torch", choices=["0", "1"], default="0")
     ap.add_argument("--python", default=None, help="the python3 that has torch (default: this one)")
-    ap.add_argument("--budget", type=int, default=None, help="seconds for all steps (default 430 GPU, 240 dry)")
+    ap.add_argument("--budget", type=int, default=None, help="seconds for all steps (default 440 GPU, 240 dry)")
     ap.add_argument("--setup-notes", default="")
     args = ap.parse_args()
     if args.budget is None:
-        args.budget = 240 if args.dry_run else 430
+        args.budget = 240 if args.dry_run else 440
     b = Bench(args)
     try:
         b.main()

@@ -1,6 +1,8 @@
 //! Which burn device the engine runs on: wgpu (WGSL on any GPU vendor, or Mesa's lavapipe on a
 //! CPU), flex (burn's pure-Rust CPU backend, the fast CPU path) or CUDA (cargo feature `cuda`).
-//! The engine code is the same for all three; only the `Device` differs.
+//! The engine code is the same for all three; only the `Device` differs. `auto` (the default)
+//! picks a real GPU through wgpu, else CUDA when built with it, else the CPU path; Mesa's lavapipe,
+//! llvmpipe and SwiftShader report themselves as CPU adapters and never count as a GPU.
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,7 +12,10 @@ use burn::tensor::{Device, DeviceKind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
+    /// A real GPU through wgpu, else CUDA (when built with it), else `cpu`; `CROSSDIFF_BACKEND`
+    /// overrides the choice.
     #[default]
+    Auto,
     Wgpu,
     /// burn's `flex` backend (multi-threaded, SIMD).
     Cpu,
@@ -21,10 +26,11 @@ impl FromStr for Backend {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
             "wgpu" => Ok(Self::Wgpu),
             "cpu" | "flex" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda),
-            other => bail!("--backend: unknown backend \"{other}\" (expected wgpu, cpu or cuda)"),
+            other => bail!("--backend: unknown backend \"{other}\" (expected auto, wgpu, cpu or cuda)"),
         }
     }
 }
@@ -32,6 +38,7 @@ impl FromStr for Backend {
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::Auto => "auto",
             Self::Wgpu => "wgpu",
             Self::Cpu => "cpu",
             Self::Cuda => "cuda",
@@ -43,7 +50,8 @@ impl Backend {
     /// The burn device, checked to be usable: a machine without a GPU driver gets an error that
     /// says so instead of a panic deep inside the runtime.
     pub fn device(self) -> Result<Device> {
-        let device = match self {
+        let device = match self.resolve()? {
+            Self::Auto => unreachable!("resolve() returns a concrete backend"),
             Self::Cpu => return Ok(Device::flex()),
             Self::Wgpu => Device::wgpu(DeviceKind::DefaultDevice),
             Self::Cuda => cuda_device()?,
@@ -55,6 +63,86 @@ impl Backend {
             )
         })?;
         Ok(device)
+    }
+}
+
+impl Backend {
+    /// `auto` made concrete (`CROSSDIFF_BACKEND` first, then a real GPU, CUDA, the CPU); the
+    /// others as they are.
+    pub fn resolve(self) -> Result<Backend> {
+        if self != Self::Auto {
+            return Ok(self);
+        }
+        if let Ok(v) = std::env::var("CROSSDIFF_BACKEND") {
+            let b: Backend = v.parse().map_err(|e| anyhow!("CROSSDIFF_BACKEND: {e}"))?;
+            if b != Self::Auto {
+                return Ok(b);
+            }
+        }
+        if gpu_adapter().is_some() {
+            return Ok(Self::Wgpu);
+        }
+        if cfg!(feature = "cuda") && cuda_device().is_ok_and(|d| probe(&d).is_ok()) {
+            return Ok(Self::Cuda);
+        }
+        Ok(Self::Cpu)
+    }
+
+    /// What a summary line says: the backend and, for wgpu, the adapter (`wgpu: NVIDIA H100 (Vulkan)`).
+    pub fn describe(self) -> String {
+        match self.resolve() {
+            Ok(Self::Wgpu) => match adapters().into_iter().max_by_key(|a| a.device_type != wgpu::DeviceType::Cpu) {
+                Some(a) => format!("wgpu: {} ({:?}{})", a.name, a.backend, if a.device_type == wgpu::DeviceType::Cpu { ", a CPU adapter" } else { "" }),
+                None => "wgpu: no adapter".into(),
+            },
+            Ok(Self::Cpu) => "cpu (burn flex)".into(),
+            Ok(b) => b.to_string(),
+            Err(e) => format!("{self} ({e})"),
+        }
+    }
+}
+
+/// The adapters wgpu sees on this machine (every graphics API), asked once per process: Vulkan
+/// loaders dislike instances created on several threads at once.
+fn adapters() -> Vec<wgpu::AdapterInfo> {
+    static ADAPTERS: std::sync::OnceLock<Vec<wgpu::AdapterInfo>> = std::sync::OnceLock::new();
+    ADAPTERS
+        .get_or_init(|| {
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
+            let found = std::panic::catch_unwind(|| {
+                let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+                    backends: wgpu::Backends::all(),
+                    ..wgpu::InstanceDescriptor::new_without_display_handle()
+                });
+                block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+                    .iter()
+                    .map(wgpu::Adapter::get_info)
+                    .collect::<Vec<_>>()
+            });
+            std::panic::set_hook(hook);
+            found.unwrap_or_default()
+        })
+        .clone()
+}
+
+/// A real GPU: an adapter that is not a CPU posing as one.
+pub fn gpu_adapter() -> Option<wgpu::AdapterInfo> {
+    let mut gpus: Vec<_> = adapters().into_iter().filter(|a| a.device_type != wgpu::DeviceType::Cpu).collect();
+    // A discrete GPU before an integrated one.
+    gpus.sort_by_key(|a| a.device_type != wgpu::DeviceType::DiscreteGpu);
+    gpus.into_iter().next()
+}
+
+/// Polls a future that completes without waiting (wgpu's native adapter enumeration).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
     }
 }
 

@@ -40,44 +40,8 @@ impl RunDir {
         self.root.join(name)
     }
 
-    pub fn crosscoder(&self) -> PathBuf {
-        self.file(Self::CROSSCODER)
-    }
-
-    pub fn config(&self) -> PathBuf {
-        self.file(Self::CONFIG)
-    }
-
-    pub fn metrics(&self) -> PathBuf {
-        self.file(Self::METRICS)
-    }
-
-    pub fn checkpoint_dir(&self) -> PathBuf {
-        self.file(Self::CHECKPOINT)
-    }
-
     pub fn checkpoint_state(&self) -> PathBuf {
         self.checkpoint_dir().join(Self::CHECKPOINT_STATE)
-    }
-
-    pub fn latents(&self) -> PathBuf {
-        self.file(Self::LATENTS)
-    }
-
-    pub fn summary(&self) -> PathBuf {
-        self.file(Self::SUMMARY)
-    }
-
-    pub fn analyze_state(&self) -> PathBuf {
-        self.file(Self::ANALYZE_STATE)
-    }
-
-    pub fn examples(&self) -> PathBuf {
-        self.file(Self::EXAMPLES)
-    }
-
-    pub fn kl(&self) -> PathBuf {
-        self.file(Self::KL)
     }
 
     /// Whether a trained crosscoder is there.
@@ -97,6 +61,32 @@ impl RunDir {
         let text = serde_json::to_string_pretty(value)?;
         crate::io::write_atomic(&self.file(name), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
     }
+}
+
+/// One path accessor per file of the run directory.
+macro_rules! run_files {
+    ($($method:ident => $name:ident),* $(,)?) => {
+        impl RunDir {
+            $(
+                #[doc = concat!("The path of `RunDir::", stringify!($name), "` in this run.")]
+                pub fn $method(&self) -> PathBuf {
+                    self.file(Self::$name)
+                }
+            )*
+        }
+    };
+}
+
+run_files! {
+    crosscoder => CROSSCODER,
+    config => CONFIG,
+    metrics => METRICS,
+    checkpoint_dir => CHECKPOINT,
+    latents => LATENTS,
+    summary => SUMMARY,
+    analyze_state => ANALYZE_STATE,
+    examples => EXAMPLES,
+    kl => KL,
 }
 
 impl From<&Path> for RunDir {

@@ -176,6 +176,8 @@ fn csv_error(e: &csv::Error) -> String {
                 CSV_HEADER.split(',').nth(k as usize).unwrap_or("?"),
                 err.kind()
             ),
+            // serde names no field for an unknown enum value; the only enum column is `class`.
+            None if err.to_string().contains("unknown variant") => format!("field 6 (class): {}", err.kind()),
             None => err.kind().to_string(),
         },
         csv::ErrorKind::UnequalLengths { len, .. } => format!("{len} fields, expected 15"),

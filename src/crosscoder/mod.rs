@@ -18,6 +18,7 @@ use anyhow::{Result, anyhow, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::run_dir::RunDir;
 use crate::rng::SplitMix64;
 use crate::io::{LazyTensor, f32_bytes, write_atomic, write_safetensors_streaming};
 
@@ -294,16 +295,17 @@ impl Crosscoder {
                 bytes: Box::new(move || Ok(f32_bytes(&[theta]))),
             });
         }
-        write_safetensors_streaming(&dir.join("crosscoder.safetensors"), tensors)?;
+        let run = RunDir::new(dir);
+        write_safetensors_streaming(&run.crosscoder(), tensors)?;
         let text = serde_json::to_string_pretty(&self.config)?;
-        write_atomic(&dir.join("config.json"), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
+        write_atomic(&run.config(), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
     }
 
     /// Loads `crosscoder.safetensors` (ours or the authors', `_orig_mod.` prefixes accepted);
     /// `config.json` beside it is optional (shapes and the `k`/`threshold` tensors say the rest).
     pub fn load(dir_or_file: &Path, device: &Device) -> Result<Self> {
         let (dir, file) = if dir_or_file.is_dir() {
-            (dir_or_file.to_path_buf(), dir_or_file.join("crosscoder.safetensors"))
+            (dir_or_file.to_path_buf(), RunDir::new(dir_or_file).crosscoder())
         } else {
             (dir_or_file.parent().map(Path::to_path_buf).unwrap_or_default(), dir_or_file.to_path_buf())
         };
@@ -348,7 +350,7 @@ impl Crosscoder {
         }
         let k = map.get("k").and_then(|(_, v)| v.first().copied());
         let threshold = map.get("threshold").and_then(|(_, v)| v.first().copied()).filter(|t| *t >= 0.0);
-        let config_path = dir.join("config.json");
+        let config_path = RunDir::new(&dir).config();
         let config = if config_path.exists() {
             let text = fs_err::read_to_string(&config_path)?;
             let c: CrosscoderConfig =
@@ -397,5 +399,12 @@ impl Crosscoder {
             }
             _ => f,
         }
+    }
+}
+
+impl RunDir {
+    /// The run's `config.json` (kind, d, D, k, μ, layer, models).
+    pub fn read_config(&self) -> Result<CrosscoderConfig> {
+        self.read_json(RunDir::CONFIG)
     }
 }

@@ -16,10 +16,15 @@ pub(crate) struct TextBlocks {
     done: bool,
 }
 
+/// A data file's lines through a 1 MiB buffer.
+fn open_lines(path: &Path) -> Result<std::io::Lines<BufReader<File>>> {
+    let f = File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
+    Ok(BufReader::with_capacity(1 << 20, f).lines())
+}
+
 impl TextBlocks {
     pub(crate) fn open(path: &Path) -> Result<Self> {
-        let f = File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
-        Ok(Self { lines: BufReader::with_capacity(1 << 20, f).lines(), path: path.to_path_buf(), done: false })
+        Ok(Self { lines: open_lines(path)?, path: path.to_path_buf(), done: false })
     }
 }
 
@@ -64,8 +69,7 @@ pub(crate) struct JsonLines {
 
 impl JsonLines {
     pub(crate) fn open(path: &Path) -> Result<Self> {
-        let f = File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
-        Ok(Self { lines: BufReader::with_capacity(1 << 20, f).lines(), path: path.to_path_buf(), line_no: 0 })
+        Ok(Self { lines: open_lines(path)?, path: path.to_path_buf(), line_no: 0 })
     }
 }
 

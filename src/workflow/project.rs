@@ -62,7 +62,7 @@ impl Project {
         let mut out: Vec<PathBuf> = self.runs.iter().map(|r| self.resolve(r)).collect();
         if let Ok(entries) = std::fs::read_dir(self.dir.join("runs")) {
             let mut found: Vec<PathBuf> =
-                entries.flatten().map(|e| e.path()).filter(|p| p.join("crosscoder.safetensors").exists()).collect();
+                entries.flatten().map(|e| e.path()).filter(|p| crate::run_dir::RunDir::new(p).has_crosscoder()).collect();
             found.sort();
             for f in found {
                 if !out.contains(&f) {

@@ -11,7 +11,7 @@ use crate::workflow::Handle;
 use crate::workflow::kl::{check_layer, resolve_layer};
 use crate::workflow::models::ModelStore;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PromptLabJob {
     pub run: PathBuf,
     pub base: PathBuf,
@@ -23,6 +23,21 @@ pub struct PromptLabJob {
     pub chosen: Vec<usize>,
     /// Top latents listed per token.
     pub top: usize,
+}
+
+impl Default for PromptLabJob {
+    /// Paths and text empty (a caller fills them); five top latents per token.
+    fn default() -> Self {
+        Self {
+            run: PathBuf::new(),
+            base: PathBuf::new(),
+            chat: PathBuf::new(),
+            text: String::new(),
+            chat_turn: false,
+            chosen: Vec::new(),
+            top: 5,
+        }
+    }
 }
 
 pub struct PromptLabOutcome {

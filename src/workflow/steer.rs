@@ -46,6 +46,24 @@ pub struct SteerJob {
     pub more: Vec<(usize, f64)>,
 }
 
+impl Default for SteerJob {
+    /// The CLI's defaults; paths and prompt empty, latent 0 at strength 1 (a caller fills them).
+    fn default() -> Self {
+        Self {
+            run: PathBuf::new(),
+            model: PathBuf::new(),
+            load: LoadOptions::default(),
+            latent: 0,
+            strength: 1.0,
+            prompt: String::new(),
+            chat: false,
+            max_tokens: 64,
+            layer: None,
+            more: Vec::new(),
+        }
+    }
+}
+
 pub struct SteerOutcome {
     pub plain: String,
     pub steered: String,

@@ -8,6 +8,7 @@ use anyhow::{Result, anyhow, bail};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::run_dir::RunDir;
 use crate::crosscoder::train::config::TrainConfig;
 use crate::crosscoder::train::step::StepMetrics;
 use crate::crosscoder::{Params, read_vec, tensor};
@@ -40,7 +41,8 @@ const NAMES: [&str; 4] = ["w_enc", "b_enc", "w_dec", "b_dec"];
 /// Writes the weights file first (a new name per step), then `state.json` pointing at it: the
 /// JSON's atomic rename is the commit point, so a crash leaves the previous checkpoint valid.
 pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState) -> Result<()> {
-    let dir = out.join("checkpoint");
+    let run = RunDir::new(out);
+    let dir = run.checkpoint_dir();
     let (d, _) = s.params.dims();
     let weights = format!("state-{:09}.safetensors", s.step);
     let mut tensors = Vec::new();
@@ -71,7 +73,7 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState) -> Result<()> {
         d,
     };
     let text = serde_json::to_string_pretty(&meta)?;
-    write_atomic(&dir.join("state.json"), |f| Ok(f.write_all(text.as_bytes())?))?;
+    write_atomic(&run.checkpoint_state(), |f| Ok(f.write_all(text.as_bytes())?))?;
     for entry in fs_err::read_dir(&dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("state-") && name != weights {
@@ -82,8 +84,8 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState) -> Result<()> {
 }
 
 pub fn load(out: &Path, cfg: &TrainConfig, device: &Device) -> Result<Option<TrainState>> {
-    let dir = out.join("checkpoint");
-    let path = dir.join("state.json");
+    let run = RunDir::new(out);
+    let (dir, path) = (run.checkpoint_dir(), run.checkpoint_state());
     if !path.exists() {
         return Ok(None);
     }
@@ -136,7 +138,7 @@ pub fn load(out: &Path, cfg: &TrainConfig, device: &Device) -> Result<Option<Tra
 
 /// Keeps the metrics lines up to the checkpoint's step (the resumed run writes the rest again).
 pub fn trim_metrics(out: &Path, step: u64) -> Result<()> {
-    let path = out.join("metrics.jsonl");
+    let path = RunDir::new(out).metrics();
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
     let kept: String = text
         .lines()
@@ -144,4 +146,23 @@ pub fn trim_metrics(out: &Path, step: u64) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     write_atomic(&path, |f| Ok(f.write_all(kept.as_bytes())?))
+}
+
+impl RunDir {
+    /// `metrics.jsonl`, one logged step a line; a torn last line (a crash mid-write) is skipped.
+    pub fn read_metrics(&self) -> Result<Vec<StepMetrics>> {
+        let path = self.metrics();
+        let text = fs_err::read_to_string(&path)?;
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let last = lines.len().saturating_sub(1);
+        let mut out = Vec::with_capacity(lines.len());
+        for (i, line) in lines.iter().enumerate() {
+            match serde_json::from_str::<StepMetrics>(line) {
+                Ok(m) => out.push(m),
+                Err(_) if i == last => {}
+                Err(e) => bail!("{}:{}: not a metrics line: {e}", path.display(), i + 1),
+            }
+        }
+        Ok(out)
+    }
 }

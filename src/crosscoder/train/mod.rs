@@ -89,7 +89,8 @@ impl TrainRun<'_> {
         keep_going: impl Fn() -> bool,
     ) -> Result<Crosscoder> {
         let cfg = self.config.clone();
-        std::fs::create_dir_all(self.out.join("checkpoint")).map_err(|e| anyhow!("{}: {e}", self.out.display()))?;
+        let run = crate::run_dir::RunDir::new(&self.out);
+        std::fs::create_dir_all(run.checkpoint_dir()).map_err(|e| anyhow!("{}: {e}", self.out.display()))?;
         let mut state = match load(&self.out, &cfg, &self.device)? {
             Some(s) => {
                 // The checkpoint's stream position: the reader replays the same batches.
@@ -98,13 +99,13 @@ impl TrainRun<'_> {
                 s
             }
             None => {
-                let _ = std::fs::remove_file(self.out.join("metrics.jsonl"));
+                let _ = std::fs::remove_file(run.metrics());
                 self.fresh_state()?
             }
         };
         let (d, _) = state.params.dims();
         let mut metrics_file =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.out.join("metrics.jsonl"))?;
+            fs_err::OpenOptions::new().create(true).append(true).open(run.metrics())?;
         let mut first_batch = state.step == 0;
         while state.step < cfg.steps && keep_going() {
             let Some(batch) = self.source.next_batch()? else { break };
