@@ -91,7 +91,10 @@ impl Backend {
     /// What a summary line says: the backend and, for wgpu, the adapter (`wgpu: NVIDIA H100 (Vulkan)`).
     pub fn describe(self) -> String {
         match self.resolve() {
-            Ok(Self::Wgpu) => match adapters().into_iter().max_by_key(|a| a.device_type != wgpu::DeviceType::Cpu) {
+            // The adapter burn's default device settles on: a GPU before a CPU adapter, Vulkan first.
+            Ok(Self::Wgpu) => match adapters().into_iter().max_by_key(|a| {
+                (a.device_type != wgpu::DeviceType::Cpu, a.backend == wgpu::Backend::Vulkan, a.device_type == wgpu::DeviceType::DiscreteGpu)
+            }) {
                 Some(a) => format!("wgpu: {} ({:?}{})", a.name, a.backend, if a.device_type == wgpu::DeviceType::Cpu { ", a CPU adapter" } else { "" }),
                 None => "wgpu: no adapter".into(),
             },

@@ -1,67 +1,82 @@
-//! Long work (caching, training) on a background thread: progress arrives over a channel, a shared
-//! flag cancels it between shards/steps (the engine then saves, so the same job resumes later).
+//! The one background-job mechanism of the app. A job is a closure `FnOnce(Handle) ->
+//! anyhow::Result<String>` run on its own thread: the engine's [`workflow::Event`]s arrive over a
+//! channel and become progress (phase, done/total, rate and ETA) and training metrics; Cancel sets
+//! the handle's flag (the engine then saves, so the same job resumes later); the thread body runs
+//! under `catch_unwind`, so a job that panics reports "the job panicked: …" as its error like any
+//! failure, and the view's buttons are enabled again.
+//!
+//! Every view starts its jobs through [`JobEnv::spawn`], which resolves the app's one device (the
+//! top bar's selector) on the job's thread and hands the job the app's one [`ModelStore`].
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Instant;
 
-/// What a job reports.
-#[derive(Debug, Clone)]
-pub enum JobEvent {
-    /// `done` of `total` units (tokens, steps) and a one-line status.
-    Progress {
-        done: u64,
-        total: u64,
-        status: String,
-    },
-    /// Training metrics of one logged step: (step, loss, fve_base, fve_chat, l0, dead_frac).
-    Metrics {
-        step: u64,
-        loss: f64,
-        fve_base: f64,
-        fve_chat: f64,
-        l0: f64,
-        dead_frac: f64,
-    },
-    Finished(String),
-    Failed(String),
+use burn::tensor::Device;
+use crossdiff::Backend;
+use crossdiff::crosscoder::train::StepMetrics;
+use crossdiff::workflow::models::ModelStore;
+use crossdiff::workflow::{Event, Handle};
+use eframe::egui;
+
+/// What the job's thread sends: the engine's events, then how it ended.
+enum Msg {
+    Event(Event),
+    Done(Result<String, String>),
 }
 
 /// A running (or finished) job as the UI sees it.
 pub struct Job {
     pub name: &'static str,
-    events: Receiver<JobEvent>,
+    /// The device the job was started on (`None`: a job that needs none).
+    pub device: Option<Backend>,
+    events: Receiver<Msg>,
     cancel: Arc<AtomicBool>,
+    /// The current phase ("loading models", "caching", "training", …) and its unit.
+    pub phase: String,
+    pub unit: &'static str,
     pub progress: (u64, u64),
     pub status: String,
     pub finished: Option<Result<String, String>>,
-    pub metrics: Vec<JobEvent>,
-    /// When the first progress report arrived and how far it was (for the rate and ETA).
-    first_report: Option<(std::time::Instant, u64)>,
+    /// One entry per logged training step (the curves).
+    pub metrics: Vec<StepMetrics>,
+    /// When the current phase's first report arrived and how far it was (for the rate and ETA).
+    first_report: Option<(Instant, u64)>,
 }
 
 impl Job {
-    /// Starts `work` on a thread; it reports through the sender and should stop when the flag is set.
+    /// Starts `work` on a thread with a [`Handle`] whose events reach this job and whose cancel
+    /// flag is [`Job::cancel`]'s. A panic inside `work` becomes the job's error.
     pub fn spawn(
         name: &'static str,
-        ctx: eframe::egui::Context,
-        work: impl FnOnce(&Reporter, &AtomicBool) -> anyhow::Result<String> + Send + 'static,
+        ctx: egui::Context,
+        work: impl FnOnce(Handle) -> anyhow::Result<String> + Send + 'static,
     ) -> Self {
         let (tx, events) = channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let flag = cancel.clone();
         std::thread::spawn(move || {
-            let reporter = Reporter { tx, ctx };
-            let result = work(&reporter, &flag);
-            reporter.send(match result {
-                Ok(summary) => JobEvent::Finished(summary),
-                Err(e) => JobEvent::Failed(format!("{e:#}")),
-            });
+            let send = |m: Msg| {
+                let _ = tx.send(m);
+                ctx.request_repaint();
+            };
+            let on_event = |e: Event| send(Msg::Event(e));
+            let result = catch_unwind(AssertUnwindSafe(|| work(Handle::new(&on_event, &flag))));
+            send(Msg::Done(match result {
+                Ok(Ok(summary)) => Ok(summary),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(panic) => Err(format!("the job panicked: {}", panic_message(panic.as_ref()))),
+            }));
         });
         Self {
             name,
+            device: None,
             events,
             cancel,
+            phase: String::new(),
+            unit: "",
             progress: (0, 0),
             status: "starting".into(),
             finished: None,
@@ -78,39 +93,43 @@ impl Job {
         self.finished.is_none()
     }
 
-    /// Applies the events that arrived since the last frame.
-    pub fn poll(&mut self) {
-        while let Ok(ev) = self.events.try_recv() {
-            match ev {
-                JobEvent::Progress { done, total, status } => {
-                    self.first_report.get_or_insert((std::time::Instant::now(), done));
+    /// Applies the events that arrived since the last frame; true when the job ended just now.
+    pub fn poll(&mut self) -> bool {
+        let was_running = self.running();
+        while let Ok(msg) = self.events.try_recv() {
+            match msg {
+                Msg::Event(Event::Progress { phase, done, total, unit }) => {
+                    if phase != self.phase {
+                        self.first_report = None;
+                    }
+                    self.first_report.get_or_insert((Instant::now(), done));
+                    self.status = format!("{phase}: {done}/{total} {unit}");
+                    self.phase = phase;
+                    self.unit = unit;
                     self.progress = (done, total);
-                    self.status = status;
                 }
-                m @ JobEvent::Metrics { .. } => self.metrics.push(m),
-                JobEvent::Finished(s) => self.finished = Some(Ok(s)),
-                JobEvent::Failed(e) => self.finished = Some(Err(e)),
+                Msg::Event(Event::Metrics(m)) => {
+                    self.status = format!(
+                        "step {} loss {:.4} FVE {:.3}/{:.3} L0 {:.1}",
+                        m.step, m.loss, m.fve_base, m.fve_chat, m.l0
+                    );
+                    self.metrics.push(m);
+                }
+                Msg::Done(result) => {
+                    if result.is_err() {
+                        // Only the error is left to show.
+                        self.progress = (0, 0);
+                        self.status.clear();
+                        self.first_report = None;
+                    }
+                    self.finished = Some(result);
+                }
             }
         }
+        was_running && !self.running()
     }
-}
 
-/// The job's side of the channel: each event also asks the UI to repaint, so progress shows
-/// without user input.
-pub struct Reporter {
-    tx: Sender<JobEvent>,
-    ctx: eframe::egui::Context,
-}
-
-impl Reporter {
-    pub fn send(&self, event: JobEvent) {
-        let _ = self.tx.send(event);
-        self.ctx.request_repaint();
-    }
-}
-
-impl Job {
-    /// Units per second since the first report, and the seconds left at that rate.
+    /// Units per second since the current phase's first report, and the seconds left at that rate.
     pub fn rate_and_eta(&self) -> Option<(f64, f64)> {
         let (start, from) = self.first_report?;
         let secs = start.elapsed().as_secs_f64();
@@ -121,29 +140,164 @@ impl Job {
         let rate = (done - from) as f64 / secs;
         Some((rate, total.saturating_sub(done) as f64 / rate))
     }
+
+    /// The error, when the job failed.
+    pub fn error(&self) -> Option<&str> {
+        match &self.finished {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
-/// Progress bar, status line and cancel button of a job.
-pub fn job_ui(ui: &mut eframe::egui::Ui, job: &mut Job) {
-    job.poll();
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// What every view's jobs share: the egui context (to repaint), the app's one device and its one
+/// model store.
+#[derive(Clone)]
+pub struct JobEnv {
+    pub ctx: egui::Context,
+    pub backend: Backend,
+    pub store: Arc<ModelStore>,
+}
+
+impl JobEnv {
+    /// A job on the app's device: the device is opened on the job's thread (an unusable one is the
+    /// job's error), and `work` gets it with the shared model store.
+    pub fn spawn(
+        &self,
+        name: &'static str,
+        work: impl FnOnce(&Device, &ModelStore, Handle) -> anyhow::Result<String> + Send + 'static,
+    ) -> Job {
+        // `auto` settles here, so the job records (and reports) the device it really runs on.
+        let backend = self.backend.resolve().unwrap_or(self.backend);
+        let store = self.store.clone();
+        let mut job = Job::spawn(name, self.ctx.clone(), move |handle| {
+            handle.progress(&format!("opening the {backend} device"), 0, 1, "devices");
+            let device = backend.device()?;
+            work(&device, &store, handle)
+        });
+        job.device = Some(backend);
+        job
+    }
+}
+
+/// A view's one job: started by its Start button (disabled while the job runs), shown with its
+/// progress, status, rate/ETA, Cancel, and how it ended.
+#[derive(Default)]
+pub struct JobSlot {
+    job: Option<Job>,
+    /// The job ended and the view has not asked yet ([`JobSlot::take_ended`]).
+    ended: bool,
+}
+
+impl JobSlot {
+    pub fn running(&self) -> bool {
+        self.job.as_ref().is_some_and(Job::running)
+    }
+
+    pub fn start(&mut self, job: Job) {
+        self.job = Some(job);
+        self.ended = false;
+    }
+
+    pub fn job(&self) -> Option<&Job> {
+        self.job.as_ref()
+    }
+
+    /// The device the last job was started on.
+    pub fn device(&self) -> Option<Backend> {
+        self.job.as_ref().and_then(|j| j.device)
+    }
+
+    /// Applies the events that arrived since the last call.
+    pub fn poll(&mut self) {
+        if self.job.as_mut().is_some_and(Job::poll) {
+            self.ended = true;
+        }
+    }
+
+    /// Whether the job ended since the last call (views then re-read what it wrote).
+    pub fn take_ended(&mut self) -> bool {
+        self.poll();
+        std::mem::take(&mut self.ended)
+    }
+
+    /// What the job delivered, once it has ended (taken: `None` on later frames).
+    pub fn delivered<T>(&mut self, delivery: &Delivery<T>) -> Option<T> {
+        if self.take_ended() { delivery.take() } else { None }
+    }
+
+    /// A Start button, enabled when no job runs and `ready`; true when clicked.
+    pub fn start_button(&self, ui: &mut egui::Ui, ready: bool, label: &str) -> bool {
+        ui.add_enabled(ready && !self.running(), egui::Button::new(label)).clicked()
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
+        self.poll();
+        if let Some(job) = &mut self.job {
+            job_ui(ui, job);
+        }
+    }
+}
+
+/// Progress bar, status line, rate/ETA and cancel button of a job; a failed job shows only its error.
+pub fn job_ui(ui: &mut egui::Ui, job: &mut Job) {
+    let name = job.name;
+    if let Some(e) = job.error() {
+        ui.colored_label(egui::Color32::LIGHT_RED, format!("{name} failed — error: {e}"));
+        return;
+    }
+    let on = job.device.map(|b| format!(" on {b}")).unwrap_or_default();
     let (done, total) = job.progress;
     let frac = if total > 0 { done as f32 / total as f32 } else { 0.0 };
-    ui.add(eframe::egui::ProgressBar::new(frac).show_percentage().text(format!("{}: {done}/{total}", job.name)));
-    ui.label(format!("{} status: {}", job.name, job.status));
-    if let (Some((rate, eta)), true) = (job.rate_and_eta(), job.running()) {
-        ui.label(format!("{} rate {rate:.1}/s, ETA {:.0}s", job.name, eta));
-    }
+    ui.add(egui::ProgressBar::new(frac).show_percentage().text(format!("{name}{on}: {done}/{total} {}", job.unit)));
+    ui.label(format!("{name} status: {}", job.status));
     match &job.finished {
         None => {
-            if ui.button(format!("Cancel {}", job.name)).clicked() {
+            if let Some((rate, eta)) = job.rate_and_eta() {
+                ui.label(format!("{name} rate {rate:.1} {}/s, ETA {eta:.0}s", job.unit));
+            }
+            if ui.button(format!("Cancel {name}")).clicked() {
                 job.cancel();
             }
         }
         Some(Ok(s)) => {
-            ui.label(format!("{} finished: {s}", job.name));
+            let ran = job.device.map(|b| format!(" (ran on {})", b.describe())).unwrap_or_default();
+            ui.label(format!("{name} finished: {s}{ran}"));
         }
-        Some(Err(e)) => {
-            ui.colored_label(eframe::egui::Color32::LIGHT_RED, format!("{} failed: {e}", job.name));
-        }
+        Some(Err(_)) => {}
+    }
+}
+
+/// Where a job leaves its typed result for its view: the job `put`s it, the view `take`s it once
+/// the job has ended (moved, not cloned every frame).
+pub struct Delivery<T>(Arc<std::sync::Mutex<Option<T>>>);
+
+impl<T> Clone for Delivery<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> Default for Delivery<T> {
+    fn default() -> Self {
+        Self(Default::default())
+    }
+}
+
+impl<T> Delivery<T> {
+    pub fn put(&self, value: T) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+    }
+
+    pub fn take(&self) -> Option<T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }

@@ -2,14 +2,29 @@
 //! its dashboard (decoder norms, Δ, cosine, ν with a plain verdict, activation histogram, top and
 //! quantile examples with per-token shading, promoted/suppressed tokens).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crossdiff::analysis::analyze::{LatentRow, verdict};
 use crossdiff::analysis::examples::{ExamplesStore, LatentExamples};
+use crossdiff::analysis::latents::{LatentClass, LatentRow};
 use crossdiff::model::tokenizer::ChatTokenizer;
+use crossdiff::run_dir::RunDir;
 use eframe::egui;
 
-const CLASSES: [&str; 6] = ["all", "chat_only", "shared", "base_only", "other", "dead"];
+use crate::commands::{AppCommand, Commands};
+
+/// The class filter's choices (`None`: all).
+const CLASSES: [Option<LatentClass>; 6] = [
+    None,
+    Some(LatentClass::ChatOnly),
+    Some(LatentClass::Shared),
+    Some(LatentClass::BaseOnly),
+    Some(LatentClass::Other),
+    Some(LatentClass::Dead),
+];
+
+fn class_name(class: Option<LatentClass>) -> &'static str {
+    class.map_or("all", LatentClass::as_str)
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SortBy {
@@ -25,7 +40,7 @@ pub struct LatentsView {
     pub model_dir: String,
     rows: Vec<LatentRow>,
     shown: Vec<usize>,
-    class: &'static str,
+    class: Option<LatentClass>,
     delta_range: (f64, f64),
     nu_error_max: f64,
     freq_min: f64,
@@ -35,8 +50,6 @@ pub struct LatentsView {
     tokenizer: Option<ChatTokenizer>,
     selected: Option<(usize, Option<LatentExamples>)>,
     error: Option<String>,
-    /// Set by the dashboard's steer button; the app opens the Steering view with it.
-    pub steer_request: Option<usize>,
 }
 
 impl LatentsView {
@@ -46,7 +59,7 @@ impl LatentsView {
             model_dir,
             rows: Vec::new(),
             shown: Vec::new(),
-            class: "all",
+            class: None,
             delta_range: (0.0, 1.0),
             nu_error_max: f64::INFINITY,
             freq_min: 0.0,
@@ -56,14 +69,13 @@ impl LatentsView {
             tokenizer: None,
             selected: None,
             error: None,
-            steer_request: None,
         }
     }
 
     /// Reads latents.csv (and the examples store and tokenizer when present).
     pub fn load(&mut self) {
-        let run = PathBuf::from(&self.run_dir);
-        match crossdiff::analysis::latents_csv::read_latents_csv(&run.join("latents.csv")) {
+        let run = RunDir::new(&self.run_dir);
+        match run.read_latents() {
             Ok(rows) => {
                 self.rows = rows;
                 self.error = None;
@@ -73,7 +85,7 @@ impl LatentsView {
                 self.error = Some(format!("{e:#}"));
             }
         }
-        self.store = ExamplesStore::open(&run).ok();
+        self.store = ExamplesStore::open(run.path()).ok();
         self.tokenizer = ChatTokenizer::from_dir(Path::new(&self.model_dir)).ok();
         self.selected = None;
         self.refilter();
@@ -85,7 +97,7 @@ impl LatentsView {
         self.shown = (0..self.rows.len())
             .filter(|&i| {
                 let r = &self.rows[i];
-                (self.class == "all" || r.class == self.class)
+                self.class.is_none_or(|c| r.class == c)
                     && r.delta_norm >= lo
                     && r.delta_norm <= hi
                     && index.is_none_or(|j| r.latent == j)
@@ -107,12 +119,22 @@ impl LatentsView {
     }
 
     /// The first latent of a class, if any (to open a meaningful dashboard first).
-    pub fn first_latent_of_class(&self, class: &str) -> Option<usize> {
+    pub fn first_latent_of_class(&self, class: LatentClass) -> Option<usize> {
         self.rows.iter().find(|r| r.class == class).map(|r| r.latent)
     }
 
-    /// Opens latent `latent`'s dashboard (also from other views).
+    /// Opens latent `latent`'s dashboard.
     pub fn open_latent(&mut self, latent: usize) {
+        self.open(latent);
+    }
+
+    /// Opens latent `latent` of run `run` (from other views, through a command), loading the run
+    /// unless it is the one shown.
+    pub fn show_latent(&mut self, run: &str, latent: usize) {
+        if self.run_dir != run || self.rows.is_empty() {
+            self.run_dir = run.to_string();
+            self.load();
+        }
         self.open(latent);
     }
 
@@ -121,7 +143,7 @@ impl LatentsView {
         self.selected = Some((latent, examples));
     }
 
-    pub fn ui(&mut self, ui: &mut egui::Ui) {
+    pub fn ui(&mut self, ui: &mut egui::Ui, commands: &mut Commands) {
         ui.horizontal(|ui| {
             let name = ui.label("Run directory").id;
             ui.add(egui::TextEdit::singleline(&mut self.run_dir).desired_width(360.0)).labelled_by(name);
@@ -136,9 +158,9 @@ impl LatentsView {
         }
         let mut changed = false;
         ui.horizontal(|ui| {
-            egui::ComboBox::from_label("Class").selected_text(self.class).show_ui(ui, |ui| {
+            egui::ComboBox::from_label("Class").selected_text(class_name(self.class)).show_ui(ui, |ui| {
                 for c in CLASSES {
-                    changed |= ui.selectable_value(&mut self.class, c, c).changed();
+                    changed |= ui.selectable_value(&mut self.class, c, class_name(c)).changed();
                 }
             });
             let name = ui.label("Δ from").id;
@@ -190,7 +212,7 @@ impl LatentsView {
             self.refilter();
         }
         ui.label(format!("{} of {} latents shown", self.shown.len(), self.rows.len()));
-        egui::Panel::right("latent dashboard").default_size(460.0).show(ui, |ui| self.dashboard_ui(ui));
+        egui::Panel::right("latent dashboard").default_size(460.0).show(ui, |ui| self.dashboard_ui(ui, commands));
         self.table_ui(ui);
     }
 
@@ -211,7 +233,7 @@ impl LatentsView {
                         "{:>7} {:>6.3} {:>10} {:>8.4} {:>8} {:>8}",
                         r.latent,
                         r.delta_norm,
-                        r.class,
+                        r.class.as_str(),
                         r.freq,
                         nu(r.nu_error),
                         nu(r.nu_reconstruction)
@@ -232,7 +254,7 @@ impl LatentsView {
         }
     }
 
-    fn dashboard_ui(&mut self, ui: &mut egui::Ui) {
+    fn dashboard_ui(&mut self, ui: &mut egui::Ui, commands: &mut Commands) {
         let Some((j, examples)) = &self.selected else {
             ui.weak("Select a latent to open its dashboard.");
             return;
@@ -240,9 +262,9 @@ impl LatentsView {
         let Some(r) = self.rows.iter().find(|r| r.latent == *j) else { return };
         ui.heading(format!("Latent {j}"));
         if ui.button(format!("Steer with latent {j}")).clicked() {
-            self.steer_request = Some(*j);
+            commands.push(AppCommand::SteerLatent { run: self.run_dir.clone(), latent: *j });
         }
-        ui.label(format!("class {} — {}", r.class, verdict(r)));
+        ui.label(format!("class {} — {}", r.class, r.verdict()));
         ui.label(format!(
             "Δ {:.3}   |d base| {:.3}   |d chat| {:.3}   cos {:.3}",
             r.delta_norm, r.dec_norm_base, r.dec_norm_chat, r.dec_cos

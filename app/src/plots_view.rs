@@ -3,58 +3,63 @@
 //! chat-only latents below a ν threshold (log scale). Clicking near a point opens that latent;
 //! each figure exports its data as CSV.
 
-use std::path::PathBuf;
-
-use crossdiff::analysis::analyze::LatentRow;
 use crossdiff::analysis::figures::{below_threshold_curve, delta_histogram, histogram_csv, nu_points};
+use crossdiff::analysis::kl::KlStat;
+use crossdiff::analysis::latents::{LatentClass, LatentRow};
+use crossdiff::run_dir::RunDir;
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Line, Plot, PlotPoints, Points, VLine};
+
+use crate::commands::{AppCommand, Commands};
 
 pub struct PlotsView {
     pub run_dir: String,
     rows: Vec<LatentRow>,
+    /// The run's kl.json, when it has one (read in `load`, not per frame).
+    kl: Option<Vec<KlStat>>,
     error: Option<String>,
-    /// A latent the user clicked, for the Latents view to open.
-    pub requested: Option<usize>,
     pub message: Option<String>,
     /// Where a PNG export landed (set by the screenshot callback, shown next frame).
     png_result: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
-fn class_color(class: &str) -> egui::Color32 {
+pub fn class_color(class: LatentClass) -> egui::Color32 {
     match class {
-        "chat_only" => egui::Color32::from_rgb(220, 80, 60),
-        "base_only" => egui::Color32::from_rgb(70, 130, 220),
-        "shared" => egui::Color32::from_rgb(120, 190, 90),
+        LatentClass::ChatOnly => egui::Color32::from_rgb(220, 80, 60),
+        LatentClass::BaseOnly => egui::Color32::from_rgb(70, 130, 220),
+        LatentClass::Shared => egui::Color32::from_rgb(120, 190, 90),
         _ => egui::Color32::GRAY,
     }
 }
 
 /// One bar chart per class of a per-class histogram over bins of width `w` from `lo`.
-fn class_bars(plot: &mut egui_plot::PlotUi, series: &[(&'static str, Vec<u64>)], lo: f64, w: f64) {
+pub fn class_bars(plot: &mut egui_plot::PlotUi, series: &[(LatentClass, Vec<u64>)], lo: f64, w: f64) {
     for (class, counts) in series {
         let bars =
             counts.iter().enumerate().map(|(b, &c)| Bar::new(lo + (b as f64 + 0.5) * w, c as f64).width(w)).collect();
-        plot.bar_chart(BarChart::new(*class, bars).color(class_color(class)));
+        plot.bar_chart(BarChart::new(class.as_str(), bars).color(class_color(*class)));
     }
 }
 
 impl PlotsView {
     pub fn new(run_dir: String) -> Self {
-        Self { run_dir, rows: Vec::new(), error: None, requested: None, message: None, png_result: Default::default() }
+        Self { run_dir, rows: Vec::new(), kl: None, error: None, message: None, png_result: Default::default() }
     }
 
+    /// Reads the run's latents.csv and (when there) kl.json.
     pub fn load(&mut self) {
-        match crossdiff::analysis::latents_csv::read_latents_csv(&PathBuf::from(&self.run_dir).join("latents.csv")) {
+        let run = RunDir::new(&self.run_dir);
+        match run.read_latents() {
             Ok(rows) => {
                 self.rows = rows;
                 self.error = None;
             }
             Err(e) => self.error = Some(format!("{e:#}")),
         }
+        self.kl = run.read_kl().ok();
     }
 
-    pub fn ui(&mut self, ui: &mut egui::Ui) {
+    pub fn ui(&mut self, ui: &mut egui::Ui, commands: &mut Commands) {
         ui.horizontal(|ui| {
             let name = ui.label("Run directory").id;
             ui.add(egui::TextEdit::singleline(&mut self.run_dir).desired_width(420.0)).labelled_by(name);
@@ -63,7 +68,7 @@ impl PlotsView {
             }
             if ui.button("Export PNG").clicked() {
                 // The window as rendered, saved as RUN/figures.png.
-                let path = PathBuf::from(&self.run_dir).join("figures.png");
+                let path = RunDir::new(&self.run_dir).file("figures.png");
                 let result = self.png_result.clone();
                 ui.ctx().send_viewport_cmd(egui::ViewportCommand::Screenshot(egui::ScreenshotCallback::new(
                     move |img| {
@@ -104,7 +109,7 @@ impl PlotsView {
                 ui.horizontal(|ui| {
                     ui.strong(title);
                     if ui.button(format!("Export CSV: {title}")).clicked() {
-                        let path = PathBuf::from(&self.run_dir).join(if lo == 0.0 {
+                        let path = RunDir::new(&self.run_dir).file(if lo == 0.0 {
                             "fig-delta.csv"
                         } else {
                             "fig-delta-zoom.csv"
@@ -128,12 +133,12 @@ impl PlotsView {
                 });
             }
             ui.strong("ν^ε vs ν^r: chat-only latents and the shared baseline (click a point to open it)");
-            let chat = nu_points(&self.rows, "chat_only");
-            let shared = nu_points(&self.rows, "shared");
+            let chat = nu_points(&self.rows, LatentClass::ChatOnly);
+            let shared = nu_points(&self.rows, LatentClass::Shared);
             let response = Plot::new("nu scatter").height(260.0).legend(Legend::default()).show(ui, |plot| {
                 let pts = |v: &[(usize, f64, f64)]| -> PlotPoints { v.iter().map(|(_, e, r)| [*e, *r]).collect() };
-                plot.points(Points::new("shared", pts(&shared)).color(class_color("shared")).radius(2.0));
-                plot.points(Points::new("chat-only", pts(&chat)).color(class_color("chat_only")).radius(3.0));
+                plot.points(Points::new("shared", pts(&shared)).color(class_color(LatentClass::Shared)).radius(2.0));
+                plot.points(Points::new("chat-only", pts(&chat)).color(class_color(LatentClass::ChatOnly)).radius(3.0));
                 plot.pointer_coordinate()
             });
             if response.response.clicked() {
@@ -142,7 +147,9 @@ impl PlotsView {
                         let d = |q: &(usize, f64, f64)| (q.1 - p.x).powi(2) + (q.2 - p.y).powi(2);
                         d(a).total_cmp(&d(b))
                     });
-                    self.requested = nearest.map(|q| q.0);
+                    if let Some(q) = nearest {
+                        commands.push(AppCommand::OpenLatent { run: self.run_dir.clone(), latent: q.0 });
+                    }
                 }
             }
             for (title, field, lo, hi) in [
@@ -156,23 +163,26 @@ impl PlotsView {
                     class_bars(plot, &series, lo, w);
                 });
             }
-            if let Ok(kl) = crossdiff::analysis::figures::read_kl(&PathBuf::from(&self.run_dir).join("kl.json")) {
+            if let Some(kl) = &self.kl {
                 ui.strong("KL(P_chat || P_patched) per condition, all reply tokens, with 95% CIs");
                 Plot::new("kl bars").height(180.0).show(ui, |plot| {
                     let bars = kl
                         .iter()
                         .enumerate()
-                        .map(|(i, (name, m, _, _, _))| Bar::new(i as f64, *m).name(name).width(0.6))
+                        .map(|(i, k)| Bar::new(i as f64, k.mean_all).name(&k.condition).width(0.6))
                         .collect();
                     plot.bar_chart(BarChart::new("KL", bars));
-                    for (i, (_, m, ci, _, _)) in kl.iter().enumerate() {
+                    for (i, k) in kl.iter().enumerate() {
+                        let (m, ci) = (k.mean_all, k.ci_all);
                         plot.line(Line::new(
                             format!("CI {i}"),
                             PlotPoints::from(vec![[i as f64, m - ci], [i as f64, m + ci]]),
                         ));
                     }
                 });
-                ui.label(kl.iter().enumerate().map(|(i, k)| format!("{i}: {}", k.0)).collect::<Vec<_>>().join("   "));
+                ui.label(
+                    kl.iter().enumerate().map(|(i, k)| format!("{i}: {}", k.condition)).collect::<Vec<_>>().join("   "),
+                );
             }
             // Marginals of the scatter: ν^ε and ν^r histograms, chat-only vs the shared baseline.
             ui.columns(2, |cols| {
@@ -188,9 +198,10 @@ impl PlotsView {
                         &mut cols[c],
                         |plot| {
                             for (label, pts, class) in
-                                [("chat-only", &chat, "chat_only"), ("shared", &shared, "shared")]
+                                [("chat-only", &chat, LatentClass::ChatOnly), ("shared", &shared, LatentClass::Shared)]
                             {
-                                let counts = crossdiff::analysis::figures::histogram(pts.iter().map(pick), -0.5, 1.5, 40);
+                                let counts =
+                                    crossdiff::analysis::figures::histogram(pts.iter().map(pick), -0.5, 1.5, 40);
                                 let bars = counts
                                     .iter()
                                     .enumerate()

@@ -1,23 +1,25 @@
 //! The Steering view: side-by-side greedy generation without and with chosen latents' chat decoder
-//! directions added at the crosscoder's layer, one strength slider per latent.
+//! directions added at the crosscoder's layer, one strength slider per latent. The model comes from
+//! the app's store.
 
 use std::path::PathBuf;
 
+use crossdiff::workflow::steer::SteerJob;
 use eframe::egui;
 
-use crate::jobs::{Job, job_ui};
+use crate::jobs::{Delivery, JobEnv, JobSlot};
 
 pub struct SteeringView {
     pub run_dir: String,
     pub model_dir: String,
-    pub prompt: String,
-    pub chat: bool,
-    pub max_tokens: usize,
     /// (latent, strength as a multiple of its max activation).
     pub latents: Vec<(usize, f64)>,
+    /// The prompt, chat switch, token budget and the rest, from `SteerJob::default()`.
+    pub config: SteerJob,
     new_latent: String,
-    job: Option<Job>,
-    result: std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>,
+    pub job: JobSlot,
+    delivery: Delivery<(String, String)>,
+    result: Option<(String, String)>,
 }
 
 impl SteeringView {
@@ -25,35 +27,56 @@ impl SteeringView {
         Self {
             run_dir: String::new(),
             model_dir,
-            prompt: "Who are you?".into(),
-            chat: true,
-            max_tokens: 24,
             latents: Vec::new(),
+            // A first example prompt, as a chat turn.
+            config: SteerJob { prompt: "Who are you?".into(), chat: true, ..SteerJob::default() },
             new_latent: String::new(),
-            job: None,
-            result: Default::default(),
+            job: JobSlot::default(),
+            delivery: Delivery::default(),
+            result: None,
         }
     }
 
-    /// Adds a latent to steer with (the dashboard's steer button uses this).
+    /// Adds a latent to steer with.
     pub fn add_latent(&mut self, latent: usize) {
         if !self.latents.iter().any(|(j, _)| *j == latent) {
             self.latents.push((latent, 1.0));
         }
     }
 
-    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &egui::Context) {
-        ui.heading("Steering");
-        for (label, field) in [("Run directory", &mut self.run_dir), ("Model to steer", &mut self.model_dir)] {
-            ui.horizontal(|ui| {
-                let name = ui.label(label).id;
-                ui.add(egui::TextEdit::singleline(field).desired_width(420.0)).labelled_by(name);
-            });
+    /// Steer with latent `latent` of run `run` (the dashboard's Steer button, through a command).
+    pub fn steer_latent(&mut self, run: &str, latent: usize) {
+        if self.run_dir != run {
+            self.run_dir = run.to_string();
+            self.latents.clear();
         }
+        self.add_latent(latent);
+    }
+
+    /// The job the Generate button runs: the engine's config with this view's paths and latents
+    /// (`None` without a latent).
+    pub fn job_config(&self) -> Option<SteerJob> {
+        let (&(latent, strength), more) = self.latents.split_first()?;
+        Some(SteerJob {
+            run: PathBuf::from(&self.run_dir),
+            model: PathBuf::from(&self.model_dir),
+            latent,
+            strength,
+            more: more.to_vec(),
+            ..self.config.clone()
+        })
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv) {
+        if let Some(pair) = self.job.delivered(&self.delivery) {
+            self.result = Some(pair);
+        }
+        ui.heading("Steering");
+        crate::widgets::text_rows(ui, [("Run directory", &mut self.run_dir), ("Model to steer", &mut self.model_dir)]);
         let name = ui.label("Steering prompt").id;
-        ui.add(egui::TextEdit::multiline(&mut self.prompt).desired_rows(2).desired_width(f32::INFINITY))
+        ui.add(egui::TextEdit::multiline(&mut self.config.prompt).desired_rows(2).desired_width(f32::INFINITY))
             .labelled_by(name);
-        ui.checkbox(&mut self.chat, "Render as a chat turn");
+        ui.checkbox(&mut self.config.chat, "Render as a chat turn");
         ui.horizontal(|ui| {
             let name = ui.label("Add latent").id;
             ui.add(egui::TextEdit::singleline(&mut self.new_latent).desired_width(80.0)).labelled_by(name);
@@ -76,14 +99,19 @@ impl SteeringView {
         if let Some(i) = remove {
             self.latents.remove(i);
         }
-        let running = self.job.as_ref().is_some_and(|j| j.running());
-        if ui.add_enabled(!running && !self.latents.is_empty(), egui::Button::new("Generate steered")).clicked() {
-            self.start(ctx.clone());
+        let config = self.job_config();
+        if self.job.start_button(ui, config.is_some(), "Generate steered") {
+            if let Some(job) = config {
+                let delivery = self.delivery.clone();
+                self.job.start(env.spawn("steering", move |device, store, handle| {
+                    let done = job.run(device, store, handle)?;
+                    delivery.put((done.plain, done.steered));
+                    Ok(format!("{} latents at layer {}", done.rows.len(), done.layer))
+                }));
+            }
         }
-        if let Some(job) = &mut self.job {
-            job_ui(ui, job);
-        }
-        if let Some((plain, steered)) = self.result.lock().ok().and_then(|r| r.clone()) {
+        self.job.ui(ui);
+        if let Some((plain, steered)) = &self.result {
             ui.columns(2, |cols| {
                 cols[0].strong("unsteered");
                 cols[0].label(format!("unsteered: {plain}"));
@@ -91,38 +119,5 @@ impl SteeringView {
                 cols[1].label(format!("steered: {steered}"));
             });
         }
-    }
-
-    fn start(&mut self, ctx: egui::Context) {
-        let (run, model) = (PathBuf::from(&self.run_dir), PathBuf::from(&self.model_dir));
-        let (prompt, chat, max_tokens, latents) =
-            (self.prompt.clone(), self.chat, self.max_tokens, self.latents.clone());
-        let result = self.result.clone();
-        self.job = Some(Job::spawn("steering", ctx, move |_, _| {
-            let device = crossdiff::Backend::Cpu.device()?;
-            let m = crossdiff::Model::load(&model, &device, crossdiff::LoadOptions::default())?;
-            let cc = crossdiff::crosscoder::Crosscoder::load(&run, &device)?;
-            let rows = crossdiff::analysis::latents_csv::read_latents_csv(&run.join("latents.csv"))?;
-            let layer = cc.config.layer.ok_or_else(|| anyhow::anyhow!("the run's config.json names no layer"))?;
-            let specs: Vec<(usize, f64, f64)> = latents
-                .iter()
-                .map(|&(j, s)| {
-                    rows.get(j)
-                        .map(|r| (j, s, r.max_act))
-                        .ok_or_else(|| anyhow::anyhow!("latent {j} is not in latents.csv"))
-                })
-                .collect::<anyhow::Result<_>>()?;
-            let edit = crossdiff::analysis::steer::combined_edit(&cc, &specs, layer)?;
-            let ids = m.prompt_ids(&prompt, chat)?;
-            let (plain, steered) = crossdiff::analysis::steer::steer(&m, &ids, &edit, max_tokens)?;
-            let stop = m.stop_ids();
-            let text =
-                |v: &[u32]| m.tokenizer.decode(&v.iter().copied().filter(|i| !stop.contains(i)).collect::<Vec<_>>());
-            let pair = (text(&plain)?, text(&steered)?);
-            if let Ok(mut r) = result.lock() {
-                *r = Some(pair);
-            }
-            Ok(format!("{} latents at layer {layer}", specs.len()))
-        }));
     }
 }

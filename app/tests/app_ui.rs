@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+use crossdiff::analysis::latents::{LatentClass, read_latents_csv};
 use crossdiff_app::app::CrossdiffApp;
+use crossdiff_app::commands::AppCommand;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 
@@ -58,7 +60,7 @@ fn a_bad_model_directory_shows_an_error_not_a_crash() {
 /// latents.csv and examples store.
 fn analysed_run(tag: &str) -> std::path::PathBuf {
     use crossdiff::activations::cache::ActDtype;
-use crossdiff::activations::writer::{CacheJob, run_cache};
+    use crossdiff::activations::writer::{CacheJob, run_cache};
     use crossdiff::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, read_vec, tensor};
     use crossdiff::data::TokenizeOptions;
     let root = std::env::temp_dir().join(format!("crossdiff-app-{tag}-{}", std::process::id()));
@@ -100,24 +102,37 @@ use crossdiff::activations::writer::{CacheJob, run_cache};
         config: CrosscoderConfig { kind: Kind::L1, d, dict_size: dict, k: 0, mu: 0.0, layer: Some(1), models: vec![] },
         params: Params { w_dec: tensor(w_dec, [dict, 2 * d], &device), ..p },
         threshold: None,
+        file_checksum: None,
     };
     let run = root.join("run");
     cc.save(&run).unwrap();
+    let run_dir = crossdiff::run_dir::RunDir::new(&run);
     let opts = crossdiff::analysis::analyze::AnalyzeOptions::default();
     let (rows, summary) =
-        crossdiff::analysis::analyze::analyze(&run, &root.join("cache"), &device, &opts, |_, _| {}, || true).unwrap();
-    crossdiff::analysis::analyze::write_outputs(&run, &rows, &summary).unwrap();
+        crossdiff::analysis::analyze::analyze(&run_dir, &cc, &root.join("cache"), &device, &opts, |_, _| {}, || true)
+            .unwrap();
+    run_dir.write_latents(&rows, &summary).unwrap();
     let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
     let ex = crossdiff::analysis::examples::ExamplesOptions { top_n: 3, per_bin: 1, context: 4, ..Default::default() };
-    crossdiff::analysis::examples::build_examples(&run, &root.join("cache"), &device, &max_act, None, &ex, None).unwrap();
+    crossdiff::analysis::examples::build_examples(
+        &run_dir,
+        &cc,
+        &root.join("cache"),
+        &device,
+        &max_act,
+        None,
+        &ex,
+        None,
+    )
+    .unwrap();
     run
 }
 
 #[test]
 fn latents_view_filters_rows_and_opens_the_dashboard() {
     let run = analysed_run("latents");
-    let rows = crossdiff::analysis::latents_csv::read_latents_csv(&run.join("latents.csv")).unwrap();
-    let chat_only = rows.iter().filter(|r| r.class == "chat_only").count();
+    let rows = read_latents_csv(&run.join("latents.csv")).unwrap();
+    let chat_only = rows.iter().filter(|r| r.class == LatentClass::ChatOnly).count();
     assert!(chat_only > 0 && chat_only < rows.len());
     let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 800.0)).build_eframe(|cc| {
         let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
@@ -157,7 +172,7 @@ fn latents_view_filters_rows_and_opens_the_dashboard() {
     harness.get_by_label_contains("     16 ").click();
     harness.run_steps(3);
     harness.get_by_label("Latent 16");
-    let verdict = crossdiff::analysis::analyze::verdict(&rows[16]);
+    let verdict = rows[16].verdict();
     harness.get_by_label(&format!("class {} — {verdict}", rows[16].class));
     harness.get_by_label("Activation histogram (fraction of max)");
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
@@ -172,10 +187,10 @@ fn train_view_shows_progress_and_cancel_stops_then_resumes() {
         let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
         app.train.cache_dir = root.join("cache").display().to_string();
         app.train.run_dir = out.display().to_string();
-        app.train.dict_size = 64;
-        app.train.k = 4;
-        app.train.batch = 16;
-        app.train.steps = 10_000_000;
+        app.train.config.dict_size = Some(64);
+        app.train.config.k = 4;
+        app.train.config.batch = 16;
+        app.train.config.steps = Some(10_000_000);
         app
     });
     harness.run_steps(2);
@@ -216,9 +231,9 @@ fn cache_view_estimates_disk_and_runs_a_cache() {
         app.cache.data =
             format!("{}\n{}", assets.join("data/web.txt").display(), assets.join("data/chat.jsonl").display());
         app.cache.out_dir = out.display().to_string();
-        app.cache.tokens = 1000;
-        app.cache.context = 48;
-        app.cache.dtype = crossdiff::activations::cache::ActDtype::F32;
+        app.cache.config.tokens = 1000;
+        app.cache.config.tokenize.context = 48;
+        app.cache.config.dtype = crossdiff::activations::cache::ActDtype::F32;
         app
     });
     harness.run_steps(2);
@@ -256,8 +271,8 @@ fn plots_view_draws_the_figures_exports_csv_and_opens_a_clicked_latent() {
     harness.get_by_label("Export CSV: Relative decoder norm Δ").click();
     harness.run_steps(2);
     let csv = std::fs::read_to_string(run.join("fig-delta.csv")).unwrap();
-    let rows = crossdiff::analysis::latents_csv::read_latents_csv(&run.join("latents.csv")).unwrap();
-    let live = rows.iter().filter(|r| r.class != "dead").count() as u64;
+    let rows = read_latents_csv(&run.join("latents.csv")).unwrap();
+    let live = rows.iter().filter(|r| r.class != LatentClass::Dead).count() as u64;
     let total: u64 =
         csv.lines().skip(1).map(|l| l.split(',').skip(2).map(|c| c.parse::<u64>().unwrap()).sum::<u64>()).sum();
     assert_eq!(total, live, "every live latent is in one bin");
@@ -269,8 +284,8 @@ fn plots_view_draws_the_figures_exports_csv_and_opens_a_clicked_latent() {
         assert_eq!((png.width(), png.height()), (1300, 1000));
         harness.get_by_label_contains("wrote ");
     }
-    // A click on a point asks for its latent: the Latents view opens on its dashboard.
-    harness.state_mut().plots.requested = Some(8);
+    // A click on a point asks for its latent (a command): the Latents view opens on its dashboard.
+    harness.state_mut().push(AppCommand::OpenLatent { run: run.display().to_string(), latent: 8 });
     harness.run_steps(3);
     harness.get_by_label("Latent 8");
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
@@ -280,12 +295,12 @@ fn plots_view_draws_the_figures_exports_csv_and_opens_a_clicked_latent() {
 fn compare_view_puts_two_runs_side_by_side() {
     let a = analysed_run("compare-a");
     let b = analysed_run("compare-b");
-    let rows = crossdiff::analysis::latents_csv::read_latents_csv(&a.join("latents.csv")).unwrap();
+    let rows = read_latents_csv(&a.join("latents.csv")).unwrap();
     let (chat, pass) = crossdiff_app::compare_view::chat_only_passing(&rows);
     let want_pass = rows
         .iter()
         .filter(|r| {
-            r.class == "chat_only"
+            r.class == LatentClass::ChatOnly
                 && r.nu_error.is_some_and(|v| v < 0.2)
                 && r.nu_reconstruction.is_some_and(|v| v < 0.5)
         })
@@ -420,6 +435,8 @@ fn snapshot_images_of_the_empty_views() {
         let mut harness = Harness::builder().with_size(eframe::egui::vec2(900.0, 520.0)).build_eframe(|cc| {
             let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
             app.steering.model_dir.clear();
+            // A fixed device, so the top bar reads the same on machines with and without a GPU.
+            app.backend = crossdiff::Backend::Cpu;
             app
         });
         harness.run_steps(2);
@@ -428,4 +445,143 @@ fn snapshot_images_of_the_empty_views() {
         harness.snapshot(name);
         results.extend(harness.take_snapshot_results());
     }
+}
+
+#[test]
+fn a_job_that_panics_shows_its_error_and_the_next_job_runs() {
+    let mut harness = Harness::builder()
+        .with_size(eframe::egui::vec2(1100.0, 720.0))
+        .build_eframe(|cc| {
+            let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+            app.backend = crossdiff::Backend::Cpu;
+            app
+        });
+    harness.run_steps(2);
+    // A job of the app's one mechanism that panics, in the Models view's job slot.
+    let env = harness.state().job_env();
+    let job = env.spawn("loading models", |_, _, handle| {
+        handle.progress("loading", 1, 2, "tensors");
+        panic!("boom inside the job")
+    });
+    harness.state_mut().models.job.start(job);
+    wait_for(&mut harness, "loading models failed — error: the job panicked: boom inside the job");
+    // Only the error shows: the failed job's progress and status lines are gone.
+    assert!(harness.query_by_label_contains("loading models status").is_none());
+    assert!(!harness.state().models.job.running());
+    // The UI is free again: the next job starts and finishes.
+    harness.get_by_label("Load models").click();
+    wait_for(&mut harness, "loading models finished: both models on cpu");
+    wait_for(&mut harness, "tiny-gemma2/chat\n4 layers, width 72, vocab 676");
+    assert!(harness.query_by_label_contains("the job panicked").is_none());
+}
+
+/// Picks a device in the top bar's selector.
+fn select_device(harness: &mut Harness<'_, CrossdiffApp>, name: &str) {
+    harness.get_by_label("Device").click();
+    harness.run_steps(2);
+    harness.get_by_label(name).click();
+    harness.run_steps(2);
+}
+
+#[test]
+fn every_job_runs_on_the_device_the_top_bar_names() {
+    let run = analysed_run("device");
+    let root = run.parent().unwrap().to_path_buf();
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets");
+    let (run2, root2) = (run.clone(), root.clone());
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(move |cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.cache.data = assets.join("data/web.txt").display().to_string();
+        app.cache.out_dir = root2.join("cache-device").display().to_string();
+        app.cache.config.tokens = 200;
+        app.cache.config.tokenize.context = 48;
+        app.train.cache_dir = root2.join("cache").display().to_string();
+        app.train.run_dir = root2.join("train-device").display().to_string();
+        app.train.config.dict_size = Some(64);
+        app.train.config.k = 4;
+        app.train.config.batch = 16;
+        app.train.config.steps = Some(20);
+        app.prompt_lab.run_dir = run2.display().to_string();
+        app.steering.run_dir = run2.display().to_string();
+        app.steering.add_latent(3);
+        app
+    });
+    harness.run_steps(2);
+    assert_eq!(harness.state().backend, crossdiff::Backend::Auto, "the app starts on auto");
+    // CUDA is not in this build: every job fails opening it — each asked for the selected device.
+    select_device(&mut harness, "cuda");
+    assert_eq!(harness.state().backend, crossdiff::Backend::Cuda);
+    for (tab, button, job) in [
+        ("Cache", "Start caching", "caching"),
+        ("Train", "Start training", "training"),
+        ("Prompt lab", "Analyse", "analysis"),
+        ("Steering", "Generate steered", "steering"),
+        ("Models", "Load models", "loading models"),
+    ] {
+        harness.get_by_label(tab).click();
+        harness.run_steps(2);
+        harness.get_by_label(button).click();
+        wait_for(&mut harness, &format!("{job} failed — error: --backend cuda"));
+    }
+    let app = harness.state();
+    for device in
+        [app.cache.job.device(), app.train.job.device(), app.prompt_lab.job.device(), app.steering.job.device()]
+    {
+        assert_eq!(device, Some(crossdiff::Backend::Cuda));
+    }
+    assert_eq!(app.models.job.device(), Some(crossdiff::Backend::Cuda));
+    // Back on the CPU, the same jobs run there.
+    select_device(&mut harness, "cpu");
+    harness.get_by_label("Train").click();
+    harness.run_steps(2);
+    harness.get_by_label("Start training").click();
+    wait_for(&mut harness, "training finished: BatchTopK D=64");
+    harness.get_by_label_contains("(ran on cpu");
+    // On wgpu (lavapipe here), when a Vulkan driver is there: training runs on it, and the models
+    // the Models view loads are on it.
+    if crossdiff::Backend::Wgpu.device().is_ok() {
+        select_device(&mut harness, "wgpu");
+        harness.state_mut().train.run_dir = root.join("train-wgpu").display().to_string();
+        harness.run_steps(1);
+        harness.get_by_label("Start training").click();
+        wait_for(&mut harness, "training finished: BatchTopK D=64");
+        harness.get_by_label_contains("(ran on wgpu");
+        assert_eq!(harness.state().train.job.device(), Some(crossdiff::Backend::Wgpu));
+        harness.get_by_label("Models").click();
+        harness.run_steps(2);
+        harness.get_by_label("Load models").click();
+        wait_for(&mut harness, "loading models finished: both models on wgpu");
+        wait_for(&mut harness, "tiny-gemma2/base\n4 layers, width 72, vocab 676, 0.");
+        assert_eq!(harness.query_all_by_label_contains("parameters, on wgpu").count(), 2);
+    } else {
+        assert!(std::env::var("CROSSDIFF_REQUIRE_WGPU").is_err(), "CROSSDIFF_REQUIRE_WGPU=1 but wgpu is unusable");
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn views_share_one_model_store() {
+    let run = analysed_run("store");
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.prompt_lab.run_dir = run.display().to_string();
+        app.steering.run_dir = run.display().to_string();
+        app.steering.add_latent(3);
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Load models").click();
+    wait_for(&mut harness, "loading models finished");
+    assert_eq!(harness.state().store.len(), 2);
+    // Prompt lab and Steering use the models the Models view loaded: nothing more is loaded.
+    harness.get_by_label("Prompt lab").click();
+    harness.run_steps(2);
+    harness.get_by_label("Analyse").click();
+    wait_for(&mut harness, "analysis finished:");
+    harness.get_by_label("Steering").click();
+    harness.run_steps(2);
+    harness.get_by_label("Generate steered").click();
+    wait_for(&mut harness, "steering finished:");
+    assert_eq!(harness.state().store.len(), 2);
+    std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
 }

@@ -80,7 +80,7 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 r.seconds_per_step,
                 r.tokens_per_s,
                 r.peak_host_bytes.unwrap_or(0) / (1 << 20),
-                backend
+                backend.describe()
             );
         }
         BenchCommand::Analyze { d, dict_size, k, tokens } => {
@@ -89,7 +89,7 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             println!(
                 "bench analyze: {:.0} tokens/s (D={dict_size}), examples store {:.1}s, latent query {:.2} ms median / {:.2} ms max ({})",
-                r.analyze_tokens_per_s, r.examples_seconds, r.query_ms_median, r.query_ms_max, backend
+                r.analyze_tokens_per_s, r.examples_seconds, r.query_ms_median, r.query_ms_max, backend.describe()
             );
         }
         BenchCommand::Reader { cache, synthetic_tokens, d, batch, shuffle_tokens } => {
@@ -112,7 +112,7 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 r.prefill_tokens_per_s,
                 r.decode_tokens_per_s,
                 r.peak_host_bytes.unwrap_or(0) / (1 << 20),
-                backend
+                backend.describe()
             );
         }
     }

@@ -30,8 +30,10 @@ use progress::Bar;
     about = "Find what chat fine-tuning changed inside a language model. No subcommand opens the desktop app."
 )]
 struct Cli {
-    /// Compute backend: wgpu (any GPU, or Mesa lavapipe on CPU), cpu (burn flex), cuda (needs the `cuda` build feature).
-    #[arg(long, global = true, default_value = "wgpu")]
+    /// Compute backend: auto (a real GPU through wgpu, else CUDA if built with it, else cpu; the
+    /// CROSSDIFF_BACKEND variable overrides it), wgpu (any GPU vendor; on a machine without one,
+    /// Mesa's lavapipe, a CPU posing as a GPU), cpu (burn flex), cuda (needs the `cuda` build feature).
+    #[arg(long, global = true, default_value = "auto")]
     backend: Backend,
     #[command(subcommand)]
     command: Command,
@@ -120,7 +122,9 @@ pub(crate) struct ModelArgs {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    let backend = cli.backend;
+    // `auto` settles once, here, before any job thread starts a device.
+    let backend = cli.backend.resolve()?;
+    let device_name = backend.describe();
     match cli.command {
         Command::Inspect { model, prompt, chat, out } => {
             let m = load(&model, backend)?;
@@ -129,7 +133,7 @@ pub fn run() -> Result<()> {
             let result = crossdiff::model::inspect::inspect(&m, ids)?;
             result.write(&out)?;
             println!(
-                "inspect: {} tokens, {} blocks, logits [{}, {}] → {} ({:.2}s, {backend})",
+                "inspect: {} tokens, {} blocks, logits [{}, {}] → {} ({:.2}s, {device_name})",
                 result.ids.len(),
                 result.blocks.len(),
                 result.ids.len(),
@@ -166,7 +170,7 @@ pub fn run() -> Result<()> {
             let reason = if out.last().is_some_and(|id| stop.contains(id)) { "stop token" } else { "max tokens" };
             println!();
             eprintln!(
-                "generate: {} prompt + {} new tokens in {secs:.2}s ({:.1} tokens/s, {reason}, {backend})",
+                "generate: {} prompt + {} new tokens in {secs:.2}s ({:.1} tokens/s, {reason}, {device_name})",
                 ids.len(),
                 out.len(),
                 out.len() as f64 / secs,
@@ -180,7 +184,7 @@ pub fn run() -> Result<()> {
             let index = &done.index;
             let state = if index.complete { "complete" } else { "interrupted; re-run the same command to resume" };
             println!(
-                "cache: {} tokens in {} shards at layer {}, {} → {} ({:.1}s, {:.1} tokens/s after loading, {state})",
+                "cache: {} tokens in {} shards at layer {}, {} → {} ({:.1}s, {:.1} tokens/s after loading, {state}; {device_name})",
                 index.total_tokens,
                 index.shards.len(),
                 index.layer,
@@ -198,7 +202,7 @@ pub fn run() -> Result<()> {
             let cc = &done.crosscoder;
             match done.last {
                 Some(m) => println!(
-                    "train: {:?} D={} step {} ({} tokens), loss {:.4}, FVE base {:.3} chat {:.3}, L0 {:.1}, dead {:.1}% → {} ({:.1}s)",
+                    "train: {:?} D={} step {} ({} tokens), loss {:.4}, FVE base {:.3} chat {:.3}, L0 {:.1}, dead {:.1}% → {} ({:.1}s, {device_name})",
                     cc.config.kind,
                     cc.config.dict_size,
                     m.step,
@@ -221,7 +225,7 @@ pub fn run() -> Result<()> {
             bar.finish();
             let (s, n) = (&done.summary, |c| done.summary.count(c));
             println!(
-                "analyze: {} latents over {} tokens: {} chat-only ({} chat-specific by Latent Scaling), {} base-only, {} shared, {} dead; FVE {:.3}/{:.3}, L0 {:.1} → {} ({:.1}s)",
+                "analyze: {} latents over {} tokens: {} chat-only ({} chat-specific by Latent Scaling), {} base-only, {} shared, {} dead; FVE {:.3}/{:.3}, L0 {:.1} → {} ({:.1}s, {device_name})",
                 done.rows.len(),
                 s.tokens,
                 n(LatentClass::ChatOnly),
@@ -251,7 +255,7 @@ pub fn run() -> Result<()> {
             let gap = stats[0].mean_all;
             let closed = if gap > 0.0 { 100.0 * (1.0 - stats[1].mean_all / gap) } else { 0.0 };
             println!(
-                "kl: {} tokens; base→chat gap {gap:.4} (first 9: {:.4}); patching all latents closes {closed:.0}% → {}",
+                "kl: {} tokens; base→chat gap {gap:.4} (first 9: {:.4}); patching all latents closes {closed:.0}% → {} ({device_name})",
                 stats[0].tokens_all,
                 stats[0].mean_first9,
                 crossdiff::run_dir::RunDir::new(&job.run).kl().display()
@@ -267,7 +271,7 @@ pub fn run() -> Result<()> {
                 "--- unsteered ---\n{}\n--- steered: latent {} ({}, Δ {:.3}) × {} at layer {} ---\n{}",
                 done.plain, job.latent, row.class, row.delta_norm, job.strength, done.layer, done.steered
             );
-            println!("steer: {} vs {} new tokens", done.new_tokens[0], done.new_tokens[1]);
+            println!("steer: {} vs {} new tokens ({device_name})", done.new_tokens[0], done.new_tokens[1]);
         }
         Command::Demo { rebuild, models, project, no_app, steps, seed } => {
             let device = backend.device()?;
@@ -296,7 +300,7 @@ pub fn run() -> Result<()> {
             let flag = progress::interrupt_flag();
             let handle = crossdiff::workflow::Handle::new(&|_| {}, &flag);
             crossdiff::demo::run_pipeline(&p, &device, handle, |step| eprintln!("demo: {step}"))?;
-            println!("demo: project ready in {} ({:.0}s)", project.display(), started.elapsed().as_secs_f64());
+            println!("demo: project ready in {} ({:.0}s, {device_name})", project.display(), started.elapsed().as_secs_f64());
             if !no_app {
                 // SAFETY (set_var): nothing else runs yet; the app reads it once at start.
                 unsafe { std::env::set_var("CROSSDIFF_PROJECT", &project) };

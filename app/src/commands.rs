@@ -1,0 +1,64 @@
+//! How views talk to each other: a view pushes an [`AppCommand`] into the app's queue, and the app
+//! drains the queue once per frame, calling the target view's own methods. No view reaches into
+//! another view's fields.
+
+/// The app's views (the top bar's tabs).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Tab {
+    Models,
+    Cache,
+    Train,
+    Latents,
+    Plots,
+    PromptLab,
+    Steering,
+    Compare,
+}
+
+impl Tab {
+    /// Every tab, in the top bar's order, with its label.
+    pub const ALL: [(Tab, &'static str); 8] = [
+        (Tab::Models, "Models"),
+        (Tab::Cache, "Cache"),
+        (Tab::Train, "Train"),
+        (Tab::Latents, "Latents"),
+        (Tab::Plots, "Plots"),
+        (Tab::PromptLab, "Prompt lab"),
+        (Tab::Steering, "Steering"),
+        (Tab::Compare, "Compare runs"),
+    ];
+
+    /// The tab named by CROSSDIFF_VIEW (screenshots, demos).
+    pub fn from_env_name(name: &str) -> Option<Tab> {
+        Some(match name {
+            "models" => Tab::Models,
+            "cache" => Tab::Cache,
+            "train" => Tab::Train,
+            "latents" => Tab::Latents,
+            "plots" => Tab::Plots,
+            "compare" => Tab::Compare,
+            "steering" => Tab::Steering,
+            "promptlab" => Tab::PromptLab,
+            _ => return None,
+        })
+    }
+}
+
+/// A request from one view that another view (or the app) carries out.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AppCommand {
+    /// Open latent `latent` of run directory `run` in the Latents view's dashboard.
+    OpenLatent {
+        run: String,
+        latent: usize,
+    },
+    /// Add latent `latent` of run `run` to the Steering view and switch to it.
+    SteerLatent {
+        run: String,
+        latent: usize,
+    },
+    SwitchTab(Tab),
+}
+
+/// The queue views push into; the app drains it once per frame.
+pub type Commands = Vec<AppCommand>;

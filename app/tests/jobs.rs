@@ -1,0 +1,119 @@
+//! The app's one background-job mechanism, without a window: engine events become progress and
+//! metrics, Cancel reaches the job, a panic becomes the job's error, and views start from the
+//! engine's workflow defaults.
+
+use std::time::{Duration, Instant};
+
+use crossdiff_app::jobs::{Job, JobSlot};
+use eframe::egui;
+
+/// Polls until the job ends (or `until` holds), at most 30 s.
+fn poll_until(job: &mut Job, until: impl Fn(&Job) -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        job.poll();
+        if until(job) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("the job did not get there within 30 s");
+}
+
+fn metrics(step: u64) -> crossdiff::crosscoder::train::StepMetrics {
+    serde_json::from_value(serde_json::json!({
+        "step": step, "tokens": 16 * step, "loss": 0.5, "recon": 0.4, "aux": 0.1, "l0": 4.0,
+        "fve_base": 0.8, "fve_chat": 0.7, "dead_frac": 0.0, "lr": 1e-4
+    }))
+    .unwrap()
+}
+
+#[test]
+fn events_become_progress_and_metrics_and_cancel_stops_the_job() {
+    let mut job = Job::spawn("work", egui::Context::default(), |h| {
+        h.progress("training", 10, 100, "steps");
+        h.metrics(metrics(10));
+        while h.keep_going() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        h.progress("training", 40, 100, "steps");
+        Ok("stopped at 40".into())
+    });
+    poll_until(&mut job, |j| !j.metrics.is_empty());
+    assert!(job.running());
+    assert_eq!((job.phase.as_str(), job.unit, job.progress), ("training", "steps", (10, 100)));
+    assert!(job.status.starts_with("step 10 loss 0.5000"), "{}", job.status);
+    job.cancel();
+    poll_until(&mut job, |j| !j.running());
+    assert_eq!(job.finished, Some(Ok("stopped at 40".to_string())));
+    assert_eq!(job.progress, (40, 100));
+    assert_eq!(job.device, None, "a bare job names no device");
+}
+
+#[test]
+fn a_panicking_job_reports_its_message_clears_its_progress_and_frees_the_slot() {
+    let ctx = egui::Context::default();
+    let mut slot = JobSlot::default();
+    slot.start(Job::spawn("work", ctx.clone(), |h| {
+        h.progress("caching", 3, 10, "tokens");
+        let step = 3;
+        panic!("index out of range at step {step}")
+    }));
+    let start = Instant::now();
+    while slot.running() && start.elapsed() < Duration::from_secs(30) {
+        slot.poll();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let job = slot.job().unwrap();
+    assert_eq!(job.error(), Some("the job panicked: index out of range at step 3"));
+    assert_eq!((job.progress, job.status.as_str()), ((0, 0), ""), "only the error is left");
+    assert!(slot.take_ended(), "the view learns that the job ended");
+    assert!(!slot.take_ended());
+    // The next job starts in the same slot and finishes.
+    slot.start(Job::spawn("work", ctx, |_| Ok("fine".into())));
+    while slot.running() {
+        slot.poll();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(slot.job().unwrap().finished, Some(Ok("fine".to_string())));
+}
+
+#[test]
+fn an_error_keeps_its_whole_context_chain() {
+    let mut job = Job::spawn("work", egui::Context::default(), |_| {
+        Err(anyhow::anyhow!("no such file").context("opening /x/cache.json"))
+    });
+    poll_until(&mut job, |j| !j.running());
+    assert_eq!(job.error(), Some("opening /x/cache.json: no such file"));
+}
+
+#[test]
+fn views_fill_the_engines_workflow_configs_from_their_defaults() {
+    use crossdiff::workflow::{cache::CacheJob, prompt_lab::PromptLabJob, steer::SteerJob, train::TrainJob};
+    let app = crossdiff_app::app::CrossdiffApp::new(egui::Context::default());
+    // Train: exactly the engine's defaults, plus the view's paths.
+    let mut train = app.train.job_config();
+    assert_eq!(train.cache.as_deref(), Some(std::path::Path::new("")));
+    train.cache = None;
+    assert_eq!(format!("{train:?}"), format!("{:?}", TrainJob::default()));
+    // Cache: the engine's defaults except the two values the CLI requires (layer, tokens).
+    let cache = app.cache.job_config();
+    let want = CacheJob {
+        layer: cache.layer,
+        tokens: cache.tokens,
+        base: cache.base.clone(),
+        chat: cache.chat.clone(),
+        ..CacheJob::default()
+    };
+    assert_eq!(format!("{cache:?}"), format!("{want:?}"));
+    // Prompt lab and Steering: the engine's defaults under the example text and latents.
+    let lab = app.prompt_lab.job_config();
+    assert_eq!(lab.top, PromptLabJob::default().top);
+    let mut steering = crossdiff_app::steering_view::SteeringView::new(String::new());
+    assert!(steering.job_config().is_none(), "nothing to steer with yet");
+    steering.add_latent(3);
+    steering.add_latent(5);
+    let steer = steering.job_config().unwrap();
+    assert_eq!((steer.latent, steer.strength, steer.more.clone()), (3, 1.0, vec![(5, 1.0)]));
+    assert_eq!(steer.max_tokens, SteerJob::default().max_tokens);
+}
