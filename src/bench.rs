@@ -15,7 +15,8 @@ pub struct ForwardBench {
     pub decode_tokens: usize,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
-    /// Peak resident host memory of the process (VmHWM), bytes.
+    /// Peak resident host memory of the process (VmHWM), bytes; left out where the OS has no VmHWM.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_host_bytes: Option<u64>,
     /// Bytes the device allocator holds after the run, where the backend reports it.
     pub device_bytes: Option<u64>,

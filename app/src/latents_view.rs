@@ -75,16 +75,7 @@ impl LatentsView {
     /// Reads latents.csv (and the examples store and tokenizer when present).
     pub fn load(&mut self) {
         let run = RunDir::new(&self.run_dir);
-        match run.read_latents() {
-            Ok(rows) => {
-                self.rows = rows;
-                self.error = None;
-            }
-            Err(e) => {
-                self.rows.clear();
-                self.error = Some(format!("{e:#}"));
-            }
-        }
+        crate::widgets::load_latents(&run, &mut self.rows, &mut self.error);
         self.store = ExamplesStore::open(run.path()).ok();
         self.tokenizer = ChatTokenizer::from_dir(Path::new(&self.model_dir)).ok();
         self.selected = None;

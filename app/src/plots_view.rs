@@ -49,13 +49,7 @@ impl PlotsView {
     /// Reads the run's latents.csv and (when there) kl.json.
     pub fn load(&mut self) {
         let run = RunDir::new(&self.run_dir);
-        match run.read_latents() {
-            Ok(rows) => {
-                self.rows = rows;
-                self.error = None;
-            }
-            Err(e) => self.error = Some(format!("{e:#}")),
-        }
+        crate::widgets::load_latents(&run, &mut self.rows, &mut self.error);
         self.kl = run.read_kl().ok();
     }
 

@@ -12,3 +12,15 @@ pub fn text_rows<const N: usize>(ui: &mut egui::Ui, fields: [(&str, &mut String)
         });
     }
 }
+
+/// A run's latents table into a view's rows, or its error (then no rows).
+pub fn load_latents(
+    run: &crossdiff::run_dir::RunDir,
+    rows: &mut Vec<crossdiff::analysis::latents::LatentRow>,
+    error: &mut Option<String>,
+) {
+    (*rows, *error) = match run.read_latents() {
+        Ok(r) => (r, None),
+        Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+    };
+}

@@ -82,19 +82,24 @@ pub fn delta_norm(base: f64, chat: f64) -> f64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatentRow {
     pub latent: usize,
+    /// Δ of the decoder norms (0 base-only … 0.5 shared … 1 chat-only).
     pub delta_norm: f64,
+    /// ‖d_j^base‖ and ‖d_j^chat‖, and the cosine between the two directions.
     pub dec_norm_base: f64,
     pub dec_norm_chat: f64,
     pub dec_cos: f64,
     pub class: LatentClass,
+    /// Share of tokens on which the latent is active, and its largest norm-scaled activation.
     pub freq: f64,
     pub max_act: f64,
+    /// Latent Scaling ratios ν^ε = β^ε_base / β^ε_chat and ν^r (empty where not computed).
     pub nu_error: Option<f64>,
     pub nu_reconstruction: Option<f64>,
     pub beta_error_base: Option<f64>,
     pub beta_error_chat: Option<f64>,
     pub beta_recon_base: Option<f64>,
     pub beta_recon_chat: Option<f64>,
+    /// Share of its activations that fall on chat-template tokens.
     pub template_share: Option<f64>,
 }
 

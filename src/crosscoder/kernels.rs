@@ -9,6 +9,7 @@ use burn::backend::{
     Backend, backend_extension,
     tensor::{FloatTensor, IntTensor},
 };
+use burn::backend::Dispatch;
 use burn::tensor::{Device, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
@@ -49,16 +50,10 @@ pub trait KernelOps: Backend {
     ) -> FloatTensor<Self>;
 
     /// Counts of positive scores per `bits`-bit field at `shift`, among scores whose bits under
-    /// `prefix_mask` equal `prefix`. The output holds u32 counts in an f32-typed buffer of
+    /// `mask` equal `prefix`. The output holds u32 counts in an f32-typed buffer of
     /// `2^bits` elements: read it as raw bytes.
     #[fusion(dtype = scores, shape = burn::tensor::Shape::new([hist_len(*bits)]))]
-    fn score_histogram(
-        scores: FloatTensor<Self>,
-        prefix: u32,
-        prefix_mask: u32,
-        shift: u32,
-        bits: u32,
-    ) -> FloatTensor<Self>;
+    fn score_histogram(scores: FloatTensor<Self>, prefix: u32, mask: u32, shift: u32, bits: u32) -> FloatTensor<Self>;
 }
 
 /// A WGSL file from `shaders/`, its `{{ workgroup }}` filled in.
@@ -85,6 +80,33 @@ impl KernelSource for Wgsl {
     }
 }
 
+/// Launches one of the `shaders/` kernels over `items` work items (its grid-stride loop covers any
+/// rest): `inputs`, then `out`, then the u32 `params` are bound in that order, as every kernel
+/// declares them; returns `out` as an f32 tensor of `shape` on `like`'s device.
+fn launch(
+    kernel: Wgsl,
+    items: usize,
+    inputs: &[&CubeTensor],
+    out: cubecl::server::Handle,
+    params: &[u32],
+    like: &CubeTensor,
+    shape: burn::tensor::Shape,
+) -> CubeTensor {
+    let client = like.client.clone();
+    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let params = client.create_from_slice(&bytes);
+    let mut bindings: Vec<_> = inputs.iter().map(|t| t.handle.clone().binding()).collect();
+    bindings.push(out.clone().binding());
+    bindings.push(params.binding());
+    let groups = (items as u32).div_ceil(WORKGROUP).clamp(1, 4096);
+    client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+        CubeCount::Static(groups, 1, 1),
+        KernelArguments::new().with_buffers(bindings),
+    );
+    CubeTensor::new_contiguous(client, like.device.clone(), shape, out, burn::tensor::DType::F32)
+}
+
 impl KernelOps for CubeBackend {
     fn segment_rows(
         offsets: IntTensor<Self>,
@@ -94,32 +116,11 @@ impl KernelOps for CubeBackend {
     ) -> FloatTensor<Self> {
         let (offsets, index, coef, table) =
             (into_contiguous(offsets), into_contiguous(index), into_contiguous(coef), into_contiguous(table));
-        let rows = offsets.meta.shape()[0] - 1;
-        let width = table.meta.shape()[1];
-        let client = table.client.clone();
-        let out = client.empty(rows * width * 4);
-        let bytes: Vec<u8> = [rows as u32, width as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let params = client.create_from_slice(&bytes);
-        let groups = ((rows * width) as u32).div_ceil(WORKGROUP).clamp(1, 4096);
-        client.launch(
-            Box::new(SourceKernel::new(SEGMENT_ROWS, CubeDim::new_1d(WORKGROUP))),
-            CubeCount::Static(groups, 1, 1),
-            KernelArguments::new().with_buffers(vec![
-                offsets.handle.clone().binding(),
-                index.handle.clone().binding(),
-                coef.handle.clone().binding(),
-                table.handle.clone().binding(),
-                out.clone().binding(),
-                params.binding(),
-            ]),
-        );
-        CubeTensor::new_contiguous(
-            client,
-            table.device.clone(),
-            burn::tensor::Shape::new([rows, width]),
-            out,
-            burn::tensor::DType::F32,
-        )
+        let (rows, width) = (offsets.meta.shape()[0] - 1, table.meta.shape()[1]);
+        let out = table.client.empty(rows * width * 4);
+        let shape = burn::tensor::Shape::new([rows, width]);
+        let params = [rows as u32, width as u32];
+        launch(SEGMENT_ROWS, rows * width, &[&offsets, &index, &coef, &table], out, &params, &table, shape)
     }
 
     fn pick_dot(
@@ -129,66 +130,18 @@ impl KernelOps for CubeBackend {
         b: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let (ia, ib, a, b) = (into_contiguous(ia), into_contiguous(ib), into_contiguous(a), into_contiguous(b));
-        let n = ia.meta.shape()[0];
-        let width = a.meta.shape()[1];
-        let client = a.client.clone();
-        let out = client.empty(n.max(1) * 4);
-        let bytes: Vec<u8> = [n as u32, width as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let params = client.create_from_slice(&bytes);
-        let groups = (n as u32).div_ceil(WORKGROUP).clamp(1, 4096);
-        client.launch(
-            Box::new(SourceKernel::new(PICK_DOT, CubeDim::new_1d(WORKGROUP))),
-            CubeCount::Static(groups, 1, 1),
-            KernelArguments::new().with_buffers(vec![
-                ia.handle.clone().binding(),
-                ib.handle.clone().binding(),
-                a.handle.clone().binding(),
-                b.handle.clone().binding(),
-                out.clone().binding(),
-                params.binding(),
-            ]),
-        );
-        CubeTensor::new_contiguous(
-            client,
-            a.device.clone(),
-            burn::tensor::Shape::new([n]),
-            out,
-            burn::tensor::DType::F32,
-        )
+        let (n, width) = (ia.meta.shape()[0], a.meta.shape()[1]);
+        let out = a.client.empty(n.max(1) * 4);
+        launch(PICK_DOT, n, &[&ia, &ib, &a, &b], out, &[n as u32, width as u32], &a, burn::tensor::Shape::new([n]))
     }
 
-    fn score_histogram(
-        scores: FloatTensor<Self>,
-        prefix: u32,
-        prefix_mask: u32,
-        shift: u32,
-        bits: u32,
-    ) -> FloatTensor<Self> {
+    fn score_histogram(scores: FloatTensor<Self>, prefix: u32, mask: u32, shift: u32, bits: u32) -> FloatTensor<Self> {
         let scores: CubeTensor = into_contiguous(scores);
-        let n = scores.meta.shape().num_elements() as u32;
-        let client = scores.client.clone();
+        let n = scores.meta.shape().num_elements();
         let bins = hist_len(bits);
-        let hist = client.create_from_slice(&vec![0u8; bins * 4]);
-        let params: Vec<u8> =
-            [n, prefix, prefix_mask, shift, (bins - 1) as u32].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let params = client.create_from_slice(&params);
-        let groups = n.div_ceil(WORKGROUP).clamp(1, 4096);
-        client.launch(
-            Box::new(SourceKernel::new(HISTOGRAM, CubeDim::new_1d(WORKGROUP))),
-            CubeCount::Static(groups, 1, 1),
-            KernelArguments::new().with_buffers(vec![
-                scores.handle.clone().binding(),
-                hist.clone().binding(),
-                params.binding(),
-            ]),
-        );
-        CubeTensor::new_contiguous(
-            client,
-            scores.device.clone(),
-            burn::tensor::Shape::new([bins]),
-            hist,
-            burn::tensor::DType::F32,
-        )
+        let hist = scores.client.create_from_slice(&vec![0u8; bins * 4]);
+        let params = [n as u32, prefix, mask, shift, (bins - 1) as u32];
+        launch(HISTOGRAM, n, &[&scores], hist, &params, &scores, burn::tensor::Shape::new([bins]))
     }
 }
 
@@ -243,34 +196,19 @@ pub fn kth_largest(scores: &Tensor<1>, keep: usize) -> anyhow::Result<Option<(f3
     Ok(Some((f32::from_bits(prefix), above as usize)))
 }
 
+type Ints = Tensor<1, burn::tensor::Int>;
+
 /// [`KernelOps::segment_rows`] from user code: `out[r] = Σ_{p in segment r} coef[p] · table[index[p]]`.
-pub fn segment_rows(
-    offsets: &Tensor<1, burn::tensor::Int>,
-    index: &Tensor<1, burn::tensor::Int>,
-    coef: &Tensor<1>,
-    table: &Tensor<2>,
-) -> Tensor<2> {
-    Tensor::from_dispatch(<burn::backend::Dispatch as KernelOps>::segment_rows(
-        offsets.clone().into_dispatch(),
-        index.clone().into_dispatch(),
-        coef.clone().into_dispatch(),
-        table.clone().into_dispatch(),
-    ))
+pub fn segment_rows(offsets: &Ints, index: &Ints, coef: &Tensor<1>, table: &Tensor<2>) -> Tensor<2> {
+    let (o, i) = (offsets.clone().into_dispatch(), index.clone().into_dispatch());
+    let out = <Dispatch as KernelOps>::segment_rows(o, i, coef.clone().into_dispatch(), table.clone().into_dispatch());
+    Tensor::from_dispatch(out)
 }
 
 /// [`KernelOps::pick_dot`] from user code: `out[p] = a[ia[p]] · b[ib[p]]`.
-pub fn pick_dot(
-    ia: &Tensor<1, burn::tensor::Int>,
-    ib: &Tensor<1, burn::tensor::Int>,
-    a: &Tensor<2>,
-    b: &Tensor<2>,
-) -> Tensor<1> {
-    Tensor::from_dispatch(<burn::backend::Dispatch as KernelOps>::pick_dot(
-        ia.clone().into_dispatch(),
-        ib.clone().into_dispatch(),
-        a.clone().into_dispatch(),
-        b.clone().into_dispatch(),
-    ))
+pub fn pick_dot(ia: &Ints, ib: &Ints, a: &Tensor<2>, b: &Tensor<2>) -> Tensor<1> {
+    let (ia, ib) = (ia.clone().into_dispatch(), ib.clone().into_dispatch());
+    Tensor::from_dispatch(<Dispatch as KernelOps>::pick_dot(ia, ib, a.clone().into_dispatch(), b.clone().into_dispatch()))
 }
 
 /// Plain-op reference of [`segment_rows`] (any backend): gather, scale, scatter-add by segment.

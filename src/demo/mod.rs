@@ -241,24 +241,13 @@ pub fn run_pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: 
         };
         train.run(device, handle)?;
         log(&format!("analysing the {name} crosscoder"));
-        let analyze = AnalyzeJob {
-            run: out.clone(),
-            cache: cache.clone(),
-            base: Some(base.clone()),
-            chat: Some(chat.clone()),
-            ..Default::default()
-        };
-        analyze.run(device, handle)?;
+        let (run, models) = (out.clone(), (Some(base.clone()), Some(chat.clone())));
+        AnalyzeJob { run, cache: cache.clone(), base: models.0, chat: models.1, ..Default::default() }
+            .run(device, handle)?;
         log(&format!("KL check for the {name} crosscoder"));
-        let kl = KlJob {
-            run: out.clone(),
-            base: base.clone(),
-            chat: chat.clone(),
-            data: data[1].clone(),
-            conversations: 200,
-            layer: Some(p.layer),
-        };
-        kl.run(device, &store, handle)?;
+        let conversations = data[1].clone();
+        KlJob { run: out, base: base.clone(), chat: chat.clone(), data: conversations, conversations: 200, layer: Some(p.layer) }
+            .run(device, &store, handle)?;
         runs.push(PathBuf::from("runs").join(name));
     }
     let abs = |q: &Path| std::fs::canonicalize(q).unwrap_or_else(|_| q.to_path_buf());

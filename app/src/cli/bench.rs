@@ -8,6 +8,18 @@ use std::path::PathBuf;
 
 use super::ModelArgs;
 
+/// A crosscoder's size (default: the paper's, on Gemma 2 2B).
+#[derive(clap::Args)]
+pub struct CrosscoderSize {
+    /// Width of one model's activations.
+    #[arg(long, default_value_t = 2304)]
+    d: usize,
+    #[arg(long, default_value_t = 73_728)]
+    dict_size: usize,
+    #[arg(long, default_value_t = 100)]
+    k: usize,
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Prefill and decode tokens/s and peak memory of the Gemma 2 forward.
@@ -26,12 +38,8 @@ pub enum BenchCommand {
     },
     /// Crosscoder training steps/s and tokens/s on random pairs.
     Train {
-        #[arg(long, default_value_t = 2304)]
-        d: usize,
-        #[arg(long, default_value_t = 73_728)]
-        dict_size: usize,
-        #[arg(long, default_value_t = 100)]
-        k: usize,
+        #[command(flatten)]
+        size: CrosscoderSize,
         #[arg(long, default_value_t = 2048)]
         batch: usize,
         #[arg(long, default_value = "batchtopk")]
@@ -42,12 +50,8 @@ pub enum BenchCommand {
     /// analyze throughput and the examples store's per-latent query time on the planted case:
     /// synthetic pairs from known directions and a crosscoder made of them.
     Analyze {
-        #[arg(long, default_value_t = 2304)]
-        d: usize,
-        #[arg(long, default_value_t = 73_728)]
-        dict_size: usize,
-        #[arg(long, default_value_t = 100)]
-        k: usize,
+        #[command(flatten)]
+        size: CrosscoderSize,
         #[arg(long, default_value_t = 2048)]
         tokens: u64,
     },
@@ -70,7 +74,7 @@ pub enum BenchCommand {
 
 pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
     match which {
-        BenchCommand::Train { d, dict_size, k, batch, kind, steps } => {
+        BenchCommand::Train { size: CrosscoderSize { d, dict_size, k }, batch, kind, steps } => {
             let device = backend.device()?;
             let r = crossdiff::bench::bench_train(&device, kind, d, dict_size, k, batch, steps)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -83,7 +87,7 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 backend.describe()
             );
         }
-        BenchCommand::Analyze { d, dict_size, k, tokens } => {
+        BenchCommand::Analyze { size: CrosscoderSize { d, dict_size, k }, tokens } => {
             let device = backend.device()?;
             let r = crossdiff::bench::bench_analyze(&device, d, dict_size, k, tokens)?;
             println!("{}", serde_json::to_string(&r)?);

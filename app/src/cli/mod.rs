@@ -44,23 +44,14 @@ enum Command {
     /// Run one prompt; write input_ids, every block output and the logits to a safetensors file.
     Inspect {
         #[command(flatten)]
-        model: ModelArgs,
-        #[arg(long)]
-        prompt: String,
-        /// Render the prompt as one user turn with the model's chat template.
-        #[arg(long)]
-        chat: bool,
+        input: PromptArgs,
         #[arg(long)]
         out: PathBuf,
     },
     /// Stream a completion (KV cache; greedy unless --temperature > 0).
     Generate {
         #[command(flatten)]
-        model: ModelArgs,
-        #[arg(long)]
-        prompt: String,
-        #[arg(long)]
-        chat: bool,
+        input: PromptArgs,
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
         #[arg(long, default_value_t = 0.0)]
@@ -111,6 +102,18 @@ enum Command {
     },
 }
 
+/// A model and one prompt for it.
+#[derive(Args)]
+struct PromptArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    /// Render the prompt as one user turn with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+}
+
 #[derive(Args)]
 pub(crate) struct ModelArgs {
     /// A Hugging Face snapshot directory (config.json, safetensors, tokenizer.json).
@@ -126,7 +129,7 @@ pub fn run() -> Result<()> {
     let backend = cli.backend.resolve()?;
     let device_name = backend.describe();
     match cli.command {
-        Command::Inspect { model, prompt, chat, out } => {
+        Command::Inspect { input: PromptArgs { model, prompt, chat }, out } => {
             let m = load(&model, backend)?;
             let ids = m.prompt_ids(&prompt, chat)?;
             let started = Instant::now();
@@ -142,7 +145,7 @@ pub fn run() -> Result<()> {
                 started.elapsed().as_secs_f64(),
             );
         }
-        Command::Generate { model, prompt, chat, max_tokens, temperature, top_p, seed } => {
+        Command::Generate { input: PromptArgs { model, prompt, chat }, max_tokens, temperature, top_p, seed } => {
             let m = load(&model, backend)?;
             let ids = m.prompt_ids(&prompt, chat)?;
             let stop = m.stop_ids();

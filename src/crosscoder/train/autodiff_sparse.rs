@@ -8,10 +8,10 @@
 use anyhow::{Result, anyhow};
 use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use crate::crosscoder::train::config::TrainConfig;
+use crate::crosscoder::train::host_sparse::HostPicks;
 use crate::crosscoder::train::kernel_sparse::DeviceSelection;
-use crate::crosscoder::train::step::{Selection, StepOutput, add_aux, host_scores, per_latent};
-use crate::crosscoder::{Params, aux_loss, read_vec, recon_loss, select_batch_topk, tensor};
+use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, add_aux, host_scores, per_latent};
+use crate::crosscoder::{aux_loss, read_vec, recon_loss, select_batch_topk, tensor};
 
 /// Selected (token, latent) entries and their code values as an autodiff leaf `[n, 1]`.
 struct Picks {
@@ -22,36 +22,16 @@ struct Picks {
 
 /// The entries of a 0/1 mask over `[B, D]`, with their code values as an autodiff leaf.
 fn pick(f: &[f32], mask: &[f32], dict: usize, device: &Device, ad: &Device) -> Picks {
-    let (mut ts, mut js, mut vs) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, &on) in mask.iter().enumerate() {
-        if on > 0.0 {
-            ts.push((i / dict) as i64);
-            js.push((i % dict) as i64);
-            vs.push(f[i]);
-        }
-    }
-    let n = vs.len();
-    Picks {
-        tokens: Tensor::from_data(TensorData::new(ts, [n]), device),
-        latents: Tensor::from_data(TensorData::new(js, [n]), device),
-        values: tensor(vs, [n, 1], ad).require_grad(),
-    }
+    let HostPicks { tokens, latents, values } = HostPicks::from_mask(f, mask, dict);
+    let n = values.len();
+    let ints = |v: Vec<u32>| Tensor::from_data(TensorData::new(v.into_iter().map(i64::from).collect(), [n]), device);
+    Picks { tokens: ints(tokens), latents: ints(latents), values: tensor(values, [n, 1], ad).require_grad() }
 }
 
 /// The route, from the codes `f_dev` (`[B, D]`, no autodiff) and the device selection when one
 /// ran; otherwise the selection runs on the host.
-pub fn step(
-    cfg: &TrainConfig,
-    p: &Params,
-    x: Tensor<2>,
-    f_dev: &Tensor<2>,
-    on_device: Option<DeviceSelection>,
-    keep: usize,
-    since_selected: &mut [u64],
-) -> Result<StepOutput> {
-    let (d, dict) = p.dims();
-    let [b, two_d] = x.dims();
-    let device = x.device();
+pub fn step(input: StepInput, f_dev: &Tensor<2>, on_device: Option<DeviceSelection>, keep: usize) -> Result<StepOutput> {
+    let StepInput { cfg, p, x, since_selected, d, dict, b, two_d, device, .. } = input;
     let ad = device.clone().autodiff();
     // Host copies of the codes and scores: the host selection needs them, and AuxK does when
     // something is dead; the device selection (wgpu) reads back only per-latent counts.

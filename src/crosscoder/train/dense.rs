@@ -5,13 +5,11 @@
 use anyhow::{Result, anyhow};
 use burn::tensor::Tensor;
 
-use crate::crosscoder::train::config::TrainConfig;
-use crate::crosscoder::train::step::{Selection, StepOutput, add_aux, per_latent};
+use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, add_aux, per_latent};
 use crate::crosscoder::{Kind, Params, aux_loss, decode, encode, read_vec, recon_loss, select_batch_topk, tensor};
 
-pub fn step(cfg: &TrainConfig, p: &Params, x: Tensor<2>, step: u64, since_selected: &mut [u64]) -> Result<StepOutput> {
-    let (d, dict) = p.dims();
-    let [b, _] = x.dims();
+pub fn step(input: StepInput) -> Result<StepOutput> {
+    let StepInput { cfg, p, x, step, since_selected, d, dict, b, .. } = input;
     let p = p.clone().map(|t| t.autodiff().require_grad());
     let x = x.autodiff();
     let f = encode(&p, x.clone());

@@ -5,7 +5,7 @@ use burn::tensor::Tensor;
 
 use crate::crosscoder::kernels::{is_flex, is_wgpu};
 use crate::crosscoder::train::config::TrainConfig;
-use crate::crosscoder::train::step::StepOutput;
+use crate::crosscoder::train::step::{StepInput, StepOutput};
 use crate::crosscoder::train::{autodiff_sparse, dense, host_sparse, kernel_sparse};
 use crate::crosscoder::{Kind, Params, encode};
 
@@ -25,21 +25,20 @@ pub fn step_loss(
     step: u64,
     since_selected: &mut [u64],
 ) -> Result<StepOutput> {
+    let input = StepInput::new(cfg, p, x, step, since_selected);
     if !(cfg.kind == Kind::BatchTopK && cfg.sparse) {
-        return dense::step(cfg, p, x, step, since_selected);
+        return dense::step(input);
     }
-    let device = x.device();
-    if cfg.cpu_kernels && is_flex(&device) {
-        return host_sparse::step(cfg, p, x, step, since_selected);
+    if cfg.cpu_kernels && is_flex(&input.device) {
+        return host_sparse::step(input);
     }
-    let (_, dict) = p.dims();
-    let [b, _] = x.dims();
+    let (b, dict) = (input.b, input.dict);
     let keep = cfg.k_at(step) * b;
-    let f = encode(p, x.clone());
+    let f = encode(p, input.x.clone());
     let on_device =
-        if is_wgpu(&device) { kernel_sparse::select_on_device(&f, &p.norm_sum(), keep, b, dict)? } else { None };
+        if is_wgpu(&input.device) { kernel_sparse::select_on_device(&f, &p.norm_sum(), keep, b, dict)? } else { None };
     match on_device {
-        Some(sel) if cfg.cpu_kernels => kernel_sparse::step(cfg, p, x, &f, sel, since_selected),
-        other => autodiff_sparse::step(cfg, p, x, &f, other, keep, since_selected),
+        Some(sel) if cfg.cpu_kernels => kernel_sparse::step(input, &f, sel),
+        other => autodiff_sparse::step(input, &f, other, keep),
     }
 }

@@ -9,24 +9,14 @@
 //! gradient follows from ∂L/∂v_p (ReLU' = 1 on picked entries): ∂L/∂W_enc[:, l] += ∂L/∂v_p x_t.
 
 use anyhow::Result;
-use burn::tensor::Tensor;
 
-use crate::crosscoder::train::config::TrainConfig;
-use crate::crosscoder::train::step::{Selection, StepOutput, aux_weight, host_scores};
-use crate::crosscoder::{Params, encode, read_vec, tensor};
+use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, aux_weight, host_scores};
+use crate::crosscoder::{encode, read_vec, tensor};
 
 /// The route: selection, decode, loss and every gradient by the loops below; only the dense encoder
 /// matmul runs through burn.
-pub(crate) fn step(
-    cfg: &TrainConfig,
-    p: &Params,
-    x: Tensor<2>,
-    step: u64,
-    since_selected: &mut [u64],
-) -> Result<StepOutput> {
-    let (d, dict) = p.dims();
-    let [b, two_d] = x.dims();
-    let device = x.device();
+pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
+    let StepInput { cfg, p, x, step, since_selected, d, dict, b, two_d, device } = input;
     let f = read_vec(encode(p, x.clone()))?;
     let norms = read_vec(p.norm_sum())?;
     let (main, selected, mask, min_kept) = select_topk(&f, &norms, dict, cfg.k_at(step) * b);

@@ -8,9 +8,9 @@ use anyhow::{Result, anyhow};
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::crosscoder::kernels::{kth_largest, pick_dot, segment_rows};
-use crate::crosscoder::train::config::TrainConfig;
-use crate::crosscoder::train::step::{Selection, StepOutput, add_aux, host_scores, per_latent};
-use crate::crosscoder::{Params, aux_loss, read_vec, tensor};
+use crate::crosscoder::train::host_sparse::HostPicks;
+use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, add_aux, host_scores, per_latent};
+use crate::crosscoder::{aux_loss, read_vec, tensor};
 
 /// BatchTopK's selection without reading the B×D scores back: the WGSL histogram search finds the
 /// k·B-th largest score, a comparison makes the mask, and the picked entries are gathered on the
@@ -85,17 +85,8 @@ struct Set {
 }
 
 /// The route, from the codes `f_dev` (`[B, D]`) and their device selection.
-pub fn step(
-    cfg: &TrainConfig,
-    p: &Params,
-    x: Tensor<2>,
-    f_dev: &Tensor<2>,
-    sel: DeviceSelection,
-    since_selected: &mut [u64],
-) -> Result<StepOutput> {
-    let (d, dict) = p.dims();
-    let [b, two_d] = x.dims();
-    let device = x.device();
+pub fn step(input: StepInput, f_dev: &Tensor<2>, sel: DeviceSelection) -> Result<StepOutput> {
+    let StepInput { cfg, p, x, since_selected, d, dict, b, two_d, device, .. } = input;
     let ints = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
     let DeviceSelection { tokens, latents, values, selection } = sel;
     let dead = selection.record(cfg, since_selected, b, d);
@@ -132,14 +123,9 @@ pub fn step(
         let f = read_vec(f_dev.clone())?;
         let norms = read_vec(p.norm_sum())?;
         let aux_mask = dead.aux_mask(&host_scores(&f, &norms, dict), dict);
-        let (mut ts, mut ls, mut vs) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, &m) in aux_mask.iter().enumerate() {
-            if m > 0.0 {
-                ts.push((i / dict) as i64);
-                ls.push((i % dict) as i64);
-                vs.push(f[i]);
-            }
-        }
+        let HostPicks { tokens, latents, values: vs } = HostPicks::from_mask(&f, &aux_mask, dict);
+        let (ts, ls): (Vec<i64>, Vec<i64>) =
+            (tokens.into_iter().map(i64::from).collect(), latents.into_iter().map(i64::from).collect());
         let e = err.clone();
         // Nothing fired: ε̂ = 0, no pick set, no gradient.
         let e_hat = if vs.is_empty() {

@@ -9,11 +9,35 @@
 //! compute the selection, the decode, the loss and the gradients; `dispatch` chooses one.
 
 use anyhow::Result;
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::crosscoder::read_vec;
+use crate::crosscoder::{Params, read_vec};
 use crate::crosscoder::train::config::TrainConfig;
+
+/// One step's inputs (the batch `x` is `[B, 2d]`, `step` 1-based) with the sizes every route reads.
+pub struct StepInput<'a> {
+    pub cfg: &'a TrainConfig,
+    pub p: &'a Params,
+    pub x: Tensor<2>,
+    pub step: u64,
+    /// Tokens since each latent was last selected; the step updates it.
+    pub since_selected: &'a mut [u64],
+    pub d: usize,
+    pub dict: usize,
+    pub b: usize,
+    pub two_d: usize,
+    pub device: Device,
+}
+
+impl<'a> StepInput<'a> {
+    pub fn new(cfg: &'a TrainConfig, p: &'a Params, x: Tensor<2>, step: u64, since_selected: &'a mut [u64]) -> Self {
+        let (d, dict) = p.dims();
+        let [b, two_d] = x.dims();
+        let device = x.device();
+        Self { cfg, p, x, step, since_selected, d, dict, b, two_d, device }
+    }
+}
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
