@@ -79,13 +79,17 @@ impl Backend {
                 return Ok(b);
             }
         }
-        if gpu_adapter().is_some() {
-            return Ok(Self::Wgpu);
-        }
-        if cfg!(feature = "cuda") && cuda_device().is_ok_and(|d| probe(&d).is_ok()) {
-            return Ok(Self::Cuda);
-        }
-        Ok(Self::Cpu)
+        // Settled once per process: the app asks every frame, and probing CUDA is not free.
+        static AUTO: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+        Ok(*AUTO.get_or_init(|| {
+            if gpu_adapter().is_some() {
+                Self::Wgpu
+            } else if cfg!(feature = "cuda") && cuda_device().is_ok_and(|d| probe(&d).is_ok()) {
+                Self::Cuda
+            } else {
+                Self::Cpu
+            }
+        }))
     }
 
     /// What a summary line says: the backend and, for wgpu, the adapter (`wgpu: NVIDIA H100 (Vulkan)`).

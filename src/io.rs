@@ -142,14 +142,30 @@ fn words<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
     bytes.chunks_exact(N).map(|c| c.try_into().expect("chunks_exact yields N bytes"))
 }
 
+/// Float values of `dtype` (f32, f16 or bf16) decoded into `out` (as many as both hold), with no
+/// allocation: the activation reader's hot path.
+pub fn decode_f32_into(dtype: safetensors::Dtype, bytes: &[u8], out: &mut [f32]) -> anyhow::Result<()> {
+    use safetensors::Dtype;
+    match dtype {
+        Dtype::F32 => words::<4>(bytes).zip(out).for_each(|(w, o)| *o = f32::from_le_bytes(w)),
+        Dtype::F16 => words::<2>(bytes).zip(out).for_each(|(w, o)| *o = half::f16::from_le_bytes(w).to_f32()),
+        // bf16 is the top half of an f32: a shift, no rounding.
+        Dtype::BF16 => words::<2>(bytes).zip(out).for_each(|(w, o)| *o = f32::from_bits((u16::from_le_bytes(w) as u32) << 16)),
+        other => anyhow::bail!("unsupported dtype {other:?} (expected f32, f16 or bf16)"),
+    }
+    Ok(())
+}
+
 /// One decoder for every stored element type the project reads: values of `dtype` as f32
 /// (floats widened, integers converted).
 pub fn decode_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
     use safetensors::Dtype;
     Ok(match dtype {
-        Dtype::F32 => words::<4>(bytes).map(f32::from_le_bytes).collect(),
-        Dtype::F16 => words::<2>(bytes).map(|w| half::f16::from_le_bytes(w).to_f32()).collect(),
-        Dtype::BF16 => words::<2>(bytes).map(|w| half::bf16::from_le_bytes(w).to_f32()).collect(),
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 => {
+            let mut out = vec![0.0f32; bytes.len() * 8 / dtype.bitsize()];
+            decode_f32_into(dtype, bytes, &mut out)?;
+            out
+        }
         Dtype::I64 => words::<8>(bytes).map(|w| i64::from_le_bytes(w) as f32).collect(),
         Dtype::I32 => words::<4>(bytes).map(|w| i32::from_le_bytes(w) as f32).collect(),
         Dtype::U32 => words::<4>(bytes).map(|w| u32::from_le_bytes(w) as f32).collect(),

@@ -1,7 +1,7 @@
 //! The crosscoder run directory (shared/spec/interfaces.md, "Crosscoder run directory"): every file
 //! name in one place. The typed readers and writers live beside the types they read (`impl RunDir`
 //! blocks in `crosscoder`, `crosscoder::train`, `analysis::latents`, `analysis::kl`), so this module
-//! depends on nothing and everything may depend on it.
+//! depends only on `io` (atomic writes) and everything may depend on it.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,10 @@ impl RunDir {
     pub const ANALYZE_STATE: &'static str = "analyze-state.json";
     pub const EXAMPLES: &'static str = "examples.safetensors";
     pub const KL: &'static str = "kl.json";
+    /// What the app's Plots view exports into the run.
+    pub const FIGURES_PNG: &'static str = "figures.png";
+    pub const FIG_DELTA_CSV: &'static str = "fig-delta.csv";
+    pub const FIG_DELTA_ZOOM_CSV: &'static str = "fig-delta-zoom.csv";
 
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }

@@ -29,35 +29,98 @@ fn module_of(src: &Path, file: &Path) -> String {
     parts.join("::")
 }
 
-/// Every `crate::…` path a file names (in `use` groups too), comments dropped.
-fn crate_paths(text: &str) -> Vec<String> {
-    let code: String = text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+/// `a::{b, c::{d, e}}` → `a::b`, `a::c::d`, `a::c::e` (any depth of braces).
+fn expand(tree: &str) -> Vec<String> {
+    let tree = tree.trim();
+    let Some(open) = tree.find('{') else {
+        let item = tree.split(" as ").next().unwrap_or("").trim();
+        return if item.is_empty() || item == "self" { Vec::new() } else { vec![item.to_string()] };
+    };
+    let prefix = tree[..open].trim_end_matches("::").trim();
+    let inner = &tree[open + 1..tree.rfind('}').unwrap_or(tree.len())];
+    // Split the inner list on top-level commas.
+    let (mut depth, mut start, mut items) = (0, 0, Vec::new());
+    for (i, c) in inner.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&inner[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&inner[start..]);
+    items
+        .into_iter()
+        .flat_map(expand)
+        .map(|p| if prefix.is_empty() { p } else { format!("{prefix}::{p}") })
+        .collect()
+}
+
+/// Every path a file names, as written: each `use` tree expanded, and `crate::…` paths in code.
+/// Comments and string literals are dropped first.
+fn named_paths(text: &str) -> Vec<String> {
+    let mut code = String::with_capacity(text.len());
+    let mut in_str = false;
+    for line in text.lines() {
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            if !in_str && c == '/' && chars.peek() == Some(&'/') {
+                break;
+            }
+            if c == '"' {
+                in_str = !in_str;
+                continue;
+            }
+            if !in_str {
+                code.push(c);
+            }
+        }
+        code.push('\n');
+    }
     let mut out = Vec::new();
+    for stmt in code.split(';') {
+        let stmt = stmt.trim();
+        let body = stmt.strip_prefix("pub use ").or_else(|| stmt.strip_prefix("pub(crate) use ")).or_else(|| stmt.strip_prefix("use "));
+        if let Some(tree) = body {
+            out.extend(expand(tree));
+        }
+    }
     let bytes = code.as_bytes();
     let mut i = 0;
     while let Some(pos) = code[i..].find("crate::") {
-        let start = i + pos + "crate::".len();
-        let mut end = start;
+        let start = i + pos;
+        let mut end = start + "crate::".len();
         while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_' || bytes[end] == b':') {
             end += 1;
         }
-        let prefix = code[start..end].trim_end_matches(':').to_string();
-        if end < bytes.len() && bytes[end] == b'{' {
-            // `crate::a::{b, c::d}`: one path per item (one level of braces is all the code uses).
-            let close = code[end..].find('}').map_or(bytes.len(), |c| end + c);
-            for item in code[end + 1..close].split(',') {
-                let item = item.trim().split(" as ").next().unwrap_or("").trim();
-                if !item.is_empty() {
-                    out.push(format!("{prefix}::{item}"));
-                }
-            }
-            i = close;
-        } else {
-            out.push(prefix);
-            i = end;
+        // `crate::a::{…}` is a use tree, read whole above.
+        if bytes.get(end) != Some(&b'{') {
+            out.push(code[start..end].trim_end_matches(':').to_string());
         }
+        i = end;
     }
     out
+}
+
+/// A path named in module `m`, as a path from the crate root (`crate::`, `super::`, `self::` and
+/// a child module's name resolved); `None` for other crates.
+fn absolute(m: &str, path: &str, modules: &BTreeMap<String, PathBuf>) -> Option<String> {
+    let parent = |m: &str| m.rsplit_once("::").map_or(String::new(), |(p, _)| p.to_string());
+    let join = |a: &str, b: &str| if a.is_empty() { b.to_string() } else { format!("{a}::{b}") };
+    if let Some(rest) = path.strip_prefix("crate::") {
+        return Some(rest.to_string());
+    }
+    if let Some(rest) = path.strip_prefix("super::") {
+        return Some(join(&parent(m), rest));
+    }
+    if let Some(rest) = path.strip_prefix("self::") {
+        return Some(join(m, rest));
+    }
+    let first = path.split("::").next().unwrap_or("");
+    modules.contains_key(&join(m, first)).then(|| join(m, path))
 }
 
 #[test]
@@ -74,7 +137,12 @@ fn engine_modules_have_no_import_cycles() {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (m, f) in &modules {
         let text = std::fs::read_to_string(f).unwrap();
-        let targets = crate_paths(&text).iter().filter_map(|p| resolve(p)).filter(|t| t != m).collect();
+        let targets = named_paths(&text)
+            .iter()
+            .filter_map(|p| absolute(m, p, &modules))
+            .filter_map(|p| resolve(&p))
+            .filter(|t| t != m)
+            .collect();
         edges.insert(m.clone(), targets);
     }
     assert!(edges.len() > 30, "found only {} modules", edges.len());
@@ -97,10 +165,27 @@ fn engine_modules_have_no_import_cycles() {
 }
 
 #[test]
-fn the_cycle_finder_sees_a_cycle() {
-    // The parser the test above relies on: grouped and plain paths.
-    let paths = crate_paths("use crate::data::{Mixer, tokenize::TokenizeOptions};\nlet x = crate::rng::shuffle(v); // crate::no");
-    assert_eq!(paths, vec!["data::Mixer", "data::tokenize::TokenizeOptions", "rng::shuffle"]);
+fn the_path_reader_sees_every_kind_of_import() {
+    let text = "use crate::data::{Mixer, tokenize::{TokenizeOptions, tokenize}};\nuse super::step::StepInput;\n\
+                pub use document::{DocStream, Document as Doc};\nlet u = \"https://x\"; let x = crate::rng::shuffle(v); // crate::no";
+    let paths = named_paths(text);
+    for want in [
+        "crate::data::Mixer",
+        "crate::data::tokenize::TokenizeOptions",
+        "crate::data::tokenize::tokenize",
+        "super::step::StepInput",
+        "document::DocStream",
+        "document::Document",
+        "crate::rng::shuffle",
+    ] {
+        assert!(paths.iter().any(|p| p == want), "{want} missing from {paths:?}");
+    }
+    assert!(!paths.iter().any(|p| p.contains("no")), "{paths:?}");
+    let modules: BTreeMap<String, PathBuf> =
+        ["data", "data::document", "crosscoder::train", "crosscoder::train::step"].map(|m| (m.to_string(), PathBuf::new())).into();
+    assert_eq!(absolute("data", "document::Doc", &modules).as_deref(), Some("data::document::Doc"));
+    assert_eq!(absolute("crosscoder::train::dense", "super::step::X", &modules).as_deref(), Some("crosscoder::train::step::X"));
+    assert_eq!(absolute("data", "serde::Deserialize", &modules), None);
 }
 
 #[test]

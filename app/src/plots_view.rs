@@ -62,7 +62,7 @@ impl PlotsView {
             }
             if ui.button("Export PNG").clicked() {
                 // The window as rendered, saved as RUN/figures.png.
-                let path = RunDir::new(&self.run_dir).file("figures.png");
+                let path = RunDir::new(&self.run_dir).file(RunDir::FIGURES_PNG);
                 let result = self.png_result.clone();
                 ui.ctx().send_viewport_cmd(egui::ViewportCommand::Screenshot(egui::ScreenshotCallback::new(
                     move |img| {
@@ -104,9 +104,9 @@ impl PlotsView {
                     ui.strong(title);
                     if ui.button(format!("Export CSV: {title}")).clicked() {
                         let path = RunDir::new(&self.run_dir).file(if lo == 0.0 {
-                            "fig-delta.csv"
+                            RunDir::FIG_DELTA_CSV
                         } else {
-                            "fig-delta-zoom.csv"
+                            RunDir::FIG_DELTA_ZOOM_CSV
                         });
                         let csv = histogram_csv(&delta_histogram(&self.rows, lo, hi, 100), lo, hi);
                         self.message = Some(match std::fs::write(&path, csv) {

@@ -73,20 +73,7 @@ impl ActDtype {
 
     /// Decodes little-endian bytes of this dtype into f32.
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
-        match self {
-            Self::F32 => {
-                bytes.chunks_exact(4).zip(out).for_each(|(b, o)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            }
-            Self::F16 => bytes
-                .chunks_exact(2)
-                .zip(out)
-                .for_each(|(b, o)| *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
-            // bf16 is the top half of an f32: a shift, no rounding.
-            Self::Bf16 => bytes
-                .chunks_exact(2)
-                .zip(out)
-                .for_each(|(b, o)| *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
-        }
+        crate::io::decode_f32_into(self.safetensors(), bytes, out).expect("the three cache dtypes are float types")
     }
 }
 

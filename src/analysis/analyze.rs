@@ -22,6 +22,9 @@ use crate::analysis::latents::{LatentClass, LatentRow, Summary, delta_norm};
 use crate::io::write_atomic;
 use crate::run_dir::RunDir;
 
+/// Pairs per device batch.
+pub const DEFAULT_BATCH: usize = 1024;
+
 #[derive(Debug, Clone)]
 pub struct AnalyzeOptions {
     /// Tokens of the cache to stream (default: all).
@@ -34,7 +37,7 @@ pub struct AnalyzeOptions {
 
 impl Default for AnalyzeOptions {
     fn default() -> Self {
-        Self { tokens: None, batch: 1024, error_top_n: None, seed: 0 }
+        Self { tokens: None, batch: DEFAULT_BATCH, error_top_n: None, seed: 0 }
     }
 }
 

@@ -26,6 +26,10 @@ use crate::io::{LazyTensor, f32_bytes, write_safetensors_streaming};
 pub const BINS: [f64; 5] = [0.25, 0.5, 0.75, 0.95, 1.0];
 pub const HIST_BINS: usize = 50;
 
+/// Top examples kept per latent, and context tokens on each side of one.
+pub const DEFAULT_TOP_N: usize = 10;
+pub const DEFAULT_CONTEXT: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct ExamplesOptions {
     pub top_n: usize,
@@ -40,7 +44,14 @@ pub struct ExamplesOptions {
 
 impl Default for ExamplesOptions {
     fn default() -> Self {
-        Self { top_n: 10, per_bin: 2, context: 16, batch: 1024, seed: 0, top_tokens: 10 }
+        Self {
+            top_n: DEFAULT_TOP_N,
+            per_bin: 2,
+            context: DEFAULT_CONTEXT,
+            batch: crate::analysis::analyze::DEFAULT_BATCH,
+            seed: 0,
+            top_tokens: 10,
+        }
     }
 }
 

@@ -135,18 +135,31 @@ impl LatentRow {
 pub struct Summary {
     pub tokens: u64,
     pub classes: BTreeMap<LatentClass, usize>,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub fve_base: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub fve_chat: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub fve: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub l0: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub dead_fraction: f64,
     /// Chat-only latents with ν^ε < 0.2 and ν^r < 0.5.
     pub chat_specific: usize,
     pub error_betas_top_n: usize,
     pub error_betas_random_shared: usize,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub cosine_random_pairs_mean: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub cosine_random_pairs_std: f64,
     pub thresholds: serde_json::Value,
+}
+
+/// serde_json writes a non-finite f64 as `null` (an FVE over constant data is NaN); read it back
+/// as NaN instead of refusing the file.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl Summary {

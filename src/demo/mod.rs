@@ -212,12 +212,13 @@ pub fn run_pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: 
         ..Default::default()
     };
     crate::workflow::cache::run(&job, device, handle)?;
+    let interrupted = || anyhow::anyhow!("the demo was interrupted; run it again to resume where it stopped");
+    if handle.cancelled() {
+        return Err(interrupted());
+    }
     let store = crate::workflow::models::ModelStore::new();
     let mut runs = Vec::new();
     for (name, kind) in [("batchtopk", Kind::BatchTopK), ("l1", Kind::L1)] {
-        if handle.cancelled() {
-            return Ok(());
-        }
         log(&format!("training the {name} crosscoder"));
         let out = p.project.join("runs").join(name);
         let train = TrainJob {
@@ -240,6 +241,9 @@ pub fn run_pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: 
             ..Default::default()
         };
         train.run(device, handle)?;
+        if handle.cancelled() {
+            return Err(interrupted());
+        }
         log(&format!("analysing the {name} crosscoder"));
         let (run, models) = (out.clone(), (Some(base.clone()), Some(chat.clone())));
         AnalyzeJob { run, cache: cache.clone(), base: models.0, chat: models.1, ..Default::default() }

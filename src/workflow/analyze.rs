@@ -14,6 +14,11 @@ use crate::crosscoder::Crosscoder;
 use crate::run_dir::RunDir;
 use crate::workflow::Handle;
 
+/// Pairs per device batch, examples per latent and their context: the engine's defaults.
+pub const DEFAULT_BATCH: usize = crate::analysis::analyze::DEFAULT_BATCH;
+pub const DEFAULT_EXAMPLES: usize = crate::analysis::examples::DEFAULT_TOP_N;
+pub const DEFAULT_CONTEXT: usize = crate::analysis::examples::DEFAULT_CONTEXT;
+
 /// `crossdiff analyze`: per-latent metrics and Latent Scaling over a cache (RUN/latents.csv,
 /// RUN/summary.json) and the examples store (RUN/examples.safetensors).
 #[derive(Debug, Clone, clap::Args)]
@@ -28,7 +33,7 @@ pub struct AnalyzeJob {
     #[arg(long)]
     pub tokens: Option<u64>,
     /// Pairs per device batch.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
     pub batch: usize,
     /// Error betas for the top-N latents by Δ (default: the number of chat-only latents, at least 100).
     #[arg(long)]
@@ -42,10 +47,10 @@ pub struct AnalyzeJob {
     #[arg(long)]
     pub chat: Option<PathBuf>,
     /// Top activating examples stored per latent.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = DEFAULT_EXAMPLES)]
     pub examples: usize,
     /// Context tokens on each side of an example.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = DEFAULT_CONTEXT)]
     pub context: usize,
 }
 
@@ -55,13 +60,13 @@ impl Default for AnalyzeJob {
             run: PathBuf::new(),
             cache: PathBuf::new(),
             tokens: None,
-            batch: 1024,
+            batch: DEFAULT_BATCH,
             error_top_n: None,
             seed: 0,
             base: None,
             chat: None,
-            examples: 10,
-            context: 16,
+            examples: DEFAULT_EXAMPLES,
+            context: DEFAULT_CONTEXT,
         }
     }
 }

@@ -8,7 +8,7 @@ use burn::tensor::Device;
 use crate::analysis::kl::KlStat;
 use crate::crosscoder::Crosscoder;
 use crate::run_dir::RunDir;
-use crate::workflow::Handle;
+use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 use crate::workflow::models::ModelStore;
 
 /// `crossdiff kl`: KL(P_chat ‖ P_patched) on assistant-predicting tokens when the base residual is
@@ -50,6 +50,7 @@ impl KlJob {
         let layer = resolve_layer(self.layer, &cc)?;
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
         check_layer(layer, b.gemma.num_layers())?;
+        check_width(&cc, &self.run, &b, &self.base)?;
         let total = self.conversations as u64;
         let stats =
             crate::analysis::kl::kl_table(&b, &c, &cc, &rows, layer, &self.data, self.conversations, |n| {
@@ -58,17 +59,4 @@ impl KlJob {
         run.write_kl(&stats)?;
         Ok(stats)
     }
-}
-
-/// `--layer`, else the layer the crosscoder records.
-pub fn resolve_layer(flag: Option<usize>, cc: &Crosscoder) -> Result<usize> {
-    flag.or(cc.config.layer).ok_or_else(|| anyhow::anyhow!("--layer: the run's config.json names no layer"))
-}
-
-/// Patching after block `layer` needs a block after it... or at least the block itself.
-pub fn check_layer(layer: usize, blocks: usize) -> Result<()> {
-    if layer >= blocks {
-        bail!("--layer {layer} is out of range: the models have {blocks} blocks (0..={})", blocks - 1);
-    }
-    Ok(())
 }

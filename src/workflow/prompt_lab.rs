@@ -7,8 +7,7 @@ use burn::tensor::Device;
 
 use crate::analysis::prompt_lab::PromptAnalysis;
 use crate::crosscoder::Crosscoder;
-use crate::workflow::Handle;
-use crate::workflow::kl::{check_layer, resolve_layer};
+use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 use crate::workflow::models::ModelStore;
 
 #[derive(Debug, Clone)]
@@ -52,6 +51,7 @@ impl PromptLabJob {
         let cc = Crosscoder::load(&self.run, device)?;
         let layer = resolve_layer(None, &cc)?;
         check_layer(layer, b.gemma.num_layers())?;
+        check_width(&cc, &self.run, &b, &self.base)?;
         let ids = c.prompt_ids(&self.text, self.chat_turn)?;
         let analysis =
             crate::analysis::prompt_lab::analyze_prompt(&b, &c, &cc, layer, &ids, &self.chosen, self.top.max(1))?;

@@ -9,9 +9,11 @@ use crate::analysis::latents::LatentRow;
 use crate::crosscoder::Crosscoder;
 use crate::model::gemma2::LoadOptions;
 use crate::run_dir::RunDir;
-use crate::workflow::Handle;
-use crate::workflow::kl::{check_layer, resolve_layer};
+use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 use crate::workflow::models::ModelStore;
+
+/// New tokens generated on each side by default.
+pub const DEFAULT_MAX_TOKENS: usize = 64;
 
 /// `crossdiff steer`: generation with latents' chat decoder directions added at the crosscoder's
 /// layer, beside the unsteered completion.
@@ -36,7 +38,7 @@ pub struct SteerJob {
     /// Render the prompt as one user turn with the model's chat template.
     #[arg(long)]
     pub chat: bool,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULT_MAX_TOKENS)]
     pub max_tokens: usize,
     /// The layer (default: the crosscoder's).
     #[arg(long)]
@@ -57,7 +59,7 @@ impl Default for SteerJob {
             strength: 1.0,
             prompt: String::new(),
             chat: false,
-            max_tokens: 64,
+            max_tokens: DEFAULT_MAX_TOKENS,
             layer: None,
             more: Vec::new(),
         }
@@ -95,15 +97,7 @@ impl SteerJob {
         let run = RunDir::new(&self.run);
         let m = store.get(&self.model, device, self.load, handle)?;
         let cc = Crosscoder::load(run.path(), device)?;
-        if cc.config.d != m.gemma.config.hidden_size {
-            bail!(
-                "{}: the model has width {}, the crosscoder in {} was trained on width {}",
-                self.model.display(),
-                m.gemma.config.hidden_size,
-                self.run.display(),
-                cc.config.d
-            );
-        }
+        check_width(&cc, &self.run, &m, &self.model)?;
         let all = run.read_latents()?;
         let layer = resolve_layer(self.layer, &cc)?;
         check_layer(layer, m.gemma.num_layers())?;

@@ -259,13 +259,7 @@ impl TrainJob {
                     bail!("--val-tokens needs a cache (the on-the-fly source has no held-out slice)");
                 }
                 let config = crate::model::snapshot::Snapshot::open(base)?.config;
-                if layer >= config.num_hidden_layers {
-                    bail!(
-                        "--layer {layer} is out of range: the models have {} blocks (0..={})",
-                        config.num_hidden_layers,
-                        config.num_hidden_layers - 1
-                    );
-                }
+                crate::workflow::check_layer(layer, config.num_hidden_layers)?;
                 let cfg = OnTheFlyConfig {
                     base: base.clone(),
                     chat: chat.clone(),
@@ -273,8 +267,8 @@ impl TrainJob {
                     layer,
                     tokenize: self.tokenize.clone(),
                     mix: self.mix,
-                    chunk_tokens: 65_536,
-                    batch_tokens: 8192,
+                    chunk_tokens: crate::activations::writer::DEFAULT_SHARD_TOKENS,
+                    batch_tokens: crate::activations::writer::DEFAULT_BATCH_TOKENS,
                     tokens: u64::MAX,
                     load: LoadOptions::default(),
                 };

@@ -181,7 +181,7 @@ pub fn run() -> Result<()> {
         }
         Command::Cache(job) => {
             let device = backend.device()?;
-            let bar = Bar::new("tokens");
+            let bar = Bar::cancellable("tokens");
             let done = crossdiff::workflow::cache::run(&job, &device, bar.handle())?;
             bar.finish();
             let index = &done.index;
@@ -199,7 +199,7 @@ pub fn run() -> Result<()> {
         }
         Command::Train(job) => {
             let device = backend.device()?;
-            let bar = Bar::new("steps");
+            let bar = Bar::cancellable("steps");
             let done = job.run(&device, bar.handle())?;
             bar.finish();
             let cc = &done.crosscoder;
@@ -223,7 +223,7 @@ pub fn run() -> Result<()> {
         }
         Command::Analyze(job) => {
             let device = backend.device()?;
-            let bar = Bar::new("tokens");
+            let bar = Bar::cancellable("tokens");
             let done = job.run(&device, bar.handle())?;
             bar.finish();
             let (s, n) = (&done.summary, |c| done.summary.count(c));

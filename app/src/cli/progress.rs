@@ -13,7 +13,13 @@ pub(crate) struct Bar {
 }
 
 impl Bar {
-    /// A bar counting `unit`s; Ctrl-C sets the job's cancel flag.
+    /// A bar counting `unit`s for a job that stops at Ctrl-C (cache, train, analyze): the first
+    /// Ctrl-C sets the job's cancel flag, the job saves and returns.
+    pub(crate) fn cancellable(unit: &'static str) -> Self {
+        Self { cancel: interrupt_flag(), ..Self::new(unit) }
+    }
+
+    /// A bar counting `unit`s; Ctrl-C keeps its default meaning (quit now).
     pub(crate) fn new(unit: &'static str) -> Self {
         let bar = ProgressBar::new(0).with_style(
             ProgressStyle::with_template(&format!(
@@ -38,7 +44,7 @@ impl Bar {
                 100.0 * m.dead_frac
             )),
         });
-        Self { bar, on_event, cancel: interrupt_flag() }
+        Self { bar, on_event, cancel: Arc::new(AtomicBool::new(false)) }
     }
 
     pub(crate) fn handle(&self) -> Handle<'_> {
