@@ -8,10 +8,18 @@ use crossdiff::run_dir::RunDir;
 use eframe::egui;
 use egui_plot::{Legend, Plot};
 
+struct Loaded {
+    summary: Summary,
+    /// (chat-only latents, how many of them pass Latent Scaling).
+    chat_only: (usize, usize),
+    delta: Vec<(LatentClass, Vec<u64>)>,
+}
+
 #[derive(Default)]
 pub struct CompareView {
     pub runs: [String; 2],
-    loaded: [Option<(Vec<LatentRow>, Summary)>; 2],
+    /// Each run's summary with what the view shows of its rows, derived once in `load`.
+    loaded: [Option<Loaded>; 2],
     errors: [Option<String>; 2],
 }
 
@@ -26,7 +34,10 @@ impl CompareView {
     pub fn load(&mut self) {
         for i in 0..2 {
             let run = RunDir::new(&self.runs[i]);
-            let result = run.read_latents().and_then(|rows| Ok((rows, run.read_summary()?)));
+            let result = run.read_latents().and_then(|rows| {
+                let summary = run.read_summary()?;
+                Ok(Loaded { summary, chat_only: chat_only_passing(&rows), delta: delta_histogram(&rows, 0.0, 1.0, 50) })
+            });
             match result {
                 Ok(r) => {
                     self.loaded[i] = Some(r);
@@ -56,7 +67,8 @@ impl CompareView {
                 if let Some(e) = &self.errors[i] {
                     ui.colored_label(egui::Color32::LIGHT_RED, format!("error: {e}"));
                 }
-                let Some((rows, summary)) = &self.loaded[i] else { continue };
+                let Some(Loaded { summary, chat_only: (chat, pass), delta }) = &self.loaded[i] else { continue };
+                let (chat, pass) = (*chat, *pass);
                 let kind = summary.thresholds["kind"].as_str().unwrap_or("?");
                 ui.strong(format!("run {}: {kind}", i + 1));
                 let n = |c| summary.count(c);
@@ -69,7 +81,6 @@ impl CompareView {
                     n(LatentClass::Other),
                     n(LatentClass::Dead)
                 ));
-                let (chat, pass) = chat_only_passing(rows);
                 let share = if chat > 0 { 100.0 * pass as f64 / chat as f64 } else { 0.0 };
                 ui.label(format!(
                     "run {}: {pass} of {chat} chat-only latents pass Latent Scaling ({share:.0}%)",
@@ -80,7 +91,7 @@ impl CompareView {
                     summary.fve_base, summary.fve_chat, summary.l0
                 ));
                 Plot::new(format!("compare delta {i}")).height(160.0).legend(Legend::default()).show(ui, |plot| {
-                    crate::plots_view::class_bars(plot, &delta_histogram(rows, 0.0, 1.0, 50), 0.0, 0.02);
+                    crate::plots_view::class_bars(plot, delta, 0.0, 0.02);
                 });
             }
         });

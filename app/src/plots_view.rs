@@ -21,6 +21,38 @@ pub struct PlotsView {
     pub message: Option<String>,
     /// Where a PNG export landed (set by the screenshot callback, shown next frame).
     png_result: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Every figure's data, derived once per loaded run (not per frame).
+    figures: Option<std::rc::Rc<Figures>>,
+}
+
+/// The data behind the figures, computed from the rows in `load`.
+struct Figures {
+    /// Δ histograms over [0, 1] and the [0.9, 1] zoom, 100 bins each.
+    delta: [Vec<(LatentClass, Vec<u64>)>; 2],
+    nu_chat: Vec<(usize, f64, f64)>,
+    nu_shared: Vec<(usize, f64, f64)>,
+    /// Decoder cosine over [−1, 1] and frequency over [0, max], 50 bins each, with their ranges.
+    per_field: [(Vec<(LatentClass, Vec<u64>)>, f64, f64); 2],
+    /// Chat-only latents below each ν threshold 0, 0.01, …, 1.
+    below: Vec<(f64, usize)>,
+}
+
+impl Figures {
+    fn of(rows: &[LatentRow]) -> Self {
+        use crossdiff::analysis::figures::class_histogram;
+        let max_freq = rows.iter().map(|r| r.freq).fold(1e-9, f64::max);
+        let thresholds: Vec<f64> = (0..=100).map(|i| i as f64 / 100.0).collect();
+        Self {
+            delta: [delta_histogram(rows, 0.0, 1.0, 100), delta_histogram(rows, 0.9, 1.0, 100)],
+            nu_chat: nu_points(rows, LatentClass::ChatOnly),
+            nu_shared: nu_points(rows, LatentClass::Shared),
+            per_field: [
+                (class_histogram(rows, |r| r.dec_cos, -1.0, 1.0, 50), -1.0, 1.0),
+                (class_histogram(rows, |r| r.freq, 0.0, max_freq, 50), 0.0, max_freq),
+            ],
+            below: below_threshold_curve(rows, &thresholds),
+        }
+    }
 }
 
 pub fn class_color(class: LatentClass) -> egui::Color32 {
@@ -43,13 +75,22 @@ pub fn class_bars(plot: &mut egui_plot::PlotUi, series: &[(LatentClass, Vec<u64>
 
 impl PlotsView {
     pub fn new(run_dir: String) -> Self {
-        Self { run_dir, rows: Vec::new(), kl: None, error: None, message: None, png_result: Default::default() }
+        Self {
+            run_dir,
+            rows: Vec::new(),
+            kl: None,
+            error: None,
+            message: None,
+            png_result: Default::default(),
+            figures: None,
+        }
     }
 
     /// Reads the run's latents.csv and (when there) kl.json.
     pub fn load(&mut self) {
         let run = RunDir::new(&self.run_dir);
         crate::widgets::load_latents(&run, &mut self.rows, &mut self.error);
+        self.figures = Some(std::rc::Rc::new(Figures::of(&self.rows)));
         self.kl = run.read_kl().ok();
     }
 
@@ -94,12 +135,13 @@ impl PlotsView {
         if let Some(m) = &self.message {
             ui.label(m.as_str());
         }
-        if self.rows.is_empty() {
-            return;
-        }
-        let max_freq = self.rows.iter().map(|r| r.freq).fold(1e-9, f64::max);
+        let Some(fig) = self.figures.clone().filter(|_| !self.rows.is_empty()) else { return };
         egui::ScrollArea::vertical().show(ui, |ui| {
-            for (title, lo, hi) in [("Relative decoder norm Δ", 0.0, 1.0), ("Δ, zoom on [0.9, 1]", 0.9, 1.0)] {
+            for (i, (title, lo, hi)) in [("Relative decoder norm Δ", 0.0, 1.0), ("Δ, zoom on [0.9, 1]", 0.9, 1.0)]
+                .into_iter()
+                .enumerate()
+            {
+                let series = &fig.delta[i];
                 ui.horizontal(|ui| {
                     ui.strong(title);
                     if ui.button(format!("Export CSV: {title}")).clicked() {
@@ -108,17 +150,16 @@ impl PlotsView {
                         } else {
                             RunDir::FIG_DELTA_ZOOM_CSV
                         });
-                        let csv = histogram_csv(&delta_histogram(&self.rows, lo, hi, 100), lo, hi);
+                        let csv = histogram_csv(series, lo, hi);
                         self.message = Some(match std::fs::write(&path, csv) {
                             Ok(()) => format!("wrote {}", path.display()),
                             Err(e) => format!("cannot write {}: {e}", path.display()),
                         });
                     }
                 });
-                let series = delta_histogram(&self.rows, lo, hi, 100);
                 let w = (hi - lo) / 100.0;
                 Plot::new(title).height(160.0).legend(Legend::default()).show(ui, |plot| {
-                    class_bars(plot, &series, lo, w);
+                    class_bars(plot, series, lo, w);
                     for x in [0.1, 0.4, 0.6, 0.9] {
                         if x >= lo && x <= hi {
                             plot.vline(VLine::new(format!("{x}"), x).style(egui_plot::LineStyle::dashed_loose()));
@@ -127,17 +168,16 @@ impl PlotsView {
                 });
             }
             ui.strong("ν^ε vs ν^r: chat-only latents and the shared baseline (click a point to open it)");
-            let chat = nu_points(&self.rows, LatentClass::ChatOnly);
-            let shared = nu_points(&self.rows, LatentClass::Shared);
+            let (chat, shared) = (&fig.nu_chat, &fig.nu_shared);
             let response = Plot::new("nu scatter").height(260.0).legend(Legend::default()).show(ui, |plot| {
                 let pts = |v: &[(usize, f64, f64)]| -> PlotPoints { v.iter().map(|(_, e, r)| [*e, *r]).collect() };
-                plot.points(Points::new("shared", pts(&shared)).color(class_color(LatentClass::Shared)).radius(2.0));
-                plot.points(Points::new("chat-only", pts(&chat)).color(class_color(LatentClass::ChatOnly)).radius(3.0));
+                plot.points(Points::new("shared", pts(shared)).color(class_color(LatentClass::Shared)).radius(2.0));
+                plot.points(Points::new("chat-only", pts(chat)).color(class_color(LatentClass::ChatOnly)).radius(3.0));
                 plot.pointer_coordinate()
             });
             if response.response.clicked() {
                 if let Some(p) = response.inner {
-                    let nearest = chat.iter().chain(&shared).min_by(|a, b| {
+                    let nearest = chat.iter().chain(shared).min_by(|a, b| {
                         let d = |q: &(usize, f64, f64)| (q.1 - p.x).powi(2) + (q.2 - p.y).powi(2);
                         d(a).total_cmp(&d(b))
                     });
@@ -146,15 +186,13 @@ impl PlotsView {
                     }
                 }
             }
-            for (title, field, lo, hi) in [
-                ("Decoder cosine per class", (|r: &LatentRow| r.dec_cos) as fn(&LatentRow) -> f64, -1.0, 1.0),
-                ("Activation frequency per class", |r: &LatentRow| r.freq, 0.0, max_freq),
-            ] {
+            for (title, (series, lo, hi)) in
+                ["Decoder cosine per class", "Activation frequency per class"].into_iter().zip(&fig.per_field)
+            {
                 ui.strong(title);
-                let series = crossdiff::analysis::figures::class_histogram(&self.rows, field, lo, hi, 50);
                 let w = (hi - lo) / 50.0;
                 Plot::new(title).height(140.0).legend(Legend::default()).show(ui, |plot| {
-                    class_bars(plot, &series, lo, w);
+                    class_bars(plot, series, *lo, w);
                 });
             }
             if let Some(kl) = &self.kl {
@@ -192,7 +230,7 @@ impl PlotsView {
                         &mut cols[c],
                         |plot| {
                             for (label, pts, class) in
-                                [("chat-only", &chat, LatentClass::ChatOnly), ("shared", &shared, LatentClass::Shared)]
+                                [("chat-only", chat, LatentClass::ChatOnly), ("shared", shared, LatentClass::Shared)]
                             {
                                 let counts =
                                     crossdiff::analysis::figures::histogram(pts.iter().map(pick), -0.5, 1.5, 40);
@@ -208,11 +246,9 @@ impl PlotsView {
                 }
             });
             ui.strong("Chat-only latents with |ν^ε| and |ν^r| below a threshold (log10 count)");
-            let thresholds: Vec<f64> = (0..=100).map(|i| i as f64 / 100.0).collect();
-            let curve = below_threshold_curve(&self.rows, &thresholds);
             Plot::new("below threshold").height(160.0).show(ui, |plot| {
                 let pts: PlotPoints =
-                    curve.iter().filter(|(_, c)| *c > 0).map(|(p, c)| [*p, (*c as f64).log10()]).collect();
+                    fig.below.iter().filter(|(_, c)| *c > 0).map(|(p, c)| [*p, (*c as f64).log10()]).collect();
                 plot.line(Line::new("count", pts));
             });
         });

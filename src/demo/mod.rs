@@ -37,15 +37,21 @@ pub struct DemoBuild {
     pub layers: usize,
 }
 
+/// Where the miniature pair lives, where the demo project goes, and the LM training steps the
+/// committed pair was built with (`crossdiff demo --rebuild` reproduces it byte for byte).
+pub const DEFAULT_MODELS: &str = "assets/demo";
+pub const DEFAULT_PROJECT: &str = "demo-project";
+pub const DEFAULT_LM_STEPS: usize = 800;
+
 impl Default for DemoBuild {
     fn default() -> Self {
         Self {
-            out: PathBuf::from("assets/demo"),
+            out: PathBuf::from(DEFAULT_MODELS),
             seed: 0,
             web_docs: 2000,
             chats: 2000,
-            base_steps: 1500,
-            chat_steps: 1500,
+            base_steps: DEFAULT_LM_STEPS,
+            chat_steps: DEFAULT_LM_STEPS,
             batch: 16,
             context: 64,
             hidden: 64,
@@ -172,8 +178,8 @@ pub struct DemoPipeline {
 impl Default for DemoPipeline {
     fn default() -> Self {
         Self {
-            models: PathBuf::from("assets/demo"),
-            project: PathBuf::from("demo-project"),
+            models: PathBuf::from(DEFAULT_MODELS),
+            project: PathBuf::from(DEFAULT_PROJECT),
             layer: 2,
             tokens: 60_000,
             dict_size: 256,

@@ -81,16 +81,16 @@ enum Command {
         #[arg(long)]
         rebuild: bool,
         /// Where the miniature models live.
-        #[arg(long, default_value = "assets/demo")]
+        #[arg(long, default_value = crossdiff::demo::DEFAULT_MODELS)]
         models: PathBuf,
         /// The project folder the pipeline writes (cache, runs) and the app opens.
-        #[arg(long, default_value = "demo-project")]
+        #[arg(long, default_value = crossdiff::demo::DEFAULT_PROJECT)]
         project: PathBuf,
         /// Run the pipeline but do not open the app.
         #[arg(long)]
         no_app: bool,
         /// Training steps for the base model and again for the chat fine-tune.
-        #[arg(long, default_value_t = 800)]
+        #[arg(long, default_value_t = crossdiff::demo::DEFAULT_LM_STEPS)]
         steps: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
