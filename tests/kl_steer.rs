@@ -80,7 +80,7 @@ fn kl_between_identical_models_is_zero() {
     let same = Model::load(fixture("base"), &device, LoadOptions::default()).unwrap();
     // Decoder = encoder transpose for both models: d^chat = d^base, so no condition changes h_base.
     let cc = l1(Params::init(72, 16, 0.5, 1, &device));
-    let stats = kl_table(&base, &same, &cc, &rows_for(&cc), 1, &chats(), 4, |_| {}).unwrap();
+    let stats = kl_table(&base, &same, &cc, &rows_for(&cc), 1, &chats(), 4, |_| true).unwrap();
     assert_eq!(stats.len(), 8);
     for s in &stats {
         assert!(s.tokens_all > 20);
@@ -115,7 +115,10 @@ fn patching_all_latents_of_an_exact_crosscoder_closes_the_gap() {
     });
     let rows = rows_for(&cc);
     assert!(rows.iter().all(|r| r.class == LatentClass::ChatOnly));
-    let stats = kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, |_| {}).unwrap();
+    // Cancelled after the first conversation: an error that says so, no table.
+    let err = kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, |n| n < 1).unwrap_err().to_string();
+    assert!(err.contains("cancelled after 1 conversations"), "{err}");
+    let stats = kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, |_| true).unwrap();
     let get = |c: &str| stats.iter().find(|s| s.condition == c).unwrap();
     let gap = get("none").mean_all;
     assert!(gap > 1e-3, "the fixtures differ: gap {gap}");

@@ -117,7 +117,7 @@ pub fn kl_table(
     layer: usize,
     data: &Path,
     limit: usize,
-    mut progress: impl FnMut(usize),
+    mut progress: impl FnMut(usize) -> bool,
 ) -> Result<Vec<KlStat>> {
     crate::model::check_models(base, chat)?;
     let (d, dict) = cc.params.dims();
@@ -179,7 +179,10 @@ pub fn kl_table(
             }
         }
         seen += 1;
-        progress(seen);
+        // `false` from the caller (Cancel, Ctrl-C) stops here; kl.json is not touched.
+        if !progress(seen) {
+            bail!("the KL check was cancelled after {seen} conversations; kl.json is unchanged");
+        }
     }
     if seen == 0 {
         return Err(anyhow!("{}: no conversation with an assistant reply", data.display()));

@@ -42,8 +42,18 @@ pub fn combined_edit(cc: &Crosscoder, latents: &[(usize, f64, f64)], layer: usiz
 
 /// Greedy completions without and with the edit.
 pub fn steer(model: &Model, prompt: &[u32], edit: &ResidualEdit, max_tokens: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    steer_until(model, prompt, edit, max_tokens, &|| true)
+}
+
+/// [`steer`], stopping each completion early once `keep_going` says no (Cancel, Ctrl-C).
+pub fn steer_until(
+    model: &Model,
+    prompt: &[u32],
+    edit: &ResidualEdit,
+    max_tokens: usize,
+    keep_going: &dyn Fn() -> bool,
+) -> Result<(Vec<u32>, Vec<u32>)> {
     let stop = model.stop_ids();
-    let plain = generate_edited(&model.gemma, prompt, max_tokens, Sampling::default(), &stop, None, |_| true)?;
-    let steered = generate_edited(&model.gemma, prompt, max_tokens, Sampling::default(), &stop, Some(edit), |_| true)?;
-    Ok((plain, steered))
+    let run = |edit| generate_edited(&model.gemma, prompt, max_tokens, Sampling::default(), &stop, edit, |_| keep_going());
+    Ok((run(None)?, run(Some(edit))?))
 }

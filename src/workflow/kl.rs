@@ -54,7 +54,8 @@ impl KlJob {
         let total = self.conversations as u64;
         let stats =
             crate::analysis::kl::kl_table(&b, &c, &cc, &rows, layer, &self.data, self.conversations, |n| {
-                handle.progress("kl", n as u64, total, "conversations")
+                handle.progress("kl", n as u64, total, "conversations");
+                handle.keep_going()
             })?;
         run.write_kl(&stats)?;
         Ok(stats)

@@ -114,7 +114,7 @@ impl SteerJob {
         let edit = crate::analysis::steer::combined_edit(&cc, &specs, layer)?;
         let ids = m.prompt_ids(&self.prompt, self.chat)?;
         handle.progress("generating", 0, 2, "completions");
-        let (plain, steered) = crate::analysis::steer::steer(&m, &ids, &edit, self.max_tokens)?;
+        let (plain, steered) = crate::analysis::steer::steer_until(&m, &ids, &edit, self.max_tokens, &|| handle.keep_going())?;
         let stop = m.stop_ids();
         let text = |v: &[u32]| m.tokenizer.decode(&v.iter().copied().filter(|i| !stop.contains(i)).collect::<Vec<_>>());
         Ok(SteerOutcome {

@@ -245,7 +245,7 @@ pub fn run() -> Result<()> {
         }
         Command::Kl(job) => {
             let device = backend.device()?;
-            let bar = Bar::new("conversations");
+            let bar = Bar::cancellable("conversations");
             let stats = job.run(&device, &ModelStore::new(), bar.handle())?;
             bar.finish();
             println!("{:<18} {:>8} {:>22} {:>22}", "condition", "latents", "KL all reply tokens", "KL first 9 tokens");
