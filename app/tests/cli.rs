@@ -510,3 +510,25 @@ fn demo_pipeline_builds_a_project_from_the_committed_models() {
     }
     std::fs::remove_dir_all(&project).unwrap();
 }
+
+/// `--backend auto` (the default) never takes a CPU posing as a GPU: here (no GPU; Mesa's lavapipe
+/// is the only wgpu adapter in CI) it runs on the CPU path and the summary says so;
+/// `CROSSDIFF_BACKEND` overrides it.
+#[test]
+fn the_default_backend_is_auto_and_names_its_device() {
+    if crossdiff::backend::gpu_adapter().is_some() {
+        eprintln!("skipping: this machine has a real GPU, so auto picks wgpu");
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("crossdiff-cli-auto-{}.safetensors", std::process::id()));
+    let base = fixture("base");
+    let args = ["inspect", "--model", base.to_str().unwrap(), "--prompt", "hi", "--out", out.to_str().unwrap()];
+    let r = Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(args).env_remove("CROSSDIFF_BACKEND").output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(stdout.trim_end().ends_with(", cpu (burn flex))"), "{stdout}");
+    let r = Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(args).env("CROSSDIFF_BACKEND", "tpu").output().unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("CROSSDIFF_BACKEND"), "{}", String::from_utf8_lossy(&r.stderr));
+    let _ = std::fs::remove_file(&out);
+}
