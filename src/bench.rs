@@ -60,7 +60,7 @@ pub fn bench_forward(
         let mut next: Vec<Vec<u32>> = vec![vec![1]; batch];
         for _ in 0..decode_tokens {
             let logits = g.step(g.batch_ids(&next)?, &mut cache);
-            let rows = logits.argmax(1).try_into_vec_as::<i64>().map_err(|e| anyhow!("{e:?}"))?;
+            let rows = crate::counters::read_i64(logits.argmax(1))?;
             next = rows.iter().map(|&r| vec![r as u32]).collect();
         }
         decode = (batch * decode_tokens) as f64 / start.elapsed().as_secs_f64();
@@ -177,6 +177,10 @@ pub struct TrainBench {
     pub seconds_per_step: f64,
     pub tokens_per_s: f64,
     pub peak_host_bytes: Option<u64>,
+    /// Device→host readbacks and kernel dispatches per step over the timed steps (metrics logged
+    /// once, at the last step, as a run logging every 10 steps would).
+    pub readbacks_per_step: f64,
+    pub dispatches_per_step: f64,
 }
 
 /// Times `steps` training steps (after one warm-up step) on random Gaussian pairs.
@@ -191,26 +195,35 @@ pub fn bench_train(
 ) -> Result<TrainBench> {
     use crate::activations::reader::PairBatch;
     use crate::crosscoder::train::{PairSource, TrainConfig, TrainRun};
-    struct Random {
+    struct Random<'a> {
         rng: SplitMix64,
         d: usize,
         batch: usize,
+        calls: u64,
+        window_start: std::rc::Rc<std::cell::Cell<Option<(Instant, u64, u64)>>>,
+        counting: &'a crate::counters::Counting,
     }
-    impl PairSource for Random {
+    impl PairSource for Random<'_> {
         fn next_batch(&mut self) -> Result<Option<PairBatch>> {
+            self.calls += 1;
+            if self.calls == 2 {
+                let c = self.counting;
+                self.window_start.set(Some((Instant::now(), c.readbacks(), c.dispatches())));
+            }
             let acts = (0..self.batch * 2 * self.d).map(|_| (self.rng.next_f64() as f32 - 0.5) * 2.0).collect();
             Ok(Some(PairBatch { acts, batch: self.batch, d: self.d }))
         }
     }
     let dir = std::env::temp_dir().join(format!("crossdiff-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let config =
-        TrainConfig { k, steps: steps + 1, checkpoint_every: 0, log_every: 1, ..TrainConfig::defaults(kind, dict) };
-    let mut src = Random { rng: SplitMix64(1), d, batch };
-    // Timed from the end of step 1 (allocation, kernel compilation) to the end of the last step;
-    // the final checkpoint and export are outside the window.
-    let mut first: Option<Instant> = None;
-    let mut last = Instant::now();
+    // Metrics only at the last step (the default interval is longer than a benchmark).
+    let config = TrainConfig { k, steps: steps + 1, checkpoint_every: 0, ..TrainConfig::defaults(kind, dict) };
+    let counting = crate::counters::Counting::start();
+    // Timed (and counted) from the start of step 2 (after allocation and kernel compilation) to
+    // the end of the last step; the final checkpoint and export are outside the window.
+    let window_start: std::rc::Rc<std::cell::Cell<Option<(Instant, u64, u64)>>> = Default::default();
+    let mut src = Random { rng: SplitMix64(1), d, batch, calls: 0, window_start: window_start.clone(), counting: &counting };
+    let mut end: Option<(Instant, u64, u64)> = None;
     TrainRun {
         config,
         out: dir.clone(),
@@ -221,20 +234,20 @@ pub fn bench_train(
         models: vec![],
         width: d,
     }
-    .run(
-        |_| {
-            last = Instant::now();
-            first.get_or_insert(last);
-        },
-        || true,
-    )?;
+    .run(|_| end = Some((Instant::now(), counting.readbacks(), counting.dispatches())), || true)?;
     let _ = std::fs::remove_dir_all(&dir);
-    let secs = first.map_or(0.0, |f| (last - f).as_secs_f64()).max(1e-9);
+    let ((t0, r0, d0), (t1, r1, d1)) = (
+        window_start.get().ok_or_else(|| anyhow::anyhow!("bench train: fewer than 2 steps ran"))?,
+        end.ok_or_else(|| anyhow::anyhow!("bench train: no step finished"))?,
+    );
+    let secs = (t1 - t0).as_secs_f64().max(1e-9);
     Ok(TrainBench {
         steps,
         seconds_per_step: secs / steps as f64,
         tokens_per_s: (steps as usize * batch) as f64 / secs,
         peak_host_bytes: peak_rss_bytes(),
+        readbacks_per_step: (r1 - r0) as f64 / steps as f64,
+        dispatches_per_step: (d1 - d0) as f64 / steps as f64,
     })
 }
 

@@ -14,6 +14,7 @@ pub mod activations;
 pub mod analysis;
 pub mod backend;
 pub mod bench;
+pub mod counters;
 pub mod crosscoder;
 pub mod data;
 pub mod demo;

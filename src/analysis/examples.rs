@@ -266,7 +266,7 @@ pub fn build_examples(
             let (up_v, up_i) = logits.clone().topk_with_indices(p.min(vocab), 1);
             let (down_v, down_i) = logits.neg().topk_with_indices(p.min(vocab), 1);
             let ints = |t: burn::tensor::Tensor<2, burn::tensor::Int>| -> Result<Vec<u32>> {
-                Ok(t.try_into_vec_as::<i64>().map_err(|e| anyhow!("{e:?}"))?.into_iter().map(|v| v as u32).collect())
+                Ok(crate::counters::read_i64(t)?.into_iter().map(|v| v as u32).collect())
             };
             lists.push((format!("promoted_{name}"), ints(up_i)?, read_vec(up_v)?));
             lists.push((format!("suppressed_{name}"), ints(down_i)?, read_vec(down_v.neg())?));

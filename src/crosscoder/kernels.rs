@@ -164,7 +164,7 @@ fn histogram(scores: &Tensor<1>, prefix: u32, mask: u32, shift: u32, bits: u32) 
         shift,
         bits,
     ));
-    let data = out.try_into_data().map_err(|e| anyhow::anyhow!("reading the histogram: {e:?}"))?;
+    let data = crate::counters::read_data(out)?;
     Ok(crate::io::decode_u32(safetensors::Dtype::U32, data.as_bytes())?)
 }
 

@@ -139,7 +139,7 @@ pub fn tensor<const N: usize>(values: Vec<f32>, shape: [usize; N], device: &Devi
 }
 
 pub fn read_vec<const N: usize>(t: Tensor<N>) -> Result<Vec<f32>> {
-    t.try_into_vec_as::<f32>().map_err(|e| anyhow!("reading a tensor from the device: {e:?}"))
+    crate::counters::read_f32(t)
 }
 
 /// Pre-activations → codes `f = ReLU(x·W_enc + b_enc)`, `[B, D]`.

@@ -128,8 +128,7 @@ impl Gemma2 {
         let c = &self.config;
         let (d, hd, h, kv, inter) =
             (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
-        let read =
-            |t: Tensor<2>| -> Result<Vec<f32>> { t.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("{e:?}")) };
+        let read = |t: Tensor<2>| -> Result<Vec<f32>> { crate::counters::read_f32(t) };
         // [in, out] columns [from, from + n) → PyTorch [n, in].
         let out_in = |t: &Tensor<2>, from: usize, n: usize| -> Tensor<2> { t.clone().narrow(1, from, n).transpose() };
         let mut tensors: Vec<LazyTensor> = Vec::new();

@@ -98,7 +98,7 @@ fn train(
         let params: Vec<Tensor<2>> = model.parameters().into_iter().map(|p| p.detach().require_grad()).collect();
         model = model.with_parameters(params.clone());
         let loss = model.lm_loss(&seqs)?;
-        let value = loss.clone().into_scalar::<f32>();
+        let value = crate::counters::read_f32(loss.clone())?[0];
         if step == 0 {
             first = value;
         }

@@ -50,10 +50,7 @@ pub fn generate_edited(
     let mut next_input = prompt.to_vec();
     for _ in 0..max_tokens {
         let ids = model.batch_ids(std::slice::from_ref(&next_input))?;
-        let logits = model
-            .step_edited(ids, &mut cache, edit)
-            .try_into_vec_as::<f32>()
-            .map_err(|e| anyhow::anyhow!("reading logits from the device: {e:?}"))?;
+        let logits = crate::counters::read_f32(model.step_edited(ids, &mut cache, edit))?;
         let id = choose(&logits, sampling, &mut rng);
         out.push(id);
         let keep_going = on_token(id);

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 
 use crate::io::{OwnedTensor, write_safetensors};
 use crate::model::Model;
@@ -31,7 +31,7 @@ pub fn inspect(model: &Model, ids: Vec<u32>) -> Result<Inspection> {
 }
 
 fn read<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
-    t.try_into_vec_as::<f32>().map_err(|e| anyhow!("reading a tensor from the device: {e:?}"))
+    crate::counters::read_f32(t)
 }
 
 impl Inspection {

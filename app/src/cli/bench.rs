@@ -46,6 +46,9 @@ pub enum BenchCommand {
         kind: Kind,
         #[arg(long, default_value_t = 5)]
         steps: u64,
+        /// End with `readbacks/step=R dispatches/step=N` (device→host reads and kernel launches).
+        #[arg(long)]
+        counters: bool,
     },
     /// analyze throughput and the examples store's per-latent query time on the planted case:
     /// synthetic pairs from known directions and a crosscoder made of them.
@@ -74,7 +77,7 @@ pub enum BenchCommand {
 
 pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
     match which {
-        BenchCommand::Train { size: CrosscoderSize { d, dict_size, k }, batch, kind, steps } => {
+        BenchCommand::Train { size: CrosscoderSize { d, dict_size, k }, batch, kind, steps, counters } => {
             let device = backend.device()?;
             let r = crossdiff::bench::bench_train(&device, kind, d, dict_size, k, batch, steps)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -86,6 +89,9 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 r.peak_host_bytes.unwrap_or(0) / (1 << 20),
                 backend.describe()
             );
+            if counters {
+                println!("readbacks/step={:.1} dispatches/step={:.1}", r.readbacks_per_step, r.dispatches_per_step);
+            }
         }
         BenchCommand::Analyze { size: CrosscoderSize { d, dict_size, k }, tokens } => {
             let device = backend.device()?;

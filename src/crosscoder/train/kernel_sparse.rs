@@ -4,7 +4,7 @@
 //! `pick_dot` (`shaders/`), touching only the selected entries' rows; the loss derivative itself is
 //! a few plain tensor ops. AuxK's rare picks come from the host selection.
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::crosscoder::kernels::{kth_largest, pick_dot, segment_rows};
@@ -93,7 +93,7 @@ pub fn step(input: StepInput, f_dev: &Tensor<2>, sel: DeviceSelection) -> Result
 
     let make_set =
         |tokens: Tensor<1, Int>, latents: Tensor<1, Int>, values: Tensor<1>, per_latent: &[f32]| -> Result<Set> {
-            let t = tokens.clone().try_into_vec_as::<i64>().map_err(|e| anyhow!("{e:?}"))?;
+            let t = crate::counters::read_i64(tokens.clone())?;
             let mut per_token = vec![0usize; b];
             t.iter().for_each(|&v| per_token[v as usize] += 1);
             Ok(Set {

@@ -1,0 +1,34 @@
+//! The readback and dispatch counters (`crossdiff bench … --counters`): they count what happens.
+//! One test in its own binary: both counters are process-wide, so no other test may run beside it.
+
+mod common;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use crossdiff::counters::{Counting, read_f32, read_i64};
+
+#[test]
+fn counters_count_readbacks_and_kernel_dispatches() {
+    let flex = Device::flex();
+    let counting = Counting::start();
+    let t = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0], [3]), &flex);
+    assert_eq!(read_f32(t.clone().mul_scalar(2.0)).unwrap(), vec![2.0, 4.0, 6.0]);
+    let i = Tensor::<1, Int>::from_data(TensorData::new(vec![4i64, 5], [2]), &flex);
+    assert_eq!(read_i64(i).unwrap(), vec![4, 5]);
+    assert_eq!(counting.readbacks(), 2);
+    // burn flex runs no GPU kernels.
+    assert_eq!(counting.dispatches(), 0);
+    drop(counting);
+
+    let Some(wgpu) = common::wgpu_device() else { return };
+    let counting = Counting::start();
+    let offsets = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 3], [3]), &wgpu);
+    let index = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 0, 1], [3]), &wgpu);
+    let coef = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0], [3]), &wgpu);
+    let table = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 10.0, 100.0, 1000.0], [2, 2]), &wgpu);
+    let out = read_f32(crossdiff::crosscoder::kernels::segment_rows(&offsets, &index, &coef, &table)).unwrap();
+    // Row 0: 1·table[1]; row 1: 2·table[0] + 3·table[1].
+    assert_eq!(out, vec![100.0, 1000.0, 302.0, 3020.0]);
+    assert_eq!(counting.readbacks(), 1);
+    // The segment_rows kernel at least (uploads and the layout copies may add more).
+    assert!(counting.dispatches() >= 1, "no kernel dispatch counted");
+}
