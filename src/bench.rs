@@ -262,6 +262,9 @@ pub struct AnalyzeBench {
     /// Median and worst time to fetch one latent's dashboard data from the examples store.
     pub query_ms_median: f64,
     pub query_ms_max: f64,
+    /// Device→host readbacks and kernel dispatches per analysed batch (of 256 pairs).
+    pub readbacks_per_batch: f64,
+    pub dispatches_per_batch: f64,
 }
 
 /// The planted 2B-width case: `tokens` synthetic pairs of width `d` built from `dict` known unit
@@ -338,8 +341,13 @@ pub fn bench_analyze(
     let cache = cache.as_path();
     let opts = crate::analysis::analyze::AnalyzeOptions { tokens: Some(tokens), batch: 256, ..Default::default() };
     let start = Instant::now();
+    let counting = crate::counters::Counting::start();
     let (rows, summary) = crate::analysis::analyze::analyze(&run, &cc, cache, device, &opts, |_, _| {}, || true)?;
     let analyze_secs = start.elapsed().as_secs_f64();
+    let batches = summary.tokens.div_ceil(opts.batch as u64).max(1) as f64;
+    let (readbacks_per_batch, dispatches_per_batch) =
+        (counting.readbacks() as f64 / batches, counting.dispatches() as f64 / batches);
+    drop(counting);
     run.write_latents(&rows, &summary)?;
     let start = Instant::now();
     let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
@@ -367,5 +375,7 @@ pub fn bench_analyze(
         examples_seconds,
         query_ms_median: times[times.len() / 2],
         query_ms_max: times[times.len() - 1],
+        readbacks_per_batch,
+        dispatches_per_batch,
     })
 }

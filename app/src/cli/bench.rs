@@ -57,6 +57,9 @@ pub enum BenchCommand {
         size: CrosscoderSize,
         #[arg(long, default_value_t = 2048)]
         tokens: u64,
+        /// End with `readbacks/batch=R dispatches/batch=N` (per analysed batch of 256 pairs).
+        #[arg(long)]
+        counters: bool,
     },
     /// Reader throughput (GB/s of f32 pairs delivered) beside a raw sequential read of the shards.
     Reader {
@@ -93,7 +96,7 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 println!("readbacks/step={:.1} dispatches/step={:.1}", r.readbacks_per_step, r.dispatches_per_step);
             }
         }
-        BenchCommand::Analyze { size: CrosscoderSize { d, dict_size, k }, tokens } => {
+        BenchCommand::Analyze { size: CrosscoderSize { d, dict_size, k }, tokens, counters } => {
             let device = backend.device()?;
             let r = crossdiff::bench::bench_analyze(&device, d, dict_size, k, tokens)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -101,6 +104,9 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 "bench analyze: {:.0} tokens/s (D={dict_size}), examples store {:.1}s, latent query {:.2} ms median / {:.2} ms max ({})",
                 r.analyze_tokens_per_s, r.examples_seconds, r.query_ms_median, r.query_ms_max, backend.describe()
             );
+            if counters {
+                println!("readbacks/batch={:.1} dispatches/batch={:.1}", r.readbacks_per_batch, r.dispatches_per_batch);
+            }
         }
         BenchCommand::Reader { cache, synthetic_tokens, d, batch, shuffle_tokens } => {
             if let Some(tokens) = synthetic_tokens {
