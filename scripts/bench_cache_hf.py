@@ -23,6 +23,23 @@ from transformers import Gemma2ForCausalLM
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "data")
 
 
+
+def length_batches(docs, batch_tokens):
+    """crossdiff's batching of a shard: longest documents first, at most `batch_tokens` padded tokens
+    per batch. Yields (document indices, right-padded ids [b, t], attention mask [b, t])."""
+    order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
+    i = 0
+    while i < len(order):
+        group = order[i:i + max(1, batch_tokens // len(docs[order[i]]))]
+        t = len(docs[group[0]])
+        ids = torch.zeros((len(group), t), dtype=torch.long)
+        mask = torch.zeros((len(group), t), dtype=torch.long)
+        for b, j in enumerate(group):
+            ids[b, : len(docs[j])] = torch.tensor(docs[j])
+            mask[b, : len(docs[j])] = 1
+        yield group, ids, mask
+        i += len(group)
+
 def documents(tok, context):
     """web.txt blocks and chat.jsonl conversations, interleaved, as token ids (repeated as needed)."""
     web = [b.strip() for b in open(os.path.join(DATA, "web.txt")).read().split("\n\n") if b.strip()]
@@ -60,24 +77,13 @@ def main():
         if n >= args.tokens:
             break
     start = time.perf_counter()
-    order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
     acts = [[None] * len(docs) for _ in models]
     with torch.no_grad():
-        i = 0
-        while i < len(order):
-            per = max(1, args.batch_tokens // len(docs[order[i]]))
-            group = order[i:i + per]
-            t = len(docs[group[0]])
-            ids = torch.zeros((len(group), t), dtype=torch.long)
-            mask = torch.zeros((len(group), t), dtype=torch.long)
-            for b, j in enumerate(group):
-                ids[b, : len(docs[j])] = torch.tensor(docs[j])
-                mask[b, : len(docs[j])] = 1
+        for group, ids, mask in length_batches(docs, args.batch_tokens):
             for m, model in enumerate(models):
                 h = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[args.layer + 1]
                 for b, j in enumerate(group):
                     acts[m][j] = h[b, : len(docs[j])].to(torch.bfloat16)
-            i += per
     pairs = torch.stack([torch.cat(acts[0]), torch.cat(acts[1])], dim=1)
     save_file({"acts": pairs.contiguous()}, os.path.join(args.out, "acts-00000.safetensors"))
     secs = time.perf_counter() - start

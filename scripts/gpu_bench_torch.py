@@ -239,6 +239,8 @@ def cmd_cache(args):
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
+    from bench_cache_hf import length_batches  # the CPU benchmark's batching, shared
+
     info = device_info(args.device)
     os.makedirs(args.out, exist_ok=True)
     tok = Tokenizer.from_file(os.path.join(args.base, "tokenizer.json"))
@@ -250,21 +252,11 @@ def cmd_cache(args):
     sync(args.device)
     load_s = time.perf_counter() - t
     reset_peak(args.device)
-    # Same batching as crossdiff's defaults: longest first, --batch-tokens per batch, padded rows masked.
-    order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
     start = time.perf_counter()
     shard, shard_tokens, shards = [], 0, 0
     with torch.no_grad():
-        i = 0
-        while i < len(order):
-            per = max(1, args.batch_tokens // len(docs[order[i]]))
-            group = order[i:i + per]
-            t_len = len(docs[group[0]])
-            ids = torch.zeros((len(group), t_len), dtype=torch.long)
-            mask = torch.zeros((len(group), t_len), dtype=torch.long)
-            for b, j in enumerate(group):
-                ids[b, : len(docs[j])] = torch.tensor(docs[j])
-                mask[b, : len(docs[j])] = 1
+        # Same batching as crossdiff's defaults: longest first, --batch-tokens per batch, padded rows masked.
+        for group, ids, mask in length_batches(docs, args.batch_tokens):
             ids, mask = ids.to(args.device), mask.to(args.device)
             acts = []
             for model in models:  # base, then chat
@@ -280,7 +272,6 @@ def cmd_cache(args):
                 save_file({"acts": torch.cat(shard).contiguous()},
                           os.path.join(args.out, f"acts-{shards:05d}.safetensors"))
                 shard, shard_tokens, shards = [], 0, shards + 1
-            i += per
         if shard:
             save_file({"acts": torch.cat(shard).contiguous()}, os.path.join(args.out, f"acts-{shards:05d}.safetensors"))
             shards += 1

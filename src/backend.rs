@@ -97,9 +97,18 @@ impl Backend {
         match self.resolve() {
             // The adapter burn's default device settles on: a GPU before a CPU adapter, Vulkan first.
             Ok(Self::Wgpu) => match adapters().into_iter().max_by_key(|a| {
-                (a.device_type != wgpu::DeviceType::Cpu, a.backend == wgpu::Backend::Vulkan, a.device_type == wgpu::DeviceType::DiscreteGpu)
+                (
+                    a.device_type != wgpu::DeviceType::Cpu,
+                    a.backend == wgpu::Backend::Vulkan,
+                    a.device_type == wgpu::DeviceType::DiscreteGpu,
+                )
             }) {
-                Some(a) => format!("wgpu: {} ({:?}{})", a.name, a.backend, if a.device_type == wgpu::DeviceType::Cpu { ", a CPU adapter" } else { "" }),
+                Some(a) => format!(
+                    "wgpu: {} ({:?}{})",
+                    a.name,
+                    a.backend,
+                    if a.device_type == wgpu::DeviceType::Cpu { ", a CPU adapter" } else { "" }
+                ),
                 None => "wgpu: no adapter".into(),
             },
             Ok(Self::Cpu) => "cpu (burn flex)".into(),

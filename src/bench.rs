@@ -5,8 +5,8 @@ use std::time::Instant;
 use anyhow::{Result, anyhow};
 use serde::Serialize;
 
-use crate::rng::SplitMix64;
 use crate::model::Model;
+use crate::rng::SplitMix64;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ForwardBench {
@@ -222,7 +222,8 @@ pub fn bench_train(
     // Timed (and counted) from the start of step 2 (after allocation and kernel compilation) to
     // the end of the last step; the final checkpoint and export are outside the window.
     let window_start: std::rc::Rc<std::cell::Cell<Option<(Instant, u64, u64)>>> = Default::default();
-    let mut src = Random { rng: SplitMix64(1), d, batch, calls: 0, window_start: window_start.clone(), counting: &counting };
+    let mut src =
+        Random { rng: SplitMix64(1), d, batch, calls: 0, window_start: window_start.clone(), counting: &counting };
     let mut end: Option<(Instant, u64, u64)> = None;
     TrainRun {
         config,

@@ -150,7 +150,9 @@ pub fn decode_f32_into(dtype: safetensors::Dtype, bytes: &[u8], out: &mut [f32])
         Dtype::F32 => words::<4>(bytes).zip(out).for_each(|(w, o)| *o = f32::from_le_bytes(w)),
         Dtype::F16 => words::<2>(bytes).zip(out).for_each(|(w, o)| *o = half::f16::from_le_bytes(w).to_f32()),
         // bf16 is the top half of an f32: a shift, no rounding.
-        Dtype::BF16 => words::<2>(bytes).zip(out).for_each(|(w, o)| *o = f32::from_bits((u16::from_le_bytes(w) as u32) << 16)),
+        Dtype::BF16 => {
+            words::<2>(bytes).zip(out).for_each(|(w, o)| *o = f32::from_bits((u16::from_le_bytes(w) as u32) << 16))
+        }
         other => anyhow::bail!("unsupported dtype {other:?} (expected f32, f16 or bf16)"),
     }
     Ok(())
@@ -201,7 +203,8 @@ mod tests {
     fn decoders_read_each_dtype() {
         let f: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(decode_f32(Dtype::F32, &f).unwrap(), vec![1.5, -2.0]);
-        let h: Vec<u8> = [half::f16::from_f32(0.25), half::f16::from_f32(-3.0)].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let h: Vec<u8> =
+            [half::f16::from_f32(0.25), half::f16::from_f32(-3.0)].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(decode_f32(Dtype::F16, &h).unwrap(), vec![0.25, -3.0]);
         let b: Vec<u8> = [half::bf16::from_f32(0.5)].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(decode_f32(Dtype::BF16, &b).unwrap(), vec![0.5]);

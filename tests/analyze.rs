@@ -103,7 +103,8 @@ fn latents_csv_equals_an_independent_recomputation() {
     cc.save(run.path()).unwrap();
 
     let opts = AnalyzeOptions { tokens: None, batch: 100, error_top_n: Some(12), seed: 3 };
-    let (rows, summary) = analyze(&RunDir::new(run.path()), &cc, cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
+    let (rows, summary) =
+        analyze(&RunDir::new(run.path()), &cc, cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
     // Interrupted after the first shard and resumed: the same rows, bit for bit.
     let calls = std::cell::Cell::new(0);
     let err = analyze(
@@ -121,7 +122,8 @@ fn latents_csv_equals_an_independent_recomputation() {
     .unwrap_err();
     assert!(format!("{err}").contains("re-run"), "{err}");
     assert!(run.path().join("analyze-state.json").exists());
-    let (resumed, _) = analyze(&RunDir::new(run.path()), &cc, cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
+    let (resumed, _) =
+        analyze(&RunDir::new(run.path()), &cc, cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
     assert_eq!(resumed, rows);
     assert!(!run.path().join("analyze-state.json").exists());
     RunDir::new(run.path()).write_latents(&rows, &summary).unwrap();
@@ -274,15 +276,25 @@ fn examples_store_returns_the_true_top_contexts() {
     let run = TempDir::new("examples-run");
     cc.save(run.path()).unwrap();
     let (rows, summary) =
-        analyze(&RunDir::new(run.path()), &cc, cache.path(), &device, &AnalyzeOptions::default(), |_, _| {}, || true).unwrap();
+        analyze(&RunDir::new(run.path()), &cc, cache.path(), &device, &AnalyzeOptions::default(), |_, _| {}, || true)
+            .unwrap();
     RunDir::new(run.path()).write_latents(&rows, &summary).unwrap();
     let embed = |m: &str| {
         crossdiff::Snapshot::open(fixture(m)).unwrap().read_f32("model.embed_tokens.weight", &[676, d]).unwrap()
     };
     let opts = ExamplesOptions { top_n: 5, per_bin: 2, context: 3, batch: 64, seed: 1, top_tokens: 4 };
     let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
-    build_examples(&RunDir::new(run.path()), &cc, cache.path(), &device, &max_act, Some([embed("base"), embed("chat")]), &opts, None)
-        .unwrap();
+    build_examples(
+        &RunDir::new(run.path()),
+        &cc,
+        cache.path(),
+        &device,
+        &max_act,
+        Some([embed("base"), embed("chat")]),
+        &opts,
+        None,
+    )
+    .unwrap();
 
     // Brute force: every token's norm-scaled activation of every latent, token ids and documents.
     let index = crossdiff::activations::cache::CacheIndex::open(cache.path()).unwrap();

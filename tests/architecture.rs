@@ -52,11 +52,7 @@ fn expand(tree: &str) -> Vec<String> {
         }
     }
     items.push(&inner[start..]);
-    items
-        .into_iter()
-        .flat_map(expand)
-        .map(|p| if prefix.is_empty() { p } else { format!("{prefix}::{p}") })
-        .collect()
+    items.into_iter().flat_map(expand).map(|p| if prefix.is_empty() { p } else { format!("{prefix}::{p}") }).collect()
 }
 
 /// Every path a file names, as written: each `use` tree expanded, and `crate::…` paths in code.
@@ -83,7 +79,10 @@ fn named_paths(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     for stmt in code.split(';') {
         let stmt = stmt.trim();
-        let body = stmt.strip_prefix("pub use ").or_else(|| stmt.strip_prefix("pub(crate) use ")).or_else(|| stmt.strip_prefix("use "));
+        let body = stmt
+            .strip_prefix("pub use ")
+            .or_else(|| stmt.strip_prefix("pub(crate) use "))
+            .or_else(|| stmt.strip_prefix("use "));
         if let Some(tree) = body {
             out.extend(expand(tree));
         }
@@ -181,10 +180,14 @@ fn the_path_reader_sees_every_kind_of_import() {
         assert!(paths.iter().any(|p| p == want), "{want} missing from {paths:?}");
     }
     assert!(!paths.iter().any(|p| p.contains("no")), "{paths:?}");
-    let modules: BTreeMap<String, PathBuf> =
-        ["data", "data::document", "crosscoder::train", "crosscoder::train::step"].map(|m| (m.to_string(), PathBuf::new())).into();
+    let modules: BTreeMap<String, PathBuf> = ["data", "data::document", "crosscoder::train", "crosscoder::train::step"]
+        .map(|m| (m.to_string(), PathBuf::new()))
+        .into();
     assert_eq!(absolute("data", "document::Doc", &modules).as_deref(), Some("data::document::Doc"));
-    assert_eq!(absolute("crosscoder::train::dense", "super::step::X", &modules).as_deref(), Some("crosscoder::train::step::X"));
+    assert_eq!(
+        absolute("crosscoder::train::dense", "super::step::X", &modules).as_deref(),
+        Some("crosscoder::train::step::X")
+    );
     assert_eq!(absolute("data", "serde::Deserialize", &modules), None);
 }
 

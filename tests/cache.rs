@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use common::{TempDir, fixture};
 use crossdiff::activations::cache::{ActDtype, CacheIndex};
+use crossdiff::activations::reader::{CacheReader, ReaderConfig};
 use crossdiff::activations::writer::{CacheJob, run_cache};
 use crossdiff::data::{Mixer, TokenizeOptions, template_flags};
-use crossdiff::activations::reader::{CacheReader, ReaderConfig};
 use crossdiff::{LoadOptions, Message, Model};
 use safetensors::SafeTensors;
 

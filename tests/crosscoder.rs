@@ -7,10 +7,10 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 use common::{TempDir, assert_close};
-use crossdiff::crosscoder::{Crosscoder, Kind, Params, read_vec, select_batch_topk, tensor};
-use crossdiff::rng::SplitMix64;
 use crossdiff::activations::reader::PairBatch;
 use crossdiff::crosscoder::train::{PairSource, TrainConfig, TrainRun, step_loss, update_threshold};
+use crossdiff::crosscoder::{Crosscoder, Kind, Params, read_vec, select_batch_topk, tensor};
+use crossdiff::rng::SplitMix64;
 use safetensors::SafeTensors;
 
 fn reference() -> BTreeMap<String, (Vec<usize>, Vec<f64>)> {
@@ -321,11 +321,12 @@ fn batchtopk_recovers_planted_chat_only_directions() {
         width: d,
     };
     let cc = run.run(|_| {}, || true).unwrap();
-    let metrics: Vec<crossdiff::crosscoder::train::StepMetrics> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics: Vec<crossdiff::crosscoder::train::StepMetrics> =
+        std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
     let last = metrics.last().unwrap();
     eprintln!("planted, last step: {last:?}");
     assert_eq!(last.step, 1500);

@@ -6,9 +6,9 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use common::TempDir;
+use crossdiff::analysis::examples::ExamplesStore;
 use crossdiff::analysis::latents::{LatentClass, LatentRow};
 use crossdiff::demo::{DemoPipeline, run_pipeline};
-use crossdiff::analysis::examples::ExamplesStore;
 
 #[test]
 fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
@@ -16,14 +16,12 @@ fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
     let p = DemoPipeline { models: models.clone(), project: project.path().to_path_buf(), ..Default::default() };
     run_pipeline(&p, &Device::flex(), crossdiff::workflow::Handle::silent(), |_| {}).unwrap();
-    let rows = |run: &str| {
-        crossdiff::run_dir::RunDir::new(project.path().join("runs").join(run)).read_latents().unwrap()
-    };
+    let rows =
+        |run: &str| crossdiff::run_dir::RunDir::new(project.path().join("runs").join(run)).read_latents().unwrap();
     let (btk, l1) = (rows("batchtopk"), rows("l1"));
     let chat_only = |r: &[LatentRow]| r.iter().filter(|x| x.class == LatentClass::ChatOnly).count();
-    let flagged = |r: &[LatentRow]| {
-        r.iter().filter(|x| x.class == LatentClass::ChatOnly && !x.is_chat_specific()).count()
-    };
+    let flagged =
+        |r: &[LatentRow]| r.iter().filter(|x| x.class == LatentClass::ChatOnly && !x.is_chat_specific()).count();
     let (n_btk, n_l1) = (chat_only(&btk), chat_only(&l1));
     assert!(n_btk >= 1, "BatchTopK finds at least one chat-only latent");
     // L1 has more chat-only latents, and a larger share of them flagged by Latent Scaling.

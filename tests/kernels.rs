@@ -3,9 +3,9 @@
 mod common;
 
 use burn::tensor::{DType, Tensor, TensorData};
+use crossdiff::crosscoder::kernels::kth_largest;
 use crossdiff::crosscoder::select_batch_topk;
 use crossdiff::rng::SplitMix64;
-use crossdiff::crosscoder::kernels::kth_largest;
 
 #[test]
 fn histogram_select_finds_the_same_threshold_as_the_reference() {
@@ -60,12 +60,15 @@ fn histogram_select_finds_the_same_threshold_as_the_reference() {
 
 #[test]
 fn sparse_batchtopk_step_on_wgpu_equals_the_host_selection_on_flex() {
-    use crossdiff::crosscoder::{Kind, Params, read_vec, tensor};
     use crossdiff::crosscoder::train::{TrainConfig, step_loss};
+    use crossdiff::crosscoder::{Kind, Params, read_vec, tensor};
     let Some(gpu) = common::wgpu_device() else { return };
     let cpu = burn::tensor::Device::flex();
     // The step takes the device route on wgpu only.
-    assert!(crossdiff::crosscoder::kernels::is_wgpu(&gpu) && !crossdiff::crosscoder::kernels::is_wgpu(&cpu), "{gpu:?} / {cpu:?}");
+    assert!(
+        crossdiff::crosscoder::kernels::is_wgpu(&gpu) && !crossdiff::crosscoder::kernels::is_wgpu(&cpu),
+        "{gpu:?} / {cpu:?}"
+    );
     let (d, dict, b) = (6, 64, 32);
     let mut rng = SplitMix64(8);
     let x: Vec<f32> = (0..b * 2 * d).map(|_| rng.next_f64() as f32 - 0.3).collect();

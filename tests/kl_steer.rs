@@ -6,9 +6,9 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 use common::fixture;
+use crossdiff::analysis::kl::{kl_table, reply_positions};
 use crossdiff::analysis::latents::{LatentClass, LatentRow, delta_norm};
 use crossdiff::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, read_vec, tensor};
-use crossdiff::analysis::kl::{kl_table, reply_positions};
 use crossdiff::{LoadOptions, Message, Model};
 
 fn chats() -> std::path::PathBuf {

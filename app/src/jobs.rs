@@ -168,6 +168,12 @@ pub struct JobEnv {
 }
 
 impl JobEnv {
+    /// The backend jobs really run on: `auto` settled (an error there surfaces when the job opens
+    /// the device).
+    pub fn device_backend(&self) -> Backend {
+        self.backend.resolve().unwrap_or(self.backend)
+    }
+
     /// A job on the app's device: the device is opened on the job's thread (an unusable one is the
     /// job's error), and `work` gets it with the shared model store.
     pub fn spawn(
@@ -175,8 +181,7 @@ impl JobEnv {
         name: &'static str,
         work: impl FnOnce(&Device, &ModelStore, Handle) -> anyhow::Result<String> + Send + 'static,
     ) -> Job {
-        // `auto` settles here, so the job records (and reports) the device it really runs on.
-        let backend = self.backend.resolve().unwrap_or(self.backend);
+        let backend = self.device_backend();
         let store = self.store.clone();
         let mut job = Job::spawn(name, self.ctx.clone(), move |handle| {
             handle.progress(&format!("opening the {backend} device"), 0, 1, "devices");

@@ -110,8 +110,7 @@ impl ModelsView {
         let dirs = [PathBuf::from(&self.dirs[0]), PathBuf::from(&self.dirs[1])];
         let shown = self.shown.clone();
         *self.shown() = Shown::default();
-        // What the models really load on (`auto` settled).
-        let backend = env.backend.resolve().unwrap_or(env.backend);
+        let backend = env.device_backend();
         self.job.start(env.spawn("loading models", move |device, store, handle| {
             let mut models = Vec::new();
             for (slot, dir) in dirs.iter().enumerate() {

@@ -137,9 +137,8 @@ impl PlotsView {
         }
         let Some(fig) = self.figures.clone().filter(|_| !self.rows.is_empty()) else { return };
         egui::ScrollArea::vertical().show(ui, |ui| {
-            for (i, (title, lo, hi)) in [("Relative decoder norm Δ", 0.0, 1.0), ("Δ, zoom on [0.9, 1]", 0.9, 1.0)]
-                .into_iter()
-                .enumerate()
+            for (i, (title, lo, hi)) in
+                [("Relative decoder norm Δ", 0.0, 1.0), ("Δ, zoom on [0.9, 1]", 0.9, 1.0)].into_iter().enumerate()
             {
                 let series = &fig.delta[i];
                 ui.horizontal(|ui| {

@@ -449,13 +449,11 @@ fn snapshot_images_of_the_empty_views() {
 
 #[test]
 fn a_job_that_panics_shows_its_error_and_the_next_job_runs() {
-    let mut harness = Harness::builder()
-        .with_size(eframe::egui::vec2(1100.0, 720.0))
-        .build_eframe(|cc| {
-            let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
-            app.backend = crossdiff::Backend::Cpu;
-            app
-        });
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1100.0, 720.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app
+    });
     harness.run_steps(2);
     // A job of the app's one mechanism that panics, in the Models view's job slot.
     let env = harness.state().job_env();

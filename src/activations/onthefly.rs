@@ -8,11 +8,11 @@ use std::sync::mpsc::sync_channel;
 use anyhow::Result;
 use burn::tensor::Device;
 
+use crate::activations::reader::{Chunk, PairBatch, RowBlock, ShufflePool};
 use crate::activations::writer::{Planner, compute_acts};
 use crate::data::{Mixer, TokenizeOptions};
 use crate::model::gemma2::LoadOptions;
 use crate::model::{Model, check_models};
-use crate::activations::reader::{Chunk, PairBatch, RowBlock, ShufflePool};
 
 #[derive(Debug, Clone)]
 pub struct OnTheFlyConfig {

@@ -16,10 +16,10 @@ use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
 use crate::activations::cache::{CacheIndex, read_shard_file};
-use crate::crosscoder::{Crosscoder, Kind, decode, read_vec, tensor};
-use crate::rng::SplitMix64;
 use crate::analysis::latents::{LatentClass, LatentRow, Summary, delta_norm};
+use crate::crosscoder::{Crosscoder, Kind, decode, read_vec, tensor};
 use crate::io::write_atomic;
+use crate::rng::SplitMix64;
 use crate::run_dir::RunDir;
 
 /// Pairs per device batch.
@@ -95,13 +95,8 @@ pub fn analyze(
     // d_j^chat as a `[2d, D]`-shaped projector for each model's half: [d, D].
     let w_chat_t = p.w_dec.clone().narrow(1, d, d).transpose();
     // Resume: the sums after the last finished shard, if this same analysis was interrupted.
-    let fingerprint = format!(
-        "{}|{}|{}|{total}|{}",
-        cache.display(),
-        index.total_tokens,
-        cc.file_checksum.unwrap_or(0),
-        opts.batch
-    );
+    let fingerprint =
+        format!("{}|{}|{}|{total}|{}", cache.display(), index.total_tokens, cc.file_checksum.unwrap_or(0), opts.batch);
     let state_path = run.analyze_state();
     let mut first_shard = 0;
     if let Ok(text) = std::fs::read_to_string(&state_path) {
@@ -244,7 +239,8 @@ fn finish(
     let mut by_delta: Vec<usize> = (0..dict).filter(|&j| rows[j].class != LatentClass::Dead).collect();
     by_delta.sort_by(|&a, &b| rows[b].delta_norm.total_cmp(&rows[a].delta_norm).then(a.cmp(&b)));
     let top: Vec<usize> = by_delta.into_iter().take(top_n).collect();
-    let mut shared: Vec<usize> = (0..dict).filter(|&j| rows[j].class == LatentClass::Shared && !top.contains(&j)).collect();
+    let mut shared: Vec<usize> =
+        (0..dict).filter(|&j| rows[j].class == LatentClass::Shared && !top.contains(&j)).collect();
     crate::rng::shuffle(&mut shared, &mut SplitMix64(opts.seed ^ 0xB37A));
     shared.truncate(top.len());
     for &j in top.iter().chain(&shared) {

@@ -18,9 +18,9 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::activations::cache::{CacheIndex, read_shard_file};
 use crate::crosscoder::{Crosscoder, read_vec, tensor};
+use crate::io::{LazyTensor, f32_bytes, write_safetensors_streaming};
 use crate::rng::SplitMix64;
 use crate::run_dir::RunDir;
-use crate::io::{LazyTensor, f32_bytes, write_safetensors_streaming};
 
 /// Upper edges of the quantile bins, as fractions of a latent's maximum activation.
 pub const BINS: [f64; 5] = [0.25, 0.5, 0.75, 0.95, 1.0];

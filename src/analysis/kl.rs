@@ -12,10 +12,10 @@ use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::latents::{LatentClass, LatentRow};
-use crate::run_dir::RunDir;
 use crate::crosscoder::{Crosscoder, read_vec, tensor};
 use crate::data::{Document, open_source, template_flags};
 use crate::model::Model;
+use crate::run_dir::RunDir;
 
 /// The conditions of the paper's KL table, plus the latents Latent Scaling keeps.
 pub const CONDITIONS: [&str; 8] =

@@ -171,8 +171,7 @@ impl Summary {
 
 /// Reads a `latents.csv`; errors name the file, the line and the field.
 pub fn read_latents_csv(path: &Path) -> Result<Vec<LatentRow>> {
-    let file = fs_err::File::open(path)
-        .map_err(|e| anyhow!("{e}; run `crossdiff analyze` on this run first"))?;
+    let file = fs_err::File::open(path).map_err(|e| anyhow!("{e}; run `crossdiff analyze` on this run first"))?;
     let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(std::io::BufReader::new(file));
     let header = reader.headers().with_context(|| format!("{}: unreadable header", path.display()))?;
     if header.iter().collect::<Vec<_>>().join(",") != CSV_HEADER {
@@ -188,12 +187,9 @@ pub fn read_latents_csv(path: &Path) -> Result<Vec<LatentRow>> {
 fn csv_error(e: &csv::Error) -> String {
     match e.kind() {
         csv::ErrorKind::Deserialize { err, .. } => match err.field() {
-            Some(k) => format!(
-                "field {} ({}): {}",
-                k + 1,
-                CSV_HEADER.split(',').nth(k as usize).unwrap_or("?"),
-                err.kind()
-            ),
+            Some(k) => {
+                format!("field {} ({}): {}", k + 1, CSV_HEADER.split(',').nth(k as usize).unwrap_or("?"), err.kind())
+            }
             // serde names no field for an unknown enum value; the only enum column is `class`.
             None if err.to_string().contains("unknown variant") => format!("field 6 (class): {}", err.kind()),
             None => err.kind().to_string(),

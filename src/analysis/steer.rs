@@ -4,9 +4,9 @@
 use anyhow::{Result, bail};
 
 use crate::crosscoder::{Crosscoder, read_vec, tensor};
+use crate::model::Model;
 use crate::model::gemma2::ResidualEdit;
 use crate::model::generate::{Sampling, generate_edited};
-use crate::model::Model;
 
 /// `strength × (max f_j) × d_j^chat`, with max f_j = max norm-scaled activation / (‖d_j^0‖ + ‖d_j^1‖):
 /// strength 1 adds the latent at its strongest observed activation.
@@ -54,6 +54,7 @@ pub fn steer_until(
     keep_going: &dyn Fn() -> bool,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     let stop = model.stop_ids();
-    let run = |edit| generate_edited(&model.gemma, prompt, max_tokens, Sampling::default(), &stop, edit, |_| keep_going());
+    let run =
+        |edit| generate_edited(&model.gemma, prompt, max_tokens, Sampling::default(), &stop, edit, |_| keep_going());
     Ok((run(None)?, run(Some(edit))?))
 }

@@ -5,11 +5,11 @@
 //! device: three histogram passes over the scores' bit patterns find the k-th largest score without
 //! sorting (or reading back) the B×D scores; [`crate::crosscoder::select_batch_topk`] is the reference.
 
+use burn::backend::Dispatch;
 use burn::backend::{
     Backend, backend_extension,
     tensor::{FloatTensor, IntTensor},
 };
-use burn::backend::Dispatch;
 use burn::tensor::{Device, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
@@ -208,7 +208,12 @@ pub fn segment_rows(offsets: &Ints, index: &Ints, coef: &Tensor<1>, table: &Tens
 /// [`KernelOps::pick_dot`] from user code: `out[p] = a[ia[p]] · b[ib[p]]`.
 pub fn pick_dot(ia: &Ints, ib: &Ints, a: &Tensor<2>, b: &Tensor<2>) -> Tensor<1> {
     let (ia, ib) = (ia.clone().into_dispatch(), ib.clone().into_dispatch());
-    Tensor::from_dispatch(<Dispatch as KernelOps>::pick_dot(ia, ib, a.clone().into_dispatch(), b.clone().into_dispatch()))
+    Tensor::from_dispatch(<Dispatch as KernelOps>::pick_dot(
+        ia,
+        ib,
+        a.clone().into_dispatch(),
+        b.clone().into_dispatch(),
+    ))
 }
 
 /// Plain-op reference of [`segment_rows`] (any backend): gather, scale, scatter-add by segment.

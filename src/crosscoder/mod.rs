@@ -18,9 +18,9 @@ use anyhow::{Result, anyhow, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::run_dir::RunDir;
-use crate::rng::SplitMix64;
 use crate::io::{LazyTensor, f32_bytes, write_atomic, write_safetensors_streaming};
+use crate::rng::SplitMix64;
+use crate::run_dir::RunDir;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::rng::SplitMix64;
 use crate::model::tokenizer::Message;
+use crate::rng::SplitMix64;
 
 /// What a conversation's assistant reply was planted to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use burn::tensor::{Device, Tensor};
 
-use crate::demo::corpus::generate;
-use crate::workflow::Handle;
-use crate::model::gemma2::Gemma2;
-use crate::rng::SplitMix64;
 use crate::crosscoder::optim::Adam;
+use crate::demo::corpus::generate;
+use crate::model::gemma2::Gemma2;
 use crate::model::snapshot::Gemma2Config;
 use crate::model::tokenizer::ChatTokenizer;
+use crate::rng::SplitMix64;
+use crate::workflow::Handle;
 
 /// Gemma's chat template as shipped in google/gemma-2-2b-it's tokenizer_config.json.
 pub const GEMMA_CHAT_TEMPLATE: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}";
@@ -256,8 +256,15 @@ pub fn run_pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: 
             .run(device, handle)?;
         log(&format!("KL check for the {name} crosscoder"));
         let conversations = data[1].clone();
-        KlJob { run: out, base: base.clone(), chat: chat.clone(), data: conversations, conversations: 200, layer: Some(p.layer) }
-            .run(device, &store, handle)?;
+        KlJob {
+            run: out,
+            base: base.clone(),
+            chat: chat.clone(),
+            data: conversations,
+            conversations: 200,
+            layer: Some(p.layer),
+        }
+        .run(device, &store, handle)?;
         runs.push(PathBuf::from("runs").join(name));
     }
     let abs = |q: &Path| std::fs::canonicalize(q).unwrap_or_else(|_| q.to_path_buf());

@@ -3,8 +3,8 @@
 use anyhow::Result;
 use burn::tensor::Device;
 
-pub use crate::activations::writer::CacheJob;
 use crate::activations::cache::CacheIndex;
+pub use crate::activations::writer::CacheJob;
 use crate::workflow::Handle;
 
 /// What a cache run ends with.
@@ -32,8 +32,7 @@ pub fn run(job: &CacheJob, device: &Device, handle: Handle) -> Result<CacheOutco
         },
         || handle.keep_going(),
     )?;
-    let tokens_per_s = first.map_or(0.0, |(t, n)| {
-        index.total_tokens.saturating_sub(n) as f64 / t.elapsed().as_secs_f64().max(1e-9)
-    });
+    let tokens_per_s =
+        first.map_or(0.0, |(t, n)| index.total_tokens.saturating_sub(n) as f64 / t.elapsed().as_secs_f64().max(1e-9));
     Ok(CacheOutcome { index, tokens_per_s, seconds: started.elapsed().as_secs_f64() })
 }

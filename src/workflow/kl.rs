@@ -8,8 +8,8 @@ use burn::tensor::Device;
 use crate::analysis::kl::KlStat;
 use crate::crosscoder::Crosscoder;
 use crate::run_dir::RunDir;
-use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 use crate::workflow::models::ModelStore;
+use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 
 /// `crossdiff kl`: KL(P_chat ‖ P_patched) on assistant-predicting tokens when the base residual is
 /// patched with sets of latents; a table and RUN/kl.json.
@@ -52,11 +52,10 @@ impl KlJob {
         check_layer(layer, b.gemma.num_layers())?;
         check_width(&cc, &self.run, &b, &self.base)?;
         let total = self.conversations as u64;
-        let stats =
-            crate::analysis::kl::kl_table(&b, &c, &cc, &rows, layer, &self.data, self.conversations, |n| {
-                handle.progress("kl", n as u64, total, "conversations");
-                handle.keep_going()
-            })?;
+        let stats = crate::analysis::kl::kl_table(&b, &c, &cc, &rows, layer, &self.data, self.conversations, |n| {
+            handle.progress("kl", n as u64, total, "conversations");
+            handle.keep_going()
+        })?;
         run.write_kl(&stats)?;
         Ok(stats)
     }

@@ -26,6 +26,9 @@ struct Key {
 #[derive(Default)]
 pub struct ModelStore {
     loaded: Mutex<Vec<(Key, Arc<Model>)>>,
+    /// Held while a model loads: two views asking for the same model at once load it once (the
+    /// second finds it in `loaded`), and two models never load side by side into memory.
+    loading: Mutex<()>,
 }
 
 impl ModelStore {
@@ -40,6 +43,7 @@ impl ModelStore {
             device: format!("{device:?}"),
             options,
         };
+        let _loading = self.loading.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, m)) = self.lock().iter().find(|(k, _)| *k == key) {
             return Ok(m.clone());
         }

@@ -61,8 +61,11 @@ impl Project {
     pub fn run_dirs(&self) -> Vec<PathBuf> {
         let mut out: Vec<PathBuf> = self.runs.iter().map(|r| self.resolve(r)).collect();
         if let Ok(entries) = std::fs::read_dir(self.dir.join("runs")) {
-            let mut found: Vec<PathBuf> =
-                entries.flatten().map(|e| e.path()).filter(|p| crate::run_dir::RunDir::new(p).has_crosscoder()).collect();
+            let mut found: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| crate::run_dir::RunDir::new(p).has_crosscoder())
+                .collect();
             found.sort();
             for f in found {
                 if !out.contains(&f) {

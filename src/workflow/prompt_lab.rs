@@ -7,8 +7,8 @@ use burn::tensor::Device;
 
 use crate::analysis::prompt_lab::PromptAnalysis;
 use crate::crosscoder::Crosscoder;
-use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 use crate::workflow::models::ModelStore;
+use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 
 #[derive(Debug, Clone)]
 pub struct PromptLabJob {

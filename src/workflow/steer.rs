@@ -9,8 +9,8 @@ use crate::analysis::latents::LatentRow;
 use crate::crosscoder::Crosscoder;
 use crate::model::gemma2::LoadOptions;
 use crate::run_dir::RunDir;
-use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 use crate::workflow::models::ModelStore;
+use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 
 /// New tokens generated on each side by default.
 pub const DEFAULT_MAX_TOKENS: usize = 64;
@@ -104,17 +104,15 @@ impl SteerJob {
         let mut rows = Vec::new();
         let mut specs = Vec::new();
         for (j, s) in self.latents() {
-            let row = all
-                .get(j)
-                .ok_or_else(|| anyhow!("--latent {j}: latents.csv has {} rows", all.len()))?
-                .clone();
+            let row = all.get(j).ok_or_else(|| anyhow!("--latent {j}: latents.csv has {} rows", all.len()))?.clone();
             specs.push((j, s, row.max_act));
             rows.push(row);
         }
         let edit = crate::analysis::steer::combined_edit(&cc, &specs, layer)?;
         let ids = m.prompt_ids(&self.prompt, self.chat)?;
         handle.progress("generating", 0, 2, "completions");
-        let (plain, steered) = crate::analysis::steer::steer_until(&m, &ids, &edit, self.max_tokens, &|| handle.keep_going())?;
+        let (plain, steered) =
+            crate::analysis::steer::steer_until(&m, &ids, &edit, self.max_tokens, &|| handle.keep_going())?;
         let stop = m.stop_ids();
         let text = |v: &[u32]| m.tokenizer.decode(&v.iter().copied().filter(|i| !stop.contains(i)).collect::<Vec<_>>());
         Ok(SteerOutcome {

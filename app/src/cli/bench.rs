@@ -102,7 +102,11 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             println!(
                 "bench analyze: {:.0} tokens/s (D={dict_size}), examples store {:.1}s, latent query {:.2} ms median / {:.2} ms max ({})",
-                r.analyze_tokens_per_s, r.examples_seconds, r.query_ms_median, r.query_ms_max, backend.describe()
+                r.analyze_tokens_per_s,
+                r.examples_seconds,
+                r.query_ms_median,
+                r.query_ms_max,
+                backend.describe()
             );
             if counters {
                 println!("readbacks/batch={:.1} dispatches/batch={:.1}", r.readbacks_per_batch, r.dispatches_per_batch);

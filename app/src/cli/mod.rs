@@ -303,7 +303,11 @@ pub fn run() -> Result<()> {
             let flag = progress::interrupt_flag();
             let handle = crossdiff::workflow::Handle::new(&|_| {}, &flag);
             crossdiff::demo::run_pipeline(&p, &device, handle, |step| eprintln!("demo: {step}"))?;
-            println!("demo: project ready in {} ({:.0}s, {device_name})", project.display(), started.elapsed().as_secs_f64());
+            println!(
+                "demo: project ready in {} ({:.0}s, {device_name})",
+                project.display(),
+                started.elapsed().as_secs_f64()
+            );
             if !no_app {
                 // SAFETY (set_var): nothing else runs yet; the app reads it once at start.
                 unsafe { std::env::set_var("CROSSDIFF_PROJECT", &project) };

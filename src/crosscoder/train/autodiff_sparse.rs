@@ -30,7 +30,12 @@ fn pick(f: &[f32], mask: &[f32], dict: usize, device: &Device, ad: &Device) -> P
 
 /// The route, from the codes `f_dev` (`[B, D]`, no autodiff) and the device selection when one
 /// ran; otherwise the selection runs on the host.
-pub fn step(input: StepInput, f_dev: &Tensor<2>, on_device: Option<DeviceSelection>, keep: usize) -> Result<StepOutput> {
+pub fn step(
+    input: StepInput,
+    f_dev: &Tensor<2>,
+    on_device: Option<DeviceSelection>,
+    keep: usize,
+) -> Result<StepOutput> {
     let StepInput { cfg, p, x, since_selected, d, dict, b, two_d, device, .. } = input;
     let ad = device.clone().autodiff();
     // Host copies of the codes and scores: the host selection needs them, and AuxK does when

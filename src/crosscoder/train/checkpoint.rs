@@ -8,11 +8,11 @@ use anyhow::{Result, anyhow, bail};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::run_dir::RunDir;
 use crate::crosscoder::train::config::TrainConfig;
 use crate::crosscoder::train::step::StepMetrics;
 use crate::crosscoder::{Params, read_vec, tensor};
 use crate::io::{LazyTensor, f32_bytes, write_atomic, write_safetensors_streaming};
+use crate::run_dir::RunDir;
 
 /// Everything a step changes; what a checkpoint stores.
 pub struct TrainState {

@@ -104,8 +104,7 @@ impl TrainRun<'_> {
             }
         };
         let (d, _) = state.params.dims();
-        let mut metrics_file =
-            fs_err::OpenOptions::new().create(true).append(true).open(run.metrics())?;
+        let mut metrics_file = fs_err::OpenOptions::new().create(true).append(true).open(run.metrics())?;
         let mut first_batch = state.step == 0;
         while state.step < cfg.steps && keep_going() {
             let Some(batch) = self.source.next_batch()? else { break };

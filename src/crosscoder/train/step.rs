@@ -12,8 +12,8 @@ use anyhow::Result;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::crosscoder::{Params, read_vec};
 use crate::crosscoder::train::config::TrainConfig;
+use crate::crosscoder::{Params, read_vec};
 
 /// One step's inputs (the batch `x` is `[B, 2d]`, `step` 1-based) with the sizes every route reads.
 pub struct StepInput<'a> {
