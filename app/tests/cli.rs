@@ -532,3 +532,43 @@ fn the_default_backend_is_auto_and_names_its_device() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("CROSSDIFF_BACKEND"), "{}", String::from_utf8_lossy(&r.stderr));
     let _ = std::fs::remove_file(&out);
 }
+
+/// The workflow configs' checks, through the binary: each bad value exits 1 with one line naming
+/// the flag, before anything is written.
+#[test]
+fn workflow_configs_refuse_bad_values_in_one_line() {
+    let out = std::env::temp_dir().join(format!("crossdiff-cli-badvalues-{}", std::process::id()));
+    let o = out.to_str().unwrap();
+    let demo = |p: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo").join(p).display().to_string();
+    let (base, chat, web) = (demo("base"), demo("chat"), demo("data/web.txt"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["train", "--cache", "/no/cache", "--out", o, "--dict-size", "0"],
+            "--dict-size / --expansion must be positive",
+        ),
+        (vec!["train", "--cache", "/no/cache", "--out", o, "--k", "0"], "--k must be at least 1"),
+        (vec!["train", "--cache", "/no/cache", "--out", o, "--lr", "NaN"], "--lr must be a positive finite number"),
+        (vec!["train", "--cache", "/no/cache", "--out", o, "--mu=-1"], "--mu must be a finite number"),
+        (
+            vec![
+                "train", "--base", &base, "--chat", &chat, "--data", &web, "--layer", "99", "--out", o, "--steps", "2",
+            ],
+            "--layer 99 is out of range: the models have 4 blocks",
+        ),
+        (vec!["analyze", "--run", o, "--cache", "/no/cache", "--tokens", "0"], "--tokens must be positive"),
+        (
+            vec!["steer", "--run", o, "--model", &chat, "--latent", "0", "--strength", "NaN", "--prompt", "hi"],
+            "--strength for latent 0 must be a finite number",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["--backend", "cpu"];
+        all.extend(&args);
+        let r = crossdiff(&all);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!out.exists(), "{args:?} created {o}");
+    }
+}
