@@ -157,7 +157,8 @@ fn write_cache(
     CacheIndex {
         format: FORMAT.into(),
         d_model: d,
-        layer: 0,
+        layer: Some(0),
+        model_ids: Vec::new(),
         dtype: ActDtype::Bf16,
         models: vec!["synthetic-base".into(), "synthetic-chat".into()],
         total_tokens: tokens,
@@ -233,6 +234,7 @@ pub fn bench_train(
         validation: None,
         layer: None,
         models: vec![],
+        model_ids: vec![],
         width: d,
     }
     .run(|_| end = Some((Instant::now(), counting.readbacks(), counting.dispatches())), || true)?;
@@ -327,7 +329,16 @@ pub fn bench_analyze(
         }
     }
     let cc = Crosscoder {
-        config: CrosscoderConfig { kind: Kind::BatchTopK, d, dict_size: dict, k, mu: 0.0, layer: None, models: vec![] },
+        config: CrosscoderConfig {
+            kind: Kind::BatchTopK,
+            d,
+            dict_size: dict,
+            k,
+            mu: 0.0,
+            layer: None,
+            models: vec![],
+            model_ids: vec![],
+        },
         params: Params {
             w_enc: tensor(enc, [2 * d, dict], device),
             b_enc: tensor(vec![-0.3; dict], [1, dict], device),

@@ -78,7 +78,7 @@ pub struct LazyTensor<'a> {
 
 /// Writes a safetensors file atomically, holding one tensor's bytes at a time (checkpoints of a
 /// paper-sized crosscoder are several GB: building them in memory first doubles the peak).
-pub fn write_safetensors_streaming(path: &Path, tensors: Vec<LazyTensor<'_>>) -> Result<()> {
+pub fn write_safetensors_streaming(path: &Path, tensors: Vec<LazyTensor<'_>>) -> Result<u64> {
     let elem = |d: Dtype| match d {
         Dtype::F64 | Dtype::I64 | Dtype::U64 => 8,
         Dtype::F32 | Dtype::I32 | Dtype::U32 => 4,
@@ -100,10 +100,14 @@ pub fn write_safetensors_streaming(path: &Path, tensors: Vec<LazyTensor<'_>>) ->
     while json.len() % 8 != 0 {
         json.push(b' ');
     }
+    let mut sum = Checksum::default();
     write_atomic(path, |f| {
         let mut w = std::io::BufWriter::with_capacity(1 << 22, f);
-        w.write_all(&(json.len() as u64).to_le_bytes())?;
-        w.write_all(&json)?;
+        let len = (json.len() as u64).to_le_bytes();
+        for part in [&len[..], &json] {
+            w.write_all(part)?;
+            sum.update(part);
+        }
         for t in tensors {
             let expected = t.shape.iter().product::<usize>() * elem(t.dtype);
             let name = t.name;
@@ -116,24 +120,72 @@ pub fn write_safetensors_streaming(path: &Path, tensors: Vec<LazyTensor<'_>>) ->
                 );
             }
             w.write_all(&bytes)?;
+            sum.update(&bytes);
         }
         w.flush()?;
         Ok(())
-    })
+    })?;
+    Ok(sum.finish())
 }
 
 /// A fast non-cryptographic hash over 8-byte words (corruption detection, not security).
 pub fn checksum(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
+    let mut c = Checksum::default();
+    c.update(bytes);
+    c.finish()
+}
+
+/// [`checksum`] fed piece by piece (a file hashed while it is written): the same value for the same
+/// bytes however they are split.
+pub struct Checksum {
+    h: u64,
+    /// Bytes of a word not yet complete.
+    pending: Vec<u8>,
+    len: u64,
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Self { h: 0xcbf2_9ce4_8422_2325, pending: Vec::with_capacity(8), len: 0 }
+    }
+}
+
+impl Checksum {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    fn word(&mut self, c: &[u8]) {
         let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+        self.h = (self.h ^ w).wrapping_mul(Self::PRIME).rotate_left(29);
     }
-    for &b in chunks.remainder() {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        if !self.pending.is_empty() {
+            let take = (8 - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() < 8 {
+                return;
+            }
+            let word = std::mem::take(&mut self.pending);
+            self.word(&word);
+            self.pending = word;
+            self.pending.clear();
+        }
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.word(c);
+        }
+        self.pending.extend_from_slice(chunks.remainder());
     }
-    h ^ bytes.len() as u64
+
+    pub fn finish(&self) -> u64 {
+        let mut h = self.h;
+        for &b in &self.pending {
+            h = (h ^ b as u64).wrapping_mul(Self::PRIME);
+        }
+        h ^ self.len
+    }
 }
 
 /// Little-endian `N`-byte words of a buffer (a trailing partial word is ignored: safetensors
@@ -214,5 +266,26 @@ mod tests {
         let neg: Vec<u8> = (-1i64).to_le_bytes().to_vec();
         assert!(decode_u32(Dtype::I64, &neg).is_err());
         assert!(decode_f32(Dtype::BOOL, &[1]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod checksum_tests {
+    use super::*;
+
+    #[test]
+    fn streamed_checksum_equals_the_whole_buffer_checksum() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for split in [vec![], vec![1], vec![3, 8, 9], vec![7, 7, 7, 100, 5], vec![999]] {
+            let mut c = Checksum::default();
+            let mut at = 0;
+            for s in split {
+                c.update(&bytes[at..at + s]);
+                at += s;
+            }
+            c.update(&bytes[at..]);
+            assert_eq!(c.finish(), checksum(&bytes));
+        }
+        assert_ne!(checksum(&bytes[..999]), checksum(&bytes));
     }
 }

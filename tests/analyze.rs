@@ -95,6 +95,7 @@ fn latents_csv_equals_an_independent_recomputation() {
             mu: 0.0,
             layer: Some(1),
             models: vec![],
+            model_ids: vec![],
         },
         params: Params { w_dec: tensor(w_dec, [dict, 2 * d], &device), b_enc: tensor(b_enc, [1, dict], &device), ..p },
         threshold: Some(theta),
@@ -268,7 +269,16 @@ fn examples_store_returns_the_true_top_contexts() {
     let device = Device::flex();
     let (d, dict) = (72, 12);
     let cc = Crosscoder {
-        config: CrosscoderConfig { kind: Kind::L1, d, dict_size: dict, k: 0, mu: 0.0, layer: Some(2), models: vec![] },
+        config: CrosscoderConfig {
+            kind: Kind::L1,
+            d,
+            dict_size: dict,
+            k: 0,
+            mu: 0.0,
+            layer: Some(2),
+            models: vec![],
+            model_ids: vec![],
+        },
         params: Params::init(d, dict, 0.2, 11, &device),
         threshold: None,
         file_checksum: None,

@@ -318,9 +318,10 @@ fn batchtopk_recovers_planted_chat_only_directions() {
         validation: None,
         layer: None,
         models: vec![],
+        model_ids: vec![],
         width: d,
     };
-    let cc = run.run(|_| {}, || true).unwrap();
+    let cc = run.run(|_| {}, || true).unwrap().crosscoder;
     let metrics: Vec<crossdiff::crosscoder::train::StepMetrics> =
         std::fs::read_to_string(dir.path().join("metrics.jsonl"))
             .unwrap()
@@ -363,6 +364,7 @@ fn resumed_training_follows_the_same_loss_curve() {
         validation: None,
         layer: None,
         models: vec![],
+        model_ids: vec![],
         width: d,
     };
     run.run(|_| {}, || true).unwrap();
@@ -379,6 +381,7 @@ fn resumed_training_follows_the_same_loss_curve() {
             validation: None,
             layer: None,
             models: vec![],
+            model_ids: vec![],
             width: d,
         };
         // Interrupted at step 250: the checkpoint on the way out is at 250.
@@ -395,6 +398,7 @@ fn resumed_training_follows_the_same_loss_curve() {
             validation: None,
             layer: None,
             models: vec![],
+            model_ids: vec![],
             width: d,
         };
         run.run(|_| {}, || true).unwrap();

@@ -47,7 +47,16 @@ fn rows_for(cc: &Crosscoder) -> Vec<LatentRow> {
 fn l1(params: Params) -> Crosscoder {
     let (d, dict) = params.dims();
     Crosscoder {
-        config: CrosscoderConfig { kind: Kind::L1, d, dict_size: dict, k: 0, mu: 0.0, layer: Some(1), models: vec![] },
+        config: CrosscoderConfig {
+            kind: Kind::L1,
+            d,
+            dict_size: dict,
+            k: 0,
+            mu: 0.0,
+            layer: Some(1),
+            models: vec![],
+            model_ids: vec![],
+        },
         params,
         threshold: None,
         file_checksum: None,

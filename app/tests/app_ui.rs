@@ -99,7 +99,16 @@ fn analysed_run(tag: &str) -> std::path::PathBuf {
         }
     }
     let cc = Crosscoder {
-        config: CrosscoderConfig { kind: Kind::L1, d, dict_size: dict, k: 0, mu: 0.0, layer: Some(1), models: vec![] },
+        config: CrosscoderConfig {
+            kind: Kind::L1,
+            d,
+            dict_size: dict,
+            k: 0,
+            mu: 0.0,
+            layer: Some(1),
+            models: vec![],
+            model_ids: vec![],
+        },
         params: Params { w_dec: tensor(w_dec, [dict, 2 * d], &device), ..p },
         threshold: None,
         file_checksum: None,

@@ -77,7 +77,7 @@ impl ActDtype {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct ShardInfo {
     pub file: String,
     pub tokens: u64,
@@ -95,29 +95,112 @@ pub struct SourceInfo {
     pub tokens: u64,
 }
 
-/// `cache.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// `cache.json`. Reading needs only `format`, `d_model`, `dtype` and `shards` (`file`, `tokens`);
+/// every other key is read when it has the expected shape and ignored otherwise, so a cache written
+/// by another tool in this format trains (interfaces.md).
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CacheIndex {
     pub format: String,
     pub d_model: usize,
-    pub layer: usize,
+    /// The block whose output is cached (`None`: not recorded, as another tool may write it).
+    pub layer: Option<usize>,
     pub dtype: ActDtype,
+    /// The models' directory names, for people.
     pub models: Vec<String>,
+    /// The models' identities ([`crate::model::snapshot::Snapshot::identity`], base then chat),
+    /// checked against the models and runs this cache meets.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub model_ids: Vec<String>,
     pub total_tokens: u64,
     pub shards: Vec<ShardInfo>,
-    #[serde(default)]
     pub sources: Vec<SourceInfo>,
     /// What the run was asked for; a resumed run must ask for the same.
-    #[serde(default)]
     pub settings: Option<CacheSettings>,
     /// Documents fully written (the resume point in the data stream).
-    #[serde(default)]
     pub documents: u64,
-    #[serde(default)]
+    /// Whether the writer finished (absent in a foreign file: taken as finished).
     pub complete: bool,
     /// `--low-memory` base pass: shards holding only base activations so far.
-    #[serde(default)]
     pub partial_shards: Vec<ShardInfo>,
+}
+
+/// A key of `cache.json` that is not required: its value when it has the expected shape, else
+/// the default.
+fn lenient<T: serde::de::DeserializeOwned + Default>(v: &serde_json::Value, key: &str) -> T {
+    v.get(key).and_then(|x| serde_json::from_value(x.clone()).ok()).unwrap_or_default()
+}
+
+impl CacheIndex {
+    /// The index from parsed JSON: the four required keys strictly, the rest leniently.
+    pub fn from_value(v: &serde_json::Value, path: &Path) -> Result<Self> {
+        let at = path.display();
+        let field = |k: &str| v.get(k).ok_or_else(|| anyhow!("{at}: missing field `{k}`"));
+        let format = field("format")?.as_str().ok_or_else(|| anyhow!("{at}: field `format` must be a string"))?;
+        if format != FORMAT {
+            bail!("{at}: field `format` is \"{format}\", expected \"{FORMAT}\"");
+        }
+        let d_model = field("d_model")?
+            .as_u64()
+            .filter(|&d| d > 0)
+            .ok_or_else(|| anyhow!("{at}: field `d_model` must be a positive integer"))? as usize;
+        let dtype: ActDtype = serde_json::from_value(field("dtype")?.clone())
+            .map_err(|_| anyhow!("{at}: field `dtype` must be one of \"bf16\", \"f16\", \"f32\""))?;
+        let list = field("shards")?.as_array().ok_or_else(|| anyhow!("{at}: field `shards` must be a list"))?;
+        let mut shards = Vec::with_capacity(list.len());
+        for (i, s) in list.iter().enumerate() {
+            let file = s
+                .get("file")
+                .and_then(|f| f.as_str())
+                .ok_or_else(|| anyhow!("{at}: field `shards[{i}].file` must be a string"))?;
+            let tokens = s
+                .get("tokens")
+                .and_then(|t| t.as_u64())
+                .ok_or_else(|| anyhow!("{at}: field `shards[{i}].tokens` must be a whole number"))?;
+            shards.push(ShardInfo {
+                file: file.to_string(),
+                tokens,
+                documents: lenient(s, "documents"),
+                checksum: lenient(s, "checksum"),
+            });
+        }
+        let listed: u64 = shards.iter().map(|s| s.tokens).sum();
+        let total_tokens = match v.get("total_tokens").and_then(|t| t.as_u64()) {
+            Some(t) if t != listed => bail!("{at}: field `total_tokens` is {t} but the shards hold {listed}"),
+            _ => listed,
+        };
+        Ok(Self {
+            format: format.to_string(),
+            d_model,
+            layer: lenient(v, "layer"),
+            dtype,
+            models: lenient(v, "models"),
+            model_ids: lenient(v, "model_ids"),
+            total_tokens,
+            shards,
+            sources: lenient(v, "sources"),
+            settings: lenient(v, "settings"),
+            documents: lenient(v, "documents"),
+            complete: v.get("complete").and_then(|c| c.as_bool()).unwrap_or(true),
+            partial_shards: lenient(v, "partial_shards"),
+        })
+    }
+
+    /// Refuses a cache a job cannot read in full: unfinished (unless `allow_partial`, the
+    /// `--allow-partial` flag) or empty.
+    pub fn check_usable(&self, dir: &Path, allow_partial: bool) -> Result<()> {
+        if !self.complete && !allow_partial {
+            bail!(
+                "{}: the cache is incomplete ({} tokens so far; its `cache` run was interrupted): re-run that \
+                 command to finish it, or pass --allow-partial to use what is there",
+                dir.display(),
+                self.total_tokens
+            );
+        }
+        if self.total_tokens == 0 {
+            bail!("{}: the cache holds 0 tokens", dir.display());
+        }
+        Ok(())
+    }
 }
 
 /// The options that determine a cache's content.
@@ -142,14 +225,9 @@ impl CacheIndex {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = Self::path(dir);
         let text = std::fs::read_to_string(&path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
-        let index: Self = serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        if index.format != FORMAT {
-            bail!("{}: field `format` is \"{}\", expected \"{FORMAT}\"", path.display(), index.format);
-        }
-        let listed: u64 = index.shards.iter().map(|s| s.tokens).sum();
-        if listed != index.total_tokens {
-            bail!("{}: field `total_tokens` is {} but the shards hold {listed}", path.display(), index.total_tokens);
-        }
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        let index = Self::from_value(&value, &path)?;
         for shard in &index.shards {
             index.check_shard_header(dir, shard)?;
         }

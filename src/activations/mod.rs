@@ -3,5 +3,6 @@
 
 pub mod cache;
 pub mod onthefly;
+pub(crate) mod plan;
 pub mod reader;
 pub mod writer;

@@ -8,8 +8,9 @@ use std::sync::mpsc::sync_channel;
 use anyhow::Result;
 use burn::tensor::Device;
 
+use crate::activations::cache::ActDtype;
+use crate::activations::plan::{Planner, check_finite, compute_acts};
 use crate::activations::reader::{Chunk, PairBatch, RowBlock, ShufflePool};
-use crate::activations::writer::{Planner, compute_acts};
 use crate::data::{Mixer, TokenizeOptions};
 use crate::model::gemma2::LoadOptions;
 use crate::model::{Model, check_models};
@@ -46,7 +47,8 @@ impl OnTheFlySource {
         let (tx, rx) = sync_channel(2);
         std::thread::spawn(move || {
             let result = (|| -> Result<()> {
-                let mut mixer = Mixer::new(&cfg.data, cfg.mix, &base.tokenizer, cfg.tokenize.clone())?;
+                // The chat model's template renders conversations (as `cache` does).
+                let mut mixer = Mixer::new(&cfg.data, cfg.mix, &chat.tokenizer, cfg.tokenize.clone())?;
                 let mut planner = Planner::default();
                 let mut done = 0u64;
                 let mut docs = 0u64;
@@ -62,6 +64,8 @@ impl OnTheFlySource {
                     };
                     let b = compute_acts(&base, &plan, cfg.layer, cfg.batch_tokens)?;
                     let c = compute_acts(&chat, &plan, cfg.layer, cfg.batch_tokens)?;
+                    check_finite(&b, d, &plan, &base, cfg.layer, ActDtype::F32, &cfg.data)?;
+                    check_finite(&c, d, &plan, &chat, cfg.layer, ActDtype::F32, &cfg.data)?;
                     let mut rows = Vec::with_capacity(2 * b.len());
                     for (rb, rc) in b.chunks_exact(d).zip(c.chunks_exact(d)) {
                         rows.extend_from_slice(rb);

@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::tensor::Device;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 
 use crate::activations::cache::{ActDtype, CacheIndex, CacheSettings, FORMAT, ShardInfo, SourceInfo, checksum};
-use crate::data::{Mixer, TokenizeOptions, TokenizedDoc};
+use crate::activations::plan::{Planner, ShardPlan, check_finite, compute_acts, plan_from_partial};
+use crate::data::{Mixer, TokenizeOptions};
 use crate::io::{OwnedTensor, write_safetensors};
 use crate::model::gemma2::LoadOptions;
+use crate::model::tokenizer::ChatTokenizer;
 use crate::model::{Model, check_models};
 
 /// Default tokens per shard file.
@@ -143,115 +145,6 @@ pub struct CacheProgress {
     pub phase: &'static str,
 }
 
-/// One shard's tokens before any model has run.
-pub(crate) struct ShardPlan {
-    pub(crate) docs: Vec<TokenizedDoc>,
-    /// Global index of the first document.
-    pub(crate) first_doc: u64,
-    pub(crate) tokens: usize,
-}
-
-/// Cuts the document stream into shards of whole documents, in stream order.
-#[derive(Default)]
-pub(crate) struct Planner {
-    /// A document that did not fit the previous shard.
-    carry: Option<TokenizedDoc>,
-}
-
-impl Planner {
-    /// The next shard: whole documents up to `shard_tokens`; the run's last document is cut so the
-    /// run ends at exactly `remaining` tokens. `None` when the data is exhausted.
-    pub(crate) fn next(
-        &mut self,
-        mixer: &mut Mixer,
-        first_doc: u64,
-        shard_tokens: usize,
-        remaining: u64,
-    ) -> Result<Option<ShardPlan>> {
-        let mut plan = ShardPlan { docs: Vec::new(), first_doc, tokens: 0 };
-        let budget = remaining.min(shard_tokens as u64) as usize;
-        while plan.tokens < budget {
-            let doc = match self.carry.take() {
-                Some(d) => Some(d),
-                None => mixer.next_doc()?,
-            };
-            let Some(mut doc) = doc else { break };
-            let room = budget - plan.tokens;
-            if doc.ids.len() > room {
-                if !plan.docs.is_empty() && (doc.ids.len() as u64) <= remaining - plan.tokens as u64 {
-                    self.carry = Some(doc);
-                    break;
-                }
-                doc.ids.truncate(room);
-                doc.template.truncate(room);
-            }
-            plan.tokens += doc.ids.len();
-            plan.docs.push(doc);
-        }
-        Ok(if plan.docs.is_empty() { None } else { Some(plan) })
-    }
-}
-
-impl ShardPlan {
-    fn metadata_tensors(&self) -> Vec<OwnedTensor> {
-        let mut ids = Vec::with_capacity(self.tokens);
-        let mut doc_index = Vec::with_capacity(self.tokens);
-        let mut position = Vec::with_capacity(self.tokens);
-        let mut template = Vec::with_capacity(self.tokens);
-        for (k, d) in self.docs.iter().enumerate() {
-            ids.extend_from_slice(&d.ids);
-            doc_index.extend(std::iter::repeat_n((self.first_doc + k as u64) as u32, d.ids.len()));
-            position.extend((0..d.ids.len() as u32).map(|p| p + d.first_position));
-            template.extend(d.template.iter().map(|&t| t as u8));
-        }
-        let u32s = |name: &str, v: &[u32]| OwnedTensor {
-            name: name.into(),
-            dtype: Dtype::U32,
-            shape: vec![v.len()],
-            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        };
-        vec![
-            u32s("token_ids", &ids),
-            u32s("doc_index", &doc_index),
-            u32s("position", &position),
-            OwnedTensor { name: "template".into(), dtype: Dtype::BOOL, shape: vec![template.len()], bytes: template },
-        ]
-    }
-}
-
-/// Runs blocks 0..=layer over the plan's documents (batched by length) and returns `[tokens, d]`
-/// f32 rows in document order.
-pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_tokens: usize) -> Result<Vec<f32>> {
-    let d = model.gemma.config.hidden_size;
-    let mut offsets = Vec::with_capacity(plan.docs.len());
-    let mut acc = 0;
-    for doc in &plan.docs {
-        offsets.push(acc);
-        acc += doc.ids.len();
-    }
-    let mut out = vec![0.0f32; acc * d];
-    // Longest first, so each batch pads little; batches hold at most `batch_tokens` padded tokens.
-    let mut order: Vec<usize> = (0..plan.docs.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(plan.docs[i].ids.len()), i));
-    let mut start = 0;
-    while start < order.len() {
-        let longest = plan.docs[order[start]].ids.len();
-        let per_batch = (batch_tokens / longest).max(1);
-        let group = &order[start..(start + per_batch).min(order.len())];
-        let seqs: Vec<Vec<u32>> = group.iter().map(|&i| plan.docs[i].ids.clone()).collect();
-        let h = model.gemma.forward_to(model.gemma.batch_ids(&seqs)?, layer);
-        let [_, t, _] = h.dims();
-        let rows = crate::counters::read_f32(h)?;
-        for (b, &i) in group.iter().enumerate() {
-            let n = plan.docs[i].ids.len();
-            let src = &rows[b * t * d..(b * t + n) * d];
-            out[offsets[i] * d..(offsets[i] + n) * d].copy_from_slice(src);
-        }
-        start += group.len();
-    }
-    Ok(out)
-}
-
 fn shard_name(i: usize) -> String {
     format!("acts-{i:05}.safetensors")
 }
@@ -286,6 +179,7 @@ pub fn run_cache(
     }
     let d = base_snap.config.hidden_size;
     let models = vec![base_snap.name(), chat_snap.name()];
+    let model_ids = vec![base_snap.identity()?, chat_snap.identity()?];
     drop((base_snap, chat_snap));
 
     // Temporary files of an interrupted write are garbage: the shard they belonged to is redone.
@@ -298,7 +192,15 @@ pub fn run_cache(
     let index_path = CacheIndex::path(&job.out);
     let mut index = if index_path.exists() {
         let existing = CacheIndex::open(&job.out)?;
-        let same = existing.layer == job.layer
+        if !existing.model_ids.is_empty() && existing.model_ids != model_ids {
+            bail!(
+                "{}: the cache there was made from other models (identities {}, these are {}); choose another --out",
+                index_path.display(),
+                existing.model_ids.join("/"),
+                model_ids.join("/")
+            );
+        }
+        let same = existing.layer == Some(job.layer)
             && existing.d_model == d
             && existing.dtype == job.dtype
             && existing.models == models
@@ -315,9 +217,10 @@ pub fn run_cache(
         CacheIndex {
             format: FORMAT.into(),
             d_model: d,
-            layer: job.layer,
+            layer: Some(job.layer),
             dtype: job.dtype,
             models,
+            model_ids,
             total_tokens: 0,
             shards: Vec::new(),
             sources: job.data.iter().map(|p| SourceInfo { path: p.display().to_string(), tokens: 0 }).collect(),
@@ -335,15 +238,16 @@ pub fn run_cache(
     let load = |dir: &Path| Model::load(dir, &device, job.load);
     let base = load(&job.base)?;
     let chat = if job.low_memory { None } else { Some(load(&job.chat)?) };
+    // Conversations are rendered with the chat model's template (a base model often has none);
+    // the tokenizers are checked to be the same, so both models read the same ids.
+    let chat_tok = ChatTokenizer::from_dir(&job.chat)?;
+    base.tokenizer.check_same(&chat_tok)?;
     if let Some(chat) = &chat {
         check_models(&base, chat)?;
-    } else {
-        let chat_tok = crate::model::tokenizer::ChatTokenizer::from_dir(&job.chat)?;
-        base.tokenizer.check_same(&chat_tok)?;
     }
 
     // Base (or both) pass over the data stream.
-    let mut mixer = Mixer::new(&job.data, job.mix, &base.tokenizer, job.tokenize.clone())?;
+    let mut mixer = Mixer::new(&job.data, job.mix, &chat_tok, job.tokenize.clone())?;
     mixer.skip(done_docs_total(&index))?;
     let mut tokens_done = index.total_tokens + index.partial_shards.iter().map(|s| s.tokens).sum::<u64>();
     let mut planner = Planner::default();
@@ -357,6 +261,7 @@ pub fn run_cache(
             break;
         };
         let base_acts = compute_acts(&base, &plan, job.layer, job.batch_tokens)?;
+        check_finite(&base_acts, d, &plan, &base, job.layer, job.dtype, &job.data)?;
         let shard_i = index.shards.len() + index.partial_shards.len();
         let info = ShardInfo {
             file: shard_name(shard_i),
@@ -367,6 +272,7 @@ pub fn run_cache(
         match &chat {
             Some(chat) => {
                 let chat_acts = compute_acts(chat, &plan, job.layer, job.batch_tokens)?;
+                check_finite(&chat_acts, d, &plan, chat, job.layer, job.dtype, &job.data)?;
                 finish_shard(job, &mut index, info, &plan, &base_acts, &chat_acts, d)?;
             }
             None => {
@@ -408,11 +314,12 @@ pub fn run_cache(
                 .map_err(|e| anyhow!("{}: cannot read partial shard: {e}", partial.display()))?;
             let st = SafeTensors::deserialize(&bytes)
                 .map_err(|e| anyhow!("{}: corrupt partial shard: {e}", partial.display()))?;
-            let plan = plan_from_partial(&st, &chat.tokenizer).with_context(|| partial.display().to_string())?;
+            let plan = plan_from_partial(&st).with_context(|| partial.display().to_string())?;
             let base_view = st.tensor("acts_base").map_err(|e| anyhow!("{}: {e}", partial.display()))?;
             let mut base_acts = vec![0.0f32; plan.tokens * d];
             job.dtype.decode(base_view.data(), &mut base_acts);
             let chat_acts = compute_acts(&chat, &plan, job.layer, job.batch_tokens)?;
+            check_finite(&chat_acts, d, &plan, &chat, job.layer, job.dtype, &job.data)?;
             index.partial_shards.remove(0);
             finish_shard(job, &mut index, info.clone(), &plan, &base_acts, &chat_acts, d)?;
             index.write(&job.out)?;
@@ -424,6 +331,11 @@ pub fn run_cache(
                 phase: "chat pass",
             });
         }
+    }
+    if index.total_tokens == 0 {
+        // Nothing was written; leave no empty folder behind (remove_dir fails on a non-empty one).
+        let _ = std::fs::remove_dir(&job.out);
+        bail!("--data: the data files hold no documents to cache (0 tokens)");
     }
     index.complete = true;
     index.write(&job.out)?;
@@ -462,28 +374,4 @@ fn done_docs_total(index: &CacheIndex) -> u64 {
 
 fn partial_name(file: &str) -> String {
     format!("{file}.base-partial")
-}
-
-/// Rebuilds a shard's documents from a partial shard's metadata (the chat pass of --low-memory).
-fn plan_from_partial(st: &SafeTensors, _tok: &crate::model::tokenizer::ChatTokenizer) -> Result<ShardPlan> {
-    let u32s = |name: &str| -> Result<Vec<u32>> {
-        let v = st.tensor(name).map_err(|e| anyhow!("tensor `{name}`: {e}"))?;
-        crate::io::decode_u32(v.dtype(), v.data())
-    };
-    let ids = u32s("token_ids")?;
-    let docs_ix = u32s("doc_index")?;
-    let pos = u32s("position")?;
-    let template = st.tensor("template").map_err(|e| anyhow!("tensor `template`: {e}"))?.data().to_vec();
-    let mut docs: Vec<TokenizedDoc> = Vec::new();
-    let mut last = None;
-    for i in 0..ids.len() {
-        if last != Some(docs_ix[i]) {
-            docs.push(TokenizedDoc { ids: Vec::new(), first_position: pos[i], template: Vec::new(), source: 0 });
-            last = Some(docs_ix[i]);
-        }
-        let d = docs.last_mut().expect("pushed above");
-        d.ids.push(ids[i]);
-        d.template.push(template[i] != 0);
-    }
-    Ok(ShardPlan { first_doc: docs_ix.first().copied().unwrap_or(0) as u64, tokens: ids.len(), docs })
 }

@@ -298,7 +298,8 @@ pub fn build_examples(
         out.push(lazy(&name, Dtype::U32, vec![dict, p], u32_bytes(ids)));
         out.push(lazy(&format!("{name}_logit"), Dtype::F32, vec![dict, p], f32_bytes(&vals)));
     }
-    write_safetensors_streaming(&run.examples(), out)
+    write_safetensors_streaming(&run.examples(), out)?;
+    Ok(())
 }
 
 /// One example context of a latent.

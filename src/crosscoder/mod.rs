@@ -55,6 +55,9 @@ pub struct CrosscoderConfig {
     pub layer: Option<usize>,
     #[serde(default)]
     pub models: Vec<String>,
+    /// The models' identities (base, chat): see [`crate::model::snapshot::Snapshot::identity`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_ids: Vec<String>,
 }
 
 /// Parameters, as plain tensors on one device (autodiff or not).
@@ -373,6 +376,7 @@ impl Crosscoder {
                 mu: 0.0,
                 layer: None,
                 models: Vec::new(),
+                model_ids: Vec::new(),
             }
         };
         Ok(Self {

@@ -263,6 +263,7 @@ pub fn run_pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: 
             data: conversations,
             conversations: 200,
             layer: Some(p.layer),
+            allow_other_models: false,
         }
         .run(device, &store, handle)?;
         runs.push(PathBuf::from("runs").join(name));

@@ -19,6 +19,8 @@ pub struct Model {
     pub snapshot: Snapshot,
     pub tokenizer: ChatTokenizer,
     pub gemma: Gemma2,
+    /// [`Snapshot::identity`]: which model this is, for checking it against caches and runs.
+    pub identity: String,
 }
 
 impl Model {
@@ -33,9 +35,10 @@ impl Model {
         progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
         let snapshot = Snapshot::open(dir)?;
+        let identity = snapshot.identity()?;
         let tokenizer = ChatTokenizer::from_dir(&snapshot.dir)?;
         let gemma = Gemma2::load_with_progress(&snapshot, device, options, progress)?;
-        Ok(Self { snapshot, tokenizer, gemma })
+        Ok(Self { snapshot, tokenizer, gemma, identity })
     }
 
     /// Token ids for a prompt: plain text gets `<bos>` from the tokenizer; `chat` renders it as

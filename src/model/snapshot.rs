@@ -135,6 +135,23 @@ impl Gemma2Config {
         if act != "gelu_pytorch_tanh" && act != "gelu_tanh" {
             bail!("field `hidden_activation` is \"{act}\", only gelu_pytorch_tanh is supported");
         }
+        let reals = [
+            ("rms_norm_eps", Some(self.rms_norm_eps)),
+            ("rope_theta", Some(self.rope_base())),
+            ("query_pre_attn_scalar", Some(self.query_pre_attn_scalar)),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ];
+        for (field, v) in reals {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0) {
+                    bail!("field `{field}` must be a positive finite number, not {v}");
+                }
+            }
+        }
+        if self.sliding_window == Some(0) {
+            bail!("field `sliding_window` must be positive");
+        }
         if self.tie_word_embeddings == Some(false) {
             bail!("field `tie_word_embeddings` is false; Gemma 2 ties the unembedding to the embedding");
         }
@@ -389,6 +406,29 @@ impl Snapshot {
     /// Bytes the weights take on disk.
     pub fn weight_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.mmap.len() as u64).sum()
+    }
+
+    /// A short fingerprint of this model's config and weights (16 hex digits), recorded in
+    /// cache.json and a run's config.json so that a cache, a run and the models given to a later job
+    /// can be checked to belong together. A fine-tune has the base's config and tensor layout, so the
+    /// weights decide: 16 windows of 64 KiB spread over every weight file (cheap on a 10 GB model,
+    /// and a fine-tune changes the bytes everywhere, LoRA merges included, which leave the embedding
+    /// alone).
+    pub fn identity(&self) -> Result<String> {
+        const WINDOWS: usize = 16;
+        const WINDOW: usize = 64 << 10;
+        let config = self.dir.join("config.json");
+        let mut bytes = std::fs::read(&config).map_err(|e| anyhow!("{}: cannot read: {e}", config.display()))?;
+        for f in &self.files {
+            let data: &[u8] = &f.mmap;
+            bytes.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            let step = data.len().saturating_sub(WINDOW) / (WINDOWS - 1);
+            for w in 0..WINDOWS {
+                let start = (w * step).min(data.len());
+                bytes.extend_from_slice(&data[start..(start + WINDOW).min(data.len())]);
+            }
+        }
+        Ok(format!("{:016x}", crate::io::checksum(&bytes)))
     }
 
     pub fn context(&self) -> String {

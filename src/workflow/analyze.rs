@@ -13,6 +13,7 @@ use crate::analysis::latents::{LatentRow, Summary};
 use crate::crosscoder::Crosscoder;
 use crate::run_dir::RunDir;
 use crate::workflow::Handle;
+use crate::workflow::checks::{Made, check_model, check_same_models, ensure, positive};
 
 /// Pairs per device batch, examples per latent and their context: the engine's defaults.
 pub const DEFAULT_BATCH: usize = crate::analysis::analyze::DEFAULT_BATCH;
@@ -52,6 +53,12 @@ pub struct AnalyzeJob {
     /// Context tokens on each side of an example.
     #[arg(long, default_value_t = DEFAULT_CONTEXT)]
     pub context: usize,
+    /// Analyse a cache whose `cache` run has not finished (what is there so far).
+    #[arg(long)]
+    pub allow_partial: bool,
+    /// Go on when the cache (or --base/--chat) comes from other models than the run was trained on.
+    #[arg(long)]
+    pub allow_other_models: bool,
 }
 
 impl Default for AnalyzeJob {
@@ -67,6 +74,8 @@ impl Default for AnalyzeJob {
             chat: None,
             examples: DEFAULT_EXAMPLES,
             context: DEFAULT_CONTEXT,
+            allow_partial: false,
+            allow_other_models: false,
         }
     }
 }
@@ -80,15 +89,18 @@ pub struct AnalyzeOutcome {
 
 impl AnalyzeJob {
     pub fn validate(&self) -> Result<()> {
-        if self.tokens == Some(0) {
-            bail!("--tokens must be positive (0 would overwrite the run's latents.csv with an empty analysis)");
+        crate::workflow::checks::path_given(&self.run, "run")?;
+        crate::workflow::checks::path_given(&self.cache, "cache")?;
+        if let Some(t) = self.tokens {
+            positive(t, "tokens")?;
         }
-        if self.batch == 0 {
-            bail!("--batch must be positive");
+        positive(self.batch as u64, "batch")?;
+        if let Some(n) = self.error_top_n {
+            positive(n as u64, "error-top-n")?;
         }
-        if self.base.is_some() != self.chat.is_some() {
-            bail!("--base and --chat go together (for promoted/suppressed tokens)");
-        }
+        ensure(self.base.is_some() == self.chat.is_some(), "base", || {
+            "and --chat go together (for promoted/suppressed tokens)".into()
+        })?;
         Ok(())
     }
 
@@ -98,7 +110,15 @@ impl AnalyzeJob {
         let run = RunDir::new(&self.run);
         let cc = Crosscoder::load(run.path(), device)?;
         let index = CacheIndex::open(&self.cache)?;
-        check_run_against_cache(&cc, &index, &self.cache)?;
+        index.check_usable(&self.cache, self.allow_partial)?;
+        check_run_against_cache(&cc, &self.run, &index, &self.cache, self.allow_other_models)?;
+        if let (Some(b), Some(c)) = (&self.base, &self.chat) {
+            let made = Made { what: format!("the run in {}", self.run.display()), ids: &cc.config.model_ids };
+            for (role, dir) in [(0, b), (1, c)] {
+                let id = crate::model::snapshot::Snapshot::open(dir)?.identity()?;
+                check_model(&made, role, dir, &id, self.allow_other_models)?;
+            }
+        }
         let opts =
             AnalyzeOptions { tokens: self.tokens, batch: self.batch, error_top_n: self.error_top_n, seed: self.seed };
         let (rows, summary) = crate::analysis::analyze::analyze(
@@ -110,6 +130,7 @@ impl AnalyzeJob {
             |done, total| handle.progress("analysing", done, total, "tokens"),
             || handle.keep_going(),
         )?;
+        check_result(&rows, &summary, &cc)?;
         run.write_latents(&rows, &summary)?;
         handle.progress("examples", 0, 1, "stores");
         let unembed = match (&self.base, &self.chat) {
@@ -129,19 +150,41 @@ impl AnalyzeJob {
     }
 }
 
-/// A run analysed on a cache must share its width and (when both record it) its layer.
-pub fn check_run_against_cache(cc: &Crosscoder, index: &CacheIndex, cache: &std::path::Path) -> Result<()> {
+/// A run analysed on a cache must share its width, its layer and its models (when both record
+/// them; `allow_other_models` lets the models differ).
+pub fn check_run_against_cache(
+    cc: &Crosscoder,
+    run: &std::path::Path,
+    index: &CacheIndex,
+    cache: &std::path::Path,
+    allow_other_models: bool,
+) -> Result<()> {
     if index.d_model != cc.config.d {
         bail!("{}: the cache has width {}, the crosscoder {}", cache.display(), index.d_model, cc.config.d);
     }
-    if let Some(layer) = cc.config.layer {
-        if layer != index.layer {
-            bail!(
-                "{}: the cache is of layer {}, the crosscoder was trained on layer {layer}",
-                cache.display(),
-                index.layer
-            );
+    if let (Some(trained), Some(cached)) = (cc.config.layer, index.layer) {
+        if trained != cached {
+            bail!("{}: the cache is of layer {cached}, the crosscoder was trained on layer {trained}", cache.display());
         }
+    }
+    let r = Made { what: format!("the run in {}", run.display()), ids: &cc.config.model_ids };
+    let c = Made { what: format!("the cache in {}", cache.display()), ids: &index.model_ids };
+    check_same_models(&r, &c, allow_other_models)
+}
+
+/// An analysis is written only when it is one: tokens seen, one finite row per latent. (A bad one
+/// must not replace a good latents.csv.)
+fn check_result(rows: &[LatentRow], summary: &Summary, cc: &Crosscoder) -> Result<()> {
+    let bad_row = rows.iter().find(|r| !(r.max_act.is_finite() && r.freq.is_finite() && r.delta_norm.is_finite()));
+    if summary.tokens == 0 || rows.len() != cc.config.dict_size || !summary.l0.is_finite() || bad_row.is_some() {
+        bail!(
+            "the analysis came out unusable ({} tokens, {} rows for {} latents, L0 {}{}); latents.csv and summary.json were left as they were",
+            summary.tokens,
+            rows.len(),
+            cc.config.dict_size,
+            summary.l0,
+            bad_row.map_or(String::new(), |r| format!(", latent {} not finite", r.latent))
+        );
     }
     Ok(())
 }

@@ -2,12 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::tensor::Device;
 
 use crate::analysis::kl::KlStat;
 use crate::crosscoder::Crosscoder;
 use crate::run_dir::RunDir;
+use crate::workflow::checks::{Made, check_model, path_given, positive};
 use crate::workflow::models::ModelStore;
 use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 
@@ -31,14 +32,17 @@ pub struct KlJob {
     /// The layer (default: the crosscoder's, from its config.json).
     #[arg(long)]
     pub layer: Option<usize>,
+    /// Go on when --base/--chat are not the models the run was trained on.
+    #[arg(long)]
+    pub allow_other_models: bool,
 }
 
 impl KlJob {
     pub fn validate(&self) -> Result<()> {
-        if self.conversations == 0 {
-            bail!("--conversations must be positive");
+        for (p, flag) in [(&self.run, "run"), (&self.base, "base"), (&self.chat, "chat"), (&self.data, "data")] {
+            path_given(p, flag)?;
         }
-        Ok(())
+        positive(self.conversations as u64, "conversations")
     }
 
     /// Runs the check and writes `kl.json`; models come from (and stay in) `store`.
@@ -51,6 +55,7 @@ impl KlJob {
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
         check_layer(layer, b.gemma.num_layers())?;
         check_width(&cc, &self.run, &b, &self.base)?;
+        check_pair_against_run(&cc, &self.run, [(&self.base, &b), (&self.chat, &c)], self.allow_other_models)?;
         let total = self.conversations as u64;
         let stats = crate::analysis::kl::kl_table(&b, &c, &cc, &rows, layer, &self.data, self.conversations, |n| {
             handle.progress("kl", n as u64, total, "conversations");
@@ -59,4 +64,19 @@ impl KlJob {
         run.write_kl(&stats)?;
         Ok(stats)
     }
+}
+
+/// The base and chat models given to a job that uses a run: the ones it was trained on (by identity,
+/// when the run records them), unless `allow` (`--allow-other-models`).
+pub fn check_pair_against_run(
+    cc: &Crosscoder,
+    run: &std::path::Path,
+    models: [(&std::path::Path, &crate::model::Model); 2],
+    allow: bool,
+) -> Result<()> {
+    let made = Made { what: format!("the run in {}", run.display()), ids: &cc.config.model_ids };
+    for (role, (dir, m)) in models.into_iter().enumerate() {
+        check_model(&made, role, dir, &m.identity, allow)?;
+    }
+    Ok(())
 }

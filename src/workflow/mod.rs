@@ -7,6 +7,7 @@
 
 pub mod analyze;
 pub mod cache;
+pub mod checks;
 pub mod kl;
 pub mod models;
 pub mod project;
@@ -16,13 +17,9 @@ pub mod train;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use std::path::Path;
-
-use anyhow::{Result, bail};
-
-use crate::crosscoder::Crosscoder;
 use crate::crosscoder::train::StepMetrics;
-use crate::model::Model;
+
+pub use checks::{BadValue, check_layer, check_width, resolve_layer};
 
 /// What a running job reports.
 #[derive(Debug, Clone)]
@@ -71,31 +68,4 @@ impl<'a> Handle<'a> {
     pub fn keep_going(&self) -> bool {
         !self.cancelled()
     }
-}
-
-/// `--layer`, else the layer the crosscoder records.
-pub fn resolve_layer(flag: Option<usize>, cc: &Crosscoder) -> Result<usize> {
-    flag.or(cc.config.layer).ok_or_else(|| anyhow::anyhow!("--layer: the run's config.json names no layer"))
-}
-
-/// A block index the models have (`blocks` of them).
-pub fn check_layer(layer: usize, blocks: usize) -> Result<()> {
-    if layer >= blocks {
-        bail!("--layer {layer} is out of range: the models have {blocks} blocks (0..={})", blocks.saturating_sub(1));
-    }
-    Ok(())
-}
-
-/// A crosscoder and a model meet: the same residual width, or one line naming both.
-pub fn check_width(cc: &Crosscoder, run: &Path, model: &Model, model_dir: &Path) -> Result<()> {
-    let width = model.gemma.config.hidden_size;
-    if cc.config.d != width {
-        bail!(
-            "{}: the model has width {width}, the crosscoder in {} was trained on width {}",
-            model_dir.display(),
-            run.display(),
-            cc.config.d
-        );
-    }
-    Ok(())
 }

@@ -22,6 +22,8 @@ pub struct PromptLabJob {
     pub chosen: Vec<usize>,
     /// Top latents listed per token.
     pub top: usize,
+    /// Go on when base/chat are not the models the run was trained on.
+    pub allow_other_models: bool,
 }
 
 impl Default for PromptLabJob {
@@ -35,6 +37,7 @@ impl Default for PromptLabJob {
             chat_turn: false,
             chosen: Vec::new(),
             top: 5,
+            allow_other_models: false,
         }
     }
 }
@@ -46,12 +49,26 @@ pub struct PromptLabOutcome {
 }
 
 impl PromptLabJob {
+    pub fn validate(&self) -> Result<()> {
+        for (p, flag) in [(&self.run, "run"), (&self.base, "base"), (&self.chat, "chat")] {
+            crate::workflow::checks::path_given(p, flag)?;
+        }
+        crate::workflow::checks::ensure(!self.text.is_empty(), "prompt", || "is empty".into())
+    }
+
     pub fn run(&self, device: &Device, store: &ModelStore, handle: Handle) -> Result<PromptLabOutcome> {
+        self.validate()?;
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
         let cc = Crosscoder::load(&self.run, device)?;
         let layer = resolve_layer(None, &cc)?;
         check_layer(layer, b.gemma.num_layers())?;
         check_width(&cc, &self.run, &b, &self.base)?;
+        crate::workflow::kl::check_pair_against_run(
+            &cc,
+            &self.run,
+            [(&self.base, &b), (&self.chat, &c)],
+            self.allow_other_models,
+        )?;
         let ids = c.prompt_ids(&self.text, self.chat_turn)?;
         let analysis =
             crate::analysis::prompt_lab::analyze_prompt(&b, &c, &cc, layer, &ids, &self.chosen, self.top.max(1))?;

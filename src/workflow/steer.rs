@@ -9,6 +9,7 @@ use crate::analysis::latents::LatentRow;
 use crate::crosscoder::Crosscoder;
 use crate::model::gemma2::LoadOptions;
 use crate::run_dir::RunDir;
+use crate::workflow::checks::{ALLOW_OTHER_MODELS, ensure, path_given, positive};
 use crate::workflow::models::ModelStore;
 use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 
@@ -46,6 +47,9 @@ pub struct SteerJob {
     /// More latents with their own strengths (the app's sliders); `latent`/`strength` come first.
     #[arg(skip)]
     pub more: Vec<(usize, f64)>,
+    /// Go on when --model is neither of the models the run was trained on.
+    #[arg(long)]
+    pub allow_other_models: bool,
 }
 
 impl Default for SteerJob {
@@ -62,6 +66,7 @@ impl Default for SteerJob {
             max_tokens: DEFAULT_MAX_TOKENS,
             layer: None,
             more: Vec::new(),
+            allow_other_models: false,
         }
     }
 }
@@ -77,15 +82,12 @@ pub struct SteerOutcome {
 
 impl SteerJob {
     pub fn validate(&self) -> Result<()> {
+        path_given(&self.run, "run")?;
+        path_given(&self.model, "model")?;
         for (j, s) in self.latents() {
-            if !s.is_finite() {
-                bail!("--strength for latent {j} must be a finite number, not {s}");
-            }
+            ensure(s.is_finite(), "strength", || format!("for latent {j} must be a finite number, not {s}"))?;
         }
-        if self.max_tokens == 0 {
-            bail!("--max-tokens must be positive");
-        }
-        Ok(())
+        positive(self.max_tokens as u64, "max-tokens")
     }
 
     fn latents(&self) -> Vec<(usize, f64)> {
@@ -98,6 +100,17 @@ impl SteerJob {
         let m = store.get(&self.model, device, self.load, handle)?;
         let cc = Crosscoder::load(run.path(), device)?;
         check_width(&cc, &self.run, &m, &self.model)?;
+        // Steering adds a decoder direction to either model of the pair (usually the chat one).
+        let ids = &cc.config.model_ids;
+        if !self.allow_other_models && !ids.is_empty() && !ids.contains(&m.identity) {
+            bail!(
+                "{}: not one of the models the run in {} was trained on (identities {}, this one is {}); pass --{ALLOW_OTHER_MODELS} to go on anyway",
+                self.model.display(),
+                self.run.display(),
+                ids.join("/"),
+                m.identity
+            );
+        }
         let all = run.read_latents()?;
         let layer = resolve_layer(self.layer, &cc)?;
         check_layer(layer, m.gemma.num_layers())?;

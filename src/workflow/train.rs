@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
+
+use crate::workflow::checks::{ensure, finite_non_negative, finite_positive, path_given, positive};
 use burn::tensor::Device;
 
 use crate::activations::onthefly::{OnTheFlyConfig, OnTheFlySource};
@@ -108,6 +110,9 @@ pub struct TrainJob {
     /// Steps between metrics lines (and progress reports).
     #[arg(long, default_value_t = defaults::LOG_EVERY, hide = true)]
     pub log_every: u64,
+    /// Train on a cache whose `cache` run has not finished (what is there so far).
+    #[arg(long)]
+    pub allow_partial: bool,
 }
 
 impl Default for TrainJob {
@@ -145,6 +150,7 @@ impl Default for TrainJob {
             checkpoint_every: defaults::CHECKPOINT_EVERY,
             shuffle_tokens: defaults::SHUFFLE_TOKENS,
             log_every: defaults::LOG_EVERY,
+            allow_partial: false,
         }
     }
 }
@@ -154,6 +160,8 @@ pub struct TrainOutcome {
     pub crosscoder: Crosscoder,
     /// The last logged step of this run (`None`: nothing was left to do).
     pub last: Option<StepMetrics>,
+    /// The step the checkpoint is at (after a cancel, possibly past `last`'s).
+    pub step: u64,
     pub total_steps: u64,
     pub seconds: f64,
 }
@@ -163,6 +171,7 @@ struct Opened {
     source: Box<dyn PairSource>,
     d: usize,
     models: Vec<String>,
+    model_ids: Vec<String>,
     layer: Option<usize>,
     validation: Option<PairBatch>,
     /// One pass over the training split, when the data has a size.
@@ -172,35 +181,38 @@ struct Opened {
 impl TrainJob {
     /// Checks every value that needs no file (`d`-dependent checks follow once the data is open).
     pub fn validate(&self) -> Result<()> {
-        if self.out.as_os_str().is_empty() {
-            bail!("--out: a run directory is required");
-        }
-        if self.batch == 0 {
-            bail!("--batch must be positive");
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("--lr must be a positive finite number, not {}", self.lr);
-        }
-        if !(self.mu.is_finite() && self.mu >= 0.0) {
-            bail!("--mu must be a finite number ≥ 0, not {}", self.mu);
-        }
-        if !(self.aux_alpha.is_finite() && self.aux_alpha >= 0.0) {
-            bail!("--aux-alpha must be a finite number ≥ 0, not {}", self.aux_alpha);
-        }
+        path_given(&self.out, "out")?;
+        positive(self.batch as u64, "batch")?;
+        finite_positive(self.lr, "lr")?;
+        finite_non_negative(self.mu, "mu")?;
+        finite_non_negative(self.aux_alpha, "aux-alpha")?;
         if let Some(n) = self.init_norm {
-            if !(n.is_finite() && n > 0.0) {
-                bail!("--init-norm must be a positive finite number, not {n}");
-            }
+            finite_positive(n, "init-norm")?;
         }
-        if self.dict_size == Some(0) || self.expansion == Some(0) {
-            bail!("--dict-size / --expansion must be positive");
+        if let Some(n) = self.dict_size {
+            positive(n as u64, "dict-size")?;
         }
-        if self.kind == Kind::BatchTopK && self.k == 0 {
-            bail!("--k must be at least 1 (k = 0 keeps no latent)");
+        if let Some(n) = self.expansion {
+            positive(n as u64, "expansion")?;
         }
-        if self.steps == Some(0) || self.tokens == Some(0) {
-            bail!("--steps / --tokens must be positive");
+        if self.kind == Kind::BatchTopK {
+            ensure(self.k > 0, "k", || "must be at least 1 (k = 0 keeps no latent)".into())?;
         }
+        if let Some(from) = self.k_anneal_from {
+            ensure(from >= self.k, "k-anneal-from", || format!("({from}) must be at least --k ({})", self.k))?;
+        }
+        if let Some(n) = self.steps {
+            positive(n, "steps")?;
+        }
+        if let Some(n) = self.tokens {
+            positive(n, "tokens")?;
+        }
+        positive(self.log_every, "log-every")?;
+        positive(self.dead_tokens, "dead-tokens")?;
+        positive(self.shuffle_tokens as u64, "shuffle-tokens")?;
+        ensure(self.val_every == 0 || self.val_tokens > 0, "val-every", || {
+            "needs --val-tokens (a held-out slice)".into()
+        })?;
         Ok(())
     }
 
@@ -244,11 +256,13 @@ impl TrainJob {
                     epochs: None,
                 };
                 let reader = CacheReader::open(cache, cfg)?;
+                reader.index.check_usable(cache, self.allow_partial)?;
                 let validation = if self.val_tokens > 0 { Some(reader.validation()?) } else { None };
                 Ok(Opened {
                     d: reader.index.d_model,
                     models: reader.index.models.clone(),
-                    layer: Some(reader.index.layer),
+                    model_ids: reader.index.model_ids.clone(),
+                    layer: reader.index.layer,
                     validation,
                     one_pass_steps: Some(reader.train_tokens.div_ceil(self.batch as u64)),
                     source: Box::new(reader),
@@ -258,8 +272,13 @@ impl TrainJob {
                 if self.val_tokens > 0 {
                     bail!("--val-tokens needs a cache (the on-the-fly source has no held-out slice)");
                 }
-                let config = crate::model::snapshot::Snapshot::open(base)?.config;
+                let (base_snap, chat_snap) =
+                    (crate::model::snapshot::Snapshot::open(base)?, crate::model::snapshot::Snapshot::open(chat)?);
+                crate::model::snapshot::check_pair(&base_snap, &chat_snap)?;
+                let config = base_snap.config.clone();
                 crate::workflow::check_layer(layer, config.num_hidden_layers)?;
+                let model_ids = vec![base_snap.identity()?, chat_snap.identity()?];
+                drop((base_snap, chat_snap));
                 let cfg = OnTheFlyConfig {
                     base: base.clone(),
                     chat: chat.clone(),
@@ -277,6 +296,7 @@ impl TrainJob {
                     source: Box::new(src),
                     d: config.hidden_size,
                     models: vec![base.display().to_string(), chat.display().to_string()],
+                    model_ids,
                     layer: Some(layer),
                     validation: None,
                     one_pass_steps: None,
@@ -302,8 +322,8 @@ impl TrainJob {
         let started = std::time::Instant::now();
         let mut opened = self.open(device)?;
         let dict = self.dict_size_for(opened.d);
-        if self.kind == Kind::BatchTopK && self.k > dict {
-            bail!("--k {} is larger than the dictionary (D = {dict})", self.k);
+        if self.kind == Kind::BatchTopK {
+            ensure(self.k <= dict, "k", || format!("{} is larger than the dictionary (D = {dict})", self.k))?;
         }
         let steps = self.steps(opened.one_pass_steps)?;
         let config = self.config(dict, steps);
@@ -315,11 +335,12 @@ impl TrainJob {
             validation: opened.validation.take(),
             layer: opened.layer,
             models: opened.models.clone(),
+            model_ids: opened.model_ids.clone(),
             width: opened.d,
         };
         let mut last = None;
         handle.progress("training", 0, steps, "steps");
-        let crosscoder = run.run(
+        let trained = run.run(
             |p| {
                 handle.progress("training", p.metrics.step, p.total_steps, "steps");
                 handle.metrics(p.metrics.clone());
@@ -327,6 +348,12 @@ impl TrainJob {
             },
             || handle.keep_going(),
         )?;
-        Ok(TrainOutcome { crosscoder, last, total_steps: steps, seconds: started.elapsed().as_secs_f64() })
+        Ok(TrainOutcome {
+            crosscoder: trained.crosscoder,
+            last,
+            step: trained.step,
+            total_steps: steps,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 }

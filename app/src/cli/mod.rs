@@ -190,7 +190,7 @@ pub fn run() -> Result<()> {
                 "cache: {} tokens in {} shards at layer {}, {} → {} ({:.1}s, {:.1} tokens/s after loading, {state}; {device_name})",
                 index.total_tokens,
                 index.shards.len(),
-                index.layer,
+                job.layer,
                 job.dtype_name(),
                 job.out.display(),
                 done.seconds,

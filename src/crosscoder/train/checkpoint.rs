@@ -34,13 +34,19 @@ struct CheckpointMeta {
     weights: String,
     config: TrainConfig,
     d: usize,
+    /// [`crate::io::checksum`] of the weights file, verified on resume (absent in older runs).
+    #[serde(default)]
+    checksum: Option<u64>,
+    /// The models' identities (base, chat) the run trains on; a resume on other models is refused.
+    #[serde(default)]
+    model_ids: Vec<String>,
 }
 
 const NAMES: [&str; 4] = ["w_enc", "b_enc", "w_dec", "b_dec"];
 
 /// Writes the weights file first (a new name per step), then `state.json` pointing at it: the
 /// JSON's atomic rename is the commit point, so a crash leaves the previous checkpoint valid.
-pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState) -> Result<()> {
+pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState, model_ids: &[String]) -> Result<()> {
     let run = RunDir::new(out);
     let dir = run.checkpoint_dir();
     let (d, _) = s.params.dims();
@@ -63,7 +69,7 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState) -> Result<()> {
         shape: vec![s.since_selected.len()],
         bytes: Box::new(move || Ok(since)),
     });
-    write_safetensors_streaming(&dir.join(&weights), tensors)?;
+    let checksum = write_safetensors_streaming(&dir.join(&weights), tensors)?;
     let meta = CheckpointMeta {
         step: s.step,
         tokens: s.tokens,
@@ -71,6 +77,8 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState) -> Result<()> {
         weights: weights.clone(),
         config: cfg.clone(),
         d,
+        checksum: Some(checksum),
+        model_ids: model_ids.to_vec(),
     };
     let text = serde_json::to_string_pretty(&meta)?;
     write_atomic(&run.checkpoint_state(), |f| Ok(f.write_all(text.as_bytes())?))?;
@@ -83,7 +91,7 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState) -> Result<()> {
     Ok(())
 }
 
-pub fn load(out: &Path, cfg: &TrainConfig, device: &Device) -> Result<Option<TrainState>> {
+pub fn load(out: &Path, cfg: &TrainConfig, model_ids: &[String], device: &Device) -> Result<Option<TrainState>> {
     let run = RunDir::new(out);
     let (dir, path) = (run.checkpoint_dir(), run.checkpoint_state());
     if !path.exists() {
@@ -99,8 +107,23 @@ pub fn load(out: &Path, cfg: &TrainConfig, device: &Device) -> Result<Option<Tra
             path.display()
         );
     }
+    if !meta.model_ids.is_empty() && !model_ids.is_empty() && meta.model_ids != model_ids {
+        bail!(
+            "{}: the run there trains on other models (identities {}, the data now comes from {}); choose another --out",
+            path.display(),
+            meta.model_ids.join("/"),
+            model_ids.join("/")
+        );
+    }
     let file = dir.join(&meta.weights);
     let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: cannot read: {e}", file.display()))?;
+    if meta.checksum.is_some_and(|c| c != crate::io::checksum(&bytes)) {
+        bail!(
+            "{}: corrupt checkpoint: its checksum does not match state.json; delete {} to train again from step 0",
+            file.display(),
+            dir.display()
+        );
+    }
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow!("{}: corrupt checkpoint: {e}", file.display()))?;
     let get = |name: &str| -> Result<Tensor<2>> {

@@ -76,22 +76,29 @@ pub struct TrainRun<'a> {
     pub validation: Option<PairBatch>,
     pub layer: Option<usize>,
     pub models: Vec<String>,
+    /// The models' identities (base, chat; empty when unknown), kept in the checkpoint and the run.
+    pub model_ids: Vec<String>,
     /// Width d of one model's activations.
     pub width: usize,
 }
 
+/// What a finished (or stopped) training call leaves.
+pub struct Trained {
+    pub crosscoder: Crosscoder,
+    /// The step the checkpoint (and the exported crosscoder) is at.
+    pub step: u64,
+}
+
 impl TrainRun<'_> {
     /// Trains (resuming from `out/checkpoint` when present) until `steps` or the data ends, or until
-    /// `keep_going` says stop; checkpoints and exports the crosscoder on the way out.
-    pub fn run(
-        &mut self,
-        mut progress: impl FnMut(TrainProgress),
-        keep_going: impl Fn() -> bool,
-    ) -> Result<Crosscoder> {
+    /// `keep_going` says stop; checkpoints and exports the crosscoder on the way out. A non-finite
+    /// loss or parameter stops training with an error naming the step; the last good checkpoint
+    /// and crosscoder stay as they were.
+    pub fn run(&mut self, mut progress: impl FnMut(TrainProgress), keep_going: impl Fn() -> bool) -> Result<Trained> {
         let cfg = self.config.clone();
         let run = crate::run_dir::RunDir::new(&self.out);
         std::fs::create_dir_all(run.checkpoint_dir()).map_err(|e| anyhow!("{}: {e}", self.out.display()))?;
-        let mut state = match load(&self.out, &cfg, &self.device)? {
+        let mut state = match load(&self.out, &cfg, &self.model_ids, &self.device)? {
             Some(s) => {
                 // The checkpoint's stream position: the reader replays the same batches.
                 self.source.skip_batches(s.step)?;
@@ -106,6 +113,8 @@ impl TrainRun<'_> {
         let (d, _) = state.params.dims();
         let mut metrics_file = fs_err::OpenOptions::new().create(true).append(true).open(run.metrics())?;
         let mut first_batch = state.step == 0;
+        // The step the checkpoint on disk holds (None: no checkpoint yet).
+        let mut saved = (state.step > 0).then_some(state.step);
         while state.step < cfg.steps && keep_going() {
             let Some(batch) = self.source.next_batch()? else { break };
             if batch.d != d {
@@ -136,6 +145,9 @@ impl TrainRun<'_> {
             if step % cfg.log_every.max(1) == 0 || step == cfg.steps {
                 let dead_frac = dead_fraction(&cfg, &state.since_selected);
                 let mut m = out.metrics(&x, step, state.tokens, dead_frac, lr)?;
+                if !m.loss.is_finite() {
+                    return Err(diverged(&format!("the loss is {}", m.loss), step, saved));
+                }
                 if cfg.val_every > 0 && step % cfg.val_every == 0 {
                     if let Some(v) = &self.validation {
                         let [vb, vc] = self.validation_fve(&state, v)?;
@@ -148,12 +160,25 @@ impl TrainRun<'_> {
                 progress(TrainProgress { metrics: m, total_steps: cfg.steps });
             }
             if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
-                save(&self.out, &cfg, &state)?;
+                self.save_checked(&cfg, &state, saved)?;
+                saved = Some(step);
             }
         }
-        save(&self.out, &cfg, &state)?;
-        let cc = self.export(&state)?;
-        Ok(cc)
+        self.save_checked(&cfg, &state, saved)?;
+        let crosscoder = self.export(&state)?;
+        Ok(Trained { crosscoder, step: state.step })
+    }
+
+    /// Checkpoints unless a parameter has gone non-finite (one scalar read: the sum of every
+    /// parameter is finite exactly when all of them are, short of an overflow that is as bad).
+    fn save_checked(&self, cfg: &TrainConfig, state: &TrainState, saved: Option<u64>) -> Result<()> {
+        let p = &state.params;
+        let total = p.w_enc.clone().sum() + p.b_enc.clone().sum() + p.w_dec.clone().sum() + p.b_dec.clone().sum();
+        let total = crate::counters::read_f32(total)?[0];
+        if !total.is_finite() {
+            return Err(diverged("a parameter is not finite", state.step, saved));
+        }
+        save(&self.out, cfg, state, &self.model_ids)
     }
 
     fn fresh_state(&self) -> Result<TrainState> {
@@ -190,6 +215,7 @@ impl TrainRun<'_> {
                 mu: self.config.mu,
                 layer: self.layer,
                 models: self.models.clone(),
+                model_ids: self.model_ids.clone(),
             },
             params: state.params.clone(),
             threshold: state.threshold,
@@ -202,4 +228,13 @@ impl TrainRun<'_> {
         cc.save(&self.out)?;
         Ok(cc)
     }
+}
+
+/// Training went non-finite at `step`: the error says so and what is kept.
+fn diverged(what: &str, step: u64, saved: Option<u64>) -> anyhow::Error {
+    let kept = match saved {
+        Some(s) => format!("the checkpoint at step {s} and the last exported crosscoder are kept"),
+        None => "nothing was saved".into(),
+    };
+    anyhow!("training diverged at step {step}: {what} ({kept}); lower --lr, or check the data for extreme values")
 }

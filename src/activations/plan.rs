@@ -1,0 +1,185 @@
+//! One shard's worth of work before and after the models run: the planner cuts the document stream
+//! into shards of whole documents, `compute_acts` runs a model over a shard's documents (batched by
+//! length), and `check_finite` refuses activations a cache must not hold.
+
+use anyhow::{Result, anyhow, bail};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::activations::cache::ActDtype;
+use crate::data::{Mixer, TokenizedDoc};
+use crate::io::OwnedTensor;
+use crate::model::Model;
+
+/// One shard's tokens before any model has run.
+pub(crate) struct ShardPlan {
+    pub(crate) docs: Vec<TokenizedDoc>,
+    /// Global index of the first document.
+    pub(crate) first_doc: u64,
+    pub(crate) tokens: usize,
+}
+
+/// Cuts the document stream into shards of whole documents, in stream order.
+#[derive(Default)]
+pub(crate) struct Planner {
+    /// A document that did not fit the previous shard.
+    carry: Option<TokenizedDoc>,
+}
+
+impl Planner {
+    /// The next shard: whole documents up to `shard_tokens`; the run's last document is cut so the
+    /// run ends at exactly `remaining` tokens. `None` when the data is exhausted.
+    pub(crate) fn next(
+        &mut self,
+        mixer: &mut Mixer,
+        first_doc: u64,
+        shard_tokens: usize,
+        remaining: u64,
+    ) -> Result<Option<ShardPlan>> {
+        let mut plan = ShardPlan { docs: Vec::new(), first_doc, tokens: 0 };
+        let budget = remaining.min(shard_tokens as u64) as usize;
+        while plan.tokens < budget {
+            let doc = match self.carry.take() {
+                Some(d) => Some(d),
+                None => mixer.next_doc()?,
+            };
+            let Some(mut doc) = doc else { break };
+            let room = budget - plan.tokens;
+            if doc.ids.len() > room {
+                if !plan.docs.is_empty() && (doc.ids.len() as u64) <= remaining - plan.tokens as u64 {
+                    self.carry = Some(doc);
+                    break;
+                }
+                doc.ids.truncate(room);
+                doc.template.truncate(room);
+            }
+            plan.tokens += doc.ids.len();
+            plan.docs.push(doc);
+        }
+        Ok(if plan.docs.is_empty() { None } else { Some(plan) })
+    }
+}
+
+impl ShardPlan {
+    pub(crate) fn metadata_tensors(&self) -> Vec<OwnedTensor> {
+        let mut ids = Vec::with_capacity(self.tokens);
+        let mut doc_index = Vec::with_capacity(self.tokens);
+        let mut position = Vec::with_capacity(self.tokens);
+        let mut template = Vec::with_capacity(self.tokens);
+        for (k, d) in self.docs.iter().enumerate() {
+            ids.extend_from_slice(&d.ids);
+            doc_index.extend(std::iter::repeat_n((self.first_doc + k as u64) as u32, d.ids.len()));
+            position.extend((0..d.ids.len() as u32).map(|p| p + d.first_position));
+            template.extend(d.template.iter().map(|&t| t as u8));
+        }
+        let u32s = |name: &str, v: &[u32]| OwnedTensor {
+            name: name.into(),
+            dtype: Dtype::U32,
+            shape: vec![v.len()],
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        vec![
+            u32s("token_ids", &ids),
+            u32s("doc_index", &doc_index),
+            u32s("position", &position),
+            OwnedTensor { name: "template".into(), dtype: Dtype::BOOL, shape: vec![template.len()], bytes: template },
+        ]
+    }
+}
+
+/// Runs blocks 0..=layer over the plan's documents (batched by length) and returns `[tokens, d]`
+/// f32 rows in document order.
+pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_tokens: usize) -> Result<Vec<f32>> {
+    let d = model.gemma.config.hidden_size;
+    let mut offsets = Vec::with_capacity(plan.docs.len());
+    let mut acc = 0;
+    for doc in &plan.docs {
+        offsets.push(acc);
+        acc += doc.ids.len();
+    }
+    let mut out = vec![0.0f32; acc * d];
+    // Longest first, so each batch pads little; batches hold at most `batch_tokens` padded tokens.
+    let mut order: Vec<usize> = (0..plan.docs.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(plan.docs[i].ids.len()), i));
+    let mut start = 0;
+    while start < order.len() {
+        let longest = plan.docs[order[start]].ids.len();
+        let per_batch = (batch_tokens / longest).max(1);
+        let group = &order[start..(start + per_batch).min(order.len())];
+        let seqs: Vec<Vec<u32>> = group.iter().map(|&i| plan.docs[i].ids.clone()).collect();
+        let h = model.gemma.forward_to(model.gemma.batch_ids(&seqs)?, layer);
+        let [_, t, _] = h.dims();
+        let rows = crate::counters::read_f32(h)?;
+        for (b, &i) in group.iter().enumerate() {
+            let n = plan.docs[i].ids.len();
+            let src = &rows[b * t * d..(b * t + n) * d];
+            out[offsets[i] * d..(offsets[i] + n) * d].copy_from_slice(src);
+        }
+        start += group.len();
+    }
+    Ok(out)
+}
+
+/// Rebuilds a shard's documents from a partial shard's metadata (the chat pass of --low-memory).
+pub(crate) fn plan_from_partial(st: &SafeTensors) -> Result<ShardPlan> {
+    let u32s = |name: &str| -> Result<Vec<u32>> {
+        let v = st.tensor(name).map_err(|e| anyhow!("tensor `{name}`: {e}"))?;
+        crate::io::decode_u32(v.dtype(), v.data())
+    };
+    let ids = u32s("token_ids")?;
+    let docs_ix = u32s("doc_index")?;
+    let pos = u32s("position")?;
+    let template = st.tensor("template").map_err(|e| anyhow!("tensor `template`: {e}"))?.data().to_vec();
+    let mut docs: Vec<TokenizedDoc> = Vec::new();
+    let mut last = None;
+    for i in 0..ids.len() {
+        if last != Some(docs_ix[i]) {
+            docs.push(TokenizedDoc { ids: Vec::new(), first_position: pos[i], template: Vec::new(), source: 0 });
+            last = Some(docs_ix[i]);
+        }
+        let d = docs.last_mut().expect("pushed above");
+        d.ids.push(ids[i]);
+        d.template.push(template[i] != 0);
+    }
+    Ok(ShardPlan { first_doc: docs_ix.first().copied().unwrap_or(0) as u64, tokens: ids.len(), docs })
+}
+
+/// The largest finite f16 (what `--dtype f16` can store).
+const F16_MAX: f32 = 65_504.0;
+
+/// Refuses activations that are not finite, or that `dtype` would turn into ±inf, naming the model,
+/// the document (its global index and data file) and the fix. `rows` are `[tokens, d]` in the
+/// plan's document order.
+pub(crate) fn check_finite(
+    rows: &[f32],
+    d: usize,
+    plan: &ShardPlan,
+    model: &Model,
+    layer: usize,
+    dtype: ActDtype,
+    sources: &[std::path::PathBuf],
+) -> Result<()> {
+    let limit = if dtype == ActDtype::F16 { F16_MAX } else { f32::MAX };
+    let Some(bad) = rows.iter().position(|v| !(v.abs() <= limit)) else { return Ok(()) };
+    let token = bad / d;
+    let (mut k, mut start) = (0, 0);
+    while start + plan.docs[k].ids.len() <= token {
+        start += plan.docs[k].ids.len();
+        k += 1;
+    }
+    let doc = &plan.docs[k];
+    let source = sources.get(doc.source).map_or_else(String::new, |p| format!(" of {}", p.display()));
+    let value = rows[bad];
+    let model_dir = model.snapshot.dir.display();
+    let at = format!(
+        "document {}{source}, token {}",
+        plan.first_doc + k as u64,
+        token - start + doc.first_position as usize
+    );
+    if value.is_finite() {
+        bail!(
+            "{model_dir}: activation {value:e} at layer {layer} ({at}) overflows f16 (largest 65504); use --dtype bf16 or f32"
+        );
+    }
+    let first = if plan.first_doc == 0 { " on the first batch: its weights or config.json are broken" } else { "" };
+    bail!("{model_dir}: the model produced a non-finite activation ({value}) at layer {layer} ({at}){first}")
+}

@@ -1,0 +1,187 @@
+//! The checks every job shares: values at the boundary (one [`BadValue`] naming the setting), and
+//! consistency wherever two artifacts meet (a run and a cache, a run and the models, a cache and
+//! the models): layer, width and which models (their [`crate::model::snapshot::identity`]).
+//!
+//! A `BadValue` names the setting by its CLI flag (`lr` → `--lr`); the app shows the same error
+//! with its own field label instead ([`BadValue::with_label`]), so each front end phrases the
+//! error for where the user is.
+
+use std::fmt;
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::crosscoder::Crosscoder;
+use crate::model::Model;
+
+/// A setting with a value the job cannot use: `flag` is the CLI flag without dashes (`dict-size`),
+/// `rule` completes the sentence after the setting's name ("must be positive").
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadValue {
+    pub flag: &'static str,
+    pub rule: String,
+}
+
+impl fmt::Display for BadValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "--{} {}", self.flag, self.rule)
+    }
+}
+
+impl std::error::Error for BadValue {}
+
+impl BadValue {
+    /// The same error with the setting called `label` (the app's field names).
+    pub fn with_label(&self, label: &str) -> String {
+        format!("{label} {}", self.rule)
+    }
+
+    /// The `BadValue` anywhere in an error's chain.
+    pub fn find(err: &anyhow::Error) -> Option<&BadValue> {
+        err.chain().find_map(|e| e.downcast_ref::<BadValue>())
+    }
+}
+
+/// An error naming `flag`.
+pub fn bad(flag: &'static str, rule: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(BadValue { flag, rule: rule.into() })
+}
+
+/// `Err(bad(flag, rule))` unless `ok`.
+pub fn ensure(ok: bool, flag: &'static str, rule: impl FnOnce() -> String) -> Result<()> {
+    if ok { Ok(()) } else { Err(bad(flag, rule())) }
+}
+
+/// A count that must be at least 1.
+pub fn positive(value: u64, flag: &'static str) -> Result<()> {
+    ensure(value > 0, flag, || "must be positive, not 0".into())
+}
+
+/// A finite number > 0.
+pub fn finite_positive(value: f64, flag: &'static str) -> Result<()> {
+    ensure(value.is_finite() && value > 0.0, flag, || format!("must be a positive finite number, not {value}"))
+}
+
+/// A finite number ≥ 0.
+pub fn finite_non_negative(value: f64, flag: &'static str) -> Result<()> {
+    ensure(value.is_finite() && value >= 0.0, flag, || format!("must be a finite number ≥ 0, not {value}"))
+}
+
+/// A path that must be given.
+pub fn path_given(path: &Path, flag: &'static str) -> Result<()> {
+    ensure(!path.as_os_str().is_empty(), flag, || "is required (a path)".into())
+}
+
+/// `--layer`, else the layer the crosscoder records.
+pub fn resolve_layer(flag: Option<usize>, cc: &Crosscoder) -> Result<usize> {
+    flag.or(cc.config.layer).ok_or_else(|| bad("layer", "is required: the run's config.json names no layer"))
+}
+
+/// A block index the models have (`blocks` of them).
+pub fn check_layer(layer: usize, blocks: usize) -> Result<()> {
+    ensure(layer < blocks, "layer", || {
+        format!("{layer} is out of range: the models have {blocks} blocks (0..={})", blocks.saturating_sub(1))
+    })
+}
+
+/// A crosscoder and a model meet: the same residual width, or one line naming both.
+pub fn check_width(cc: &Crosscoder, run: &Path, model: &Model, model_dir: &Path) -> Result<()> {
+    let width = model.gemma.config.hidden_size;
+    if cc.config.d != width {
+        anyhow::bail!(
+            "{}: the model has width {width}, the crosscoder in {} was trained on width {}",
+            model_dir.display(),
+            run.display(),
+            cc.config.d
+        );
+    }
+    Ok(())
+}
+
+/// Which models an artifact was made from, by identity (`[base, chat]`; empty when not recorded,
+/// as in files from other tools or older versions: nothing to compare then).
+pub struct Made<'a> {
+    /// What the artifact is, for the message ("the run in runs/a", "the cache in cache/l13").
+    pub what: String,
+    pub ids: &'a [String],
+}
+
+/// The flag that lets a user go on with models other than the ones an artifact was made from.
+pub const ALLOW_OTHER_MODELS: &str = "allow-other-models";
+
+/// A model given for `role` (0 base, 1 chat) against the models `made` records. `allow` (the
+/// `--allow-other-models` flag) turns a mismatch into going on.
+pub fn check_model(made: &Made, role: usize, given: &Path, given_id: &str, allow: bool) -> Result<()> {
+    let Some(expected) = made.ids.get(role) else { return Ok(()) };
+    if allow || expected == given_id {
+        return Ok(());
+    }
+    let name = ["base", "chat"];
+    let swapped = made.ids.get(1 - role).is_some_and(|other| other == given_id);
+    let why = if swapped {
+        format!("it is the {} model {} was made from (base and chat swapped?)", name[1 - role], made.what)
+    } else {
+        format!(
+            "{} was made from another {} model (identity {expected}, this one is {given_id})",
+            made.what, name[role]
+        )
+    };
+    anyhow::bail!("{}: {why}; pass --{ALLOW_OTHER_MODELS} to go on anyway", given.display())
+}
+
+/// Two artifacts' model identities (a run trained on a cache, a run analysed on a cache, two runs
+/// compared): equal when both record them.
+pub fn check_same_models(a: &Made, b: &Made, allow: bool) -> Result<()> {
+    if allow || a.ids.is_empty() || b.ids.is_empty() || a.ids == b.ids {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} and {} were made from different models ({} vs {}); pass --{ALLOW_OTHER_MODELS} to go on anyway",
+        a.what,
+        b.what,
+        a.ids.join("/"),
+        b.ids.join("/")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_value_names_the_flag_or_the_label() {
+        let e = finite_positive(f64::NAN, "lr").unwrap_err();
+        assert_eq!(format!("{e:#}"), "--lr must be a positive finite number, not NaN");
+        let wrapped = e.context("training");
+        let found = BadValue::find(&wrapped).expect("found through context");
+        assert_eq!(found.with_label("Learning rate"), "Learning rate must be a positive finite number, not NaN");
+        assert!(positive(1, "batch").is_ok() && positive(0, "batch").is_err());
+        assert!(finite_non_negative(0.0, "mu").is_ok() && finite_non_negative(-1e-9, "mu").is_err());
+        assert!(finite_non_negative(f64::INFINITY, "mu").is_err());
+        assert!(check_layer(2, 3).is_ok());
+        assert_eq!(
+            check_layer(3, 3).unwrap_err().to_string(),
+            "--layer 3 is out of range: the models have 3 blocks (0..=2)"
+        );
+    }
+
+    #[test]
+    fn model_identities_are_compared_by_role() {
+        let ids = ["b1".to_string(), "c1".to_string()];
+        let made = Made { what: "the run in r".into(), ids: &ids };
+        let p = Path::new("m");
+        assert!(check_model(&made, 0, p, "b1", false).is_ok());
+        assert!(check_model(&made, 1, p, "c1", false).is_ok());
+        let swapped = check_model(&made, 0, p, "c1", false).unwrap_err().to_string();
+        assert!(swapped.contains("swapped") && swapped.contains("--allow-other-models"), "{swapped}");
+        let other = check_model(&made, 1, p, "x9", false).unwrap_err().to_string();
+        assert!(other.contains("another chat model") && other.contains("x9") && other.contains("c1"), "{other}");
+        assert!(check_model(&made, 1, p, "x9", true).is_ok());
+        let none = Made { what: "an old run".into(), ids: &[] };
+        assert!(check_model(&none, 0, p, "x9", false).is_ok());
+        let other_ids = ["b1".to_string(), "c2".to_string()];
+        let b = Made { what: "the cache".into(), ids: &other_ids };
+        assert!(check_same_models(&made, &b, false).unwrap_err().to_string().contains("different models"));
+        assert!(check_same_models(&made, &b, true).is_ok() && check_same_models(&made, &none, false).is_ok());
+    }
+}
