@@ -13,8 +13,9 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) ->
     let tmp = temp_sibling(path);
     let result = (|| {
         let mut file = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        write(&mut file)?;
-        file.flush()?;
+        // A full disk or a vanished folder surfaces here: name the file being written.
+        write(&mut file).with_context(|| format!("{}: cannot write", path.display()))?;
+        file.flush().with_context(|| format!("{}: cannot write", path.display()))?;
         file.sync_all().with_context(|| format!("{}: fsync failed", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
     })();

@@ -13,6 +13,7 @@
 pub mod activations;
 pub mod analysis;
 pub mod backend;
+pub mod bad_value;
 pub mod bench;
 pub mod counters;
 pub mod crosscoder;

@@ -91,28 +91,20 @@ impl CacheJob {
     /// Checks what can be checked without opening a model (the layer against the models' depth is
     /// checked once the snapshots are open).
     pub fn validate(&self) -> Result<()> {
-        for (flag, p) in [("--base", &self.base), ("--chat", &self.chat), ("--out", &self.out)] {
-            if p.as_os_str().is_empty() {
-                bail!("{flag}: a path is required");
-            }
+        use crate::bad_value::{ensure, path_given, positive};
+        for (p, flag) in [(&self.base, "base"), (&self.chat, "chat"), (&self.out, "out")] {
+            path_given(p, flag)?;
         }
-        if self.data.is_empty() {
-            bail!("--data: no data files given");
-        }
-        if self.tokens == 0 {
-            bail!("--tokens must be positive: a cache with no tokens trains nothing");
-        }
-        if self.batch_tokens == 0 || self.tokenize.context == 0 {
-            bail!("--batch-tokens and --context must be positive");
-        }
-        if self.shard_tokens < self.tokenize.context {
-            bail!(
-                "--shard-tokens ({}) must be at least --context ({}): shards hold whole documents",
-                self.shard_tokens,
-                self.tokenize.context
-            );
-        }
-        Ok(())
+        ensure(!self.data.is_empty(), "data", || "is required (no data files given)".into())?;
+        ensure(self.tokens > 0, "tokens", || "must be positive: a cache with no tokens trains nothing".into())?;
+        positive(self.batch_tokens as u64, "batch-tokens")?;
+        positive(self.tokenize.context as u64, "context")?;
+        ensure(self.shard_tokens >= self.tokenize.context, "shard-tokens", || {
+            format!(
+                "({}) must be at least --context ({}): shards hold whole documents",
+                self.shard_tokens, self.tokenize.context
+            )
+        })
     }
 
     pub fn dtype_name(&self) -> &'static str {
@@ -174,9 +166,9 @@ pub fn run_cache(
     let chat_snap = crate::model::snapshot::Snapshot::open(&job.chat)?;
     crate::model::snapshot::check_pair(&base_snap, &chat_snap)?;
     let layers = base_snap.config.num_hidden_layers;
-    if job.layer >= layers {
-        bail!("--layer {} is out of range: the models have {layers} blocks (0..={})", job.layer, layers - 1);
-    }
+    crate::bad_value::ensure(job.layer < layers, "layer", || {
+        format!("{} is out of range: the models have {layers} blocks (0..={})", job.layer, layers - 1)
+    })?;
     let d = base_snap.config.hidden_size;
     let models = vec![base_snap.name(), chat_snap.name()];
     let model_ids = vec![base_snap.identity()?, chat_snap.identity()?];
@@ -335,7 +327,7 @@ pub fn run_cache(
     if index.total_tokens == 0 {
         // Nothing was written; leave no empty folder behind (remove_dir fails on a non-empty one).
         let _ = std::fs::remove_dir(&job.out);
-        bail!("--data: the data files hold no documents to cache (0 tokens)");
+        return Err(crate::bad_value::bad("data", "holds no documents to cache (0 tokens)"));
     }
     index.complete = true;
     index.write(&job.out)?;

@@ -15,6 +15,17 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+impl Sampling {
+    /// Settings a sampler can use, or an error naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        use crate::bad_value::{ensure, finite_non_negative};
+        finite_non_negative(self.temperature as f64, "temperature")?;
+        ensure(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0, "top-p", || {
+            format!("must be in (0, 1], not {}", self.top_p)
+        })
+    }
+}
+
 impl Default for Sampling {
     fn default() -> Self {
         Self { temperature: 0.0, top_p: 1.0, seed: 0 }
@@ -44,6 +55,7 @@ pub fn generate_edited(
     edit: Option<&ResidualEdit>,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
+    sampling.validate()?;
     let mut rng = SplitMix64(sampling.seed);
     let mut cache = model.new_cache();
     let mut out = Vec::new();
@@ -51,6 +63,13 @@ pub fn generate_edited(
     for _ in 0..max_tokens {
         let ids = model.batch_ids(std::slice::from_ref(&next_input))?;
         let logits = crate::counters::read_f32(model.step_edited(ids, &mut cache, edit))?;
+        if logits.iter().any(|v| v.is_nan()) {
+            anyhow::bail!(
+                "the model produced NaN logits at new token {}: its weights or config.json are broken{}",
+                out.len(),
+                if edit.is_some() { " (or the steering strength is too large)" } else { "" }
+            );
+        }
         let id = choose(&logits, sampling, &mut rng);
         out.push(id);
         let keep_going = on_token(id);

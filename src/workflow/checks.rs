@@ -6,71 +6,14 @@
 //! with its own field label instead ([`BadValue::with_label`]), so each front end phrases the
 //! error for where the user is.
 
-use std::fmt;
 use std::path::Path;
 
 use anyhow::Result;
 
-use crate::crosscoder::Crosscoder;
+pub use crate::bad_value::{BadValue, bad, ensure, finite_non_negative, finite_positive, path_given, positive};
+
+use crate::crosscoder::{Crosscoder, CrosscoderConfig};
 use crate::model::Model;
-
-/// A setting with a value the job cannot use: `flag` is the CLI flag without dashes (`dict-size`),
-/// `rule` completes the sentence after the setting's name ("must be positive").
-#[derive(Debug, Clone, PartialEq)]
-pub struct BadValue {
-    pub flag: &'static str,
-    pub rule: String,
-}
-
-impl fmt::Display for BadValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "--{} {}", self.flag, self.rule)
-    }
-}
-
-impl std::error::Error for BadValue {}
-
-impl BadValue {
-    /// The same error with the setting called `label` (the app's field names).
-    pub fn with_label(&self, label: &str) -> String {
-        format!("{label} {}", self.rule)
-    }
-
-    /// The `BadValue` anywhere in an error's chain.
-    pub fn find(err: &anyhow::Error) -> Option<&BadValue> {
-        err.chain().find_map(|e| e.downcast_ref::<BadValue>())
-    }
-}
-
-/// An error naming `flag`.
-pub fn bad(flag: &'static str, rule: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(BadValue { flag, rule: rule.into() })
-}
-
-/// `Err(bad(flag, rule))` unless `ok`.
-pub fn ensure(ok: bool, flag: &'static str, rule: impl FnOnce() -> String) -> Result<()> {
-    if ok { Ok(()) } else { Err(bad(flag, rule())) }
-}
-
-/// A count that must be at least 1.
-pub fn positive(value: u64, flag: &'static str) -> Result<()> {
-    ensure(value > 0, flag, || "must be positive, not 0".into())
-}
-
-/// A finite number > 0.
-pub fn finite_positive(value: f64, flag: &'static str) -> Result<()> {
-    ensure(value.is_finite() && value > 0.0, flag, || format!("must be a positive finite number, not {value}"))
-}
-
-/// A finite number ≥ 0.
-pub fn finite_non_negative(value: f64, flag: &'static str) -> Result<()> {
-    ensure(value.is_finite() && value >= 0.0, flag, || format!("must be a finite number ≥ 0, not {value}"))
-}
-
-/// A path that must be given.
-pub fn path_given(path: &Path, flag: &'static str) -> Result<()> {
-    ensure(!path.as_os_str().is_empty(), flag, || "is required (a path)".into())
-}
 
 /// `--layer`, else the layer the crosscoder records.
 pub fn resolve_layer(flag: Option<usize>, cc: &Crosscoder) -> Result<usize> {
@@ -144,6 +87,31 @@ pub fn check_same_models(a: &Made, b: &Made, allow: bool) -> Result<()> {
     )
 }
 
+/// Two runs compared side by side: the same layer, width, dictionary size and models, or one line
+/// saying how they differ (the app's Compare view shows it as a warning above the comparison).
+pub fn check_comparable(a: (&Path, &CrosscoderConfig), b: (&Path, &CrosscoderConfig)) -> Result<()> {
+    let ((pa, ca), (pb, cb)) = (a, b);
+    let mut differ = Vec::new();
+    if let (Some(la), Some(lb)) = (ca.layer, cb.layer) {
+        if la != lb {
+            differ.push(format!("layer {la} vs {lb}"));
+        }
+    }
+    if ca.d != cb.d {
+        differ.push(format!("width {} vs {}", ca.d, cb.d));
+    }
+    if ca.dict_size != cb.dict_size {
+        differ.push(format!("dictionary size {} vs {}", ca.dict_size, cb.dict_size));
+    }
+    if !ca.model_ids.is_empty() && !cb.model_ids.is_empty() && ca.model_ids != cb.model_ids {
+        differ.push(format!("models {} vs {}", ca.model_ids.join("/"), cb.model_ids.join("/")));
+    }
+    if !differ.is_empty() {
+        anyhow::bail!("{} and {} are not comparable: {}", pa.display(), pb.display(), differ.join(", "));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +151,27 @@ mod tests {
         let b = Made { what: "the cache".into(), ids: &other_ids };
         assert!(check_same_models(&made, &b, false).unwrap_err().to_string().contains("different models"));
         assert!(check_same_models(&made, &b, true).is_ok() && check_same_models(&made, &none, false).is_ok());
+    }
+
+    #[test]
+    fn runs_are_comparable_only_on_the_same_layer_width_size_and_models() {
+        let base = CrosscoderConfig {
+            kind: crate::crosscoder::Kind::L1,
+            d: 8,
+            dict_size: 64,
+            k: 0,
+            mu: 0.1,
+            layer: Some(1),
+            models: vec![],
+            model_ids: vec!["b".into(), "c".into()],
+        };
+        let other = CrosscoderConfig { kind: crate::crosscoder::Kind::BatchTopK, k: 4, mu: 0.0, ..base.clone() };
+        let (pa, pb) = (Path::new("a"), Path::new("b"));
+        assert!(check_comparable((pa, &base), (pb, &other)).is_ok(), "L1 vs BatchTopK is the paper's comparison");
+        let moved = CrosscoderConfig { layer: Some(2), dict_size: 128, ..other.clone() };
+        let e = check_comparable((pa, &base), (pb, &moved)).unwrap_err().to_string();
+        assert!(e.contains("layer 1 vs 2") && e.contains("dictionary size 64 vs 128"), "{e}");
+        let swapped = CrosscoderConfig { model_ids: vec!["c".into(), "b".into()], ..other };
+        assert!(check_comparable((pa, &base), (pb, &swapped)).unwrap_err().to_string().contains("models b/c vs c/b"));
     }
 }

@@ -207,6 +207,7 @@ impl TrainJob {
         if let Some(n) = self.tokens {
             positive(n, "tokens")?;
         }
+        positive(self.tokenize.context as u64, "context")?;
         positive(self.log_every, "log-every")?;
         positive(self.dead_tokens, "dead-tokens")?;
         positive(self.shuffle_tokens as u64, "shuffle-tokens")?;
