@@ -129,6 +129,60 @@ pub fn write_safetensors_streaming(path: &Path, tensors: Vec<LazyTensor<'_>>) ->
     Ok(sum.finish())
 }
 
+/// Why safetensors refused a file, naming the tensor at fault. safetensors' own error names the
+/// tensor whose offsets it checked last, which for a tensor whose shape and size were shrunk is
+/// its neighbour; this walks the header in data order and names the first tensor whose size does
+/// not match its shape, or that ends where the next one does not start.
+pub fn diagnose_safetensors(bytes: &[u8], err: &safetensors::SafeTensorError) -> String {
+    let fallback = || err.to_string();
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else {
+        return fallback();
+    };
+    let Some(Ok(header)) = bytes.get(8..8usize.saturating_add(n)).map(serde_json::from_slice::<serde_json::Value>)
+    else {
+        return fallback();
+    };
+    let Some(map) = header.as_object() else { return fallback() };
+    let mut entries: Vec<(&str, Vec<u64>, u64, u64, u64)> = Vec::new();
+    for (name, e) in map.iter().filter(|(k, _)| *k != "__metadata__") {
+        let shape: Vec<u64> =
+            e["shape"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default();
+        let size = match e["dtype"].as_str() {
+            Some("F64" | "I64" | "U64") => 8,
+            Some("F32" | "I32" | "U32") => 4,
+            Some("F16" | "BF16" | "I16" | "U16") => 2,
+            _ => 1,
+        };
+        let (Some(start), Some(end)) = (e["data_offsets"][0].as_u64(), e["data_offsets"][1].as_u64()) else {
+            return format!("tensor `{name}`: `data_offsets` is not a pair of byte offsets");
+        };
+        entries.push((name, shape, size, start, end));
+    }
+    entries.sort_by_key(|e| (e.3, e.4));
+    let mut previous: Option<(&str, u64)> = None;
+    for (name, shape, size, start, end) in &entries {
+        let need = shape.iter().product::<u64>() * size;
+        if end.saturating_sub(*start) != need {
+            return format!(
+                "tensor `{name}`: shape {shape:?} needs {need} bytes, its offsets give {}",
+                end.saturating_sub(*start)
+            );
+        }
+        match previous {
+            None if *start != 0 => return format!("tensor `{name}` starts at byte {start} of the data, not at 0"),
+            Some((before, ended)) if *start != ended => {
+                return format!(
+                    "tensor `{before}` ends at byte {ended} of the data but the next one, `{name}`, starts at {start}: \
+                     `{before}`'s shape or offsets were changed (or a tensor between them removed)"
+                );
+            }
+            _ => {}
+        }
+        previous = Some((name, *end));
+    }
+    fallback()
+}
+
 /// A fast non-cryptographic hash over 8-byte words (corruption detection, not security).
 pub fn checksum(bytes: &[u8]) -> u64 {
     let mut c = Checksum::default();

@@ -184,3 +184,60 @@ fn projects_round_trip_and_recent_list_stays_short() {
     assert_eq!(recent[0], std::path::PathBuf::from("/p5"));
     assert_eq!(recent.iter().filter(|p| p.as_os_str() == "/p5").count(), 1);
 }
+
+#[test]
+fn a_shrunken_tensor_is_named_not_its_neighbour() {
+    let dir = TempDir::copy_of("shrunk", "base");
+    let path = dir.path().join("model-00002-of-00004.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let first = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .min_by_key(|(_, e)| e["data_offsets"][0].as_u64().unwrap())
+        .map(|(k, _)| k.clone())
+        .unwrap();
+    // Shape and size shrunk together: consistent on its own, a gap before the next tensor.
+    let e = &mut header[&first];
+    let rows = e["shape"][0].as_u64().unwrap();
+    let (start, end) = (e["data_offsets"][0].as_u64().unwrap(), e["data_offsets"][1].as_u64().unwrap());
+    e["shape"][0] = (rows - 1).into();
+    e["data_offsets"][1] = (start + (end - start) / rows * (rows - 1)).into();
+    let mut json = serde_json::to_vec(&header).unwrap();
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&path, out).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("model-00002-of-00004.safetensors"), "{msg}");
+    assert!(msg.contains(&format!("`{first}`'s shape or offsets were changed")), "{msg}");
+}
+
+#[test]
+fn real_valued_config_fields_must_be_positive_and_finite() {
+    let dir = TempDir::copy_of("reals", "base");
+    let cfg = dir.path().join("config.json");
+    for (field, value) in [
+        ("rms_norm_eps", serde_json::json!(0.0)),
+        ("rope_theta", serde_json::json!(-10000.0)),
+        ("query_pre_attn_scalar", serde_json::json!(0)),
+        ("final_logit_softcapping", serde_json::json!(-30.0)),
+        ("attn_logit_softcapping", serde_json::json!(0.0)),
+        ("sliding_window", serde_json::json!(0)),
+    ] {
+        let original = std::fs::read(&cfg).unwrap();
+        edit_json(&cfg, |v| v[field] = value.clone());
+        let msg = load_err(dir.path());
+        assert!(msg.contains("config.json") && msg.contains(&format!("`{field}`")), "{field}: {msg}");
+        std::fs::write(&cfg, original).unwrap();
+    }
+    edit_json(&cfg, |v| v["rms_norm_eps"] = "NaN".into());
+    let msg = load_err(dir.path());
+    assert!(msg.contains("config.json") && msg.contains("rms_norm_eps"), "{msg}");
+}

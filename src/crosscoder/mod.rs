@@ -313,8 +313,9 @@ impl Crosscoder {
             (dir_or_file.parent().map(Path::to_path_buf).unwrap_or_default(), dir_or_file.to_path_buf())
         };
         let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: cannot read: {e}", file.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow!("{}: corrupt safetensors header: {e}", file.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow!("{}: corrupt safetensors header: {}", file.display(), crate::io::diagnose_safetensors(&bytes, &e))
+        })?;
         let mut map: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
         for (name, view) in st.tensors() {
             let key = name.trim_start_matches("_orig_mod.").to_string();

@@ -88,8 +88,11 @@ impl Gemma2Config {
             Some(other) => bail!("{}: field `model_type` is \"{other}\", only \"gemma2\" is supported", path.display()),
             None => bail!("{}: missing field `model_type`", path.display()),
         }
-        let config: Self =
-            serde_json::from_value(value).map_err(|e| anyhow!("{}: {}", path.display(), describe_serde_error(&e)))?;
+        let config: Self = serde_json::from_value(value.clone()).map_err(|e| {
+            // serde names the field only for a missing one; find the field a wrong value sits in.
+            let field = culprit::<Self>(&value).map_or_else(String::new, |k| format!("field `{k}`: "));
+            anyhow!("{}: {field}{}", path.display(), describe_serde_error(&e))
+        })?;
         config.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
         Ok(config)
     }
@@ -137,7 +140,8 @@ impl Gemma2Config {
         }
         let reals = [
             ("rms_norm_eps", Some(self.rms_norm_eps)),
-            ("rope_theta", Some(self.rope_base())),
+            ("rope_theta", self.rope_theta),
+            ("rope_parameters.rope_theta", self.rope_parameters.as_ref().and_then(|p| p.rope_theta)),
             ("query_pre_attn_scalar", Some(self.query_pre_attn_scalar)),
             ("attn_logit_softcapping", self.attn_logit_softcapping),
             ("final_logit_softcapping", self.final_logit_softcapping),
@@ -201,6 +205,21 @@ impl Gemma2Config {
 }
 
 /// serde's messages already name the field ("missing field `x`", "invalid type ... for key `x`").
+/// The key of a JSON object whose value stops it deserializing as `T`: the one whose removal
+/// makes it deserialize, or turns the error into that key missing.
+fn culprit<T: serde::de::DeserializeOwned>(value: &Value) -> Option<String> {
+    let object = value.as_object()?;
+    object.keys().find_map(|k| {
+        let mut without = object.clone();
+        without.remove(k);
+        match serde_json::from_value::<T>(Value::Object(without)) {
+            Ok(_) => Some(k.clone()),
+            Err(e) if e.to_string().contains(&format!("missing field `{k}`")) => Some(k.clone()),
+            Err(_) => None,
+        }
+    })
+}
+
 fn describe_serde_error(e: &serde_json::Error) -> String {
     let msg = e.to_string();
     match msg.find(" at line ") {
@@ -284,8 +303,13 @@ impl WeightFile {
     }
 
     fn parse(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.mmap)
-            .map_err(|e| anyhow!("{}: corrupt safetensors header: {e}", self.path.display()))
+        SafeTensors::deserialize(&self.mmap).map_err(|e| {
+            anyhow!(
+                "{}: corrupt safetensors header: {}",
+                self.path.display(),
+                crate::io::diagnose_safetensors(&self.mmap, &e)
+            )
+        })
     }
 }
 
