@@ -23,7 +23,10 @@ fn device_label(b: Backend) -> String {
     if b == Backend::Auto { format!("auto: {}", b.describe()) } else { b.to_string() }
 }
 
-pub fn run() -> Result<()> {
+/// Opens the desktop app with `backend` selected in the top bar. Without a display, or when the
+/// window system refuses a window, one plain line says so.
+pub fn run(backend: Backend) -> Result<()> {
+    check_display()?;
     // `auto` asks wgpu for the adapters once, here on the main thread, before any job thread opens
     // a device (Vulkan loaders dislike instances made on several threads at once).
     let _ = Backend::Auto.resolve();
@@ -34,8 +37,9 @@ pub fn run() -> Result<()> {
     eframe::run_native(
         "crossdiff",
         options,
-        Box::new(|cc| {
+        Box::new(move |cc| {
             let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+            app.backend = backend;
             // CROSSDIFF_PROJECT opens a project with its first run loaded (demos, screenshots).
             if let Ok(dir) = std::env::var("CROSSDIFF_PROJECT") {
                 app.open_project(Path::new(&dir));
@@ -57,7 +61,45 @@ pub fn run() -> Result<()> {
             Ok(Box::new(app))
         }),
     )
-    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+    .map_err(window_error)
+}
+
+const NO_WINDOW_HINT: &str = "the CLI commands work without one, see `crossdiff --help`";
+
+/// On X11/Wayland systems: a display to open the window on.
+fn check_display() -> Result<()> {
+    #[cfg(all(unix, not(target_os = "macos")))]
+    {
+        let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+        if !["DISPLAY", "WAYLAND_DISPLAY", "WAYLAND_SOCKET"].into_iter().any(set) {
+            anyhow::bail!(
+                "the desktop app needs a display (none found: DISPLAY and WAYLAND_DISPLAY are unset); {NO_WINDOW_HINT}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// eframe's error as one line, without the window system's name and the source file it was raised
+/// in ("winit EventLoopError: os error at …/x11/mod.rs:42: …" keeps only what follows).
+pub fn window_error(e: eframe::Error) -> anyhow::Error {
+    let text = match &e {
+        eframe::Error::Winit(err) => err.to_string(),
+        eframe::Error::WinitEventLoop(err) => err.to_string(),
+        other => other.to_string(),
+    };
+    anyhow::anyhow!("the desktop app could not open a window ({}); {NO_WINDOW_HINT}", window_reason(&text))
+}
+
+/// The reason in a window-system error: its first line, after any "os error at FILE.rs:LINE: ".
+pub fn window_reason(text: &str) -> String {
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no reason given");
+    let reason = match line.rfind(".rs:") {
+        Some(i) => line[i + 4..].trim_start_matches(|c: char| c.is_ascii_digit() || c == ':').trim(),
+        None => line,
+    };
+    let reason = if reason.is_empty() { "no reason given" } else { reason };
+    reason.replace("winit", "window system")
 }
 
 const RECENT_KEY: &str = "recent_projects";
@@ -157,7 +199,7 @@ impl CrossdiffApp {
                 self.project = Some(p);
                 self.error = None;
             }
-            Err(e) => self.error = Some(format!("{e:#}")),
+            Err(e) => self.error = Some(crate::errors::phrase(&e, &[])),
         }
     }
 
@@ -166,7 +208,7 @@ impl CrossdiffApp {
         let [base, chat] = self.models.dirs.clone().map(PathBuf::from);
         match Project::create(dir, base, chat, Vec::new()) {
             Ok(_) => self.open_project(dir),
-            Err(e) => self.error = Some(format!("{e:#}")),
+            Err(e) => self.error = Some(crate::errors::phrase(&e, &[])),
         }
     }
 

@@ -8,7 +8,22 @@ use crossdiff::activations::cache::ActDtype;
 use crossdiff::workflow::cache::CacheJob;
 use eframe::egui;
 
+use crate::errors::{Field, Fields};
 use crate::jobs::{JobEnv, JobSlot};
+
+/// The Cache view's fields by the flags the engine's errors name.
+pub const FIELDS: Fields = &[
+    ("base", Field::Value("Base model directory")),
+    ("chat", Field::Value("Chat model directory")),
+    ("out", Field::Value("Cache directory")),
+    ("data", Field::Value("Data files")),
+    ("layer", Field::Value("Layer")),
+    ("tokens", Field::Value("Tokens")),
+    ("context", Field::Value("Context")),
+    ("dtype", Field::Value("Dtype")),
+    ("mix", Field::Check("Mix the data files 1:1")),
+    ("low-memory", Field::Check("Low memory (one model on the device at a time)")),
+];
 
 pub struct CacheView {
     pub base_dir: String,
@@ -35,7 +50,7 @@ impl CacheView {
             // suggestion for the bundled models.
             config: CacheJob { layer: 1, tokens: 100_000, ..CacheJob::default() },
             width: None,
-            job: JobSlot::default(),
+            job: JobSlot::new(FIELDS),
         }
     }
 

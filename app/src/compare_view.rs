@@ -45,7 +45,7 @@ impl CompareView {
                 }
                 Err(e) => {
                     self.loaded[i] = None;
-                    self.errors[i] = Some(format!("{e:#}"));
+                    self.errors[i] = Some(crate::errors::phrase(&e, &[]));
                 }
             }
         }

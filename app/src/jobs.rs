@@ -3,7 +3,8 @@
 //! channel and become progress (phase, done/total, rate and ETA) and training metrics; Cancel sets
 //! the handle's flag (the engine then saves, so the same job resumes later); the thread body runs
 //! under `catch_unwind`, so a job that panics reports "the job panicked: …" as its error like any
-//! failure, and the view's buttons are enabled again.
+//! failure, and the view's buttons are enabled again. A failed job shows only its error, phrased
+//! with the view's field labels ([`crate::errors::phrase`]); a cancelled one says so.
 //!
 //! Every view starts its jobs through [`JobEnv::spawn`], which resolves the app's one device (the
 //! top bar's selector) on the job's thread and hands the job the app's one [`ModelStore`].
@@ -21,10 +22,12 @@ use crossdiff::workflow::models::ModelStore;
 use crossdiff::workflow::{Event, Handle};
 use eframe::egui;
 
+use crate::errors::{Fields, phrase};
+
 /// What the job's thread sends: the engine's events, then how it ended.
 enum Msg {
     Event(Event),
-    Done(Result<String, String>),
+    Done(anyhow::Result<String>),
 }
 
 /// A running (or finished) job as the UI sees it.
@@ -44,6 +47,8 @@ pub struct Job {
     pub metrics: Vec<StepMetrics>,
     /// When the current phase's first report arrived and how far it was (for the rate and ETA).
     first_report: Option<(Instant, u64)>,
+    /// The view's flag → field table its error is phrased with.
+    fields: Fields,
 }
 
 impl Job {
@@ -65,9 +70,8 @@ impl Job {
             let on_event = |e: Event| send(Msg::Event(e));
             let result = catch_unwind(AssertUnwindSafe(|| work(Handle::new(&on_event, &flag))));
             send(Msg::Done(match result {
-                Ok(Ok(summary)) => Ok(summary),
-                Ok(Err(e)) => Err(format!("{e:#}")),
-                Err(panic) => Err(format!("the job panicked: {}", panic_message(panic.as_ref()))),
+                Ok(result) => result,
+                Err(panic) => Err(anyhow::anyhow!("the job panicked: {}", panic_message(panic.as_ref()))),
             }));
         });
         Self {
@@ -82,11 +86,17 @@ impl Job {
             finished: None,
             metrics: Vec::new(),
             first_report: None,
+            fields: &[],
         }
     }
 
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether Cancel was pressed (the job then stops at its next safe point and saves).
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
     }
 
     pub fn running(&self) -> bool {
@@ -119,10 +129,12 @@ impl Job {
                     if result.is_err() {
                         // Only the error is left to show.
                         self.progress = (0, 0);
+                        self.phase.clear();
                         self.status.clear();
                         self.first_report = None;
+                        self.metrics.clear();
                     }
-                    self.finished = Some(result);
+                    self.finished = Some(result.map_err(|e| phrase(&e, self.fields)));
                 }
             }
         }
@@ -200,14 +212,23 @@ pub struct JobSlot {
     job: Option<Job>,
     /// The job ended and the view has not asked yet ([`JobSlot::take_ended`]).
     ended: bool,
+    /// The view's flag → field table, for its jobs' errors.
+    fields: Fields,
 }
 
 impl JobSlot {
+    /// The slot of a view whose fields are `fields` (its jobs' errors name them).
+    pub fn new(fields: Fields) -> Self {
+        Self { fields, ..Self::default() }
+    }
+
     pub fn running(&self) -> bool {
         self.job.as_ref().is_some_and(Job::running)
     }
 
-    pub fn start(&mut self, job: Job) {
+    /// Starts showing `job`; its error will be phrased with this slot's fields.
+    pub fn start(&mut self, mut job: Job) {
+        job.fields = self.fields;
         self.job = Some(job);
         self.ended = false;
     }
@@ -252,7 +273,8 @@ impl JobSlot {
     }
 }
 
-/// Progress bar, status line, rate/ETA and cancel button of a job; a failed job shows only its error.
+/// Progress bar, status line, rate/ETA and cancel button of a job; a failed job shows only its
+/// error, a cancelled one says so.
 pub fn job_ui(ui: &mut egui::Ui, job: &mut Job) {
     let name = job.name;
     if let Some(e) = job.error() {
@@ -269,13 +291,18 @@ pub fn job_ui(ui: &mut egui::Ui, job: &mut Job) {
             if let Some((rate, eta)) = job.rate_and_eta() {
                 ui.label(format!("{name} rate {rate:.1} {}/s, ETA {eta:.0}s", job.unit));
             }
-            if ui.button(format!("Cancel {name}")).clicked() {
+            let cancelling = job.cancel_requested();
+            if ui.add_enabled(!cancelling, egui::Button::new(format!("Cancel {name}"))).clicked() {
                 job.cancel();
+            }
+            if cancelling {
+                ui.label(format!("{name} cancelling: it stops after the current step"));
             }
         }
         Some(Ok(s)) => {
             let ran = job.device.map(|b| format!(" (ran on {})", b.describe())).unwrap_or_default();
-            ui.label(format!("{name} finished: {s}{ran}"));
+            let ended = if job.cancel_requested() { "cancelled" } else { "finished" };
+            ui.label(format!("{name} {ended}: {s}{ran}"));
         }
         Some(Err(_)) => {}
     }

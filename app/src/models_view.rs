@@ -9,7 +9,16 @@ use crossdiff::model::generate::{Sampling, generate};
 use crossdiff::{Backend, Gemma2Config, LoadOptions, Model};
 use eframe::egui;
 
+use crate::errors::{Field, Fields};
 use crate::jobs::{JobEnv, JobSlot};
+
+/// The Models view's fields by the flags the engine's errors name.
+pub const FIELDS: Fields = &[
+    ("base", Field::Value("Base model directory")),
+    ("chat", Field::Value("Chat model directory")),
+    ("prompt", Field::Value("Prompt text")),
+    ("max-tokens", Field::Value("max tokens")),
+];
 
 #[derive(Clone)]
 pub struct ModelSummary {
@@ -65,7 +74,7 @@ impl ModelsView {
             chat: true,
             max_tokens: 32,
             shown: Default::default(),
-            job: JobSlot::default(),
+            job: JobSlot::new(FIELDS),
         }
     }
 
@@ -162,7 +171,7 @@ impl ModelsView {
         let gib = |bytes: usize| bytes as f64 / (1u64 << 30) as f64;
         let both = a.parameter_count() + b.parameter_count();
         ui.label(format!(
-            "Memory for both models' weights: {:.2} GiB in f32, {:.2} GiB with --f16",
+            "Memory for both models' weights: {:.2} GiB in f32, {:.2} GiB in 16-bit",
             gib(both * 4),
             gib(both * 2)
         ));

@@ -8,7 +8,18 @@ use std::path::PathBuf;
 use crossdiff::workflow::prompt_lab::{PromptLabJob, PromptLabOutcome};
 use eframe::egui;
 
+use crate::errors::{Field, Fields};
 use crate::jobs::{Delivery, JobEnv, JobSlot};
+
+/// The Prompt lab's fields by the flags the engine's errors name.
+pub const FIELDS: Fields = &[
+    ("run", Field::Value("Run directory")),
+    ("base", Field::Value("Base model directory")),
+    ("chat", Field::Value("Chat model directory")),
+    ("prompt", Field::Value("Text to analyse")),
+    ("latent", Field::Value("Latents to follow")),
+    ("allow-other-models", Field::Check("Allow other models")),
+];
 
 pub struct PromptLabView {
     pub run_dir: String,
@@ -33,7 +44,7 @@ impl PromptLabView {
             latents: String::new(),
             // A first example to analyse, as a chat turn.
             config: PromptLabJob { text: "Who are you?".into(), chat_turn: true, ..PromptLabJob::default() },
-            job: JobSlot::default(),
+            job: JobSlot::new(FIELDS),
             delivery: Delivery::default(),
             result: None,
         }
@@ -70,6 +81,8 @@ impl PromptLabView {
             ui.checkbox(&mut self.config.chat_turn, "As a chat turn");
             let name = ui.label("Latents to follow").id;
             ui.add(egui::TextEdit::singleline(&mut self.latents).desired_width(160.0)).labelled_by(name);
+            ui.checkbox(&mut self.config.allow_other_models, "Allow other models")
+                .on_hover_text("Go on when these are not the models the run was trained on");
         });
         if self.job.start_button(ui, true, "Analyse") {
             let (job, delivery) = (self.job_config(), self.delivery.clone());

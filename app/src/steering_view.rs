@@ -7,7 +7,19 @@ use std::path::PathBuf;
 use crossdiff::workflow::steer::SteerJob;
 use eframe::egui;
 
+use crate::errors::{Field, Fields};
 use crate::jobs::{Delivery, JobEnv, JobSlot};
+
+/// The Steering view's fields by the flags the engine's errors name.
+pub const FIELDS: Fields = &[
+    ("run", Field::Value("Run directory")),
+    ("model", Field::Value("Model to steer")),
+    ("prompt", Field::Value("Steering prompt")),
+    ("latent", Field::Value("Add latent")),
+    ("strength", Field::Value("Strength")),
+    ("chat", Field::Check("Render as a chat turn")),
+    ("allow-other-models", Field::Check("Allow other models")),
+];
 
 pub struct SteeringView {
     pub run_dir: String,
@@ -31,7 +43,7 @@ impl SteeringView {
             // A first example prompt, as a chat turn.
             config: SteerJob { prompt: "Who are you?".into(), chat: true, ..SteerJob::default() },
             new_latent: String::new(),
-            job: JobSlot::default(),
+            job: JobSlot::new(FIELDS),
             delivery: Delivery::default(),
             result: None,
         }
@@ -76,7 +88,11 @@ impl SteeringView {
         let name = ui.label("Steering prompt").id;
         ui.add(egui::TextEdit::multiline(&mut self.config.prompt).desired_rows(2).desired_width(f32::INFINITY))
             .labelled_by(name);
-        ui.checkbox(&mut self.config.chat, "Render as a chat turn");
+        ui.horizontal(|ui| {
+            ui.checkbox(&mut self.config.chat, "Render as a chat turn");
+            ui.checkbox(&mut self.config.allow_other_models, "Allow other models")
+                .on_hover_text("Go on when this is not the chat model the run was trained on");
+        });
         ui.horizontal(|ui| {
             let name = ui.label("Add latent").id;
             ui.add(egui::TextEdit::singleline(&mut self.new_latent).desired_width(80.0)).labelled_by(name);

@@ -11,7 +11,23 @@ use crossdiff::workflow::train::TrainJob;
 use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
+use crate::errors::{Field, Fields};
 use crate::jobs::{JobEnv, JobSlot};
+
+/// The Train view's fields by the flags the engine's errors name.
+pub const FIELDS: Fields = &[
+    ("cache", Field::Value("Cache directory")),
+    ("out", Field::Value("Run directory")),
+    ("kind", Field::Value("Kind")),
+    ("dict-size", Field::Value("Dictionary size")),
+    ("expansion", Field::Value("Dictionary size")),
+    ("k", Field::Value("k")),
+    ("mu", Field::Value("μ (L1 weight)")),
+    ("lr", Field::Value("Learning rate")),
+    ("batch", Field::Value("Batch")),
+    ("steps", Field::Value("Steps")),
+    ("allow-partial", Field::Check("Use an incomplete cache")),
+];
 
 pub struct TrainView {
     pub cache_dir: String,
@@ -31,7 +47,7 @@ impl Default for TrainView {
             run_dir: String::new(),
             config: TrainJob::default(),
             checkpoint: None,
-            job: JobSlot::default(),
+            job: JobSlot::new(FIELDS),
         }
     }
 }
@@ -86,26 +102,36 @@ impl TrainView {
             optional_ui(ui, "Dictionary size", "32 × the model width", &mut c.dict_size, 1 << 20);
             if c.kind == Kind::BatchTopK {
                 let name = ui.label("k").id;
-                ui.add(egui::DragValue::new(&mut c.k).range(1..=4096)).labelled_by(name);
+                ui.add(number(&mut c.k).range(1..=4096)).labelled_by(name);
             } else {
                 let name = ui.label("μ (L1 weight)").id;
-                ui.add(egui::DragValue::new(&mut c.mu).range(0.0..=100.0).speed(0.001)).labelled_by(name);
+                ui.add(number(&mut c.mu).range(0.0..=100.0).speed(0.001)).labelled_by(name);
             }
             ui.end_row();
             let name = ui.label("Learning rate").id;
-            ui.add(egui::DragValue::new(&mut c.lr).range(1e-6..=1.0).speed(1e-5)).labelled_by(name);
+            ui.add(number(&mut c.lr).range(1e-6..=1.0).speed(1e-5)).labelled_by(name);
             ui.end_row();
             let name = ui.label("Batch").id;
-            ui.add(egui::DragValue::new(&mut c.batch).range(1..=65536)).labelled_by(name);
+            ui.add(number(&mut c.batch).range(1..=65536)).labelled_by(name);
             ui.end_row();
             optional_ui(ui, "Steps", "one pass over the cache", &mut c.steps, 10_000_000);
         });
+        ui.checkbox(&mut c.allow_partial, "Use an incomplete cache")
+            .on_hover_text("Train on the tokens an interrupted cache holds so far");
         if self.job.start_button(ui, true, "Start training") {
             let (job, out) = (self.job_config(), self.run_dir.clone());
             self.job.start(env.spawn("training", move |device, _, handle| {
                 let done = job.run(device, handle)?;
                 let cc = &done.crosscoder;
-                Ok(format!("{:?} D={} saved in {out}", cc.config.kind, cc.config.dict_size))
+                let at = format!(
+                    "{:?} D={} at step {} of {}",
+                    cc.config.kind, cc.config.dict_size, done.step, done.total_steps
+                );
+                Ok(if done.step < done.total_steps {
+                    format!("{at}, checkpoint saved in {out}; Start training again resumes")
+                } else {
+                    format!("{at}, saved in {out}")
+                })
             }));
         }
         // The run's checkpoint (the latest one is kept; resuming continues from it).
@@ -121,6 +147,12 @@ impl TrainView {
     }
 }
 
+/// A number field: dragging and typing stay in its range, but a value set elsewhere (a test, code)
+/// is shown as it is, not silently clamped: the job's checks name a bad one.
+fn number<T: egui::emath::Numeric>(value: &mut T) -> egui::DragValue<'_> {
+    egui::DragValue::new(value).clamp_existing_to_range(false)
+}
+
 /// A setting the engine derives when it is not given: a checkbox to set it, then its value.
 fn optional_ui<T>(ui: &mut egui::Ui, label: &str, otherwise: &str, value: &mut Option<T>, max: T)
 where
@@ -134,7 +166,7 @@ where
         }
         match value {
             Some(v) => {
-                ui.add(egui::DragValue::new(v).range(T::from_f64(1.0)..=max)).labelled_by(name);
+                ui.add(number(v).range(T::from_f64(1.0)..=max)).labelled_by(name);
             }
             None => {
                 ui.weak(format!("default: {otherwise}"));

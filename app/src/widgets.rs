@@ -13,6 +13,9 @@ pub fn text_rows<const N: usize>(ui: &mut egui::Ui, fields: [(&str, &mut String)
     }
 }
 
+/// The field of the views that read a run's files.
+const RUN_FIELDS: crate::errors::Fields = &[("run", crate::errors::Field::Value("Run directory"))];
+
 /// A run's latents table into a view's rows, or its error (then no rows).
 pub fn load_latents(
     run: &crossdiff::run_dir::RunDir,
@@ -21,6 +24,6 @@ pub fn load_latents(
 ) {
     (*rows, *error) = match run.read_latents() {
         Ok(r) => (r, None),
-        Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+        Err(e) => (Vec::new(), Some(crate::errors::phrase(&e, RUN_FIELDS))),
     };
 }

@@ -107,7 +107,11 @@ fn analysed_run(tag: &str) -> std::path::PathBuf {
             mu: 0.0,
             layer: Some(1),
             models: vec![],
-            model_ids: vec![],
+            // The fixtures' identities: jobs that use the run check the models they are given.
+            model_ids: vec![
+                crossdiff::Snapshot::open(&assets.join("tiny-gemma2/base")).unwrap().identity().unwrap(),
+                crossdiff::Snapshot::open(&assets.join("tiny-gemma2/chat")).unwrap().identity().unwrap(),
+            ],
         },
         params: Params { w_dec: tensor(w_dec, [dict, 2 * d], &device), ..p },
         threshold: None,
@@ -210,7 +214,7 @@ fn train_view_shows_progress_and_cancel_stops_then_resumes() {
     // Rate and ETA from the progress reports.
     wait_for(&mut harness, "training rate ");
     harness.get_by_label("Cancel training").click();
-    wait_for(&mut harness, "training finished: BatchTopK D=64");
+    wait_for(&mut harness, "training cancelled: BatchTopK D=64 at step ");
     let step = |p: &std::path::Path| -> u64 {
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(p.join("checkpoint/state.json")).unwrap()).unwrap();
@@ -224,9 +228,86 @@ fn train_view_shows_progress_and_cancel_stops_then_resumes() {
     harness.get_by_label("Start training").click();
     wait_for(&mut harness, "training status: step");
     harness.get_by_label("Cancel training").click();
-    wait_for(&mut harness, "training finished: BatchTopK D=64");
-    assert!(step(&out) > first);
+    wait_for(&mut harness, "training cancelled: BatchTopK D=64 at step ");
+    let last = step(&out);
+    assert!(last > first);
+    harness.get_by_label_contains(&format!("at step {last} of 10000000, checkpoint saved in "));
     assert!(out.join("crosscoder.safetensors").exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The whole text of the first label that contains `part` (AccessKit keeps a label's text in its
+/// value).
+fn label_text(harness: &Harness<'_, CrossdiffApp>, part: &str) -> String {
+    use egui_kittest::kittest::NodeT;
+    let node = harness.get_by_label_contains(part).accesskit_node();
+    node.value().or_else(|| node.label()).unwrap_or_default()
+}
+
+/// A failed job shows its error (phrased with the view's own labels, no CLI flags) and nothing of
+/// its progress; the checkbox an error points at lets the job go on.
+#[test]
+fn train_view_errors_name_its_fields_and_leave_only_the_error() {
+    let run = analysed_run("train-errors");
+    let root = run.parent().unwrap().to_path_buf();
+    let (cache, out) = (root.join("cache"), root.join("train-errors"));
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.tab = crossdiff_app::commands::Tab::Train;
+        app.train.cache_dir = cache.display().to_string();
+        app.train.run_dir = out.display().to_string();
+        app.train.config.dict_size = Some(64);
+        app.train.config.k = 4;
+        app.train.config.batch = 16;
+        app.train.config.steps = Some(20);
+        app.train.config.lr = f64::NAN;
+        app
+    });
+    harness.run_steps(2);
+    let start_and_fail = |harness: &mut Harness<'_, CrossdiffApp>| -> String {
+        harness.get_by_label("Start training").click();
+        wait_for(harness, "training failed — error: ");
+        let error = label_text(harness, "training failed — error: ");
+        assert!(!error.contains("--"), "a CLI flag in the app's error: {error}");
+        // Only the error: no progress, status, rate or Cancel of the failed job.
+        assert!(harness.query_by_label_contains("training status").is_none());
+        assert!(harness.query_by_label_contains("training rate").is_none());
+        assert!(harness.query_by_label("Cancel training").is_none());
+        let job = harness.state().train.job.job().unwrap();
+        assert_eq!((job.progress, job.status.as_str(), job.phase.as_str()), ((0, 0), "", ""));
+        error
+    };
+    // A bad value: named by the view's label.
+    let error = start_and_fail(&mut harness);
+    assert_eq!(error, "training failed — error: Learning rate must be a positive finite number, not NaN");
+    harness.state_mut().train.config.lr = 1e-3;
+    harness.get_by_label("Start training").click();
+    wait_for(&mut harness, "training finished: BatchTopK D=64 at step 20 of 20, saved in ");
+    // Other settings on the same run directory: the error points at the view's field.
+    harness.state_mut().train.config.k = 8;
+    let error = start_and_fail(&mut harness);
+    assert!(
+        error.ends_with(
+            "started with other settings; start the same job again to resume it, or choose another “Run directory”"
+        ),
+        "{error}"
+    );
+    // An interrupted cache: the error points at the checkbox, which lets training go on.
+    let index = cache.join("cache.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    v["complete"] = serde_json::Value::Bool(false);
+    std::fs::write(&index, v.to_string()).unwrap();
+    harness.state_mut().train.run_dir = root.join("train-partial").display().to_string();
+    harness.state_mut().train.config.k = 4;
+    let error = start_and_fail(&mut harness);
+    assert!(error.contains("the cache is incomplete"), "{error}");
+    assert!(error.ends_with("or tick “Use an incomplete cache” to use what is there"), "{error}");
+    harness.get_by_label("Use an incomplete cache").click();
+    harness.run_steps(1);
+    assert!(harness.state().train.config.allow_partial);
+    harness.get_by_label("Start training").click();
+    wait_for(&mut harness, "training finished: BatchTopK D=64 at step 20 of 20");
     std::fs::remove_dir_all(&root).unwrap();
 }
 
@@ -365,6 +446,11 @@ fn steering_view_generates_side_by_side_from_the_dashboard_button() {
     wait_for(&mut harness, "unsteered: ");
     // Both columns: the steered label starts with "steered: " (the other one contains it too).
     assert_eq!(harness.query_all_by_label_contains("steered: ").count(), 2);
+    // The run's models are checked; the checkbox the error would point at is there.
+    assert!(!harness.state().steering.config.allow_other_models, "off by default, as in SteerJob");
+    harness.get_by_label("Allow other models").click();
+    harness.run_steps(1);
+    assert!(harness.state().steering.config.allow_other_models);
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
 }
 
@@ -386,6 +472,20 @@ fn prompt_lab_shows_per_token_kl_and_latents() {
     harness.get_by_label("latent 3");
     harness.get_by_label("latent 8");
     harness.get_by_label("KL(chat || base) of next");
+    // Base and chat swapped: the run records its models, the error points at the view's checkbox,
+    // which lets the analysis go on.
+    let lab = &mut harness.state_mut().prompt_lab;
+    std::mem::swap(&mut lab.base_dir, &mut lab.chat_dir);
+    harness.get_by_label("Analyse").click();
+    wait_for(&mut harness, "analysis failed — error: ");
+    let error = label_text(&harness, "analysis failed — error: ");
+    assert!(error.ends_with("(base and chat swapped?); tick “Allow other models” to go on anyway"), "{error}");
+    assert!(!error.contains("--"), "{error}");
+    harness.get_by_label("Allow other models").click();
+    harness.run_steps(1);
+    assert!(harness.state().prompt_lab.config.allow_other_models);
+    harness.get_by_label("Analyse").click();
+    wait_for(&mut harness, "analysis finished:");
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
 }
 
@@ -482,6 +582,41 @@ fn a_job_that_panics_shows_its_error_and_the_next_job_runs() {
     assert!(harness.query_by_label_contains("the job panicked").is_none());
 }
 
+/// A job that hangs and then panics: every frame meanwhile returns at once (nothing in a frame waits
+/// on a job), and the panic ends as the job's error in the window.
+#[test]
+fn a_job_that_hangs_then_panics_never_holds_up_a_frame() {
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1100.0, 720.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.tab = crossdiff_app::commands::Tab::Train;
+        app
+    });
+    harness.run_steps(2);
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let job = harness.state().job_env().spawn("training", move |_, _, handle| {
+        handle.progress("training", 3, 10, "steps");
+        let _ = released.recv_timeout(Duration::from_secs(60));
+        panic!("stuck, then boom")
+    });
+    harness.state_mut().train.job.start(job);
+    wait_for(&mut harness, "training status: training: 3/10 steps");
+    let start = Instant::now();
+    for _ in 0..50 {
+        harness.step();
+    }
+    assert!(start.elapsed() < Duration::from_secs(20), "50 frames took {:?} while the job hung", start.elapsed());
+    assert!(harness.state().train.job.running());
+    // Cancel asked: the window says so while the job has not stopped yet.
+    harness.get_by_label("Cancel training").click();
+    wait_for(&mut harness, "training cancelling");
+    release.send(()).unwrap();
+    wait_for(&mut harness, "training failed — error: the job panicked: stuck, then boom");
+    assert!(harness.query_by_label_contains("training status").is_none());
+    assert!(harness.query_by_label_contains("training cancelling").is_none());
+    assert!(!harness.state().train.job.running());
+}
+
 /// Picks a device in the top bar's selector.
 fn select_device(harness: &mut Harness<'_, CrossdiffApp>, name: &str) {
     harness.get_by_label("Device").click();
@@ -528,7 +663,7 @@ fn every_job_runs_on_the_device_the_top_bar_names() {
         harness.get_by_label(tab).click();
         harness.run_steps(2);
         harness.get_by_label(button).click();
-        wait_for(&mut harness, &format!("{job} failed — error: --backend cuda"));
+        wait_for(&mut harness, &format!("{job} failed — error: “Device” cuda"));
     }
     let app = harness.state();
     for device in

@@ -542,10 +542,7 @@ fn workflow_configs_refuse_bad_values_in_one_line() {
     let demo = |p: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo").join(p).display().to_string();
     let (base, chat, web) = (demo("base"), demo("chat"), demo("data/web.txt"));
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (
-            vec!["train", "--cache", "/no/cache", "--out", o, "--dict-size", "0"],
-            "--dict-size / --expansion must be positive",
-        ),
+        (vec!["train", "--cache", "/no/cache", "--out", o, "--dict-size", "0"], "--dict-size must be positive"),
         (vec!["train", "--cache", "/no/cache", "--out", o, "--k", "0"], "--k must be at least 1"),
         (vec!["train", "--cache", "/no/cache", "--out", o, "--lr", "NaN"], "--lr must be a positive finite number"),
         (vec!["train", "--cache", "/no/cache", "--out", o, "--mu=-1"], "--mu must be a finite number"),
@@ -571,4 +568,104 @@ fn workflow_configs_refuse_bad_values_in_one_line() {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
         assert!(!out.exists(), "{args:?} created {o}");
     }
+}
+
+/// No subcommand opens the desktop app with the global flags applied (not clap's "a subcommand is
+/// required"); without a display, or when no window opens, the error is one plain line.
+#[test]
+fn no_subcommand_opens_the_app_and_without_a_display_says_so_in_one_line() {
+    if !cfg!(all(unix, not(target_os = "macos"))) {
+        eprintln!("skipping: the display variables are an X11/Wayland matter");
+        return;
+    }
+    for (display, want) in [
+        (None, "error: the desktop app needs a display (none found: DISPLAY and WAYLAND_DISPLAY are unset)"),
+        // An X display nothing serves: the window system's own error, cleaned.
+        (Some(":9473"), "error: the desktop app could not open a window ("),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crossdiff"));
+        cmd.args(["--backend", "cpu"]).env_remove("WAYLAND_DISPLAY").env_remove("WAYLAND_SOCKET");
+        match display {
+            Some(d) => cmd.env("DISPLAY", d),
+            None => cmd.env_remove("DISPLAY"),
+        };
+        let r = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{display:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{display:?}: {stderr}");
+        assert!(stderr.starts_with(want), "{display:?}: {stderr}");
+        assert!(stderr.contains("the CLI commands work without one, see `crossdiff --help`"), "{stderr}");
+        for noise in ["winit", ".rs:", "subcommand", "Usage"] {
+            assert!(!stderr.contains(noise), "{display:?}: {noise:?} in {stderr}");
+        }
+    }
+}
+
+/// Ctrl-C (SIGINT) stops training at a checkpoint; the summary names the step that checkpoint is
+/// at (not the last logged step), and re-running resumes from it.
+#[cfg(unix)]
+#[test]
+fn train_stopped_by_ctrl_c_names_the_checkpoint_step() {
+    let tmp = std::env::temp_dir().join(format!("crossdiff-cli-sigint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let data = |f: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/data").join(f);
+    let (cache, run) = (tmp.join("cache"), tmp.join("run"));
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "cache",
+        "--base",
+        fixture("base").to_str().unwrap(),
+        "--chat",
+        fixture("chat").to_str().unwrap(),
+        "--data",
+        data("web.txt").to_str().unwrap(),
+        "--layer",
+        "1",
+        "--tokens",
+        "600",
+        "--context",
+        "64",
+        "--shard-tokens",
+        "256",
+        "--out",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    #[rustfmt::skip]
+    let args = ["--backend", "cpu", "train", "--cache", cache.to_str().unwrap(), "--out", run.to_str().unwrap(),
+        "--dict-size", "64", "--k", "4", "--batch", "16", "--steps", "10000000", "--checkpoint-every", "25"];
+    let child = Command::new(env!("CARGO_BIN_EXE_crossdiff"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = run.join("checkpoint/state.json");
+    let step_on_disk = || -> u64 {
+        std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64())
+            .unwrap_or(0)
+    };
+    let started = std::time::Instant::now();
+    while step_on_disk() < 50 {
+        assert!(started.elapsed().as_secs() < 120, "no checkpoint at step 50 within 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Ctrl-C, as the terminal sends it.
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let r = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+    assert!(r.status.success(), "{stderr}");
+    let step = step_on_disk();
+    assert!(step >= 50, "{stdout}");
+    let want = format!(
+        "train: stopped at step {step} of 10000000 (checkpoint saved; re-run the same command to resume); last logged step "
+    );
+    assert!(stdout.starts_with(&want), "want {want:?}, got {stdout:?}");
+    assert_eq!(stdout.trim_end().lines().count(), 1, "{stdout}");
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

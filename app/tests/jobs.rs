@@ -43,7 +43,9 @@ fn events_become_progress_and_metrics_and_cancel_stops_the_job() {
     assert!(job.running());
     assert_eq!((job.phase.as_str(), job.unit, job.progress), ("training", "steps", (10, 100)));
     assert!(job.status.starts_with("step 10 loss 0.5000"), "{}", job.status);
+    assert!(!job.cancel_requested());
     job.cancel();
+    assert!(job.cancel_requested(), "the view shows the job as cancelled");
     poll_until(&mut job, |j| !j.running());
     assert_eq!(job.finished, Some(Ok("stopped at 40".to_string())));
     assert_eq!(job.progress, (40, 100));
@@ -87,6 +89,63 @@ fn an_error_keeps_its_whole_context_chain() {
     assert_eq!(job.error(), Some("opening /x/cache.json: no such file"));
 }
 
+/// A job's error is phrased with its view's fields: a bad value by its label, other flags in the
+/// text by theirs; the failed job's progress, phase, status and curves are gone.
+#[test]
+fn an_error_names_the_views_fields_and_only_the_error_is_left() {
+    let mut slot = JobSlot::new(crossdiff_app::train_view::FIELDS);
+    slot.start(Job::spawn("training", egui::Context::default(), |h| {
+        h.progress("training", 0, 0, "steps");
+        h.metrics(metrics(10));
+        let mut job = crossdiff::workflow::train::TrainJob { out: "r".into(), ..Default::default() };
+        job.lr = f64::NAN;
+        Err(job.validate().unwrap_err().context("training"))
+    }));
+    while slot.running() {
+        slot.poll();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let job = slot.job().unwrap();
+    assert_eq!(job.error(), Some("training: Learning rate must be a positive finite number, not NaN"));
+    assert_eq!((job.progress, job.phase.as_str(), job.status.as_str()), ((0, 0), "", ""));
+    assert!(job.metrics.is_empty());
+    let mut slot = JobSlot::new(crossdiff_app::train_view::FIELDS);
+    slot.start(Job::spawn("training", egui::Context::default(), |_| {
+        anyhow::bail!(
+            "c: the cache is incomplete: re-run that command to finish it, or pass --allow-partial to use what is there"
+        )
+    }));
+    while slot.running() {
+        slot.poll();
+    }
+    assert_eq!(
+        slot.job().unwrap().error(),
+        Some(
+            "c: the cache is incomplete: start that job again to finish it, or tick “Use an incomplete cache” to use what is there"
+        )
+    );
+}
+
+/// Every flag a view's table names is a flag of the job the view runs (a renamed flag fails here).
+#[test]
+fn the_views_field_tables_name_real_flags() {
+    use clap::Args;
+    use crossdiff::workflow::{cache::CacheJob, steer::SteerJob, train::TrainJob};
+    let flags = |cmd: clap::Command| -> Vec<String> {
+        cmd.get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect()
+    };
+    for (fields, cmd) in [
+        (crossdiff_app::train_view::FIELDS, TrainJob::augment_args(clap::Command::new("train"))),
+        (crossdiff_app::cache_view::FIELDS, CacheJob::augment_args(clap::Command::new("cache"))),
+        (crossdiff_app::steering_view::FIELDS, SteerJob::augment_args(clap::Command::new("steer"))),
+    ] {
+        let known = flags(cmd);
+        for (flag, _) in fields {
+            assert!(known.iter().any(|k| k == flag), "--{flag} is not a flag of this job: {known:?}");
+        }
+    }
+}
+
 #[test]
 fn views_fill_the_engines_workflow_configs_from_their_defaults() {
     use crossdiff::workflow::{cache::CacheJob, prompt_lab::PromptLabJob, steer::SteerJob, train::TrainJob};
@@ -109,6 +168,7 @@ fn views_fill_the_engines_workflow_configs_from_their_defaults() {
     // Prompt lab and Steering: the engine's defaults under the example text and latents.
     let lab = app.prompt_lab.job_config();
     assert_eq!(lab.top, PromptLabJob::default().top);
+    assert_eq!(lab.allow_other_models, PromptLabJob::default().allow_other_models);
     let mut steering = crossdiff_app::steering_view::SteeringView::new(String::new());
     assert!(steering.job_config().is_none(), "nothing to steer with yet");
     steering.add_latent(3);
@@ -116,4 +176,5 @@ fn views_fill_the_engines_workflow_configs_from_their_defaults() {
     let steer = steering.job_config().unwrap();
     assert_eq!((steer.latent, steer.strength, steer.more.clone()), (3, 1.0, vec![(5, 1.0)]));
     assert_eq!(steer.max_tokens, SteerJob::default().max_tokens);
+    assert_eq!(steer.allow_other_models, SteerJob::default().allow_other_models);
 }

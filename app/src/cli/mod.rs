@@ -36,7 +36,7 @@ struct Cli {
     #[arg(long, global = true, default_value = "auto")]
     backend: Backend,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -125,10 +125,12 @@ pub(crate) struct ModelArgs {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
+    // No subcommand: the desktop app, with the device the flags chose selected.
+    let Some(command) = cli.command else { return crate::app::run(cli.backend) };
     // `auto` settles once, here, before any job thread starts a device.
     let backend = cli.backend.resolve()?;
     let device_name = backend.describe();
-    match cli.command {
+    match command {
         Command::Inspect { input: PromptArgs { model, prompt, chat }, out } => {
             let m = load(&model, backend)?;
             let ids = m.prompt_ids(&prompt, chat)?;
@@ -202,24 +204,7 @@ pub fn run() -> Result<()> {
             let bar = Bar::cancellable("steps");
             let done = job.run(&device, bar.handle())?;
             bar.finish();
-            let cc = &done.crosscoder;
-            match done.last {
-                Some(m) => println!(
-                    "train: {:?} D={} step {} ({} tokens), loss {:.4}, FVE base {:.3} chat {:.3}, L0 {:.1}, dead {:.1}% → {} ({:.1}s, {device_name})",
-                    cc.config.kind,
-                    cc.config.dict_size,
-                    m.step,
-                    m.tokens,
-                    m.loss,
-                    m.fve_base,
-                    m.fve_chat,
-                    m.l0,
-                    100.0 * m.dead_frac,
-                    job.out.display(),
-                    done.seconds
-                ),
-                None => println!("train: nothing to do, {} already holds a finished run", job.out.display()),
-            }
+            println!("{}", train_summary(&job, &done, bar.cancelled(), &device_name));
         }
         Command::Analyze(job) => {
             let device = backend.device()?;
@@ -311,10 +296,10 @@ pub fn run() -> Result<()> {
             if !no_app {
                 // SAFETY (set_var): nothing else runs yet; the app reads it once at start.
                 unsafe { std::env::set_var("CROSSDIFF_PROJECT", &project) };
-                if let Err(e) = crate::app::run() {
+                if let Err(e) = crate::app::run(cli.backend) {
                     // A machine without a display still gets the finished project.
                     eprintln!(
-                        "demo: the app could not open here ({}); open the project later with `crossdiff` → Project → Open",
+                        "demo: {}; open the project later with `crossdiff` → Project → Open",
                         format!("{e:#}").lines().next().unwrap_or_default()
                     );
                 }
@@ -323,6 +308,47 @@ pub fn run() -> Result<()> {
         Command::Bench { which } => bench::run(which, backend)?,
     }
     Ok(())
+}
+
+/// The train command's one line: where the checkpoint is (`done.step`, also after a Ctrl-C that
+/// stopped past the last logged step) and the last logged metrics.
+fn train_summary(
+    job: &TrainJob,
+    done: &crossdiff::workflow::train::TrainOutcome,
+    stopped: bool,
+    device: &str,
+) -> String {
+    let (cc, out) = (&done.crosscoder, job.out.display());
+    let Some(m) = &done.last else {
+        return if done.step < done.total_steps {
+            format!(
+                "train: stopped at step {} of {} before logging a step (checkpoint in {out}; re-run the same command to resume)",
+                done.step, done.total_steps
+            )
+        } else {
+            format!("train: nothing to do, {out} already holds a finished run")
+        };
+    };
+    let metrics = format!(
+        "loss {:.4}, FVE base {:.3} chat {:.3}, L0 {:.1}, dead {:.1}%",
+        m.loss,
+        m.fve_base,
+        m.fve_chat,
+        m.l0,
+        100.0 * m.dead_frac
+    );
+    if stopped && done.step < done.total_steps {
+        format!(
+            "train: stopped at step {} of {} (checkpoint saved; re-run the same command to resume); last logged step {}: {metrics} → {out} ({:.1}s, {device})",
+            done.step, done.total_steps, m.step, done.seconds
+        )
+    } else {
+        let logged = if m.step == done.step { String::new() } else { format!(", last logged step {}", m.step) };
+        format!(
+            "train: {:?} D={} step {} ({} tokens{logged}), {metrics} → {out} ({:.1}s, {device})",
+            cc.config.kind, cc.config.dict_size, done.step, m.tokens, done.seconds
+        )
+    }
 }
 
 /// Loads a model with a progress bar over its tensors.

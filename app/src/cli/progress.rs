@@ -51,6 +51,11 @@ impl Bar {
         Handle::new(self.on_event.as_ref(), &self.cancel)
     }
 
+    /// Whether Ctrl-C stopped the job.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn finish(&self) {
         self.bar.finish_and_clear();
     }
