@@ -25,6 +25,37 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) ->
     result
 }
 
+/// Runs `job`, which writes under `dir`; when `dir` did not exist before and the job fails having
+/// written no file there, removes the folders it left, so a refused command leaves no trace.
+pub fn clean_on_failure<T>(dir: &Path, job: impl FnOnce() -> Result<T>) -> Result<T> {
+    let fresh = !dir.exists();
+    let result = job();
+    if result.is_err() && fresh {
+        remove_empty_tree(dir);
+    }
+    result
+}
+
+/// This machine's memory in bytes (Linux: `MemTotal` of /proc/meminfo; `None` elsewhere), for
+/// refusing a request that could only end in an allocation failure.
+pub fn memory_total_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Removes `dir` if it holds nothing but (recursively) empty folders.
+fn remove_empty_tree(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    let mut empty = true;
+    for e in entries.flatten() {
+        let p = e.path();
+        empty &= p.is_dir() && remove_empty_tree(&p);
+    }
+    empty && std::fs::remove_dir(dir).is_ok()
+}
+
 fn temp_sibling(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))

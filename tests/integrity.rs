@@ -216,9 +216,13 @@ fn an_empty_source_is_an_error_and_leaves_no_folder() {
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
     let out = dir.path().join("c");
-    let msg = err(cache(&cache_job(&fixture("base"), &fixture("chat"), &out, vec![empty], ActDtype::Bf16)));
+    let job = cache_job(&fixture("base"), &fixture("chat"), &out, vec![empty], ActDtype::Bf16);
+    let msg = err(crossdiff::workflow::cache::run(&job, &Device::flex(), Handle::silent()));
     assert!(msg.contains("--data") && msg.contains("0 tokens"), "{msg}");
-    assert!(!out.exists());
+    assert!(!out.exists(), "the job made the folder and leaves none");
+    std::fs::create_dir_all(&out).unwrap();
+    err(crossdiff::workflow::cache::run(&job, &Device::flex(), Handle::silent()));
+    assert!(out.exists(), "a folder the user made stays");
 }
 
 #[test]

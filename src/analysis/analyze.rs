@@ -302,6 +302,7 @@ fn finish(
             "chat_specific": {"nu_error_below": 0.2, "nu_reconstruction_below": 0.5},
             "inference_threshold": cc.threshold, "kind": match cc.config.kind { Kind::L1 => "l1", Kind::BatchTopK => "batchtopk" },
         }),
+        crosscoder_checksum: cc.file_checksum,
     };
     Ok((rows, summary))
 }

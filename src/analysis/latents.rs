@@ -154,6 +154,10 @@ pub struct Summary {
     #[serde(deserialize_with = "f64_or_nan")]
     pub cosine_random_pairs_std: f64,
     pub thresholds: serde_json::Value,
+    /// The checksum of the crosscoder file analysed; jobs that read latents.csv check it is still
+    /// the run's crosscoder (not one trained further since). Absent in older runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crosscoder_checksum: Option<u64>,
 }
 
 /// serde_json writes a non-finite f64 as `null` (an FVE over constant data is NaN); read it back
@@ -222,6 +226,38 @@ impl RunDir {
 
     pub fn read_summary(&self) -> Result<Summary> {
         self.read_json(RunDir::SUMMARY)
+    }
+
+    /// `latents.csv` checked against the crosscoder it describes: one row per latent, finite
+    /// numbers, computed from this very crosscoder file (a run trained further since, or a
+    /// crosscoder copied in from elsewhere, needs `crossdiff analyze` again).
+    pub fn read_latents_of(&self, cc: &crate::crosscoder::Crosscoder) -> Result<Vec<LatentRow>> {
+        let path = self.latents();
+        let rows = self.read_latents()?;
+        let dict = cc.config.dict_size;
+        if rows.len() != dict {
+            bail!(
+                "{}: {} rows, the crosscoder has {dict} latents; run `crossdiff analyze` again",
+                path.display(),
+                rows.len()
+            );
+        }
+        if let Some(r) =
+            rows.iter().find(|r| !(r.delta_norm.is_finite() && r.max_act.is_finite() && r.freq.is_finite()))
+        {
+            bail!("{}: latent {} has a non-finite delta_norm, max_act or freq", path.display(), r.latent);
+        }
+        let analysed =
+            self.summary().exists().then(|| self.read_summary()).transpose()?.and_then(|s| s.crosscoder_checksum);
+        if let (Some(a), Some(now)) = (analysed, cc.file_checksum) {
+            if a != now {
+                bail!(
+                    "{}: computed from an earlier crosscoder (the run was trained further, or its crosscoder replaced); run `crossdiff analyze` again",
+                    path.display()
+                );
+            }
+        }
+        Ok(rows)
     }
 }
 

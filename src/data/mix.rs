@@ -16,6 +16,8 @@ pub struct Mixer<'a> {
     sources: Vec<Option<DocStream>>,
     names: Vec<PathBuf>,
     tokens: Vec<u64>,
+    /// Documents read from each source so far (for errors: which document failed).
+    read: Vec<u64>,
     mix: bool,
     tok: &'a ChatTokenizer,
     opts: TokenizeOptions,
@@ -34,6 +36,7 @@ impl<'a> Mixer<'a> {
             sources,
             names: paths.to_vec(),
             tokens: vec![0; paths.len()],
+            read: vec![0; paths.len()],
             mix,
             tok,
             opts,
@@ -57,8 +60,11 @@ impl<'a> Mixer<'a> {
             match next {
                 None => self.sources[i] = None,
                 Some(doc) => {
+                    self.read[i] += 1;
                     let doc = doc.with_context(|| format!("source {}", self.names[i].display()))?;
-                    if let Some(t) = tokenize(self.tok, &doc, i, &self.opts)? {
+                    let tokenized = tokenize(self.tok, &doc, i, &self.opts)
+                        .with_context(|| format!("{}: document {}", self.names[i].display(), self.read[i]))?;
+                    if let Some(t) = tokenized {
                         self.tokens[i] += t.ids.len() as u64;
                         self.produced += 1;
                         return Ok(Some(t));

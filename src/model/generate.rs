@@ -56,6 +56,17 @@ pub fn generate_edited(
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
     sampling.validate()?;
+    crate::bad_value::positive(max_tokens as u64, "max-tokens")?;
+    if let Some(max) = model.config.max_position_embeddings {
+        crate::bad_value::ensure(prompt.len() + max_tokens <= max, "max-tokens", || {
+            format!(
+                "{max_tokens}: the prompt ({} tokens) and the new tokens exceed the model's context of {max} positions \
+                 (`max_position_embeddings`); at most {}",
+                prompt.len(),
+                max.saturating_sub(prompt.len())
+            )
+        })?;
+    }
     let mut rng = SplitMix64(sampling.seed);
     let mut cache = model.new_cache();
     let mut out = Vec::new();

@@ -27,6 +27,18 @@ pub fn inspect(model: &Model, ids: Vec<u32>) -> Result<Inspection> {
     }
     let [b, t, d] = last.dims();
     let logits = read(g.logits(last.reshape([b * t, d])))?;
+    // A broken snapshot (NaN weights, a config that makes the computation blow up) is named here,
+    // not written out as a file of NaNs.
+    let outputs =
+        blocks.iter().enumerate().map(|(l, v)| (format!("block {l}"), v)).chain([("the logits".into(), &logits)]);
+    for (what, values) in outputs {
+        if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+            anyhow::bail!(
+                "{}: the model produced a non-finite value ({v}) in {what}: its weights or config.json are broken",
+                model.snapshot.dir.display()
+            );
+        }
+    }
     Ok(Inspection { ids, blocks, logits })
 }
 

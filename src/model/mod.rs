@@ -44,7 +44,21 @@ impl Model {
     /// Token ids for a prompt: plain text gets `<bos>` from the tokenizer; `chat` renders it as
     /// one user turn with the model's template and the generation prompt.
     pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
-        if chat { self.tokenizer.encode_chat(&[Message::user(text)], true) } else { self.tokenizer.encode(text, true) }
+        let ids = if chat {
+            self.tokenizer.encode_chat(&[Message::user(text)], true)?
+        } else {
+            self.tokenizer.encode(text, true)?
+        };
+        if let Some(max) = self.gemma.config.max_position_embeddings {
+            crate::bad_value::ensure(ids.len() <= max, "prompt", || {
+                format!(
+                    "is {} tokens, longer than the model's context of {max} positions (`max_position_embeddings` in {})",
+                    ids.len(),
+                    self.snapshot.dir.join("config.json").display()
+                )
+            })?;
+        }
+        Ok(ids)
     }
 
     pub fn stop_ids(&self) -> Vec<u32> {

@@ -58,6 +58,9 @@ pub struct Gemma2Config {
     pub dtype: Option<String>,
     #[serde(default)]
     pub tie_word_embeddings: Option<bool>,
+    /// The longest sequence the model was trained on; prompts and generations beyond it are refused.
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
@@ -153,8 +156,32 @@ impl Gemma2Config {
                 }
             }
         }
-        if self.sliding_window == Some(0) {
-            bail!("field `sliding_window` must be positive");
+        for (field, v) in
+            [("sliding_window", self.sliding_window), ("max_position_embeddings", self.max_position_embeddings)]
+        {
+            if v == Some(0) {
+                bail!("field `{field}` must be positive");
+            }
+        }
+        let ids = [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)];
+        for (field, id) in ids.into_iter().filter_map(|(f, id)| id.map(|i| (f, i as usize))) {
+            if id >= self.vocab_size {
+                bail!("field `{field}` is {id}, outside the vocabulary (`vocab_size` {})", self.vocab_size);
+            }
+        }
+        match &self.eos_token_id {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                let list = match v {
+                    Value::Array(a) => a.clone(),
+                    other => vec![other.clone()],
+                };
+                for id in list {
+                    if !id.as_u64().is_some_and(|i| (i as usize) < self.vocab_size) {
+                        bail!("field `eos_token_id` has {id}, not a token id below `vocab_size` {}", self.vocab_size);
+                    }
+                }
+            }
         }
         if self.tie_word_embeddings == Some(false) {
             bail!("field `tie_word_embeddings` is false; Gemma 2 ties the unembedding to the embedding");
@@ -460,13 +487,26 @@ impl Snapshot {
     }
 }
 
-/// Refuses a base/chat pair that cannot be diffed: the widths and vocabulary must agree.
+/// Refuses a base/chat pair that cannot be diffed: a fine-tune has its base's architecture (every
+/// field that shapes the computation agrees), and is another model (not the same weights).
 pub fn check_pair(base: &Snapshot, chat: &Snapshot) -> Result<()> {
     let (a, b) = (&base.config, &chat.config);
+    let f = |x: Option<f64>| x.map_or("none".to_string(), |v| v.to_string());
     let fields = [
-        ("hidden_size", a.hidden_size, b.hidden_size),
-        ("vocab_size", a.vocab_size, b.vocab_size),
-        ("num_hidden_layers", a.num_hidden_layers, b.num_hidden_layers),
+        ("hidden_size", a.hidden_size.to_string(), b.hidden_size.to_string()),
+        ("vocab_size", a.vocab_size.to_string(), b.vocab_size.to_string()),
+        ("num_hidden_layers", a.num_hidden_layers.to_string(), b.num_hidden_layers.to_string()),
+        ("intermediate_size", a.intermediate_size.to_string(), b.intermediate_size.to_string()),
+        ("num_attention_heads", a.num_attention_heads.to_string(), b.num_attention_heads.to_string()),
+        ("num_key_value_heads", a.num_key_value_heads.to_string(), b.num_key_value_heads.to_string()),
+        ("head_dim", a.head_dim.to_string(), b.head_dim.to_string()),
+        ("rope_theta", a.rope_base().to_string(), b.rope_base().to_string()),
+        ("rms_norm_eps", a.rms_norm_eps.to_string(), b.rms_norm_eps.to_string()),
+        ("query_pre_attn_scalar", a.query_pre_attn_scalar.to_string(), b.query_pre_attn_scalar.to_string()),
+        ("attn_logit_softcapping", f(a.attn_logit_softcapping), f(b.attn_logit_softcapping)),
+        ("final_logit_softcapping", f(a.final_logit_softcapping), f(b.final_logit_softcapping)),
+        ("sliding_window", format!("{:?}", a.sliding_window), format!("{:?}", b.sliding_window)),
+        ("hidden_activation", a.activation().to_string(), b.activation().to_string()),
     ];
     for (field, x, y) in fields {
         if x != y {
@@ -476,6 +516,14 @@ pub fn check_pair(base: &Snapshot, chat: &Snapshot) -> Result<()> {
                 chat.dir.display()
             );
         }
+    }
+    let id = base.identity()?;
+    if id == chat.identity()? {
+        bail!(
+            "{} and {} are the same model (identity {id}): there is nothing to diff; give the base and its fine-tune",
+            base.dir.display(),
+            chat.dir.display()
+        );
     }
     Ok(())
 }

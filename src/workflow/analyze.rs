@@ -20,6 +20,11 @@ pub const DEFAULT_BATCH: usize = crate::analysis::analyze::DEFAULT_BATCH;
 pub const DEFAULT_EXAMPLES: usize = crate::analysis::examples::DEFAULT_TOP_N;
 pub const DEFAULT_CONTEXT: usize = crate::analysis::examples::DEFAULT_CONTEXT;
 
+/// The most examples per latent and context tokens per side the examples store holds (a viewer
+/// shows a handful; the store is D × examples × (2·context + 1) tokens).
+pub const MAX_EXAMPLES: usize = 1000;
+pub const MAX_CONTEXT: usize = 512;
+
 /// `crossdiff analyze`: per-latent metrics and Latent Scaling over a cache (RUN/latents.csv,
 /// RUN/summary.json) and the examples store (RUN/examples.safetensors).
 #[derive(Debug, Clone, clap::Args)]
@@ -98,6 +103,12 @@ impl AnalyzeJob {
         if let Some(n) = self.error_top_n {
             positive(n as u64, "error-top-n")?;
         }
+        ensure((1..=MAX_EXAMPLES).contains(&self.examples), "examples", || {
+            format!("must be in 1..={MAX_EXAMPLES}, not {}", self.examples)
+        })?;
+        ensure(self.context <= MAX_CONTEXT, "context", || {
+            format!("must be at most {MAX_CONTEXT}, not {}", self.context)
+        })?;
         ensure(self.base.is_some() == self.chat.is_some(), "base", || {
             "and --chat go together (for promoted/suppressed tokens)".into()
         })?;
@@ -109,14 +120,42 @@ impl AnalyzeJob {
         let started = std::time::Instant::now();
         let run = RunDir::new(&self.run);
         let cc = Crosscoder::load(run.path(), device)?;
+        if cc.config.kind == crate::crosscoder::Kind::BatchTopK && cc.threshold.is_none() {
+            bail!(
+                "{}: the BatchTopK crosscoder has no inference threshold yet (θ is estimated on the steps after \
+                 --threshold-start); train it longer, or train with a lower --threshold-start",
+                run.crosscoder().display()
+            );
+        }
+        let store = cc.config.dict_size as u64 * self.examples as u64 * (2 * self.context as u64 + 1) * 8;
+        if let Some(total) = crate::io::memory_total_bytes() {
+            ensure(store < total / 2, "examples", || {
+                format!(
+                    "{} with --context {}: the examples store of {} latents needs {:.1} GiB, more than half this machine's memory",
+                    self.examples,
+                    self.context,
+                    cc.config.dict_size,
+                    store as f64 / (1u64 << 30) as f64
+                )
+            })?;
+        }
         let index = CacheIndex::open(&self.cache)?;
         index.check_usable(&self.cache, self.allow_partial)?;
         check_run_against_cache(&cc, &self.run, &index, &self.cache, self.allow_other_models)?;
         if let (Some(b), Some(c)) = (&self.base, &self.chat) {
             let made = Made { what: format!("the run in {}", self.run.display()), ids: &cc.config.model_ids };
             for (role, dir) in [(0, b), (1, c)] {
-                let id = crate::model::snapshot::Snapshot::open(dir)?.identity()?;
-                check_model(&made, role, dir, &id, self.allow_other_models)?;
+                let snap = crate::model::snapshot::Snapshot::open(dir)?;
+                if snap.config.hidden_size != cc.config.d {
+                    bail!(
+                        "{}: the model has width {}, the crosscoder in {} was trained on width {}",
+                        dir.display(),
+                        snap.config.hidden_size,
+                        self.run.display(),
+                        cc.config.d
+                    );
+                }
+                check_model(&made, role, dir, &snap.identity()?, self.allow_other_models)?;
             }
         }
         let opts =

@@ -15,9 +15,23 @@ pub use crate::bad_value::{BadValue, bad, ensure, finite_non_negative, finite_po
 use crate::crosscoder::{Crosscoder, CrosscoderConfig};
 use crate::model::Model;
 
-/// `--layer`, else the layer the crosscoder records.
-pub fn resolve_layer(flag: Option<usize>, cc: &Crosscoder) -> Result<usize> {
-    flag.or(cc.config.layer).ok_or_else(|| bad("layer", "is required: the run's config.json names no layer"))
+/// The layer a job uses with a crosscoder: the one it records (`--layer` may only repeat it), else
+/// `--layer` (a crosscoder file from elsewhere, without config.json).
+pub fn resolve_layer(flag: Option<usize>, cc: &Crosscoder, run: &Path) -> Result<usize> {
+    match (flag, cc.config.layer) {
+        (Some(f), Some(l)) if f != l => {
+            Err(bad("layer", format!("{f}: the crosscoder in {} was trained on layer {l}", run.display())))
+        }
+        (Some(f), _) => Ok(f),
+        (None, Some(l)) => Ok(l),
+        (None, None) => Err(bad(
+            "layer",
+            format!(
+                "is required: {} is missing or names no layer",
+                crate::run_dir::RunDir::new(run).config().display()
+            ),
+        )),
+    }
 }
 
 /// A block index the models have (`blocks` of them).

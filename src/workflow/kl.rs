@@ -50,8 +50,8 @@ impl KlJob {
         self.validate()?;
         let run = RunDir::new(&self.run);
         let cc = Crosscoder::load(run.path(), device)?;
-        let rows = run.read_latents()?;
-        let layer = resolve_layer(self.layer, &cc)?;
+        let rows = run.read_latents_of(&cc)?;
+        let layer = resolve_layer(self.layer, &cc, &self.run)?;
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
         check_layer(layer, b.gemma.num_layers())?;
         check_width(&cc, &self.run, &b, &self.base)?;

@@ -60,7 +60,7 @@ impl PromptLabJob {
         self.validate()?;
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
         let cc = Crosscoder::load(&self.run, device)?;
-        let layer = resolve_layer(None, &cc)?;
+        let layer = resolve_layer(None, &cc, &self.run)?;
         check_layer(layer, b.gemma.num_layers())?;
         check_width(&cc, &self.run, &b, &self.base)?;
         crate::workflow::kl::check_pair_against_run(

@@ -111,8 +111,8 @@ impl SteerJob {
                 m.identity
             );
         }
-        let all = run.read_latents()?;
-        let layer = resolve_layer(self.layer, &cc)?;
+        let all = run.read_latents_of(&cc)?;
+        let layer = resolve_layer(self.layer, &cc, &self.run)?;
         check_layer(layer, m.gemma.num_layers())?;
         let mut rows = Vec::new();
         let mut specs = Vec::new();

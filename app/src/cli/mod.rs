@@ -123,8 +123,29 @@ pub(crate) struct ModelArgs {
     load: LoadOptions,
 }
 
+/// The command line, parsed. Negative numbers are values (`--mu -1` reaches the check that names
+/// the flag, instead of clap's "unexpected argument '-1'"), and a parse error is one line (clap's
+/// usage and tip lines dropped); `--help` and `--version` print whole.
+fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = Cli::command().mut_subcommands(|s| s.allow_negative_numbers(true));
+    match command.try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+                e.exit();
+            }
+            let text = e.render().to_string();
+            let head: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            eprintln!("{}", head.join(" "));
+            std::process::exit(2);
+        }
+    }
+}
+
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = parse();
     // No subcommand: the desktop app, with the device the flags chose selected.
     let Some(command) = cli.command else { return crate::app::run(cli.backend) };
     // `auto` settles once, here, before any job thread starts a device.

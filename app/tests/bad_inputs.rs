@@ -1,0 +1,523 @@
+//! The bad-input matrix (issue 11): each case is a command a user might type, the fragment its one
+//! error line must contain, and the promise that nothing a user made changes — every file of the
+//! good cache, run and analysis is byte-identical afterwards, and a fresh output path stays absent.
+//! Cases are grouped by class: values at the boundary, artifacts that do not belong together,
+//! integrity, and files from elsewhere. New classes of bad input get a row here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn asset(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets").join(p).display().to_string()
+}
+
+fn crossdiff(args: &[String]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_crossdiff")).arg("--backend").arg("cpu").args(args).output().unwrap()
+}
+
+fn ok(args: &[String]) {
+    let r = crossdiff(args);
+    assert!(r.status.success(), "{args:?}: {}", String::from_utf8_lossy(&r.stderr));
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// `args` with each `--flag value…` of `overrides` replacing that flag's values (or appended).
+fn with(mut args: Vec<String>, overrides: &[&str]) -> Vec<String> {
+    let mut i = 0;
+    while i < overrides.len() {
+        let flag = overrides[i];
+        let mut j = i + 1;
+        while j < overrides.len() && !overrides[j].starts_with("--") {
+            j += 1;
+        }
+        let group = strings(&overrides[i..j]);
+        match args.iter().position(|a| a == flag) {
+            Some(at) => {
+                let mut end = at + 1;
+                while end < args.len() && !args[end].starts_with("--") {
+                    end += 1;
+                }
+                args.splice(at..end, group);
+            }
+            None => args.extend(group),
+        }
+        i = j;
+    }
+    args
+}
+
+/// Every file under `dir`, by relative path.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// The good artifacts every case runs against.
+struct World {
+    root: PathBuf,
+    base: String,
+    chat: String,
+    web: String,
+    chats: String,
+    cache: String,
+    cache_layer2: String,
+    cache_swapped: String,
+    cache_partial: String,
+    cache_demo: String,
+    run: String,
+    empty: String,
+    base_no_template: String,
+}
+
+impl World {
+    fn build() -> Self {
+        let root = std::env::temp_dir().join(format!("crossdiff-bad-inputs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let at = |p: &str| root.join(p).display().to_string();
+        let (base, chat) = (asset("tiny-gemma2/base"), asset("tiny-gemma2/chat"));
+        let (web, chats) = (asset("data/web.txt"), asset("data/chat.jsonl"));
+        let cache_cmd = |b: &str, c: &str, layer: &str, out: &str| {
+            strings(&[
+                "cache",
+                "--base",
+                b,
+                "--chat",
+                c,
+                "--data",
+                &web,
+                &chats,
+                "--mix",
+                "--layer",
+                layer,
+                "--tokens",
+                "1200",
+                "--context",
+                "64",
+                "--shard-tokens",
+                "400",
+                "--out",
+                out,
+            ])
+        };
+        let w = World {
+            cache: at("cache"),
+            cache_layer2: at("cache-l2"),
+            cache_swapped: at("cache-swapped"),
+            cache_partial: at("cache-partial"),
+            cache_demo: at("cache-demo"),
+            run: at("run"),
+            empty: at("empty.txt"),
+            base_no_template: at("base-no-template"),
+            base,
+            chat,
+            web: web.clone(),
+            chats: chats.clone(),
+            root: root.clone(),
+        };
+        ok(&cache_cmd(&w.base, &w.chat, "1", &w.cache));
+        ok(&cache_cmd(&w.base, &w.chat, "2", &w.cache_layer2));
+        ok(&cache_cmd(&w.chat, &w.base, "1", &w.cache_swapped));
+        ok(&cache_cmd(&asset("demo/base"), &asset("demo/chat"), "1", &w.cache_demo));
+        ok(&cache_cmd(&w.base, &w.chat, "1", &w.cache_partial));
+        let json = Path::new(&w.cache_partial).join("cache.json");
+        let text = std::fs::read_to_string(&json).unwrap().replace("\"complete\": true", "\"complete\": false");
+        std::fs::write(&json, text).unwrap();
+        ok(&strings(&[
+            "train",
+            "--cache",
+            &w.cache,
+            "--out",
+            &w.run,
+            "--dict-size",
+            "64",
+            "--k",
+            "8",
+            "--batch",
+            "128",
+            "--steps",
+            "20",
+            "--threshold-start",
+            "5",
+            "--warmup-steps",
+            "5",
+        ]));
+        ok(&strings(&["analyze", "--run", &w.run, "--cache", &w.cache, "--examples", "2"]));
+        std::fs::write(&w.empty, "").unwrap();
+        std::fs::create_dir_all(&w.base_no_template).unwrap();
+        for e in std::fs::read_dir(&w.base).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, Path::new(&w.base_no_template).join(p.file_name().unwrap())).unwrap();
+        }
+        let cfg = Path::new(&w.base_no_template).join("tokenizer_config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("chat_template");
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        w
+    }
+
+    /// A path under the root that no case may create.
+    fn fresh(&self) -> String {
+        self.root.join("fresh").display().to_string()
+    }
+
+    fn watched(&self) -> Vec<PathBuf> {
+        [&self.cache, &self.cache_layer2, &self.cache_swapped, &self.cache_partial, &self.cache_demo, &self.run]
+            .iter()
+            .map(PathBuf::from)
+            .collect()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[test]
+fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
+    let w = World::build();
+    let fresh = w.fresh();
+    let (b, c, web, chats, cache, run) = (&w.base, &w.chat, &w.web, &w.chats, &w.cache, &w.run);
+    let (demo_base, demo_chat) = (asset("demo/base"), asset("demo/chat"));
+    let cache_new = |extra: &[&str]| {
+        with(
+            strings(&[
+                "cache",
+                "--base",
+                b,
+                "--chat",
+                c,
+                "--data",
+                web,
+                "--layer",
+                "1",
+                "--tokens",
+                "500",
+                "--context",
+                "64",
+                "--out",
+                &fresh,
+            ]),
+            extra,
+        )
+    };
+    let train_new = |extra: &[&str]| {
+        with(
+            strings(&["train", "--cache", cache, "--out", &fresh, "--dict-size", "64", "--k", "8", "--steps", "5"]),
+            extra,
+        )
+    };
+    let analyze = |extra: &[&str]| with(strings(&["analyze", "--run", run]), extra);
+    let kl = |extra: &[&str]| with(strings(&["kl", "--run", run, "--data", chats, "--conversations", "2"]), extra);
+    let steer =
+        |extra: &[&str]| with(strings(&["steer", "--run", run, "--prompt", "hello", "--max-tokens", "3"]), extra);
+    let generate =
+        |extra: &[&str]| with(strings(&["generate", "--model", c, "--prompt", "hello", "--max-tokens", "3"]), extra);
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        // ── values at the boundary ──
+        (
+            "inspect: no snapshot",
+            strings(&["inspect", "--model", "/no/model", "--prompt", "x", "--out", &fresh]),
+            "/no/model: not a model snapshot",
+        ),
+        ("generate: NaN temperature", generate(&["--temperature", "NaN"]), "--temperature must be a finite number ≥ 0"),
+        (
+            "generate: negative temperature",
+            generate(&["--temperature=-1"]),
+            "--temperature must be a finite number ≥ 0",
+        ),
+        ("generate: top-p above 1", generate(&["--top-p", "2"]), "--top-p must be in (0, 1]"),
+        ("generate: top-p 0", generate(&["--top-p", "0"]), "--top-p must be in (0, 1]"),
+        (
+            "cache: layer beyond the blocks",
+            cache_new(&["--layer", "9"]),
+            "--layer 9 is out of range: the models have 4 blocks",
+        ),
+        ("cache: 0 tokens", cache_new(&["--tokens", "0"]), "--tokens must be positive"),
+        ("cache: 0 context", cache_new(&["--context", "0"]), "--context must be positive"),
+        ("cache: 0 batch tokens", cache_new(&["--batch-tokens", "0"]), "--batch-tokens must be positive"),
+        (
+            "cache: shards smaller than a document",
+            cache_new(&["--shard-tokens", "10"]),
+            "--shard-tokens (10) must be at least --context (64)",
+        ),
+        ("cache: unknown dtype", cache_new(&["--dtype", "f8"]), "\"f8\" is not one of bf16, f16, f32"),
+        ("train: D 0", train_new(&["--dict-size", "0"]), "--dict-size must be positive"),
+        (
+            "train: expansion 0",
+            strings(&["train", "--cache", cache, "--out", &fresh, "--expansion", "0"]),
+            "--expansion must be positive",
+        ),
+        ("train: k 0", train_new(&["--k", "0"]), "--k must be at least 1"),
+        ("train: k above D", train_new(&["--k", "65"]), "--k 65 is larger than the dictionary (D = 64)"),
+        ("train: NaN lr", train_new(&["--lr", "NaN"]), "--lr must be a positive finite number, not NaN"),
+        ("train: infinite lr", train_new(&["--lr", "inf"]), "--lr must be a positive finite number, not inf"),
+        ("train: negative lr", train_new(&["--lr=-0.001"]), "--lr must be a positive finite number"),
+        ("train: negative mu", train_new(&["--mu=-1"]), "--mu must be a finite number ≥ 0"),
+        ("train: NaN init norm", train_new(&["--init-norm", "NaN"]), "--init-norm must be a positive finite number"),
+        ("train: negative aux alpha", train_new(&["--aux-alpha=-1"]), "--aux-alpha must be a finite number ≥ 0"),
+        ("train: batch 0", train_new(&["--batch", "0"]), "--batch must be positive"),
+        ("train: 0 steps", train_new(&["--steps", "0"]), "--steps must be positive"),
+        (
+            "train: k anneal below k",
+            train_new(&["--k-anneal-from", "2"]),
+            "--k-anneal-from (2) must be at least --k (8)",
+        ),
+        ("train: log every 0", train_new(&["--log-every", "0"]), "--log-every must be positive"),
+        ("train: shuffle pool 0", train_new(&["--shuffle-tokens", "0"]), "--shuffle-tokens must be positive"),
+        ("train: dead after 0 tokens", train_new(&["--dead-tokens", "0"]), "--dead-tokens must be positive"),
+        (
+            "train: validation without held-out tokens",
+            train_new(&["--val-every", "5"]),
+            "--val-every needs --val-tokens",
+        ),
+        (
+            "train on the fly: layer beyond the blocks",
+            strings(&[
+                "train", "--base", b, "--chat", c, "--data", web, "--layer", "99", "--out", &fresh, "--steps", "2",
+            ]),
+            "--layer 99 is out of range",
+        ),
+        ("analyze: 0 tokens", analyze(&["--cache", cache, "--tokens", "0"]), "--tokens must be positive"),
+        ("analyze: batch 0", analyze(&["--cache", cache, "--batch", "0"]), "--batch must be positive"),
+        ("analyze: base without chat", analyze(&["--cache", cache, "--base", b]), "--base and --chat go together"),
+        (
+            "kl: 0 conversations",
+            strings(&["kl", "--run", run, "--data", chats, "--conversations", "0", "--base", b, "--chat", c]),
+            "--conversations must be positive",
+        ),
+        (
+            "kl: another layer than the crosscoder's",
+            kl(&["--base", b, "--chat", c, "--layer", "2"]),
+            "--layer 2: the crosscoder in",
+        ),
+        (
+            "steer: NaN strength",
+            steer(&["--model", c, "--latent", "0", "--strength", "NaN"]),
+            "--strength for latent 0 must be a finite number",
+        ),
+        (
+            "steer: infinite strength",
+            steer(&["--model", c, "--latent", "0", "--strength", "inf"]),
+            "--strength for latent 0 must be a finite number",
+        ),
+        ("steer: latent beyond D", steer(&["--model", c, "--latent", "64", "--strength", "1"]), "--latent 64"),
+        (
+            "steer: 0 tokens",
+            strings(&[
+                "steer",
+                "--run",
+                run,
+                "--prompt",
+                "x",
+                "--max-tokens",
+                "0",
+                "--model",
+                c,
+                "--latent",
+                "0",
+                "--strength",
+                "1",
+            ]),
+            "--max-tokens must be positive",
+        ),
+        (
+            "steer: another layer than the crosscoder's",
+            steer(&["--model", c, "--latent", "0", "--strength", "1", "--layer", "2"]),
+            "--layer 2: the crosscoder in",
+        ),
+        // ── artifacts that do not belong together ──
+        (
+            "cache: base and chat of different widths",
+            cache_new(&["--chat", &demo_chat]),
+            "differ in config.json field `hidden_size`",
+        ),
+        (
+            "cache: resume with another layer",
+            strings(&[
+                "cache",
+                "--base",
+                b,
+                "--chat",
+                c,
+                "--data",
+                web,
+                chats,
+                "--mix",
+                "--layer",
+                "2",
+                "--tokens",
+                "1200",
+                "--context",
+                "64",
+                "--shard-tokens",
+                "400",
+                "--out",
+                cache,
+            ]),
+            "made with other settings",
+        ),
+        (
+            "cache: resume with the models swapped",
+            strings(&[
+                "cache",
+                "--base",
+                c,
+                "--chat",
+                b,
+                "--data",
+                web,
+                chats,
+                "--mix",
+                "--layer",
+                "1",
+                "--tokens",
+                "1200",
+                "--context",
+                "64",
+                "--shard-tokens",
+                "400",
+                "--out",
+                cache,
+            ]),
+            "made from other models",
+        ),
+        (
+            "train: resume with other settings",
+            strings(&[
+                "train",
+                "--cache",
+                cache,
+                "--out",
+                run,
+                "--dict-size",
+                "64",
+                "--k",
+                "4",
+                "--batch",
+                "128",
+                "--steps",
+                "20",
+                "--threshold-start",
+                "5",
+                "--warmup-steps",
+                "5",
+            ]),
+            "started with other settings",
+        ),
+        (
+            "train: resume on a cache of other models",
+            strings(&[
+                "train",
+                "--cache",
+                &w.cache_swapped,
+                "--out",
+                run,
+                "--dict-size",
+                "64",
+                "--k",
+                "8",
+                "--batch",
+                "128",
+                "--steps",
+                "30",
+                "--threshold-start",
+                "5",
+                "--warmup-steps",
+                "5",
+            ]),
+            "trains on other models",
+        ),
+        (
+            "analyze: a cache of another layer",
+            analyze(&["--cache", &w.cache_layer2]),
+            "the cache is of layer 2, the crosscoder was trained on layer 1",
+        ),
+        (
+            "analyze: a cache of another width",
+            analyze(&["--cache", &w.cache_demo]),
+            "the cache has width 64, the crosscoder 72",
+        ),
+        (
+            "analyze: a cache of other models",
+            analyze(&["--cache", &w.cache_swapped]),
+            "were made from different models",
+        ),
+        (
+            "analyze: token lists of the models swapped",
+            analyze(&["--cache", cache, "--base", c, "--chat", b]),
+            "base and chat swapped?",
+        ),
+        ("kl: base and chat swapped", kl(&["--base", c, "--chat", b]), "base and chat swapped?"),
+        ("kl: models of another width", kl(&["--base", &demo_base, "--chat", &demo_chat]), "the model has width 64"),
+        (
+            "steer: a model of another width",
+            steer(&["--model", &demo_chat, "--latent", "0", "--strength", "1"]),
+            "the model has width 64",
+        ),
+        (
+            "inspect: a chat prompt on a model without a template",
+            strings(&["inspect", "--model", &w.base_no_template, "--prompt", "x", "--chat", "--out", &fresh]),
+            "chat_template",
+        ),
+        // ── integrity ──
+        ("train: an unfinished cache", train_new(&["--cache", &w.cache_partial]), "the cache is incomplete"),
+        ("analyze: an unfinished cache", analyze(&["--cache", &w.cache_partial]), "--allow-partial"),
+        ("cache: an empty source", cache_new(&["--data", &w.empty]), "--data holds no documents to cache (0 tokens)"),
+        ("cache: a missing source", cache_new(&["--data", "/no/data.txt"]), "/no/data.txt"),
+        ("train: no cache there", train_new(&["--cache", "/no/cache"]), "/no/cache/cache.json"),
+        ("analyze: no run there", strings(&["analyze", "--run", "/no/run", "--cache", cache]), "/no/run"),
+    ];
+    let watched = w.watched();
+    let before: Vec<_> = watched.iter().map(|d| snapshot(d)).collect();
+    let mut failures = Vec::new();
+    for (name, args, want) in &cases {
+        let r = crossdiff(args);
+        let stderr = String::from_utf8_lossy(&r.stderr).to_string();
+        let lines = stderr.trim_end().lines().count();
+        let mut problems = Vec::new();
+        if r.status.code() != Some(1) && r.status.code() != Some(2) {
+            problems.push(format!("exit {:?}", r.status.code()));
+        }
+        if stderr.contains("panicked") || stderr.contains("RUST_BACKTRACE") {
+            problems.push("panicked".into());
+        }
+        if lines != 1 {
+            problems.push(format!("{lines} lines"));
+        }
+        if !stderr.contains(want) {
+            problems.push(format!("missing {want:?}"));
+        }
+        if Path::new(&fresh).exists() {
+            problems.push("created the fresh output".into());
+            let _ = std::fs::remove_dir_all(&fresh);
+            let _ = std::fs::remove_file(&fresh);
+        }
+        for (dir, old) in watched.iter().zip(&before) {
+            if snapshot(dir) != *old {
+                problems.push(format!("changed {}", dir.display()));
+            }
+        }
+        if !problems.is_empty() {
+            failures.push(format!("{name}: {} — stderr: {}", problems.join(", "), stderr.trim_end()));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
