@@ -67,6 +67,35 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+/// A copy of snapshot `from` under `root/name` with its config.json edited.
+fn variant(root: &Path, from: &str, name: &str, edit: impl Fn(&mut serde_json::Value)) -> String {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    dir.display().to_string()
+}
+
+/// A copy of a run directory (the copy may be changed by its cases; the original is watched).
+fn copy_run(from: &str, to: &Path) -> String {
+    std::fs::create_dir_all(to.join("checkpoint")).unwrap();
+    for sub in ["", "checkpoint"] {
+        for e in std::fs::read_dir(Path::new(from).join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                std::fs::copy(&p, to.join(sub).join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    to.display().to_string()
+}
+
 /// The good artifacts every case runs against.
 struct World {
     root: PathBuf,
@@ -220,7 +249,10 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
     };
     let train_new = |extra: &[&str]| {
         with(
-            strings(&["train", "--cache", cache, "--out", &fresh, "--dict-size", "64", "--k", "8", "--steps", "5"]),
+            strings(&[
+                "train", "--cache", cache, "--out", &fresh, "--dict-size", "64", "--k", "8", "--steps", "5", "--batch",
+                "128", "--threshold-start", "2",
+            ]),
             extra,
         )
     };
@@ -230,7 +262,58 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         |extra: &[&str]| with(strings(&["steer", "--run", run, "--prompt", "hello", "--max-tokens", "3"]), extra);
     let generate =
         |extra: &[&str]| with(strings(&["generate", "--model", c, "--prompt", "hello", "--max-tokens", "3"]), extra);
+    // Broken snapshots: one config.json field each.
+    let root = &w.root;
+    let cfg = |name: &str, field: &'static str, value: serde_json::Value| {
+        variant(root, b, name, move |v| v[field] = value.clone())
+    };
+    let eps = cfg("cfg-eps", "rms_norm_eps", (-1.0).into());
+    let rope = variant(root, b, "cfg-rope", |v| v["rope_parameters"]["rope_theta"] = 0.0.into());
+    let scalar = cfg("cfg-scalar", "query_pre_attn_scalar", (-1).into());
+    let window = cfg("cfg-window", "sliding_window", 0.into());
+    let softcap = cfg("cfg-softcap", "final_logit_softcapping", 0.0.into());
+    let positions = cfg("cfg-positions", "max_position_embeddings", 0.into());
+    let bos = cfg("cfg-bos", "bos_token_id", 99999.into());
+    let eos = cfg("cfg-eos", "eos_token_id", (-5).into());
+    let inspect = |model: &str| strings(&["inspect", "--model", model, "--prompt", "x", "--out", &fresh]);
+    let long_prompt = "word ".repeat(300);
+    // Conversations the chat template refuses.
+    let system = root.join("system.jsonl");
+    std::fs::write(&system, "{\"messages\": [{\"role\": \"system\", \"content\": \"x\"}, {\"role\": \"user\", \"content\": \"y\"}]}\n").unwrap();
+    let system = system.display().to_string();
+    // A run trained further after its analysis, and a run without config.json.
+    let stale = copy_run(run, &root.join("run-stale"));
+    ok(&strings(&[
+        "train", "--cache", cache, "--out", &stale, "--dict-size", "64", "--k", "8", "--batch", "128", "--steps", "25",
+        "--threshold-start", "5", "--warmup-steps", "5",
+    ]));
+    let bare = copy_run(run, &root.join("run-bare"));
+    std::fs::remove_file(Path::new(&bare).join("config.json")).unwrap();
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        // ── a model's config.json ──
+        ("config: negative rms_norm_eps", inspect(&eps), "`rms_norm_eps` must be a positive finite number"),
+        ("config: rope theta 0", inspect(&rope), "`rope_parameters.rope_theta` must be a positive finite number"),
+        ("config: negative attention scalar", inspect(&scalar), "`query_pre_attn_scalar` must be a positive"),
+        ("config: sliding window 0", inspect(&window), "`sliding_window` must be positive"),
+        ("config: softcapping 0", inspect(&softcap), "`final_logit_softcapping` must be a positive"),
+        ("config: no positions", inspect(&positions), "`max_position_embeddings` must be positive"),
+        ("config: bos outside the vocabulary", inspect(&bos), "`bos_token_id` is 99999, outside the vocabulary"),
+        ("config: negative eos", inspect(&eos), "`eos_token_id` has -5"),
+        ("inspect: a prompt beyond the context", strings(&["inspect", "--model", b, "--prompt", &long_prompt, "--out", &fresh]), "longer than the model's context of 256"),
+        ("generate: beyond the context", generate(&["--max-tokens", "100000000"]), "--max-tokens 100000000: the prompt"),
+        ("generate: 0 tokens", generate(&["--max-tokens", "0"]), "--max-tokens must be positive"),
+        ("generate: negative tokens", generate(&["--max-tokens", "-1"]), "'--max-tokens <MAX_TOKENS>'"),
+        ("generate: infinite temperature", generate(&["--temperature", "inf"]), "--temperature must be a finite number"),
+        ("cache: the same model twice", cache_new(&["--chat", b]), "are the same model"),
+        ("cache: a conversation the template refuses", cache_new(&["--data", &system]), "system.jsonl: document 1"),
+        ("analyze: a huge examples store", analyze(&["--cache", cache, "--examples", "100000000"]), "--examples must be in 1..=1000"),
+        ("analyze: a huge context", analyze(&["--cache", cache, "--context", "100000000"]), "--context must be at most 512"),
+        ("analyze: token lists from models of another width", analyze(&["--cache", cache, "--base", &demo_base, "--chat", &demo_chat]), "the model has width 64"),
+        ("kl: the same model twice", kl(&["--base", b, "--chat", b]), "are the same model"),
+        ("kl: a latents.csv of an earlier crosscoder", strings(&["kl", "--run", &stale, "--data", chats, "--conversations", "2", "--base", b, "--chat", c]), "computed from an earlier crosscoder"),
+        ("steer: a latents.csv of an earlier crosscoder", strings(&["steer", "--run", &stale, "--model", c, "--latent", "0", "--strength", "1", "--prompt", "x"]), "computed from an earlier crosscoder"),
+        ("kl: a run without config.json", strings(&["kl", "--run", &bare, "--data", chats, "--conversations", "2", "--base", b, "--chat", c]), "config.json is missing or names no layer"),
+        ("steer: a strength that overflows", steer(&["--model", c, "--latent", "0", "--strength", "1e30"]), "--strength for latent 0 must be within ±1000"),
         // ── values at the boundary ──
         (
             "inspect: no snapshot",

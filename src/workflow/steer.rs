@@ -13,6 +13,9 @@ use crate::workflow::checks::{ALLOW_OTHER_MODELS, ensure, path_given, positive};
 use crate::workflow::models::ModelStore;
 use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
 
+/// The largest |strength| accepted: a multiple of the latent's largest observed activation.
+pub const MAX_STRENGTH: f64 = 1000.0;
+
 /// New tokens generated on each side by default.
 pub const DEFAULT_MAX_TOKENS: usize = 64;
 
@@ -86,6 +89,10 @@ impl SteerJob {
         path_given(&self.model, "model")?;
         for (j, s) in self.latents() {
             ensure(s.is_finite(), "strength", || format!("for latent {j} must be a finite number, not {s}"))?;
+            // Far beyond any useful steering, the residual overflows and the model prints padding.
+            ensure(s.abs() <= MAX_STRENGTH, "strength", || {
+                format!("for latent {j} must be within ±{MAX_STRENGTH} (a multiple of its largest activation), not {s}")
+            })?;
         }
         positive(self.max_tokens as u64, "max-tokens")
     }
