@@ -21,6 +21,9 @@ pub struct CompareView {
     /// Each run's summary with what the view shows of its rows, derived once in `load`.
     loaded: [Option<Loaded>; 2],
     errors: [Option<String>; 2],
+    /// Why the two runs are not like for like (another layer, width, dictionary size or models),
+    /// shown above the comparison, which still shows.
+    mismatch: Option<String>,
 }
 
 /// Chat-only latents and how many of them Latent Scaling calls chat-specific (ν^ε < 0.2, ν^r < 0.5).
@@ -32,6 +35,13 @@ pub fn chat_only_passing(rows: &[LatentRow]) -> (usize, usize) {
 
 impl CompareView {
     pub fn load(&mut self) {
+        self.mismatch = None;
+        let configs: Vec<_> = self.runs.iter().map(|r| RunDir::new(r).read_config().ok()).collect();
+        if let [Some(a), Some(b)] = &configs[..] {
+            let (pa, pb) = (std::path::Path::new(&self.runs[0]), std::path::Path::new(&self.runs[1]));
+            self.mismatch =
+                crossdiff::workflow::checks::check_comparable((pa, a), (pb, b)).err().map(|e| format!("{e:#}"));
+        }
         for i in 0..2 {
             let run = RunDir::new(&self.runs[i]);
             let result = run.read_latents().and_then(|rows| {
@@ -60,6 +70,9 @@ impl CompareView {
         }
         if ui.button("Compare").clicked() {
             self.load();
+        }
+        if let Some(m) = &self.mismatch {
+            ui.colored_label(egui::Color32::YELLOW, format!("warning: {m}"));
         }
         ui.columns(2, |cols| {
             for i in 0..2 {

@@ -414,6 +414,15 @@ fn compare_view_puts_two_runs_side_by_side() {
         c["chat_only"], c["base_only"], c["shared"], c["other"], c["dead"]
     ));
     harness.get_by_label_contains(&format!("run 2: {pass} of {chat} chat-only latents pass Latent Scaling"));
+    assert!(harness.query_by_label_contains("not comparable").is_none(), "like for like: no warning");
+    // A run of another layer: still shown, with a warning saying how they differ.
+    let config = b.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap().replace("\"layer\": 1", "\"layer\": 2");
+    std::fs::write(&config, text).unwrap();
+    harness.get_by_label("Compare").click();
+    harness.run_steps(3);
+    harness.get_by_label_contains("are not comparable: layer 1 vs 2");
+    harness.get_by_label_contains(&format!("run 2: {pass} of {chat} chat-only latents pass Latent Scaling"));
     for r in [a, b] {
         std::fs::remove_dir_all(r.parent().unwrap()).unwrap();
     }
