@@ -114,8 +114,9 @@ struct World {
 }
 
 impl World {
-    fn build() -> Self {
-        let root = std::env::temp_dir().join(format!("crossdiff-bad-inputs-{}", std::process::id()));
+    /// Built under a folder of its own (`tag`): the tests run in parallel.
+    fn build(tag: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("crossdiff-bad-inputs-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
         let at = |p: &str| root.join(p).display().to_string();
@@ -221,7 +222,7 @@ impl Drop for World {
 
 #[test]
 fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
-    let w = World::build();
+    let w = World::build("cli");
     let fresh = w.fresh();
     let (b, c, web, chats, cache, run) = (&w.base, &w.chat, &w.web, &w.chats, &w.cache, &w.run);
     let (demo_base, demo_chat) = (asset("demo/base"), asset("demo/chat"));
@@ -250,8 +251,21 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
     let train_new = |extra: &[&str]| {
         with(
             strings(&[
-                "train", "--cache", cache, "--out", &fresh, "--dict-size", "64", "--k", "8", "--steps", "5", "--batch",
-                "128", "--threshold-start", "2",
+                "train",
+                "--cache",
+                cache,
+                "--out",
+                &fresh,
+                "--dict-size",
+                "64",
+                "--k",
+                "8",
+                "--steps",
+                "5",
+                "--batch",
+                "128",
+                "--threshold-start",
+                "2",
             ]),
             extra,
         )
@@ -279,13 +293,32 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
     let long_prompt = "word ".repeat(300);
     // Conversations the chat template refuses.
     let system = root.join("system.jsonl");
-    std::fs::write(&system, "{\"messages\": [{\"role\": \"system\", \"content\": \"x\"}, {\"role\": \"user\", \"content\": \"y\"}]}\n").unwrap();
+    std::fs::write(
+        &system,
+        "{\"messages\": [{\"role\": \"system\", \"content\": \"x\"}, {\"role\": \"user\", \"content\": \"y\"}]}\n",
+    )
+    .unwrap();
     let system = system.display().to_string();
     // A run trained further after its analysis, and a run without config.json.
     let stale = copy_run(run, &root.join("run-stale"));
     ok(&strings(&[
-        "train", "--cache", cache, "--out", &stale, "--dict-size", "64", "--k", "8", "--batch", "128", "--steps", "25",
-        "--threshold-start", "5", "--warmup-steps", "5",
+        "train",
+        "--cache",
+        cache,
+        "--out",
+        &stale,
+        "--dict-size",
+        "64",
+        "--k",
+        "8",
+        "--batch",
+        "128",
+        "--steps",
+        "25",
+        "--threshold-start",
+        "5",
+        "--warmup-steps",
+        "5",
     ]));
     let bare = copy_run(run, &root.join("run-bare"));
     std::fs::remove_file(Path::new(&bare).join("config.json")).unwrap();
@@ -299,21 +332,61 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         ("config: no positions", inspect(&positions), "`max_position_embeddings` must be positive"),
         ("config: bos outside the vocabulary", inspect(&bos), "`bos_token_id` is 99999, outside the vocabulary"),
         ("config: negative eos", inspect(&eos), "`eos_token_id` has -5"),
-        ("inspect: a prompt beyond the context", strings(&["inspect", "--model", b, "--prompt", &long_prompt, "--out", &fresh]), "longer than the model's context of 256"),
-        ("generate: beyond the context", generate(&["--max-tokens", "100000000"]), "--max-tokens 100000000: the prompt"),
+        (
+            "inspect: a prompt beyond the context",
+            strings(&["inspect", "--model", b, "--prompt", &long_prompt, "--out", &fresh]),
+            "longer than the model's context of 256",
+        ),
+        (
+            "generate: beyond the context",
+            generate(&["--max-tokens", "100000000"]),
+            "--max-tokens 100000000: the prompt",
+        ),
         ("generate: 0 tokens", generate(&["--max-tokens", "0"]), "--max-tokens must be positive"),
         ("generate: negative tokens", generate(&["--max-tokens", "-1"]), "'--max-tokens <MAX_TOKENS>'"),
-        ("generate: infinite temperature", generate(&["--temperature", "inf"]), "--temperature must be a finite number"),
+        (
+            "generate: infinite temperature",
+            generate(&["--temperature", "inf"]),
+            "--temperature must be a finite number",
+        ),
         ("cache: the same model twice", cache_new(&["--chat", b]), "are the same model"),
         ("cache: a conversation the template refuses", cache_new(&["--data", &system]), "system.jsonl: document 1"),
-        ("analyze: a huge examples store", analyze(&["--cache", cache, "--examples", "100000000"]), "--examples must be in 1..=1000"),
-        ("analyze: a huge context", analyze(&["--cache", cache, "--context", "100000000"]), "--context must be at most 512"),
-        ("analyze: token lists from models of another width", analyze(&["--cache", cache, "--base", &demo_base, "--chat", &demo_chat]), "the model has width 64"),
+        (
+            "analyze: a huge examples store",
+            analyze(&["--cache", cache, "--examples", "100000000"]),
+            "--examples must be in 1..=1000",
+        ),
+        (
+            "analyze: a huge context",
+            analyze(&["--cache", cache, "--context", "100000000"]),
+            "--context must be at most 512",
+        ),
+        (
+            "analyze: token lists from models of another width",
+            analyze(&["--cache", cache, "--base", &demo_base, "--chat", &demo_chat]),
+            "the model has width 64",
+        ),
         ("kl: the same model twice", kl(&["--base", b, "--chat", b]), "are the same model"),
-        ("kl: a latents.csv of an earlier crosscoder", strings(&["kl", "--run", &stale, "--data", chats, "--conversations", "2", "--base", b, "--chat", c]), "computed from an earlier crosscoder"),
-        ("steer: a latents.csv of an earlier crosscoder", strings(&["steer", "--run", &stale, "--model", c, "--latent", "0", "--strength", "1", "--prompt", "x"]), "computed from an earlier crosscoder"),
-        ("kl: a run without config.json", strings(&["kl", "--run", &bare, "--data", chats, "--conversations", "2", "--base", b, "--chat", c]), "config.json is missing or names no layer"),
-        ("steer: a strength that overflows", steer(&["--model", c, "--latent", "0", "--strength", "1e30"]), "--strength for latent 0 must be within ±1000"),
+        (
+            "kl: a latents.csv of an earlier crosscoder",
+            strings(&["kl", "--run", &stale, "--data", chats, "--conversations", "2", "--base", b, "--chat", c]),
+            "computed from an earlier crosscoder",
+        ),
+        (
+            "steer: a latents.csv of an earlier crosscoder",
+            strings(&["steer", "--run", &stale, "--model", c, "--latent", "0", "--strength", "1", "--prompt", "x"]),
+            "computed from an earlier crosscoder",
+        ),
+        (
+            "kl: a run without config.json",
+            strings(&["kl", "--run", &bare, "--data", chats, "--conversations", "2", "--base", b, "--chat", c]),
+            "config.json is missing or names no layer",
+        ),
+        (
+            "steer: a strength that overflows",
+            steer(&["--model", c, "--latent", "0", "--strength", "1e30"]),
+            "--strength for latent 0 must be within ±1000",
+        ),
         // ── values at the boundary ──
         (
             "inspect: no snapshot",
@@ -603,4 +676,147 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+/// The same classes through the jobs the app's views start (each view fills the engine's job from
+/// its `Default`), phrased by the view: its field labels, no CLI flags, one line.
+#[test]
+fn the_apps_jobs_refuse_bad_input_in_the_views_words() {
+    use crossdiff::workflow::Handle;
+    use crossdiff::workflow::cache::CacheJob;
+    use crossdiff::workflow::models::ModelStore;
+    use crossdiff::workflow::prompt_lab::PromptLabJob;
+    use crossdiff::workflow::steer::SteerJob;
+    use crossdiff::workflow::train::TrainJob;
+    use crossdiff_app::errors::{Fields, phrase};
+    let w = World::build("jobs");
+    let device = burn::tensor::Device::flex();
+    let store = ModelStore::new();
+    let p = |s: &str| PathBuf::from(s);
+    let fresh = p(&w.fresh());
+    let train = TrainJob {
+        cache: Some(p(&w.cache)),
+        out: fresh.clone(),
+        dict_size: Some(64),
+        k: 8,
+        batch: 128,
+        steps: Some(5),
+        threshold_start: 2,
+        ..Default::default()
+    };
+    let cache = CacheJob {
+        base: p(&w.base),
+        chat: p(&w.chat),
+        data: vec![p(&w.web)],
+        layer: 1,
+        tokens: 500,
+        out: fresh.clone(),
+        ..Default::default()
+    };
+    let steer =
+        SteerJob { run: p(&w.run), model: p(&w.chat), prompt: "hello".into(), max_tokens: 3, ..Default::default() };
+    let lab =
+        PromptLabJob { run: p(&w.run), base: p(&w.base), chat: p(&w.chat), text: "hello".into(), ..Default::default() };
+    let run_train = |j: TrainJob| j.run(&device, Handle::silent()).map(|_| ());
+    let run_cache = |j: CacheJob| crossdiff::workflow::cache::run(&j, &device, Handle::silent()).map(|_| ());
+    let run_steer = |j: SteerJob| j.run(&device, &store, Handle::silent()).map(|_| ());
+    let run_lab = |j: PromptLabJob| j.run(&device, &store, Handle::silent()).map(|_| ());
+    use crossdiff_app::{cache_view, prompt_lab_view, steering_view, train_view};
+    let cases: Vec<(&str, anyhow::Result<()>, Fields, &str)> = vec![
+        (
+            "train: NaN learning rate",
+            run_train(TrainJob { lr: f64::NAN, ..train.clone() }),
+            train_view::FIELDS,
+            "Learning rate must be a positive finite number, not NaN",
+        ),
+        (
+            "train: D 0",
+            run_train(TrainJob { dict_size: Some(0), ..train.clone() }),
+            train_view::FIELDS,
+            "Dictionary size must be positive",
+        ),
+        (
+            "train: k above D",
+            run_train(TrainJob { k: 65, ..train.clone() }),
+            train_view::FIELDS,
+            "k 65 is larger than the dictionary",
+        ),
+        (
+            "train: an unfinished cache",
+            run_train(TrainJob { cache: Some(p(&w.cache_partial)), ..train.clone() }),
+            train_view::FIELDS,
+            "tick “Use an incomplete cache”",
+        ),
+        (
+            "train: resume on other models",
+            run_train(TrainJob {
+                cache: Some(p(&w.cache_swapped)),
+                out: p(&w.run),
+                steps: Some(30),
+                threshold_start: 5,
+                warmup_steps: 5,
+                ..train.clone()
+            }),
+            train_view::FIELDS,
+            "“Run directory”",
+        ),
+        (
+            "cache: 0 tokens",
+            run_cache(CacheJob { tokens: 0, ..cache.clone() }),
+            cache_view::FIELDS,
+            "Tokens must be positive",
+        ),
+        (
+            "cache: layer beyond the blocks",
+            run_cache(CacheJob { layer: 9, ..cache.clone() }),
+            cache_view::FIELDS,
+            "Layer 9 is out of range",
+        ),
+        (
+            "cache: an empty source",
+            run_cache(CacheJob { data: vec![p(&w.empty)], ..cache.clone() }),
+            cache_view::FIELDS,
+            "Data files holds no documents",
+        ),
+        (
+            "steer: NaN strength",
+            run_steer(SteerJob { strength: f64::NAN, ..steer.clone() }),
+            steering_view::FIELDS,
+            "Strength for latent 0 must be a finite number",
+        ),
+        (
+            "steer: a model of another width",
+            run_steer(SteerJob { model: PathBuf::from(asset("demo/chat")), ..steer.clone() }),
+            steering_view::FIELDS,
+            "the model has width 64",
+        ),
+        (
+            "prompt lab: base and chat swapped",
+            run_lab(PromptLabJob { base: p(&w.chat), chat: p(&w.base), ..lab.clone() }),
+            prompt_lab_view::FIELDS,
+            "tick “Allow other models”",
+        ),
+        (
+            "prompt lab: no text",
+            run_lab(PromptLabJob { text: String::new(), ..lab.clone() }),
+            prompt_lab_view::FIELDS,
+            "Text to analyse is empty",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, result, fields, want) in cases {
+        let Err(e) = result else {
+            failures.push(format!("{name}: succeeded"));
+            continue;
+        };
+        let shown = phrase(&e, fields);
+        if !shown.contains(want) || shown.contains(" --") || shown.starts_with("--") || shown.contains('\n') {
+            failures.push(format!("{name}: {shown}"));
+        }
+        if fresh.exists() {
+            failures.push(format!("{name}: created {}", fresh.display()));
+            let _ = std::fs::remove_dir_all(&fresh);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
