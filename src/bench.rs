@@ -236,6 +236,7 @@ pub fn bench_train(
         models: vec![],
         model_ids: vec![],
         width: d,
+        source_fingerprint: serde_json::Value::Null,
     }
     .run(|_| end = Some((Instant::now(), counting.readbacks(), counting.dispatches())), || true)?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -320,6 +320,7 @@ fn batchtopk_recovers_planted_chat_only_directions() {
         models: vec![],
         model_ids: vec![],
         width: d,
+        source_fingerprint: serde_json::Value::Null,
     };
     let cc = run.run(|_| {}, || true).unwrap().crosscoder;
     let metrics: Vec<crossdiff::crosscoder::train::StepMetrics> =
@@ -366,6 +367,7 @@ fn resumed_training_follows_the_same_loss_curve() {
         models: vec![],
         model_ids: vec![],
         width: d,
+        source_fingerprint: serde_json::Value::Null,
     };
     run.run(|_| {}, || true).unwrap();
 
@@ -383,6 +385,7 @@ fn resumed_training_follows_the_same_loss_curve() {
             models: vec![],
             model_ids: vec![],
             width: d,
+            source_fingerprint: serde_json::Value::Null,
         };
         // Interrupted at step 250: the checkpoint on the way out is at 250.
         run.run(|p| stop_at.set(p.metrics.step), || stop_at.get() < 250).unwrap();
@@ -400,6 +403,7 @@ fn resumed_training_follows_the_same_loss_curve() {
             models: vec![],
             model_ids: vec![],
             width: d,
+            source_fingerprint: serde_json::Value::Null,
         };
         run.run(|_| {}, || true).unwrap();
     }

@@ -302,6 +302,7 @@ fn synthetic_run<'a>(out: &Path, source: &'a mut Synthetic, steps: u64) -> Train
         models: vec![],
         model_ids: vec![],
         width: source_width(),
+        source_fingerprint: serde_json::Value::Null,
     }
 }
 

@@ -161,6 +161,7 @@ pub fn run_cache(
     keep_going: impl Fn() -> bool,
 ) -> Result<CacheIndex> {
     job.validate()?;
+    check_out_holds_a_cache(&job.out)?;
     std::fs::create_dir_all(&job.out).map_err(|e| anyhow!("{}: cannot create: {e}", job.out.display()))?;
     let base_snap = crate::model::snapshot::Snapshot::open(&job.base)?;
     let chat_snap = crate::model::snapshot::Snapshot::open(&job.chat)?;
@@ -192,14 +193,16 @@ pub fn run_cache(
                 model_ids.join("/")
             );
         }
-        let same = existing.layer == Some(job.layer)
-            && existing.d_model == d
-            && existing.dtype == job.dtype
-            && existing.models == models
-            && existing.settings.as_ref() == Some(&job.settings());
-        if !same {
+        // Recorded identities decide which models; without them (older caches) the folder names do.
+        let names = if existing.model_ids.is_empty() { (&existing.models, &models) } else { (&models, &models) };
+        let changed = changed_settings(
+            &resume_view(existing.layer, existing.d_model, existing.dtype, names.0, existing.settings.as_ref()),
+            &resume_view(Some(job.layer), d, job.dtype, names.1, Some(&job.settings())),
+            |key| if key == "width" { "the models' width".into() } else { flag_name(key) },
+        );
+        if !changed.is_empty() {
             bail!(
-                "{}: the cache there was made with other settings (layer, models, dtype, data or sizes); \
+                "{}: the cache there was made with other settings: {changed}; \
                  re-run the same command to resume it, or choose another --out",
                 index_path.display()
             );
@@ -325,8 +328,6 @@ pub fn run_cache(
         }
     }
     if index.total_tokens == 0 {
-        // Nothing was written; leave no empty folder behind (remove_dir fails on a non-empty one).
-        let _ = std::fs::remove_dir(&job.out);
         return Err(crate::bad_value::bad("data", "holds no documents to cache (0 tokens)"));
     }
     index.complete = true;
@@ -366,4 +367,118 @@ fn done_docs_total(index: &CacheIndex) -> u64 {
 
 fn partial_name(file: &str) -> String {
     format!("{file}.base-partial")
+}
+
+/// What a resumed cache must agree on, keyed so that [`flag_name`] names each by its flag.
+fn resume_view(
+    layer: Option<usize>,
+    d: usize,
+    dtype: ActDtype,
+    models: &[String],
+    settings: Option<&CacheSettings>,
+) -> serde_json::Value {
+    let mut v = settings.map_or_else(|| serde_json::json!({}), |s| serde_json::to_value(s).expect("serializes"));
+    if let Some(t) = v.as_object_mut().and_then(|m| m.remove("target_tokens")) {
+        v["tokens"] = t;
+    }
+    (v["layer"], v["width"], v["dtype"]) = (layer.into(), d.into(), serde_json::to_value(dtype).expect("serializes"));
+    for (role, name) in ["base", "chat"].into_iter().zip(models) {
+        v[role] = name.as_str().into();
+    }
+    v
+}
+
+/// `cache --out` is a new folder, an empty one, or a cache (resumed): a folder holding anything
+/// else (a training run, other files) is refused before anything is written there.
+fn check_out_holds_a_cache(out: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
+    // Hidden files (temporary files of an interrupted write) and this writer's shards are ours.
+    let ours = |n: &str| n.starts_with('.') || (n.starts_with("acts-") && n.contains(".safetensors"));
+    let mut found: Vec<String> =
+        entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !ours(n)).collect();
+    if found.is_empty() || CacheIndex::path(out).exists() {
+        return Ok(());
+    }
+    found.sort();
+    let listed = |names: &[String]| names.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
+    use crate::run_dir::RunDir;
+    let run: Vec<String> = found
+        .iter()
+        .filter(|n| [RunDir::CONFIG, RunDir::CROSSCODER, RunDir::CHECKPOINT].contains(&n.as_str()))
+        .cloned()
+        .collect();
+    let what = if run.is_empty() {
+        format!("is not empty and holds no cache.json ({}): choose a new or empty folder", listed(&found))
+    } else {
+        format!("holds a training run ({}), not a cache: choose another folder", listed(&run))
+    };
+    Err(crate::bad_value::bad("out", format!("{} {what} for the cache", out.display())))
+}
+
+/// The settings that differ between what a folder was made with (`old`) and what a job asks for
+/// (`new`), two JSON objects compared leaf by leaf (nested objects by their dotted key path), as
+/// `OLD, now NEW` where each side lists `name value` ("--k 8 --lr 0.0001, now --k 4 --lr 0.001");
+/// `name` turns a key path into what the user knows it by (see [`flag_name`]). Empty when nothing
+/// differs.
+pub fn changed_settings(old: &serde_json::Value, new: &serde_json::Value, name: impl Fn(&str) -> String) -> String {
+    use std::collections::BTreeMap;
+    fn leaves(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
+        match v.as_object() {
+            Some(map) => {
+                for (k, x) in map {
+                    leaves(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, x, out);
+                }
+            }
+            None if !prefix.is_empty() => {
+                out.insert(prefix.to_string(), v.clone());
+            }
+            None => {}
+        }
+    }
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    leaves("", old, &mut a);
+    leaves("", new, &mut b);
+    let null = serde_json::Value::Null;
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let (mut was, mut now, mut all_flags) = (Vec::new(), Vec::new(), true);
+    for key in keys {
+        let (x, y) = (a.get(key).unwrap_or(&null), b.get(key).unwrap_or(&null));
+        if x == y {
+            continue;
+        }
+        let name = name(key);
+        all_flags &= name.starts_with("--");
+        was.push(show_setting(&name, x));
+        now.push(show_setting(&name, y));
+    }
+    if was.is_empty() {
+        return String::new();
+    }
+    let sep = if all_flags { " " } else { ", " };
+    format!("{}, now {}", was.join(sep), now.join(sep))
+}
+
+/// `layer` → `--layer`, `drop_bos` → `--drop-bos`; a nested `cache.shards` → `the cache's shards`.
+pub fn flag_name(key: &str) -> String {
+    match key.split_once('.') {
+        Some((owner, rest)) => format!("the {owner}'s {}", rest.replace(['_', '.'], " ")),
+        None => format!("--{}", key.replace('_', "-")),
+    }
+}
+
+/// One setting as the user would type it: `--lr 0.001`, `--mix` / `no --mix`, `--data a.txt b.txt`.
+fn show_setting(name: &str, v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Bool(true) => name.to_string(),
+        Value::Bool(false) | Value::Null if name.starts_with("--") => format!("no {name}"),
+        Value::Null => format!("{name} (not recorded)"),
+        Value::String(s) => format!("{name} {s}"),
+        Value::Array(items) => {
+            let items: Vec<String> =
+                items.iter().map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string)).collect();
+            format!("{name} {}", items.join(" "))
+        }
+        other => format!("{name} {other}"),
+    }
 }

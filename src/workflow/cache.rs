@@ -11,6 +11,12 @@ use crate::workflow::Handle;
 #[derive(Debug, Clone)]
 pub struct CacheOutcome {
     pub index: CacheIndex,
+    /// The data ended before `--tokens`: the finished cache holds all the data had,
+    /// `index.total_tokens` (fewer than the job's `tokens`; the shortfall is the difference). A
+    /// front end says so ("the data ran out at 1,032 of 4,096 tokens"): the cache is complete and
+    /// usable, only smaller than asked. `false` for a cache that reached `--tokens` and for a
+    /// cancelled (unfinished) one.
+    pub exhausted: bool,
     /// Tokens/s of the computation alone (from the first report after the models loaded).
     pub tokens_per_s: f64,
     pub seconds: f64,
@@ -23,16 +29,36 @@ pub fn run(job: &CacheJob, device: &Device, handle: Handle) -> Result<CacheOutco
     // (time, tokens) at the first report, after the models loaded: the rate is this run's own.
     let mut first: Option<(std::time::Instant, u64)> = None;
     handle.progress("loading models", 0, job.tokens, "tokens");
-    let index = crate::activations::writer::run_cache(
-        job,
-        device,
-        |p| {
-            first.get_or_insert((std::time::Instant::now(), p.tokens));
-            handle.progress(p.phase, p.tokens, p.target, "tokens");
-        },
-        || handle.keep_going(),
-    )?;
+    let index = crate::io::clean_on_failure(&job.out, || {
+        crate::activations::writer::run_cache(
+            job,
+            device,
+            |p| {
+                first.get_or_insert((std::time::Instant::now(), p.tokens));
+                handle.progress(p.phase, p.tokens, p.target, "tokens");
+            },
+            || handle.keep_going(),
+        )
+    })?;
     let tokens_per_s =
         first.map_or(0.0, |(t, n)| index.total_tokens.saturating_sub(n) as f64 / t.elapsed().as_secs_f64().max(1e-9));
-    Ok(CacheOutcome { index, tokens_per_s, seconds: started.elapsed().as_secs_f64() })
+    let exhausted = index.complete && index.total_tokens < job.tokens;
+    Ok(CacheOutcome { index, exhausted, tokens_per_s, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// A cache as a run's data source: what it holds (layer, width, size) and, through its shards'
+/// names, sizes and checksums, which activations exactly.
+pub fn fingerprint(index: &CacheIndex) -> serde_json::Value {
+    let mut bytes = Vec::new();
+    for s in &index.shards {
+        bytes.extend_from_slice(s.file.as_bytes());
+        bytes.extend_from_slice(&s.tokens.to_le_bytes());
+        bytes.extend_from_slice(&s.checksum.to_le_bytes());
+    }
+    serde_json::json!({
+        "layer": index.layer,
+        "width": index.d_model,
+        "tokens": index.total_tokens,
+        "shards": format!("{:016x}", crate::io::checksum(&bytes)),
+    })
 }

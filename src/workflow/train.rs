@@ -6,12 +6,16 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use crate::workflow::checks::{ensure, finite_non_negative, finite_positive, path_given, positive};
+use crate::workflow::checks::{bad, ensure, finite_non_negative, finite_positive, path_given, positive};
 use burn::tensor::Device;
+use serde_json::{Value, json};
 
+use crate::activations::cache::CacheIndex;
 use crate::activations::onthefly::{OnTheFlyConfig, OnTheFlySource};
 use crate::activations::reader::{CacheReader, PairBatch, ReaderConfig};
-use crate::crosscoder::train::{PairSource, StepMetrics, TrainConfig, TrainRun, defaults};
+use crate::crosscoder::train::{
+    NoTrainingPairs, PairSource, StepMetrics, TrainConfig, TrainRun, defaults, training_bytes,
+};
 use crate::crosscoder::{Crosscoder, Kind};
 use crate::data::TokenizeOptions;
 use crate::model::gemma2::LoadOptions;
@@ -31,19 +35,20 @@ pub struct TrainJob {
     #[arg(long, requires_all = ["chat", "data", "layer"], conflicts_with = "cache")]
     pub base: Option<PathBuf>,
     /// On the fly: the chat model.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cache")]
     pub chat: Option<PathBuf>,
     /// On the fly: the data files.
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., conflicts_with = "cache")]
     pub data: Vec<PathBuf>,
     /// On the fly: the block whose output is used.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cache")]
     pub layer: Option<usize>,
-    /// On the fly: how documents are tokenized.
+    /// On the fly: how documents are tokenized (a cache was tokenized when it was made: with
+    /// --cache these stay at their defaults).
     #[command(flatten)]
     pub tokenize: TokenizeOptions,
     /// On the fly: interleave the data files 1:1 by tokens.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cache")]
     pub mix: bool,
     /// The sparsity mechanism.
     #[arg(long, default_value = "batchtopk")]
@@ -88,9 +93,10 @@ pub struct TrainJob {
     /// Encoder column norm at init (default: 0.005 for L1, 1.0 for BatchTopK).
     #[arg(long)]
     pub init_norm: Option<f64>,
-    /// Anneal k linearly from this value down to --k over --k-anneal-steps.
+    /// Anneal k linearly from this value down to --k over --k-anneal-steps (give both).
     #[arg(long)]
     pub k_anneal_from: Option<usize>,
+    /// The steps over which k anneals from --k-anneal-from to --k (give both).
     #[arg(long, default_value_t = 0)]
     pub k_anneal_steps: u64,
     /// The paper's ½‖ε‖² per model instead of the released code's unsquared norm.
@@ -102,9 +108,10 @@ pub struct TrainJob {
     /// Tokens held out at the end of the cache for validation.
     #[arg(long, default_value_t = 0)]
     pub val_tokens: u64,
+    /// Checkpoint every N steps (0: only at the end, or when stopped).
     #[arg(long, default_value_t = defaults::CHECKPOINT_EVERY)]
     pub checkpoint_every: u64,
-    /// Rows in the shuffle pool.
+    /// Rows in the shuffle pool (at least --batch: the pool must hold a batch).
     #[arg(long, default_value_t = defaults::SHUFFLE_TOKENS)]
     pub shuffle_tokens: usize,
     /// Steps between metrics lines (and progress reports).
@@ -174,8 +181,11 @@ struct Opened {
     model_ids: Vec<String>,
     layer: Option<usize>,
     validation: Option<PairBatch>,
-    /// One pass over the training split, when the data has a size.
-    one_pass_steps: Option<u64>,
+    /// D and the step budget.
+    dict: usize,
+    steps: u64,
+    /// Where the batches come from ([`TrainRun::source_fingerprint`]).
+    fingerprint: Value,
 }
 
 impl TrainJob {
@@ -200,7 +210,13 @@ impl TrainJob {
         }
         if let Some(from) = self.k_anneal_from {
             ensure(from >= self.k, "k-anneal-from", || format!("({from}) must be at least --k ({})", self.k))?;
+            ensure(self.k_anneal_steps > 0, "k-anneal-from", || {
+                "needs --k-anneal-steps (the steps to anneal over)".into()
+            })?;
         }
+        ensure(self.k_anneal_steps == 0 || self.k_anneal_from.is_some(), "k-anneal-steps", || {
+            "needs --k-anneal-from (the k to anneal from)".into()
+        })?;
         if let Some(n) = self.steps {
             positive(n, "steps")?;
         }
@@ -211,15 +227,64 @@ impl TrainJob {
         positive(self.log_every, "log-every")?;
         positive(self.dead_tokens, "dead-tokens")?;
         positive(self.shuffle_tokens as u64, "shuffle-tokens")?;
+        ensure(self.shuffle_tokens >= self.batch, "shuffle-tokens", || {
+            format!(
+                "({}) must be at least --batch ({}): the shuffle pool must hold a batch",
+                self.shuffle_tokens, self.batch
+            )
+        })?;
+        if self.cache.is_some() {
+            self.check_no_on_the_fly_options()?;
+        }
         ensure(self.val_every == 0 || self.val_tokens > 0, "val-every", || {
             "needs --val-tokens (a held-out slice)".into()
         })?;
         Ok(())
     }
 
+    /// With --cache, the on-the-fly options stay unset: the cache fixed its layer, data and
+    /// tokenization when it was made (clap refuses most of them; this also covers the app, the
+    /// demo and the flattened tokenize options).
+    fn check_no_on_the_fly_options(&self) -> Result<()> {
+        let tok = TokenizeOptions::default();
+        let given = [
+            (self.base.is_some(), "base"),
+            (self.chat.is_some(), "chat"),
+            (!self.data.is_empty(), "data"),
+            (self.layer.is_some(), "layer"),
+            (self.mix, "mix"),
+            (self.tokenize.context != tok.context, "context"),
+            (self.tokenize.drop_bos != tok.drop_bos, "drop-bos"),
+            (self.tokenize.skip_first != tok.skip_first, "skip-first"),
+        ];
+        let why = "is for training on the fly and cannot be used with --cache (the cache fixed its layer, data and \
+                   tokenization when it was made)";
+        given.into_iter().try_for_each(|(given, flag)| ensure(!given, flag, || why.into()))
+    }
+
     /// D for a model width d.
     pub fn dict_size_for(&self, d: usize) -> usize {
-        self.dict_size.unwrap_or(self.expansion.unwrap_or(defaults::EXPANSION) * d)
+        self.dict_size.unwrap_or(self.expansion.unwrap_or(defaults::EXPANSION).saturating_mul(d))
+    }
+
+    /// Refuses a D whose training state ([`training_bytes`]) would not fit this machine's memory
+    /// (Linux; elsewhere unchecked), before anything is allocated.
+    fn check_memory(&self, d: usize, dict: usize) -> Result<()> {
+        let Some(total) = crate::io::memory_total_bytes() else { return Ok(()) };
+        let needed = training_bytes(d, dict, self.batch);
+        let (flag, value) = match (self.dict_size, self.expansion) {
+            (Some(n), _) => ("dict-size", n.to_string()),
+            (None, Some(e)) => ("expansion", e.to_string()),
+            (None, None) => ("dict-size", format!("(default {} × d)", defaults::EXPANSION)),
+        };
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        ensure(needed <= total as f64, flag, || {
+            let (needed, total) = (gib(needed), gib(total as f64));
+            format!(
+                "{value} gives D = {dict}: training needs about {needed:.1} GiB (the crosscoder, its gradients and \
+                 Adam state, plus the batch), more than this machine's {total:.1} GiB of memory"
+            )
+        })
     }
 
     /// The engine's hyperparameters once D and the step budget are known.
@@ -258,14 +323,25 @@ impl TrainJob {
                 };
                 let reader = CacheReader::open(cache, cfg)?;
                 reader.index.check_usable(cache, self.allow_partial)?;
+                ensure(self.batch as u64 <= reader.train_tokens, "batch", || {
+                    let (n, all, held) = (reader.train_tokens, reader.index.total_tokens, self.val_tokens);
+                    format!(
+                        "{} is larger than the cache's training split ({n} of its {all} tokens; --val-tokens {held})",
+                        self.batch
+                    )
+                })?;
+                let one_pass_steps = Some(reader.train_tokens.div_ceil(self.batch as u64));
+                let (dict, steps) = self.sizes(reader.index.d_model, one_pass_steps)?;
                 let validation = if self.val_tokens > 0 { Some(reader.validation()?) } else { None };
                 Ok(Opened {
+                    fingerprint: self.sampling(json!({ "cache": crate::workflow::cache::fingerprint(&reader.index) })),
                     d: reader.index.d_model,
                     models: reader.index.models.clone(),
                     model_ids: reader.index.model_ids.clone(),
                     layer: reader.index.layer,
                     validation,
-                    one_pass_steps: Some(reader.train_tokens.div_ceil(self.batch as u64)),
+                    dict,
+                    steps,
                     source: Box::new(reader),
                 })
             }
@@ -279,6 +355,7 @@ impl TrainJob {
                 let config = base_snap.config.clone();
                 crate::workflow::check_layer(layer, config.num_hidden_layers)?;
                 let model_ids = vec![base_snap.identity()?, chat_snap.identity()?];
+                let (dict, steps) = self.sizes(config.hidden_size, None)?;
                 drop((base_snap, chat_snap));
                 let cfg = OnTheFlyConfig {
                     base: base.clone(),
@@ -293,18 +370,62 @@ impl TrainJob {
                     load: LoadOptions::default(),
                 };
                 let src = OnTheFlySource::start(cfg, device.clone(), self.batch, self.shuffle_tokens, self.seed)?;
+                let fingerprint = self.sampling(json!({
+                    "layer": layer,
+                    "data": self.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                    "context": self.tokenize.context,
+                    "drop_bos": self.tokenize.drop_bos,
+                    "skip_first": self.tokenize.skip_first,
+                    "mix": self.mix,
+                }));
                 Ok(Opened {
+                    fingerprint,
                     source: Box::new(src),
                     d: config.hidden_size,
                     models: vec![base.display().to_string(), chat.display().to_string()],
                     model_ids,
                     layer: Some(layer),
                     validation: None,
-                    one_pass_steps: None,
+                    dict,
+                    steps,
                 })
             }
             _ => bail!("give --cache, or --base, --chat, --data and --layer to train on the fly"),
         }
+    }
+
+    /// A source's fingerprint with the settings that decide how its pairs are drawn.
+    fn sampling(&self, mut source: Value) -> Value {
+        source["batch"] = self.batch.into();
+        source["shuffle_tokens"] = self.shuffle_tokens.into();
+        if self.cache.is_some() {
+            source["val_tokens"] = self.val_tokens.into();
+        }
+        source
+    }
+
+    /// D and the step budget once the data's width is known, checked before a model or a byte of
+    /// training state is loaded.
+    fn sizes(&self, d: usize, one_pass: Option<u64>) -> Result<(usize, u64)> {
+        let dict = self.dict_size_for(d);
+        if self.kind == Kind::BatchTopK {
+            ensure(self.k <= dict, "k", || format!("{} is larger than the dictionary (D = {dict})", self.k))?;
+        }
+        if let Some(from) = self.k_anneal_from {
+            ensure(from <= dict, "k-anneal-from", || format!("{from} is larger than the dictionary (D = {dict})"))?;
+        }
+        self.check_memory(d, dict)?;
+        let steps = self.steps(one_pass)?;
+        if self.kind == Kind::BatchTopK {
+            ensure(steps > self.threshold_start, "threshold-start", || {
+                format!(
+                    "{} must be below the step budget ({steps}): BatchTopK's inference threshold is estimated on \
+                     the steps after it",
+                    self.threshold_start
+                )
+            })?;
+        }
+        Ok((dict, steps))
     }
 
     /// The step budget: --steps, else --tokens / batch, else one pass over the cache.
@@ -317,16 +438,23 @@ impl TrainJob {
         }
     }
 
-    /// Trains (resuming from `out`'s checkpoint); a cancelled handle checkpoints and returns.
+    /// Trains (resuming from `out`'s checkpoint); a cancelled handle checkpoints and returns. A run
+    /// refused before it saved anything leaves no folder behind.
     pub fn run(&self, device: &Device, handle: Handle) -> Result<TrainOutcome> {
         self.validate()?;
+        ensure(!CacheIndex::path(&self.out).exists(), "out", || {
+            format!(
+                "{} holds an activation cache (cache.json), not a training run: choose another folder for the run",
+                self.out.display()
+            )
+        })?;
+        crate::io::clean_on_failure(&self.out, || self.run_in(device, handle))
+    }
+
+    fn run_in(&self, device: &Device, handle: Handle) -> Result<TrainOutcome> {
         let started = std::time::Instant::now();
         let mut opened = self.open(device)?;
-        let dict = self.dict_size_for(opened.d);
-        if self.kind == Kind::BatchTopK {
-            ensure(self.k <= dict, "k", || format!("{} is larger than the dictionary (D = {dict})", self.k))?;
-        }
-        let steps = self.steps(opened.one_pass_steps)?;
+        let (dict, steps) = (opened.dict, opened.steps);
         let config = self.config(dict, steps);
         let mut run = TrainRun {
             config,
@@ -338,6 +466,7 @@ impl TrainJob {
             models: opened.models.clone(),
             model_ids: opened.model_ids.clone(),
             width: opened.d,
+            source_fingerprint: opened.fingerprint.clone(),
         };
         let mut last = None;
         handle.progress("training", 0, steps, "steps");
@@ -348,7 +477,13 @@ impl TrainJob {
                 last = Some(p.metrics);
             },
             || handle.keep_going(),
-        )?;
+        );
+        let trained = match trained {
+            Err(e) if e.downcast_ref::<NoTrainingPairs>().is_some() && self.cache.is_none() => {
+                return Err(bad("data", "gave no training pairs (0 tokens): nothing to train on; nothing was written"));
+            }
+            other => other?,
+        };
         Ok(TrainOutcome {
             crosscoder: trained.crosscoder,
             last,

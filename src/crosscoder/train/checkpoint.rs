@@ -14,6 +14,8 @@ use crate::crosscoder::{Params, read_vec, tensor};
 use crate::io::{LazyTensor, f32_bytes, write_atomic, write_safetensors_streaming};
 use crate::run_dir::RunDir;
 
+use crate::activations::writer::{changed_settings, flag_name};
+
 /// Everything a step changes; what a checkpoint stores.
 pub struct TrainState {
     pub params: Params,
@@ -40,15 +42,26 @@ struct CheckpointMeta {
     /// The models' identities (base, chat) the run trains on; a resume on other models is refused.
     #[serde(default)]
     model_ids: Vec<String>,
+    /// Where the run's batches come from ([`super::TrainRun::source_fingerprint`]); a resume on
+    /// other data is refused (null in older runs and for sources that record none: not checked).
+    #[serde(default)]
+    source: serde_json::Value,
+}
+
+/// What a checkpoint records besides the state: the models and the data it trains on.
+pub struct Provenance<'a> {
+    pub model_ids: &'a [String],
+    pub source: &'a serde_json::Value,
 }
 
 const NAMES: [&str; 4] = ["w_enc", "b_enc", "w_dec", "b_dec"];
 
 /// Writes the weights file first (a new name per step), then `state.json` pointing at it: the
 /// JSON's atomic rename is the commit point, so a crash leaves the previous checkpoint valid.
-pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState, model_ids: &[String]) -> Result<()> {
+pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState, made: &Provenance) -> Result<()> {
     let run = RunDir::new(out);
     let dir = run.checkpoint_dir();
+    fs_err::create_dir_all(&dir)?;
     let (d, _) = s.params.dims();
     let weights = format!("state-{:09}.safetensors", s.step);
     let mut tensors = Vec::new();
@@ -78,7 +91,8 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState, model_ids: &[String])
         config: cfg.clone(),
         d,
         checksum: Some(checksum),
-        model_ids: model_ids.to_vec(),
+        model_ids: made.model_ids.to_vec(),
+        source: made.source.clone(),
     };
     let text = serde_json::to_string_pretty(&meta)?;
     write_atomic(&run.checkpoint_state(), |f| Ok(f.write_all(text.as_bytes())?))?;
@@ -91,7 +105,9 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState, model_ids: &[String])
     Ok(())
 }
 
-pub fn load(out: &Path, cfg: &TrainConfig, model_ids: &[String], device: &Device) -> Result<Option<TrainState>> {
+/// The checkpoint in `out`, when there is one, checked to continue the same run: the same settings
+/// (but `steps`), models and data, or an error naming each difference.
+pub fn load(out: &Path, cfg: &TrainConfig, made: &Provenance, device: &Device) -> Result<Option<TrainState>> {
     let run = RunDir::new(out);
     let (dir, path) = (run.checkpoint_dir(), run.checkpoint_state());
     if !path.exists() {
@@ -99,14 +115,23 @@ pub fn load(out: &Path, cfg: &TrainConfig, model_ids: &[String], device: &Device
     }
     let meta: CheckpointMeta =
         serde_json::from_str(&fs_err::read_to_string(&path)?).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let mut same = meta.config.clone();
-    same.steps = cfg.steps;
-    if &same != cfg {
+    let settings = |c: &TrainConfig| {
+        let mut v = serde_json::to_value(c).expect("TrainConfig serializes");
+        // The budget may grow on resume; gradient clipping follows --kind.
+        let map = v.as_object_mut().expect("an object");
+        map.remove("steps");
+        map.remove("clip_grad");
+        v
+    };
+    let changed = changed_settings(&settings(&meta.config), &settings(cfg), config_name);
+    if !changed.is_empty() {
         bail!(
-            "{}: the run there was started with other settings; re-run the same command to resume it, or choose another --out",
+            "{}: the run there was started with other settings: {changed}; re-run the same command to resume it, \
+             or choose another --out",
             path.display()
         );
     }
+    let model_ids = made.model_ids;
     if !meta.model_ids.is_empty() && !model_ids.is_empty() && meta.model_ids != model_ids {
         bail!(
             "{}: the run there trains on other models (identities {}, the data now comes from {}); choose another --out",
@@ -114,6 +139,16 @@ pub fn load(out: &Path, cfg: &TrainConfig, model_ids: &[String], device: &Device
             meta.model_ids.join("/"),
             model_ids.join("/")
         );
+    }
+    if !meta.source.is_null() && !made.source.is_null() {
+        let changed = changed_settings(&meta.source, made.source, flag_name);
+        if !changed.is_empty() {
+            bail!(
+                "{}: the run there trains on other data: {changed}; resume it on the same data with the same \
+                 settings, or choose another --out",
+                path.display()
+            );
+        }
     }
     let file = dir.join(&meta.weights);
     let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: cannot read: {e}", file.display()))?;
@@ -157,6 +192,15 @@ pub fn load(out: &Path, cfg: &TrainConfig, model_ids: &[String], device: &Device
         since_selected: since,
         threshold: meta.threshold,
     }))
+}
+
+/// A [`TrainConfig`] key as the user knows it: its flag, or the key itself for the engine's
+/// settings that have no flag.
+fn config_name(key: &str) -> String {
+    match key {
+        "sparse" | "cpu_kernels" => key.to_string(),
+        k => flag_name(k),
+    }
 }
 
 /// Keeps the metrics lines up to the checkpoint's step (the resumed run writes the rest again).

@@ -23,13 +23,13 @@ use anyhow::{Result, anyhow, bail};
 use burn::tensor::Device;
 
 pub use crate::crosscoder::train::checkpoint::TrainState;
-pub use crate::crosscoder::train::config::{TrainConfig, defaults};
+pub use crate::crosscoder::train::config::{TrainConfig, defaults, training_bytes};
 pub use crate::crosscoder::train::dispatch::step_loss;
 pub use crate::crosscoder::train::step::{StepMetrics, StepOutput, fve, update_threshold};
 
 use crate::activations::reader::PairBatch;
 use crate::crosscoder::optim::AdamConfig;
-use crate::crosscoder::train::checkpoint::{load, save, trim_metrics};
+use crate::crosscoder::train::checkpoint::{Provenance, load, save, trim_metrics};
 use crate::crosscoder::train::step::{clip_gradients, dead_fraction};
 use crate::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, decode, geometric_median, tensor};
 
@@ -80,7 +80,24 @@ pub struct TrainRun<'a> {
     pub model_ids: Vec<String>,
     /// Width d of one model's activations.
     pub width: usize,
+    /// Where the batches come from (the cache's layer, width, size and shards, or the on-the-fly
+    /// data and tokenization; the batch and shuffle settings), as a JSON object whose keys
+    /// [`crate::activations::writer::flag_name`] names. Kept in the checkpoint; a resume whose
+    /// source differs is refused naming what differs. `Null`: not recorded, not checked.
+    pub source_fingerprint: serde_json::Value,
 }
+
+/// The data ended before the first step: there is nothing to train on, and nothing was written.
+#[derive(Debug)]
+pub struct NoTrainingPairs;
+
+impl std::fmt::Display for NoTrainingPairs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the data gave no training pairs (0 tokens); nothing was written")
+    }
+}
+
+impl std::error::Error for NoTrainingPairs {}
 
 /// What a finished (or stopped) training call leaves.
 pub struct Trained {
@@ -93,30 +110,45 @@ impl TrainRun<'_> {
     /// Trains (resuming from `out/checkpoint` when present) until `steps` or the data ends, or until
     /// `keep_going` says stop; checkpoints and exports the crosscoder on the way out. A non-finite
     /// loss or parameter stops training with an error naming the step; the last good checkpoint
-    /// and crosscoder stay as they were.
+    /// and crosscoder stay as they were. Data that ends before step 1 is [`NoTrainingPairs`], with
+    /// nothing written; a checkpoint made with other settings, models or data is refused, naming
+    /// each difference.
     pub fn run(&mut self, mut progress: impl FnMut(TrainProgress), keep_going: impl Fn() -> bool) -> Result<Trained> {
         let cfg = self.config.clone();
         let run = crate::run_dir::RunDir::new(&self.out);
-        std::fs::create_dir_all(run.checkpoint_dir()).map_err(|e| anyhow!("{}: {e}", self.out.display()))?;
-        let mut state = match load(&self.out, &cfg, &self.model_ids, &self.device)? {
+        let made = Provenance { model_ids: &self.model_ids, source: &self.source_fingerprint };
+        let mut state = match load(&self.out, &cfg, &made, &self.device)? {
             Some(s) => {
                 // The checkpoint's stream position: the reader replays the same batches.
                 self.source.skip_batches(s.step)?;
                 trim_metrics(&self.out, s.step)?;
                 s
             }
-            None => {
-                let _ = std::fs::remove_file(run.metrics());
-                self.fresh_state()?
-            }
+            None => self.fresh_state()?,
         };
+        // A run at step 0 draws its first batch before writing anything: data that gives none is
+        // an error, not an untrained crosscoder.
+        let mut first = None;
+        if state.step == 0 && cfg.steps > 0 && keep_going() {
+            first = Some(self.source.next_batch()?.ok_or(NoTrainingPairs)?);
+        }
+        std::fs::create_dir_all(run.checkpoint_dir()).map_err(|e| anyhow!("{}: {e}", self.out.display()))?;
+        if state.step == 0 {
+            let _ = std::fs::remove_file(run.metrics());
+        }
         let (d, _) = state.params.dims();
         let mut metrics_file = fs_err::OpenOptions::new().create(true).append(true).open(run.metrics())?;
         let mut first_batch = state.step == 0;
         // The step the checkpoint on disk holds (None: no checkpoint yet).
         let mut saved = (state.step > 0).then_some(state.step);
         while state.step < cfg.steps && keep_going() {
-            let Some(batch) = self.source.next_batch()? else { break };
+            let batch = match first.take() {
+                Some(b) => b,
+                None => match self.source.next_batch()? {
+                    Some(b) => b,
+                    None => break,
+                },
+            };
             if batch.d != d {
                 bail!("the data has width {}, the crosscoder {d}", batch.d);
             }
@@ -178,7 +210,7 @@ impl TrainRun<'_> {
         if !total.is_finite() {
             return Err(diverged("a parameter is not finite", state.step, saved));
         }
-        save(&self.out, cfg, state, &self.model_ids)
+        save(&self.out, cfg, state, &Provenance { model_ids: &self.model_ids, source: &self.source_fingerprint })
     }
 
     fn fresh_state(&self) -> Result<TrainState> {
