@@ -5,8 +5,29 @@ use std::time::Instant;
 use anyhow::{Result, anyhow};
 use serde::Serialize;
 
+use crate::bad_value::{ensure, positive};
 use crate::model::Model;
 use crate::rng::SplitMix64;
+
+/// A benchmark crosscoder's size: positive, k within D, and training state that fits in memory.
+fn check_size(d: usize, dict: usize, k: usize, batch: usize) -> Result<()> {
+    positive(d as u64, "d")?;
+    positive(dict as u64, "dict-size")?;
+    positive(k as u64, "k")?;
+    positive(batch as u64, "batch")?;
+    ensure(k <= dict, "k", || format!("{k} is larger than the dictionary (--dict-size {dict})"))?;
+    if let Some(total) = crate::io::memory_total_bytes() {
+        let needed = crate::crosscoder::train::training_bytes(d, dict, batch);
+        ensure(needed <= total as f64, "dict-size", || {
+            format!(
+                "{dict} with --d {d}: about {:.1} GiB of training state, more than this machine's {:.1} GiB",
+                needed / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            )
+        })?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ForwardBench {
@@ -31,6 +52,14 @@ pub fn bench_forward(
     decode_tokens: usize,
     repeats: usize,
 ) -> Result<ForwardBench> {
+    positive(batch as u64, "batch")?;
+    positive(context as u64, "context")?;
+    positive(repeats as u64, "repeats")?;
+    if let Some(max) = model.gemma.config.max_position_embeddings {
+        ensure(context + decode_tokens <= max, "decode", || {
+            format!("{decode_tokens} with --context {context} exceeds the model's context of {max} positions")
+        })?;
+    }
     let g = &model.gemma;
     let vocab = g.config.vocab_size as u64;
     let mut rng = SplitMix64(7);
@@ -96,6 +125,10 @@ pub struct ReaderBench {
 
 /// One epoch through the shuffled reader, then a plain sequential read of every shard file.
 pub fn bench_reader(cache: &std::path::Path, batch: usize, shuffle_tokens: usize) -> Result<ReaderBench> {
+    positive(batch as u64, "batch")?;
+    ensure(shuffle_tokens >= batch, "shuffle-tokens", || {
+        format!("({shuffle_tokens}) must be at least --batch ({batch})")
+    })?;
     use crate::activations::reader::{CacheReader, ReaderConfig};
     let cfg = ReaderConfig { batch, shuffle_tokens, epochs: Some(1), ..Default::default() };
     let mut reader = CacheReader::open(cache, cfg)?;
@@ -124,6 +157,8 @@ pub fn bench_reader(cache: &std::path::Path, batch: usize, shuffle_tokens: usize
 /// Writes a cache of `tokens` random pairs of width `d` (bf16, shards of `shard_tokens`) for
 /// benchmarking the reader at real sizes without running a model.
 pub fn write_synthetic_cache(dir: &std::path::Path, tokens: u64, d: usize, shard_tokens: u64) -> Result<()> {
+    positive(tokens, "synthetic-tokens")?;
+    positive(d as u64, "d")?;
     let mut rng = SplitMix64(1);
     write_cache(dir, tokens, d, shard_tokens, |row| row.iter_mut().for_each(|x| *x = rng.next_f64() as f32 - 0.5))
 }
@@ -194,6 +229,8 @@ pub fn bench_train(
     batch: usize,
     steps: u64,
 ) -> Result<TrainBench> {
+    check_size(d, dict, k, batch)?;
+    positive(steps, "steps")?;
     use crate::activations::reader::PairBatch;
     use crate::crosscoder::train::{PairSource, TrainConfig, TrainRun};
     struct Random<'a> {
@@ -282,6 +319,8 @@ pub fn bench_analyze(
     k: usize,
     tokens: u64,
 ) -> Result<AnalyzeBench> {
+    check_size(d, dict, k, 256)?;
+    positive(tokens, "tokens")?;
     use crate::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, tensor};
     let root = std::env::temp_dir().join(format!("crossdiff-bench-analyze-{}", std::process::id()));
     let (run, cache) = (root.join("run"), root.join("cache"));

@@ -67,6 +67,7 @@ fn train_job(cache: &Path, out: &Path) -> TrainJob {
         out: out.to_path_buf(),
         dict_size: Some(64),
         k: 8,
+        threshold_start: Some(2),
         batch: 64,
         steps: Some(6),
         checkpoint_every: 3,

@@ -52,7 +52,7 @@ fn train_job(cache: &Path, out: &Path) -> TrainJob {
         k: 8,
         batch: 64,
         steps: Some(6),
-        threshold_start: 2,
+        threshold_start: Some(2),
         checkpoint_every: 3,
         log_every: 1,
         shuffle_tokens: 256,
@@ -289,12 +289,12 @@ fn the_train_job_refuses_sizes_that_cannot_work() {
         &["--k-anneal-from 100 is larger than the dictionary (D = 64)"],
     );
     refused(
-        TrainJob { threshold_start: 1000, steps: Some(50), ..job() },
+        TrainJob { threshold_start: Some(1000), steps: Some(50), ..job() },
         &["--threshold-start 1000 must be below the step budget (50): BatchTopK's inference threshold is \
              estimated on the steps after it"],
     );
     // One pass over the cache (600 / 64 → 10 steps) is the budget when no --steps is given.
-    refused(TrainJob { threshold_start: 10, steps: None, ..job() }, &["--threshold-start 10", "budget (10)"]);
+    refused(TrainJob { threshold_start: Some(10), steps: None, ..job() }, &["--threshold-start 10", "budget (10)"]);
     // With --cache, the on-the-fly options are refused (the app and the demo fill the same config).
     for (job, flag) in [
         (TrainJob { layer: Some(1), ..job() }, "--layer"),
@@ -307,7 +307,7 @@ fn the_train_job_refuses_sizes_that_cannot_work() {
         refused(job, &[&format!("{flag} is for training on the fly and cannot be used with --cache")]);
     }
     // L1 has no inference threshold to estimate: a short run is fine.
-    train(&TrainJob { kind: Kind::L1, threshold_start: 1000, ..job() }).unwrap();
+    train(&TrainJob { kind: Kind::L1, threshold_start: Some(1000), ..job() }).unwrap();
 }
 
 #[test]

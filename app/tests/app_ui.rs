@@ -289,7 +289,8 @@ fn train_view_errors_name_its_fields_and_leave_only_the_error() {
     let error = start_and_fail(&mut harness);
     assert!(
         error.ends_with(
-            "started with other settings; start the same job again to resume it, or choose another “Run directory”"
+            "started with other settings: “k” 4, now “k” 8; start the same job again to resume it, or choose \
+             another “Run directory”"
         ),
         "{error}"
     );

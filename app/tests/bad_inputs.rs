@@ -701,7 +701,7 @@ fn the_apps_jobs_refuse_bad_input_in_the_views_words() {
         k: 8,
         batch: 128,
         steps: Some(5),
-        threshold_start: 2,
+        threshold_start: Some(2),
         ..Default::default()
     };
     let cache = CacheJob {
@@ -753,7 +753,7 @@ fn the_apps_jobs_refuse_bad_input_in_the_views_words() {
                 cache: Some(p(&w.cache_swapped)),
                 out: p(&w.run),
                 steps: Some(30),
-                threshold_start: 5,
+                threshold_start: Some(5),
                 warmup_steps: 5,
                 ..train.clone()
             }),

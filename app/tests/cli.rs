@@ -669,3 +669,36 @@ fn train_stopped_by_ctrl_c_names_the_checkpoint_step() {
     assert_eq!(stdout.trim_end().lines().count(), 1, "{stdout}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn a_cache_whose_data_runs_out_says_so() {
+    let out = std::env::temp_dir().join(format!("crossdiff-cli-ranout-{}", std::process::id()));
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/data/web.txt");
+    let (base, chat) = (fixture("base"), fixture("chat"));
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "cache",
+        "--base",
+        base.to_str().unwrap(),
+        "--chat",
+        chat.to_str().unwrap(),
+        "--data",
+        web.to_str().unwrap(),
+        "--layer",
+        "1",
+        "--tokens",
+        "100000000",
+        "--context",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&r.stdout).to_string();
+    let _ = std::fs::remove_dir_all(&out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        stdout.contains("complete; the data ran out at") && stdout.contains("of the 100000000 tokens asked for"),
+        "{stdout}"
+    );
+}

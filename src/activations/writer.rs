@@ -173,6 +173,7 @@ pub fn run_cache(
     let d = base_snap.config.hidden_size;
     let models = vec![base_snap.name(), chat_snap.name()];
     let model_ids = vec![base_snap.identity()?, chat_snap.identity()?];
+    crate::model::snapshot::check_distinct((&job.base, &model_ids[0]), (&job.chat, &model_ids[1]))?;
     drop((base_snap, chat_snap));
 
     // Temporary files of an interrupted write are garbage: the shard they belonged to is redone.

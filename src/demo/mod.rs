@@ -131,6 +131,17 @@ fn write_tokenizer_files(dir: &Path, tokenizer_json: &str) -> Result<()> {
 /// Generates the corpus (`out/data`), trains the tokenizer, the base model (`out/base`) and the
 /// chat model (`out/chat`).
 pub fn rebuild(opts: &DemoBuild, device: &Device) -> Result<DemoLosses> {
+    // Checked before the corpus or a model is written: a bad rebuild must not replace a good pair.
+    use crate::bad_value::positive;
+    positive(opts.base_steps as u64, "steps")?;
+    positive(opts.chat_steps as u64, "steps")?;
+    for (v, what) in
+        [(opts.web_docs, "web-docs"), (opts.chats, "chats"), (opts.batch, "batch"), (opts.context, "context")]
+    {
+        positive(v as u64, what)?;
+    }
+    positive(opts.hidden as u64, "hidden")?;
+    positive(opts.layers as u64, "layers")?;
     let corpus = generate(opts.seed, opts.web_docs, opts.chats);
     corpus.write(&opts.out.join("data"))?;
     let mut texts = corpus.web.clone();
@@ -236,7 +247,7 @@ pub fn run_pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: 
             mu: p.mu,
             lr: 2e-3,
             warmup_steps: 50,
-            threshold_start: p.steps / 4,
+            threshold_start: Some(p.steps / 4),
             batch: 256,
             steps: Some(p.steps),
             dead_tokens: 256 * 200,

@@ -1,5 +1,6 @@
 //! A loaded model: snapshot, tokenizer and Gemma 2 weights on a device.
 
+pub mod config;
 pub mod gemma2;
 pub mod generate;
 pub mod inspect;

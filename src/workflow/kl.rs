@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use burn::tensor::Device;
 
 use crate::analysis::kl::KlStat;
@@ -61,6 +61,13 @@ impl KlJob {
             handle.progress("kl", n as u64, total, "conversations");
             handle.keep_going()
         })?;
+        // A KL that is not a number (a broken model) must not replace a good kl.json.
+        if stats.iter().all(|s| s.tokens_all == 0) {
+            return Err(crate::bad_value::bad("data", "holds no assistant replies to measure (0 tokens)"));
+        }
+        if let Some(s) = stats.iter().find(|s| s.tokens_all > 0 && !s.mean_all.is_finite()) {
+            bail!("the KL for \"{}\" came out {}; {} was left as it was", s.condition, s.mean_all, run.kl().display());
+        }
         run.write_kl(&stats)?;
         Ok(stats)
     }

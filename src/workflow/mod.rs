@@ -14,6 +14,7 @@ pub mod project;
 pub mod prompt_lab;
 pub mod steer;
 pub mod train;
+mod train_checks;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -66,6 +66,7 @@ impl ModelStore {
         let b = self.get(base, device, LoadOptions::default(), handle)?;
         let c = self.get(chat, device, LoadOptions::default(), handle)?;
         crate::model::check_models(&b, &c)?;
+        crate::model::snapshot::check_distinct((base, &b.identity), (chat, &c.identity))?;
         Ok((b, c))
     }
 

@@ -6,16 +6,14 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use crate::workflow::checks::{bad, ensure, finite_non_negative, finite_positive, path_given, positive};
+use crate::workflow::checks::{bad, ensure};
 use burn::tensor::Device;
 use serde_json::{Value, json};
 
 use crate::activations::cache::CacheIndex;
 use crate::activations::onthefly::{OnTheFlyConfig, OnTheFlySource};
 use crate::activations::reader::{CacheReader, PairBatch, ReaderConfig};
-use crate::crosscoder::train::{
-    NoTrainingPairs, PairSource, StepMetrics, TrainConfig, TrainRun, defaults, training_bytes,
-};
+use crate::crosscoder::train::{NoTrainingPairs, PairSource, StepMetrics, TrainConfig, TrainRun, defaults};
 use crate::crosscoder::{Crosscoder, Kind};
 use crate::data::TokenizeOptions;
 use crate::model::gemma2::LoadOptions;
@@ -70,9 +68,10 @@ pub struct TrainJob {
     pub lr: f64,
     #[arg(long, default_value_t = defaults::WARMUP_STEPS)]
     pub warmup_steps: u64,
-    /// BatchTopK: the inference threshold θ is estimated on steps after this one.
-    #[arg(long, default_value_t = defaults::THRESHOLD_START)]
-    pub threshold_start: u64,
+    /// BatchTopK: the inference threshold θ is estimated on steps after this one (default: 1000, or
+    /// half the step budget when that is shorter).
+    #[arg(long)]
+    pub threshold_start: Option<u64>,
     /// Pairs per step.
     #[arg(long, default_value_t = defaults::BATCH)]
     pub batch: usize,
@@ -141,7 +140,7 @@ impl Default for TrainJob {
             mu: defaults::MU,
             lr: defaults::LR,
             warmup_steps: defaults::WARMUP_STEPS,
-            threshold_start: defaults::THRESHOLD_START,
+            threshold_start: None,
             batch: defaults::BATCH,
             tokens: None,
             steps: None,
@@ -189,102 +188,10 @@ struct Opened {
 }
 
 impl TrainJob {
-    /// Checks every value that needs no file (`d`-dependent checks follow once the data is open).
-    pub fn validate(&self) -> Result<()> {
-        path_given(&self.out, "out")?;
-        positive(self.batch as u64, "batch")?;
-        finite_positive(self.lr, "lr")?;
-        finite_non_negative(self.mu, "mu")?;
-        finite_non_negative(self.aux_alpha, "aux-alpha")?;
-        if let Some(n) = self.init_norm {
-            finite_positive(n, "init-norm")?;
-        }
-        if let Some(n) = self.dict_size {
-            positive(n as u64, "dict-size")?;
-        }
-        if let Some(n) = self.expansion {
-            positive(n as u64, "expansion")?;
-        }
-        if self.kind == Kind::BatchTopK {
-            ensure(self.k > 0, "k", || "must be at least 1 (k = 0 keeps no latent)".into())?;
-        }
-        if let Some(from) = self.k_anneal_from {
-            ensure(from >= self.k, "k-anneal-from", || format!("({from}) must be at least --k ({})", self.k))?;
-            ensure(self.k_anneal_steps > 0, "k-anneal-from", || {
-                "needs --k-anneal-steps (the steps to anneal over)".into()
-            })?;
-        }
-        ensure(self.k_anneal_steps == 0 || self.k_anneal_from.is_some(), "k-anneal-steps", || {
-            "needs --k-anneal-from (the k to anneal from)".into()
-        })?;
-        if let Some(n) = self.steps {
-            positive(n, "steps")?;
-        }
-        if let Some(n) = self.tokens {
-            positive(n, "tokens")?;
-        }
-        positive(self.tokenize.context as u64, "context")?;
-        positive(self.log_every, "log-every")?;
-        positive(self.dead_tokens, "dead-tokens")?;
-        positive(self.shuffle_tokens as u64, "shuffle-tokens")?;
-        ensure(self.shuffle_tokens >= self.batch, "shuffle-tokens", || {
-            format!(
-                "({}) must be at least --batch ({}): the shuffle pool must hold a batch",
-                self.shuffle_tokens, self.batch
-            )
-        })?;
-        if self.cache.is_some() {
-            self.check_no_on_the_fly_options()?;
-        }
-        ensure(self.val_every == 0 || self.val_tokens > 0, "val-every", || {
-            "needs --val-tokens (a held-out slice)".into()
-        })?;
-        Ok(())
-    }
-
-    /// With --cache, the on-the-fly options stay unset: the cache fixed its layer, data and
-    /// tokenization when it was made (clap refuses most of them; this also covers the app, the
-    /// demo and the flattened tokenize options).
-    fn check_no_on_the_fly_options(&self) -> Result<()> {
-        let tok = TokenizeOptions::default();
-        let given = [
-            (self.base.is_some(), "base"),
-            (self.chat.is_some(), "chat"),
-            (!self.data.is_empty(), "data"),
-            (self.layer.is_some(), "layer"),
-            (self.mix, "mix"),
-            (self.tokenize.context != tok.context, "context"),
-            (self.tokenize.drop_bos != tok.drop_bos, "drop-bos"),
-            (self.tokenize.skip_first != tok.skip_first, "skip-first"),
-        ];
-        let why = "is for training on the fly and cannot be used with --cache (the cache fixed its layer, data and \
-                   tokenization when it was made)";
-        given.into_iter().try_for_each(|(given, flag)| ensure(!given, flag, || why.into()))
-    }
-
-    /// D for a model width d.
-    pub fn dict_size_for(&self, d: usize) -> usize {
-        self.dict_size.unwrap_or(self.expansion.unwrap_or(defaults::EXPANSION).saturating_mul(d))
-    }
-
-    /// Refuses a D whose training state ([`training_bytes`]) would not fit this machine's memory
-    /// (Linux; elsewhere unchecked), before anything is allocated.
-    fn check_memory(&self, d: usize, dict: usize) -> Result<()> {
-        let Some(total) = crate::io::memory_total_bytes() else { return Ok(()) };
-        let needed = training_bytes(d, dict, self.batch);
-        let (flag, value) = match (self.dict_size, self.expansion) {
-            (Some(n), _) => ("dict-size", n.to_string()),
-            (None, Some(e)) => ("expansion", e.to_string()),
-            (None, None) => ("dict-size", format!("(default {} × d)", defaults::EXPANSION)),
-        };
-        let gib = |b: f64| b / (1u64 << 30) as f64;
-        ensure(needed <= total as f64, flag, || {
-            let (needed, total) = (gib(needed), gib(total as f64));
-            format!(
-                "{value} gives D = {dict}: training needs about {needed:.1} GiB (the crosscoder, its gradients and \
-                 Adam state, plus the batch), more than this machine's {total:.1} GiB of memory"
-            )
-        })
+    /// `--threshold-start`, else the one a resumed run started with, else 1000 or half the budget.
+    fn threshold_start_for(&self, steps: u64) -> u64 {
+        let saved = crate::crosscoder::train::saved_config(&self.out).ok().flatten().map(|c| c.threshold_start);
+        self.threshold_start.or(saved).unwrap_or(defaults::THRESHOLD_START.min(steps / 2))
     }
 
     /// The engine's hyperparameters once D and the step budget are known.
@@ -295,7 +202,7 @@ impl TrainJob {
             mu: self.mu,
             lr: self.lr,
             warmup_steps: self.warmup_steps,
-            threshold_start: self.threshold_start,
+            threshold_start: self.threshold_start_for(steps),
             steps,
             aux_alpha: self.aux_alpha,
             dead_tokens: self.dead_tokens,
@@ -355,6 +262,7 @@ impl TrainJob {
                 let config = base_snap.config.clone();
                 crate::workflow::check_layer(layer, config.num_hidden_layers)?;
                 let model_ids = vec![base_snap.identity()?, chat_snap.identity()?];
+                crate::model::snapshot::check_distinct((base, &model_ids[0]), (chat, &model_ids[1]))?;
                 let (dict, steps) = self.sizes(config.hidden_size, None)?;
                 drop((base_snap, chat_snap));
                 let cfg = OnTheFlyConfig {
@@ -402,40 +310,6 @@ impl TrainJob {
             source["val_tokens"] = self.val_tokens.into();
         }
         source
-    }
-
-    /// D and the step budget once the data's width is known, checked before a model or a byte of
-    /// training state is loaded.
-    fn sizes(&self, d: usize, one_pass: Option<u64>) -> Result<(usize, u64)> {
-        let dict = self.dict_size_for(d);
-        if self.kind == Kind::BatchTopK {
-            ensure(self.k <= dict, "k", || format!("{} is larger than the dictionary (D = {dict})", self.k))?;
-        }
-        if let Some(from) = self.k_anneal_from {
-            ensure(from <= dict, "k-anneal-from", || format!("{from} is larger than the dictionary (D = {dict})"))?;
-        }
-        self.check_memory(d, dict)?;
-        let steps = self.steps(one_pass)?;
-        if self.kind == Kind::BatchTopK {
-            ensure(steps > self.threshold_start, "threshold-start", || {
-                format!(
-                    "{} must be below the step budget ({steps}): BatchTopK's inference threshold is estimated on \
-                     the steps after it",
-                    self.threshold_start
-                )
-            })?;
-        }
-        Ok((dict, steps))
-    }
-
-    /// The step budget: --steps, else --tokens / batch, else one pass over the cache.
-    fn steps(&self, one_pass: Option<u64>) -> Result<u64> {
-        match (self.steps, self.tokens, one_pass) {
-            (Some(s), _, _) => Ok(s),
-            (None, Some(t), _) => Ok(t.div_ceil(self.batch as u64)),
-            (None, None, Some(s)) => Ok(s),
-            (None, None, None) => bail!("--steps or --tokens: on the fly there is no cache size to default to"),
-        }
     }
 
     /// Trains (resuming from `out`'s checkpoint); a cancelled handle checkpoints and returns. A run

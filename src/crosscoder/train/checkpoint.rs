@@ -105,6 +105,19 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState, made: &Provenance) ->
     Ok(())
 }
 
+/// The settings the checkpoint in `out` was started with (`None`: no checkpoint): a resumed job
+/// takes the defaults it resolved then (one that depends on the step budget stays as it was when the
+/// budget grows).
+pub fn saved_config(out: &Path) -> Result<Option<TrainConfig>> {
+    let path = RunDir::new(out).checkpoint_state();
+    if !path.exists() {
+        return Ok(None);
+    }
+    let meta: CheckpointMeta =
+        serde_json::from_str(&fs_err::read_to_string(&path)?).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok(Some(meta.config))
+}
+
 /// The checkpoint in `out`, when there is one, checked to continue the same run: the same settings
 /// (but `steps`), models and data, or an error naming each difference.
 pub fn load(out: &Path, cfg: &TrainConfig, made: &Provenance, device: &Device) -> Result<Option<TrainState>> {

@@ -1,0 +1,149 @@
+//! The train job's checks: every value at the boundary ([`TrainJob::validate`]), then the sizes
+//! once the data's width is known (D, k against D, memory, the step budget), before a model or a
+//! byte of training state is loaded.
+
+use anyhow::Result;
+
+use crate::crosscoder::Kind;
+use crate::crosscoder::train::{defaults, training_bytes};
+use crate::data::TokenizeOptions;
+use crate::workflow::checks::{bad, ensure, finite_non_negative, finite_positive, path_given, positive};
+use crate::workflow::train::TrainJob;
+
+impl TrainJob {
+    /// Checks every value that needs no file (`d`-dependent checks follow once the data is open).
+    pub fn validate(&self) -> Result<()> {
+        path_given(&self.out, "out")?;
+        if let Some(cache) = &self.cache {
+            path_given(cache, "cache")?;
+        }
+        positive(self.batch as u64, "batch")?;
+        finite_positive(self.lr, "lr")?;
+        finite_non_negative(self.mu, "mu")?;
+        finite_non_negative(self.aux_alpha, "aux-alpha")?;
+        if let Some(n) = self.init_norm {
+            finite_positive(n, "init-norm")?;
+        }
+        if let Some(n) = self.dict_size {
+            positive(n as u64, "dict-size")?;
+        }
+        if let Some(n) = self.expansion {
+            positive(n as u64, "expansion")?;
+        }
+        if self.kind == Kind::BatchTopK {
+            ensure(self.k > 0, "k", || "must be at least 1 (k = 0 keeps no latent)".into())?;
+        }
+        if let Some(from) = self.k_anneal_from {
+            ensure(from >= self.k, "k-anneal-from", || format!("({from}) must be at least --k ({})", self.k))?;
+            ensure(self.k_anneal_steps > 0, "k-anneal-from", || {
+                "needs --k-anneal-steps (the steps to anneal over)".into()
+            })?;
+        }
+        ensure(self.k_anneal_steps == 0 || self.k_anneal_from.is_some(), "k-anneal-steps", || {
+            "needs --k-anneal-from (the k to anneal from)".into()
+        })?;
+        if let Some(n) = self.steps {
+            positive(n, "steps")?;
+        }
+        if let Some(n) = self.tokens {
+            positive(n, "tokens")?;
+        }
+        positive(self.tokenize.context as u64, "context")?;
+        positive(self.log_every, "log-every")?;
+        positive(self.dead_tokens, "dead-tokens")?;
+        positive(self.shuffle_tokens as u64, "shuffle-tokens")?;
+        ensure(self.shuffle_tokens >= self.batch, "shuffle-tokens", || {
+            format!(
+                "({}) must be at least --batch ({}): the shuffle pool must hold a batch",
+                self.shuffle_tokens, self.batch
+            )
+        })?;
+        if self.cache.is_some() {
+            self.check_no_on_the_fly_options()?;
+        }
+        ensure(self.val_every == 0 || self.val_tokens > 0, "val-every", || {
+            "needs --val-tokens (a held-out slice)".into()
+        })?;
+        Ok(())
+    }
+
+    /// With --cache, the on-the-fly options stay unset: the cache fixed its layer, data and
+    /// tokenization when it was made (clap refuses most of them; this also covers the app, the
+    /// demo and the flattened tokenize options).
+    fn check_no_on_the_fly_options(&self) -> Result<()> {
+        let tok = TokenizeOptions::default();
+        let given = [
+            (self.base.is_some(), "base"),
+            (self.chat.is_some(), "chat"),
+            (!self.data.is_empty(), "data"),
+            (self.layer.is_some(), "layer"),
+            (self.mix, "mix"),
+            (self.tokenize.context != tok.context, "context"),
+            (self.tokenize.drop_bos != tok.drop_bos, "drop-bos"),
+            (self.tokenize.skip_first != tok.skip_first, "skip-first"),
+        ];
+        let why = "is for training on the fly and cannot be used with --cache (the cache fixed its layer, data and \
+                   tokenization when it was made)";
+        given.into_iter().try_for_each(|(given, flag)| ensure(!given, flag, || why.into()))
+    }
+
+    /// D for a model width d.
+    pub fn dict_size_for(&self, d: usize) -> usize {
+        self.dict_size.unwrap_or(self.expansion.unwrap_or(defaults::EXPANSION).saturating_mul(d))
+    }
+
+    /// Refuses a D whose training state ([`training_bytes`]) would not fit this machine's memory
+    /// (Linux; elsewhere unchecked), before anything is allocated.
+    fn check_memory(&self, d: usize, dict: usize) -> Result<()> {
+        let Some(total) = crate::io::memory_total_bytes() else { return Ok(()) };
+        let needed = training_bytes(d, dict, self.batch);
+        let (flag, value) = match (self.dict_size, self.expansion) {
+            (Some(n), _) => ("dict-size", n.to_string()),
+            (None, Some(e)) => ("expansion", e.to_string()),
+            (None, None) => ("dict-size", format!("(default {} × d)", defaults::EXPANSION)),
+        };
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        ensure(needed <= total as f64, flag, || {
+            let (needed, total) = (gib(needed), gib(total as f64));
+            format!(
+                "{value} gives D = {dict}: training needs about {needed:.1} GiB (the crosscoder, its gradients and \
+                 Adam state, plus the batch), more than this machine's {total:.1} GiB of memory"
+            )
+        })
+    }
+
+    /// D and the step budget once the data's width is known, checked before a model or a byte of
+    /// training state is loaded.
+    pub(super) fn sizes(&self, d: usize, one_pass: Option<u64>) -> Result<(usize, u64)> {
+        let dict = self.dict_size_for(d);
+        if self.kind == Kind::BatchTopK {
+            ensure(self.k <= dict, "k", || format!("{} is larger than the dictionary (D = {dict})", self.k))?;
+        }
+        if let Some(from) = self.k_anneal_from {
+            ensure(from <= dict, "k-anneal-from", || format!("{from} is larger than the dictionary (D = {dict})"))?;
+        }
+        self.check_memory(d, dict)?;
+        let steps = self.steps(one_pass)?;
+        if let (Kind::BatchTopK, Some(start)) = (self.kind, self.threshold_start) {
+            ensure(steps > start, "threshold-start", || {
+                format!(
+                    "{start} must be below the step budget ({steps}): BatchTopK's inference threshold is estimated on \
+                     the steps after it"
+                )
+            })?;
+        }
+        Ok((dict, steps))
+    }
+
+    /// The step budget: --steps, else --tokens / batch, else one pass over the cache.
+    fn steps(&self, one_pass: Option<u64>) -> Result<u64> {
+        match (self.steps, self.tokens, one_pass) {
+            (Some(s), _, _) => Ok(s),
+            (None, Some(t), _) => Ok(t.div_ceil(self.batch as u64)),
+            (None, None, Some(s)) => Ok(s),
+            (None, None, None) => {
+                Err(bad("steps", "or --tokens is required: on the fly there is no cache size to default to"))
+            }
+        }
+    }
+}
