@@ -633,6 +633,107 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
             strings(&["inspect", "--model", &w.base_no_template, "--prompt", "x", "--chat", "--out", &fresh]),
             "chat_template",
         ),
+        // ── training sizes, sources and folders ──
+        (
+            "train: a batch beyond the cache",
+            train_new(&["--batch", "5000", "--shuffle-tokens", "8000"]),
+            "larger than the cache's training split",
+        ),
+        (
+            "train: a shuffle pool smaller than a batch",
+            train_new(&["--shuffle-tokens", "64"]),
+            "--shuffle-tokens (64) must be at least --batch (128)",
+        ),
+        (
+            "train: k annealing without its steps",
+            train_new(&["--k-anneal-from", "16"]),
+            "--k-anneal-from needs --k-anneal-steps",
+        ),
+        (
+            "train: k annealing steps without a start",
+            train_new(&["--k-anneal-steps", "3"]),
+            "--k-anneal-steps needs --k-anneal-from",
+        ),
+        (
+            "train: k annealing from beyond D",
+            train_new(&["--k-anneal-from", "100", "--k-anneal-steps", "3"]),
+            "--k-anneal-from 100 is larger than the dictionary",
+        ),
+        (
+            "train: threshold estimated after the last step",
+            train_new(&["--threshold-start", "5"]),
+            "--threshold-start 5 must be below the step budget (5)",
+        ),
+        ("train: a dictionary beyond memory", train_new(&["--dict-size", "1000000000"]), "more than this machine's"),
+        (
+            "train: --layer with --cache",
+            train_new(&["--layer", "2"]),
+            "'--cache <CACHE>' cannot be used with '--layer <LAYER>'",
+        ),
+        ("train: --out is a cache", train_new(&["--out", &w.cache_layer2]), "holds an activation cache"),
+        ("cache: --out is a run", cache_new(&["--out", run]), "holds a training run"),
+        (
+            "train on the fly: empty data",
+            strings(&[
+                "train", "--base", b, "--chat", c, "--data", &w.empty, "--layer", "1", "--out", &fresh, "--steps", "3",
+            ]),
+            "--data gave no training pairs",
+        ),
+        (
+            "train: resume with another batch",
+            strings(&[
+                "train",
+                "--cache",
+                cache,
+                "--out",
+                run,
+                "--dict-size",
+                "64",
+                "--k",
+                "8",
+                "--batch",
+                "64",
+                "--steps",
+                "20",
+                "--threshold-start",
+                "5",
+                "--warmup-steps",
+                "5",
+            ]),
+            "trains on other data: --batch 128, now --batch 64",
+        ),
+        (
+            "kl: text without conversations",
+            kl(&["--base", b, "--chat", c, "--data", web]),
+            "no conversation with an assistant reply",
+        ),
+        // ── bench and demo ──
+        ("bench train: width 0", strings(&["bench", "train", "--d", "0", "--steps", "1"]), "--d must be positive"),
+        (
+            "bench train: k beyond D",
+            strings(&["bench", "train", "--d", "8", "--dict-size", "16", "--k", "32", "--steps", "1"]),
+            "--k 32 is larger than the dictionary",
+        ),
+        (
+            "bench forward: batch 0",
+            strings(&["bench", "forward", "--model", b, "--batch", "0"]),
+            "--batch must be positive",
+        ),
+        (
+            "bench forward: beyond the context",
+            strings(&["bench", "forward", "--model", b, "--decode", "100000"]),
+            "--decode 100000 with --context 128 exceeds",
+        ),
+        (
+            "bench reader: no tokens",
+            strings(&["bench", "reader", "--cache", &fresh, "--synthetic-tokens", "0"]),
+            "--synthetic-tokens must be positive",
+        ),
+        (
+            "demo: 0 training steps",
+            strings(&["demo", "--rebuild", "--models", &fresh, "--steps", "0"]),
+            "--steps must be positive",
+        ),
         // ── integrity ──
         ("train: an unfinished cache", train_new(&["--cache", &w.cache_partial]), "the cache is incomplete"),
         ("analyze: an unfinished cache", analyze(&["--cache", &w.cache_partial]), "--allow-partial"),
