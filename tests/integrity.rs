@@ -356,3 +356,27 @@ fn a_corrupt_checkpoint_is_caught_on_resume() {
     let msg = err(synthetic_run(dir.path(), &mut src, 20).run(|_| {}, || true).map(|t| t.step));
     assert!(msg.contains("corrupt checkpoint") && msg.contains("checksum"), "{msg}");
 }
+
+#[test]
+fn an_analysis_of_an_earlier_crosscoder_is_known_as_such() {
+    let dir = TempDir::new("stale");
+    let c = dir.path().join("c");
+    cache(&cache_job(&fixture("base"), &fixture("chat"), &c, vec![data("web.txt")], ActDtype::Bf16)).unwrap();
+    let run = dir.path().join("run");
+    let device = Device::flex();
+    train_job(&c, &run).run(&device, Handle::silent()).unwrap();
+    AnalyzeJob { run: run.clone(), cache: c.clone(), examples: 2, ..Default::default() }
+        .run(&device, Handle::silent())
+        .unwrap();
+    let dir_of = crossdiff::run_dir::RunDir::new(&run);
+    assert_eq!(dir_of.stale_analysis(), None);
+    let cc = crossdiff::crosscoder::Crosscoder::load(&run, &device).unwrap();
+    assert_eq!(dir_of.read_latents_of(&cc).unwrap().len(), 64);
+    // Trained further: the analysis describes the crosscoder before.
+    TrainJob { steps: Some(9), ..train_job(&c, &run) }.run(&device, Handle::silent()).unwrap();
+    let why = dir_of.stale_analysis().expect("out of date");
+    assert!(why.contains("latents.csv is out of date") && why.contains("crossdiff analyze"), "{why}");
+    let cc = crossdiff::crosscoder::Crosscoder::load(&run, &device).unwrap();
+    let msg = err(dir_of.read_latents_of(&cc));
+    assert!(msg.contains("computed from an earlier crosscoder"), "{msg}");
+}

@@ -125,7 +125,14 @@ impl CacheView {
             self.job.start(env.spawn("caching", move |device, _, handle| {
                 let done = crossdiff::workflow::cache::run(&job, device, handle)?;
                 let index = &done.index;
-                let state = if index.complete { "complete" } else { "stopped; start again to resume" };
+                let state = match (index.complete, done.exhausted) {
+                    (true, true) => format!(
+                        "complete; the data ran out at {} of the {} tokens asked for",
+                        index.total_tokens, job.tokens
+                    ),
+                    (true, false) => "complete".to_string(),
+                    (false, _) => "stopped; start again to resume".to_string(),
+                };
                 Ok(format!("{} tokens in {} shards, {state}", index.total_tokens, index.shards.len()))
             }));
         }

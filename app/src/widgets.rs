@@ -23,7 +23,8 @@ pub fn load_latents(
     error: &mut Option<String>,
 ) {
     (*rows, *error) = match run.read_latents() {
-        Ok(r) => (r, None),
+        // An analysis of an earlier crosscoder is still shown, with the reason it is out of date.
+        Ok(r) => (r, run.stale_analysis().map(|why| crate::errors::phrase_text(&why, RUN_FIELDS))),
         Err(e) => (Vec::new(), Some(crate::errors::phrase(&e, RUN_FIELDS))),
     };
 }

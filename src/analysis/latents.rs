@@ -228,6 +228,21 @@ impl RunDir {
         self.read_json(RunDir::SUMMARY)
     }
 
+    /// Why `latents.csv` no longer describes the run's crosscoder (trained further or replaced since
+    /// `analyze`), or `None` when it does or nothing records which crosscoder was analysed. Reads
+    /// the crosscoder file once (for its checksum): call it when a run is loaded, not per frame.
+    pub fn stale_analysis(&self) -> Option<String> {
+        let analysed = self.read_summary().ok()?.crosscoder_checksum?;
+        let bytes = std::fs::read(self.crosscoder()).ok()?;
+        (crate::io::checksum(&bytes) != analysed).then(|| {
+            format!(
+                "{} is out of date: it was computed from an earlier crosscoder (the run was trained further, or its \
+                 crosscoder replaced); run `crossdiff analyze` again",
+                self.latents().display()
+            )
+        })
+    }
+
     /// `latents.csv` checked against the crosscoder it describes: one row per latent, finite
     /// numbers, computed from this very crosscoder file (a run trained further since, or a
     /// crosscoder copied in from elsewhere, needs `crossdiff analyze` again).
