@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use crossdiff::Backend;
-use crossdiff::analysis::latents::LatentClass;
 use crossdiff::workflow::models::ModelStore;
 use crossdiff::workflow::project::Project;
 use eframe::egui;
@@ -30,8 +29,13 @@ pub fn run(backend: Backend) -> Result<()> {
     // `auto` asks wgpu for the adapters once, here on the main thread, before any job thread opens
     // a device (Vulkan loaders dislike instances made on several threads at once).
     let _ = Backend::Auto.resolve();
+    // A first size until the monitor is known; the first frame then fits the window to the screen
+    // (`window_size`).
     let options = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default().with_inner_size([1100.0, 720.0]).with_title("crossdiff"),
+        viewport: egui::ViewportBuilder::default()
+            .with_inner_size([1100.0, 720.0])
+            .with_min_inner_size(MIN_WINDOW)
+            .with_title("crossdiff"),
         ..Default::default()
     };
     eframe::run_native(
@@ -43,16 +47,6 @@ pub fn run(backend: Backend) -> Result<()> {
             // CROSSDIFF_PROJECT opens a project with its first run loaded (demos, screenshots).
             if let Ok(dir) = std::env::var("CROSSDIFF_PROJECT") {
                 app.open_project(Path::new(&dir));
-                app.latents.load();
-                app.plots.load();
-                app.compare.load();
-                if let Some(first) = app
-                    .latents
-                    .first_latent_of_class(LatentClass::ChatOnly)
-                    .or(app.latents.first_latent_of_class(LatentClass::Shared))
-                {
-                    app.latents.open_latent(first);
-                }
             }
             // Recent projects survive restarts (eframe persistence).
             if let Some(recent) = cc.storage.and_then(|s| eframe::get_value::<Vec<PathBuf>>(s, RECENT_KEY)) {
@@ -104,6 +98,15 @@ pub fn window_reason(text: &str) -> String {
 
 const RECENT_KEY: &str = "recent_projects";
 
+/// The smallest window the views are laid out for.
+pub const MIN_WINDOW: [f32; 2] = [900.0, 600.0];
+
+/// The window's size on a monitor of `monitor` points: 85% of it each way, at least [`MIN_WINDOW`],
+/// never more than the monitor.
+pub fn window_size(monitor: egui::Vec2) -> egui::Vec2 {
+    (monitor * 0.85).max(egui::Vec2::from(MIN_WINDOW)).min(monitor)
+}
+
 /// The devices the selector offers (as `crossdiff::Backend` has them).
 const BACKENDS: [Backend; 4] = [Backend::Auto, Backend::Cpu, Backend::Wgpu, Backend::Cuda];
 
@@ -124,12 +127,15 @@ pub struct CrossdiffApp {
     pub models: crate::models_view::ModelsView,
     pub latents: crate::latents_view::LatentsView,
     pub train: crate::train_view::TrainView,
+    pub analyze: crate::analyze_view::AnalyzeView,
     pub cache: crate::cache_view::CacheView,
     pub plots: crate::plots_view::PlotsView,
     pub compare: crate::compare_view::CompareView,
     pub steering: crate::steering_view::SteeringView,
     pub prompt_lab: crate::prompt_lab_view::PromptLabView,
     error: Option<String>,
+    /// Whether the window was fitted to the monitor yet (the first frame that knows its size).
+    sized: bool,
 }
 
 impl CrossdiffApp {
@@ -151,12 +157,14 @@ impl CrossdiffApp {
             models: crate::models_view::ModelsView::new([bundled("base"), bundled("chat")]),
             latents: crate::latents_view::LatentsView::new(String::new(), bundled("chat")),
             train: crate::train_view::TrainView::default(),
+            analyze: crate::analyze_view::AnalyzeView::new(bundled("base"), bundled("chat")),
             cache: crate::cache_view::CacheView::new(bundled("base"), bundled("chat")),
             plots: crate::plots_view::PlotsView::new(String::new()),
             compare: crate::compare_view::CompareView::default(),
             steering: crate::steering_view::SteeringView::new(bundled("chat")),
             prompt_lab: crate::prompt_lab_view::PromptLabView::new(bundled("base"), bundled("chat")),
             error: None,
+            sized: false,
         }
     }
 
@@ -177,24 +185,42 @@ impl CrossdiffApp {
                 self.cache.data = p.data.iter().map(|d| s(d)).collect::<Vec<_>>().join("\n");
                 self.cache.out_dir = s(&p.cache);
                 self.train.cache_dir = s(&p.cache);
-                self.prompt_lab.base_dir = base;
+                self.prompt_lab.base_dir = base.clone();
                 self.prompt_lab.chat_dir = chat.clone();
                 self.steering.model_dir = chat.clone();
-                self.latents.model_dir = chat;
+                self.latents.model_dir = chat.clone();
                 let runs = p.run_dirs();
                 let first_run = runs
                     .first()
                     .map(|r| r.display().to_string())
                     .unwrap_or_else(|| p.dir.join("runs/batchtopk").display().to_string());
                 self.train.run_dir = first_run.clone();
-                self.latents.run_dir = first_run.clone();
-                self.plots.run_dir = first_run.clone();
-                self.steering.run_dir = first_run.clone();
-                self.prompt_lab.run_dir = first_run;
+                self.analyze.set_run(&first_run);
+                self.analyze.base_dir = base.clone();
+                self.analyze.chat_dir = chat.clone();
+                self.analyze.cache_dir = s(&p.cache);
+                // The KL check's conversations: the project's first chat data file.
+                let is_chat = |d: &&PathBuf| d.extension().is_some_and(|e| e == "jsonl" || e == "parquet");
+                self.analyze.kl_data = p.data.iter().find(is_chat).map(|d| s(d)).unwrap_or_default();
                 self.compare.runs = [
                     runs.first().map(|r| r.display().to_string()).unwrap_or_default(),
                     runs.get(1).map(|r| r.display().to_string()).unwrap_or_default(),
                 ];
+                if runs.is_empty() {
+                    self.latents.run_dir = first_run.clone();
+                    self.plots.run_dir = first_run.clone();
+                    self.steering.run_dir = first_run.clone();
+                    self.prompt_lab.run_dir = first_run;
+                } else {
+                    // The project's first run in every view that shows one; Prompt lab and
+                    // Steering start from its most chat-specific latent and run once when shown.
+                    self.latents.show_run(&first_run);
+                    self.plots.show_run(&first_run);
+                    self.compare.load();
+                    let suggestion = crate::suggest::Suggestion::of_run(Path::new(&first_run), Path::new(&chat));
+                    self.prompt_lab.prefill(&first_run, &base, &chat, &suggestion);
+                    self.steering.prefill(&first_run, &chat, &suggestion);
+                }
                 crossdiff::workflow::project::remember(&mut self.recent, dir, 10);
                 self.project = Some(p);
                 self.error = None;
@@ -234,9 +260,39 @@ impl CrossdiffApp {
                     self.steering.steer_latent(&run, latent);
                     self.tab = Tab::Steering;
                 }
+                AppCommand::AnalyzeRun { run, cache } => {
+                    self.analyze.set_run(&run);
+                    if let Some(cache) = cache.filter(|c| !c.trim().is_empty()) {
+                        self.analyze.cache_dir = cache;
+                    }
+                    self.tab = Tab::Analyze;
+                }
+                AppCommand::Analysed { run } => {
+                    self.latents.show_run(&run);
+                    self.plots.show_run(&run);
+                    if self.compare.runs.contains(&run) {
+                        self.compare.load();
+                    }
+                }
+                AppCommand::KlMeasured { run } => self.plots.show_run(&run),
                 AppCommand::SwitchTab(tab) => self.tab = tab,
             }
         }
+    }
+
+    /// Once the monitor's size is known (the first frame, mostly): the window at
+    /// [`window_size`] of it, centred.
+    fn fit_window(&mut self, ctx: &egui::Context) {
+        if self.sized {
+            return;
+        }
+        let Some(monitor) = ctx.input(|i| i.viewport().monitor_size).filter(|m| m.x > 0.0 && m.y > 0.0) else {
+            return;
+        };
+        self.sized = true;
+        let size = window_size(monitor);
+        ctx.send_viewport_cmd(egui::ViewportCommand::InnerSize(size));
+        ctx.send_viewport_cmd(egui::ViewportCommand::OuterPosition(((monitor - size) * 0.5).to_pos2()));
     }
 
     fn project_menu_ui(&mut self, ui: &mut egui::Ui) {
@@ -293,6 +349,7 @@ impl eframe::App for CrossdiffApp {
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.fit_window(ui.ctx());
         self.drain_commands();
         egui::Panel::top("status").show(ui, |ui| self.top_bar_ui(ui));
         let env = self.job_env();
@@ -305,7 +362,10 @@ impl eframe::App for CrossdiffApp {
                 egui::CentralPanel::default().show(ui, |ui| self.cache.ui(ui, &env));
             }
             Tab::Train => {
-                egui::CentralPanel::default().show(ui, |ui| self.train.ui(ui, &env));
+                egui::CentralPanel::default().show(ui, |ui| self.train.ui(ui, &env, &mut self.commands));
+            }
+            Tab::Analyze => {
+                egui::CentralPanel::default().show(ui, |ui| self.analyze.ui(ui, &env, &mut self.commands));
             }
             Tab::Latents => {
                 egui::CentralPanel::default().show(ui, |ui| self.latents.ui(ui, &mut self.commands));

@@ -8,6 +8,7 @@ pub enum Tab {
     Models,
     Cache,
     Train,
+    Analyze,
     Latents,
     Plots,
     PromptLab,
@@ -17,10 +18,11 @@ pub enum Tab {
 
 impl Tab {
     /// Every tab, in the top bar's order, with its label.
-    pub const ALL: [(Tab, &'static str); 8] = [
+    pub const ALL: [(Tab, &'static str); 9] = [
         (Tab::Models, "Models"),
         (Tab::Cache, "Cache"),
         (Tab::Train, "Train"),
+        (Tab::Analyze, "Analyze"),
         (Tab::Latents, "Latents"),
         (Tab::Plots, "Plots"),
         (Tab::PromptLab, "Prompt lab"),
@@ -34,6 +36,7 @@ impl Tab {
             "models" => Tab::Models,
             "cache" => Tab::Cache,
             "train" => Tab::Train,
+            "analyze" => Tab::Analyze,
             "latents" => Tab::Latents,
             "plots" => Tab::Plots,
             "compare" => Tab::Compare,
@@ -56,6 +59,21 @@ pub enum AppCommand {
     SteerLatent {
         run: String,
         latent: usize,
+    },
+    /// Open run `run` in the Analyze view (from the Train, Latents and Plots views) and switch to
+    /// it; `cache`: the cache it was trained on, when the sender knows it.
+    AnalyzeRun {
+        run: String,
+        cache: Option<String>,
+    },
+    /// The analysis of run `run` finished (latents.csv, summary.json, examples written): the
+    /// Latents, Plots and Compare views show it.
+    Analysed {
+        run: String,
+    },
+    /// The KL check of run `run` finished (kl.json written): the Plots view shows it.
+    KlMeasured {
+        run: String,
     },
     SwitchTab(Tab),
 }

@@ -104,7 +104,7 @@ impl CompareView {
                     summary.fve_base, summary.fve_chat, summary.l0
                 ));
                 Plot::new(format!("compare delta {i}")).height(160.0).legend(Legend::default()).show(ui, |plot| {
-                    crate::plots_view::class_bars(plot, delta, 0.0, 0.02);
+                    crate::widgets::class_bars(plot, delta, 0.0, 0.02);
                 });
             }
         });

@@ -255,6 +255,13 @@ impl JobSlot {
         std::mem::take(&mut self.ended)
     }
 
+    /// Whether the job ended since the last call having done its work: not failed, not cancelled
+    /// (views then tell the others that a run changed).
+    pub fn take_succeeded(&mut self) -> bool {
+        self.take_ended()
+            && self.job.as_ref().is_some_and(|j| matches!(j.finished, Some(Ok(_))) && !j.cancel_requested())
+    }
+
     /// What the job delivered, once it has ended (taken: `None` on later frames).
     pub fn delivered<T>(&mut self, delivery: &Delivery<T>) -> Option<T> {
         if self.take_ended() { delivery.take() } else { None }

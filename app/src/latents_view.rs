@@ -11,6 +11,7 @@ use crossdiff::run_dir::RunDir;
 use eframe::egui;
 
 use crate::commands::{AppCommand, Commands};
+use crate::widgets::class_color;
 
 /// The class filter's choices (`None`: all).
 const CLASSES: [Option<LatentClass>; 6] = [
@@ -129,6 +130,16 @@ impl LatentsView {
         self.open(latent);
     }
 
+    /// Shows run `run` (a project opened, an analysis finished): reloads it and opens its most
+    /// chat-specific latent (the chat-only one with the largest Δ).
+    pub fn show_run(&mut self, run: &str) {
+        self.run_dir = run.to_string();
+        self.load();
+        if let Some(j) = crate::suggest::strongest_latent(&self.rows) {
+            self.open(j);
+        }
+    }
+
     fn open(&mut self, latent: usize) {
         let examples = self.store.as_ref().and_then(|s| s.latent(latent).ok());
         self.selected = Some((latent, examples));
@@ -146,6 +157,10 @@ impl LatentsView {
         });
         if let Some(e) = &self.error {
             ui.colored_label(egui::Color32::LIGHT_RED, format!("error: {e}"));
+            // No latents table yet (or a stale one): the analysis is one click away.
+            if ui.button("Analyze this run").clicked() {
+                commands.push(AppCommand::AnalyzeRun { run: self.run_dir.clone(), cache: None });
+            }
         }
         let mut changed = false;
         ui.horizontal(|ui| {
@@ -220,21 +235,19 @@ impl LatentsView {
                 for &i in &self.shown[range] {
                     let r = &self.rows[i];
                     let nu = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
-                    let text = format!(
-                        "{:>7} {:>6.3} {:>10} {:>8.4} {:>8} {:>8}",
-                        r.latent,
-                        r.delta_norm,
-                        r.class.as_str(),
-                        r.freq,
-                        nu(r.nu_error),
-                        nu(r.nu_reconstruction)
-                    );
+                    // The class in its colour (the one every view uses), the rest as text.
+                    let mut row = egui::text::LayoutJob::default();
+                    let font = egui::TextStyle::Monospace.resolve(ui.style());
+                    let plain = ui.visuals().text_color();
+                    for (part, color) in [
+                        (format!("{:>7} {:>6.3} ", r.latent, r.delta_norm), plain),
+                        (format!("{:>10}", r.class.as_str()), class_color(r.class)),
+                        (format!(" {:>8.4} {:>8} {:>8}", r.freq, nu(r.nu_error), nu(r.nu_reconstruction)), plain),
+                    ] {
+                        row.append(&part, 0.0, egui::TextFormat::simple(font.clone(), color));
+                    }
                     let is_selected = self.selected.as_ref().is_some_and(|(j, _)| *j == r.latent);
-                    if ui
-                        .selectable_label(is_selected, egui::RichText::new(text).monospace())
-                        .on_hover_text(format!("latent {}", r.latent))
-                        .clicked()
-                    {
+                    if ui.selectable_label(is_selected, row).on_hover_text(format!("latent {}", r.latent)).clicked() {
                         clicked = Some(r.latent);
                     }
                 }
@@ -255,7 +268,7 @@ impl LatentsView {
         if ui.button(format!("Steer with latent {j}")).clicked() {
             commands.push(AppCommand::SteerLatent { run: self.run_dir.clone(), latent: *j });
         }
-        ui.label(format!("class {} — {}", r.class, r.verdict()));
+        ui.label(egui::RichText::new(format!("class {} — {}", r.class, r.verdict())).color(class_color(r.class)));
         ui.label(format!(
             "Δ {:.3}   |d base| {:.3}   |d chat| {:.3}   cos {:.3}",
             r.delta_norm, r.dec_norm_base, r.dec_norm_chat, r.dec_cos
@@ -318,7 +331,7 @@ impl LatentsView {
 
     fn token_text(&self, id: u32) -> String {
         match &self.tokenizer {
-            Some(t) => t.decode(&[id]).unwrap_or_else(|_| format!("#{id}")).replace('\n', "\\n"),
+            Some(t) => t.decode(&[id]).map_or_else(|_| format!("#{id}"), |s| crate::widgets::printable(&s)),
             None => format!("#{id}"),
         }
     }

@@ -1,6 +1,7 @@
 //! The `crossdiff` program: command line (`cli`) and desktop app (`app`). All domain logic lives in
 //! the engine crate; this crate only parses, presents and runs work on background threads (`jobs`).
 
+pub mod analyze_view;
 pub mod app;
 pub mod cache_view;
 pub mod cli;
@@ -13,5 +14,7 @@ pub mod models_view;
 pub mod plots_view;
 pub mod prompt_lab_view;
 pub mod steering_view;
+pub mod suggest;
+pub mod train_run;
 pub mod train_view;
 pub mod widgets;

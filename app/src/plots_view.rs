@@ -11,6 +11,7 @@ use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Line, Plot, PlotPoints, Points, VLine};
 
 use crate::commands::{AppCommand, Commands};
+use crate::widgets::{GUIDE_COLOR, SERIES_COLOR, class_bars, class_color};
 
 pub struct PlotsView {
     pub run_dir: String,
@@ -55,24 +56,6 @@ impl Figures {
     }
 }
 
-pub fn class_color(class: LatentClass) -> egui::Color32 {
-    match class {
-        LatentClass::ChatOnly => egui::Color32::from_rgb(220, 80, 60),
-        LatentClass::BaseOnly => egui::Color32::from_rgb(70, 130, 220),
-        LatentClass::Shared => egui::Color32::from_rgb(120, 190, 90),
-        _ => egui::Color32::GRAY,
-    }
-}
-
-/// One bar chart per class of a per-class histogram over bins of width `w` from `lo`.
-pub fn class_bars(plot: &mut egui_plot::PlotUi, series: &[(LatentClass, Vec<u64>)], lo: f64, w: f64) {
-    for (class, counts) in series {
-        let bars =
-            counts.iter().enumerate().map(|(b, &c)| Bar::new(lo + (b as f64 + 0.5) * w, c as f64).width(w)).collect();
-        plot.bar_chart(BarChart::new(class.as_str(), bars).color(class_color(*class)));
-    }
-}
-
 impl PlotsView {
     pub fn new(run_dir: String) -> Self {
         Self {
@@ -92,6 +75,12 @@ impl PlotsView {
         crate::widgets::load_latents(&run, &mut self.rows, &mut self.error);
         self.figures = Some(std::rc::Rc::new(Figures::of(&self.rows)));
         self.kl = run.read_kl().ok();
+    }
+
+    /// Shows run `run` (a project opened, an analysis or KL check finished): reloads its figures.
+    pub fn show_run(&mut self, run: &str) {
+        self.run_dir = run.to_string();
+        self.load();
     }
 
     pub fn ui(&mut self, ui: &mut egui::Ui, commands: &mut Commands) {
@@ -136,6 +125,14 @@ impl PlotsView {
             ui.label(m.as_str());
         }
         let Some(fig) = self.figures.clone().filter(|_| !self.rows.is_empty()) else { return };
+        if self.kl.is_none() {
+            ui.horizontal(|ui| {
+                ui.weak("No KL check for this run yet (kl.json).");
+                if ui.button("Run the KL check").clicked() {
+                    commands.push(AppCommand::AnalyzeRun { run: self.run_dir.clone(), cache: None });
+                }
+            });
+        }
         egui::ScrollArea::vertical().show(ui, |ui| {
             for (i, (title, lo, hi)) in
                 [("Relative decoder norm Δ", 0.0, 1.0), ("Δ, zoom on [0.9, 1]", 0.9, 1.0)].into_iter().enumerate()
@@ -161,7 +158,11 @@ impl PlotsView {
                     class_bars(plot, series, lo, w);
                     for x in [0.1, 0.4, 0.6, 0.9] {
                         if x >= lo && x <= hi {
-                            plot.vline(VLine::new(format!("{x}"), x).style(egui_plot::LineStyle::dashed_loose()));
+                            plot.vline(
+                                VLine::new(format!("{x}"), x)
+                                    .color(GUIDE_COLOR)
+                                    .style(egui_plot::LineStyle::dashed_loose()),
+                            );
                         }
                     }
                 });
@@ -202,13 +203,16 @@ impl PlotsView {
                         .enumerate()
                         .map(|(i, k)| Bar::new(i as f64, k.mean_all).name(&k.condition).width(0.6))
                         .collect();
-                    plot.bar_chart(BarChart::new("KL", bars));
+                    plot.bar_chart(BarChart::new("KL", bars).color(SERIES_COLOR));
                     for (i, k) in kl.iter().enumerate() {
                         let (m, ci) = (k.mean_all, k.ci_all);
-                        plot.line(Line::new(
-                            format!("CI {i}"),
-                            PlotPoints::from(vec![[i as f64, m - ci], [i as f64, m + ci]]),
-                        ));
+                        plot.line(
+                            Line::new(
+                                format!("CI {i}"),
+                                PlotPoints::from(vec![[i as f64, m - ci], [i as f64, m + ci]]),
+                            )
+                            .color(GUIDE_COLOR),
+                        );
                     }
                 });
                 ui.label(
@@ -248,7 +252,7 @@ impl PlotsView {
             Plot::new("below threshold").height(160.0).show(ui, |plot| {
                 let pts: PlotPoints =
                     fig.below.iter().filter(|(_, c)| *c > 0).map(|(p, c)| [*p, (*c as f64).log10()]).collect();
-                plot.line(Line::new("count", pts));
+                plot.line(Line::new("count", pts).color(class_color(LatentClass::ChatOnly)));
             });
         });
     }

@@ -33,6 +33,8 @@ pub struct PromptLabView {
     delivery: Delivery<(PromptLabOutcome, Vec<usize>)>,
     /// The last analysis and the latents it followed.
     result: Option<(PromptLabOutcome, Vec<usize>)>,
+    /// Analyse once when the view is first shown (a project's run was just opened).
+    pub auto_run: bool,
 }
 
 impl PromptLabView {
@@ -47,7 +49,36 @@ impl PromptLabView {
             job: JobSlot::new(FIELDS),
             delivery: Delivery::default(),
             result: None,
+            auto_run: false,
         }
+    }
+
+    /// Fills the view from a project's run: its models, the suggested latent and the text it fires
+    /// on (as plain text: it holds the chat template's turns); the analysis runs when the view is
+    /// first shown.
+    pub fn prefill(&mut self, run: &str, base: &str, chat: &str, suggestion: &crate::suggest::Suggestion) {
+        self.run_dir = run.to_string();
+        self.base_dir = base.to_string();
+        self.chat_dir = chat.to_string();
+        self.result = None;
+        if let Some(j) = suggestion.latent {
+            self.latents = j.to_string();
+        }
+        if let Some(text) = &suggestion.text {
+            self.config.text = text.clone();
+            self.config.chat_turn = false;
+        }
+        self.auto_run = true;
+    }
+
+    fn start(&mut self, env: &JobEnv) {
+        let (job, delivery) = (self.job_config(), self.delivery.clone());
+        self.job.start(env.spawn("analysis", move |device, store, handle| {
+            let outcome = job.run(device, store, handle)?;
+            let n = outcome.tokens.len();
+            delivery.put((outcome, job.chosen));
+            Ok(format!("{n} tokens"))
+        }));
     }
 
     /// The job the Analyse button runs: the engine's config with this view's paths and latents.
@@ -84,14 +115,9 @@ impl PromptLabView {
             ui.checkbox(&mut self.config.allow_other_models, "Allow other models")
                 .on_hover_text("Go on when these are not the models the run was trained on");
         });
-        if self.job.start_button(ui, true, "Analyse") {
-            let (job, delivery) = (self.job_config(), self.delivery.clone());
-            self.job.start(env.spawn("analysis", move |device, store, handle| {
-                let outcome = job.run(device, store, handle)?;
-                let n = outcome.tokens.len();
-                delivery.put((outcome, job.chosen));
-                Ok(format!("{n} tokens"))
-            }));
+        let auto = std::mem::take(&mut self.auto_run) && !self.job.running();
+        if self.job.start_button(ui, true, "Analyse") || auto {
+            self.start(env);
         }
         self.job.ui(ui);
         if let Some((outcome, chosen)) = &self.result {
@@ -116,7 +142,7 @@ fn tokens_ui(ui: &mut egui::Ui, outcome: &PromptLabOutcome, chosen: &[usize]) {
             ui.strong("base next / chat next");
             ui.end_row();
             for (i, tok) in tokens.iter().enumerate() {
-                ui.label(tok);
+                ui.label(crate::widgets::printable(tok));
                 let alpha = (255.0 * (a.kl[i] / max_kl)) as u8;
                 ui.label(
                     egui::RichText::new(format!("{:.4}", a.kl[i]))

@@ -32,6 +32,8 @@ pub struct SteeringView {
     pub job: JobSlot,
     delivery: Delivery<(String, String)>,
     result: Option<(String, String)>,
+    /// Generate once when the view is first shown (a project's run was just opened).
+    pub auto_run: bool,
 }
 
 impl SteeringView {
@@ -46,7 +48,34 @@ impl SteeringView {
             job: JobSlot::new(FIELDS),
             delivery: Delivery::default(),
             result: None,
+            auto_run: false,
         }
+    }
+
+    /// Fills the view from a project's run: the chat model and the suggested latent at strength 1;
+    /// the generation runs when the view is first shown.
+    pub fn prefill(&mut self, run: &str, chat: &str, suggestion: &crate::suggest::Suggestion) {
+        self.run_dir = run.to_string();
+        self.model_dir = chat.to_string();
+        self.latents.clear();
+        self.result = None;
+        // A greeting: the chat model answers in its own voice, which a chat-specific latent changes.
+        self.config.prompt = "Hello!".into();
+        self.config.chat = true;
+        if let Some(j) = suggestion.latent {
+            self.add_latent(j);
+            self.auto_run = true;
+        }
+    }
+
+    fn start(&mut self, env: &JobEnv) {
+        let Some(job) = self.job_config() else { return };
+        let delivery = self.delivery.clone();
+        self.job.start(env.spawn("steering", move |device, store, handle| {
+            let done = job.run(device, store, handle)?;
+            delivery.put((done.plain, done.steered));
+            Ok(format!("{} latents at layer {}", done.rows.len(), done.layer))
+        }));
     }
 
     /// Adds a latent to steer with.
@@ -115,16 +144,9 @@ impl SteeringView {
         if let Some(i) = remove {
             self.latents.remove(i);
         }
-        let config = self.job_config();
-        if self.job.start_button(ui, config.is_some(), "Generate steered") {
-            if let Some(job) = config {
-                let delivery = self.delivery.clone();
-                self.job.start(env.spawn("steering", move |device, store, handle| {
-                    let done = job.run(device, store, handle)?;
-                    delivery.put((done.plain, done.steered));
-                    Ok(format!("{} latents at layer {}", done.rows.len(), done.layer))
-                }));
-            }
+        let auto = std::mem::take(&mut self.auto_run) && !self.job.running();
+        if self.job.start_button(ui, !self.latents.is_empty(), "Generate steered") || auto {
+            self.start(env);
         }
         self.job.ui(ui);
         if let Some((plain, steered)) = &self.result {

@@ -1,18 +1,19 @@
 //! The Train view: configure a crosscoder run on a cache (the engine's `TrainJob`, from its paper
 //! defaults), run it as a background job on the app's device (Cancel checkpoints and stops; Start
-//! again resumes), live curves of loss, FVE per model, L0 and the dead fraction.
+//! again resumes), live curves of loss, FVE per model, L0 and the dead fraction. A run directory
+//! that already holds a run shows that run — its settings, step and curves — with Continue, New
+//! run and Analyze this run (`train_run`).
 
 use std::path::PathBuf;
 
 use crossdiff::crosscoder::Kind;
-use crossdiff::crosscoder::train::StepMetrics;
-use crossdiff::run_dir::RunDir;
 use crossdiff::workflow::train::TrainJob;
 use eframe::egui;
-use egui_plot::{Legend, Line, Plot, PlotPoints};
 
+use crate::commands::{AppCommand, Commands};
 use crate::errors::{Field, Fields};
 use crate::jobs::{JobEnv, JobSlot};
+use crate::train_run::{RunAction, RunInfo, curves_ui, fresh_run_dir, run_panel_ui};
 
 /// The Train view's fields by the flags the engine's errors name.
 pub const FIELDS: Fields = &[
@@ -34,9 +35,12 @@ pub struct TrainView {
     pub run_dir: String,
     /// Everything else the job takes, starting from `TrainJob::default()` (the paper's settings).
     pub config: TrainJob,
-    /// The run's checkpoint line, read when the run directory changes, when a job ends, and when
-    /// a running job passes a checkpoint step (never every frame): (run dir, step it was read at, line).
-    checkpoint: Option<(String, u64, Option<String>)>,
+    /// What the run directory holds (checkpoint, curves), read when the directory changes, when a
+    /// job ends, and when a running job passes a checkpoint step (never every frame), with the
+    /// checkpoint step it was read at.
+    run: Option<(RunInfo, u64)>,
+    /// The step budget "Continue" asks for (the run's budget doubled, when a run is read).
+    pub continue_to: u64,
     pub job: JobSlot,
 }
 
@@ -46,17 +50,11 @@ impl Default for TrainView {
             cache_dir: String::new(),
             run_dir: String::new(),
             config: TrainJob::default(),
-            checkpoint: None,
+            run: None,
+            continue_to: 0,
             job: JobSlot::new(FIELDS),
         }
     }
-}
-
-/// "checkpoint: step S (T tokens) in PATH", when the run has a checkpoint.
-fn read_checkpoint(run_dir: &str) -> Option<String> {
-    let state = RunDir::new(run_dir).checkpoint_state();
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).ok()?).ok()?;
-    Some(format!("checkpoint: step {} ({} tokens) in {}", v["step"], v["tokens"], state.display()))
 }
 
 impl TrainView {
@@ -69,22 +67,97 @@ impl TrainView {
         }
     }
 
-    fn refresh_checkpoint(&mut self, job_ended: bool) {
+    /// What the run directory holds, as last read.
+    pub fn run_info(&self) -> Option<&RunInfo> {
+        self.run.as_ref().map(|(info, _)| info).filter(|info| info.dir == self.run_dir)
+    }
+
+    fn refresh_run(&mut self, job_ended: bool) {
         let every = self.config.checkpoint_every.max(1);
         let step = self.job.job().map_or(0, |j| j.progress.0) / every;
-        let stale = match &self.checkpoint {
-            Some((dir, at, _)) => *dir != self.run_dir || *at != step,
+        let stale = match &self.run {
+            Some((info, at)) => info.dir != self.run_dir || *at != step,
             None => true,
         };
         if stale || job_ended {
-            self.checkpoint = Some((self.run_dir.clone(), step, read_checkpoint(&self.run_dir)));
+            let dir_changed = self.run.as_ref().is_none_or(|(info, _)| info.dir != self.run_dir);
+            let info = RunInfo::read(&self.run_dir);
+            if let Ok(Some(saved)) = &info.saved {
+                // The run's budget doubled for a run just opened; otherwise what the user set,
+                // unless the run has got there already.
+                if dir_changed || self.continue_to <= saved.step {
+                    self.continue_to = saved.config.steps.saturating_mul(2).max(saved.step + 1);
+                }
+                // A run directory opened (not one this view just trained in): its own settings in
+                // the fields, so Start training resumes it rather than being refused.
+                if dir_changed && !self.job.running() {
+                    self.config = saved.continued(&self.config, saved.config.steps);
+                }
+            }
+            self.run = Some((info, step));
         }
     }
 
-    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv) {
+    /// Starts training with the view's settings (resuming the run directory's checkpoint when it
+    /// has one with the same settings).
+    pub fn start(&mut self, env: &JobEnv) {
+        let (job, out) = (self.job_config(), self.run_dir.clone());
+        self.job.start(env.spawn("training", move |device, _, handle| {
+            let done = job.run(device, handle)?;
+            let cc = &done.crosscoder;
+            let at =
+                format!("{:?} D={} at step {} of {}", cc.config.kind, cc.config.dict_size, done.step, done.total_steps);
+            Ok(if done.step < done.total_steps {
+                format!("{at}, checkpoint saved in {out}; Start training again resumes")
+            } else {
+                format!("{at}, saved in {out}")
+            })
+        }));
+    }
+
+    /// Carries out an action of the run panel.
+    fn act(&mut self, action: RunAction, env: &JobEnv, commands: &mut Commands) {
+        if let RunAction::Analyze = action {
+            commands.push(AppCommand::AnalyzeRun { run: self.run_dir.clone(), cache: Some(self.cache_dir.clone()) });
+            return;
+        }
+        let Some(Ok(Some(saved))) = self.run_info().map(|i| &i.saved) else { return };
+        match action {
+            RunAction::Continue(steps) => {
+                self.config = saved.continued(&self.config, steps);
+                self.start(env);
+            }
+            RunAction::NewRun => {
+                self.config = saved.continued(&self.config, saved.config.steps);
+                self.run_dir = fresh_run_dir(&self.run_dir);
+            }
+            RunAction::Analyze => {}
+        }
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv, commands: &mut Commands) {
         let ended = self.job.take_ended();
-        self.refresh_checkpoint(ended);
+        self.refresh_run(ended);
         ui.heading("Train a crosscoder");
+        self.settings_ui(ui);
+        if self.job.start_button(ui, true, "Start training") {
+            self.start(env);
+        }
+        let busy = self.job.running();
+        let action = match &self.run {
+            Some((info, _)) if info.dir == self.run_dir => run_panel_ui(ui, info, &mut self.continue_to, busy),
+            _ => None,
+        };
+        if let Some(action) = action {
+            self.act(action, env, commands);
+        }
+        self.job.ui(ui);
+        let live = self.job.job().filter(|j| j.error().is_none()).map_or(&[][..], |j| &j.metrics[..]);
+        let saved = self.run_info().map_or(&[][..], |i| &i.metrics[..]);
+        curves_ui(ui, saved, live);
+    }
+
+    fn settings_ui(&mut self, ui: &mut egui::Ui) {
         let c = &mut self.config;
         egui::Grid::new("train settings").num_columns(2).show(ui, |ui| {
             let name = ui.label("Cache directory").id;
@@ -118,32 +191,6 @@ impl TrainView {
         });
         ui.checkbox(&mut c.allow_partial, "Use an incomplete cache")
             .on_hover_text("Train on the tokens an interrupted cache holds so far");
-        if self.job.start_button(ui, true, "Start training") {
-            let (job, out) = (self.job_config(), self.run_dir.clone());
-            self.job.start(env.spawn("training", move |device, _, handle| {
-                let done = job.run(device, handle)?;
-                let cc = &done.crosscoder;
-                let at = format!(
-                    "{:?} D={} at step {} of {}",
-                    cc.config.kind, cc.config.dict_size, done.step, done.total_steps
-                );
-                Ok(if done.step < done.total_steps {
-                    format!("{at}, checkpoint saved in {out}; Start training again resumes")
-                } else {
-                    format!("{at}, saved in {out}")
-                })
-            }));
-        }
-        // The run's checkpoint (the latest one is kept; resuming continues from it).
-        if let Some((_, _, Some(line))) = &self.checkpoint {
-            ui.label(line.as_str());
-        }
-        self.job.ui(ui);
-        if let Some(job) = self.job.job() {
-            if job.error().is_none() {
-                curves_ui(ui, &job.metrics);
-            }
-        }
     }
 }
 
@@ -174,26 +221,4 @@ where
         }
     });
     ui.end_row();
-}
-
-/// Loss, FVE per model, L0 and dead fraction against the step.
-fn curves_ui(ui: &mut egui::Ui, metrics: &[StepMetrics]) {
-    let series = |f: fn(&StepMetrics) -> f64| -> PlotPoints { metrics.iter().map(|m| [m.step as f64, f(m)]).collect() };
-    ui.columns(2, |cols| {
-        Plot::new("loss").height(180.0).legend(Legend::default()).show(&mut cols[0], |plot| {
-            plot.line(Line::new("loss", series(|m| m.loss)));
-        });
-        Plot::new("fve").height(180.0).legend(Legend::default()).show(&mut cols[1], |plot| {
-            plot.line(Line::new("FVE base", series(|m| m.fve_base)));
-            plot.line(Line::new("FVE chat", series(|m| m.fve_chat)));
-        });
-    });
-    ui.columns(2, |cols| {
-        Plot::new("l0").height(140.0).legend(Legend::default()).show(&mut cols[0], |plot| {
-            plot.line(Line::new("L0", series(|m| m.l0)));
-        });
-        Plot::new("dead").height(140.0).legend(Legend::default()).show(&mut cols[1], |plot| {
-            plot.line(Line::new("dead fraction", series(|m| m.dead_frac)));
-        });
-    });
 }

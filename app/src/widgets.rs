@@ -1,5 +1,6 @@
 //! Small widgets the views share.
 
+use crossdiff::analysis::latents::LatentClass;
 use eframe::egui;
 
 /// One labelled single-line text field per row (paths, mostly); the label names the field for
@@ -27,4 +28,43 @@ pub fn load_latents(
         Ok(r) => (r, run.stale_analysis().map(|why| crate::errors::phrase_text(&why, RUN_FIELDS))),
         Err(e) => (Vec::new(), Some(crate::errors::phrase(&e, RUN_FIELDS))),
     };
+}
+
+/// The one colour of each latent class, wherever a class is drawn or named (Plots, Compare runs,
+/// the Latents table and its dashboard): chat-only red, base-only blue, shared green, other grey,
+/// dead dark grey.
+pub const CLASS_COLORS: [(LatentClass, egui::Color32); 5] = [
+    (LatentClass::ChatOnly, egui::Color32::from_rgb(220, 80, 60)),
+    (LatentClass::BaseOnly, egui::Color32::from_rgb(70, 130, 220)),
+    (LatentClass::Shared, egui::Color32::from_rgb(120, 190, 90)),
+    (LatentClass::Other, egui::Color32::from_rgb(160, 160, 160)),
+    (LatentClass::Dead, egui::Color32::from_rgb(105, 105, 105)),
+];
+
+/// A series that is about no class (a loss curve, the KL bars): amber, no class's colour.
+pub const SERIES_COLOR: egui::Color32 = egui::Color32::from_rgb(230, 180, 70);
+
+/// Guides (threshold lines, error bars): grey, so they never read as a class.
+pub const GUIDE_COLOR: egui::Color32 = egui::Color32::from_rgb(150, 150, 150);
+
+/// A class's colour, from [`CLASS_COLORS`].
+pub fn class_color(class: LatentClass) -> egui::Color32 {
+    CLASS_COLORS.iter().find(|(c, _)| *c == class).map_or(egui::Color32::GRAY, |(_, color)| *color)
+}
+
+/// One bar chart per class of a per-class histogram over bins of width `w` from `lo`, in the
+/// classes' colours.
+pub fn class_bars(plot: &mut egui_plot::PlotUi, series: &[(LatentClass, Vec<u64>)], lo: f64, w: f64) {
+    use egui_plot::{Bar, BarChart};
+    for (class, counts) in series {
+        let bars =
+            counts.iter().enumerate().map(|(b, &c)| Bar::new(lo + (b as f64 + 0.5) * w, c as f64).width(w)).collect();
+        plot.bar_chart(BarChart::new(class.as_str(), bars).color(class_color(*class)));
+    }
+}
+
+/// Text from a tokenizer as a label can show it: a token that is part of a character (byte-level
+/// pieces decode to U+FFFD, which the UI font has no glyph for) reads `<byte>`; newlines read `\n`.
+pub fn printable(text: &str) -> String {
+    text.replace('\u{FFFD}', "<byte>").replace('\n', "\\n")
 }

@@ -550,10 +550,18 @@ fn snapshot_images_of_the_empty_views() {
         return;
     }
     let mut results = egui_kittest::SnapshotResults::new();
-    for (tab, name) in [("Train", "train_view"), ("Compare runs", "compare_view"), ("Steering", "steering_view")] {
+    for (tab, name) in [
+        ("Train", "train_view"),
+        ("Analyze", "analyze_view"),
+        ("Compare runs", "compare_view"),
+        ("Steering", "steering_view"),
+    ] {
         let mut harness = Harness::builder().with_size(eframe::egui::vec2(900.0, 520.0)).build_eframe(|cc| {
             let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+            // No paths of this checkout in the images.
             app.steering.model_dir.clear();
+            app.analyze.base_dir.clear();
+            app.analyze.chat_dir.clear();
             // A fixed device, so the top bar reads the same on machines with and without a GPU.
             app.backend = crossdiff::Backend::Cpu;
             app
@@ -736,4 +744,289 @@ fn views_share_one_model_store() {
     wait_for(&mut harness, "steering finished:");
     assert_eq!(harness.state().store.len(), 2);
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
+}
+
+/// The demo project (`crossdiff demo`'s pipeline on the committed miniature pair, at a smaller
+/// size), built in its own folder for one test.
+fn demo_project(tag: &str) -> std::path::PathBuf {
+    use crossdiff::demo::{DemoPipeline, run_pipeline};
+    let dir = std::env::temp_dir().join(format!("crossdiff-app-demo-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo");
+    let p = DemoPipeline { models, project: dir.clone(), tokens: 30_000, steps: 800, ..Default::default() };
+    let device = burn::tensor::Device::flex();
+    run_pipeline(&p, &device, crossdiff::workflow::Handle::silent(), |_| {}).unwrap();
+    dir
+}
+
+/// Analyze: a run without latents.csv offers its analysis; the analysis runs with progress, and
+/// when it finishes the Latents and Plots views show the run without being asked; then the KL
+/// check, whose kl.json the Plots view shows. Errors name the view's fields; Cancel stops a job.
+#[test]
+fn analyze_view_analyses_a_run_then_checks_kl_and_the_views_reload() {
+    let run = analysed_run("analyze");
+    let root = run.parent().unwrap().to_path_buf();
+    for f in ["latents.csv", "summary.json", "examples.safetensors"] {
+        std::fs::remove_file(run.join(f)).unwrap();
+    }
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets");
+    let (run2, root2) = (run.clone(), root.clone());
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(move |cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.latents.run_dir = run2.display().to_string();
+        app.analyze.cache_dir = root2.join("cache").display().to_string();
+        app.analyze.config.examples = 3;
+        app.analyze.config.context = 4;
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Latents").click();
+    harness.run_steps(2);
+    harness.get_by_label("Load run").click();
+    harness.run_steps(2);
+    harness.get_by_label("0 of 0 latents shown");
+    // The Latents view offers the analysis: the Analyze view opens on this run.
+    harness.get_by_label("Analyze this run").click();
+    harness.run_steps(3);
+    assert_eq!(harness.state().tab, crossdiff_app::commands::Tab::Analyze);
+    assert_eq!(harness.state().analyze.run_dir, run.display().to_string());
+    // A bad value: named by the view's label, no CLI flag.
+    harness.state_mut().analyze.config.examples = 0;
+    harness.get_by_label("Start analysis").click();
+    wait_for(&mut harness, "latent analysis failed — error: ");
+    let error = label_text(&harness, "latent analysis failed — error: ");
+    assert_eq!(error, "latent analysis failed — error: Examples per latent must be in 1..=1000, not 0");
+    harness.state_mut().analyze.config.examples = 3;
+    harness.get_by_label("Start analysis").click();
+    wait_for(&mut harness, "latent analysis finished: 40 latents over ");
+    wait_for(&mut harness, "analysed: chat-only ");
+    assert!(run.join("latents.csv").exists() && run.join("examples.safetensors").exists());
+    // Finished: the Latents and Plots views show the analysed run without a click on Load.
+    harness.get_by_label("Open the latents").click();
+    harness.run_steps(3);
+    harness.get_by_label("40 of 40 latents shown");
+    assert_eq!(harness.state().plots.run_dir, run.display().to_string());
+    harness.get_by_label("Plots").click();
+    harness.run_steps(3);
+    harness.get_by_label("Relative decoder norm Δ");
+    harness.get_by_label("No KL check for this run yet (kl.json).");
+    // The KL check, from the Plots view's offer.
+    harness.get_by_label("Run the KL check").click();
+    harness.run_steps(3);
+    assert_eq!(harness.state().tab, crossdiff_app::commands::Tab::Analyze);
+    harness.state_mut().analyze.kl_data = assets.join("data/chat.jsonl").display().to_string();
+    harness.state_mut().analyze.conversations = 0;
+    harness.get_by_label("Start KL check").click();
+    wait_for(&mut harness, "KL check failed — error: ");
+    assert_eq!(
+        label_text(&harness, "KL check failed — error: "),
+        "KL check failed — error: Conversations must be positive, not 0"
+    );
+    harness.state_mut().analyze.conversations = 6;
+    harness.get_by_label("Start KL check").click();
+    wait_for(&mut harness, "KL check finished: ");
+    harness.get_by_label_contains("over 6 conversations, written to kl.json");
+    wait_for(&mut harness, "KL, all reply tokens");
+    assert!(run.join("kl.json").exists());
+    harness.get_by_label("Open the KL chart").click();
+    harness.run_steps(3);
+    harness.get_by_label("KL(P_chat || P_patched) per condition, all reply tokens, with 95% CIs");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Cancel stops the KL check; the view says it stopped (not that it failed) and kl.json stays.
+#[test]
+fn analyze_view_cancel_stops_the_kl_check() {
+    let run = analysed_run("kl-cancel");
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets");
+    let run2 = run.clone();
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(move |cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.tab = crossdiff_app::commands::Tab::Analyze;
+        app.analyze.set_run(&run2.display().to_string());
+        app.analyze.kl_data = assets.join("data/chat.jsonl").display().to_string();
+        app
+    });
+    harness.run_steps(2);
+    // A job that reports progress until Cancel, in the view's KL slot (the real check on the
+    // fixtures is over before a click could reach it).
+    let job = harness.state().job_env().spawn("KL check", |_, _, handle| {
+        handle.progress("kl", 1, 512, "conversations");
+        while handle.keep_going() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok("stopped — the KL check was cancelled after 1 conversations; kl.json is unchanged".into())
+    });
+    harness.state_mut().analyze.kl_job.start(job);
+    wait_for(&mut harness, "KL check status: kl: 1/512 conversations");
+    harness.get_by_label("Cancel KL check").click();
+    wait_for(&mut harness, "KL check cancelled: stopped — the KL check was cancelled");
+    assert!(!run.join("kl.json").exists());
+    // Nothing was measured: the Plots view is not told to show the run.
+    harness.run_steps(2);
+    assert_eq!(harness.state().plots.run_dir, "");
+    std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
+}
+
+/// The demo project's run in the Train view: its own settings in the fields, its step and curves;
+/// Start training no longer refuses it; Continue trains it further; New run picks a fresh folder.
+#[test]
+fn train_view_shows_an_existing_run_and_continues_it() {
+    let proj = demo_project("train");
+    let run = proj.join("runs/batchtopk");
+    let metrics = crossdiff::run_dir::RunDir::new(&run).read_metrics().unwrap();
+    let proj2 = proj.clone();
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(move |cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.open_project(&proj2);
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Train").click();
+    harness.run_steps(3);
+    harness.get_by_label_contains("checkpoint: step 800 of 800 (");
+    harness.get_by_label("this run's settings: BatchTopK, k 8, dictionary size 256, learning rate 0.002, batch 256");
+    harness.get_by_label(&format!("curves: {} logged steps, the last at step 800", metrics.len()));
+    let config = &harness.state().train.config;
+    assert_eq!((config.k, config.dict_size, config.batch, config.steps), (8, Some(256), 256, Some(800)));
+    // Start training with the run's own settings: nothing refused, nothing left to do.
+    harness.get_by_label("Start training").click();
+    wait_for(&mut harness, "training finished: BatchTopK D=256 at step 800 of 800");
+    // Continue to step 900 with the run's settings.
+    harness.state_mut().train.continue_to = 900;
+    harness.get_by_label("Continue (more steps)").click();
+    wait_for(&mut harness, "training finished: BatchTopK D=256 at step 900 of 900");
+    harness.run_steps(2);
+    harness.get_by_label_contains("checkpoint: step 900 of 900 (");
+    let more = crossdiff::run_dir::RunDir::new(&run).read_metrics().unwrap();
+    assert_eq!(more.last().unwrap().step, 900);
+    harness.get_by_label(&format!("curves: {} logged steps, the last at step 900", more.len()));
+    // New run: a fresh folder beside it, the settings kept as a starting point.
+    harness.get_by_label("New run").click();
+    harness.run_steps(3);
+    assert_eq!(harness.state().train.run_dir, proj.join("runs/batchtopk-2").display().to_string());
+    assert_eq!(harness.state().train.config.k, 8);
+    assert!(harness.query_by_label_contains("checkpoint: step").is_none());
+    // Analyze this run → the Analyze view on it.
+    harness.state_mut().train.run_dir = run.display().to_string();
+    harness.run_steps(2);
+    harness.get_by_label("Analyze this run").click();
+    harness.run_steps(3);
+    assert_eq!(harness.state().tab, crossdiff_app::commands::Tab::Analyze);
+    assert_eq!(harness.state().analyze.run_dir, run.display().to_string());
+    std::fs::remove_dir_all(&proj).unwrap();
+}
+
+/// Opening the demo project fills Prompt lab and Steering from its first run — its models and its
+/// most chat-specific latent (the chat-only one with the largest Δ) — and each runs once when shown.
+#[test]
+fn prompt_lab_and_steering_start_from_the_projects_run() {
+    let proj = demo_project("lab");
+    let run = proj.join("runs/batchtopk");
+    let rows = read_latents_csv(&run.join("latents.csv")).unwrap();
+    let latent = crossdiff_app::suggest::strongest_latent(&rows).unwrap();
+    let proj2 = proj.clone();
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(move |cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.open_project(&proj2);
+        app
+    });
+    harness.run_steps(2);
+    let app = harness.state();
+    assert_eq!(app.prompt_lab.run_dir, run.display().to_string());
+    assert_eq!(app.prompt_lab.latents, latent.to_string());
+    assert!(!app.prompt_lab.config.text.is_empty());
+    assert_eq!(app.steering.latents, vec![(latent, 1.0)]);
+    assert_eq!(app.steering.run_dir, run.display().to_string());
+    // The Latents view shows the run at that latent's dashboard.
+    harness.get_by_label("Latents").click();
+    harness.run_steps(3);
+    harness.get_by_label(&format!("Latent {latent}"));
+    // Run once on open: no button pressed.
+    harness.get_by_label("Prompt lab").click();
+    wait_for(&mut harness, "analysis finished:");
+    harness.run_steps(2);
+    harness.get_by_label(&format!("latent {latent}"));
+    harness.get_by_label("Steering").click();
+    wait_for(&mut harness, "steering finished: 1 latents at layer 2");
+    wait_for(&mut harness, "unsteered: ");
+    harness.get_by_label(&format!("remove latent {latent}"));
+    // Once only: back on the view, nothing starts again.
+    harness.get_by_label("Prompt lab").click();
+    harness.run_steps(3);
+    assert!(!harness.state().prompt_lab.job.running());
+    std::fs::remove_dir_all(&proj).unwrap();
+}
+
+/// One colour per latent class: the table in widgets, and the Plots, Compare and Latents views
+/// (figures, legends, the table's class column and the dashboard) draw each class in it, as
+/// rendered.
+#[test]
+fn every_view_draws_a_class_in_its_one_colour() {
+    use crossdiff_app::widgets::{CLASS_COLORS, class_color};
+    for (i, (a, ca)) in CLASS_COLORS.iter().enumerate() {
+        assert_eq!(class_color(*a), *ca);
+        for (b, cb) in &CLASS_COLORS[i + 1..] {
+            assert!(a != b && ca != cb, "{a:?} and {b:?} share a colour");
+        }
+    }
+    if let Err(e) = crossdiff::Backend::Wgpu.device() {
+        assert!(
+            std::env::var("CROSSDIFF_REQUIRE_WGPU").is_err(),
+            "CROSSDIFF_REQUIRE_WGPU=1 but wgpu is unusable: {e:#}"
+        );
+        eprintln!("skipping the rendered colours: {e:#}");
+        return;
+    }
+    let run = analysed_run("colours");
+    let run2 = run.clone();
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(move |cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.plots.show_run(&run2.display().to_string());
+        app.latents.show_run(&run2.display().to_string());
+        app.compare.runs = [run2.display().to_string(), run2.display().to_string()];
+        app.compare.load();
+        app
+    });
+    // Pixels within a small distance of a colour.
+    let count = |img: &image::RgbaImage, c: eframe::egui::Color32| {
+        img.pixels().filter(|p| (0..3).all(|i| (p.0[i] as i32 - [c.r(), c.g(), c.b()][i] as i32).abs() <= 3)).count()
+    };
+    for tab in ["Plots", "Compare runs", "Latents"] {
+        harness.get_by_label(tab).click();
+        harness.run_steps(3);
+        let img = harness.render().unwrap();
+        for class in [LatentClass::ChatOnly, LatentClass::BaseOnly, LatentClass::Shared] {
+            assert!(count(&img, class_color(class)) >= 10, "{tab}: no {class:?} colour drawn");
+        }
+        // No magenta (what a class once read as, from the plot library's own palette), and no
+        // colour of that palette on the guides: saturated pixels are a class's or the UI's.
+        let magenta = img.pixels().filter(|p| {
+            let [r, g, b, _] = p.0.map(i32::from);
+            r > 120 && b > 120 && 2 * g < r && 2 * g < b
+        });
+        assert_eq!(magenta.count(), 0, "{tab}: magenta drawn");
+    }
+    std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
+}
+
+/// The window fits the monitor at start: 85% of it, at least the minimum, centred.
+#[test]
+fn the_window_is_sized_to_the_monitor() {
+    use crossdiff_app::app::{MIN_WINDOW, window_size};
+    use eframe::egui::vec2;
+    assert_eq!(window_size(vec2(1920.0, 1080.0)), vec2(1632.0, 918.0));
+    assert_eq!(window_size(vec2(1000.0, 700.0)), vec2(MIN_WINDOW[0], MIN_WINDOW[1]), "at least the minimum");
+    assert_eq!(window_size(vec2(800.0, 500.0)), vec2(800.0, 500.0), "never larger than the monitor");
+    let mut harness =
+        Harness::builder().with_size(vec2(1100.0, 720.0)).build_eframe(|cc| CrossdiffApp::new(cc.egui_ctx.clone()));
+    harness.input_mut().viewports.entry(eframe::egui::ViewportId::ROOT).or_default().monitor_size =
+        Some(vec2(2560.0, 1440.0));
+    harness.run_steps(3);
+    assert_eq!(harness.ctx.content_rect().size(), vec2(2176.0, 1224.0));
 }

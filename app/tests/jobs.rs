@@ -130,7 +130,7 @@ fn an_error_names_the_views_fields_and_only_the_error_is_left() {
 #[test]
 fn the_views_field_tables_name_real_flags() {
     use clap::Args;
-    use crossdiff::workflow::{cache::CacheJob, steer::SteerJob, train::TrainJob};
+    use crossdiff::workflow::{analyze::AnalyzeJob, cache::CacheJob, kl::KlJob, steer::SteerJob, train::TrainJob};
     let flags = |cmd: clap::Command| -> Vec<String> {
         cmd.get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect()
     };
@@ -138,6 +138,8 @@ fn the_views_field_tables_name_real_flags() {
         (crossdiff_app::train_view::FIELDS, TrainJob::augment_args(clap::Command::new("train"))),
         (crossdiff_app::cache_view::FIELDS, CacheJob::augment_args(clap::Command::new("cache"))),
         (crossdiff_app::steering_view::FIELDS, SteerJob::augment_args(clap::Command::new("steer"))),
+        (crossdiff_app::analyze_view::FIELDS, AnalyzeJob::augment_args(clap::Command::new("analyze"))),
+        (crossdiff_app::analyze_view::KL_FIELDS, KlJob::augment_args(clap::Command::new("kl"))),
     ] {
         let known = flags(cmd);
         for (flag, _) in fields {
@@ -177,4 +179,31 @@ fn views_fill_the_engines_workflow_configs_from_their_defaults() {
     assert_eq!((steer.latent, steer.strength, steer.more.clone()), (3, 1.0, vec![(5, 1.0)]));
     assert_eq!(steer.max_tokens, SteerJob::default().max_tokens);
     assert_eq!(steer.allow_other_models, SteerJob::default().allow_other_models);
+}
+
+/// The Analyze view starts from the engine's `AnalyzeJob::default()` and `crossdiff kl`'s defaults;
+/// the models are passed for the token lists only when given.
+#[test]
+fn the_analyze_view_fills_the_analyze_and_kl_jobs() {
+    use clap::{Args, FromArgMatches};
+    use crossdiff::workflow::{analyze::AnalyzeJob, kl::KlJob};
+    let mut view = crossdiff_app::analyze_view::AnalyzeView::new(String::new(), String::new());
+    view.run_dir = "r".into();
+    view.cache_dir = "c".into();
+    let job = view.job_config();
+    assert_eq!((job.base.clone(), job.chat.clone()), (None, None), "no models: no token lists");
+    let want = AnalyzeJob { run: "r".into(), cache: "c".into(), ..AnalyzeJob::default() };
+    assert_eq!(format!("{job:?}"), format!("{want:?}"));
+    view.base_dir = "b".into();
+    view.chat_dir = "h".into();
+    view.allow_other_models = true;
+    let job = view.job_config();
+    assert_eq!((job.base, job.chat, job.allow_other_models), (Some("b".into()), Some("h".into()), true));
+    // KL: the command line's defaults (its clap definition is the one source).
+    let cmd = KlJob::augment_args(clap::Command::new("kl"));
+    let m = cmd.try_get_matches_from(["kl", "--run", "r", "--base", "b", "--chat", "h", "--data", "d"]).unwrap();
+    let cli = KlJob::from_arg_matches(&m).unwrap();
+    view.kl_data = "d".into();
+    view.allow_other_models = false;
+    assert_eq!(format!("{:?}", view.kl_config()), format!("{cli:?}"));
 }
