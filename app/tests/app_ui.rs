@@ -835,7 +835,8 @@ fn analyze_view_analyses_a_run_then_checks_kl_and_the_views_reload() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
-/// Cancel stops the KL check; the view says it stopped (not that it failed) and kl.json stays.
+/// Cancel stops the real KL check between conversations; the view says it stopped (not that it
+/// failed), kl.json is not written and the Plots view is not told to reload.
 #[test]
 fn analyze_view_cancel_stops_the_kl_check() {
     let run = analysed_run("kl-cancel");
@@ -846,27 +847,23 @@ fn analyze_view_cancel_stops_the_kl_check() {
         app.backend = crossdiff::Backend::Cpu;
         app.tab = crossdiff_app::commands::Tab::Analyze;
         app.analyze.set_run(&run2.display().to_string());
-        app.analyze.kl_data = assets.join("data/chat.jsonl").display().to_string();
+        // The demo's 2000 conversations: far more than the check gets through before Cancel.
+        app.analyze.kl_data = assets.join("demo/data/chat.jsonl").display().to_string();
+        app.analyze.conversations = 2000;
         app
     });
     harness.run_steps(2);
-    // A job that reports progress until Cancel, in the view's KL slot (the real check on the
-    // fixtures is over before a click could reach it).
-    let job = harness.state().job_env().spawn("KL check", |_, _, handle| {
-        handle.progress("kl", 1, 512, "conversations");
-        while handle.keep_going() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok("stopped — the KL check was cancelled after 1 conversations; kl.json is unchanged".into())
-    });
-    harness.state_mut().analyze.kl_job.start(job);
-    wait_for(&mut harness, "KL check status: kl: 1/512 conversations");
+    harness.get_by_label("Start KL check").click();
+    wait_for(&mut harness, "KL check status: kl: ");
     harness.get_by_label("Cancel KL check").click();
-    wait_for(&mut harness, "KL check cancelled: stopped — the KL check was cancelled");
+    wait_for(&mut harness, "KL check cancelled: stopped — the KL check was cancelled after ");
+    let line = label_text(&harness, "KL check cancelled: ");
+    assert!(line.contains("conversations; kl.json is unchanged"), "{line}");
+    assert!(harness.query_by_label_contains("KL check failed").is_none());
     assert!(!run.join("kl.json").exists());
-    // Nothing was measured: the Plots view is not told to show the run.
     harness.run_steps(2);
     assert_eq!(harness.state().plots.run_dir, "");
+    assert!(harness.query_by_label("KL, all reply tokens").is_none());
     std::fs::remove_dir_all(run.parent().unwrap()).unwrap();
 }
 
