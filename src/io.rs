@@ -12,17 +12,76 @@ use safetensors::{Dtype, tensor::TensorView};
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
     let tmp = temp_sibling(path);
     let result = (|| {
-        let mut file = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        // The error names the file the user asked for (the temporary sibling is an implementation detail).
+        let mut file = File::create(&tmp).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
         // A full disk or a vanished folder surfaces here: name the file being written.
         write(&mut file).with_context(|| format!("{}: cannot write", path.display()))?;
         file.flush().with_context(|| format!("{}: cannot write", path.display()))?;
-        file.sync_all().with_context(|| format!("{}: fsync failed", tmp.display()))?;
+        file.sync_all().with_context(|| format!("{}: fsync failed", path.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// A folder held by one job at a time: `<dir>/.crossdiff.lock` holds the holder's pid, created
+/// exclusively, removed when the lock is dropped. A lock whose process is gone (a killed run) is
+/// taken over; two live jobs on one folder get an error naming the other.
+pub struct DirLock {
+    path: PathBuf,
+}
+
+impl DirLock {
+    pub const FILE: &'static str = ".crossdiff.lock";
+
+    /// Takes `dir`'s lock (creating `dir`); `flag` names the setting that chose the folder.
+    pub fn acquire(dir: &Path, flag: &'static str) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
+        let path = dir.join(Self::FILE);
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    use std::io::Write as _;
+                    let _ = write!(f, "{}", std::process::id());
+                    return Ok(Self { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u32>().ok());
+                    match holder {
+                        Some(pid) if process_alive(pid) && pid != std::process::id() => {
+                            return Err(crate::bad_value::bad(
+                                flag,
+                                format!(
+                                    "{} is in use by another crossdiff job (process {pid}); wait for it to finish, or choose another folder",
+                                    dir.display()
+                                ),
+                            ));
+                        }
+                        // Left by a killed job (or unreadable): take it over.
+                        _ => {
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                }
+                Err(e) => return Err(anyhow::anyhow!("{}: cannot write: {e}", path.display())),
+            }
+        }
+        Err(anyhow::anyhow!("{}: cannot take the folder's lock", path.display()))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether a process with this pid runs (Linux: /proc; elsewhere assumed alive, so a stale lock
+/// there needs removing by hand — the error names the file).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") { Path::new(&format!("/proc/{pid}")).exists() } else { true }
 }
 
 /// Runs `job`, which writes under `dir`; when `dir` did not exist before and the job fails having
@@ -373,5 +432,32 @@ mod checksum_tests {
             assert_eq!(c.finish(), checksum(&bytes));
         }
         assert_ne!(checksum(&bytes[..999]), checksum(&bytes));
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_is_held_by_one_live_job_and_a_dead_ones_lock_is_taken_over() {
+        let dir = std::env::temp_dir().join(format!("crossdiff-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let lock = DirLock::acquire(&dir, "out").unwrap();
+        assert!(dir.join(DirLock::FILE).exists());
+        drop(lock);
+        assert!(!dir.join(DirLock::FILE).exists(), "released on drop");
+        // A live process (pid 1 always runs on Linux) holds it: refused, naming the flag.
+        std::fs::write(dir.join(DirLock::FILE), "1").unwrap();
+        if cfg!(target_os = "linux") {
+            let e = DirLock::acquire(&dir, "out").err().expect("held by pid 1");
+            assert!(e.to_string().starts_with("--out ") && e.to_string().contains("process 1"), "{e}");
+        }
+        // A pid that does not run: a killed job's lock, taken over.
+        std::fs::write(dir.join(DirLock::FILE), "4294967").unwrap();
+        let lock = DirLock::acquire(&dir, "out").unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join(DirLock::FILE)).unwrap(), std::process::id().to_string());
+        drop(lock);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
