@@ -12,6 +12,8 @@ use crate::rng::SplitMix64;
 /// A benchmark crosscoder's size: positive, k within D, and training state that fits in memory.
 fn check_size(d: usize, dict: usize, k: usize, batch: usize) -> Result<()> {
     positive(d as u64, "d")?;
+    ensure(d <= MAX_D, "d", || format!("must be at most {MAX_D}, not {d}"))?;
+    ensure(batch <= 1 << 24, "batch", || format!("must be at most {}, not {batch}", 1 << 24))?;
     positive(dict as u64, "dict-size")?;
     positive(k as u64, "k")?;
     positive(batch as u64, "batch")?;
@@ -55,8 +57,19 @@ pub fn bench_forward(
     positive(batch as u64, "batch")?;
     positive(context as u64, "context")?;
     positive(repeats as u64, "repeats")?;
+    // A forward batch's activations must fit in memory: refuse before allocating.
+    let d = model.gemma.config.hidden_size.max(model.gemma.config.intermediate_size);
+    let bytes = (batch as f64) * (context as f64) * (d as f64) * 4.0 * 8.0;
+    if let Some(total) = crate::io::memory_total_bytes() {
+        ensure(bytes < total as f64, "batch", || {
+            format!(
+                "{batch} with --context {context}: about {:.1} GiB of activations, more than this machine's memory",
+                bytes / (1u64 << 30) as f64
+            )
+        })?;
+    }
     if let Some(max) = model.gemma.config.max_position_embeddings {
-        ensure(context + decode_tokens <= max, "decode", || {
+        ensure(context.saturating_add(decode_tokens) <= max, "decode", || {
             format!("{decode_tokens} with --context {context} exceeds the model's context of {max} positions")
         })?;
     }
@@ -156,9 +169,34 @@ pub fn bench_reader(cache: &std::path::Path, batch: usize, shuffle_tokens: usize
 
 /// Writes a cache of `tokens` random pairs of width `d` (bf16, shards of `shard_tokens`) for
 /// benchmarking the reader at real sizes without running a model.
+/// The most synthetic tokens / the widest rows a benchmark writes (a paper-scale cache is 10⁸
+/// tokens at d = 2304; this bounds a typo, not a real run).
+const MAX_SYNTHETIC_TOKENS: u64 = 1_000_000_000;
+const MAX_D: usize = 65_536;
+
 pub fn write_synthetic_cache(dir: &std::path::Path, tokens: u64, d: usize, shard_tokens: u64) -> Result<()> {
     positive(tokens, "synthetic-tokens")?;
+    ensure(tokens <= MAX_SYNTHETIC_TOKENS, "synthetic-tokens", || {
+        format!("must be at most {MAX_SYNTHETIC_TOKENS}, not {tokens}")
+    })?;
     positive(d as u64, "d")?;
+    ensure(d <= MAX_D, "d", || format!("must be at most {MAX_D}, not {d}"))?;
+    let bytes = tokens as f64 * 2.0 * d as f64 * 2.0;
+    ensure(bytes < 4e12, "synthetic-tokens", || format!("{tokens} at --d {d} would write {:.0} GB", bytes / 1e9))?;
+    // Never over a folder the user made: only a new or empty one, or an earlier synthetic cache.
+    let earlier = crate::activations::cache::CacheIndex::open(dir)
+        .is_ok_and(|i| i.models.iter().any(|m| m.starts_with("synthetic-")));
+    let empty = std::fs::read_dir(dir).map_or(true, |mut e| e.next().is_none());
+    ensure(empty || earlier, "cache", || {
+        format!(
+            "{} holds other files (a real cache?); --synthetic-tokens writes a new cache: choose an empty or new folder",
+            dir.display()
+        )
+    })?;
+    if earlier {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| anyhow!("{}: cannot replace the earlier synthetic cache: {e}", dir.display()))?;
+    }
     let mut rng = SplitMix64(1);
     write_cache(dir, tokens, d, shard_tokens, |row| row.iter_mut().for_each(|x| *x = rng.next_f64() as f32 - 0.5))
 }
@@ -321,6 +359,7 @@ pub fn bench_analyze(
 ) -> Result<AnalyzeBench> {
     check_size(d, dict, k, 256)?;
     positive(tokens, "tokens")?;
+    ensure(tokens <= 100_000_000, "tokens", || format!("must be at most 100000000, not {tokens}"))?;
     use crate::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, tensor};
     let root = std::env::temp_dir().join(format!("crossdiff-bench-analyze-{}", std::process::id()));
     let (run, cache) = (root.join("run"), root.join("cache"));

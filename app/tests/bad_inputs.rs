@@ -320,6 +320,26 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         "--warmup-steps",
         "5",
     ]));
+    // Runs whose files were edited by hand.
+    let edited = |name: &str, file: &str, edit: &dyn Fn(String) -> String| {
+        let dir = copy_run(run, &root.join(name));
+        let path = Path::new(&dir).join(file);
+        std::fs::write(&path, edit(std::fs::read_to_string(&path).unwrap())).unwrap();
+        dir
+    };
+    let reordered = edited("run-reordered", "latents.csv", &|t| {
+        let mut lines: Vec<&str> = t.lines().collect();
+        lines.swap(1, 2);
+        lines.join("\n") + "\n"
+    });
+    let kind_l1 = edited("run-kind", "config.json", &|t| t.replace("\"batchtopk\"", "\"l1\""));
+    let d_text = edited("run-d", "config.json", &|t| t.replace("\"d\": 72", "\"d\": \"72\""));
+    let dead_latent = std::fs::read_to_string(Path::new(run).join("latents.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .find(|l| l.split(',').nth(5) == Some("dead"))
+        .map(|l| l.split(',').next().unwrap().to_string());
     let bare = copy_run(run, &root.join("run-bare"));
     std::fs::remove_file(Path::new(&bare).join("config.json")).unwrap();
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
@@ -734,6 +754,96 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
             strings(&["demo", "--rebuild", "--models", &fresh, "--steps", "0"]),
             "--steps must be positive",
         ),
+        // ── found by the second sweep ──
+        (
+            "bench reader: synthetic pairs over a real cache",
+            strings(&["bench", "reader", "--cache", cache, "--synthetic-tokens", "1000", "--d", "16"]),
+            "holds other files (a real cache?)",
+        ),
+        (
+            "bench forward: a batch beyond memory",
+            strings(&["bench", "forward", "--model", b, "--batch", "18446744073709551615"]),
+            "--batch 18446744073709551615 with --context 128",
+        ),
+        (
+            "bench forward: decode steps that overflow",
+            strings(&["bench", "forward", "--model", b, "--decode", "18446744073709551615"]),
+            "--decode 18446744073709551615",
+        ),
+        (
+            "bench reader: rows beyond any model",
+            strings(&["bench", "reader", "--cache", &fresh, "--synthetic-tokens", "10", "--d", "18446744073709551615"]),
+            "--d must be at most",
+        ),
+        (
+            "bench reader: tokens beyond any cache",
+            strings(&["bench", "reader", "--cache", &fresh, "--synthetic-tokens", "18446744073709551615"]),
+            "--synthetic-tokens must be at most",
+        ),
+        (
+            "bench analyze: tokens beyond any run",
+            strings(&[
+                "bench",
+                "analyze",
+                "--d",
+                "8",
+                "--dict-size",
+                "16",
+                "--k",
+                "2",
+                "--tokens",
+                "18446744073709551615",
+            ]),
+            "--tokens must be at most",
+        ),
+        (
+            "generate: max tokens that overflow",
+            generate(&["--max-tokens", "18446744073709551615"]),
+            "--max-tokens 18446744073709551615",
+        ),
+        (
+            "inspect: --out inside a model snapshot",
+            strings(&[
+                "inspect",
+                "--model",
+                b,
+                "--prompt",
+                "x",
+                "--out",
+                &format!("{}/model-00001-of-00004.safetensors", w.base_no_template),
+            ]),
+            "inside a folder with a config.json",
+        ),
+        (
+            "inspect: --out in a missing folder",
+            strings(&["inspect", "--model", b, "--prompt", "x", "--out", "/no/dir/x.safetensors"]),
+            "the folder /no/dir does not exist",
+        ),
+        (
+            "demo: --models over other files",
+            strings(&["demo", "--rebuild", "--models", &w.root.display().to_string(), "--steps", "1"]),
+            "holds other files",
+        ),
+        (
+            "demo: --project over a run",
+            strings(&["demo", "--no-app", "--models", &asset("demo"), "--project", run]),
+            "holds other files",
+        ),
+        (
+            "steer: a reordered latents.csv",
+            strings(&["steer", "--run", &reordered, "--model", c, "--latent", "0", "--strength", "1", "--prompt", "x"]),
+            "row 2 is latent 1",
+        ),
+        (
+            "kl: config.json's kind against the weights",
+            strings(&["kl", "--run", &kind_l1, "--data", chats, "--conversations", "2", "--base", b, "--chat", c]),
+            "field `kind` is L1",
+        ),
+        (
+            "kl: config.json's d as text",
+            strings(&["kl", "--run", &d_text, "--data", chats, "--conversations", "2", "--base", b, "--chat", c]),
+            "field `d`",
+        ),
         // ── integrity ──
         ("train: an unfinished cache", train_new(&["--cache", &w.cache_partial]), "the cache is incomplete"),
         ("analyze: an unfinished cache", analyze(&["--cache", &w.cache_partial]), "--allow-partial"),
@@ -742,6 +852,14 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         ("train: no cache there", train_new(&["--cache", "/no/cache"]), "/no/cache/cache.json"),
         ("analyze: no run there", strings(&["analyze", "--run", "/no/run", "--cache", cache]), "/no/run"),
     ];
+    let mut cases = cases;
+    if let Some(j) = &dead_latent {
+        cases.push((
+            "steer: a latent that never activated",
+            steer(&["--model", c, "--latent", j, "--strength", "1"]),
+            "never activated on the analysed cache",
+        ));
+    }
     let watched = w.watched();
     let before: Vec<_> = watched.iter().map(|d| snapshot(d)).collect();
     let mut failures = Vec::new();

@@ -631,7 +631,7 @@ fn train_stopped_by_ctrl_c_names_the_checkpoint_step() {
         "--out",
         cache.to_str().unwrap(),
     ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(r.status.code(), Some(130), "an interrupted job exits 130: {}", String::from_utf8_lossy(&r.stderr));
     #[rustfmt::skip]
     let args = ["--backend", "cpu", "train", "--cache", cache.to_str().unwrap(), "--out", run.to_str().unwrap(),
         "--dict-size", "64", "--k", "4", "--batch", "16", "--steps", "10000000", "--checkpoint-every", "25"];

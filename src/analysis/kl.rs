@@ -132,12 +132,18 @@ pub fn kl_table(
     let device = base.gemma.device().clone();
     let mut per: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); sets.len()];
     let mut seen = 0;
-    for doc in open_source(data)? {
+    // Conversations longer than the model's context are cut there (as `cache` cuts at --context).
+    let max_len = chat.gemma.config.max_position_embeddings.unwrap_or(usize::MAX);
+    for (n, doc) in open_source(data)?.enumerate() {
         if seen >= limit {
             break;
         }
         let Document::Chat(messages) = doc? else { continue };
-        let ids = chat.tokenizer.encode_chat(&messages, false)?;
+        let mut ids = chat
+            .tokenizer
+            .encode_chat(&messages, false)
+            .map_err(|e| anyhow::anyhow!("{}: conversation {}: {e:#}", data.display(), n + 1))?;
+        ids.truncate(max_len);
         let positions = reply_positions(chat, &ids);
         if positions.is_empty() {
             continue;

@@ -262,6 +262,18 @@ impl RunDir {
         {
             bail!("{}: latent {} has a non-finite delta_norm, max_act or freq", path.display(), r.latent);
         }
+        // Rows are used by position (row j is latent j): a reordered or edited table is refused.
+        if let Some((j, r)) = rows.iter().enumerate().find(|(j, r)| r.latent != *j) {
+            bail!(
+                "{}: row {} is latent {}; the table must list latents 0..{dict} in order",
+                path.display(),
+                j + 2,
+                r.latent
+            );
+        }
+        if let Some(r) = rows.iter().find(|r| r.max_act < 0.0 || !(0.0..=1.0).contains(&r.freq)) {
+            bail!("{}: latent {} has max_act {} or freq {} out of range", path.display(), r.latent, r.max_act, r.freq);
+        }
         let analysed =
             self.summary().exists().then(|| self.read_summary()).transpose()?.and_then(|s| s.crosscoder_checksum);
         if let (Some(a), Some(now)) = (analysed, cc.file_checksum) {

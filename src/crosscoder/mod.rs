@@ -357,14 +357,41 @@ impl Crosscoder {
         let config_path = RunDir::new(&dir).config();
         let config = if config_path.exists() {
             let text = fs_err::read_to_string(&config_path)?;
-            let c: CrosscoderConfig =
-                serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", config_path.display()))?;
+            let c: CrosscoderConfig = serde_json::from_value(value.clone()).map_err(|e| {
+                let field = crate::model::config::culprit::<CrosscoderConfig>(&value)
+                    .map_or_else(String::new, |k| format!("field `{k}`: "));
+                anyhow!("{}: {field}{}", config_path.display(), crate::model::config::describe_serde_error(&e))
+            })?;
             if c.d != d || c.dict_size != dict {
                 bail!(
                     "{}: d/D ({}, {}) do not match the weights ({d}, {dict})",
                     config_path.display(),
                     c.d,
                     c.dict_size
+                );
+            }
+            // The weights say which kind they are (BatchTopK files carry `k` and `threshold`).
+            let weights_kind = if k.is_some() { Kind::BatchTopK } else { Kind::L1 };
+            if c.kind != weights_kind {
+                bail!(
+                    "{}: field `kind` is {:?}, the weights in {} are {weights_kind:?}",
+                    config_path.display(),
+                    c.kind,
+                    file.display()
+                );
+            }
+            if let Some(k) = k.filter(|_| c.kind == Kind::BatchTopK) {
+                if c.k != k as usize {
+                    bail!("{}: field `k` is {}, the weights' `k` tensor is {k}", config_path.display(), c.k);
+                }
+            }
+            if c.model_ids.len() != 0 && c.model_ids.len() != 2 {
+                bail!(
+                    "{}: field `model_ids` must list the base and the chat model (2 entries), not {}",
+                    config_path.display(),
+                    c.model_ids.len()
                 );
             }
             c

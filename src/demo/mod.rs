@@ -142,6 +142,15 @@ pub fn rebuild(opts: &DemoBuild, device: &Device) -> Result<DemoLosses> {
     }
     positive(opts.hidden as u64, "hidden")?;
     positive(opts.layers as u64, "layers")?;
+    only_ours(&opts.out, &["base", "chat", "data"], "models", "a miniature model pair")?;
+    for side in ["base", "chat"] {
+        crate::bad_value::ensure(!opts.out.join(side).join("model.safetensors.index.json").exists(), "models", || {
+            format!(
+                "{} holds a sharded model snapshot, not the demo's pair: choose an empty or new folder",
+                opts.out.join(side).display()
+            )
+        })?;
+    }
     let corpus = generate(opts.seed, opts.web_docs, opts.chats);
     corpus.write(&opts.out.join("data"))?;
     let mut texts = corpus.web.clone();
@@ -205,7 +214,37 @@ impl Default for DemoPipeline {
 /// Cache (web text and chat mixed 1:1), BatchTopK and L1 crosscoders, analysis with examples, and
 /// the KL check for both, as a project folder the app opens — the same workflow jobs the CLI and
 /// the app run. Re-running resumes each stage.
+/// Refuses a folder `flag` points at unless it is new, empty, or holds only `ours` (what this
+/// command writes there: a previous run of it), so nothing else a user keeps there is overwritten
+/// or mixed in. Hidden files (a job's lock) do not count.
+fn only_ours(dir: &Path, ours: &[&str], flag: &'static str, what: &str) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    let others: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.') && !ours.contains(&n.as_str()))
+        .collect();
+    crate::bad_value::ensure(others.is_empty(), flag, || {
+        format!(
+            "{} holds other files ({}): the demo writes {what} there; choose an empty or new folder",
+            dir.display(),
+            others.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
 pub fn run_pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: impl FnMut(&str)) -> Result<()> {
+    if !p.models.join("base").is_dir() && p.models.is_relative() {
+        let here = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+        return Err(crate::bad_value::bad(
+            "models",
+            format!(
+                "{}: no demo models here (relative to {here}); run from the repository root, or pass --models assets/demo of the checkout",
+                p.models.display()
+            ),
+        ));
+    }
+    only_ours(&p.project, &["cache", "runs", crate::workflow::project::FILE], "project", "a demo project")?;
     use crate::activations::cache::ActDtype;
     use crate::crosscoder::Kind;
     use crate::data::TokenizeOptions;

@@ -226,7 +226,7 @@ impl Gemma2Config {
 
 /// The key of a JSON object whose value stops it deserializing as `T`: the one whose removal
 /// makes it deserialize, or turns the error into that key missing.
-fn culprit<T: serde::de::DeserializeOwned>(value: &Value) -> Option<String> {
+pub(crate) fn culprit<T: serde::de::DeserializeOwned>(value: &Value) -> Option<String> {
     let object = value.as_object()?;
     object.keys().find_map(|k| {
         let mut without = object.clone();

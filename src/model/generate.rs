@@ -58,7 +58,7 @@ pub fn generate_edited(
     sampling.validate()?;
     crate::bad_value::positive(max_tokens as u64, "max-tokens")?;
     if let Some(max) = model.config.max_position_embeddings {
-        crate::bad_value::ensure(prompt.len() + max_tokens <= max, "max-tokens", || {
+        crate::bad_value::ensure(prompt.len().saturating_add(max_tokens) <= max, "max-tokens", || {
             format!(
                 "{max_tokens}: the prompt ({} tokens) and the new tokens exceed the model's context of {max} positions \
                  (`max_position_embeddings`); at most {}",

@@ -46,6 +46,24 @@ fn read<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
     crate::counters::read_f32(t)
 }
 
+/// Where an inspection may be written: not over a folder, not inside a model snapshot (its own
+/// weights could be replaced), and into a folder that exists.
+pub fn check_out(out: &Path) -> Result<()> {
+    use crate::bad_value::ensure;
+    ensure(!out.as_os_str().is_empty(), "out", || "is required (a .safetensors file to write)".into())?;
+    ensure(!out.is_dir(), "out", || {
+        format!("{} is a folder; give a file name (e.g. inspect.safetensors)", out.display())
+    })?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    ensure(parent.is_dir(), "out", || format!("{}: the folder {} does not exist", out.display(), parent.display()))?;
+    ensure(!parent.join("config.json").exists(), "out", || {
+        format!(
+            "{} is inside a folder with a config.json (a model snapshot?): write the inspection elsewhere",
+            out.display()
+        )
+    })
+}
+
 impl Inspection {
     pub fn write(&self, path: &Path) -> Result<()> {
         let t = self.ids.len();

@@ -125,6 +125,11 @@ impl SteerJob {
         let mut specs = Vec::new();
         for (j, s) in self.latents() {
             let row = all.get(j).ok_or_else(|| anyhow!("--latent {j}: latents.csv has {} rows", all.len()))?.clone();
+            ensure(row.max_act > 0.0, "latent", || {
+                format!(
+                    "{j} never activated on the analysed cache (max_act 0): a multiple of its activation adds nothing"
+                )
+            })?;
             specs.push((j, s, row.max_act));
             rows.push(row);
         }

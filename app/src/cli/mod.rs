@@ -153,6 +153,7 @@ pub fn run() -> Result<()> {
     let device_name = backend.describe();
     match command {
         Command::Inspect { input: PromptArgs { model, prompt, chat }, out } => {
+            crossdiff::model::inspect::check_out(&out)?;
             let m = load(&model, backend)?;
             let ids = m.prompt_ids(&prompt, chat)?;
             let started = Instant::now();
@@ -334,6 +335,9 @@ pub fn run() -> Result<()> {
             }
         }
         Command::Bench { which } => bench::run(which, backend)?,
+    }
+    if progress::interrupted() {
+        std::process::exit(130);
     }
     Ok(())
 }

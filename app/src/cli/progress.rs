@@ -63,8 +63,15 @@ impl Bar {
 
 /// Set by Ctrl-C (one flag for the process: the handler can be installed once): long jobs finish
 /// the shard or step they are in, save, and exit cleanly.
+static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// Whether Ctrl-C stopped a job of this process (then the command exits with status 130, as an
+/// interrupted program does, after its summary: a script sees the job did not finish).
+pub(crate) fn interrupted() -> bool {
+    FLAG.get().is_some_and(|f| f.load(Ordering::SeqCst))
+}
+
 pub(crate) fn interrupt_flag() -> Arc<AtomicBool> {
-    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
     FLAG.get_or_init(|| {
         let flag = Arc::new(AtomicBool::new(false));
         let f = flag.clone();
