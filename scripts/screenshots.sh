@@ -13,7 +13,7 @@ Xvfb :96 -screen 0 1400x900x24 >/dev/null 2>&1 &
 xvfb=$!
 trap 'kill $xvfb 2>/dev/null || true; rm -rf "$proj"' EXIT
 sleep 2
-for view in models latents plots compare train; do
+for view in models latents plots compare train analyze; do
   DISPLAY=:96 CROSSDIFF_PROJECT="$proj" CROSSDIFF_VIEW=$view timeout 30 "$bin" >/dev/null 2>&1 &
   app=$!
   sleep 6

@@ -147,6 +147,21 @@ impl Snapshot {
         for f in &files {
             f.parse()?;
         }
+        // Blocks in the weights beyond `num_hidden_layers` would be silently skipped: the config is
+        // wrong for these weights (a missing block is named when it is read).
+        let blocks = index
+            .keys()
+            .filter_map(|k| k.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |m| m + 1);
+        if blocks > config.num_hidden_layers {
+            bail!(
+                "{}: field `num_hidden_layers` is {}, the weights have {blocks} blocks (model.layers.{})",
+                dir.join("config.json").display(),
+                config.num_hidden_layers,
+                blocks - 1
+            );
+        }
         Ok(Self { dir, config, files, index })
     }
 
