@@ -9,7 +9,7 @@ use anyhow::Result;
 use burn::tensor::Device;
 
 use crate::activations::cache::ActDtype;
-use crate::activations::plan::{Planner, check_finite, compute_acts};
+use crate::activations::plan::{Planner, check_context, check_finite, compute_acts};
 use crate::activations::reader::{Chunk, PairBatch, RowBlock, ShufflePool};
 use crate::data::{Mixer, TokenizeOptions};
 use crate::model::gemma2::LoadOptions;
@@ -39,6 +39,14 @@ impl OnTheFlySource {
     /// Loads both models on a producer thread and starts computing; batches of `batch` pairs are
     /// drawn from a shuffle pool of `shuffle_tokens` rows, seeded by `seed`.
     pub fn start(cfg: OnTheFlyConfig, device: Device, batch: usize, shuffle_tokens: usize, seed: u64) -> Result<Self> {
+        // What can be refused before the models load: the data list, the tokenizing options and
+        // `--context` against what the models were trained on.
+        crate::data::mix::check_data_files(&cfg.data)?;
+        cfg.tokenize.validate()?;
+        for dir in [&cfg.base, &cfg.chat] {
+            let config = crate::model::config::Gemma2Config::from_file(&dir.join("config.json"))?;
+            check_context(cfg.tokenize.context, &config, dir)?;
+        }
         let base = Model::load(&cfg.base, &device, cfg.load)?;
         let chat = Model::load(&cfg.chat, &device, cfg.load)?;
         check_models(&base, &chat)?;

@@ -9,6 +9,8 @@ use crate::activations::cache::ActDtype;
 use crate::data::{Mixer, TokenizedDoc};
 use crate::io::OwnedTensor;
 use crate::model::Model;
+use crate::model::config::Gemma2Config;
+use std::path::Path;
 
 /// One shard's tokens before any model has run.
 pub(crate) struct ShardPlan {
@@ -141,6 +143,18 @@ pub(crate) fn plan_from_partial(st: &SafeTensors) -> Result<ShardPlan> {
         d.template.push(template[i] != 0);
     }
     Ok(ShardPlan { first_doc: docs_ix.first().copied().unwrap_or(0) as u64, tokens: ids.len(), docs })
+}
+
+/// `--context` against a model's `max_position_embeddings` (when its config.json gives one): a
+/// document longer than the positions the model was trained on is refused, naming the limit.
+pub(crate) fn check_context(context: usize, config: &Gemma2Config, model_dir: &Path) -> Result<()> {
+    let Some(max) = config.max_position_embeddings else { return Ok(()) };
+    crate::bad_value::ensure(context <= max, "context", || {
+        format!(
+            "{context} is above the model's limit of {max} positions (`max_position_embeddings` in {}); use at most {max}",
+            model_dir.join("config.json").display()
+        )
+    })
 }
 
 /// The largest finite f16 (what `--dtype f16` can store).

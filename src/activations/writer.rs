@@ -6,17 +6,20 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use burn::tensor::Device;
 use safetensors::SafeTensors;
 
-use crate::activations::cache::{ActDtype, CacheIndex, CacheSettings, FORMAT, ShardInfo, SourceInfo, checksum};
-use crate::activations::plan::{Planner, ShardPlan, check_finite, compute_acts, plan_from_partial};
+use crate::activations::cache::{ActDtype, CacheIndex, CacheSettings, ShardInfo, checksum};
+use crate::activations::plan::{Planner, ShardPlan, check_context, check_finite, compute_acts, plan_from_partial};
 use crate::data::{Mixer, TokenizeOptions};
 use crate::io::{OwnedTensor, write_safetensors};
 use crate::model::gemma2::LoadOptions;
 use crate::model::tokenizer::ChatTokenizer;
 use crate::model::{Model, check_models};
+
+mod resume;
+pub use resume::{changed_settings, flag_name};
 
 /// Default tokens per shard file.
 pub const DEFAULT_SHARD_TOKENS: usize = 65_536;
@@ -95,10 +98,10 @@ impl CacheJob {
         for (p, flag) in [(&self.base, "base"), (&self.chat, "chat"), (&self.out, "out")] {
             path_given(p, flag)?;
         }
-        ensure(!self.data.is_empty(), "data", || "is required (no data files given)".into())?;
+        crate::data::mix::check_data_files(&self.data)?;
         ensure(self.tokens > 0, "tokens", || "must be positive: a cache with no tokens trains nothing".into())?;
         positive(self.batch_tokens as u64, "batch-tokens")?;
-        positive(self.tokenize.context as u64, "context")?;
+        self.tokenize.validate()?;
         ensure(self.shard_tokens >= self.tokenize.context, "shard-tokens", || {
             format!(
                 "({}) must be at least --context ({}): shards hold whole documents",
@@ -161,11 +164,17 @@ pub fn run_cache(
     keep_going: impl Fn() -> bool,
 ) -> Result<CacheIndex> {
     job.validate()?;
-    check_out_holds_a_cache(&job.out)?;
-    std::fs::create_dir_all(&job.out).map_err(|e| anyhow!("{}: cannot create: {e}", job.out.display()))?;
+    resume::check_out_holds_a_cache(&job.out)?;
+    // One writer per folder: a second run on the same --out would interleave its shards with this
+    // one's. Taking the lock creates the folder; it is released when this function returns (before
+    // `clean_on_failure` removes a folder a refused run left empty).
+    let _lock = crate::io::DirLock::acquire(&job.out, "out")?;
     let base_snap = crate::model::snapshot::Snapshot::open(&job.base)?;
     let chat_snap = crate::model::snapshot::Snapshot::open(&job.chat)?;
     crate::model::snapshot::check_pair(&base_snap, &chat_snap)?;
+    for snap in [&base_snap, &chat_snap] {
+        check_context(job.tokenize.context, &snap.config, &snap.dir)?;
+    }
     let layers = base_snap.config.num_hidden_layers;
     crate::bad_value::ensure(job.layer < layers, "layer", || {
         format!("{} is out of range: the models have {layers} blocks (0..={})", job.layer, layers - 1)
@@ -176,75 +185,36 @@ pub fn run_cache(
     crate::model::snapshot::check_distinct((&job.base, &model_ids[0]), (&job.chat, &model_ids[1]))?;
     drop((base_snap, chat_snap));
 
-    // Temporary files of an interrupted write are garbage: the shard they belonged to is redone.
-    for entry in fs_err::read_dir(&job.out)?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".tmp-") {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    let index_path = CacheIndex::path(&job.out);
-    let mut index = if index_path.exists() {
-        let existing = CacheIndex::open(&job.out)?;
-        if !existing.model_ids.is_empty() && existing.model_ids != model_ids {
-            bail!(
-                "{}: the cache there was made from other models (identities {}, these are {}); choose another --out",
-                index_path.display(),
-                existing.model_ids.join("/"),
-                model_ids.join("/")
-            );
-        }
-        // Recorded identities decide which models; without them (older caches) the folder names do.
-        let names = if existing.model_ids.is_empty() { (&existing.models, &models) } else { (&models, &models) };
-        let changed = changed_settings(
-            &resume_view(existing.layer, existing.d_model, existing.dtype, names.0, existing.settings.as_ref()),
-            &resume_view(Some(job.layer), d, job.dtype, names.1, Some(&job.settings())),
-            |key| if key == "width" { "the models' width".into() } else { flag_name(key) },
-        );
-        if !changed.is_empty() {
-            bail!(
-                "{}: the cache there was made with other settings: {changed}; \
-                 re-run the same command to resume it, or choose another --out",
-                index_path.display()
-            );
-        }
-        existing
-    } else {
-        CacheIndex {
-            format: FORMAT.into(),
-            d_model: d,
-            layer: Some(job.layer),
-            dtype: job.dtype,
-            models,
-            model_ids,
-            total_tokens: 0,
-            shards: Vec::new(),
-            sources: job.data.iter().map(|p| SourceInfo { path: p.display().to_string(), tokens: 0 }).collect(),
-            settings: Some(job.settings()),
-            documents: 0,
-            complete: false,
-            partial_shards: Vec::new(),
-        }
+    let request = resume::Request {
+        out: &job.out,
+        layer: job.layer,
+        dtype: job.dtype,
+        settings: job.settings(),
+        f16_weights: job.load.f16_weights,
+        low_memory: job.low_memory,
     };
+    let mut index = resume::open_or_start(request, d, models, model_ids)?;
     if index.complete {
         return Ok(index);
     }
+
+    // Conversations are rendered with the chat model's template (a base model often has none);
+    // the tokenizers are checked to be the same, so both models read the same ids. Both, and the
+    // data files, are checked before the models load.
+    let chat_tok = ChatTokenizer::from_dir(&job.chat)?;
+    ChatTokenizer::from_dir(&job.base)?.check_same(&chat_tok)?;
+    let mut mixer = Mixer::new(&job.data, job.mix, &chat_tok, job.tokenize.clone())?;
+    mixer.skip(done_docs_total(&index))?;
 
     let device = device.clone();
     let load = |dir: &Path| Model::load(dir, &device, job.load);
     let base = load(&job.base)?;
     let chat = if job.low_memory { None } else { Some(load(&job.chat)?) };
-    // Conversations are rendered with the chat model's template (a base model often has none);
-    // the tokenizers are checked to be the same, so both models read the same ids.
-    let chat_tok = ChatTokenizer::from_dir(&job.chat)?;
-    base.tokenizer.check_same(&chat_tok)?;
     if let Some(chat) = &chat {
         check_models(&base, chat)?;
     }
 
     // Base (or both) pass over the data stream.
-    let mut mixer = Mixer::new(&job.data, job.mix, &chat_tok, job.tokenize.clone())?;
-    mixer.skip(done_docs_total(&index))?;
     let mut tokens_done = index.total_tokens + index.partial_shards.iter().map(|s| s.tokens).sum::<u64>();
     let mut planner = Planner::default();
     let phase = if job.low_memory { "base pass" } else { "caching" };
@@ -289,7 +259,7 @@ pub fn run_cache(
         for (s, t) in index.sources.iter_mut().zip(mixer.tokens_per_source()) {
             s.tokens = *t;
         }
-        index.write(&job.out)?;
+        write_index(job, &index)?;
         progress(CacheProgress { tokens: tokens_done, target: job.tokens, phase });
     }
     if !keep_going() {
@@ -318,7 +288,7 @@ pub fn run_cache(
             check_finite(&chat_acts, d, &plan, &chat, job.layer, job.dtype, &job.data)?;
             index.partial_shards.remove(0);
             finish_shard(job, &mut index, info.clone(), &plan, &base_acts, &chat_acts, d)?;
-            index.write(&job.out)?;
+            write_index(job, &index)?;
             let _ = std::fs::remove_file(&partial);
             done += info.tokens;
             progress(CacheProgress {
@@ -332,7 +302,7 @@ pub fn run_cache(
         return Err(crate::bad_value::bad("data", "holds no documents to cache (0 tokens)"));
     }
     index.complete = true;
-    index.write(&job.out)?;
+    write_index(job, &index)?;
     Ok(index)
 }
 
@@ -362,124 +332,21 @@ fn finish_shard(
     Ok(())
 }
 
+/// Writes `cache.json` with the load options in its settings (`settings.f16_weights`): how the
+/// models were loaded decides the activations' precision, so a resume must load them the same way.
+fn write_index(job: &CacheJob, index: &CacheIndex) -> Result<()> {
+    let mut value = serde_json::to_value(index)?;
+    if let Some(settings) = value.get_mut("settings").and_then(serde_json::Value::as_object_mut) {
+        settings.insert("f16_weights".into(), job.load.f16_weights.into());
+    }
+    let text = serde_json::to_string_pretty(&value)?;
+    crate::io::write_atomic(&CacheIndex::path(&job.out), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
+}
+
 fn done_docs_total(index: &CacheIndex) -> u64 {
     index.documents + index.partial_shards.iter().map(|s| s.documents).sum::<u64>()
 }
 
 fn partial_name(file: &str) -> String {
     format!("{file}.base-partial")
-}
-
-/// What a resumed cache must agree on, keyed so that [`flag_name`] names each by its flag.
-fn resume_view(
-    layer: Option<usize>,
-    d: usize,
-    dtype: ActDtype,
-    models: &[String],
-    settings: Option<&CacheSettings>,
-) -> serde_json::Value {
-    let mut v = settings.map_or_else(|| serde_json::json!({}), |s| serde_json::to_value(s).expect("serializes"));
-    if let Some(t) = v.as_object_mut().and_then(|m| m.remove("target_tokens")) {
-        v["tokens"] = t;
-    }
-    (v["layer"], v["width"], v["dtype"]) = (layer.into(), d.into(), serde_json::to_value(dtype).expect("serializes"));
-    for (role, name) in ["base", "chat"].into_iter().zip(models) {
-        v[role] = name.as_str().into();
-    }
-    v
-}
-
-/// `cache --out` is a new folder, an empty one, or a cache (resumed): a folder holding anything
-/// else (a training run, other files) is refused before anything is written there.
-fn check_out_holds_a_cache(out: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
-    // Hidden files (temporary files of an interrupted write) and this writer's shards are ours.
-    let ours = |n: &str| n.starts_with('.') || (n.starts_with("acts-") && n.contains(".safetensors"));
-    let mut found: Vec<String> =
-        entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !ours(n)).collect();
-    if found.is_empty() || CacheIndex::path(out).exists() {
-        return Ok(());
-    }
-    found.sort();
-    let listed = |names: &[String]| names.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
-    use crate::run_dir::RunDir;
-    let run: Vec<String> = found
-        .iter()
-        .filter(|n| [RunDir::CONFIG, RunDir::CROSSCODER, RunDir::CHECKPOINT].contains(&n.as_str()))
-        .cloned()
-        .collect();
-    let what = if run.is_empty() {
-        format!("is not empty and holds no cache.json ({}): choose a new or empty folder", listed(&found))
-    } else {
-        format!("holds a training run ({}), not a cache: choose another folder", listed(&run))
-    };
-    Err(crate::bad_value::bad("out", format!("{} {what} for the cache", out.display())))
-}
-
-/// The settings that differ between what a folder was made with (`old`) and what a job asks for
-/// (`new`), two JSON objects compared leaf by leaf (nested objects by their dotted key path), as
-/// `OLD, now NEW` where each side lists `name value` ("--k 8 --lr 0.0001, now --k 4 --lr 0.001");
-/// `name` turns a key path into what the user knows it by (see [`flag_name`]). Empty when nothing
-/// differs.
-pub fn changed_settings(old: &serde_json::Value, new: &serde_json::Value, name: impl Fn(&str) -> String) -> String {
-    use std::collections::BTreeMap;
-    fn leaves(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
-        match v.as_object() {
-            Some(map) => {
-                for (k, x) in map {
-                    leaves(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, x, out);
-                }
-            }
-            None if !prefix.is_empty() => {
-                out.insert(prefix.to_string(), v.clone());
-            }
-            None => {}
-        }
-    }
-    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    leaves("", old, &mut a);
-    leaves("", new, &mut b);
-    let null = serde_json::Value::Null;
-    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let (mut was, mut now, mut all_flags) = (Vec::new(), Vec::new(), true);
-    for key in keys {
-        let (x, y) = (a.get(key).unwrap_or(&null), b.get(key).unwrap_or(&null));
-        if x == y {
-            continue;
-        }
-        let name = name(key);
-        all_flags &= name.starts_with("--");
-        was.push(show_setting(&name, x));
-        now.push(show_setting(&name, y));
-    }
-    if was.is_empty() {
-        return String::new();
-    }
-    let sep = if all_flags { " " } else { ", " };
-    format!("{}, now {}", was.join(sep), now.join(sep))
-}
-
-/// `layer` → `--layer`, `drop_bos` → `--drop-bos`; a nested `cache.shards` → `the cache's shards`.
-pub fn flag_name(key: &str) -> String {
-    match key.split_once('.') {
-        Some((owner, rest)) => format!("the {owner}'s {}", rest.replace(['_', '.'], " ")),
-        None => format!("--{}", key.replace('_', "-")),
-    }
-}
-
-/// One setting as the user would type it: `--lr 0.001`, `--mix` / `no --mix`, `--data a.txt b.txt`.
-fn show_setting(name: &str, v: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match v {
-        Value::Bool(true) => name.to_string(),
-        Value::Bool(false) | Value::Null if name.starts_with("--") => format!("no {name}"),
-        Value::Null => format!("{name} (not recorded)"),
-        Value::String(s) => format!("{name} {s}"),
-        Value::Array(items) => {
-            let items: Vec<String> =
-                items.iter().map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string)).collect();
-            format!("{name} {}", items.join(" "))
-        }
-        other => format!("{name} {other}"),
-    }
 }

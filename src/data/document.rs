@@ -25,22 +25,34 @@ pub struct TokenizedDoc {
 
 pub type DocStream = Box<dyn Iterator<Item = Result<Document>> + Send>;
 
-/// A `text` string or a `messages` list of {role, content} objects.
+/// A `text` string or a `messages` list of {role, content} objects; a record with both is refused
+/// (which one to use would be a guess), as is one that is not a JSON object.
 pub fn document_from_json(v: &Value) -> Result<Document> {
-    if let Some(text) = v.get("text") {
-        return match text {
-            Value::String(s) => Ok(Document::Text(s.clone())),
-            _ => bail!("field `text` is not a string"),
-        };
+    if !v.is_object() {
+        bail!("not a JSON object (expected {{\"text\": ...}} or {{\"messages\": [...]}})");
     }
-    if let Some(messages) = v.get("messages") {
-        return messages_from_json(messages).map(Document::Chat);
+    // A null field is an absent one.
+    let get = |k: &str| v.get(k).filter(|x| !x.is_null());
+    match (get("text"), get("messages")) {
+        (Some(_), Some(_)) => bail!("has both a `text` and a `messages` field: keep one"),
+        (Some(Value::String(s)), None) => Ok(Document::Text(s.clone())),
+        (Some(_), None) => bail!("field `text` is not a string"),
+        (None, Some(messages)) => messages_from_json(messages).map(Document::Chat),
+        (None, None) => match ["text", "messages"].into_iter().find(|k| v.get(*k).is_some()) {
+            Some(k) => bail!("field `{k}` is null"),
+            None => bail!("neither a `text` nor a `messages` field"),
+        },
     }
-    bail!("neither a `text` nor a `messages` field")
 }
+
+/// Why a conversation without turns is refused (a chat template cannot render it).
+pub(crate) const EMPTY_MESSAGES: &str = "`messages` is empty: a conversation needs at least one turn";
 
 pub fn messages_from_json(v: &Value) -> Result<Vec<Message>> {
     let list = v.as_array().ok_or_else(|| anyhow!("field `messages` is not a list"))?;
+    if list.is_empty() {
+        bail!("{EMPTY_MESSAGES}");
+    }
     list.iter()
         .enumerate()
         .map(|(i, m)| {

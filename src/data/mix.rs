@@ -10,6 +10,23 @@ use crate::data::source::open_source;
 use crate::data::tokenize::{TokenizeOptions, tokenize};
 use crate::model::tokenizer::ChatTokenizer;
 
+/// The `--data` list: at least one file, none listed twice (by its canonical path when it exists,
+/// so `a.txt` and `./a.txt` are the same file): a file given twice would be read twice.
+pub fn check_data_files(paths: &[PathBuf]) -> Result<()> {
+    use crate::bad_value::{bad, ensure};
+    ensure(!paths.is_empty(), "data", || "is required (no data files given)".into())?;
+    let mut seen: std::collections::HashMap<PathBuf, &PathBuf> = std::collections::HashMap::new();
+    for p in paths {
+        let key = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        if let Some(first) = seen.insert(key, p) {
+            let also =
+                if first.as_os_str() == p.as_os_str() { String::new() } else { format!(" (also as {})", p.display()) };
+            return Err(bad("data", format!("lists {} twice{also}", first.display())));
+        }
+    }
+    Ok(())
+}
+
 /// Documents from several sources, either one after another or mixed 1:1 by tokens: the next
 /// document comes from the source that has contributed the fewest tokens so far.
 pub struct Mixer<'a> {
@@ -28,9 +45,7 @@ pub struct Mixer<'a> {
 
 impl<'a> Mixer<'a> {
     pub fn new(paths: &[PathBuf], mix: bool, tok: &'a ChatTokenizer, opts: TokenizeOptions) -> Result<Self> {
-        if paths.is_empty() {
-            bail!("--data: no data files given");
-        }
+        check_data_files(paths)?;
         let sources = paths.iter().map(|p| open_source(p).map(Some)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             sources,

@@ -88,6 +88,9 @@ fn struct_messages(turns: &dyn Array) -> Result<Vec<Message>> {
             other => bail!("`messages.{name}` has type {other}, expected a string"),
         })
     };
+    if s.is_empty() {
+        bail!("{}", crate::data::document::EMPTY_MESSAGES);
+    }
     let (roles, contents) = (field("role")?, field("content")?);
     Ok(roles.into_iter().zip(contents).map(|(role, content)| Message { role, content }).collect())
 }

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
 use crate::data::document::{Document, document_from_json};
@@ -13,18 +13,36 @@ use crate::data::document::{Document, document_from_json};
 pub(crate) struct TextBlocks {
     lines: std::io::Lines<BufReader<File>>,
     path: PathBuf,
+    line_no: usize,
     done: bool,
 }
 
-/// A data file's lines through a 1 MiB buffer.
+/// A data file's lines through a 1 MiB buffer. A UTF-8 byte order mark (some editors write one) is
+/// not text and is dropped; a UTF-16 file is refused by name (its lines would not decode).
 fn open_lines(path: &Path) -> Result<std::io::Lines<BufReader<File>>> {
     let f = File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
-    Ok(BufReader::with_capacity(1 << 20, f).lines())
+    let mut reader = BufReader::with_capacity(1 << 20, f);
+    let head = reader.fill_buf().map_err(|e| anyhow!("{}: read failed: {e}", path.display()))?;
+    if head.starts_with(b"\xEF\xBB\xBF") {
+        reader.consume(3);
+    } else if head.starts_with(b"\xFF\xFE") || head.starts_with(b"\xFE\xFF") {
+        bail!("{}: is UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8", path.display());
+    }
+    Ok(reader.lines())
+}
+
+/// A line that could not be read: `at` is `file:line`.
+fn read_error(at: String, e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        anyhow!("{at}: not UTF-8 text; save the file as UTF-8")
+    } else {
+        anyhow!("{at}: read failed: {e}")
+    }
 }
 
 impl TextBlocks {
     pub(crate) fn open(path: &Path) -> Result<Self> {
-        Ok(Self { lines: open_lines(path)?, path: path.to_path_buf(), done: false })
+        Ok(Self { lines: open_lines(path)?, path: path.to_path_buf(), line_no: 0, done: false })
     }
 }
 
@@ -41,8 +59,12 @@ impl Iterator for TextBlocks {
                     self.done = true;
                     break;
                 }
-                Some(Err(e)) => return Some(Err(anyhow!("{}: read failed: {e}", self.path.display()))),
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(read_error(format!("{}:{}", self.path.display(), self.line_no + 1), e)));
+                }
                 Some(Ok(line)) => {
+                    self.line_no += 1;
                     if line.trim().is_empty() {
                         if block.is_empty() {
                             continue;
@@ -77,11 +99,12 @@ impl Iterator for JsonLines {
     type Item = Result<Document>;
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let line = match self.lines.next()? {
-                Ok(l) => l,
-                Err(e) => return Some(Err(anyhow!("{}: read failed: {e}", self.path.display()))),
-            };
+            let line = self.lines.next()?;
             self.line_no += 1;
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => return Some(Err(read_error(format!("{}:{}", self.path.display(), self.line_no), e))),
+            };
             if line.trim().is_empty() {
                 continue;
             }

@@ -22,13 +22,25 @@ pub struct TokenizeOptions {
     pub skip_first: usize,
 }
 
+impl TokenizeOptions {
+    /// What can be refused before a document is read: a positive `--context`, and a `--skip-first`
+    /// below it (at or above it, every document would be cut to nothing).
+    pub fn validate(&self) -> Result<()> {
+        crate::bad_value::positive(self.context as u64, "context")?;
+        crate::bad_value::ensure(self.skip_first < self.context, "skip-first", || {
+            format!("({}) must be below --context ({})", self.skip_first, self.context)
+        })
+    }
+}
+
 impl Default for TokenizeOptions {
     fn default() -> Self {
         Self { context: DEFAULT_CONTEXT, drop_bos: false, skip_first: 0 }
     }
 }
 
-/// Tokenizes a document; `None` when nothing is left after truncation and skipping.
+/// Tokenizes a document; `None` when nothing is left after truncation and skipping, and for a text
+/// that is empty or only whitespace (it would be a lone `<bos>`).
 pub fn tokenize(
     tok: &ChatTokenizer,
     doc: &Document,
@@ -36,6 +48,7 @@ pub fn tokenize(
     opts: &TokenizeOptions,
 ) -> Result<Option<TokenizedDoc>> {
     let ids = match doc {
+        Document::Text(t) if t.trim().is_empty() => return Ok(None),
         Document::Text(t) => tok.encode(t, true)?,
         Document::Chat(m) => tok.encode_chat(m, false)?,
     };

@@ -137,8 +137,7 @@ impl ChatTokenizer {
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        env.add_template("chat", source)
-            .map_err(|e| anyhow!("{}: field `chat_template` does not parse: {e}", self.template_source.display()))?;
+        env.add_template("chat", source).map_err(|e| anyhow!("{} does not parse: {e}", self.template_at()))?;
         let template = env.get_template("chat").map_err(|e| anyhow!("{e}"))?;
         template
             .render(minijinja::context! {
@@ -148,6 +147,16 @@ impl ChatTokenizer {
                 add_generation_prompt => add_generation_prompt,
             })
             .map_err(|e| anyhow!("{}: chat template failed: {}", self.template_source.display(), e))
+            .and_then(|text| {
+                if text.trim().is_empty() {
+                    bail!(
+                        "{} renders the conversation {} as empty text: the template does not output the messages",
+                        self.template_at(),
+                        describe_conversation(messages)
+                    );
+                }
+                Ok(text)
+            })
     }
 
     /// Ids of a rendered conversation (the rendering already holds `<bos>`).
@@ -165,31 +174,78 @@ impl ChatTokenizer {
         ids
     }
 
-    /// Base and chat must tokenize identically: same vocabulary, same ids.
+    /// Base and chat must tokenize identically: the same token at every id, added (special) tokens
+    /// included, which decide how `<start_of_turn>` and the like are split. Names the first id
+    /// that differs and both files.
     pub fn check_same(&self, other: &ChatTokenizer) -> Result<()> {
-        let (a, b) = (self.inner.get_vocab(true), other.inner.get_vocab(true));
-        if a.len() != b.len() {
+        let (a, b) = (self.id_table(), other.id_table());
+        let ids = a.keys().chain(b.keys()).copied().collect::<std::collections::BTreeSet<u32>>();
+        if let Some(id) = ids.into_iter().find(|id| a.get(id) != b.get(id)) {
             bail!(
-                "tokenizers differ: {} has {} tokens, {} has {}",
+                "tokenizers differ at id {id}: {} in {}, {} in {}",
+                describe_entry(a.get(&id)),
                 self.path.display(),
-                a.len(),
-                other.path.display(),
-                b.len()
-            );
-        }
-        let mut diffs: Vec<_> = a.iter().filter(|(tok, id)| b.get(*tok) != Some(id)).map(|(t, _)| t.clone()).collect();
-        diffs.sort();
-        if let Some(tok) = diffs.first() {
-            bail!(
-                "tokenizers differ: token {tok:?} has id {:?} in {} and {:?} in {}",
-                a.get(tok),
-                self.path.display(),
-                b.get(tok),
+                describe_entry(b.get(&id)),
                 other.path.display()
             );
         }
         Ok(())
     }
+
+    /// Every id's token, with its added-token options when it is an added token.
+    fn id_table(&self) -> std::collections::BTreeMap<u32, (String, Option<tokenizers::AddedToken>)> {
+        let mut table: std::collections::BTreeMap<u32, (String, Option<tokenizers::AddedToken>)> =
+            self.inner.get_vocab(true).into_iter().map(|(token, id)| (id, (token, None))).collect();
+        for (id, added) in self.inner.get_added_tokens_decoder() {
+            table.insert(id, (added.content.clone(), Some(added)));
+        }
+        table
+    }
+
+    /// Where the chat template comes from, for messages: `tokenizer_config.json`'s field or
+    /// `chat_template.jinja`.
+    fn template_at(&self) -> String {
+        let file = self.template_source.display();
+        if self.template_source.extension().is_some_and(|e| e == "jinja") {
+            file.to_string()
+        } else {
+            format!("{file}: field `chat_template`")
+        }
+    }
+}
+
+/// One id's entry for the "tokenizers differ" message.
+fn describe_entry(entry: Option<&(String, Option<tokenizers::AddedToken>)>) -> String {
+    match entry {
+        None => "no token".into(),
+        Some((token, None)) => format!("{token:?} (an ordinary vocabulary entry)"),
+        Some((token, Some(t))) => {
+            let mut options = Vec::new();
+            for (on, name) in [
+                (t.single_word, "single_word"),
+                (t.lstrip, "lstrip"),
+                (t.rstrip, "rstrip"),
+                (t.normalized, "normalized"),
+            ] {
+                if on {
+                    options.push(name);
+                }
+            }
+            let options = if options.is_empty() { String::new() } else { format!(", {}", options.join(", ")) };
+            format!("{token:?} (an added{} token{options})", if t.special { " special" } else { "" })
+        }
+    }
+}
+
+/// A conversation in a few words, for errors: its roles and the start of its first turn.
+fn describe_conversation(messages: &[Message]) -> String {
+    let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
+    let first = messages.first().map_or(String::new(), |m| {
+        let text: String = m.content.chars().take(40).collect();
+        let more = if m.content.chars().count() > 40 { "…" } else { "" };
+        format!(", starting {:?}", format!("{text}{more}"))
+    });
+    format!("({} turns: {}{first})", messages.len(), roles.join(", "))
 }
 
 fn special_token(cfg: &Value, key: &str) -> Option<String> {
