@@ -131,8 +131,17 @@ fn lenient<T: serde::de::DeserializeOwned + Default>(v: &serde_json::Value, key:
 }
 
 impl CacheIndex {
-    /// The index from parsed JSON: the four required keys strictly, the rest leniently.
+    /// The index from parsed JSON: the four required keys strictly, the rest leniently; each shard
+    /// a file inside the cache folder, listed once; `total_tokens`, when given, the shards' sum.
     pub fn from_value(v: &serde_json::Value, path: &Path) -> Result<Self> {
+        let index = Self::parse(v, path)?;
+        index.check_total(v, path)?;
+        Ok(index)
+    }
+
+    /// [`Self::from_value`] without the `total_tokens` check ([`Self::open`] checks the shards'
+    /// headers first, so a shard whose `tokens` is wrong is named, not the total).
+    fn parse(v: &serde_json::Value, path: &Path) -> Result<Self> {
         let at = path.display();
         let field = |k: &str| v.get(k).ok_or_else(|| anyhow!("{at}: missing field `{k}`"));
         let format = field("format")?.as_str().ok_or_else(|| anyhow!("{at}: field `format` must be a string"))?;
@@ -163,11 +172,17 @@ impl CacheIndex {
                 checksum: lenient(s, "checksum"),
             });
         }
-        let listed: u64 = shards.iter().map(|s| s.tokens).sum();
-        let total_tokens = match v.get("total_tokens").and_then(|t| t.as_u64()) {
-            Some(t) if t != listed => bail!("{at}: field `total_tokens` is {t} but the shards hold {listed}"),
-            _ => listed,
-        };
+        let partial_shards: Vec<ShardInfo> = lenient(v, "partial_shards");
+        let mut seen: BTreeMap<PathBuf, String> = BTreeMap::new();
+        let listed_files = shards.iter().enumerate().map(|(i, s)| (format!("shards[{i}]"), &s.file));
+        let partial_files = partial_shards.iter().enumerate().map(|(i, s)| (format!("partial_shards[{i}]"), &s.file));
+        for (field, file) in listed_files.chain(partial_files) {
+            let key = shard_file_key(file).map_err(|why| anyhow!("{at}: field `{field}.file` is {file:?}: {why}"))?;
+            if let Some(first) = seen.insert(key, field.clone()) {
+                bail!("{at}: shard {file} is listed twice (`{first}` and `{field}`); each shard is listed once");
+            }
+        }
+        let total_tokens = shards.iter().map(|s| s.tokens).sum();
         Ok(Self {
             format: format.to_string(),
             d_model,
@@ -181,22 +196,53 @@ impl CacheIndex {
             settings: lenient(v, "settings"),
             documents: lenient(v, "documents"),
             complete: v.get("complete").and_then(|c| c.as_bool()).unwrap_or(true),
-            partial_shards: lenient(v, "partial_shards"),
+            partial_shards,
         })
     }
 
+    /// `total_tokens`, when the file gives it, against the shards' sum.
+    fn check_total(&self, v: &serde_json::Value, path: &Path) -> Result<()> {
+        match v.get("total_tokens").and_then(|t| t.as_u64()) {
+            Some(t) if t != self.total_tokens => {
+                bail!("{}: field `total_tokens` is {t} but the shards hold {}", path.display(), self.total_tokens)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses a cache a job cannot read in full: unfinished (unless `allow_partial`, the
-    /// `--allow-partial` flag) or empty.
+    /// `--allow-partial` flag) or empty. Unfinished is said first: a `--low-memory` cache stopped
+    /// in its base pass holds no finished tokens yet, and is not "empty".
     pub fn check_usable(&self, dir: &Path, allow_partial: bool) -> Result<()> {
+        let base_only: u64 = self.partial_shards.iter().map(|s| s.tokens).sum();
+        let so_far = if base_only > 0 {
+            format!(
+                "{} tokens finished so far, {base_only} more with only the base model's activations (--low-memory)",
+                self.total_tokens
+            )
+        } else {
+            format!("{} tokens so far", self.total_tokens)
+        };
         if !self.complete && !allow_partial {
             bail!(
-                "{}: the cache is incomplete ({} tokens so far; its `cache` run was interrupted): re-run that \
-                 command to finish it, or pass --allow-partial to use what is there",
-                dir.display(),
-                self.total_tokens
+                "{}: the cache is incomplete ({so_far}; its `cache` run was interrupted): re-run that command to \
+                 finish it, or pass --allow-partial to use what is there",
+                dir.display()
             );
         }
         if self.total_tokens == 0 {
+            if !self.complete {
+                let base = if base_only > 0 {
+                    format!("; {base_only} tokens have only the base model's activations (--low-memory)")
+                } else {
+                    String::new()
+                };
+                bail!(
+                    "{}: the cache is incomplete and holds no finished tokens yet (its `cache` run was \
+                     interrupted{base}): re-run that command to finish it",
+                    dir.display()
+                );
+            }
             bail!("{}: the cache holds 0 tokens", dir.display());
         }
         Ok(())
@@ -227,10 +273,11 @@ impl CacheIndex {
         let text = std::fs::read_to_string(&path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
-        let index = Self::from_value(&value, &path)?;
+        let index = Self::parse(&value, &path)?;
         for shard in &index.shards {
             index.check_shard_header(dir, shard)?;
         }
+        index.check_total(&value, &path)?;
         Ok(index)
     }
 
@@ -282,9 +329,12 @@ impl CacheIndex {
         };
         if acts.shape != [shard.tokens as usize, 2, self.d_model] {
             bail!(
-                "{}: tensor `acts` has shape {:?}, cache.json says [{}, 2, {}]",
+                "{}: tensor `acts` has shape {:?}, but cache.json lists this shard with {} tokens of width {} \
+                 (shape [{}, 2, {}])",
                 path.display(),
                 acts.shape,
+                shard.tokens,
+                self.d_model,
                 shard.tokens,
                 self.d_model
             );
@@ -300,6 +350,29 @@ impl CacheIndex {
         let text = serde_json::to_string_pretty(self)?;
         write_atomic(&Self::path(dir), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
     }
+}
+
+/// A shard's `file` as a path inside the cache folder (its plain names joined, a leading `./`
+/// dropped: the key two listings of one file share), or why it is not one: absolute, leaving the
+/// folder (`..`), or naming no file.
+fn shard_file_key(file: &str) -> std::result::Result<PathBuf, &'static str> {
+    use std::path::Component;
+    let path = Path::new(file);
+    if path.is_absolute() || path.has_root() {
+        return Err("a shard must be a file inside the cache folder, not an absolute path");
+    }
+    let mut key = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => key.push(n),
+            Component::CurDir => {}
+            _ => return Err("a shard must be a file inside the cache folder (a relative path without `..`)"),
+        }
+    }
+    if key.as_os_str().is_empty() || file.ends_with('/') {
+        return Err("a shard must name a file in the cache folder");
+    }
+    Ok(key)
 }
 
 #[derive(Deserialize)]

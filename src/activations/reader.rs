@@ -86,20 +86,25 @@ pub struct CacheReader {
 
 impl CacheReader {
     pub fn open(dir: &Path, cfg: ReaderConfig) -> Result<Self> {
-        let index = CacheIndex::open(dir)?;
+        Self::with_index(dir, CacheIndex::open(dir)?, cfg)
+    }
+
+    /// [`Self::open`] with the index already read (and checked by the caller, e.g.
+    /// [`CacheIndex::check_usable`] so that an unfinished cache is said to be unfinished first).
+    pub fn with_index(dir: &Path, index: CacheIndex, cfg: ReaderConfig) -> Result<Self> {
         if index.total_tokens == 0 {
-            bail!("{}: the cache holds no tokens", dir.display());
+            // Says "incomplete" for an unfinished cache, "0 tokens" for a finished empty one.
+            index.check_usable(dir, true)?;
         }
-        if cfg.val_tokens >= index.total_tokens {
-            bail!(
-                "validation slice ({} tokens) is not smaller than the cache ({} tokens)",
+        crate::bad_value::ensure(cfg.val_tokens < index.total_tokens, "val-tokens", || {
+            format!(
+                "{} is not smaller than the cache ({} tokens in {}): the validation slice must leave tokens to train on",
                 cfg.val_tokens,
-                index.total_tokens
-            );
-        }
-        if cfg.batch == 0 {
-            bail!("batch size must be positive");
-        }
+                index.total_tokens,
+                dir.display()
+            )
+        })?;
+        crate::bad_value::positive(cfg.batch as u64, "batch")?;
         // The validation slice is the cache's last `val_tokens` tokens; training gets the rest.
         let train_tokens = index.total_tokens - cfg.val_tokens;
         let (mut train, mut val) = (Vec::new(), Vec::new());

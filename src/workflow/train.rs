@@ -170,6 +170,16 @@ pub struct TrainOutcome {
     pub step: u64,
     pub total_steps: u64,
     pub seconds: f64,
+    /// The data ran out at `step`, before `total_steps` (on the fly: the --data files hold no
+    /// more tokens; not a cancel). The run is finished with what there was: running the same
+    /// command again trains nothing more and says the same. Front ends say so, e.g. "the data ran
+    /// out at step 9 of 200; the run is finished with what there was", not "re-run to resume".
+    pub data_ended: bool,
+    /// Pairs in the last step's batch when this run trained one smaller than --batch: the end of
+    /// the data (or of a pass over the cache) leaves fewer pairs than a batch, and that step is
+    /// trained on them, its loss the mean over the pairs it has, as the cache reader does at
+    /// the end of every pass. `None`: the last step (if any) was full-size.
+    pub short_last_batch: Option<usize>,
 }
 
 /// The data side of a run, opened.
@@ -228,8 +238,10 @@ impl TrainJob {
                     val_tokens: self.val_tokens,
                     epochs: None,
                 };
-                let reader = CacheReader::open(cache, cfg)?;
-                reader.index.check_usable(cache, self.allow_partial)?;
+                // An unfinished cache is said to be unfinished before anything else about it.
+                let index = CacheIndex::open(cache)?;
+                index.check_usable(cache, self.allow_partial)?;
+                let reader = CacheReader::with_index(cache, index, cfg)?;
                 ensure(self.batch as u64 <= reader.train_tokens, "batch", || {
                     let (n, all, held) = (reader.train_tokens, reader.index.total_tokens, self.val_tokens);
                     format!(
@@ -313,16 +325,17 @@ impl TrainJob {
     }
 
     /// Trains (resuming from `out`'s checkpoint); a cancelled handle checkpoints and returns. A run
-    /// refused before it saved anything leaves no folder behind.
+    /// refused before it saved anything leaves no folder behind. `out` must be new, empty, or a run
+    /// ([`TrainJob::check_out`], before anything is written), and is held by this job alone for
+    /// the whole run ([`crate::io::DirLock`]).
     pub fn run(&self, device: &Device, handle: Handle) -> Result<TrainOutcome> {
         self.validate()?;
-        ensure(!CacheIndex::path(&self.out).exists(), "out", || {
-            format!(
-                "{} holds an activation cache (cache.json), not a training run: choose another folder for the run",
-                self.out.display()
-            )
-        })?;
-        crate::io::clean_on_failure(&self.out, || self.run_in(device, handle))
+        self.check_out()?;
+        crate::io::clean_on_failure(&self.out, || {
+            // Inside: the lock is gone before an empty folder left by a refusal is removed.
+            let _lock = crate::io::DirLock::acquire(&self.out, "out")?;
+            self.run_in(device, handle)
+        })
     }
 
     fn run_in(&self, device: &Device, handle: Handle) -> Result<TrainOutcome> {
@@ -364,6 +377,8 @@ impl TrainJob {
             step: trained.step,
             total_steps: steps,
             seconds: started.elapsed().as_secs_f64(),
+            data_ended: trained.data_ended,
+            short_last_batch: trained.last_batch.filter(|&n| n < self.batch),
         })
     }
 }

@@ -2,11 +2,15 @@
 //! once the data's width is known (D, k against D, memory, the step budget), before a model or a
 //! byte of training state is loaded.
 
+use std::path::Path;
+
 use anyhow::Result;
 
+use crate::activations::cache::CacheIndex;
 use crate::crosscoder::Kind;
 use crate::crosscoder::train::{defaults, training_bytes};
 use crate::data::TokenizeOptions;
+use crate::run_dir::RunDir;
 use crate::workflow::checks::{bad, ensure, finite_non_negative, finite_positive, path_given, positive};
 use crate::workflow::train::TrainJob;
 
@@ -65,6 +69,93 @@ impl TrainJob {
             "needs --val-tokens (a held-out slice)".into()
         })?;
         Ok(())
+    }
+
+    /// `--out` is new, empty (hidden files such as the lock aside), a run to resume (one with
+    /// checkpoint/state.json), or a run stopped before its first checkpoint (metrics.jsonl and a
+    /// checkpoint folder with nothing in it); anything else is refused naming --out and what is
+    /// there, before anything is written, so a mistaken folder is never trained over.
+    pub fn check_out(&self) -> Result<()> {
+        let out = &self.out;
+        let shown = out.display();
+        if !out.exists() {
+            return Ok(());
+        }
+        ensure(out.is_dir(), "out", || format!("{shown} is a file, not a folder"))?;
+        ensure(!CacheIndex::path(out).exists(), "out", || {
+            format!(
+                "{shown} holds an activation cache (cache.json), not a training run: choose another folder for the run"
+            )
+        })?;
+        let run = RunDir::new(out);
+        let checkpoint = run.checkpoint_dir();
+        ensure(!checkpoint.exists() || checkpoint.is_dir(), "out", || {
+            format!(
+                "{shown}: its `checkpoint` is a file, not the run's checkpoint folder: move the file away, or choose \
+                 another folder"
+            )
+        })?;
+        if run.checkpoint_state().is_file() {
+            return Ok(());
+        }
+        let visible = visible_entries(out);
+        let weights: Vec<String> =
+            visible_entries(&checkpoint).into_iter().filter(|n| n.starts_with("state-")).collect();
+        let checkpoint_empty = visible_entries(&checkpoint).is_empty();
+        let unstarted = visible.iter().all(|n| n == RunDir::METRICS || (n == RunDir::CHECKPOINT && checkpoint_empty));
+        if unstarted {
+            return Ok(());
+        }
+        let has = |name: &str| visible.iter().any(|n| n == name);
+        // A model snapshot: config.json beside weights or a tokenizer (a run's config.json sits
+        // beside crosscoder.safetensors, refused above).
+        let model_files: Vec<&String> = visible
+            .iter()
+            .filter(|n| n.ends_with(".safetensors") || n.ends_with(".safetensors.index.json") || *n == "tokenizer.json")
+            .collect();
+        if has(RunDir::CROSSCODER) {
+            return Err(bad(
+                "out",
+                format!(
+                    "{shown} holds a crosscoder without a checkpoint (imported, or its checkpoint was deleted): choose \
+                     another folder"
+                ),
+            ));
+        }
+        if has("config.json") && !model_files.is_empty() {
+            let mut named = vec!["config.json".to_string()];
+            named.extend(model_files.iter().take(2).map(|n| n.to_string()));
+            if model_files.len() > 2 {
+                named.push("…".into());
+            }
+            return Err(bad(
+                "out",
+                format!(
+                    "{shown} holds a model snapshot ({}), not a training run: choose another folder for the run",
+                    named.join(", ")
+                ),
+            ));
+        }
+        if let Some(w) = weights.first() {
+            return Err(bad(
+                "out",
+                format!(
+                    "{shown} holds a run whose checkpoint/state.json is missing (checkpoint/{w} has nothing pointing \
+                     at it): it cannot be resumed; choose another folder, or empty this one to start over"
+                ),
+            ));
+        }
+        let mut named: Vec<String> = visible.iter().take(3).cloned().collect();
+        if visible.len() > 3 {
+            named.push("…".into());
+        }
+        Err(bad(
+            "out",
+            format!(
+                "{shown} is not empty and holds no training run ({}): choose a new or empty folder",
+                named.join(", ")
+            ),
+        ))
     }
 
     /// With --cache, the on-the-fly options stay unset: the cache fixed its layer, data and
@@ -146,4 +237,17 @@ impl TrainJob {
             }
         }
     }
+}
+
+/// The names in `dir` that do not start with a dot (hidden files, the job lock and temporary
+/// siblings aside), sorted; empty when `dir` cannot be read.
+fn visible_entries(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
 }

@@ -26,6 +26,9 @@ pub struct TrainState {
     /// Tokens since each latent was last selected.
     pub since_selected: Vec<u64>,
     pub threshold: Option<f32>,
+    /// The data source ran out at `step`, before the step budget (not a cancel): the run is
+    /// finished with what there was, and a resume draws nothing more (nor replays the stream).
+    pub data_ended: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -46,6 +49,9 @@ struct CheckpointMeta {
     /// other data is refused (null in older runs and for sources that record none: not checked).
     #[serde(default)]
     source: serde_json::Value,
+    /// The data ran out at `step` ([`TrainState::data_ended`]); absent in older runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    data_ended: bool,
 }
 
 /// What a checkpoint records besides the state: the models and the data it trains on.
@@ -93,6 +99,7 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState, made: &Provenance) ->
         checksum: Some(checksum),
         model_ids: made.model_ids.to_vec(),
         source: made.source.clone(),
+        data_ended: s.data_ended,
     };
     let text = serde_json::to_string_pretty(&meta)?;
     write_atomic(&run.checkpoint_state(), |f| Ok(f.write_all(text.as_bytes())?))?;
@@ -110,24 +117,80 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState, made: &Provenance) ->
 /// budget grows).
 pub fn saved_config(out: &Path) -> Result<Option<TrainConfig>> {
     let path = RunDir::new(out).checkpoint_state();
-    if !path.exists() {
+    if !path.is_file() {
         return Ok(None);
     }
-    let meta: CheckpointMeta =
-        serde_json::from_str(&fs_err::read_to_string(&path)?).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    Ok(Some(meta.config))
+    Ok(Some(read_meta(&path)?.config))
+}
+
+fn read_meta(path: &Path) -> Result<CheckpointMeta> {
+    serde_json::from_str(&fs_err::read_to_string(path)?).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// `checkpoint` in a run folder is a folder (a file of that name is not a checkpoint; a clear line,
+/// not "not a directory" from deeper down).
+pub fn check_checkpoint_dir(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "{}: is a file, not a folder: a run keeps its checkpoint in a folder of that name; move the file \
+             away, or choose another --out",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The step a checkpoint weights file name holds (`state-000000060.safetensors` ⇒ 60).
+fn weights_step(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("state-")?.strip_suffix(".safetensors")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The fields of state.json that need no weights: `weights` a plain file name of the form
+/// `state-<step>.safetensors` whose step is `step`, `threshold` finite and ≥ 0 when present.
+fn check_meta(meta: &CheckpointMeta, path: &Path) -> Result<()> {
+    let at = path.display();
+    let w = meta.weights.as_str();
+    let plain = !w.is_empty() && w != "." && w != ".." && !w.contains(['/', '\\']);
+    if !plain {
+        bail!(
+            "{at}: field `weights` is {w:?}: it must be the name of a file in the checkpoint folder (a plain file \
+             name, not a path)"
+        );
+    }
+    match weights_step(w) {
+        None => bail!("{at}: field `weights` is {w:?}, not a checkpoint weights file name (state-<step>.safetensors)"),
+        Some(n) if n != meta.step => bail!(
+            "{at}: field `step` is {}, but `weights` is {w}, the checkpoint of step {n}: state.json does not \
+             describe its weights",
+            meta.step
+        ),
+        Some(_) => {}
+    }
+    if let Some(t) = meta.threshold {
+        if !(t.is_finite() && t >= 0.0) {
+            bail!("{at}: field `threshold` is {t}, not a finite number ≥ 0");
+        }
+    }
+    Ok(())
 }
 
 /// The checkpoint in `out`, when there is one, checked to continue the same run: the same settings
-/// (but `steps`), models and data, or an error naming each difference.
+/// (but `steps`), models and data, or an error naming each difference. state.json's own fields are
+/// checked too (the weights file it names, its step, width and threshold), each refusal naming
+/// state.json and the field; a checkpoint past the step budget is refused.
 pub fn load(out: &Path, cfg: &TrainConfig, made: &Provenance, device: &Device) -> Result<Option<TrainState>> {
     let run = RunDir::new(out);
     let (dir, path) = (run.checkpoint_dir(), run.checkpoint_state());
+    check_checkpoint_dir(&dir)?;
     if !path.exists() {
         return Ok(None);
     }
-    let meta: CheckpointMeta =
-        serde_json::from_str(&fs_err::read_to_string(&path)?).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let meta = read_meta(&path)?;
+    check_meta(&meta, &path)?;
     let settings = |c: &TrainConfig| {
         let mut v = serde_json::to_value(c).expect("TrainConfig serializes");
         // The budget may grow on resume; gradient clipping follows --kind.
@@ -163,6 +226,16 @@ pub fn load(out: &Path, cfg: &TrainConfig, made: &Provenance, device: &Device) -
             );
         }
     }
+    if meta.step > cfg.steps {
+        bail!(
+            "{}: field `step` is {}, past this job's step budget ({}): give --steps {} or more to resume the run, \
+             or choose another --out",
+            path.display(),
+            meta.step,
+            cfg.steps,
+            meta.step
+        );
+    }
     let file = dir.join(&meta.weights);
     let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: cannot read: {e}", file.display()))?;
     if meta.checksum.is_some_and(|c| c != crate::io::checksum(&bytes)) {
@@ -174,23 +247,58 @@ pub fn load(out: &Path, cfg: &TrainConfig, made: &Provenance, device: &Device) -
     }
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow!("{}: corrupt checkpoint: {e}", file.display()))?;
-    let get = |name: &str| -> Result<Tensor<2>> {
-        let v = st.tensor(name).map_err(|_| anyhow!("{}: missing `{name}`", file.display()))?;
-        let shape: [usize; 2] = v.shape().try_into().map_err(|_| anyhow!("{}: `{name}` is not 2-D", file.display()))?;
+    // The width the weights hold, against state.json's `d`; then every tensor's shape.
+    let w_enc = st.tensor("param.w_enc").map_err(|_| anyhow!("{}: missing `param.w_enc`", file.display()))?;
+    let (two_d, dict) = match w_enc.shape() {
+        &[two_d, dict] => (two_d, dict),
+        other => bail!("{}: `param.w_enc` has shape {other:?}, not [2d, D]", file.display()),
+    };
+    if two_d != 2 * meta.d {
+        bail!(
+            "{}: field `d` is {}, but the weights in {} have d = {} (`param.w_enc` is [{two_d}, {dict}])",
+            path.display(),
+            meta.d,
+            meta.weights,
+            two_d as f64 / 2.0
+        );
+    }
+    let (d, dict) = (meta.d, cfg.dict_size);
+    let expected = |name: &str| -> [usize; 2] {
+        match name {
+            "w_enc" => [2 * d, dict],
+            "b_enc" => [1, dict],
+            "w_dec" => [dict, 2 * d],
+            _ => [1, 2 * d],
+        }
+    };
+    let get = |prefix: &str, name: &str| -> Result<Tensor<2>> {
+        let full = format!("{prefix}.{name}");
+        let v = st.tensor(&full).map_err(|_| anyhow!("{}: missing `{full}`", file.display()))?;
+        let want = expected(name);
+        if v.shape() != want {
+            bail!(
+                "{}: `{full}` has shape {:?}, a crosscoder with d = {d} and D = {dict} needs {want:?}",
+                file.display(),
+                v.shape()
+            );
+        }
         let vals =
-            crate::io::decode_f32(v.dtype(), v.data()).map_err(|e| anyhow!("{}: `{name}`: {e}", file.display()))?;
-        Ok(tensor(vals, shape, device))
+            crate::io::decode_f32(v.dtype(), v.data()).map_err(|e| anyhow!("{}: `{full}`: {e}", file.display()))?;
+        Ok(tensor(vals, want, device))
     };
     let params = |prefix: &str| -> Result<Params> {
         Ok(Params {
-            w_enc: get(&format!("{prefix}.w_enc"))?,
-            b_enc: get(&format!("{prefix}.b_enc"))?,
-            w_dec: get(&format!("{prefix}.w_dec"))?,
-            b_dec: get(&format!("{prefix}.b_dec"))?,
+            w_enc: get(prefix, "w_enc")?,
+            b_enc: get(prefix, "b_enc")?,
+            w_dec: get(prefix, "w_dec")?,
+            b_dec: get(prefix, "b_dec")?,
         })
     };
     let since_view =
         st.tensor("since_selected").map_err(|_| anyhow!("{}: missing `since_selected`", file.display()))?;
+    if since_view.shape() != [dict] {
+        bail!("{}: `since_selected` has shape {:?}, D = {dict} needs [{dict}]", file.display(), since_view.shape());
+    }
     let since = crate::io::decode_i64(since_view.dtype(), since_view.data())
         .map_err(|e| anyhow!("{}: `since_selected`: {e}", file.display()))?
         .into_iter()
@@ -204,6 +312,7 @@ pub fn load(out: &Path, cfg: &TrainConfig, made: &Provenance, device: &Device) -
         tokens: meta.tokens,
         since_selected: since,
         threshold: meta.threshold,
+        data_ended: meta.data_ended,
     }))
 }
 

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use anyhow::{Result, anyhow, bail};
 use burn::tensor::Device;
 
-pub use crate::crosscoder::train::checkpoint::{TrainState, saved_config};
+pub use crate::crosscoder::train::checkpoint::{TrainState, check_checkpoint_dir, saved_config};
 pub use crate::crosscoder::train::config::{TrainConfig, defaults, training_bytes};
 pub use crate::crosscoder::train::dispatch::step_loss;
 pub use crate::crosscoder::train::step::{StepMetrics, StepOutput, fve, update_threshold};
@@ -104,11 +104,22 @@ pub struct Trained {
     pub crosscoder: Crosscoder,
     /// The step the checkpoint (and the exported crosscoder) is at.
     pub step: u64,
+    /// The data ran out at `step`, before the step budget (not a cancel): the run is finished with
+    /// what there was; running it again trains nothing more (recorded in the checkpoint, so a
+    /// resume neither replays the data nor waits for more).
+    pub data_ended: bool,
+    /// Pairs in the batch of the last step this call trained (`None`: it trained none). A batch
+    /// holds fewer pairs than asked for only at the end of the data (or of a pass over a cache):
+    /// it is trained at its own size, its loss the mean over the pairs it has.
+    pub last_batch: Option<usize>,
 }
 
 impl TrainRun<'_> {
     /// Trains (resuming from `out/checkpoint` when present) until `steps` or the data ends, or until
-    /// `keep_going` says stop; checkpoints and exports the crosscoder on the way out. A non-finite
+    /// `keep_going` says stop; checkpoints and exports the crosscoder on the way out. Data that ends
+    /// before `steps` is [`Trained::data_ended`] (recorded in the checkpoint); a checkpoint that
+    /// cannot be written stops training with the error naming the file (the previous checkpoint
+    /// stays, and the metrics logged past it are trimmed on the next resume). A non-finite
     /// loss or parameter stops training with an error naming the step; the last good checkpoint
     /// and crosscoder stay as they were. Data that ends before step 1 is [`NoTrainingPairs`], with
     /// nothing written; a checkpoint made with other settings, models or data is refused, naming
@@ -119,8 +130,15 @@ impl TrainRun<'_> {
         let made = Provenance { model_ids: &self.model_ids, source: &self.source_fingerprint };
         let mut state = match load(&self.out, &cfg, &made, &self.device)? {
             Some(s) => {
-                // The checkpoint's stream position: the reader replays the same batches.
-                self.source.skip_batches(s.step)?;
+                let (d, _) = s.params.dims();
+                if d != self.width {
+                    bail!("{}: field `d` is {d}, the data has width {}", run.checkpoint_state().display(), self.width);
+                }
+                // The checkpoint's stream position: the reader replays the same batches (unless the
+                // data ended there: nothing is left to draw).
+                if !s.data_ended {
+                    self.source.skip_batches(s.step)?;
+                }
                 trim_metrics(&self.out, s.step)?;
                 s
             }
@@ -132,21 +150,30 @@ impl TrainRun<'_> {
         if state.step == 0 && cfg.steps > 0 && keep_going() {
             first = Some(self.source.next_batch()?.ok_or(NoTrainingPairs)?);
         }
-        std::fs::create_dir_all(run.checkpoint_dir()).map_err(|e| anyhow!("{}: {e}", self.out.display()))?;
+        let checkpoint_dir = run.checkpoint_dir();
+        check_checkpoint_dir(&checkpoint_dir)?;
+        std::fs::create_dir_all(&checkpoint_dir)
+            .map_err(|e| anyhow!("{}: cannot create: {e}", checkpoint_dir.display()))?;
         if state.step == 0 {
             let _ = std::fs::remove_file(run.metrics());
         }
         let (d, _) = state.params.dims();
         let mut metrics_file = fs_err::OpenOptions::new().create(true).append(true).open(run.metrics())?;
         let mut first_batch = state.step == 0;
-        // The step the checkpoint on disk holds (None: no checkpoint yet).
+        // The step the checkpoint on disk holds (None: no checkpoint yet), and whether it records
+        // the data's end.
         let mut saved = (state.step > 0).then_some(state.step);
-        while state.step < cfg.steps && keep_going() {
+        let recorded_end = state.data_ended;
+        let mut last_batch = None;
+        while state.step < cfg.steps && !state.data_ended && keep_going() {
             let batch = match first.take() {
                 Some(b) => b,
                 None => match self.source.next_batch()? {
                     Some(b) => b,
-                    None => break,
+                    None => {
+                        state.data_ended = true;
+                        break;
+                    }
                 },
             };
             if batch.d != d {
@@ -173,6 +200,7 @@ impl TrainRun<'_> {
             state.threshold = update_threshold(state.threshold, out.min_kept(), step, cfg.threshold_start);
             state.step = step;
             state.tokens += batch.batch as u64;
+            last_batch = Some(batch.batch);
 
             if step % cfg.log_every.max(1) == 0 || step == cfg.steps {
                 let dead_frac = dead_fraction(&cfg, &state.since_selected);
@@ -196,9 +224,12 @@ impl TrainRun<'_> {
                 saved = Some(step);
             }
         }
-        self.save_checked(&cfg, &state, saved)?;
+        // A resume that trained nothing leaves the checkpoint as it is (unless it learnt the end).
+        if saved != Some(state.step) || state.data_ended != recorded_end {
+            self.save_checked(&cfg, &state, saved)?;
+        }
         let crosscoder = self.export(&state)?;
-        Ok(Trained { crosscoder, step: state.step })
+        Ok(Trained { crosscoder, step: state.step, data_ended: state.data_ended, last_batch })
     }
 
     /// Checkpoints unless a parameter has gone non-finite (one scalar read: the sum of every
@@ -225,6 +256,7 @@ impl TrainRun<'_> {
             tokens: 0,
             since_selected: vec![0; cfg.dict_size],
             threshold: None,
+            data_ended: false,
         })
     }
 
