@@ -31,6 +31,8 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) ->
 /// taken over; two live jobs on one folder get an error naming the other.
 pub struct DirLock {
     path: PathBuf,
+    /// The canonical lock path, this process's record of holding it.
+    key: PathBuf,
 }
 
 impl DirLock {
@@ -40,12 +42,31 @@ impl DirLock {
     pub fn acquire(dir: &Path, flag: &'static str) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
         let path = dir.join(Self::FILE);
+        // Two jobs of one process (the app's views) share a pid: the process also keeps a list.
+        let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()).join(Self::FILE);
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        if held.contains(&key) {
+            return Err(crate::bad_value::bad(
+                flag,
+                format!(
+                    "{} is in use by another job of this window; wait for it to finish, or choose another folder",
+                    dir.display()
+                ),
+            ));
+        }
+        let lock = Self::take(dir, &path, key.clone(), flag)?;
+        held.insert(key);
+        Ok(lock)
+    }
+
+    fn take(dir: &Path, path: &Path, key: PathBuf, flag: &'static str) -> Result<Self> {
+        let path = path.to_path_buf();
         for _ in 0..2 {
             match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
                     use std::io::Write as _;
                     let _ = write!(f, "{}", std::process::id());
-                    return Ok(Self { path });
+                    return Ok(Self { path, key });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let holder = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u32>().ok());
@@ -72,8 +93,13 @@ impl DirLock {
     }
 }
 
+/// The lock files this process holds.
+static HELD: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 impl Drop for DirLock {
     fn drop(&mut self) {
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -445,6 +471,8 @@ mod lock_tests {
         let _ = std::fs::remove_dir_all(&dir);
         let lock = DirLock::acquire(&dir, "out").unwrap();
         assert!(dir.join(DirLock::FILE).exists());
+        let e = DirLock::acquire(&dir, "out").err().expect("a second job of this process is refused");
+        assert!(e.to_string().contains("another job of this window"), "{e}");
         drop(lock);
         assert!(!dir.join(DirLock::FILE).exists(), "released on drop");
         // A live process (pid 1 always runs on Linux) holds it: refused, naming the flag.

@@ -145,12 +145,16 @@ fn base_chat_mismatch_names_the_field() {
         "{msg}"
     );
 
-    // Different width: a whole other model.
-    let dir = TempDir::copy_of("widthmismatch", "chat");
-    edit_json(&dir.path().join("config.json"), |v| v["num_hidden_layers"] = 2.into());
+    // Another architecture: a whole other model.
+    let dir = TempDir::copy_of("archmismatch", "chat");
+    edit_json(&dir.path().join("config.json"), |v| v["rms_norm_eps"] = 1e-5.into());
     let snap = crossdiff::Snapshot::open(dir.path()).unwrap();
     let msg = format!("{:#}", crossdiff::model::snapshot::check_pair(&base.snapshot, &snap).unwrap_err());
-    assert!(msg.contains("num_hidden_layers") && msg.contains('4') && msg.contains('2'), "{msg}");
+    assert!(msg.contains("rms_norm_eps") && msg.contains("0.000001") && msg.contains("0.00001"), "{msg}");
+    // A config with fewer blocks than its weights is refused when opened.
+    edit_json(&dir.path().join("config.json"), |v| v["num_hidden_layers"] = 2.into());
+    let msg = format!("{:#}", crossdiff::Snapshot::open(dir.path()).err().expect("refused"));
+    assert!(msg.contains("`num_hidden_layers` is 2, the weights have 4 blocks"), "{msg}");
 }
 
 #[test]

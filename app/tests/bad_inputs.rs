@@ -289,6 +289,12 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
     let positions = cfg("cfg-positions", "max_position_embeddings", 0.into());
     let bos = cfg("cfg-bos", "bos_token_id", 99999.into());
     let eos = cfg("cfg-eos", "eos_token_id", (-5).into());
+    let layers = variant(root, b, "cfg-layers", |v| {
+        v["num_hidden_layers"] = 3.into();
+        if let Some(t) = v["layer_types"].as_array_mut() {
+            t.pop();
+        }
+    });
     let inspect = |model: &str| strings(&["inspect", "--model", model, "--prompt", "x", "--out", &fresh]);
     let long_prompt = "word ".repeat(300);
     // Conversations the chat template refuses.
@@ -352,6 +358,11 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         ("config: no positions", inspect(&positions), "`max_position_embeddings` must be positive"),
         ("config: bos outside the vocabulary", inspect(&bos), "`bos_token_id` is 99999, outside the vocabulary"),
         ("config: negative eos", inspect(&eos), "`eos_token_id` has -5"),
+        (
+            "config: fewer layers than the weights",
+            inspect(&layers),
+            "`num_hidden_layers` is 3, the weights have 4 blocks",
+        ),
         (
             "inspect: a prompt beyond the context",
             strings(&["inspect", "--model", b, "--prompt", &long_prompt, "--out", &fresh]),
@@ -695,7 +706,21 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         (
             "train on the fly: empty data",
             strings(&[
-                "train", "--base", b, "--chat", c, "--data", &w.empty, "--layer", "1", "--out", &fresh, "--steps", "3",
+                "train",
+                "--base",
+                b,
+                "--chat",
+                c,
+                "--data",
+                &w.empty,
+                "--layer",
+                "1",
+                "--out",
+                &fresh,
+                "--steps",
+                "3",
+                "--context",
+                "64",
             ]),
             "--data gave no training pairs",
         ),
@@ -930,6 +955,7 @@ fn the_apps_jobs_refuse_bad_input_in_the_views_words() {
         layer: 1,
         tokens: 500,
         out: fresh.clone(),
+        tokenize: crossdiff::data::TokenizeOptions { context: 64, ..Default::default() },
         ..Default::default()
     };
     let steer =
