@@ -107,7 +107,9 @@ impl TrainView {
             let cc = &done.crosscoder;
             let at =
                 format!("{:?} D={} at step {} of {}", cc.config.kind, cc.config.dict_size, done.step, done.total_steps);
-            Ok(if done.step < done.total_steps {
+            Ok(if done.data_ended {
+                format!("{at}: the data ran out, the run is finished with what there was; saved in {out}")
+            } else if done.step < done.total_steps {
                 format!("{at}, checkpoint saved in {out}; Start training again resumes")
             } else {
                 format!("{at}, saved in {out}")

@@ -351,6 +351,14 @@ fn train_summary(
     device: &str,
 ) -> String {
     let (cc, out) = (&done.crosscoder, job.out.display());
+    if done.data_ended {
+        let short = done.short_last_batch.map_or(String::new(), |n| format!(", its last batch {n} pairs"));
+        let logged = done.last.as_ref().map_or(String::new(), |m| format!("; loss {:.4}, L0 {:.1}", m.loss, m.l0));
+        return format!(
+            "train: the data ran out at step {} of {}{short}; the run is finished with what there was{logged} → {out} ({device})",
+            done.step, done.total_steps
+        );
+    }
     let Some(m) = &done.last else {
         return if done.step < done.total_steps {
             format!(
