@@ -459,6 +459,7 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         ("train: negative lr", train_new(&["--lr=-0.001"]), "--lr must be a positive finite number"),
         ("train: negative mu", train_new(&["--mu=-1"]), "--mu must be a finite number ≥ 0"),
         ("train: NaN init norm", train_new(&["--init-norm", "NaN"]), "--init-norm must be a positive finite number"),
+        ("train: a subnormal init norm", train_new(&["--init-norm", "1e-320"]), "--init-norm must be between 1e-6 and 1000"),
         ("train: negative aux alpha", train_new(&["--aux-alpha=-1"]), "--aux-alpha must be a finite number ≥ 0"),
         ("train: batch 0", train_new(&["--batch", "0"]), "--batch must be positive"),
         ("train: 0 steps", train_new(&["--steps", "0"]), "--steps must be positive"),

@@ -27,6 +27,8 @@ impl TrainJob {
         finite_non_negative(self.aux_alpha, "aux-alpha")?;
         if let Some(n) = self.init_norm {
             finite_positive(n, "init-norm")?;
+            // Far outside the paper's 0.005 (L1) and 1.0 (BatchTopK), f32 codes underflow or overflow.
+            ensure((1e-6..=1e3).contains(&n), "init-norm", || format!("must be between 1e-6 and 1000, not {n}"))?;
         }
         if let Some(n) = self.dict_size {
             positive(n as u64, "dict-size")?;
