@@ -339,6 +339,7 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         lines.join("\n") + "\n"
     });
     let kind_l1 = edited("run-kind", "config.json", &|t| t.replace("\"batchtopk\"", "\"l1\""));
+    let layer_3 = edited("run-layer", "config.json", &|t| t.replace("\"layer\": 1", "\"layer\": 3"));
     let d_text = edited("run-d", "config.json", &|t| t.replace("\"d\": 72", "\"d\": \"72\""));
     let dead_latent = std::fs::read_to_string(Path::new(run).join("latents.csv"))
         .unwrap()
@@ -459,7 +460,11 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         ("train: negative lr", train_new(&["--lr=-0.001"]), "--lr must be a positive finite number"),
         ("train: negative mu", train_new(&["--mu=-1"]), "--mu must be a finite number ≥ 0"),
         ("train: NaN init norm", train_new(&["--init-norm", "NaN"]), "--init-norm must be a positive finite number"),
-        ("train: a subnormal init norm", train_new(&["--init-norm", "1e-320"]), "--init-norm must be between 1e-6 and 1000"),
+        (
+            "train: a subnormal init norm",
+            train_new(&["--init-norm", "1e-320"]),
+            "--init-norm must be between 1e-6 and 1000",
+        ),
         ("train: negative aux alpha", train_new(&["--aux-alpha=-1"]), "--aux-alpha must be a finite number ≥ 0"),
         ("train: batch 0", train_new(&["--batch", "0"]), "--batch must be positive"),
         ("train: 0 steps", train_new(&["--steps", "0"]), "--steps must be positive"),
@@ -864,6 +869,11 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
             "kl: config.json's kind against the weights",
             strings(&["kl", "--run", &kind_l1, "--data", chats, "--conversations", "2", "--base", b, "--chat", c]),
             "field `kind` is L1",
+        ),
+        (
+            "steer: config.json's layer against the checkpoint",
+            strings(&["steer", "--run", &layer_3, "--model", c, "--latent", "0", "--strength", "1", "--prompt", "x"]),
+            "field `layer` is 3, the run's checkpoint",
         ),
         (
             "kl: config.json's d as text",

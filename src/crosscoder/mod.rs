@@ -387,6 +387,31 @@ impl Crosscoder {
                     bail!("{}: field `k` is {}, the weights' `k` tensor is {k}", config_path.display(), c.k);
                 }
             }
+            // The checkpoint beside it records the layer and models the run was trained on.
+            let state = RunDir::new(&dir).checkpoint_state();
+            if let Some(saved) =
+                std::fs::read_to_string(&state).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            {
+                let trained_layer =
+                    saved["source"].as_object().and_then(|m| m.values().find_map(|v| v["layer"].as_u64()));
+                if let (Some(l), Some(t)) = (c.layer, trained_layer) {
+                    if l as u64 != t {
+                        bail!(
+                            "{}: field `layer` is {l}, the run's checkpoint ({}) was trained on layer {t}",
+                            config_path.display(),
+                            state.display()
+                        );
+                    }
+                }
+                let ids: Vec<String> = serde_json::from_value(saved["model_ids"].clone()).unwrap_or_default();
+                if !ids.is_empty() && !c.model_ids.is_empty() && ids != c.model_ids {
+                    bail!(
+                        "{}: field `model_ids` differs from the run's checkpoint ({})",
+                        config_path.display(),
+                        state.display()
+                    );
+                }
+            }
             if c.model_ids.len() != 0 && c.model_ids.len() != 2 {
                 bail!(
                     "{}: field `model_ids` must list the base and the chat model (2 entries), not {}",
