@@ -12,6 +12,13 @@ use burn::tensor::{Int, Tensor, TensorData};
 use cubecl::logging::{LaunchObservation, LaunchObserver};
 
 static READBACKS: AtomicU64 = AtomicU64::new(0);
+static FORWARD_BATCHES: AtomicU64 = AtomicU64::new(0);
+
+/// Marks one forward batch of a model over documents (caching, on-the-fly pairs): the unit
+/// `bench cache --counters` reports readbacks per (the target is exactly one: the block's output).
+pub fn count_forward_batch() {
+    FORWARD_BATCHES.fetch_add(1, Ordering::Relaxed);
+}
 
 fn count_readback() {
     READBACKS.fetch_add(1, Ordering::Relaxed);
@@ -49,6 +56,7 @@ impl LaunchObserver for Dispatches {
 pub struct Counting {
     dispatches: Arc<Dispatches>,
     readbacks_at_start: u64,
+    forward_batches_at_start: u64,
     _observation: LaunchObservation,
 }
 
@@ -56,12 +64,22 @@ impl Counting {
     pub fn start() -> Self {
         let dispatches = Arc::new(Dispatches::default());
         let observation = LaunchObservation::new(dispatches.clone());
-        Self { dispatches, readbacks_at_start: READBACKS.load(Ordering::Relaxed), _observation: observation }
+        Self {
+            dispatches,
+            readbacks_at_start: READBACKS.load(Ordering::Relaxed),
+            forward_batches_at_start: FORWARD_BATCHES.load(Ordering::Relaxed),
+            _observation: observation,
+        }
     }
 
     /// Readbacks since `start` (from any thread).
     pub fn readbacks(&self) -> u64 {
         READBACKS.load(Ordering::Relaxed) - self.readbacks_at_start
+    }
+
+    /// Forward batches over documents since `start` ([`count_forward_batch`]).
+    pub fn forward_batches(&self) -> u64 {
+        FORWARD_BATCHES.load(Ordering::Relaxed) - self.forward_batches_at_start
     }
 
     /// Kernel dispatches since `start`.

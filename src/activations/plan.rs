@@ -110,6 +110,7 @@ pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_
         let seqs: Vec<Vec<u32>> = group.iter().map(|&i| plan.docs[i].ids.clone()).collect();
         let h = model.gemma.forward_to(model.gemma.batch_ids(&seqs)?, layer);
         let [_, t, _] = h.dims();
+        crate::counters::count_forward_batch();
         let rows = crate::counters::read_f32(h)?;
         for (b, &i) in group.iter().enumerate() {
             let n = plan.docs[i].ids.len();

@@ -61,6 +61,25 @@ pub enum BenchCommand {
         #[arg(long)]
         counters: bool,
     },
+    /// Caching tokens/s of a model pair over generated sentences (the demo corpus's words), as
+    /// `crossdiff cache` runs it; nothing is kept.
+    Cache {
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        chat: PathBuf,
+        #[arg(long, default_value_t = 13)]
+        layer: usize,
+        #[arg(long, default_value_t = 65_536)]
+        tokens: u64,
+        #[arg(long, default_value_t = 1024)]
+        context: usize,
+        #[arg(long, default_value_t = crossdiff::activations::writer::DEFAULT_BATCH_TOKENS)]
+        batch_tokens: usize,
+        /// End with `readbacks/batch=R dispatches/batch=N` (per forward batch of one model).
+        #[arg(long)]
+        counters: bool,
+    },
     /// Reader throughput (GB/s of f32 pairs delivered) beside a raw sequential read of the shards.
     Reader {
         /// The cache to read; with --synthetic-tokens it is created there first (random bf16 pairs).
@@ -106,6 +125,22 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 r.examples_seconds,
                 r.query_ms_median,
                 r.query_ms_max,
+                backend.describe()
+            );
+            if counters {
+                println!("readbacks/batch={:.1} dispatches/batch={:.1}", r.readbacks_per_batch, r.dispatches_per_batch);
+            }
+        }
+        BenchCommand::Cache { base, chat, layer, tokens, context, batch_tokens, counters } => {
+            let device = backend.device()?;
+            let r = crossdiff::bench::bench_cache(&device, &base, &chat, layer, tokens, context, batch_tokens)?;
+            println!("{}", serde_json::to_string(&r)?);
+            println!(
+                "bench cache: {:.0} tokens/s after loading ({} tokens, layer {layer}, {} forward batches, {:.1}s; {})",
+                r.tokens_per_s,
+                r.tokens,
+                r.forward_batches,
+                r.seconds,
                 backend.describe()
             );
             if counters {
