@@ -75,8 +75,10 @@ impl DirLock {
                             return Err(crate::bad_value::bad(
                                 flag,
                                 format!(
-                                    "{} is in use by another crossdiff job (process {pid}); wait for it to finish, or choose another folder",
-                                    dir.display()
+                                    "{} is in use by another crossdiff job (process {pid}); wait for it to finish, or choose \
+                                     another folder (if no crossdiff job runs, delete {})",
+                                    dir.display(),
+                                    path.display()
                                 ),
                             ));
                         }

@@ -347,6 +347,11 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         .skip(1)
         .find(|l| l.split(',').nth(5) == Some("dead"))
         .map(|l| l.split(',').next().unwrap().to_string());
+    let locked = copy_run(run, &root.join("run-locked"));
+    std::fs::write(Path::new(&locked).join(".crossdiff.lock"), "1").unwrap();
+    let a_file = root.join("a-file.txt");
+    std::fs::write(&a_file, "notes").unwrap();
+    let a_file = a_file.display().to_string();
     let bare = copy_run(run, &root.join("run-bare"));
     std::fs::remove_file(Path::new(&bare).join("config.json")).unwrap();
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
@@ -879,6 +884,63 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
             "kl: config.json's d as text",
             strings(&["kl", "--run", &d_text, "--data", chats, "--conversations", "2", "--base", b, "--chat", c]),
             "field `d`",
+        ),
+        // ── found by the third sweep ──
+        (
+            "inspect: --out inside a cache",
+            strings(&["inspect", "--model", b, "--prompt", "x", "--out", &format!("{cache}/acts-00000.safetensors")]),
+            "inside an activation cache",
+        ),
+        (
+            "inspect: --out over another file",
+            strings(&["inspect", "--model", b, "--prompt", "x", "--out", &a_file]),
+            "exists and is not an earlier inspection",
+        ),
+        (
+            "generate: a run given as the model",
+            strings(&["generate", "--model", run, "--prompt", "x"]),
+            "this is a crosscoder run's config.json",
+        ),
+        (
+            "generate: a cache given as the model",
+            strings(&["generate", "--model", cache, "--prompt", "x"]),
+            "this is an activation cache",
+        ),
+        (
+            "train: fewer tokens than a batch",
+            train_new(&["--tokens", "10"]).into_iter().filter(|a| a != "--steps" && a != "5").collect(),
+            "--tokens 10 is less than one batch",
+        ),
+        (
+            "train: k annealing beyond the budget",
+            train_new(&["--k-anneal-from", "16", "--k-anneal-steps", "100"]),
+            "--k-anneal-steps 100 must be within the step budget (5)",
+        ),
+        (
+            "train: k annealing on L1",
+            train_new(&["--kind", "l1", "--k-anneal-from", "16", "--k-anneal-steps", "2"]),
+            "--k-anneal-from is for BatchTopK",
+        ),
+        ("train: diverging before a checkpoint", train_new(&["--lr", "1e30"]), "training diverged"),
+        (
+            "analyze: a run another job holds",
+            strings(&["analyze", "--run", &locked, "--cache", cache]),
+            "is in use by another crossdiff job (process 1)",
+        ),
+        (
+            "demo: --models without the pair",
+            strings(&["demo", "--no-app", "--models", b, "--project", &fresh]),
+            "must hold the pair's `base` and `chat` model folders",
+        ),
+        (
+            "demo: --models missing",
+            strings(&["demo", "--no-app", "--models", "/nonexistent", "--project", &fresh]),
+            "/nonexistent must hold the pair's",
+        ),
+        (
+            "demo: --project is a file",
+            strings(&["demo", "--no-app", "--models", &asset("demo"), "--project", &a_file]),
+            "is a file, not a folder",
         ),
         // ── integrity ──
         ("train: an unfinished cache", train_new(&["--cache", &w.cache_partial]), "the cache is incomplete"),

@@ -191,7 +191,12 @@ pub fn kl_table(
         }
     }
     if seen == 0 {
-        return Err(anyhow!("{}: no conversation with an assistant reply", data.display()));
+        let within = if max_len < usize::MAX {
+            format!(" within the model's context ({max_len} positions)")
+        } else {
+            String::new()
+        };
+        return Err(anyhow!("{}: no conversation with an assistant reply{within}", data.display()));
     }
     let stat = |v: &[f64]| -> (f64, f64) {
         let n = v.len().max(1) as f64;

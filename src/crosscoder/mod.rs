@@ -353,7 +353,21 @@ impl Crosscoder {
             }
         }
         let k = map.get("k").and_then(|(_, v)| v.first().copied());
-        let threshold = map.get("threshold").and_then(|(_, v)| v.first().copied()).filter(|t| *t >= 0.0);
+        if let Some(k) = k {
+            if !(k.is_finite() && k >= 1.0 && k.fract() == 0.0 && (k as usize) <= dict) {
+                bail!("{}: tensor `k` is {k}, not a whole number of latents in 1..={dict}", file.display());
+            }
+        }
+        // A negative θ means "not learned yet" (the authors' convention); anything else must be finite.
+        let threshold = map.get("threshold").and_then(|(_, v)| v.first().copied()).filter(|t| *t >= 0.0 || t.is_nan());
+        if let Some(t) = threshold.filter(|t| !t.is_finite()) {
+            bail!("{}: tensor `threshold` is {t}, not a finite number", file.display());
+        }
+        for name in ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"] {
+            if let Some(i) = map.get(name).and_then(|(_, v)| v.iter().position(|x| !x.is_finite())) {
+                bail!("{}: tensor `{name}` has a non-finite value at index {i}", file.display());
+            }
+        }
         let config_path = RunDir::new(&dir).config();
         let config = if config_path.exists() {
             let text = fs_err::read_to_string(&config_path)?;

@@ -233,13 +233,44 @@ fn only_ours(dir: &Path, ours: &[&str], flag: &'static str, what: &str) -> Resul
     })
 }
 
-pub fn run_pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: impl FnMut(&str)) -> Result<()> {
-    if !p.models.join("base").is_dir() && p.models.is_relative() {
+pub fn run_pipeline(p: &DemoPipeline, device: &Device, handle: Handle, log: impl FnMut(&str)) -> Result<()> {
+    crate::bad_value::ensure(!p.project.is_file(), "project", || {
+        format!("{} is a file, not a folder", p.project.display())
+    })?;
+    crate::io::clean_on_failure(&p.project, || pipeline(p, device, handle, log)).map_err(|e| {
+        // The stages' own words point at their flags (--out); the demo's flag is --project.
+        let text = format!("{e:#}");
+        if text.contains("with other settings") {
+            crate::bad_value::bad(
+                "project",
+                format!(
+                    "{} was built with other demo settings ({}); choose another --project, or delete it to build it again",
+                    p.project.display(),
+                    text.split(": ").last().unwrap_or_default()
+                ),
+            )
+        } else {
+            e
+        }
+    })
+}
+
+fn pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: impl FnMut(&str)) -> Result<()> {
+    for side in ["base", "chat"] {
+        let dir = p.models.join(side);
+        if dir.is_dir() {
+            continue;
+        }
         let here = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+        let hint = if p.models.is_relative() {
+            format!(" (relative to {here}; run from the repository root, or pass --models assets/demo of the checkout)")
+        } else {
+            String::new()
+        };
         return Err(crate::bad_value::bad(
             "models",
             format!(
-                "{}: no demo models here (relative to {here}); run from the repository root, or pass --models assets/demo of the checkout",
+                "{} must hold the pair's `base` and `chat` model folders; it has no `{side}`{hint}",
                 p.models.display()
             ),
         ));

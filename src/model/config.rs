@@ -79,6 +79,15 @@ impl Gemma2Config {
             Some(inner) if value.get("hidden_size").is_none() => inner.clone(),
             _ => value,
         };
+        if value.get("D").is_some() && value.get("kind").is_some() {
+            bail!(
+                "{}: this is a crosscoder run's config.json, not a model snapshot's: give the model's folder",
+                path.display()
+            );
+        }
+        if value.get("format").and_then(Value::as_str).is_some_and(|f| f.starts_with("crossdiff-cache")) {
+            bail!("{}: this is an activation cache, not a model snapshot: give the model's folder", path.display());
+        }
         match value.get("model_type").and_then(Value::as_str) {
             Some("gemma2") => {}
             Some(other) => bail!("{}: field `model_type` is \"{other}\", only \"gemma2\" is supported", path.display()),

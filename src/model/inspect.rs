@@ -61,7 +61,21 @@ pub fn check_out(out: &Path) -> Result<()> {
             "{} is inside a folder with a config.json (a model snapshot?): write the inspection elsewhere",
             out.display()
         )
-    })
+    })?;
+    ensure(!parent.join("cache.json").exists(), "out", || {
+        format!("{} is inside an activation cache: write the inspection elsewhere", out.display())
+    })?;
+    // An existing file is replaced only when it is an earlier inspection.
+    if out.exists() {
+        let earlier = std::fs::read(out).ok().is_some_and(|b| {
+            safetensors::SafeTensors::deserialize(&b)
+                .is_ok_and(|st| st.tensor("input_ids").is_ok() && st.tensor("logits").is_ok())
+        });
+        ensure(earlier, "out", || {
+            format!("{} exists and is not an earlier inspection: choose another file name", out.display())
+        })?;
+    }
+    Ok(())
 }
 
 impl Inspection {

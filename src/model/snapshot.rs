@@ -113,6 +113,9 @@ impl Snapshot {
         if !dir.is_dir() {
             bail!("{}: not a model snapshot directory", dir.display());
         }
+        if !dir.join("config.json").exists() && dir.join("cache.json").exists() {
+            bail!("{}: this is an activation cache, not a model snapshot: give the model's folder", dir.display());
+        }
         let config = Gemma2Config::from_file(&dir.join("config.json"))?;
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");

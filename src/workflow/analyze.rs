@@ -119,6 +119,8 @@ impl AnalyzeJob {
         self.validate()?;
         let started = std::time::Instant::now();
         let run = RunDir::new(&self.run);
+        // One job per run folder: not while it trains, not two analyses at once.
+        let _lock = crate::io::DirLock::acquire(run.path(), "run")?;
         let cc = Crosscoder::load(run.path(), device)?;
         if cc.config.kind == crate::crosscoder::Kind::BatchTopK && cc.threshold.is_none() {
             bail!(

@@ -49,6 +49,7 @@ impl KlJob {
     pub fn run(&self, device: &Device, store: &ModelStore, handle: Handle) -> Result<Vec<KlStat>> {
         self.validate()?;
         let run = RunDir::new(&self.run);
+        let _lock = crate::io::DirLock::acquire(run.path(), "run")?;
         let cc = Crosscoder::load(run.path(), device)?;
         let rows = run.read_latents_of(&cc)?;
         let layer = resolve_layer(self.layer, &cc, &self.run)?;

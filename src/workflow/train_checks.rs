@@ -39,6 +39,9 @@ impl TrainJob {
         if self.kind == Kind::BatchTopK {
             ensure(self.k > 0, "k", || "must be at least 1 (k = 0 keeps no latent)".into())?;
         }
+        ensure(self.k_anneal_from.is_none() || self.kind == Kind::BatchTopK, "k-anneal-from", || {
+            "is for BatchTopK (an L1 crosscoder has no k)".into()
+        })?;
         if let Some(from) = self.k_anneal_from {
             ensure(from >= self.k, "k-anneal-from", || format!("({from}) must be at least --k ({})", self.k))?;
             ensure(self.k_anneal_steps > 0, "k-anneal-from", || {
@@ -217,6 +220,16 @@ impl TrainJob {
         }
         self.check_memory(d, dict)?;
         let steps = self.steps(one_pass)?;
+        if let Some(t) = self.tokens {
+            ensure(t >= self.batch as u64, "tokens", || {
+                format!("{t} is less than one batch (--batch {}): train on at least a batch", self.batch)
+            })?;
+        }
+        if self.k_anneal_from.is_some() {
+            ensure(self.k_anneal_steps <= steps, "k-anneal-steps", || {
+                format!("{} must be within the step budget ({steps}): k would never reach --k", self.k_anneal_steps)
+            })?;
+        }
         if let (Kind::BatchTopK, Some(start)) = (self.kind, self.threshold_start) {
             ensure(steps > start, "threshold-start", || {
                 format!(

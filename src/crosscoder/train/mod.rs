@@ -206,7 +206,7 @@ impl TrainRun<'_> {
                 let dead_frac = dead_fraction(&cfg, &state.since_selected);
                 let mut m = out.metrics(&x, step, state.tokens, dead_frac, lr)?;
                 if !m.loss.is_finite() {
-                    return Err(diverged(&format!("the loss is {}", m.loss), step, saved));
+                    return Err(diverged(&format!("the loss is {}", m.loss), step, saved, &self.out));
                 }
                 if cfg.val_every > 0 && step % cfg.val_every == 0 {
                     if let Some(v) = &self.validation {
@@ -239,7 +239,7 @@ impl TrainRun<'_> {
         let total = p.w_enc.clone().sum() + p.b_enc.clone().sum() + p.w_dec.clone().sum() + p.b_dec.clone().sum();
         let total = crate::counters::read_f32(total)?[0];
         if !total.is_finite() {
-            return Err(diverged("a parameter is not finite", state.step, saved));
+            return Err(diverged("a parameter is not finite", state.step, saved, &self.out));
         }
         save(&self.out, cfg, state, &Provenance { model_ids: &self.model_ids, source: &self.source_fingerprint })
     }
@@ -275,7 +275,8 @@ impl TrainRun<'_> {
                 kind: self.config.kind,
                 d,
                 dict_size: dict,
-                k: self.config.k,
+                // k means nothing to an L1 crosscoder: recorded as 0 (the authors' L1 files have none).
+                k: if self.config.kind == Kind::L1 { 0 } else { self.config.k },
                 mu: self.config.mu,
                 layer: self.layer,
                 models: self.models.clone(),
@@ -295,10 +296,28 @@ impl TrainRun<'_> {
 }
 
 /// Training went non-finite at `step`: the error says so and what is kept.
-fn diverged(what: &str, step: u64, saved: Option<u64>) -> anyhow::Error {
+fn diverged(what: &str, step: u64, saved: Option<u64>, out: &std::path::Path) -> anyhow::Error {
+    let run = crate::run_dir::RunDir::new(out);
     let kept = match saved {
-        Some(s) => format!("the checkpoint at step {s} and the last exported crosscoder are kept"),
-        None => "nothing was saved".into(),
+        Some(s) if run.crosscoder().exists() => {
+            format!("the checkpoint at step {s} and the last exported crosscoder are kept")
+        }
+        Some(s) => format!("the checkpoint at step {s} is kept"),
+        None => {
+            // Nothing worth keeping: the metrics of a run that never checkpointed go too (the
+            // job's cleanup then removes the folders it made).
+            let _ = std::fs::remove_file(run.metrics());
+            "nothing was saved".into()
+        }
     };
-    anyhow!("training diverged at step {step}: {what} ({kept}); lower --lr, or check the data for extreme values")
+    let restart = match saved {
+        Some(_) => format!(
+            "; a resume keeps the run's settings, so to train again with others choose another --out or delete {}",
+            run.checkpoint_dir().display()
+        ),
+        None => String::new(),
+    };
+    anyhow!(
+        "training diverged at step {step}: {what} ({kept}); lower --lr, or check the data for extreme values{restart}"
+    )
 }
