@@ -6,8 +6,11 @@ use anyhow::{Result, anyhow};
 use serde::Serialize;
 
 use crate::bad_value::{ensure, positive};
+
+mod cache;
 use crate::model::Model;
 use crate::rng::SplitMix64;
+pub use cache::{CacheBench, bench_cache};
 
 /// A benchmark crosscoder's size: positive, k within D, and training state that fits in memory.
 fn check_size(d: usize, dict: usize, k: usize, batch: usize) -> Result<()> {
@@ -468,64 +471,5 @@ pub fn bench_analyze(
         query_ms_max: times[times.len() - 1],
         readbacks_per_batch,
         dispatches_per_batch,
-    })
-}
-
-/// `bench cache`: caching tokens/s over generated text, and (with a [`crate::counters::Counting`]
-/// running) readbacks and dispatches per forward batch.
-#[derive(Debug, Serialize)]
-pub struct CacheBench {
-    pub tokens: u64,
-    pub seconds: f64,
-    pub tokens_per_s: f64,
-    pub forward_batches: u64,
-    pub readbacks_per_batch: f64,
-    pub dispatches_per_batch: f64,
-}
-
-/// Caches `tokens` pairs of generated sentences (the demo corpus's words) at `layer` of `base`/`chat`
-/// into a temporary folder, timed after the models load.
-pub fn bench_cache(
-    device: &burn::tensor::Device,
-    base: &std::path::Path,
-    chat: &std::path::Path,
-    layer: usize,
-    tokens: u64,
-    context: usize,
-    batch_tokens: usize,
-) -> Result<CacheBench> {
-    positive(tokens, "tokens")?;
-    ensure(tokens <= 100_000_000, "tokens", || format!("must be at most 100000000, not {tokens}"))?;
-    let root = std::env::temp_dir().join(format!("crossdiff-bench-cache-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    fs_err::create_dir_all(&root)?;
-    let corpus = crate::demo::corpus::generate(1, 4000, 0);
-    let text = root.join("text.txt");
-    fs_err::write(&text, corpus.web.join("\n\n"))?;
-    let job = crate::workflow::cache::CacheJob {
-        base: base.to_path_buf(),
-        chat: chat.to_path_buf(),
-        data: vec![text],
-        layer,
-        tokens,
-        out: root.join("cache"),
-        tokenize: crate::data::TokenizeOptions { context, ..Default::default() },
-        batch_tokens,
-        ..Default::default()
-    };
-    let counting = crate::counters::Counting::start();
-    let done = crate::workflow::cache::run(&job, device, crate::workflow::Handle::silent());
-    let (readbacks, dispatches, batches) = (counting.readbacks(), counting.dispatches(), counting.forward_batches());
-    drop(counting);
-    let _ = std::fs::remove_dir_all(&root);
-    let done = done?;
-    let per = |n: u64| n as f64 / batches.max(1) as f64;
-    Ok(CacheBench {
-        tokens: done.index.total_tokens,
-        seconds: done.seconds,
-        tokens_per_s: done.tokens_per_s,
-        forward_batches: batches,
-        readbacks_per_batch: per(readbacks),
-        dispatches_per_batch: per(dispatches),
     })
 }
