@@ -3,8 +3,6 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::bad_value::{ensure, positive};
-
 /// `bench cache`: caching tokens/s over generated text, and (with a [`crate::counters::Counting`]
 /// running) readbacks and dispatches per forward batch.
 #[derive(Debug, Serialize)]
@@ -28,8 +26,7 @@ pub fn bench_cache(
     context: usize,
     batch_tokens: usize,
 ) -> Result<CacheBench> {
-    positive(tokens, "tokens")?;
-    ensure(tokens <= 100_000_000, "tokens", || format!("must be at most 100000000, not {tokens}"))?;
+    super::check_tokens(tokens)?;
     let root = std::env::temp_dir().join(format!("crossdiff-bench-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     fs_err::create_dir_all(&root)?;

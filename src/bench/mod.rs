@@ -12,6 +12,12 @@ use crate::model::Model;
 use crate::rng::SplitMix64;
 pub use cache::{CacheBench, bench_cache};
 
+/// A benchmark's token count: at least one, at most 10⁸ (a bound on a typo, not on a real run).
+fn check_tokens(tokens: u64) -> Result<()> {
+    positive(tokens, "tokens")?;
+    ensure(tokens <= 100_000_000, "tokens", || format!("must be at most 100000000, not {tokens}"))
+}
+
 /// A benchmark crosscoder's size: positive, k within D, and training state that fits in memory.
 fn check_size(d: usize, dict: usize, k: usize, batch: usize) -> Result<()> {
     positive(d as u64, "d")?;
@@ -361,8 +367,7 @@ pub fn bench_analyze(
     tokens: u64,
 ) -> Result<AnalyzeBench> {
     check_size(d, dict, k, 256)?;
-    positive(tokens, "tokens")?;
-    ensure(tokens <= 100_000_000, "tokens", || format!("must be at most 100000000, not {tokens}"))?;
+    check_tokens(tokens)?;
     use crate::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, tensor};
     let root = std::env::temp_dir().join(format!("crossdiff-bench-analyze-{}", std::process::id()));
     let (run, cache) = (root.join("run"), root.join("cache"));
