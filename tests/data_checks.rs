@@ -9,33 +9,13 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{TempDir, fixture};
-use crossdiff::activations::cache::{ActDtype, CacheIndex};
+use common::{TempDir, data, fixture, small_cache_job as cache_job};
+use crossdiff::activations::cache::CacheIndex;
 use crossdiff::activations::onthefly::{OnTheFlyConfig, OnTheFlySource};
 use crossdiff::activations::writer::{CacheJob, run_cache};
 use crossdiff::data::{Document, Mixer, TokenizeOptions, open_source};
 use crossdiff::workflow::Handle;
 use crossdiff::{ChatTokenizer, LoadOptions, Message};
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data").join(name)
-}
-
-fn cache_job(out: &Path) -> CacheJob {
-    CacheJob {
-        base: fixture("base"),
-        chat: fixture("chat"),
-        data: vec![data("web.txt")],
-        layer: 1,
-        tokens: 600,
-        out: out.to_path_buf(),
-        dtype: ActDtype::Bf16,
-        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
-        shard_tokens: 256,
-        batch_tokens: 256,
-        ..Default::default()
-    }
-}
 
 fn cache(job: &CacheJob) -> anyhow::Result<CacheIndex> {
     run_cache(job, &Device::flex(), |_| {}, || true)

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::Device;
 use clap::Args;
-use common::{TempDir, fixture};
+use common::{TempDir, data, fixture, one_line_err as err, small_cache_job as cache_job, small_train_job as train_job};
 use crossdiff::activations::cache::{ActDtype, CacheIndex};
 use crossdiff::crosscoder::Kind;
 use crossdiff::data::TokenizeOptions;
@@ -20,44 +20,8 @@ use crossdiff::workflow::cache::{CacheJob, CacheOutcome};
 use crossdiff::workflow::train::{TrainJob, TrainOutcome};
 use crossdiff::workflow::{Event, Handle};
 
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data").join(name)
-}
-
-fn cache_job(out: &Path) -> CacheJob {
-    CacheJob {
-        base: fixture("base"),
-        chat: fixture("chat"),
-        data: vec![data("web.txt")],
-        layer: 1,
-        tokens: 600,
-        out: out.to_path_buf(),
-        dtype: ActDtype::Bf16,
-        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
-        shard_tokens: 256,
-        batch_tokens: 256,
-        ..Default::default()
-    }
-}
-
 fn cache(job: &CacheJob) -> anyhow::Result<CacheOutcome> {
     crossdiff::workflow::cache::run(job, &Device::flex(), Handle::silent())
-}
-
-fn train_job(cache: &Path, out: &Path) -> TrainJob {
-    TrainJob {
-        cache: Some(cache.to_path_buf()),
-        out: out.to_path_buf(),
-        dict_size: Some(64),
-        k: 8,
-        batch: 64,
-        steps: Some(6),
-        threshold_start: Some(2),
-        checkpoint_every: 3,
-        log_every: 1,
-        shuffle_tokens: 256,
-        ..Default::default()
-    }
 }
 
 fn train(job: &TrainJob) -> anyhow::Result<TrainOutcome> {
@@ -74,17 +38,6 @@ fn on_the_fly(files: Vec<PathBuf>, out: &Path) -> TrainJob {
         layer: Some(1),
         tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
         ..train_job(Path::new(""), out)
-    }
-}
-
-fn err<T>(r: anyhow::Result<T>) -> String {
-    match r {
-        Ok(_) => panic!("succeeded but should not"),
-        Err(e) => {
-            let msg = format!("{e:#}");
-            assert!(!msg.contains('\n'), "not one line: {msg}");
-            msg
-        }
     }
 }
 

@@ -176,3 +176,55 @@ pub fn write_single_file(dir: &Path, weights: &BTreeMap<String, (Dtype, Vec<usiz
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
+
+/// A committed data file (assets/data).
+pub fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data").join(name)
+}
+
+/// A 600-token layer-1 cache of web text from the tiny fixtures (context 64: their models have
+/// 256 positions).
+pub fn small_cache_job(out: &Path) -> crossdiff::workflow::cache::CacheJob {
+    crossdiff::workflow::cache::CacheJob {
+        base: fixture("base"),
+        chat: fixture("chat"),
+        data: vec![data("web.txt")],
+        layer: 1,
+        tokens: 600,
+        out: out.to_path_buf(),
+        dtype: crossdiff::activations::cache::ActDtype::Bf16,
+        tokenize: crossdiff::data::TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
+        shard_tokens: 256,
+        batch_tokens: 256,
+        ..Default::default()
+    }
+}
+
+/// A 6-step BatchTopK run (D 64, k 8) on `cache`, checkpointing every 3 steps.
+pub fn small_train_job(cache: &Path, out: &Path) -> crossdiff::workflow::train::TrainJob {
+    crossdiff::workflow::train::TrainJob {
+        cache: Some(cache.to_path_buf()),
+        out: out.to_path_buf(),
+        dict_size: Some(64),
+        k: 8,
+        batch: 64,
+        steps: Some(6),
+        threshold_start: Some(2),
+        checkpoint_every: 3,
+        log_every: 1,
+        shuffle_tokens: 256,
+        ..Default::default()
+    }
+}
+
+/// The error of a call that must fail, checked to be one line.
+pub fn one_line_err<T>(r: anyhow::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("succeeded but should not"),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            assert!(!msg.contains('\n'), "not one line: {msg}");
+            msg
+        }
+    }
+}
