@@ -304,6 +304,7 @@ impl CacheIndex {
         let mut acts = None;
         for (name, info) in &meta {
             if name == "__metadata__" {
+                self.check_shard_metadata(&path, info)?;
                 continue;
             }
             let info: HeaderEntry = serde_json::from_value(info.clone())
@@ -344,6 +345,49 @@ impl CacheIndex {
             bail!("{}: corrupt shard header: tensor `acts` data size does not match its shape", path.display());
         }
         Ok(ShardLayout { dtype, acts_offset: 8 + header_len as usize + acts.data_offsets.0 as usize })
+    }
+
+    /// The `__metadata__` this writer puts in a shard: what cache.json says of the cache it belongs
+    /// to, so a shard listed in another cache's cache.json is recognised (deterministic: sorted keys).
+    pub fn shard_metadata(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("format".to_string(), FORMAT.to_string());
+        m.insert("d_model".to_string(), self.d_model.to_string());
+        if let Some(layer) = self.layer {
+            m.insert("layer".to_string(), layer.to_string());
+        }
+        if !self.model_ids.is_empty() {
+            m.insert("model_ids".to_string(), self.model_ids.join("/"));
+        }
+        m
+    }
+
+    /// A shard's `__metadata__` against cache.json: a shard this writer made for another cache
+    /// (another layer, width or models) is refused, naming the file and the field. Metadata of other
+    /// tools (no `format` of this writer) and keys cache.json does not record are not compared.
+    fn check_shard_metadata(&self, path: &Path, meta: &serde_json::Value) -> Result<()> {
+        let get = |k: &str| meta.get(k).and_then(|v| v.as_str());
+        if get("format") != Some(FORMAT) {
+            return Ok(());
+        }
+        let layer = self.layer.map(|l| l.to_string());
+        let ids = (!self.model_ids.is_empty()).then(|| self.model_ids.join("/"));
+        let expected = [
+            ("layer", layer, "the block"),
+            ("d_model", Some(self.d_model.to_string()), "the width"),
+            ("model_ids", ids, "the models' identities"),
+        ];
+        for (key, want, what) in expected {
+            let (Some(want), Some(got)) = (want, get(key)) else { continue };
+            if got != want {
+                bail!(
+                    "{}: shard metadata `{key}` is {got}, but cache.json says {want} ({what}): the shard was written \
+                     for another cache; list only this cache's shards in cache.json",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
@@ -396,5 +440,50 @@ pub fn read_shard_file(dir: &Path, shard: &ShardInfo) -> Result<Vec<u8>> {
     if shard.checksum != 0 && checksum(&bytes) != shard.checksum {
         bail!("{}: corrupt shard: checksum does not match cache.json", path.display());
     }
+    check_acts_finite(&path, &bytes)?;
     Ok(bytes)
+}
+
+/// Refuses a shard whose `acts` hold a NaN or an infinity (checksums are optional, and a shard of
+/// another tool may hold them), naming the file and the token. An integer test of each value's
+/// exponent bits: cheap next to the read and the decode. A header this cannot parse is left to
+/// [`CacheIndex::check_shard_header`].
+fn check_acts_finite(path: &Path, bytes: &[u8]) -> Result<()> {
+    let Some(n) = bytes.get(..8) else { return Ok(()) };
+    let header_len = u64::from_le_bytes(n.try_into().expect("8 bytes")) as usize;
+    let Some(header) = bytes.get(8..8usize.saturating_add(header_len)) else { return Ok(()) };
+    let Ok(meta) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(header) else { return Ok(()) };
+    let Some(acts) = meta.get("acts").and_then(|v| serde_json::from_value::<HeaderEntry>(v.clone()).ok()) else {
+        return Ok(());
+    };
+    let dtype = match acts.dtype.as_str() {
+        "BF16" => ActDtype::Bf16,
+        "F16" => ActDtype::F16,
+        "F32" => ActDtype::F32,
+        _ => return Ok(()),
+    };
+    let start = 8 + header_len + acts.data_offsets.0 as usize;
+    let Some(data) = bytes.get(start..8 + header_len + acts.data_offsets.1 as usize) else { return Ok(()) };
+    let bad = match dtype {
+        ActDtype::Bf16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80),
+        ActDtype::F16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00),
+        ActDtype::F32 => {
+            data.chunks_exact(4).position(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000)
+        }
+    };
+    let Some(bad) = bad else { return Ok(()) };
+    let d = acts.shape.get(2).copied().unwrap_or(1).max(1);
+    let width = dtype.bytes();
+    let mut value = [0.0f32];
+    dtype.decode(&data[bad * width..(bad + 1) * width], &mut value);
+    let model = if bad / d % 2 == 0 { "base" } else { "chat" };
+    bail!(
+        "{}: corrupt shard: activation {} at token {} ({} model, element {}) is not finite; \
+         a cache must hold finite activations: re-create this shard",
+        path.display(),
+        value[0],
+        bad / (2 * d),
+        model,
+        bad % d
+    )
 }

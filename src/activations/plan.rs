@@ -132,6 +132,11 @@ pub(crate) fn plan_from_partial(st: &SafeTensors) -> Result<ShardPlan> {
     let docs_ix = u32s("doc_index")?;
     let pos = u32s("position")?;
     let template = st.tensor("template").map_err(|e| anyhow!("tensor `template`: {e}"))?.data().to_vec();
+    for (name, n) in [("doc_index", docs_ix.len()), ("position", pos.len()), ("template", template.len())] {
+        if n != ids.len() {
+            bail!("tensor `{name}` has {n} entries, `token_ids` {}: one per token expected", ids.len());
+        }
+    }
     let mut docs: Vec<TokenizedDoc> = Vec::new();
     let mut last = None;
     for i in 0..ids.len() {

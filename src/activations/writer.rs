@@ -4,6 +4,7 @@
 //! so a killed run resumes at the next shard and produces byte-identical files. `--low-memory` runs
 //! the base model over every shard first (partial shards on disk), then the chat model.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
@@ -13,7 +14,7 @@ use safetensors::SafeTensors;
 use crate::activations::cache::{ActDtype, CacheIndex, CacheSettings, ShardInfo, checksum};
 use crate::activations::plan::{Planner, ShardPlan, check_context, check_finite, compute_acts, plan_from_partial};
 use crate::data::{Mixer, TokenizeOptions};
-use crate::io::{OwnedTensor, write_safetensors};
+use crate::io::OwnedTensor;
 use crate::model::gemma2::LoadOptions;
 use crate::model::tokenizer::ChatTokenizer;
 use crate::model::{Model, check_models};
@@ -251,7 +252,8 @@ pub fn run_cache(
                     bytes,
                 }];
                 tensors.extend(plan.metadata_tensors());
-                write_safetensors(&job.out.join(partial_name(&info.file)), &tensors)?;
+                let bytes = shard_bytes(&tensors, &Default::default())?;
+                write_shard(&job.out.join(partial_name(&info.file)), &bytes)?;
                 index.partial_shards.push(info);
             }
         }
@@ -282,9 +284,20 @@ pub fn run_cache(
                 .map_err(|e| anyhow!("{}: corrupt partial shard: {e}", partial.display()))?;
             let plan = plan_from_partial(&st).with_context(|| partial.display().to_string())?;
             let base_view = st.tensor("acts_base").map_err(|e| anyhow!("{}: {e}", partial.display()))?;
+            if base_view.shape() != [plan.tokens, d] || base_view.dtype() != job.dtype.safetensors() {
+                anyhow::bail!(
+                    "{}: corrupt partial shard: tensor `acts_base` is {:?} {:?}, expected {:?} [{}, {d}]",
+                    partial.display(),
+                    base_view.dtype(),
+                    base_view.shape(),
+                    job.dtype.safetensors(),
+                    plan.tokens
+                );
+            }
             let mut base_acts = vec![0.0f32; plan.tokens * d];
             job.dtype.decode(base_view.data(), &mut base_acts);
-            let chat_acts = compute_acts(&chat, &plan, job.layer, job.batch_tokens)?;
+            let chat_acts = compute_acts(&chat, &plan, job.layer, job.batch_tokens)
+                .with_context(|| partial.display().to_string())?;
             check_finite(&chat_acts, d, &plan, &chat, job.layer, job.dtype, &job.data)?;
             index.partial_shards.remove(0);
             finish_shard(job, &mut index, info.clone(), &plan, &base_acts, &chat_acts, d)?;
@@ -324,7 +337,7 @@ fn finish_shard(
     }];
     tensors.extend(plan.metadata_tensors());
     let path = job.out.join(&info.file);
-    write_safetensors(&path, &tensors)?;
+    write_shard(&path, &shard_bytes(&tensors, &index.shard_metadata())?)?;
     let checksum = checksum(&fs_err::read(&path)?);
     index.total_tokens += plan.tokens as u64;
     index.documents += plan.docs.len() as u64;
@@ -349,4 +362,53 @@ fn done_docs_total(index: &CacheIndex) -> u64 {
 
 fn partial_name(file: &str) -> String {
     format!("{file}.base-partial")
+}
+
+/// A safetensors file of `tensors` in the order given, with `metadata` as its `__metadata__`
+/// (omitted when empty). Built here, not by `safetensors::serialize`, whose metadata map has no
+/// fixed order: a resumed cache must write the same bytes as an uninterrupted one.
+fn shard_bytes(tensors: &[OwnedTensor], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        let entry = serde_json::json!({
+            "dtype": serde_json::to_value(t.dtype)?,
+            "shape": t.shape,
+            "data_offsets": [offset, offset + t.bytes.len()],
+        });
+        header.insert(t.name.clone(), entry);
+        offset += t.bytes.len();
+    }
+    let mut json = serde_json::to_vec(&header)?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for t in tensors {
+        out.extend_from_slice(&t.bytes);
+    }
+    Ok(out)
+}
+
+/// Writes a shard file atomically. A file already there that cache.json does not list (the
+/// resume check lets through only the one an interrupted run may have left) is replaced when it
+/// holds the same bytes or is no safetensors file (cut short by a crash); a whole shard with other
+/// contents is someone's, and is refused, never overwritten.
+fn write_shard(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Ok(old) = std::fs::read(path) {
+        if old != bytes && SafeTensors::deserialize(&old).is_ok() {
+            anyhow::bail!(
+                "{}: a shard file cache.json does not list is there, holding other activations than the \
+                 shard this run writes under its name: cache.json and the folder disagree; move it away, \
+                 or choose another --out",
+                path.display()
+            );
+        }
+    }
+    crate::io::write_atomic(path, |f| Ok(std::io::Write::write_all(f, bytes)?))
 }

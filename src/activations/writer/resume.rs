@@ -82,6 +82,9 @@ pub(super) fn open_or_start(job: Request, d: usize, models: Vec<String>, model_i
             partial_shards: Vec::new(),
         }
     };
+    if !index.complete {
+        check_folder_agrees(job.out, &index)?;
+    }
     if !job.low_memory && !index.partial_shards.is_empty() {
         return Err(crate::bad_value::bad(
             "low-memory",
@@ -94,6 +97,70 @@ pub(super) fn open_or_start(job: Request, d: usize, models: Vec<String>, model_i
         ));
     }
     Ok(index)
+}
+
+/// The number `N` of a shard named as this writer names them (`acts-NNNNN.safetensors`).
+fn shard_number(file: &str) -> Option<usize> {
+    let name = file.strip_prefix("./").unwrap_or(file);
+    let digits = name.strip_prefix("acts-")?.strip_suffix(".safetensors")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Refuses to resume a cache whose cache.json and folder disagree, before anything is written:
+/// cache.json lists a shard under the name the next shard gets (shards removed from the middle of
+/// its list), or the folder holds a shard file cache.json does not list (shards removed from its
+/// end), which the run would overwrite. Let through: the next shard's file (complete or base-only)
+/// and a pending chat-pass shard's, which a run killed between writing a shard and cache.json
+/// leaves (the writer rewrites them only with the same bytes), and a finished shard's base-only file.
+fn check_folder_agrees(out: &Path, index: &CacheIndex) -> Result<()> {
+    use super::{partial_name, shard_name};
+    use std::collections::BTreeSet;
+    let at = CacheIndex::path(out);
+    let next = index.shards.len() + index.partial_shards.len();
+    let listed = index.shards.iter().enumerate().map(|(i, s)| (format!("shards[{i}]"), &s.file));
+    let partial = index.partial_shards.iter().enumerate().map(|(i, s)| (format!("partial_shards[{i}]"), &s.file));
+    for (field, file) in listed.chain(partial) {
+        if shard_number(file).is_some_and(|k| k >= next) {
+            bail!(
+                "{}: `{field}` is {file}, the name this run gives its next shard ({next} shards are listed): \
+                 cache.json and the folder disagree (shards removed from its list?); restore the cache.json \
+                 that lists every shard, or choose another --out",
+                at.display()
+            );
+        }
+    }
+    let clean = |f: &str| f.strip_prefix("./").unwrap_or(f).to_string();
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    for s in &index.shards {
+        known.insert(clean(&s.file));
+        known.insert(partial_name(&clean(&s.file)));
+    }
+    for s in &index.partial_shards {
+        known.insert(clean(&s.file));
+        known.insert(partial_name(&clean(&s.file)));
+    }
+    known.insert(shard_name(next));
+    known.insert(partial_name(&shard_name(next)));
+    let mut unlisted: Vec<String> = fs_err::read_dir(out)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("acts-") && n.contains(".safetensors") && !known.contains(n))
+        .collect();
+    unlisted.sort();
+    if let Some(first) = unlisted.first() {
+        let more = if unlisted.len() > 1 { format!(" (and {} more)", unlisted.len() - 1) } else { String::new() };
+        bail!(
+            "{}: shard file not listed in {}{more}: cache.json and the folder disagree (shards removed from \
+             its list?), and resuming would overwrite it; restore the cache.json that lists it, or choose \
+             another --out",
+            out.join(first).display(),
+            at.display()
+        );
+    }
+    Ok(())
 }
 
 /// Whether the cache's models were loaded with `--f16` (`settings.f16_weights`; false when not
