@@ -44,12 +44,15 @@ pub fn run(backend: Backend) -> Result<()> {
         Box::new(move |cc| {
             let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
             app.backend = backend;
-            // CROSSDIFF_PROJECT opens a project with its first run loaded (demos, screenshots).
-            if let Ok(dir) = std::env::var("CROSSDIFF_PROJECT") {
-                app.open_project(Path::new(&dir));
+            // Recent projects and a dismissed tour survive restarts (eframe persistence).
+            if let Some(storage) = cc.storage {
+                app.restore_settings(storage);
             }
-            // Recent projects survive restarts (eframe persistence).
-            if let Some(recent) = cc.storage.and_then(|s| eframe::get_value::<Vec<PathBuf>>(s, RECENT_KEY)) {
+            // CROSSDIFF_PROJECT opens a project with its first run loaded (demos, screenshots); it
+            // does not join the recent list.
+            if let Ok(dir) = std::env::var("CROSSDIFF_PROJECT") {
+                let recent = app.recent.clone();
+                app.open_project(Path::new(&dir));
                 app.recent = recent;
             }
             Ok(Box::new(app))
@@ -97,6 +100,8 @@ pub fn window_reason(text: &str) -> String {
 }
 
 const RECENT_KEY: &str = "recent_projects";
+/// Whether the user closed the guided tour.
+const TOUR_DISMISSED_KEY: &str = "tour_dismissed";
 
 /// The smallest window the views are laid out for.
 pub const MIN_WINDOW: [f32; 2] = [900.0, 600.0];
@@ -133,6 +138,8 @@ pub struct CrossdiffApp {
     pub compare: crate::compare_view::CompareView,
     pub steering: crate::steering_view::SteeringView,
     pub prompt_lab: crate::prompt_lab_view::PromptLabView,
+    /// The guided tour's panel (shown on opening a project with runs until dismissed).
+    pub tour: crate::tour::TourView,
     error: Option<String>,
     /// Whether the window was fitted to the monitor yet (the first frame that knows its size).
     sized: bool,
@@ -144,8 +151,9 @@ impl CrossdiffApp {
             let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-gemma2").join(name);
             if p.exists() { p.canonicalize().unwrap_or(p).display().to_string() } else { String::new() }
         };
-        // CROSSDIFF_VIEW opens a given view (screenshots, demos).
-        let tab = std::env::var("CROSSDIFF_VIEW").ok().and_then(|v| Tab::from_env_name(&v)).unwrap_or(Tab::Models);
+        // CROSSDIFF_VIEW opens a given view (screenshots, demos), and the tour does not take over.
+        let view = std::env::var("CROSSDIFF_VIEW").ok().and_then(|v| Tab::from_env_name(&v));
+        let tab = view.unwrap_or(Tab::Models);
         Self {
             tab,
             project: None,
@@ -163,9 +171,19 @@ impl CrossdiffApp {
             compare: crate::compare_view::CompareView::default(),
             steering: crate::steering_view::SteeringView::new(bundled("chat")),
             prompt_lab: crate::prompt_lab_view::PromptLabView::new(bundled("base"), bundled("chat")),
+            tour: crate::tour::TourView::new(view.is_none()),
             error: None,
             sized: false,
         }
+    }
+
+    /// Restores what the app remembers across starts: recent projects and whether the tour was
+    /// dismissed (before a project is opened, so a dismissed tour stays closed).
+    pub fn restore_settings(&mut self, storage: &dyn eframe::Storage) {
+        if let Some(recent) = eframe::get_value::<Vec<PathBuf>>(storage, RECENT_KEY) {
+            self.recent = recent;
+        }
+        self.tour.dismissed = eframe::get_value(storage, TOUR_DISMISSED_KEY).unwrap_or(false);
     }
 
     /// What every job gets: the app's device and model store.
@@ -183,7 +201,7 @@ impl CrossdiffApp {
                 self.cache.base_dir = base.clone();
                 self.cache.chat_dir = chat.clone();
                 self.cache.data = p.data.iter().map(|d| s(d)).collect::<Vec<_>>().join("\n");
-                self.cache.out_dir = s(&p.cache);
+                self.cache.show_cache(&p.resolve(&p.cache));
                 self.train.cache_dir = s(&p.cache);
                 self.prompt_lab.base_dir = base.clone();
                 self.prompt_lab.chat_dir = chat.clone();
@@ -221,6 +239,8 @@ impl CrossdiffApp {
                     self.prompt_lab.prefill(&first_run, &base, &chat, &suggestion);
                     self.steering.prefill(&first_run, &chat, &suggestion);
                 }
+                // The guided tour over the project's runs (from its first step unless dismissed).
+                self.tour.set_plan(crate::tour::TourPlan::of_runs(&runs), &mut self.commands);
                 crossdiff::workflow::project::remember(&mut self.recent, dir, 10);
                 self.project = Some(p);
                 self.error = None;
@@ -276,6 +296,23 @@ impl CrossdiffApp {
                 }
                 AppCommand::KlMeasured { run } => self.plots.show_run(&run),
                 AppCommand::SwitchTab(tab) => self.tab = tab,
+                AppCommand::AskModels { prompt } => {
+                    self.models.ask(&prompt);
+                    self.tab = Tab::Models;
+                }
+                AppCommand::ShowLatents { run, class, latent } => {
+                    self.latents.show_class(&run, class, latent);
+                    self.tab = Tab::Latents;
+                }
+                AppCommand::CompareRuns { runs } => {
+                    self.compare.compare(runs);
+                    self.tab = Tab::Compare;
+                }
+                AppCommand::ShowKl { run } => {
+                    self.plots.show_kl(&run);
+                    self.tab = Tab::Plots;
+                }
+                AppCommand::GenerateSteered => self.steering.generate_when_shown(),
             }
         }
     }
@@ -317,15 +354,29 @@ impl CrossdiffApp {
                 }
             }
         });
-        if let Some(p) = &self.project {
-            ui.label(format!("project: {}", p.dir.display()));
-        }
+    }
+
+    fn help_menu_ui(&mut self, ui: &mut egui::Ui) {
+        ui.menu_button("Help", |ui| {
+            let tour = ui
+                .add_enabled(self.tour.available(), egui::Button::new("Tour"))
+                .on_disabled_hover_text("Open a project with runs first (`crossdiff demo` builds one)");
+            if tour.clicked() {
+                self.tour.start(&mut self.commands);
+                ui.close();
+            }
+        });
     }
 
     fn top_bar_ui(&mut self, ui: &mut egui::Ui) {
-        ui.horizontal(|ui| {
+        // Wrapped: on a narrow window the device selector goes to a second row, not out of sight.
+        ui.horizontal_wrapped(|ui| {
             ui.strong("crossdiff");
             self.project_menu_ui(ui);
+            self.help_menu_ui(ui);
+            if let Some(p) = &self.project {
+                ui.label(format!("project: {}", p.dir.display()));
+            }
             for (tab, label) in Tab::ALL {
                 ui.selectable_value(&mut self.tab, tab, label);
             }
@@ -346,12 +397,16 @@ impl CrossdiffApp {
 impl eframe::App for CrossdiffApp {
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
         eframe::set_value(storage, RECENT_KEY, &self.recent);
+        eframe::set_value(storage, TOUR_DISMISSED_KEY, &self.tour.dismissed);
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.fit_window(ui.ctx());
         self.drain_commands();
         egui::Panel::top("status").show(ui, |ui| self.top_bar_ui(ui));
+        if self.tour.open {
+            egui::Panel::bottom("tour").show(ui, |ui| self.tour.ui(ui, &mut self.commands));
+        }
         let env = self.job_env();
         match self.tab {
             Tab::Models => {

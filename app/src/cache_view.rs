@@ -36,6 +36,9 @@ pub struct CacheView {
     pub config: CacheJob,
     /// The base model's width for the disk estimate, read once per base directory.
     width: Option<(String, Option<u64>)>,
+    /// (directory, what it already holds): a project's cache, read in `show_cache`, described
+    /// while the Cache directory field names it.
+    existing: Option<(String, String)>,
     pub job: JobSlot,
 }
 
@@ -50,8 +53,39 @@ impl CacheView {
             // suggestion for the bundled models.
             config: CacheJob { layer: 1, tokens: 100_000, ..CacheJob::default() },
             width: None,
+            existing: None,
             job: JobSlot::new(FIELDS),
         }
+    }
+
+    /// Shows the cache in `dir` (a project's, when it is opened): its settings fill the fields and
+    /// one line says what it holds. A folder without a readable cache.json leaves the fields as
+    /// they are.
+    pub fn show_cache(&mut self, dir: &std::path::Path) {
+        self.out_dir = dir.display().to_string();
+        self.existing = None;
+        let Ok(index) = crossdiff::activations::cache::CacheIndex::open(dir) else { return };
+        if let Some(layer) = index.layer {
+            self.config.layer = layer;
+        }
+        if let Some(s) = &index.settings {
+            self.config.tokens = s.target_tokens;
+            self.config.tokenize.context = s.context;
+            self.config.mix = s.mix;
+        }
+        self.config.dtype = index.dtype;
+        let dtype = match index.dtype {
+            ActDtype::Bf16 => "bf16",
+            ActDtype::F16 => "f16",
+            ActDtype::F32 => "f32",
+        };
+        let site = index.layer.map_or("one layer".to_string(), |l| format!("the output of block {l}"));
+        let state = if index.complete { "complete" } else { "unfinished" };
+        let line = format!(
+            "This cache holds {} (base, chat) activation pairs, one per token, from {site} (width {}, {dtype}); {state}.",
+            index.total_tokens, index.d_model
+        );
+        self.existing = Some((self.out_dir.clone(), line));
     }
 
     /// The base model's width, from its config.json: read when the base directory changes only.
@@ -83,6 +117,9 @@ impl CacheView {
     pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv) {
         self.refresh_width();
         ui.heading("Activation cache");
+        if let Some((_, line)) = self.existing.as_ref().filter(|(dir, _)| *dir == self.out_dir) {
+            ui.label(line.as_str());
+        }
         let c = &mut self.config;
         egui::Grid::new("cache settings").num_columns(2).show(ui, |ui| {
             for (label, field) in [

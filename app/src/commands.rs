@@ -2,6 +2,8 @@
 //! drains the queue once per frame, calling the target view's own methods. No view reaches into
 //! another view's fields.
 
+use crossdiff::analysis::latents::LatentClass;
+
 /// The app's views (the top bar's tabs).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Tab {
@@ -76,6 +78,28 @@ pub enum AppCommand {
         run: String,
     },
     SwitchTab(Tab),
+    /// Put `prompt` in the Models view as a chat turn and run it through both models once the view
+    /// is shown (loading them when needed).
+    AskModels {
+        prompt: String,
+    },
+    /// Show run `run` in the Latents view with the class filter at `class` (sorted by Δ, high
+    /// first) and, when given, latent `latent`'s dashboard open.
+    ShowLatents {
+        run: String,
+        class: Option<LatentClass>,
+        latent: Option<usize>,
+    },
+    /// Put runs `runs` side by side in the Compare view and switch to it.
+    CompareRuns {
+        runs: [String; 2],
+    },
+    /// Show run `run`'s figures in the Plots view, scrolled to the KL bars.
+    ShowKl {
+        run: String,
+    },
+    /// Generate in the Steering view with its latents once it is shown.
+    GenerateSteered,
 }
 
 /// The queue views push into; the app drains it once per frame.

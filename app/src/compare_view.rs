@@ -34,6 +34,12 @@ pub fn chat_only_passing(rows: &[LatentRow]) -> (usize, usize) {
 }
 
 impl CompareView {
+    /// Puts runs `runs` side by side (the tour, through a command).
+    pub fn compare(&mut self, runs: [String; 2]) {
+        self.runs = runs;
+        self.load();
+    }
+
     pub fn load(&mut self) {
         self.mismatch = None;
         let configs: Vec<_> = self.runs.iter().map(|r| RunDir::new(r).read_config().ok()).collect();

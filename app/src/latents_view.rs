@@ -140,6 +140,22 @@ impl LatentsView {
         }
     }
 
+    /// Shows run `run` (loading it unless it is the one shown) with the class filter at `class`,
+    /// sorted by Δ (high first), and latent `latent`'s dashboard when given (the tour, through a
+    /// command).
+    pub fn show_class(&mut self, run: &str, class: Option<LatentClass>, latent: Option<usize>) {
+        if self.run_dir != run || self.rows.is_empty() {
+            self.run_dir = run.to_string();
+            self.load();
+        }
+        self.class = class;
+        self.sort = SortBy::Delta;
+        self.refilter();
+        if let Some(j) = latent {
+            self.open(j);
+        }
+    }
+
     fn open(&mut self, latent: usize) {
         let examples = self.store.as_ref().and_then(|s| s.latent(latent).ok());
         self.selected = Some((latent, examples));

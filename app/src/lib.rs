@@ -15,6 +15,7 @@ pub mod plots_view;
 pub mod prompt_lab_view;
 pub mod steering_view;
 pub mod suggest;
+pub mod tour;
 pub mod train_run;
 pub mod train_view;
 pub mod widgets;

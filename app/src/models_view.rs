@@ -64,6 +64,8 @@ pub struct ModelsView {
     shown: Arc<Mutex<Shown>>,
     /// Loading and the prompt: one job at a time.
     pub job: JobSlot,
+    /// Run the prompt once when the view is next shown (the tour asked for it).
+    auto_run: bool,
 }
 
 impl ModelsView {
@@ -75,7 +77,16 @@ impl ModelsView {
             max_tokens: 32,
             shown: Default::default(),
             job: JobSlot::new(FIELDS),
+            auto_run: false,
         }
+    }
+
+    /// Puts `prompt` in the prompt box as a chat turn, to run through both models (loading them when
+    /// needed) once the view is shown.
+    pub fn ask(&mut self, prompt: &str) {
+        self.prompt = prompt.to_string();
+        self.chat = true;
+        self.auto_run = true;
     }
 
     fn shown(&self) -> std::sync::MutexGuard<'_, Shown> {
@@ -189,7 +200,8 @@ impl ModelsView {
             ui.add(egui::DragValue::new(&mut self.max_tokens).range(1..=1024)).labelled_by(ui.label("max tokens").id);
         });
         let loaded = self.shown().models.iter().all(Option::is_some);
-        if self.job.start_button(ui, loaded, "Run on both") {
+        let auto = std::mem::take(&mut self.auto_run) && !self.job.running();
+        if self.job.start_button(ui, loaded, "Run on both") || auto {
             self.start_prompt(env);
         }
         let shown = self.shown();
@@ -204,15 +216,18 @@ impl ModelsView {
     }
 
     /// The prompt through both models (from the store: loaded once, reloaded only for a new path or
-    /// device), the answers streaming into the view.
+    /// device; their summaries shown), the answers streaming into the view.
     fn start_prompt(&mut self, env: &JobEnv) {
         let dirs = [PathBuf::from(&self.dirs[0]), PathBuf::from(&self.dirs[1])];
         let (text, chat, max_tokens) = (self.prompt.clone(), self.chat, self.max_tokens);
         let shown = self.shown.clone();
         self.shown().answers = [None, None];
         let ctx = env.ctx.clone();
+        let backend = env.device_backend();
         self.job.start(env.spawn("generating", move |device, store, handle| {
             let (b, c) = store.pair(&dirs[0], &dirs[1], device, handle)?;
+            shown.lock().unwrap_or_else(|e| e.into_inner()).models =
+                [Some(ModelSummary::of(&dirs[0], &b, backend)), Some(ModelSummary::of(&dirs[1], &c, backend))];
             let mut counts = [0usize; 2];
             for (slot, m) in [b, c].iter().enumerate() {
                 let ids = m.prompt_ids(&text, chat)?;
@@ -229,7 +244,7 @@ impl ModelsView {
                         new.push(id);
                         handle.progress(&phase, new.len() as u64, max_tokens as u64, "tokens");
                         if let Ok(t) = m.tokenizer.decode(&new) {
-                            set(t);
+                            set(crate::widgets::answer_text(&t));
                         }
                     }
                     handle.keep_going()

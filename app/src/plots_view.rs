@@ -24,6 +24,9 @@ pub struct PlotsView {
     png_result: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     /// Every figure's data, derived once per loaded run (not per frame).
     figures: Option<std::rc::Rc<Figures>>,
+    /// Scroll to the KL bars for up to this many more frames, until they are in sight (the tour's
+    /// causality step; a frame egui discards loses a scroll request).
+    scroll_to_kl: u8,
 }
 
 /// The data behind the figures, computed from the rows in `load`.
@@ -66,6 +69,7 @@ impl PlotsView {
             message: None,
             png_result: Default::default(),
             figures: None,
+            scroll_to_kl: 0,
         }
     }
 
@@ -81,6 +85,14 @@ impl PlotsView {
     pub fn show_run(&mut self, run: &str) {
         self.run_dir = run.to_string();
         self.load();
+    }
+
+    /// Shows run `run` (loading it unless it is the one shown) scrolled to its KL bars.
+    pub fn show_kl(&mut self, run: &str) {
+        if self.run_dir != run || self.rows.is_empty() {
+            self.show_run(run);
+        }
+        self.scroll_to_kl = if self.kl.is_some() { 5 } else { 0 };
     }
 
     pub fn ui(&mut self, ui: &mut egui::Ui, commands: &mut Commands) {
@@ -196,7 +208,13 @@ impl PlotsView {
                 });
             }
             if let Some(kl) = &self.kl {
-                ui.strong("KL(P_chat || P_patched) per condition, all reply tokens, with 95% CIs");
+                if self.scroll_to_kl > 0 {
+                    let now = egui::style::ScrollAnimation::none();
+                    ui.scroll_to_cursor_animation(Some(egui::Align::TOP), now);
+                }
+                let title = ui.strong("KL(P_chat || P_patched) per condition, all reply tokens, with 95% CIs");
+                let in_sight = ui.clip_rect().contains_rect(title.rect);
+                self.scroll_to_kl = if in_sight { 0 } else { self.scroll_to_kl.saturating_sub(1) };
                 Plot::new("kl bars").height(180.0).show(ui, |plot| {
                     let bars = kl
                         .iter()

@@ -68,12 +68,17 @@ impl SteeringView {
         }
     }
 
+    /// Generates with the view's latents once it is shown (the tour, through a command).
+    pub fn generate_when_shown(&mut self) {
+        self.auto_run = !self.latents.is_empty();
+    }
+
     fn start(&mut self, env: &JobEnv) {
         let Some(job) = self.job_config() else { return };
         let delivery = self.delivery.clone();
         self.job.start(env.spawn("steering", move |device, store, handle| {
             let done = job.run(device, store, handle)?;
-            delivery.put((done.plain, done.steered));
+            delivery.put((crate::widgets::answer_text(&done.plain), crate::widgets::answer_text(&done.steered)));
             Ok(format!("{} latents at layer {}", done.rows.len(), done.layer))
         }));
     }

@@ -68,3 +68,8 @@ pub fn class_bars(plot: &mut egui_plot::PlotUi, series: &[(LatentClass, Vec<u64>
 pub fn printable(text: &str) -> String {
     text.replace('\u{FFFD}', "<byte>").replace('\n', "\\n")
 }
+
+/// A generated answer as a label can show it: [`printable`], keeping its line breaks.
+pub fn answer_text(text: &str) -> String {
+    text.replace('\u{FFFD}', "<byte>")
+}

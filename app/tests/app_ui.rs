@@ -749,11 +749,16 @@ fn views_share_one_model_store() {
 /// The demo project (`crossdiff demo`'s pipeline on the committed miniature pair, at a smaller
 /// size), built in its own folder for one test.
 fn demo_project(tag: &str) -> std::path::PathBuf {
+    demo_project_of(tag, 30_000, 800)
+}
+
+/// The demo project with `tokens` cached and `steps` of training per crosscoder.
+fn demo_project_of(tag: &str, tokens: u64, steps: u64) -> std::path::PathBuf {
     use crossdiff::demo::{DemoPipeline, run_pipeline};
     let dir = std::env::temp_dir().join(format!("crossdiff-app-demo-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo");
-    let p = DemoPipeline { models, project: dir.clone(), tokens: 30_000, steps: 800, ..Default::default() };
+    let p = DemoPipeline { models, project: dir.clone(), tokens, steps, ..Default::default() };
     let device = burn::tensor::Device::flex();
     run_pipeline(&p, &device, crossdiff::workflow::Handle::silent(), |_| {}).unwrap();
     dir
@@ -1026,4 +1031,142 @@ fn the_window_is_sized_to_the_monitor() {
         Some(vec2(2560.0, 1440.0));
     harness.run_steps(3);
     assert_eq!(harness.ctx.content_rect().size(), vec2(2176.0, 1224.0));
+}
+
+/// The app's settings in memory (what eframe keeps on disk between starts).
+#[derive(Default)]
+struct MemoryStorage(std::collections::HashMap<String, String>);
+
+impl eframe::Storage for MemoryStorage {
+    fn get_string(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+    fn set_string(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_string(), value);
+    }
+    fn remove_string(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+    fn flush(&mut self) {}
+}
+
+/// The guided tour on the demo project: it starts when the project opens, each step opens its
+/// view with the BatchTopK run's most chat-specific latent (the models answering "Who are you?",
+/// the cache, the chat-only latents with that latent's dashboard, L1 beside BatchTopK, the KL bars
+/// in sight, steering with it); Close hides it, it stays hidden on the next start, and Help → Tour
+/// brings it back.
+#[test]
+fn the_tour_walks_through_the_views_on_the_demo_project() {
+    use crossdiff_app::commands::Tab;
+    use egui_kittest::kittest::NodeT;
+    // At `crossdiff demo`'s own size, where BatchTopK finds the planted chat-only latents.
+    let defaults = crossdiff::demo::DemoPipeline::default();
+    let proj = demo_project_of("tour", defaults.tokens, defaults.steps);
+    let (btk, l1) = (proj.join("runs/batchtopk"), proj.join("runs/l1"));
+    let rows = read_latents_csv(&btk.join("latents.csv")).unwrap();
+    let latent = crossdiff_app::suggest::strongest_latent(&rows).unwrap();
+    assert_eq!(rows.iter().find(|r| r.latent == latent).unwrap().class, LatentClass::ChatOnly);
+    let chat_only = rows.iter().filter(|r| r.class == LatentClass::ChatOnly).count();
+    let l1_rows = read_latents_csv(&l1.join("latents.csv")).unwrap();
+    let (l1_chat, l1_pass) = crossdiff_app::compare_view::chat_only_passing(&l1_rows);
+    let size = eframe::egui::vec2(1300.0, 900.0);
+    let open = |storage: Option<std::rc::Rc<MemoryStorage>>| {
+        let proj = proj.clone();
+        Harness::builder().with_size(size).build_eframe(move |cc| {
+            let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+            app.backend = crossdiff::Backend::Cpu;
+            if let Some(s) = storage {
+                app.restore_settings(&*s);
+            }
+            app.open_project(&proj);
+            app
+        })
+    };
+    let mut harness = open(None);
+    harness.run_steps(2);
+    let next = |harness: &mut Harness<'_, CrossdiffApp>, step: &str, tab: Tab| {
+        harness.get_by_label("Next").click();
+        harness.run_steps(5);
+        harness.get_by_label(step);
+        assert_eq!(harness.state().tab, tab, "{step}");
+    };
+    // 1: the models, answering the chat prompt (run once, without a button).
+    harness.get_by_label("Tour (1/6)");
+    harness.get_by_label("The models");
+    assert_eq!(harness.state().tab, Tab::Models);
+    assert_eq!(harness.get_by_label("Prompt text").value().as_deref(), Some("Who are you?"));
+    wait_for(&mut harness, "answer chat: I am Mini");
+    // The prompt loaded both models (no Load models pressed): their summaries show.
+    harness.run_steps(2);
+    assert_eq!(harness.query_all_by_label_contains("4 layers, width 64").count(), 2);
+    // 2: the paired activations in the project's cache.
+    next(&mut harness, "Tour (2/6)", Tab::Cache);
+    let total = crossdiff::activations::cache::CacheIndex::open(&proj.join("cache")).unwrap().total_tokens;
+    harness.get_by_label_contains(&format!(
+        "This cache holds {total} (base, chat) activation pairs, one per token, from the output of block 2"
+    ));
+    // 3: the BatchTopK run's chat-only latents and its most chat-specific latent's dashboard.
+    next(&mut harness, "Tour (3/6)", Tab::Latents);
+    harness.get_by_label(&format!("Latent {latent}"));
+    harness.get_by_label(&format!("{chat_only} of {} latents shown", rows.len()));
+    assert_eq!(harness.state().latents.run_dir, btk.display().to_string());
+    // 4: L1 beside BatchTopK.
+    next(&mut harness, "Tour (4/6)", Tab::Compare);
+    harness.get_by_label("run 1: l1");
+    harness.get_by_label("run 2: batchtopk");
+    harness.get_by_label_contains(&format!("run 1: {l1_pass} of {l1_chat} chat-only latents pass Latent Scaling"));
+    // 5: the KL bars, scrolled into sight above the tour panel.
+    next(&mut harness, "Tour (5/6)", Tab::Plots);
+    let kl = harness.get_by_label("KL(P_chat || P_patched) per condition, all reply tokens, with 95% CIs").rect();
+    let panel = harness.get_by_label("Tour (5/6)").rect();
+    assert!(kl.top() > 0.0 && kl.bottom() < panel.top(), "KL bars at {kl:?}, the tour panel at {panel:?}");
+    // 6: steering with that latent, generated once.
+    next(&mut harness, "Tour (6/6)", Tab::Steering);
+    harness.get_by_label(&format!("remove latent {latent}"));
+    assert_eq!(harness.state().steering.run_dir, btk.display().to_string());
+    wait_for(&mut harness, "unsteered: ");
+    assert_eq!(harness.query_all_by_label_contains("steered: ").count(), 2, "unsteered beside steered");
+    assert!(harness.get_by_label("Next").accesskit_node().is_disabled(), "Next on the last step");
+    // Back: the previous step's view again.
+    harness.get_by_label("Back").click();
+    harness.run_steps(3);
+    harness.get_by_label("Tour (5/6)");
+    assert_eq!(harness.state().tab, Tab::Plots);
+    // Close hides it, and the next start (the settings saved and restored) keeps it hidden.
+    harness.get_by_label("Close").click();
+    harness.run_steps(2);
+    assert!(harness.query_by_label_contains("Tour (").is_none());
+    let mut storage = MemoryStorage::default();
+    eframe::App::save(harness.state_mut(), &mut storage);
+    wait_idle(&mut harness);
+    drop(harness);
+    let storage = std::rc::Rc::new(storage);
+    let mut harness = open(Some(storage));
+    harness.run_steps(3);
+    assert!(harness.query_by_label_contains("Tour (").is_none(), "dismissed: not shown on the next start");
+    assert_eq!(harness.state().tab, Tab::Models);
+    // Help → Tour brings it back from the first step.
+    harness.get_by_label("Help").click();
+    harness.run_steps(2);
+    harness.get_by_label("Tour").click();
+    harness.run_steps(3);
+    harness.get_by_label("Tour (1/6)");
+    assert!(!harness.state().tour.dismissed);
+    wait_for(&mut harness, "answer chat: I am Mini");
+    wait_idle(&mut harness);
+    std::fs::remove_dir_all(&proj).unwrap();
+}
+
+/// Steps the UI until no view's job runs.
+fn wait_idle(harness: &mut Harness<'_, CrossdiffApp>) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        harness.step();
+        let app = harness.state();
+        if !(app.models.job.running() || app.steering.job.running() || app.prompt_lab.job.running()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("jobs still running after 60 s");
 }
