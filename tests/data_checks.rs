@@ -389,3 +389,21 @@ fn a_resume_names_the_data_files_by_what_they_are_not_how_they_were_typed() {
     let msg = err(cache(&CacheJob { data: vec![copy.clone()], ..cache_job(&other) }));
     has(&msg, &["other settings: --data ", &format!("now --data {}", copy.display())]);
 }
+
+#[test]
+fn a_chat_template_that_repeats_without_bound_is_stopped() {
+    let chat = TempDir::copy_of("tpl-huge", "chat");
+    let cfg = chat.path().join("tokenizer_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["chat_template"] = "{% for i in range(10000) %}{{ messages[0].content * 1000 }}{% endfor %}".into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let tok = ChatTokenizer::from_dir(chat.path()).unwrap();
+    let started = std::time::Instant::now();
+    let e = tok.render_chat(&[Message::user("What is a latent?")], false).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("renders more than 16 MB") && msg.contains("repeats without bound"), "{msg}");
+    assert!(started.elapsed().as_secs() < 30, "stopped early, not rendered to the end");
+    // An ordinary conversation still renders.
+    let tok = ChatTokenizer::from_dir(&fixture("chat")).unwrap();
+    assert!(tok.render_chat(&[Message::user("hi")], true).unwrap().contains("<start_of_turn>user"));
+}

@@ -942,6 +942,11 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
             strings(&["demo", "--no-app", "--models", &asset("demo"), "--project", &a_file]),
             "is a file, not a folder",
         ),
+        (
+            "demo: --steps without --rebuild",
+            strings(&["demo", "--no-app", "--steps", "5", "--project", &fresh]),
+            "--rebuild",
+        ),
         // ── integrity ──
         ("train: an unfinished cache", train_new(&["--cache", &w.cache_partial]), "the cache is incomplete"),
         ("analyze: an unfinished cache", analyze(&["--cache", &w.cache_partial]), "--allow-partial"),

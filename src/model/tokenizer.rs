@@ -139,14 +139,32 @@ impl ChatTokenizer {
         });
         env.add_template("chat", source).map_err(|e| anyhow!("{} does not parse: {e}", self.template_at()))?;
         let template = env.get_template("chat").map_err(|e| anyhow!("{e}"))?;
+        // A template that expands without bound (a loop repeating the messages) is stopped, not
+        // rendered into memory for minutes.
+        let mut out = Bounded { text: Vec::new(), limit: MAX_RENDERED_BYTES };
+        let ctx = minijinja::context! {
+            messages => messages,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+            add_generation_prompt => add_generation_prompt,
+        };
         template
-            .render(minijinja::context! {
-                messages => messages,
-                bos_token => self.bos_token,
-                eos_token => self.eos_token,
-                add_generation_prompt => add_generation_prompt,
+            .render_captured_to(ctx, &mut out)
+            .map_err(|e| {
+                if out.text.len() >= out.limit {
+                    anyhow!(
+                        "{} renders more than {} MB for the conversation {}: the template repeats without bound",
+                        self.template_at(),
+                        MAX_RENDERED_BYTES >> 20,
+                        describe_conversation(messages)
+                    )
+                } else {
+                    anyhow!("{}: chat template failed: {}", self.template_source.display(), e)
+                }
             })
-            .map_err(|e| anyhow!("{}: chat template failed: {}", self.template_source.display(), e))
+            .and_then(|_| {
+                String::from_utf8(out.text).map_err(|e| anyhow!("{}: renders invalid UTF-8: {e}", self.template_at()))
+            })
             .and_then(|text| {
                 if text.trim().is_empty() {
                     bail!(
@@ -253,5 +271,30 @@ fn special_token(cfg: &Value, key: &str) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
         _ => None,
+    }
+}
+
+/// The most a chat template may render for one conversation (a long conversation renders to tens
+/// of kilobytes).
+const MAX_RENDERED_BYTES: usize = 16 << 20;
+
+/// A writer that refuses to grow past `limit`.
+struct Bounded {
+    text: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.limit {
+            self.text.resize(self.limit, 0);
+            return Err(std::io::Error::other("the rendered text is too long"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -41,6 +41,22 @@ pub fn check_layer(layer: usize, blocks: usize) -> Result<()> {
     })
 }
 
+/// The layer a job resolved ([`resolve_layer`]) within the models' blocks: a `--layer` the user gave
+/// is named as the flag, a layer the run recorded as its config.json's field.
+pub fn check_resolved_layer(layer: usize, blocks: usize, flag: Option<usize>, run: &Path) -> Result<()> {
+    if flag.is_some() {
+        return check_layer(layer, blocks);
+    }
+    if layer >= blocks {
+        anyhow::bail!(
+            "{}: field `layer` is {layer}, the models have {blocks} blocks (0..={}): the run was made for other models",
+            crate::run_dir::RunDir::new(run).config().display(),
+            blocks.saturating_sub(1)
+        );
+    }
+    Ok(())
+}
+
 /// A crosscoder and a model meet: the same residual width, or one line naming both.
 pub fn check_width(cc: &Crosscoder, run: &Path, model: &Model, model_dir: &Path) -> Result<()> {
     let width = model.gemma.config.hidden_size;

@@ -10,7 +10,7 @@ use crate::crosscoder::Crosscoder;
 use crate::run_dir::RunDir;
 use crate::workflow::checks::{Made, check_model, path_given, positive};
 use crate::workflow::models::ModelStore;
-use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
+use crate::workflow::{Handle, check_width, resolve_layer};
 
 /// `crossdiff kl`: KL(P_chat ‖ P_patched) on assistant-predicting tokens when the base residual is
 /// patched with sets of latents; a table and RUN/kl.json.
@@ -54,7 +54,7 @@ impl KlJob {
         let rows = run.read_latents_of(&cc)?;
         let layer = resolve_layer(self.layer, &cc, &self.run)?;
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
-        check_layer(layer, b.gemma.num_layers())?;
+        crate::workflow::checks::check_resolved_layer(layer, b.gemma.num_layers(), self.layer, &self.run)?;
         check_width(&cc, &self.run, &b, &self.base)?;
         check_pair_against_run(&cc, &self.run, [(&self.base, &b), (&self.chat, &c)], self.allow_other_models)?;
         let total = self.conversations as u64;

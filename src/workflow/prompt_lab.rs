@@ -8,7 +8,7 @@ use burn::tensor::Device;
 use crate::analysis::prompt_lab::PromptAnalysis;
 use crate::crosscoder::Crosscoder;
 use crate::workflow::models::ModelStore;
-use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
+use crate::workflow::{Handle, check_width, resolve_layer};
 
 #[derive(Debug, Clone)]
 pub struct PromptLabJob {
@@ -61,7 +61,7 @@ impl PromptLabJob {
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
         let cc = Crosscoder::load(&self.run, device)?;
         let layer = resolve_layer(None, &cc, &self.run)?;
-        check_layer(layer, b.gemma.num_layers())?;
+        crate::workflow::checks::check_resolved_layer(layer, b.gemma.num_layers(), None, &self.run)?;
         check_width(&cc, &self.run, &b, &self.base)?;
         crate::workflow::kl::check_pair_against_run(
             &cc,

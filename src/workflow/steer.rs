@@ -11,7 +11,7 @@ use crate::model::gemma2::LoadOptions;
 use crate::run_dir::RunDir;
 use crate::workflow::checks::{ALLOW_OTHER_MODELS, ensure, path_given, positive};
 use crate::workflow::models::ModelStore;
-use crate::workflow::{Handle, check_layer, check_width, resolve_layer};
+use crate::workflow::{Handle, check_width, resolve_layer};
 
 /// The largest |strength| accepted: a multiple of the latent's largest observed activation.
 pub const MAX_STRENGTH: f64 = 1000.0;
@@ -120,7 +120,7 @@ impl SteerJob {
         }
         let all = run.read_latents_of(&cc)?;
         let layer = resolve_layer(self.layer, &cc, &self.run)?;
-        check_layer(layer, m.gemma.num_layers())?;
+        crate::workflow::checks::check_resolved_layer(layer, m.gemma.num_layers(), self.layer, &self.run)?;
         let mut rows = Vec::new();
         let mut specs = Vec::new();
         for (j, s) in self.latents() {

@@ -89,8 +89,8 @@ enum Command {
         /// Run the pipeline but do not open the app.
         #[arg(long)]
         no_app: bool,
-        /// Training steps for the base model and again for the chat fine-tune.
-        #[arg(long, default_value_t = crossdiff::demo::DEFAULT_LM_STEPS)]
+        /// With --rebuild: training steps for the base model and again for the chat fine-tune.
+        #[arg(long, default_value_t = crossdiff::demo::DEFAULT_LM_STEPS, requires = "rebuild")]
         steps: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
