@@ -339,6 +339,7 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         lines.join("\n") + "\n"
     });
     let kind_l1 = edited("run-kind", "config.json", &|t| t.replace("\"batchtopk\"", "\"l1\""));
+    let relabelled = edited("run-relabelled", "latents.csv", &|t| t.replacen(",shared,", ",chat_only,", 1));
     let layer_3 = edited("run-layer", "config.json", &|t| t.replace("\"layer\": 1", "\"layer\": 3"));
     let d_text = edited("run-d", "config.json", &|t| t.replace("\"d\": 72", "\"d\": \"72\""));
     let dead_latent = std::fs::read_to_string(Path::new(run).join("latents.csv"))
@@ -946,6 +947,23 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
             "demo: --steps without --rebuild",
             strings(&["demo", "--no-app", "--steps", "5", "--project", &fresh]),
             "--rebuild",
+        ),
+        (
+            "steer: a latents.csv class edited against its Δ",
+            strings(&[
+                "steer",
+                "--run",
+                &relabelled,
+                "--model",
+                c,
+                "--latent",
+                "0",
+                "--strength",
+                "1",
+                "--prompt",
+                "x",
+            ]),
+            "has class chat_only but Δ",
         ),
         // ── integrity ──
         ("train: an unfinished cache", train_new(&["--cache", &w.cache_partial]), "the cache is incomplete"),

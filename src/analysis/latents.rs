@@ -271,6 +271,24 @@ impl RunDir {
                 r.latent
             );
         }
+        // The class follows from Δ (and a dead latent never fires): an edited class is refused.
+        if let Some(r) = rows.iter().find(|r| {
+            if r.class == LatentClass::Dead { r.freq > 0.0 } else { r.class != LatentClass::of_delta(r.delta_norm) }
+        }) {
+            bail!(
+                "{}: latent {} has class {} but Δ {} and frequency {} say {}",
+                path.display(),
+                r.latent,
+                r.class,
+                r.delta_norm,
+                r.freq,
+                if r.class == LatentClass::Dead {
+                    "it fires".to_string()
+                } else {
+                    LatentClass::of_delta(r.delta_norm).to_string()
+                }
+            );
+        }
         if let Some(r) = rows.iter().find(|r| r.max_act < 0.0 || !(0.0..=1.0).contains(&r.freq)) {
             bail!("{}: latent {} has max_act {} or freq {} out of range", path.display(), r.latent, r.max_act, r.freq);
         }
