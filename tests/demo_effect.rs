@@ -34,10 +34,15 @@ fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
         flagged(&btk)
     );
 
+    let dead = btk.iter().filter(|x| x.class == LatentClass::Dead).count();
+    assert!(dead * 5 < btk.len(), "dead BatchTopK latents: {dead} of {}", btk.len());
+
     // BatchTopK's chat-only latents fire on the planted behaviours: their top examples are the
-    // chat model's planted replies (identity, refusal, the "Sure!" opening).
+    // chat model's planted replies (identity, refusal, the "Sure!" opening), and each of the three
+    // has a latent of its own that passes Latent Scaling.
     let tok = crossdiff::ChatTokenizer::from_dir(&models.join("chat")).unwrap();
     let store = ExamplesStore::open(&project.path().join("runs/batchtopk")).unwrap();
+    let mut found = std::collections::BTreeSet::new();
     for r in btk.iter().filter(|x| x.class == LatentClass::ChatOnly) {
         let ex = store.latent(r.latent).unwrap();
         let top: Vec<String> = ex
@@ -58,7 +63,24 @@ fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
                 || t.contains("Sure")
         };
         assert!(!top.is_empty() && top.iter().all(planted), "latent {}: top contexts {top:?}", r.latent);
+        let behaviour = |t: &String| {
+            if t.contains("sorry") || t.contains("cannot help") {
+                "refusal"
+            } else if t.contains("Mini") || t.contains("crossdiff") {
+                "identity"
+            } else {
+                "sure"
+            }
+        };
+        if r.is_chat_specific() && top.iter().all(|t| behaviour(t) == behaviour(&top[0])) {
+            found.insert(behaviour(&top[0]));
+        }
     }
+    assert_eq!(
+        found,
+        ["identity", "refusal", "sure"].into_iter().collect(),
+        "planted behaviours with a chat-specific BatchTopK latent of their own"
+    );
 
     // Patching the chat-specific latents into the base residual closes part of the KL gap.
     let kl: Vec<serde_json::Value> =

@@ -890,17 +890,17 @@ fn train_view_shows_an_existing_run_and_continues_it() {
     harness.get_by_label("Train").click();
     harness.run_steps(3);
     harness.get_by_label_contains("checkpoint: step 800 of 800 (");
-    harness.get_by_label("this run's settings: BatchTopK, k 8, dictionary size 256, learning rate 0.002, batch 256");
+    harness.get_by_label("this run's settings: BatchTopK, k 8, dictionary size 128, learning rate 0.001, batch 256");
     harness.get_by_label(&format!("curves: {} logged steps, the last at step 800", metrics.len()));
     let config = &harness.state().train.config;
-    assert_eq!((config.k, config.dict_size, config.batch, config.steps), (8, Some(256), 256, Some(800)));
+    assert_eq!((config.k, config.dict_size, config.batch, config.steps), (8, Some(128), 256, Some(800)));
     // Start training with the run's own settings: nothing refused, nothing left to do.
     harness.get_by_label("Start training").click();
-    wait_for(&mut harness, "training finished: BatchTopK D=256 at step 800 of 800");
+    wait_for(&mut harness, "training finished: BatchTopK D=128 at step 800 of 800");
     // Continue to step 900 with the run's settings.
     harness.state_mut().train.continue_to = 900;
     harness.get_by_label("Continue (more steps)").click();
-    wait_for(&mut harness, "training finished: BatchTopK D=256 at step 900 of 900");
+    wait_for(&mut harness, "training finished: BatchTopK D=128 at step 900 of 900");
     harness.run_steps(2);
     harness.get_by_label_contains("checkpoint: step 900 of 900 (");
     let more = crossdiff::run_dir::RunDir::new(&run).read_metrics().unwrap();
@@ -954,7 +954,7 @@ fn prompt_lab_and_steering_start_from_the_projects_run() {
     harness.run_steps(2);
     harness.get_by_label(&format!("latent {latent}"));
     harness.get_by_label("Steering").click();
-    wait_for(&mut harness, "steering finished: 1 latents at layer 2");
+    wait_for(&mut harness, "steering finished: 1 latents at layer 3");
     wait_for(&mut harness, "unsteered: ");
     harness.get_by_label(&format!("remove latent {latent}"));
     // Once only: back on the view, nothing starts again.
@@ -1103,7 +1103,7 @@ fn the_tour_walks_through_the_views_on_the_demo_project() {
     next(&mut harness, "Tour (2/6)", Tab::Cache);
     let total = crossdiff::activations::cache::CacheIndex::open(&proj.join("cache")).unwrap().total_tokens;
     harness.get_by_label_contains(&format!(
-        "This cache holds {total} (base, chat) activation pairs, one per token, from the output of block 2"
+        "This cache holds {total} (base, chat) activation pairs, one per token, from the output of block 3"
     ));
     // 3: the BatchTopK run's chat-only latents and its most chat-specific latent's dashboard.
     next(&mut harness, "Tour (3/6)", Tab::Latents);

@@ -200,12 +200,15 @@ impl Default for DemoPipeline {
         Self {
             models: PathBuf::from(DEFAULT_MODELS),
             project: PathBuf::from(DEFAULT_PROJECT),
-            layer: 2,
-            tokens: 60_000,
-            dict_size: 256,
+            // The last block's output: the planted behaviours are clearest there in this 4-block
+            // model (at block 2 a BatchTopK crosscoder found one of the three).
+            layer: 3,
+            // Every conversation of the corpus, once (1:1 with web text).
+            tokens: 100_000,
+            dict_size: 128,
             k: 8,
             mu: 0.02,
-            steps: 1500,
+            steps: 3000,
             seed: 0,
         }
     }
@@ -315,12 +318,14 @@ fn pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: impl FnM
             dict_size: Some(p.dict_size),
             k: p.k,
             mu: p.mu,
-            lr: 2e-3,
+            lr: 1e-3,
             warmup_steps: 50,
             threshold_start: Some(p.steps / 4),
             batch: 256,
             steps: Some(p.steps),
-            dead_tokens: 256 * 200,
+            // AuxK's dead window scaled to the data: 50 steps (the paper's 10M tokens is ~1/10 of
+            // its 100M; here 12,800 of 768,000).
+            dead_tokens: 256 * 50,
             seed: p.seed,
             checkpoint_every: 500,
             log_every: 50,
