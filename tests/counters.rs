@@ -27,6 +27,15 @@ fn counters_count_readbacks_and_kernel_dispatches() {
     assert!(r.forward_batches >= 2 * 3000 / 256, "both models, batches of at most 256 tokens: {}", r.forward_batches);
     assert_eq!(r.readbacks_per_batch, 1.0, "readbacks per forward batch");
 
+    // analyze reads each batch's statistics back once (issue 12's target), plus a few reads at the
+    // end (the decoder for Latent Scaling), spread over the batches here.
+    let r = crossdiff::bench::bench_analyze(&flex, 16, 64, 4, 8192).unwrap();
+    assert!(
+        (1.0..=1.1).contains(&r.readbacks_per_batch),
+        "analyze readbacks per batch of 256: {}",
+        r.readbacks_per_batch
+    );
+
     let Some(wgpu) = common::wgpu_device() else { return };
     let counting = Counting::start();
     let offsets = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 3], [3]), &wgpu);

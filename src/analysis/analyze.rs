@@ -169,31 +169,40 @@ fn accumulate(
     let a = f.clone() * norm_sum.clone();
     let active = a.clone().greater_elem(0.0).float();
     let t = tensor(template.iter().map(|&v| f32::from(u8::from(v))).collect(), [1, b], device);
-    let add = |into: &mut Vec<f64>, t: Tensor<2>| -> Result<()> {
-        for (o, v) in into.iter_mut().zip(read_vec(t)?) {
-            *o += v as f64;
-        }
-        Ok(())
-    };
-    add(&mut acc.active, active.clone().sum_dim(0))?;
-    add(&mut acc.template_active, t.matmul(active))?;
-    for (o, v) in acc.max_act.iter_mut().zip(read_vec(a.max_dim(0))?) {
-        *o = o.max(v as f64);
-    }
-    add(&mut acc.sum_f2, f.clone().square().sum_dim(0))?;
+    // Every per-batch reduction in one [1, 8·D + 1 + 8·d] row, read back once (one device→host
+    // synchronisation per batch instead of thirteen), then added into the f64 accumulators.
+    let mut parts = vec![active.clone().sum_dim(0), t.matmul(active), a.max_dim(0), f.clone().square().sum_dim(0)];
     for m in 0..2 {
         let r = recon.clone().narrow(1, m * d, d).matmul(w_chat_t.clone());
-        add(&mut acc.recon[m], (f.clone() * r).sum_dim(0))?;
+        parts.push((f.clone() * r).sum_dim(0));
         let e = err.clone().narrow(1, m * d, d).matmul(w_chat_t.clone());
-        add(&mut acc.err[m], (f.clone() * e).sum_dim(0))?;
+        parts.push((f.clone() * e).sum_dim(0));
     }
-    acc.l0 += read_vec(f.greater_elem(0.0).float().sum())?[0] as f64;
-    add(&mut acc.x_sum, x.clone().sum_dim(0))?;
-    add(&mut acc.x_sq, x.square().sum_dim(0))?;
-    add(&mut acc.e_sum, err.clone().sum_dim(0))?;
-    add(&mut acc.e_sq, err.square().sum_dim(0))?;
+    parts.push(f.greater_elem(0.0).float().sum().reshape([1, 1]));
+    parts.extend([x.clone().sum_dim(0), x.square().sum_dim(0), err.clone().sum_dim(0), err.square().sum_dim(0)]);
+    let row = read_vec(Tensor::cat(parts, 1))?;
+    let mut at = 0;
+    let mut next = |n: usize| {
+        at += n;
+        &row[at - n..at]
+    };
+    let add = |into: &mut Vec<f64>, v: &[f32]| into.iter_mut().zip(v).for_each(|(o, v)| *o += *v as f64);
+    add(&mut acc.active, next(dict));
+    add(&mut acc.template_active, next(dict));
+    for (o, v) in acc.max_act.iter_mut().zip(next(dict)) {
+        *o = o.max(*v as f64);
+    }
+    add(&mut acc.sum_f2, next(dict));
+    for m in 0..2 {
+        add(&mut acc.recon[m], next(dict));
+        add(&mut acc.err[m], next(dict));
+    }
+    acc.l0 += next(1)[0] as f64;
+    add(&mut acc.x_sum, next(2 * d));
+    add(&mut acc.x_sq, next(2 * d));
+    add(&mut acc.e_sum, next(2 * d));
+    add(&mut acc.e_sq, next(2 * d));
     acc.tokens += b as u64;
-    let _ = dict;
     Ok(())
 }
 
