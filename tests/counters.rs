@@ -36,6 +36,12 @@ fn counters_count_readbacks_and_kernel_dispatches() {
         r.readbacks_per_batch
     );
 
+    // Training: the gradient clip reads its four squared norms in one readback; a step still reads
+    // back the selection and AuxK's bookkeeping (the target, none between log steps, is not yet met:
+    // this guards what was reached).
+    let r = crossdiff::bench::bench_train(&flex, crossdiff::crosscoder::Kind::BatchTopK, 64, 1024, 8, 256, 5).unwrap();
+    assert!(r.readbacks_per_step <= 7.0, "training readbacks per step on cpu: {}", r.readbacks_per_step);
+
     let Some(wgpu) = common::wgpu_device() else { return };
     let counting = Counting::start();
     let offsets = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 3], [3]), &wgpu);

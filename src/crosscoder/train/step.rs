@@ -238,7 +238,9 @@ pub fn add_aux(cfg: &TrainConfig, loss: Tensor<1>, aux: &Tensor<1>) -> Result<(T
 /// Scales the gradients so their global norm is at most `max` (BatchTopK: 1.0).
 pub fn clip_gradients(g: [Tensor<2>; 4], max: Option<f64>) -> Result<[Tensor<2>; 4]> {
     let Some(max) = max else { return Ok(g) };
-    let sq: f32 = g.iter().map(|t| read_vec(t.clone().square().sum()).map(|v| v[0])).sum::<Result<f32>>()?;
+    // The four squared norms in one readback (summed on the host in the same order as before).
+    let parts: Vec<Tensor<1>> = g.iter().map(|t| t.clone().square().sum()).collect();
+    let sq: f32 = read_vec(Tensor::cat(parts, 0))?.iter().sum();
     let norm = (sq as f64).sqrt();
     Ok(if norm > max { g.map(|t| t.mul_scalar(max / norm)) } else { g })
 }
