@@ -162,14 +162,7 @@ impl CacheView {
             self.job.start(env.spawn("caching", move |device, _, handle| {
                 let done = crossdiff::workflow::cache::run(&job, device, handle)?;
                 let index = &done.index;
-                let state = match (index.complete, done.exhausted) {
-                    (true, true) => format!(
-                        "complete; the data ran out at {} of the {} tokens asked for",
-                        index.total_tokens, job.tokens
-                    ),
-                    (true, false) => "complete".to_string(),
-                    (false, _) => "stopped; start again to resume".to_string(),
-                };
+                let state = done.state(job.tokens, "stopped; start again to resume");
                 Ok(format!("{} tokens in {} shards, {state}", index.total_tokens, index.shards.len()))
             }));
         }

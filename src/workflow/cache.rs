@@ -62,3 +62,17 @@ pub fn fingerprint(index: &CacheIndex) -> serde_json::Value {
         "shards": format!("{:016x}", crate::io::checksum(&bytes)),
     })
 }
+
+impl CacheOutcome {
+    /// How the cache ended, for a summary line: "complete", "complete; the data ran out at N of the
+    /// M tokens asked for", or `stopped` (each front end's words for an unfinished cache).
+    pub fn state(&self, asked: u64, stopped: &str) -> String {
+        match (self.index.complete, self.exhausted) {
+            (true, true) => {
+                format!("complete; the data ran out at {} of the {asked} tokens asked for", self.index.total_tokens)
+            }
+            (true, false) => "complete".to_string(),
+            (false, _) => stopped.to_string(),
+        }
+    }
+}

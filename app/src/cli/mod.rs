@@ -209,14 +209,7 @@ pub fn run() -> Result<()> {
             let done = crossdiff::workflow::cache::run(&job, &device, bar.handle())?;
             bar.finish();
             let index = &done.index;
-            let state = match (index.complete, done.exhausted) {
-                (true, true) => format!(
-                    "complete; the data ran out at {} of the {} tokens asked for",
-                    index.total_tokens, job.tokens
-                ),
-                (true, false) => "complete".to_string(),
-                (false, _) => "interrupted; re-run the same command to resume".to_string(),
-            };
+            let state = done.state(job.tokens, "interrupted; re-run the same command to resume");
             println!(
                 "cache: {} tokens in {} shards at layer {}, {} → {} ({:.1}s, {:.1} tokens/s after loading, {state}; {device_name})",
                 index.total_tokens,
