@@ -403,3 +403,30 @@ fn a_cancelled_runs_step_is_the_checkpoints_step() {
     let stopped = job(&run).run(&Device::flex(), Handle::new(&|_: Event| {}, &cancel)).unwrap();
     assert_eq!((stopped.step, checkpoint_step(&run)), (0, 0));
 }
+
+#[test]
+fn an_on_the_fly_resume_accepts_the_same_files_spelled_otherwise() {
+    let dir = TempDir::new("otf-spelling");
+    let out = dir.path().join("run");
+    let job = |data: PathBuf, steps: u64| TrainJob {
+        cache: None,
+        base: Some(fixture("base")),
+        chat: Some(fixture("chat")),
+        data: vec![data],
+        layer: Some(1),
+        tokenize: TokenizeOptions { context: 64, ..Default::default() },
+        out: out.clone(),
+        dict_size: Some(64),
+        k: 8,
+        batch: 64,
+        shuffle_tokens: 256,
+        steps: Some(steps),
+        threshold_start: Some(1),
+        checkpoint_every: 3,
+        ..Default::default()
+    };
+    job(data("web.txt"), 3).run(&Device::flex(), Handle::silent()).unwrap();
+    // Integration tests run in the package root: the same file, relative.
+    let done = job(PathBuf::from("assets/data/web.txt"), 6).run(&Device::flex(), Handle::silent()).unwrap();
+    assert_eq!(done.step, 6);
+}

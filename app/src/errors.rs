@@ -79,7 +79,9 @@ fn rewrite_flags(text: &str, fields: Fields) -> String {
         if c == '`' {
             quoted = !quoted;
         }
-        let prev_ok = out.chars().next_back().is_none_or(|p| !(p.is_alphanumeric() || p == '-'));
+        // A flag starts a word: not inside a path or a name (`/x/--out`, `a_--b`, `v1.--x`).
+        let prev_ok =
+            out.chars().next_back().is_none_or(|p| !(p.is_alphanumeric() || matches!(p, '-' | '/' | '_' | '.' | '\\')));
         if !quoted && prev_ok && rest.starts_with("--") {
             let name_len =
                 rest[2..].find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '-')).unwrap_or(rest.len() - 2);
@@ -143,5 +145,7 @@ mod tests {
         assert_eq!(phrase(&e, TRAIN), "“dead tokens” must be positive, not 0");
         // Dashes that are no flag stay.
         assert_eq!(phrase_text("a -- b, x--y, --5", TRAIN), "a -- b, x--y, --5");
+        // Nor inside a path: a folder named `--out` is a folder.
+        assert_eq!(phrase_text("/x/--out: cannot read", TRAIN), "/x/--out: cannot read");
     }
 }

@@ -972,6 +972,11 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         ("cache: a missing source", cache_new(&["--data", "/no/data.txt"]), "/no/data.txt"),
         ("train: no cache there", train_new(&["--cache", "/no/cache"]), "/no/cache/cache.json"),
         ("analyze: no run there", strings(&["analyze", "--run", "/no/run", "--cache", cache]), "/no/run"),
+        (
+            "analyze: a mistyped run folder",
+            strings(&["analyze", "--run", &fresh, "--cache", cache]),
+            "no such run folder",
+        ),
     ];
     let mut cases = cases;
     if let Some(j) = &dead_latent {

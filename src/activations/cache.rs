@@ -195,7 +195,8 @@ impl CacheIndex {
             sources: lenient(v, "sources"),
             settings: lenient(v, "settings"),
             documents: lenient(v, "documents"),
-            complete: v.get("complete").and_then(|c| c.as_bool()).unwrap_or(true),
+            // Absent: finished (another tool's file); present but not a bool: not trusted as finished.
+            complete: v.get("complete").map_or(true, |c| c.as_bool() == Some(true)),
             partial_shards,
         })
     }

@@ -406,8 +406,11 @@ impl Crosscoder {
             if let Some(saved) =
                 std::fs::read_to_string(&state).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             {
-                let trained_layer =
-                    saved["source"].as_object().and_then(|m| m.values().find_map(|v| v["layer"].as_u64()));
+                // On the fly the source records `layer` itself; a cache source records it under `cache`.
+                let source = &saved["source"];
+                let trained_layer = source["layer"]
+                    .as_u64()
+                    .or_else(|| source.as_object().and_then(|m| m.values().find_map(|v| v["layer"].as_u64())));
                 if let (Some(l), Some(t)) = (c.layer, trained_layer) {
                     if l as u64 != t {
                         bail!(

@@ -238,25 +238,24 @@ impl Snapshot {
         self.files.iter().map(|f| f.mmap.len() as u64).sum()
     }
 
-    /// A short fingerprint of this model's config and weights (16 hex digits), recorded in
-    /// cache.json and a run's config.json so that a cache, a run and the models given to a later job
-    /// can be checked to belong together. A fine-tune has the base's config and tensor layout, so the
-    /// weights decide: 16 windows of 64 KiB spread over every weight file (cheap on a 10 GB model,
-    /// and a fine-tune changes the bytes everywhere, LoRA merges included, which leave the embedding
-    /// alone).
+    /// A short fingerprint of this model (16 hex digits), recorded in cache.json, a run's
+    /// config.json and its checkpoint, so that a cache, a run and the models given to a later job
+    /// can be checked to belong together. A fine-tune has its base's config and tensor layout, and
+    /// may change only some tensors (a LoRA merge of the attention projections), so every tensor is
+    /// sampled: its name, dtype, shape and 4 KiB from the middle of its data, plus the parsed config
+    /// (so line endings or key order in config.json do not matter). About 1 MB read on a 2B model.
     pub fn identity(&self) -> Result<String> {
-        const WINDOWS: usize = 16;
-        const WINDOW: usize = 64 << 10;
-        let config = self.dir.join("config.json");
-        let mut bytes = std::fs::read(&config).map_err(|e| anyhow!("{}: cannot read: {e}", config.display()))?;
-        for f in &self.files {
-            let data: &[u8] = &f.mmap;
-            bytes.extend_from_slice(&(data.len() as u64).to_le_bytes());
-            let step = data.len().saturating_sub(WINDOW) / (WINDOWS - 1);
-            for w in 0..WINDOWS {
-                let start = (w * step).min(data.len());
-                bytes.extend_from_slice(&data[start..(start + WINDOW).min(data.len())]);
-            }
+        const WINDOW: usize = 4 << 10;
+        let mut bytes = serde_json::to_vec(&self.config)?;
+        let mut names: Vec<&String> = self.index.keys().collect();
+        names.sort();
+        for name in names {
+            let (_, view) = self.view(name)?;
+            bytes.extend_from_slice(name.as_bytes());
+            bytes.extend_from_slice(format!("{:?}{:?}", view.dtype(), view.shape()).as_bytes());
+            let data = view.data();
+            let start = (data.len() / 2).saturating_sub(WINDOW / 2);
+            bytes.extend_from_slice(&data[start..(start + WINDOW).min(data.len())]);
         }
         Ok(format!("{:016x}", crate::io::checksum(&bytes)))
     }

@@ -120,6 +120,9 @@ impl AnalyzeJob {
         let started = std::time::Instant::now();
         let run = RunDir::new(&self.run);
         // One job per run folder: not while it trains, not two analyses at once.
+        crate::bad_value::ensure(run.path().is_dir(), "run", || {
+            format!("{}: no such run folder", run.path().display())
+        })?;
         let _lock = crate::io::DirLock::acquire(run.path(), "run")?;
         let cc = Crosscoder::load(run.path(), device)?;
         if cc.config.kind == crate::crosscoder::Kind::BatchTopK && cc.threshold.is_none() {

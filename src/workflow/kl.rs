@@ -49,6 +49,9 @@ impl KlJob {
     pub fn run(&self, device: &Device, store: &ModelStore, handle: Handle) -> Result<Vec<KlStat>> {
         self.validate()?;
         let run = RunDir::new(&self.run);
+        crate::bad_value::ensure(run.path().is_dir(), "run", || {
+            format!("{}: no such run folder", run.path().display())
+        })?;
         let _lock = crate::io::DirLock::acquire(run.path(), "run")?;
         let cc = Crosscoder::load(run.path(), device)?;
         let rows = run.read_latents_of(&cc)?;

@@ -250,7 +250,7 @@ impl TrainJob {
                     )
                 })?;
                 let one_pass_steps = Some(reader.train_tokens.div_ceil(self.batch as u64));
-                let (dict, steps) = self.sizes(reader.index.d_model, one_pass_steps)?;
+                let (dict, steps) = self.sizes(reader.index.d_model, one_pass_steps, device)?;
                 let validation = if self.val_tokens > 0 { Some(reader.validation()?) } else { None };
                 Ok(Opened {
                     fingerprint: self.sampling(json!({ "cache": crate::workflow::cache::fingerprint(&reader.index) })),
@@ -275,7 +275,7 @@ impl TrainJob {
                 crate::workflow::check_layer(layer, config.num_hidden_layers)?;
                 let model_ids = vec![base_snap.identity()?, chat_snap.identity()?];
                 crate::model::snapshot::check_distinct((base, &model_ids[0]), (chat, &model_ids[1]))?;
-                let (dict, steps) = self.sizes(config.hidden_size, None)?;
+                let (dict, steps) = self.sizes(config.hidden_size, None, device)?;
                 drop((base_snap, chat_snap));
                 let cfg = OnTheFlyConfig {
                     base: base.clone(),
@@ -292,7 +292,8 @@ impl TrainJob {
                 let src = OnTheFlySource::start(cfg, device.clone(), self.batch, self.shuffle_tokens, self.seed)?;
                 let fingerprint = self.sampling(json!({
                     "layer": layer,
-                    "data": self.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                    // Canonical: the same files given relative or absolute are the same data.
+                    "data": self.data.iter().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string()).collect::<Vec<_>>(),
                     "context": self.tokenize.context,
                     "drop_bos": self.tokenize.drop_bos,
                     "skip_first": self.tokenize.skip_first,

@@ -190,8 +190,11 @@ impl TrainJob {
 
     /// Refuses a D whose training state ([`training_bytes`]) would not fit this machine's memory
     /// (Linux; elsewhere unchecked), before anything is allocated.
-    fn check_memory(&self, d: usize, dict: usize) -> Result<()> {
-        let Some(total) = crate::io::memory_total_bytes() else { return Ok(()) };
+    fn check_memory(&self, d: usize, dict: usize, device: &burn::tensor::Device) -> Result<()> {
+        let Some(host) = crate::io::memory_total_bytes() else { return Ok(()) };
+        // On the CPU the host holds the training state; on a GPU the device does, whose memory is
+        // not known here: only a request far beyond any machine (4× the host's) is refused.
+        let total = if crate::crosscoder::kernels::is_flex(device) { host } else { host.saturating_mul(4) };
         let needed = training_bytes(d, dict, self.batch);
         let (flag, value) = match (self.dict_size, self.expansion) {
             (Some(n), _) => ("dict-size", n.to_string()),
@@ -210,7 +213,7 @@ impl TrainJob {
 
     /// D and the step budget once the data's width is known, checked before a model or a byte of
     /// training state is loaded.
-    pub(super) fn sizes(&self, d: usize, one_pass: Option<u64>) -> Result<(usize, u64)> {
+    pub(super) fn sizes(&self, d: usize, one_pass: Option<u64>, device: &burn::tensor::Device) -> Result<(usize, u64)> {
         let dict = self.dict_size_for(d);
         if self.kind == Kind::BatchTopK {
             ensure(self.k <= dict, "k", || format!("{} is larger than the dictionary (D = {dict})", self.k))?;
@@ -218,7 +221,7 @@ impl TrainJob {
         if let Some(from) = self.k_anneal_from {
             ensure(from <= dict, "k-anneal-from", || format!("{from} is larger than the dictionary (D = {dict})"))?;
         }
-        self.check_memory(d, dict)?;
+        self.check_memory(d, dict, device)?;
         let steps = self.steps(one_pass)?;
         if let Some(t) = self.tokens {
             ensure(t >= self.batch as u64, "tokens", || {

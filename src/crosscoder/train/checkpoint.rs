@@ -240,9 +240,9 @@ pub fn load(out: &Path, cfg: &TrainConfig, made: &Provenance, device: &Device) -
     let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: cannot read: {e}", file.display()))?;
     if meta.checksum.is_some_and(|c| c != crate::io::checksum(&bytes)) {
         bail!(
-            "{}: corrupt checkpoint: its checksum does not match state.json; delete {} to train again from step 0",
+            "{}: corrupt checkpoint: its checksum does not match state.json; train again from step 0 in another --out (or after deleting the run folder {})",
             file.display(),
-            dir.display()
+            out.display()
         );
     }
     let st = safetensors::SafeTensors::deserialize(&bytes)

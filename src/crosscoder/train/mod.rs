@@ -312,8 +312,8 @@ fn diverged(what: &str, step: u64, saved: Option<u64>, out: &std::path::Path) ->
     };
     let restart = match saved {
         Some(_) => format!(
-            "; a resume keeps the run's settings, so to train again with others choose another --out or delete {}",
-            run.checkpoint_dir().display()
+            "; a resume keeps the run's settings, so to train again with others choose another --out (or delete the run folder {})",
+            out.display()
         ),
         None => String::new(),
     };
