@@ -26,13 +26,16 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) ->
     result
 }
 
-/// A folder held by one job at a time: `<dir>/.crossdiff.lock` holds the holder's pid, created
-/// exclusively, removed when the lock is dropped. A lock whose process is gone (a killed run) is
-/// taken over; two live jobs on one folder get an error naming the other.
+/// A folder held by one job at a time: `<dir>/.crossdiff.lock`, OS-locked (flock) while the job
+/// runs and holding its pid for the message, removed when the lock is dropped. The OS lock ends with
+/// its process, so a killed job's file is simply taken over; two live jobs on one folder get an
+/// error naming the other.
 pub struct DirLock {
     path: PathBuf,
     /// The canonical lock path, this process's record of holding it.
     key: PathBuf,
+    /// The open lock file: its OS lock lasts as long as it is open.
+    _file: File,
 }
 
 impl DirLock {
@@ -60,38 +63,72 @@ impl DirLock {
     }
 
     fn take(dir: &Path, path: &Path, key: PathBuf, flag: &'static str) -> Result<Self> {
-        let path = path.to_path_buf();
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    use std::io::Write as _;
-                    let _ = write!(f, "{}", std::process::id());
-                    return Ok(Self { path, key });
+        use std::io::{Read as _, Seek as _, Write as _};
+        let busy = |pid: String| {
+            crate::bad_value::bad(
+                flag,
+                format!(
+                    "{} is in use by another crossdiff job (process {pid}); wait for it to finish, or choose \
+                     another folder (if no crossdiff job runs, delete {})",
+                    dir.display(),
+                    path.display()
+                ),
+            )
+        };
+        let cannot = |e: std::io::Error| anyhow::anyhow!("{}: cannot write: {e}", path.display());
+        for _ in 0..3 {
+            // An OS lock on the open file (flock): atomic, and released when its process dies.
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(cannot)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(busy(std::fs::read_to_string(path).unwrap_or_default().trim().to_string()));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u32>().ok());
-                    match holder {
-                        Some(pid) if process_alive(pid) && pid != std::process::id() => {
-                            return Err(crate::bad_value::bad(
-                                flag,
-                                format!(
-                                    "{} is in use by another crossdiff job (process {pid}); wait for it to finish, or choose \
-                                     another folder (if no crossdiff job runs, delete {})",
-                                    dir.display(),
-                                    path.display()
-                                ),
-                            ));
-                        }
-                        // Left by a killed job (or unreadable): take it over.
-                        _ => {
-                            let _ = std::fs::remove_file(&path);
-                        }
-                    }
-                }
-                Err(e) => return Err(anyhow::anyhow!("{}: cannot write: {e}", path.display())),
+                Err(std::fs::TryLockError::Error(e)) => return Err(cannot(e)),
             }
+            // The holder we just replaced may have removed the file before we locked it: then this
+            // lock is on a file no one else sees; start again on the path.
+            if !same_file(&file, path) {
+                continue;
+            }
+            // A live process named in the file without holding the OS lock (a job of an older
+            // crossdiff) still holds the folder; a dead one's pid is a killed job's, taken over.
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            if let Ok(pid) = text.trim().parse::<u32>() {
+                if pid != std::process::id() && process_alive(pid) {
+                    return Err(busy(pid.to_string()));
+                }
+            }
+            file.set_len(0).map_err(cannot)?;
+            file.rewind().map_err(cannot)?;
+            write!(file, "{}", std::process::id()).map_err(cannot)?;
+            return Ok(Self { path: path.to_path_buf(), key, _file: file });
         }
         Err(anyhow::anyhow!("{}: cannot take the folder's lock", path.display()))
+    }
+}
+
+/// Whether `file` is the file at `path` now (not one unlinked since it was opened).
+fn same_file(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
     }
 }
 
@@ -102,6 +139,8 @@ static HELD: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
 impl Drop for DirLock {
     fn drop(&mut self) {
         HELD.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        // Removed while still locked (the file closes after this): a job that opened it meanwhile
+        // finds it unlinked and starts again on the path.
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -483,6 +522,14 @@ mod lock_tests {
             let e = DirLock::acquire(&dir, "out").err().expect("held by pid 1");
             assert!(e.to_string().starts_with("--out ") && e.to_string().contains("process 1"), "{e}");
         }
+        // Another job holding the OS lock (here another open of the file): refused whatever pid the
+        // file names.
+        std::fs::write(dir.join(DirLock::FILE), "4294966").unwrap();
+        let other = File::open(dir.join(DirLock::FILE)).unwrap();
+        other.lock().unwrap();
+        let e = DirLock::acquire(&dir, "out").err().expect("held by an OS lock");
+        assert!(e.to_string().contains("process 4294966"), "{e}");
+        drop(other);
         // A pid that does not run: a killed job's lock, taken over.
         std::fs::write(dir.join(DirLock::FILE), "4294967").unwrap();
         let lock = DirLock::acquire(&dir, "out").unwrap();

@@ -350,6 +350,12 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         .map(|l| l.split(',').next().unwrap().to_string());
     let locked = copy_run(run, &root.join("run-locked"));
     std::fs::write(Path::new(&locked).join(".crossdiff.lock"), "1").unwrap();
+    // A run another process holds with the OS lock (this test process, while the cases run).
+    let os_locked = copy_run(run, &root.join("run-os-locked"));
+    let lock_path = Path::new(&os_locked).join(".crossdiff.lock");
+    std::fs::write(&lock_path, "4294966").unwrap();
+    let held = std::fs::File::open(&lock_path).unwrap();
+    held.lock().unwrap();
     let a_file = root.join("a-file.txt");
     std::fs::write(&a_file, "notes").unwrap();
     let a_file = a_file.display().to_string();
@@ -973,6 +979,11 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         ("train: no cache there", train_new(&["--cache", "/no/cache"]), "/no/cache/cache.json"),
         ("analyze: no run there", strings(&["analyze", "--run", "/no/run", "--cache", cache]), "/no/run"),
         (
+            "analyze: a run another process holds",
+            strings(&["analyze", "--run", &os_locked, "--cache", cache]),
+            "is in use by another crossdiff job (process 4294966)",
+        ),
+        (
             "analyze: a mistyped run folder",
             strings(&["analyze", "--run", &fresh, "--cache", cache]),
             "no such run folder",
@@ -1020,6 +1031,7 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
             failures.push(format!("{name}: {} — stderr: {}", problems.join(", "), stderr.trim_end()));
         }
     }
+    drop(held);
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
 
