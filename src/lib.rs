@@ -19,6 +19,7 @@ pub mod counters;
 pub mod crosscoder;
 pub mod data;
 pub mod demo;
+pub mod dir_lock;
 pub mod io;
 pub mod model;
 pub mod rng;
