@@ -40,7 +40,7 @@ pub const KL_FIELDS: Fields = &[
 ];
 
 /// Conversations the KL check uses unless told: `crossdiff kl`'s default (the paper's 512).
-pub const DEFAULT_CONVERSATIONS: usize = 512;
+pub const DEFAULT_CONVERSATIONS: usize = crossdiff::workflow::kl::DEFAULT_CONVERSATIONS;
 
 pub struct AnalyzeView {
     pub run_dir: String,

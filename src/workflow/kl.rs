@@ -12,6 +12,9 @@ use crate::workflow::checks::{Made, check_model, path_given, positive};
 use crate::workflow::models::ModelStore;
 use crate::workflow::{Handle, check_width, resolve_layer};
 
+/// Conversations the check uses unless told (the paper's 512).
+pub const DEFAULT_CONVERSATIONS: usize = 512;
+
 /// `crossdiff kl`: KL(P_chat ‖ P_patched) on assistant-predicting tokens when the base residual is
 /// patched with sets of latents; a table and RUN/kl.json.
 #[derive(Debug, Clone, clap::Args)]
@@ -27,7 +30,7 @@ pub struct KlJob {
     #[arg(long)]
     pub data: PathBuf,
     /// Conversations to use (the paper: 512).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = DEFAULT_CONVERSATIONS)]
     pub conversations: usize,
     /// The layer (default: the crosscoder's, from its config.json).
     #[arg(long)]
