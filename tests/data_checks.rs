@@ -9,7 +9,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{TempDir, data, fixture, small_cache_job as cache_job};
+use common::{
+    TempDir, cache_index as cache, contents, data, fixture, has, one_line_err as err, small_cache_job as cache_job,
+};
 use crossdiff::activations::cache::CacheIndex;
 use crossdiff::activations::onthefly::{OnTheFlyConfig, OnTheFlySource};
 use crossdiff::activations::writer::{CacheJob, run_cache};
@@ -17,45 +19,12 @@ use crossdiff::data::{Document, Mixer, TokenizeOptions, open_source};
 use crossdiff::workflow::Handle;
 use crossdiff::{ChatTokenizer, LoadOptions, Message};
 
-fn cache(job: &CacheJob) -> anyhow::Result<CacheIndex> {
-    run_cache(job, &Device::flex(), |_| {}, || true)
-}
-
 /// The job stopped after its first shard (as Ctrl-C stops it): an unfinished cache.
 fn interrupted(job: &CacheJob) -> CacheIndex {
     let done = std::cell::Cell::new(0);
     let index = run_cache(job, &Device::flex(), |p| done.set(p.tokens), || done.get() == 0).unwrap();
     assert!(!index.complete, "stopped early");
     index
-}
-
-/// The error of a refused job, asserted to be one line.
-fn err<T>(r: anyhow::Result<T>) -> String {
-    match r {
-        Ok(_) => panic!("succeeded but should not"),
-        Err(e) => {
-            let msg = format!("{e:#}");
-            assert!(!msg.contains('\n'), "not one line: {msg}");
-            msg
-        }
-    }
-}
-
-fn has(msg: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(msg.contains(p), "{p:?} missing from: {msg}");
-    }
-}
-
-/// Every file in a folder with its bytes (a refused job must change none).
-fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
-        .collect();
-    v.sort();
-    v
 }
 
 fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {

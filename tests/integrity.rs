@@ -8,10 +8,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{TempDir, fixture, fixture_weights, write_single_file};
+use common::{TempDir, cache_index as cache, fixture, fixture_weights, one_line_err as err, write_single_file};
 use crossdiff::activations::cache::{ActDtype, CacheIndex};
 use crossdiff::activations::reader::PairBatch;
-use crossdiff::activations::writer::{CacheJob, run_cache};
+use crossdiff::activations::writer::CacheJob;
 use crossdiff::crosscoder::Kind;
 use crossdiff::crosscoder::train::{PairSource, TrainConfig, TrainRun};
 use crossdiff::data::TokenizeOptions;
@@ -43,21 +43,6 @@ fn cache_job(base: &Path, chat: &Path, out: &Path, data_files: Vec<PathBuf>, dty
         batch_tokens: 256,
         low_memory: false,
         load: LoadOptions::default(),
-    }
-}
-
-fn cache(job: &CacheJob) -> anyhow::Result<CacheIndex> {
-    run_cache(job, &Device::flex(), |_| {}, || true)
-}
-
-fn err<T>(r: anyhow::Result<T>) -> String {
-    match r {
-        Ok(_) => panic!("succeeded but should not"),
-        Err(e) => {
-            let msg = format!("{e:#}");
-            assert!(!msg.contains('\n'), "not one line: {msg}");
-            msg
-        }
     }
 }
 

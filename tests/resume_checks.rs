@@ -6,23 +6,21 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::Device;
 use clap::Args;
-use common::{TempDir, data, fixture, one_line_err as err, small_cache_job as cache_job, small_train_job as train_job};
+use common::{
+    TempDir, cache_outcome as cache, contents, data, fixture, has, one_line_err as err, small_cache_job as cache_job,
+    small_train_job as train_job,
+};
 use crossdiff::activations::cache::{ActDtype, CacheIndex};
 use crossdiff::crosscoder::Kind;
 use crossdiff::data::TokenizeOptions;
-use crossdiff::workflow::cache::{CacheJob, CacheOutcome};
+use crossdiff::workflow::cache::CacheJob;
 use crossdiff::workflow::train::{TrainJob, TrainOutcome};
 use crossdiff::workflow::{Event, Handle};
-
-fn cache(job: &CacheJob) -> anyhow::Result<CacheOutcome> {
-    crossdiff::workflow::cache::run(job, &Device::flex(), Handle::silent())
-}
 
 fn train(job: &TrainJob) -> anyhow::Result<TrainOutcome> {
     job.run(&Device::flex(), Handle::silent())
@@ -39,30 +37,6 @@ fn on_the_fly(files: Vec<PathBuf>, out: &Path) -> TrainJob {
         tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
         ..train_job(Path::new(""), out)
     }
-}
-
-fn has(msg: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(msg.contains(p), "{p:?} missing from: {msg}");
-    }
-}
-
-/// Every file under `dir` with its bytes (empty when `dir` does not exist).
-fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else {
-                out.insert(p.clone(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, &mut out);
-    out
 }
 
 fn checkpoint_step(run: &Path) -> u64 {

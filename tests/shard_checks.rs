@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{TempDir, fixture};
+use common::{TempDir, cache_index as cache, contents, fixture, has, one_line_err as err};
 use crossdiff::activations::cache::{ActDtype, CacheIndex};
 use crossdiff::activations::reader::{CacheReader, ReaderConfig};
 use crossdiff::activations::writer::{CacheJob, run_cache};
@@ -33,39 +33,6 @@ fn cache_job(out: &Path, layer: usize) -> CacheJob {
         batch_tokens: 256,
         ..Default::default()
     }
-}
-
-fn cache(job: &CacheJob) -> anyhow::Result<CacheIndex> {
-    run_cache(job, &Device::flex(), |_| {}, || true)
-}
-
-/// The error of a refused job, asserted to be one line.
-fn err<T>(r: anyhow::Result<T>) -> String {
-    match r {
-        Ok(_) => panic!("succeeded but should not"),
-        Err(e) => {
-            let msg = format!("{e:#}");
-            assert!(!msg.contains('\n'), "not one line: {msg}");
-            msg
-        }
-    }
-}
-
-fn has(msg: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(msg.contains(p), "{p:?} missing from: {msg}");
-    }
-}
-
-/// Every file in a folder with its bytes (a refused job must change none).
-fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
-        .collect();
-    v.sort();
-    v
 }
 
 fn read_json(dir: &Path) -> Value {

@@ -228,3 +228,45 @@ pub fn one_line_err<T>(r: anyhow::Result<T>) -> String {
         }
     }
 }
+
+/// Runs a cache job to its index (the engine's writer, no workflow wrapping).
+pub fn cache_index(
+    job: &crossdiff::workflow::cache::CacheJob,
+) -> anyhow::Result<crossdiff::activations::cache::CacheIndex> {
+    crossdiff::activations::writer::run_cache(job, &Device::flex(), |_| {}, || true)
+}
+
+/// Runs a cache job as the CLI and the app do (the workflow job: lock, clean-up on failure).
+pub fn cache_outcome(
+    job: &crossdiff::workflow::cache::CacheJob,
+) -> anyhow::Result<crossdiff::workflow::cache::CacheOutcome> {
+    crossdiff::workflow::cache::run(job, &Device::flex(), crossdiff::workflow::Handle::silent())
+}
+
+/// Asserts `msg` contains every one of `parts`.
+pub fn has(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "{p:?} missing from: {msg}");
+    }
+}
+
+/// Every file under `dir` (recursively) with its bytes, by path relative to `dir`, sorted; empty
+/// when `dir` does not exist. A refused job must change none of them.
+pub fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let name = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.push((name, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
