@@ -246,16 +246,22 @@ impl Snapshot {
     /// (so line endings or key order in config.json do not matter). About 1 MB read on a 2B model.
     pub fn identity(&self) -> Result<String> {
         const WINDOW: usize = 4 << 10;
+        // Each file's header parsed once; tensors in name order whatever file holds them.
+        let mut samples: Vec<(String, Vec<u8>)> = Vec::with_capacity(self.index.len());
+        for f in &self.files {
+            for (name, view) in f.parse()?.tensors() {
+                let data = view.data();
+                let start = (data.len() / 2).saturating_sub(WINDOW / 2);
+                let mut sample = format!("{:?}{:?}", view.dtype(), view.shape()).into_bytes();
+                sample.extend_from_slice(&data[start..(start + WINDOW).min(data.len())]);
+                samples.push((name, sample));
+            }
+        }
+        samples.sort();
         let mut bytes = serde_json::to_vec(&self.config)?;
-        let mut names: Vec<&String> = self.index.keys().collect();
-        names.sort();
-        for name in names {
-            let (_, view) = self.view(name)?;
+        for (name, sample) in samples {
             bytes.extend_from_slice(name.as_bytes());
-            bytes.extend_from_slice(format!("{:?}{:?}", view.dtype(), view.shape()).as_bytes());
-            let data = view.data();
-            let start = (data.len() / 2).saturating_sub(WINDOW / 2);
-            bytes.extend_from_slice(&data[start..(start + WINDOW).min(data.len())]);
+            bytes.extend_from_slice(&sample);
         }
         Ok(format!("{:016x}", crate::io::checksum(&bytes)))
     }

@@ -11,6 +11,7 @@ use crate::analysis::analyze::AnalyzeOptions;
 use crate::analysis::examples::ExamplesOptions;
 use crate::analysis::latents::{LatentRow, Summary};
 use crate::crosscoder::Crosscoder;
+use crate::model::snapshot::Snapshot;
 use crate::run_dir::RunDir;
 use crate::workflow::Handle;
 use crate::workflow::checks::{Made, check_model, check_same_models, ensure, positive};
@@ -115,6 +116,27 @@ impl AnalyzeJob {
         Ok(())
     }
 
+    /// `--base`/`--chat` opened, each checked to have the run's width and to be the run's model
+    /// for its role (unless `--allow-other-models`).
+    fn open_models(&self, cc: &Crosscoder, dirs: [&std::path::PathBuf; 2]) -> Result<[Snapshot; 2]> {
+        let made = Made { what: format!("the run in {}", self.run.display()), ids: &cc.config.model_ids };
+        let open = |role: usize| -> Result<Snapshot> {
+            let (dir, snap) = (dirs[role], Snapshot::open(dirs[role])?);
+            if snap.config.hidden_size != cc.config.d {
+                bail!(
+                    "{}: the model has width {}, the crosscoder in {} was trained on width {}",
+                    dir.display(),
+                    snap.config.hidden_size,
+                    self.run.display(),
+                    cc.config.d
+                );
+            }
+            check_model(&made, role, dir, &snap.identity()?, self.allow_other_models)?;
+            Ok(snap)
+        };
+        Ok([open(0)?, open(1)?])
+    }
+
     pub fn run(&self, device: &Device, handle: Handle) -> Result<AnalyzeOutcome> {
         self.validate()?;
         let started = std::time::Instant::now();
@@ -147,22 +169,11 @@ impl AnalyzeJob {
         let index = CacheIndex::open(&self.cache)?;
         index.check_usable(&self.cache, self.allow_partial)?;
         check_run_against_cache(&cc, &self.run, &index, &self.cache, self.allow_other_models)?;
-        if let (Some(b), Some(c)) = (&self.base, &self.chat) {
-            let made = Made { what: format!("the run in {}", self.run.display()), ids: &cc.config.model_ids };
-            for (role, dir) in [(0, b), (1, c)] {
-                let snap = crate::model::snapshot::Snapshot::open(dir)?;
-                if snap.config.hidden_size != cc.config.d {
-                    bail!(
-                        "{}: the model has width {}, the crosscoder in {} was trained on width {}",
-                        dir.display(),
-                        snap.config.hidden_size,
-                        self.run.display(),
-                        cc.config.d
-                    );
-                }
-                check_model(&made, role, dir, &snap.identity()?, self.allow_other_models)?;
-            }
-        }
+        // The models for the token lists, opened (and checked against the run) once.
+        let models = match (&self.base, &self.chat) {
+            (Some(b), Some(c)) => Some(self.open_models(&cc, [b, c])?),
+            _ => None,
+        };
         let opts =
             AnalyzeOptions { tokens: self.tokens, batch: self.batch, error_top_n: self.error_top_n, seed: self.seed };
         let (rows, summary) = crate::analysis::analyze::analyze(
@@ -177,9 +188,9 @@ impl AnalyzeJob {
         check_result(&rows, &summary, &cc)?;
         run.write_latents(&rows, &summary)?;
         handle.progress("examples", 0, 1, "stores");
-        let unembed = match (&self.base, &self.chat) {
-            (Some(b), Some(c)) => Some([embedding(b)?, embedding(c)?]),
-            _ => None,
+        let unembed = match &models {
+            Some([b, c]) => Some([embedding(b)?, embedding(c)?]),
+            None => None,
         };
         let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
         let ex = ExamplesOptions {
@@ -234,8 +245,7 @@ fn check_result(rows: &[LatentRow], summary: &Summary, cc: &Crosscoder) -> Resul
 }
 
 /// A snapshot's `[vocab, d]` embedding (the tied unembedding), as f32.
-pub fn embedding(dir: &std::path::Path) -> Result<Vec<f32>> {
-    let snap = crate::model::snapshot::Snapshot::open(dir)?;
+pub fn embedding(snap: &Snapshot) -> Result<Vec<f32>> {
     let c = &snap.config;
     snap.read_f32("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])
 }
