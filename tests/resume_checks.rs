@@ -404,3 +404,18 @@ fn an_on_the_fly_resume_accepts_the_same_files_spelled_otherwise() {
     let done = job(PathBuf::from("assets/data/web.txt"), 6).run(&Device::flex(), Handle::silent()).unwrap();
     assert_eq!(done.step, 6);
 }
+
+#[test]
+fn continuing_a_run_takes_its_own_settings_and_resumes() {
+    let dir = TempDir::new("continuing");
+    let (c, run) = (dir.path().join("c"), dir.path().join("run"));
+    cache(&cache_job(&c)).unwrap();
+    let first = TrainJob { lr: 3e-4, seed: 7, ..train_job(&c, &run) };
+    first.run(&Device::flex(), Handle::silent()).unwrap();
+    let saved = crossdiff::crosscoder::train::saved_run(&run).unwrap().expect("a checkpoint");
+    assert_eq!((saved.step, saved.config.lr, saved.config.seed, saved.batch()), (6, 3e-4, 7, Some(64)));
+    // A job with the app's defaults (another lr, seed and batch) continued from the run's settings.
+    let view = TrainJob { cache: Some(c.clone()), out: run.clone(), ..Default::default() };
+    let done = view.continuing(&saved, 9).run(&Device::flex(), Handle::silent()).unwrap();
+    assert_eq!(done.step, 9);
+}

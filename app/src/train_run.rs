@@ -7,59 +7,28 @@ use std::path::Path;
 
 use crossdiff::analysis::latents::LatentClass;
 use crossdiff::crosscoder::Kind;
-use crossdiff::crosscoder::train::{StepMetrics, TrainConfig, saved_config};
+use crossdiff::crosscoder::train::{SavedRun, StepMetrics, saved_run};
 use crossdiff::run_dir::RunDir;
-use crossdiff::workflow::train::TrainJob;
 use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
 use crate::widgets::{SERIES_COLOR, class_color};
 
-/// A run's checkpoint: the settings it was started with and how far it got.
-pub struct Saved {
-    pub config: TrainConfig,
-    pub step: u64,
-    pub tokens: u64,
-    /// The sampling settings the checkpoint records with its data source (a resume must keep them).
-    pub batch: Option<usize>,
-    pub shuffle_tokens: Option<usize>,
-    pub val_tokens: Option<u64>,
-    /// Trained on a cache (the Train view's source), not on the fly.
-    pub on_cache: bool,
-}
-
 /// What a run directory holds.
 pub struct RunInfo {
     pub dir: String,
     /// `Ok(None)`: no checkpoint; an error: one that cannot be read.
-    pub saved: Result<Option<Saved>, String>,
+    pub saved: Result<Option<SavedRun>, String>,
     /// The logged steps (empty when there is no metrics.jsonl).
     pub metrics: Vec<StepMetrics>,
     pub has_crosscoder: bool,
 }
 
 impl RunInfo {
-    /// Reads `dir`'s checkpoint (through the engine's `saved_config`), its state.json's step and
-    /// data source, and metrics.jsonl.
+    /// Reads `dir`'s checkpoint (through the engine's `saved_run`) and metrics.jsonl.
     pub fn read(dir: &str) -> Self {
         let run = RunDir::new(dir);
-        let saved = saved_config(run.path())
-            .and_then(|config| {
-                let Some(config) = config else { return Ok(None) };
-                let text = std::fs::read_to_string(run.checkpoint_state())?;
-                let v: serde_json::Value = serde_json::from_str(&text)?;
-                let source = &v["source"];
-                Ok(Some(Saved {
-                    config,
-                    step: v["step"].as_u64().unwrap_or(0),
-                    tokens: v["tokens"].as_u64().unwrap_or(0),
-                    batch: source["batch"].as_u64().map(|b| b as usize),
-                    shuffle_tokens: source["shuffle_tokens"].as_u64().map(|b| b as usize),
-                    val_tokens: source["val_tokens"].as_u64(),
-                    on_cache: source.get("cache").is_some() || source.is_null(),
-                }))
-            })
-            .map_err(|e| crate::errors::phrase(&e, crate::train_view::FIELDS));
+        let saved = saved_run(run.path()).map_err(|e| crate::errors::phrase(&e, crate::train_view::FIELDS));
         Self {
             dir: dir.to_string(),
             saved,
@@ -69,61 +38,27 @@ impl RunInfo {
     }
 }
 
-impl Saved {
-    /// "checkpoint: step S of N (T tokens) in PATH".
-    pub fn checkpoint_line(&self, dir: &str) -> String {
-        let state = RunDir::new(dir).checkpoint_state();
-        format!(
-            "checkpoint: step {} of {} ({} tokens) in {}",
-            self.step,
-            self.config.steps,
-            self.tokens,
-            state.display()
-        )
-    }
+/// "checkpoint: step S of N (T tokens) in PATH".
+fn checkpoint_line(saved: &SavedRun, dir: &str) -> String {
+    let state = RunDir::new(dir).checkpoint_state();
+    format!(
+        "checkpoint: step {} of {} ({} tokens) in {}",
+        saved.step,
+        saved.config.steps,
+        saved.tokens,
+        state.display()
+    )
+}
 
-    /// The run's settings in the Train view's words.
-    pub fn settings_line(&self) -> String {
-        let c = &self.config;
-        let sparsity = match c.kind {
-            Kind::BatchTopK => format!("BatchTopK, k {}", c.k),
-            Kind::L1 => format!("L1, μ {}", c.mu),
-        };
-        let batch = self.batch.map_or(String::new(), |b| format!(", batch {b}"));
-        format!("this run's settings: {sparsity}, dictionary size {}, learning rate {}{batch}", c.dict_size, c.lr)
-    }
-
-    /// The job that goes on with this run to `steps`: the run's own settings (those its checkpoint
-    /// checks on resume), on the view's cache and run directory.
-    pub fn continued(&self, view: &TrainJob, steps: u64) -> TrainJob {
-        let c = &self.config;
-        TrainJob {
-            kind: c.kind,
-            dict_size: Some(c.dict_size),
-            expansion: None,
-            k: c.k,
-            mu: c.mu,
-            lr: c.lr,
-            warmup_steps: c.warmup_steps,
-            threshold_start: Some(c.threshold_start),
-            steps: Some(steps),
-            tokens: None,
-            seed: c.seed,
-            aux_alpha: c.aux_alpha,
-            dead_tokens: c.dead_tokens,
-            init_norm: Some(c.init_norm),
-            k_anneal_from: c.k_anneal_from,
-            k_anneal_steps: c.k_anneal_steps,
-            squared_recon: c.squared_recon,
-            val_every: c.val_every,
-            checkpoint_every: c.checkpoint_every,
-            log_every: c.log_every,
-            batch: self.batch.unwrap_or(view.batch),
-            shuffle_tokens: self.shuffle_tokens.unwrap_or(view.shuffle_tokens),
-            val_tokens: self.val_tokens.unwrap_or(view.val_tokens),
-            ..view.clone()
-        }
-    }
+/// The run's settings in the Train view's words.
+fn settings_line(saved: &SavedRun) -> String {
+    let c = &saved.config;
+    let sparsity = match c.kind {
+        Kind::BatchTopK => format!("BatchTopK, k {}", c.k),
+        Kind::L1 => format!("L1, μ {}", c.mu),
+    };
+    let batch = saved.batch().map_or(String::new(), |b| format!(", batch {b}"));
+    format!("this run's settings: {sparsity}, dictionary size {}, learning rate {}{batch}", c.dict_size, c.lr)
 }
 
 /// What the user asked of an existing run.
@@ -153,8 +88,8 @@ pub fn run_panel_ui(ui: &mut egui::Ui, info: &RunInfo, continue_to: &mut u64, bu
         }
     };
     ui.group(|ui| {
-        ui.label(saved.checkpoint_line(&info.dir));
-        ui.label(saved.settings_line());
+        ui.label(checkpoint_line(saved, &info.dir));
+        ui.label(settings_line(saved));
         let finished = saved.step >= saved.config.steps;
         ui.weak(if finished {
             "The run is finished. Continue trains it further with its own settings; New run starts another beside it."
@@ -164,7 +99,7 @@ pub fn run_panel_ui(ui: &mut egui::Ui, info: &RunInfo, continue_to: &mut u64, bu
         ui.horizontal(|ui| {
             let name = ui.label("Continue to step").id;
             ui.add(egui::DragValue::new(continue_to).range(saved.step + 1..=u64::MAX / 2).speed(100)).labelled_by(name);
-            let on_cache = saved.on_cache;
+            let on_cache = saved.on_cache();
             let label = if finished { "Continue (more steps)" } else { "Continue" };
             if ui
                 .add_enabled(!busy && on_cache, egui::Button::new(label))

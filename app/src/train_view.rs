@@ -91,7 +91,7 @@ impl TrainView {
                 // A run directory opened (not one this view just trained in): its own settings in
                 // the fields, so Start training resumes it rather than being refused.
                 if dir_changed && !self.job.running() {
-                    self.config = saved.continued(&self.config, saved.config.steps);
+                    self.config = self.config.continuing(saved, saved.config.steps);
                 }
             }
             self.run = Some((info, step));
@@ -126,11 +126,11 @@ impl TrainView {
         let Some(Ok(Some(saved))) = self.run_info().map(|i| &i.saved) else { return };
         match action {
             RunAction::Continue(steps) => {
-                self.config = saved.continued(&self.config, steps);
+                self.config = self.config.continuing(saved, steps);
                 self.start(env);
             }
             RunAction::NewRun => {
-                self.config = saved.continued(&self.config, saved.config.steps);
+                self.config = self.config.continuing(saved, saved.config.steps);
                 self.run_dir = fresh_run_dir(&self.run_dir);
             }
             RunAction::Analyze => {}

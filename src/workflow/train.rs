@@ -198,6 +198,38 @@ struct Opened {
 }
 
 impl TrainJob {
+    /// The job that goes on with `saved` (the run in `self.out`) to `steps`: the run's own settings
+    /// (those its checkpoint checks on resume) over this job's paths and other options.
+    pub fn continuing(&self, saved: &crate::crosscoder::train::SavedRun, steps: u64) -> TrainJob {
+        let c = &saved.config;
+        TrainJob {
+            kind: c.kind,
+            dict_size: Some(c.dict_size),
+            expansion: None,
+            k: c.k,
+            mu: c.mu,
+            lr: c.lr,
+            warmup_steps: c.warmup_steps,
+            threshold_start: Some(c.threshold_start),
+            steps: Some(steps),
+            tokens: None,
+            seed: c.seed,
+            aux_alpha: c.aux_alpha,
+            dead_tokens: c.dead_tokens,
+            init_norm: Some(c.init_norm),
+            k_anneal_from: c.k_anneal_from,
+            k_anneal_steps: c.k_anneal_steps,
+            squared_recon: c.squared_recon,
+            val_every: c.val_every,
+            checkpoint_every: c.checkpoint_every,
+            log_every: c.log_every,
+            batch: saved.batch().unwrap_or(self.batch),
+            shuffle_tokens: saved.shuffle_tokens().unwrap_or(self.shuffle_tokens),
+            val_tokens: saved.val_tokens().unwrap_or(self.val_tokens),
+            ..self.clone()
+        }
+    }
+
     /// `--threshold-start`, else the one a resumed run started with, else 1000 or half the budget.
     fn threshold_start_for(&self, steps: u64) -> u64 {
         let saved = crate::crosscoder::train::saved_config(&self.out).ok().flatten().map(|c| c.threshold_start);

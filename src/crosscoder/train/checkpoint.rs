@@ -116,11 +116,48 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState, made: &Provenance) ->
 /// takes the defaults it resolved then (one that depends on the step budget stays as it was when the
 /// budget grows).
 pub fn saved_config(out: &Path) -> Result<Option<TrainConfig>> {
+    Ok(saved_run(out)?.map(|s| s.config))
+}
+
+/// What the checkpoint in a run folder says of its run: the settings, how far it got, and the data
+/// source it records (for front ends showing an existing run, and for continuing it).
+#[derive(Debug, Clone)]
+pub struct SavedRun {
+    pub config: TrainConfig,
+    pub step: u64,
+    pub tokens: u64,
+    /// [`super::TrainRun::source_fingerprint`]: null in older runs.
+    pub source: serde_json::Value,
+}
+
+impl SavedRun {
+    /// The sampling settings the source records (a resume must keep them).
+    pub fn batch(&self) -> Option<usize> {
+        self.source["batch"].as_u64().map(|b| b as usize)
+    }
+
+    pub fn shuffle_tokens(&self) -> Option<usize> {
+        self.source["shuffle_tokens"].as_u64().map(|b| b as usize)
+    }
+
+    pub fn val_tokens(&self) -> Option<u64> {
+        self.source["val_tokens"].as_u64()
+    }
+
+    /// Trained on a cache (older runs record no source: taken as a cache), not on the fly.
+    pub fn on_cache(&self) -> bool {
+        self.source.get("cache").is_some() || self.source.is_null()
+    }
+}
+
+/// The checkpoint's [`SavedRun`] in `out` (`None`: no checkpoint).
+pub fn saved_run(out: &Path) -> Result<Option<SavedRun>> {
     let path = RunDir::new(out).checkpoint_state();
     if !path.is_file() {
         return Ok(None);
     }
-    Ok(Some(read_meta(&path)?.config))
+    let meta = read_meta(&path)?;
+    Ok(Some(SavedRun { config: meta.config, step: meta.step, tokens: meta.tokens, source: meta.source }))
 }
 
 fn read_meta(path: &Path) -> Result<CheckpointMeta> {

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use anyhow::{Result, anyhow, bail};
 use burn::tensor::Device;
 
-pub use crate::crosscoder::train::checkpoint::{TrainState, check_checkpoint_dir, saved_config};
+pub use crate::crosscoder::train::checkpoint::{SavedRun, TrainState, check_checkpoint_dir, saved_config, saved_run};
 pub use crate::crosscoder::train::config::{TrainConfig, defaults, training_bytes};
 pub use crate::crosscoder::train::dispatch::step_loss;
 pub use crate::crosscoder::train::step::{StepMetrics, StepOutput, fve, update_threshold};
