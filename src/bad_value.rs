@@ -64,3 +64,29 @@ pub fn finite_non_negative(value: f64, flag: &'static str) -> Result<()> {
 pub fn path_given(path: &Path, flag: &'static str) -> Result<()> {
     ensure(!path.as_os_str().is_empty(), flag, || "is required (a path)".into())
 }
+
+/// A folder holds a job (a cache, a run) started with other settings: resuming it with these would
+/// mix the two. `changed` lists the settings by flag, old → new. Its own type so that a front end
+/// that chose the folder by another flag (the demo's `--project`) can say so.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtherSettings {
+    /// The file that records the settings (cache.json, checkpoint/state.json).
+    pub file: std::path::PathBuf,
+    /// "the cache there was made" / "the run there was started".
+    pub what: &'static str,
+    pub changed: String,
+}
+
+impl fmt::Display for OtherSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} with other settings: {}; re-run the same command to resume it, or choose another --out",
+            self.file.display(),
+            self.what,
+            self.changed
+        )
+    }
+}
+
+impl std::error::Error for OtherSettings {}

@@ -365,3 +365,23 @@ fn an_analysis_of_an_earlier_crosscoder_is_known_as_such() {
     let msg = err(dir_of.read_latents_of(&cc));
     assert!(msg.contains("computed from an earlier crosscoder"), "{msg}");
 }
+
+#[test]
+fn a_demo_project_built_with_other_settings_is_named_by_its_flag() {
+    let dir = TempDir::new("demo-other");
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
+    let p = crossdiff::demo::DemoPipeline {
+        models,
+        project: dir.path().join("p"),
+        tokens: 4000,
+        steps: 40,
+        ..Default::default()
+    };
+    crossdiff::demo::run_pipeline(&p, &Device::flex(), Handle::silent(), |_| {}).unwrap();
+    let before = common::contents(&p.project);
+    let other = crossdiff::demo::DemoPipeline { seed: 5, ..p.clone() };
+    let msg = err(crossdiff::demo::run_pipeline(&other, &Device::flex(), Handle::silent(), |_| {}));
+    assert!(msg.contains("--project") && msg.contains("built with other demo settings"), "{msg}");
+    assert!(msg.contains("--seed 0, now --seed 5") && !msg.contains("--out"), "{msg}");
+    assert_eq!(common::contents(&p.project), before, "nothing of the project changed");
+}

@@ -241,19 +241,17 @@ pub fn run_pipeline(p: &DemoPipeline, device: &Device, handle: Handle, log: impl
         format!("{} is a file, not a folder", p.project.display())
     })?;
     crate::io::clean_on_failure(&p.project, || pipeline(p, device, handle, log)).map_err(|e| {
-        // The stages' own words point at their flags (--out); the demo's flag is --project.
-        let text = format!("{e:#}");
-        if text.contains("with other settings") {
-            crate::bad_value::bad(
+        // A stage's folder is the demo's --project (the stages' own words name --out).
+        match e.chain().find_map(|c| c.downcast_ref::<crate::bad_value::OtherSettings>()) {
+            Some(other) => crate::bad_value::bad(
                 "project",
                 format!(
                     "{} was built with other demo settings ({}); choose another --project, or delete it to build it again",
                     p.project.display(),
-                    text.split(": ").last().unwrap_or_default()
+                    other.changed
                 ),
-            )
-        } else {
-            e
+            ),
+            None => e,
         }
     })
 }

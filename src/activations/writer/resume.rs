@@ -58,11 +58,12 @@ pub(super) fn open_or_start(job: Request, d: usize, models: Vec<String>, model_i
             if key == "width" { "the models' width".into() } else { flag_name(key) }
         });
         if !changed.is_empty() {
-            bail!(
-                "{}: the cache there was made with other settings: {changed}; \
-                 re-run the same command to resume it, or choose another --out",
-                index_path.display()
-            );
+            return Err(crate::bad_value::OtherSettings {
+                file: index_path.to_path_buf(),
+                what: "the cache there was made",
+                changed,
+            }
+            .into());
         }
         existing
     } else {

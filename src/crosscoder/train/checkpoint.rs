@@ -238,11 +238,12 @@ pub fn load(out: &Path, cfg: &TrainConfig, made: &Provenance, device: &Device) -
     };
     let changed = changed_settings(&settings(&meta.config), &settings(cfg), config_name);
     if !changed.is_empty() {
-        bail!(
-            "{}: the run there was started with other settings: {changed}; re-run the same command to resume it, \
-             or choose another --out",
-            path.display()
-        );
+        return Err(crate::bad_value::OtherSettings {
+            file: path.to_path_buf(),
+            what: "the run there was started",
+            changed,
+        }
+        .into());
     }
     let model_ids = made.model_ids;
     if !meta.model_ids.is_empty() && !model_ids.is_empty() && meta.model_ids != model_ids {
