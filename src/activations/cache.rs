@@ -261,6 +261,10 @@ pub struct CacheSettings {
     pub shard_tokens: usize,
     pub batch_tokens: usize,
     pub data: Vec<String>,
+    /// `--f16`: the models' weights were loaded in f16 (it decides the activations' precision, so a
+    /// resume must load them the same way; absent in older caches: false).
+    #[serde(default)]
+    pub f16_weights: bool,
 }
 
 impl CacheIndex {

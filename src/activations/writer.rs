@@ -129,6 +129,7 @@ impl CacheJob {
             shard_tokens: self.shard_tokens,
             batch_tokens: self.batch_tokens,
             data: self.data.iter().map(|p| p.display().to_string()).collect(),
+            f16_weights: self.load.f16_weights,
         }
     }
 }
@@ -191,7 +192,6 @@ pub fn run_cache(
         layer: job.layer,
         dtype: job.dtype,
         settings: job.settings(),
-        f16_weights: job.load.f16_weights,
         low_memory: job.low_memory,
     };
     let mut index = resume::open_or_start(request, d, models, model_ids)?;
@@ -261,7 +261,7 @@ pub fn run_cache(
         for (s, t) in index.sources.iter_mut().zip(mixer.tokens_per_source()) {
             s.tokens = *t;
         }
-        write_index(job, &index)?;
+        index.write(&job.out)?;
         progress(CacheProgress { tokens: tokens_done, target: job.tokens, phase });
     }
     if !keep_going() {
@@ -301,7 +301,7 @@ pub fn run_cache(
             check_finite(&chat_acts, d, &plan, &chat, job.layer, job.dtype, &job.data)?;
             index.partial_shards.remove(0);
             finish_shard(job, &mut index, info.clone(), &plan, &base_acts, &chat_acts, d)?;
-            write_index(job, &index)?;
+            index.write(&job.out)?;
             let _ = std::fs::remove_file(&partial);
             done += info.tokens;
             progress(CacheProgress {
@@ -315,7 +315,7 @@ pub fn run_cache(
         return Err(crate::bad_value::bad("data", "holds no documents to cache (0 tokens)"));
     }
     index.complete = true;
-    write_index(job, &index)?;
+    index.write(&job.out)?;
     Ok(index)
 }
 
@@ -343,17 +343,6 @@ fn finish_shard(
     index.documents += plan.docs.len() as u64;
     index.shards.push(ShardInfo { checksum, ..info });
     Ok(())
-}
-
-/// Writes `cache.json` with the load options in its settings (`settings.f16_weights`): how the
-/// models were loaded decides the activations' precision, so a resume must load them the same way.
-fn write_index(job: &CacheJob, index: &CacheIndex) -> Result<()> {
-    let mut value = serde_json::to_value(index)?;
-    if let Some(settings) = value.get_mut("settings").and_then(serde_json::Value::as_object_mut) {
-        settings.insert("f16_weights".into(), job.load.f16_weights.into());
-    }
-    let text = serde_json::to_string_pretty(&value)?;
-    crate::io::write_atomic(&CacheIndex::path(&job.out), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
 }
 
 fn done_docs_total(index: &CacheIndex) -> u64 {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 
 use crate::activations::cache::{ActDtype, CacheIndex, CacheSettings, FORMAT, SourceInfo};
 
@@ -14,8 +14,6 @@ pub(super) struct Request<'a> {
     pub layer: usize,
     pub dtype: ActDtype,
     pub settings: CacheSettings,
-    /// `--f16`: the models' weights in f16.
-    pub f16_weights: bool,
     pub low_memory: bool,
 }
 
@@ -49,11 +47,9 @@ pub(super) fn open_or_start(job: Request, d: usize, models: Vec<String>, model_i
                 asked.data = old.data.clone();
             }
         }
-        let mut old_view =
+        let old_view =
             resume_view(existing.layer, existing.d_model, existing.dtype, names.0, existing.settings.as_ref());
-        let mut new_view = resume_view(Some(job.layer), d, job.dtype, names.1, Some(&asked));
-        // How the models were loaded decides the activations' precision (`--f16`).
-        (old_view["f16"], new_view["f16"]) = (recorded_f16_weights(&index_path)?.into(), job.f16_weights.into());
+        let new_view = resume_view(Some(job.layer), d, job.dtype, names.1, Some(&asked));
         let changed = changed_settings(&old_view, &new_view, |key| {
             if key == "width" { "the models' width".into() } else { flag_name(key) }
         });
@@ -164,16 +160,6 @@ fn check_folder_agrees(out: &Path, index: &CacheIndex) -> Result<()> {
     Ok(())
 }
 
-/// Whether the cache's models were loaded with `--f16` (`settings.f16_weights`; false when not
-/// recorded, as in caches written before it was).
-fn recorded_f16_weights(index_path: &Path) -> Result<bool> {
-    let text =
-        std::fs::read_to_string(index_path).map_err(|e| anyhow!("{}: cannot read: {e}", index_path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", index_path.display()))?;
-    Ok(value["settings"]["f16_weights"].as_bool().unwrap_or(false))
-}
-
 /// Two `--data` lists naming the same files: equal as given, or (for files that exist) by
 /// canonical path, so a resume from another working directory finds its data the same.
 fn same_files(a: &[String], b: &[String]) -> bool {
@@ -193,8 +179,10 @@ fn resume_view(
     settings: Option<&CacheSettings>,
 ) -> serde_json::Value {
     let mut v = settings.map_or_else(|| serde_json::json!({}), |s| serde_json::to_value(s).expect("serializes"));
-    if let Some(t) = v.as_object_mut().and_then(|m| m.remove("target_tokens")) {
-        v["tokens"] = t;
+    for (key, flag) in [("target_tokens", "tokens"), ("f16_weights", "f16")] {
+        if let Some(t) = v.as_object_mut().and_then(|m| m.remove(key)) {
+            v[flag] = t;
+        }
     }
     (v["layer"], v["width"], v["dtype"]) = (layer.into(), d.into(), serde_json::to_value(dtype).expect("serializes"));
     for (role, name) in ["base", "chat"].into_iter().zip(models) {
