@@ -9,7 +9,7 @@ use burn::tensor::{Device, Tensor};
 use common::{TempDir, assert_close};
 use crossdiff::activations::reader::PairBatch;
 use crossdiff::crosscoder::train::{PairSource, TrainConfig, TrainRun, step_loss, update_threshold};
-use crossdiff::crosscoder::{Crosscoder, Kind, Params, read_vec, select_batch_topk, tensor};
+use crossdiff::crosscoder::{Crosscoder, Init, Kind, Params, read_vec, select_batch_topk, tensor};
 use crossdiff::rng::SplitMix64;
 use safetensors::SafeTensors;
 
@@ -184,12 +184,76 @@ fn batch_topk_keeps_exactly_k_times_b_entries() {
 
 #[test]
 fn threshold_follows_the_ema_rule() {
+    // The authors update on `step > threshold_start_step` with 0-based steps: with 1000, the
+    // 1-based steps 1..=1001 leave θ alone and step 1002 sets it.
     assert_eq!(update_threshold(None, Some(0.5), 1000, 1000), None, "not before the start step");
-    let t = update_threshold(None, Some(0.5), 1001, 1000);
+    assert_eq!(update_threshold(None, Some(0.5), 1001, 1000), None, "0-based step 1000 is not after the start");
+    let t = update_threshold(None, Some(0.5), 1002, 1000);
     assert_eq!(t, Some(0.5), "starts at the first minimum");
-    let t = update_threshold(t, Some(1.5), 1002, 1000).unwrap();
+    let t = update_threshold(t, Some(1.5), 1003, 1000).unwrap();
     assert!((t - (0.999 * 0.5 + 0.001 * 1.5)).abs() < 1e-7);
-    assert_eq!(update_threshold(Some(t), None, 1003, 1000), Some(t));
+    assert_eq!(update_threshold(Some(t), None, 1004, 1000), Some(t));
+    assert_eq!(update_threshold(None, Some(0.5), 1, 0), None, "with 0 the first step (0-based 0) is not after it");
+    assert_eq!(update_threshold(None, Some(0.5), 2, 0), Some(0.5));
+}
+
+#[test]
+fn shared_and_independent_inits_follow_the_spec() {
+    let (d, dict, norm) = (6, 10, 0.7);
+    let device = Device::flex();
+    for init in [Init::Shared, Init::Independent] {
+        let p = Params::init_as(init, d, dict, norm, 4, &device);
+        let enc = read_vec(p.w_enc.clone()).unwrap();
+        let dec = read_vec(p.w_dec.clone()).unwrap();
+        let col = |m: usize, j: usize| (0..d).map(|i| enc[(m * d + i) * dict + j]).collect::<Vec<f32>>();
+        for j in 0..dict {
+            for m in 0..2 {
+                let c = col(m, j);
+                let n = c.iter().map(|v| v * v).sum::<f32>().sqrt();
+                assert!((n - norm as f32).abs() < 1e-5, "{init}: latent {j}, model {m}: column norm {n}");
+                assert_eq!(c, dec[j * 2 * d + m * d..j * 2 * d + (m + 1) * d], "{init}: decoder = encoderᵀ");
+            }
+            let same = col(0, j) == col(1, j);
+            assert_eq!(same, init == Init::Shared, "{init}: latent {j} has the same direction in both models: {same}");
+        }
+        assert!(
+            read_vec(p.b_enc.clone()).unwrap().iter().chain(&read_vec(p.b_dec.clone()).unwrap()).all(|&v| v == 0.0)
+        );
+    }
+    // The shared matrix is the independent init's base block (one seeded stream).
+    let shared = read_vec(Params::init_as(Init::Shared, d, dict, norm, 4, &device).w_enc).unwrap();
+    let independent = read_vec(Params::init_as(Init::Independent, d, dict, norm, 4, &device).w_enc).unwrap();
+    assert_eq!(shared[..d * dict], independent[..d * dict]);
+}
+
+#[test]
+fn the_threshold_first_moves_on_the_step_after_threshold_start_plus_one() {
+    // The authors update θ when their 0-based step exceeds threshold_start_step: with 2, the
+    // 1-based steps 1–3 leave it unset and step 4 sets it.
+    for (steps, set) in [(3, false), (4, true)] {
+        let dir = TempDir::new("threshold-start");
+        let mut source = Planted::new(8, [4, 2, 2], 1, 64, 100);
+        let mut run = TrainRun {
+            config: TrainConfig {
+                k: 2,
+                threshold_start: 2,
+                steps,
+                log_every: 1,
+                ..TrainConfig::defaults(Kind::BatchTopK, 16)
+            },
+            out: dir.path().to_path_buf(),
+            device: Device::flex(),
+            source: &mut source,
+            validation: None,
+            layer: None,
+            models: vec![],
+            model_ids: vec![],
+            width: 8,
+            source_fingerprint: serde_json::Value::Null,
+        };
+        let cc = run.run(|_| {}, || true).unwrap().crosscoder;
+        assert_eq!(cc.threshold.is_some(), set, "after {steps} steps with threshold_start 2: θ = {:?}", cc.threshold);
+    }
 }
 
 #[test]
@@ -307,11 +371,17 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn batchtopk_recovers_planted_chat_only_directions() {
+    for init in [Init::Shared, Init::Independent] {
+        recovers_planted_directions(init);
+    }
+}
+
+fn recovers_planted_directions(init: Init) {
     let dir = TempDir::new("planted");
     let d = 16;
     let mut source = Planted::new(d, [14, 4, 4], 9, 256, 10_000);
     let mut run = TrainRun {
-        config: planted_config(),
+        config: TrainConfig { init, ..planted_config() },
         out: dir.path().to_path_buf(),
         device: Device::flex(),
         source: &mut source,
@@ -330,7 +400,7 @@ fn batchtopk_recovers_planted_chat_only_directions() {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
     let last = metrics.last().unwrap();
-    eprintln!("planted, last step: {last:?}");
+    eprintln!("planted, {init} init, last step: {last:?}");
     assert_eq!(last.step, 1500);
     assert!(last.fve_base > 0.9 && last.fve_chat > 0.9, "FVE {} / {}", last.fve_base, last.fve_chat);
     assert!(cc.threshold.is_some_and(|t| t > 0.0));
@@ -345,9 +415,9 @@ fn batchtopk_recovers_planted_chat_only_directions() {
             .unwrap();
         let [nb, nc] = norms[j];
         let delta = 0.5 * ((nc - nb) / nb.max(nc) + 1.0);
-        assert!(cos > 0.9, "chat-only direction {i}: best latent {j} has cosine {cos}");
-        eprintln!("chat-only direction {i}: latent {j}, cosine {cos:.3}, Δ {delta:.3}");
-        assert!(delta >= 0.9, "chat-only direction {i}: latent {j} has Δ = {delta} (norms {nb}, {nc})");
+        assert!(cos > 0.9, "{init} init, chat-only direction {i}: best latent {j} has cosine {cos}");
+        eprintln!("{init} init, chat-only direction {i}: latent {j}, cosine {cos:.3}, Δ {delta:.3}");
+        assert!(delta >= 0.9, "{init} init, chat-only direction {i}: latent {j} has Δ = {delta} (norms {nb}, {nc})");
     }
 }
 

@@ -217,9 +217,11 @@ fn the_train_job_refuses_sizes_that_cannot_work() {
     );
     refused(
         TrainJob { threshold_start: Some(1000), steps: Some(50), ..job() },
-        &["--threshold-start 1000 must be below the step budget (50): BatchTopK's inference threshold is \
-             estimated on the steps after it"],
+        &["--threshold-start 1000 must be below the step budget (50) minus 1: BatchTopK's inference threshold \
+             is estimated on the steps whose 0-based index exceeds it"],
     );
+    // The authors' rule (0-based step > threshold_start): 49 leaves no step of 50 to update θ on.
+    refused(TrainJob { threshold_start: Some(49), steps: Some(50), ..job() }, &["--threshold-start 49", "budget (50)"]);
     // One pass over the cache (600 / 64 → 10 steps) is the budget when no --steps is given.
     refused(TrainJob { threshold_start: Some(10), steps: None, ..job() }, &["--threshold-start 10", "budget (10)"]);
     // With --cache, the on-the-fly options are refused (the app and the demo fill the same config).

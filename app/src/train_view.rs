@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use crossdiff::crosscoder::Kind;
+use crossdiff::crosscoder::{Init, Kind};
 use crossdiff::workflow::train::TrainJob;
 use eframe::egui;
 
@@ -20,6 +20,7 @@ pub const FIELDS: Fields = &[
     ("cache", Field::Value("Cache directory")),
     ("out", Field::Value("Run directory")),
     ("kind", Field::Value("Kind")),
+    ("init", Field::Value("Init")),
     ("dict-size", Field::Value("Dictionary size")),
     ("expansion", Field::Value("Dictionary size")),
     ("k", Field::Value("k")),
@@ -172,6 +173,15 @@ impl TrainView {
             ui.horizontal(|ui| {
                 ui.radio_value(&mut c.kind, Kind::BatchTopK, "BatchTopK");
                 ui.radio_value(&mut c.kind, Kind::L1, "L1");
+            });
+            ui.end_row();
+            ui.label("Init");
+            ui.horizontal(|ui| {
+                ui.radio_value(&mut c.init, Init::Shared, "shared")
+                    .on_hover_text("One encoder matrix for both models (the paper's scripts)");
+                ui.radio_value(&mut c.init, Init::Independent, "independent").on_hover_text(
+                    "One matrix per model (the authors' library default): chat-only directions separate in fewer steps",
+                );
             });
             ui.end_row();
             optional_ui(ui, "Dictionary size", "32 × the model width", &mut c.dict_size, 1 << 20);

@@ -7,9 +7,12 @@
 //! inference threshold) is computed by [`select`] from the scores; it is the plain reference that a
 //! device kernel must match.
 
+mod init;
 pub mod kernels;
 pub mod optim;
 pub mod train;
+
+pub use init::Init;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,7 +22,6 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::io::{LazyTensor, f32_bytes, write_atomic, write_safetensors_streaming};
-use crate::rng::SplitMix64;
 use crate::run_dir::RunDir;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,39 +82,6 @@ impl Params {
 
     pub fn map(self, mut f: impl FnMut(Tensor<2>) -> Tensor<2>) -> Self {
         Self { w_enc: f(self.w_enc), b_enc: f(self.b_enc), w_dec: f(self.w_dec), b_dec: f(self.b_dec) }
-    }
-
-    /// The spec's init: one Kaiming-uniform d×D matrix shared by both models, each latent's column
-    /// rescaled to norm `init_norm` per model, decoder = its transpose, zero biases.
-    pub fn init(d: usize, dict: usize, init_norm: f64, seed: u64, device: &Device) -> Self {
-        // kaiming_uniform_(a = √5) on a [d, D] tensor: bound = 1/√fan_in, fan_in = D.
-        let bound = 1.0 / (dict as f64).sqrt();
-        let mut rng = SplitMix64(seed ^ 0x1417);
-        let w: Vec<f64> = (0..d * dict).map(|_| (rng.next_f64() * 2.0 - 1.0) * bound).collect();
-        let mut col_norm = vec![0.0f64; dict];
-        for i in 0..d {
-            for j in 0..dict {
-                col_norm[j] += w[i * dict + j] * w[i * dict + j];
-            }
-        }
-        let scale: Vec<f64> = col_norm.iter().map(|n| init_norm / n.sqrt().max(1e-12)).collect();
-        let mut enc = vec![0.0f32; 2 * d * dict];
-        let mut dec = vec![0.0f32; dict * 2 * d];
-        for m in 0..2 {
-            for i in 0..d {
-                for j in 0..dict {
-                    let v = (w[i * dict + j] * scale[j]) as f32;
-                    enc[(m * d + i) * dict + j] = v;
-                    dec[j * 2 * d + m * d + i] = v;
-                }
-            }
-        }
-        Self {
-            w_enc: tensor(enc, [2 * d, dict], device),
-            b_enc: Tensor::zeros([1, dict], (device, DType::F32)),
-            w_dec: tensor(dec, [dict, 2 * d], device),
-            b_dec: Tensor::zeros([1, 2 * d], (device, DType::F32)),
-        }
     }
 
     pub fn dims(&self) -> (usize, usize) {

@@ -14,7 +14,7 @@ use crate::activations::cache::CacheIndex;
 use crate::activations::onthefly::{OnTheFlyConfig, OnTheFlySource};
 use crate::activations::reader::{CacheReader, PairBatch, ReaderConfig};
 use crate::crosscoder::train::{NoTrainingPairs, PairSource, StepMetrics, TrainConfig, TrainRun, defaults};
-use crate::crosscoder::{Crosscoder, Kind};
+use crate::crosscoder::{Crosscoder, Init, Kind};
 use crate::data::TokenizeOptions;
 use crate::model::gemma2::LoadOptions;
 use crate::workflow::Handle;
@@ -92,6 +92,11 @@ pub struct TrainJob {
     /// Encoder column norm at init (default: 0.005 for L1, 1.0 for BatchTopK).
     #[arg(long)]
     pub init_norm: Option<f64>,
+    /// The encoder's start: `shared` (one matrix for both models, the paper's scripts) or
+    /// `independent` (one per model, the authors' library default; separates chat-only directions
+    /// in fewer steps).
+    #[arg(long, default_value = "shared")]
+    pub init: Init,
     /// Anneal k linearly from this value down to --k over --k-anneal-steps (give both).
     #[arg(long)]
     pub k_anneal_from: Option<usize>,
@@ -148,6 +153,7 @@ impl Default for TrainJob {
             aux_alpha: defaults::AUX_ALPHA,
             dead_tokens: defaults::DEAD_TOKENS,
             init_norm: None,
+            init: Init::Shared,
             k_anneal_from: None,
             k_anneal_steps: 0,
             squared_recon: false,
@@ -217,6 +223,7 @@ impl TrainJob {
             aux_alpha: c.aux_alpha,
             dead_tokens: c.dead_tokens,
             init_norm: Some(c.init_norm),
+            init: c.init,
             k_anneal_from: c.k_anneal_from,
             k_anneal_steps: c.k_anneal_steps,
             squared_recon: c.squared_recon,
@@ -233,7 +240,7 @@ impl TrainJob {
     /// `--threshold-start`, else the one a resumed run started with, else 1000 or half the budget.
     fn threshold_start_for(&self, steps: u64) -> u64 {
         let saved = crate::crosscoder::train::saved_config(&self.out).ok().flatten().map(|c| c.threshold_start);
-        self.threshold_start.or(saved).unwrap_or(defaults::THRESHOLD_START.min(steps / 2))
+        self.threshold_start.or(saved).unwrap_or(defaults::THRESHOLD_START.min(steps.saturating_sub(1) / 2))
     }
 
     /// The engine's hyperparameters once D and the step budget are known.
@@ -249,6 +256,7 @@ impl TrainJob {
             aux_alpha: self.aux_alpha,
             dead_tokens: self.dead_tokens,
             init_norm: self.init_norm.unwrap_or(defaults.init_norm),
+            init: self.init,
             k_anneal_from: self.k_anneal_from,
             k_anneal_steps: self.k_anneal_steps,
             squared_recon: self.squared_recon,

@@ -234,10 +234,10 @@ impl TrainJob {
             })?;
         }
         if let (Kind::BatchTopK, Some(start)) = (self.kind, self.threshold_start) {
-            ensure(steps > start, "threshold-start", || {
+            ensure(steps > start.saturating_add(1), "threshold-start", || {
                 format!(
-                    "{start} must be below the step budget ({steps}): BatchTopK's inference threshold is estimated on \
-                     the steps after it"
+                    "{start} must be below the step budget ({steps}) minus 1: BatchTopK's inference threshold is \
+                     estimated on the steps whose 0-based index exceeds it"
                 )
             })?;
         }

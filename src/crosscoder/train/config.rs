@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::crosscoder::Kind;
+use crate::crosscoder::{Init, Kind};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
@@ -21,6 +21,9 @@ pub struct TrainConfig {
     pub dead_tokens: u64,
     /// Per-latent encoder column norm at init (L1: 0.005, BatchTopK: 1.0 by default).
     pub init_norm: f64,
+    /// One encoder matrix for both models (the paper's scripts) or one per model.
+    #[serde(default)]
+    pub init: Init,
     pub k_anneal_from: Option<usize>,
     pub k_anneal_steps: u64,
     pub squared_recon: bool,
@@ -77,6 +80,7 @@ impl TrainConfig {
             aux_alpha: AUX_ALPHA,
             dead_tokens: DEAD_TOKENS,
             init_norm: Self::default_init_norm(kind),
+            init: Init::Shared,
             k_anneal_from: None,
             k_anneal_steps: 0,
             squared_recon: false,

@@ -246,7 +246,7 @@ impl TrainRun<'_> {
 
     fn fresh_state(&self) -> Result<TrainState> {
         let cfg = &self.config;
-        let params = Params::init(self.width, cfg.dict_size, cfg.init_norm, cfg.seed, &self.device);
+        let params = Params::init_as(cfg.init, self.width, cfg.dict_size, cfg.init_norm, cfg.seed, &self.device);
         let zeros = params.clone().map(|t| t.zeros_like());
         Ok(TrainState {
             adam_m: zeros.clone(),

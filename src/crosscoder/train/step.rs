@@ -245,9 +245,11 @@ pub fn clip_gradients(g: [Tensor<2>; 4], max: Option<f64>) -> Result<[Tensor<2>;
     Ok(if norm > max { g.map(|t| t.mul_scalar(max / norm)) } else { g })
 }
 
-/// θ's update rule: first minimum, then an EMA with weight 0.001 on steps after `threshold_start`.
+/// θ's update rule: first minimum, then an EMA with weight 0.001, on the steps whose 0-based index
+/// exceeds `threshold_start` (the authors' `step > threshold_start_step`, steps counted from 0): the
+/// 1-based `step` here is that index + 1, so with 1000 the first update is on step 1002.
 pub fn update_threshold(theta: Option<f32>, min_kept: Option<f32>, step: u64, start: u64) -> Option<f32> {
-    if step <= start {
+    if step.saturating_sub(1) <= start {
         return theta;
     }
     match (theta, min_kept) {
