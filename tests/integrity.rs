@@ -116,8 +116,7 @@ fn caches_and_runs_record_their_models_and_refuse_others() {
         chat: base.clone(),
         data: data("chat.jsonl"),
         conversations: 2,
-        layer: None,
-        allow_other_models: false,
+        ..Default::default()
     };
     let msg = err(kl.run(&device, &ModelStore::new(), Handle::silent()));
     assert!(msg.contains("swapped") && msg.contains("--allow-other-models"), "{msg}");

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 use common::fixture;
-use crossdiff::analysis::kl::{kl_table, reply_positions};
+use crossdiff::analysis::kl::{KlOptions, PatchOn, Turns, kl_table, reply_positions};
 use crossdiff::analysis::latents::{LatentClass, LatentRow, delta_norm};
 use crossdiff::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, read_vec, tensor};
 use crossdiff::{LoadOptions, Message, Model};
@@ -66,20 +66,112 @@ fn l1(params: Params) -> Crosscoder {
 #[test]
 fn reply_positions_predict_exactly_the_assistant_reply() {
     let model = Model::load(fixture("chat"), &Device::flex(), LoadOptions::default()).unwrap();
+    let tok = &model.tokenizer;
+    let (short, long) = ("Yes.", "A sparse dictionary learns a small set of directions that explain most activations.");
+    let messages = vec![
+        Message { role: "user".into(), content: "Hi there".into() },
+        Message { role: "assistant".into(), content: short.into() },
+        Message { role: "user".into(), content: "Explain".into() },
+        Message { role: "assistant".into(), content: long.into() },
+    ];
+    let ids = tok.encode_chat(&messages, false).unwrap();
+    // Each assistant turn generates its content and its <end_of_turn> (method.md §5).
+    let eot = tok.end_of_turn_id.unwrap();
+    let generated = |text: &str| {
+        let mut v = tok.encode(text, false).unwrap();
+        v.push(eot);
+        v
+    };
+    let (g1, g2) = (generated(short), generated(long));
+    assert!(g1.len() < 10 && g2.len() > 11, "a short and a long reply: {} and {} tokens", g1.len(), g2.len());
+    let pos = reply_positions(&model, &ids);
+    let predicted: Vec<u32> = pos.iter().map(|(p, _)| ids[p + 1]).collect();
+    assert_eq!(predicted, [g1.clone(), g2.clone()].concat(), "all: every generated token, <end_of_turn> included");
+    // "First 9": per turn the first 10 predicting positions minus the one reading the template's
+    // `\n` after `model` — reply tokens 2–10 (the short reply's set ends at its <end_of_turn>).
+    let first: Vec<u32> = pos.iter().filter(|(_, f)| *f).map(|(p, _)| ids[p + 1]).collect();
+    assert_eq!(first, [&g1[1..], &g2[1..10]].concat());
+    let newline_after_model = pos[0].0;
+    assert!(tok.decode(&ids[..=newline_after_model]).unwrap().ends_with("<start_of_turn>model\n"));
+}
+
+#[test]
+fn patch_masks_cover_template_tokens_and_the_first_k_predictions() {
+    let model = Model::load(fixture("chat"), &Device::flex(), LoadOptions::default()).unwrap();
+    let tok = &model.tokenizer;
     let messages = vec![
         Message { role: "user".into(), content: "Hi there".into() },
         Message { role: "assistant".into(), content: "Hello, how can I help?".into() },
-        Message { role: "user".into(), content: "Explain".into() },
-        Message { role: "assistant".into(), content: "A sparse dictionary.".into() },
     ];
-    let ids = model.tokenizer.encode_chat(&messages, false).unwrap();
-    let pos = reply_positions(&model, &ids);
-    let predicted: Vec<u32> = pos.iter().map(|(p, _)| ids[p + 1]).collect();
-    assert_eq!(model.tokenizer.decode(&predicted).unwrap(), "Hello, how can I help?A sparse dictionary.");
-    // The first 9 reply tokens of each turn are flagged.
-    let first: Vec<u32> = pos.iter().filter(|(_, f)| *f).map(|(p, _)| ids[p + 1]).collect();
-    let n_first_turn = pos.iter().take_while(|(p, _)| model.tokenizer.decode(&[ids[p + 1]]).unwrap() != "A").count();
-    assert_eq!(first.len(), n_first_turn.min(9) + (pos.len() - n_first_turn).min(9));
+    let ids = tok.encode_chat(&messages, false).unwrap();
+    let turns = Turns::of(&model, &ids);
+    assert!(turns.patch_mask(PatchOn::All, 5).is_none(), "all: no mask, every position");
+    // Template tokens: <start_of_turn>, the role, its newline, <end_of_turn> and the newline after it.
+    let template = turns.patch_mask(PatchOn::Template, 5).unwrap();
+    let marked: Vec<u32> = (0..ids.len()).filter(|&i| template[i] == 1.0).map(|i| ids[i]).collect();
+    assert_eq!(
+        tok.decode(&marked).unwrap(),
+        "<start_of_turn>user\n<end_of_turn>\n<start_of_turn>model\n<end_of_turn>\n"
+    );
+    // First 2 predictions: the `\n` after `model` (predicting reply token 1) and reply token 1.
+    let first = turns.patch_mask(PatchOn::FirstK, 2).unwrap();
+    let at: Vec<usize> = (0..ids.len()).filter(|&i| first[i] == 1.0).collect();
+    let start = reply_positions(&model, &ids)[0].0;
+    assert_eq!(at, vec![start, start + 1]);
+    let both = turns.patch_mask(PatchOn::TemplateAndFirstK, 2).unwrap();
+    assert!((0..ids.len()).all(|i| both[i] == template[i].max(first[i])));
+}
+
+#[test]
+fn the_halves_are_the_authors_candidates_ranked_by_delta_and_signed_nu() {
+    use crossdiff::analysis::kl::condition_sets;
+    let row = |latent: usize, delta: f64, freq: f64, nu: (Option<f64>, Option<f64>)| LatentRow {
+        latent,
+        delta_norm: delta,
+        dec_norm_base: 1.0 - delta,
+        dec_norm_chat: 1.0,
+        dec_cos: 0.0,
+        class: LatentClass::of_delta(delta),
+        freq,
+        max_act: 1.0,
+        nu_error: nu.0,
+        nu_reconstruction: nu.1,
+        beta_error_base: None,
+        beta_error_chat: None,
+        beta_recon_base: None,
+        beta_recon_chat: None,
+        template_share: None,
+    };
+    let rows = vec![
+        row(0, 0.95, 0.1, (Some(0.5), Some(0.4))),
+        row(1, 0.99, 0.1, (Some(-0.05), Some(0.3))), // signed: ranks lowest on ν^ε
+        row(2, 0.97, 0.1, (Some(2.5), Some(0.1))),   // ν^ε out of [−0.1, 2]
+        row(3, 0.98, 0.0, (Some(0.1), Some(0.1))),   // dead
+        row(4, 0.50, 0.1, (Some(0.1), Some(0.1))),   // shared
+        row(5, 0.92, 0.1, (None, Some(0.1))),        // ν not computed
+        row(6, 0.93, 0.1, (Some(0.5), Some(1.0))),   // ties latent 0 on ν^ε (average ranks)
+        row(7, 0.94, 0.1, (Some(1.5), Some(-0.1))),
+    ];
+    let sets = condition_sets(&rows);
+    let get = |n: &str| sets.iter().find(|(c, _)| c == n).unwrap().1.clone().unwrap();
+    // Candidates 0, 1, 6, 7 (n = 4). By Δ: 1 (0.99), 0 (0.95), 7 (0.94), 6 (0.93).
+    assert_eq!(get("best_delta_50"), vec![1, 0]);
+    assert_eq!(get("worst_delta_50"), vec![7, 6]);
+    // Signed ranks: ν^ε −0.05 → 1, 0.5/0.5 → 2.5 each, 1.5 → 4; ν^r −0.1 → 1, 0.3 → 2, 0.4 → 3,
+    // 1.0 → 4. Sums: 1 → 3, 7 → 5, 0 → 5.5, 6 → 6.5.
+    assert_eq!(get("best_ls_50"), vec![1, 7]);
+    assert_eq!(get("worst_ls_50"), vec![0, 6]);
+    // n = 1: best is empty, worst the whole list (the authors' `[-n//2:]`).
+    let one = condition_sets(&rows[..1]);
+    let get = |n: &str| one.iter().find(|(c, _)| c == n).unwrap().1.clone().unwrap();
+    assert!(get("best_delta_50").is_empty() && get("best_ls_50").is_empty());
+    assert_eq!(get("worst_delta_50"), vec![0]);
+    assert_eq!(get("worst_ls_50"), vec![0]);
+    // n = 3 (candidates 0, 1, 6 of the first seven rows): best 1, worst 2.
+    let three = condition_sets(&rows[..7]);
+    let get = |n: &str| three.iter().find(|(c, _)| c == n).unwrap().1.clone().unwrap();
+    assert_eq!(get("best_delta_50"), vec![1]);
+    assert_eq!(get("worst_delta_50"), vec![0, 6]);
 }
 
 #[test]
@@ -89,7 +181,8 @@ fn kl_between_identical_models_is_zero() {
     let same = Model::load(fixture("base"), &device, LoadOptions::default()).unwrap();
     // Decoder = encoder transpose for both models: d^chat = d^base, so no condition changes h_base.
     let cc = l1(Params::init(72, 16, 0.5, 1, &device));
-    let stats = kl_table(&base, &same, &cc, &rows_for(&cc), 1, &chats(), 4, |_| true).unwrap();
+    let stats =
+        kl_table(&base, &same, &cc, &rows_for(&cc), 1, &chats(), 4, &KlOptions::default(), |_| true).unwrap().table;
     assert_eq!(stats.len(), 8);
     for s in &stats {
         assert!(s.tokens_all > 20);
@@ -125,19 +218,38 @@ fn patching_all_latents_of_an_exact_crosscoder_closes_the_gap() {
     let rows = rows_for(&cc);
     assert!(rows.iter().all(|r| r.class == LatentClass::ChatOnly));
     // Cancelled after the first conversation: an error that says so, no table.
-    let err = kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, |n| n < 1).unwrap_err().to_string();
+    let err =
+        kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, &KlOptions::default(), |n| n < 1).unwrap_err().to_string();
     assert!(err.contains("cancelled after 1 conversations"), "{err}");
-    let stats = kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, |_| true).unwrap();
+    let stats = kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, &KlOptions::default(), |_| true).unwrap().table;
     let get = |c: &str| stats.iter().find(|s| s.condition == c).unwrap();
     let gap = get("none").mean_all;
     assert!(gap > 1e-3, "the fixtures differ: gap {gap}");
     assert!(get("all").mean_all < 1e-5 * gap.max(1.0), "all latents: {:?}", get("all"));
     // The chat error alone is h_base again: the whole gap.
     assert!((get("chat_error_only").mean_all - gap).abs() < 1e-4 * gap);
-    // Half of the latents close part of the gap.
+    // The best half of the authors' candidates (ν within [−0.1, 2]: latents 0..=20 of rows_for's
+    // ν^ε = j/10) closes part of the gap.
     let half = get("best_delta_50");
-    assert_eq!(half.latents, d);
+    assert_eq!(half.latents, 21 / 2);
+    assert_eq!(get("worst_delta_50").latents, 21 - 21 / 2);
     assert!(half.mean_all > get("all").mean_all);
+
+    // Patching only the template tokens, with a sweep over blocks 0 and 1.
+    let options = KlOptions { patch_on: PatchOn::Template, first_k: 5, sweep: vec![0, 1] };
+    let r = kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, &options, |_| true).unwrap();
+    let on = |c: &str| r.table.iter().find(|s| s.condition == c).unwrap();
+    assert!(r.table.iter().all(|s| s.patch_on == PatchOn::Template && s.layer.is_none()));
+    assert_eq!(on("none").mean_all, gap, "nothing patched: the same gap");
+    // The exact crosscoder's "all" writes h_chat on the template tokens: chat's own activations there.
+    let carried = on("chat").mean_all;
+    assert!((on("all").mean_all - carried).abs() < 1e-4 * gap, "{} vs {carried}", on("all").mean_all);
+    assert!(carried > 0.0 && carried < gap, "template tokens carry part of the gap: {carried} of {gap}");
+    let sweep = |c: &str, l: usize| r.sweep.iter().find(|s| s.condition == c && s.layer == Some(l)).unwrap();
+    assert_eq!(r.sweep.len(), 4, "none and chat at blocks 0 and 1");
+    assert_eq!(sweep("none", 1).mean_all, gap);
+    assert_eq!(sweep("chat", 1).mean_all, carried);
+    assert!(sweep("none", 0).mean_all > 0.0 && sweep("chat", 0).mean_all < sweep("none", 0).mean_all);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use crossdiff::analysis::kl::KlStat;
+use crossdiff::analysis::kl::{KlStat, PatchOn};
 use crossdiff::analysis::latents::LatentClass;
 use crossdiff::workflow::analyze::{AnalyzeJob, MAX_CONTEXT, MAX_EXAMPLES};
 use crossdiff::workflow::kl::KlJob;
@@ -36,6 +36,8 @@ pub const KL_FIELDS: Fields = &[
     ("chat", Field::Value("Chat model directory")),
     ("data", Field::Value("Conversations file")),
     ("conversations", Field::Value("Conversations")),
+    ("patch-on", Field::Value("Patch on")),
+    ("first-k", Field::Value("k")),
     ("allow-other-models", Field::Check("Allow other models")),
 ];
 
@@ -55,6 +57,9 @@ pub struct AnalyzeView {
     /// the job starts).
     pub config: AnalyzeJob,
     pub conversations: usize,
+    /// Where the KL check patches, and its k for the first-k predictions.
+    pub patch_on: PatchOn,
+    pub first_k: usize,
     pub job: JobSlot,
     pub kl_job: JobSlot,
     delivery: Delivery<String>,
@@ -75,6 +80,8 @@ impl AnalyzeView {
             allow_other_models: false,
             config: AnalyzeJob::default(),
             conversations: DEFAULT_CONVERSATIONS,
+            patch_on: PatchOn::All,
+            first_k: crossdiff::workflow::kl::DEFAULT_FIRST_K,
             job: JobSlot::new(FIELDS),
             kl_job: JobSlot::new(KL_FIELDS),
             delivery: Delivery::default(),
@@ -115,8 +122,10 @@ impl AnalyzeView {
             chat: PathBuf::from(&self.chat_dir),
             data: PathBuf::from(&self.kl_data),
             conversations: self.conversations,
-            layer: None,
             allow_other_models: self.allow_other_models,
+            patch_on: self.patch_on,
+            first_k: self.first_k,
+            ..Default::default()
         }
     }
 
@@ -154,10 +163,12 @@ impl AnalyzeView {
     fn start_kl(&mut self, env: &JobEnv) {
         let (job, delivery) = (self.kl_config(), self.kl_delivery.clone());
         self.kl_job.start(env.spawn("KL check", move |device, store, handle| match job.run(device, store, handle) {
-            Ok(stats) => {
-                let n = stats.len();
-                delivery.put(stats);
-                Ok(format!("{n} conditions over {} conversations, written to kl.json", job.conversations))
+            Ok(report) => {
+                let n = report.table.len();
+                delivery.put(report.table);
+                let file = job.table_file();
+                let name = file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                Ok(format!("{n} conditions over {} conversations, written to {name}", job.conversations))
             }
             Err(e) if handle.cancelled() => Ok(format!("stopped — {}", phrase(&e, KL_FIELDS))),
             Err(e) => Err(e),
@@ -241,6 +252,24 @@ impl AnalyzeView {
         ui.horizontal(|ui| {
             let name = ui.label("Conversations").id;
             ui.add(number(&mut self.conversations).range(1..=1_000_000)).labelled_by(name);
+        });
+        ui.horizontal(|ui| {
+            ui.label("Patch on").on_hover_text(
+                "Where the patched activation replaces the base one: every position (the paper's table, kl.json), \
+                 only chat-template tokens, or only the positions predicting the first k reply tokens",
+            );
+            for (on, label) in [
+                (PatchOn::All, "all positions"),
+                (PatchOn::Template, "template tokens"),
+                (PatchOn::FirstK, "first k predictions"),
+                (PatchOn::TemplateAndFirstK, "both"),
+            ] {
+                ui.radio_value(&mut self.patch_on, on, label);
+            }
+            if matches!(self.patch_on, PatchOn::FirstK | PatchOn::TemplateAndFirstK) {
+                let name = ui.label("k").id;
+                ui.add(number(&mut self.first_k).range(1..=1000)).labelled_by(name);
+            }
         });
         if self.kl_job.start_button(ui, true, "Start KL check") {
             self.kl = None;

@@ -466,6 +466,11 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
             "--expansion must be positive",
         ),
         ("train: k 0", train_new(&["--k", "0"]), "--k must be at least 1"),
+        (
+            "train: unknown init",
+            train_new(&["--init", "random"]),
+            "--init: \"random\" is not one of shared, independent",
+        ),
         ("train: k above D", train_new(&["--k", "65"]), "--k 65 is larger than the dictionary (D = 64)"),
         ("train: NaN lr", train_new(&["--lr", "NaN"]), "--lr must be a positive finite number, not NaN"),
         ("train: infinite lr", train_new(&["--lr", "inf"]), "--lr must be a positive finite number, not inf"),
@@ -508,6 +513,22 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
             strings(&["kl", "--run", run, "--data", chats, "--conversations", "0", "--base", b, "--chat", c]),
             "--conversations must be positive",
         ),
+        (
+            "kl: unknown patch",
+            kl(&["--base", b, "--chat", c, "--patch-on", "reply"]),
+            "--patch-on: \"reply\" is not one of all, template, first-k, template+first-k",
+        ),
+        (
+            "kl: first-k 0",
+            kl(&["--base", b, "--chat", c, "--patch-on", "first-k", "--first-k", "0"]),
+            "--first-k must be positive",
+        ),
+        (
+            "kl: sweep past the model",
+            kl(&["--base", b, "--chat", c, "--layers", "0,99"]),
+            "--layers 99 is past the models' last block",
+        ),
+        ("kl: sweep not a number", kl(&["--base", b, "--chat", c, "--layers", "1,x"]), "--layers"),
         (
             "kl: another layer than the crosscoder's",
             kl(&["--base", b, "--chat", c, "--layer", "2"]),

@@ -1,8 +1,10 @@
 //! `crossdiff kl`: the causal check of shared/spec/method.md §5. Base and chat run to block L on
 //! the same conversation; the pair is encoded; the base residual is patched with the chat-minus-base
 //! decoder difference of a set S of latents, `h_S = h_base + Σ_{j∈S} f_j (d_j^chat − d_j^base)`; the
-//! chat model's remaining blocks run from h_S; KL(P_chat ‖ P_patched) is measured on every token that
-//! predicts the assistant's reply.
+//! chat model's remaining blocks run from h_S; KL(P_chat ‖ P_patched) is measured on the positions
+//! that predict each assistant turn's generated part (`kl_positions`). Patching can be limited to
+//! template tokens or the first k predictions, and swept over layers (one pass of each model per
+//! conversation serves every layer).
 
 use std::path::Path;
 
@@ -11,9 +13,10 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
+pub use crate::analysis::kl_positions::{FIRST_WINDOW, PatchOn, Turns, reply_positions};
 use crate::analysis::latents::{LatentClass, LatentRow};
 use crate::crosscoder::{Crosscoder, read_vec, tensor};
-use crate::data::{Document, open_source, template_flags};
+use crate::data::{Document, open_source};
 use crate::model::Model;
 use crate::run_dir::RunDir;
 
@@ -34,81 +37,109 @@ pub struct KlStat {
     pub tokens_first9: usize,
     /// Latents patched.
     pub latents: usize,
+    /// The layer patched (recorded in a layer sweep; `None`: the crosscoder's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<usize>,
+    /// Where the patch replaced the base activation (absent: every position).
+    #[serde(default, skip_serializing_if = "is_all")]
+    pub patch_on: PatchOn,
+}
+
+fn is_all(p: &PatchOn) -> bool {
+    *p == PatchOn::All
+}
+
+/// How the KL check patches: where, and at which layers besides the crosscoder's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KlOptions {
+    pub patch_on: PatchOn,
+    /// Predictions per assistant turn patched by [`PatchOn::FirstK`] (the authors use 5).
+    pub first_k: usize,
+    /// Layers swept with the conditions that need no crosscoder (`none`, and `chat` when the patch
+    /// is limited); the crosscoder's own layer always gets the full table.
+    pub sweep: Vec<usize>,
+}
+
+/// The KL check's results: the table at the crosscoder's layer and the sweep's rows (each with its
+/// layer; empty without a sweep).
+#[derive(Debug, Clone)]
+pub struct KlReport {
+    pub table: Vec<KlStat>,
+    pub sweep: Vec<KlStat>,
 }
 
 /// Which latents each condition patches (`None` = special handling: none / chat error only).
+///
+/// The best/worst halves follow the authors' `setup_to_eval.py`: the candidates are the chat-only
+/// latents that are alive (active on the evaluation tokens) with both ν computed and within
+/// [−0.1, 2]; ranked by Δ (descending) or by rank(ν^ε) + rank(ν^r) of the **signed** ν (ascending,
+/// average ranks for ties, as pandas' `rank()`); "best" is the first n/2 (rounded down), "worst"
+/// the last ⌈n/2⌉ (their `[-n//2:]`, the whole list when n = 1).
 pub fn condition_sets(rows: &[LatentRow]) -> Vec<(String, Option<Vec<usize>>)> {
     let dict = rows.len();
-    let chat_only: Vec<&LatentRow> = rows.iter().filter(|r| r.class == LatentClass::ChatOnly).collect();
-    let half = chat_only.len() / 2;
-    let mut by_delta = chat_only.clone();
+    let in_range = |v: Option<f64>| v.is_some_and(|v| (-0.1..=2.0).contains(&v));
+    let cand: Vec<&LatentRow> = rows
+        .iter()
+        .filter(|r| {
+            r.class == LatentClass::ChatOnly && r.freq > 0.0 && in_range(r.nu_error) && in_range(r.nu_reconstruction)
+        })
+        .collect();
+    let n = cand.len();
+    let (best_n, worst_n) = (n / 2, n - n / 2);
+    let mut by_delta = cand.clone();
     by_delta.sort_by(|a, b| b.delta_norm.total_cmp(&a.delta_norm).then(a.latent.cmp(&b.latent)));
-    // rank(ν^ε) + rank(ν^r), ascending ν = more chat-specific; a missing ν ranks last.
-    let rank = |key: fn(&LatentRow) -> Option<f64>| -> Vec<usize> {
-        let mut order: Vec<usize> = (0..chat_only.len()).collect();
-        order.sort_by(|&a, &b| {
-            let v = |i: usize| key(chat_only[i]).map_or(f64::INFINITY, f64::abs);
-            v(a).total_cmp(&v(b)).then(a.cmp(&b))
-        });
-        let mut r = vec![0; chat_only.len()];
-        for (pos, i) in order.into_iter().enumerate() {
-            r[i] = pos;
+    let average_ranks = |key: fn(&LatentRow) -> Option<f64>| -> Vec<f64> {
+        let v: Vec<f64> = cand.iter().map(|r| key(r).expect("filtered to computed ν")).collect();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut ranks = vec![0.0; n];
+        let mut i = 0;
+        while i < n {
+            let mut j = i;
+            while j + 1 < n && v[order[j + 1]] == v[order[i]] {
+                j += 1;
+            }
+            // 1-based ranks i+1 ..= j+1 share their mean.
+            let mean = (i + j) as f64 / 2.0 + 1.0;
+            for &o in &order[i..=j] {
+                ranks[o] = mean;
+            }
+            i = j + 1;
         }
-        r
+        ranks
     };
-    let (re, rr) = (rank(|r| r.nu_error), rank(|r| r.nu_reconstruction));
-    let mut by_ls: Vec<usize> = (0..chat_only.len()).collect();
-    by_ls.sort_by_key(|&i| (re[i] + rr[i], chat_only[i].latent));
-    let ids = |v: Vec<&LatentRow>| Some(v.into_iter().map(|r| r.latent).collect::<Vec<_>>());
+    let (re, rr) = (average_ranks(|r| r.nu_error), average_ranks(|r| r.nu_reconstruction));
+    let mut by_ls: Vec<usize> = (0..n).collect();
+    by_ls.sort_by(|&a, &b| (re[a] + rr[a]).total_cmp(&(re[b] + rr[b])).then(cand[a].latent.cmp(&cand[b].latent)));
+    let by_ls: Vec<&LatentRow> = by_ls.into_iter().map(|i| cand[i]).collect();
+    let ids = |v: &[&LatentRow]| Some(v.iter().map(|r| r.latent).collect::<Vec<_>>());
     vec![
         ("none".into(), None),
         ("all".into(), Some((0..dict).collect())),
         ("chat_error_only".into(), None),
-        ("best_delta_50".into(), ids(by_delta[..half].to_vec())),
-        ("worst_delta_50".into(), ids(by_delta[by_delta.len() - half..].to_vec())),
-        ("best_ls_50".into(), ids(by_ls[..half].iter().map(|&i| chat_only[i]).collect())),
-        ("worst_ls_50".into(), ids(by_ls[by_ls.len() - half..].iter().map(|&i| chat_only[i]).collect())),
+        ("best_delta_50".into(), ids(&by_delta[..best_n])),
+        ("worst_delta_50".into(), ids(&by_delta[n - worst_n..])),
+        ("best_ls_50".into(), ids(&by_ls[..best_n])),
+        ("worst_ls_50".into(), ids(&by_ls[n - worst_n..])),
         // The latents Latent Scaling calls genuinely chat-specific (chat-only, ν^ε < 0.2, ν^r < 0.5).
-        ("chat_specific".into(), ids(rows.iter().filter(|r| r.is_chat_specific()).collect())),
+        ("chat_specific".into(), ids(&rows.iter().filter(|r| r.is_chat_specific()).collect::<Vec<_>>())),
     ]
 }
 
-/// Positions that predict an assistant reply token, and whether each is among the first 9 reply
-/// tokens of its turn. A reply token is a non-template token inside a `model` turn.
-pub fn reply_positions(model: &Model, ids: &[u32]) -> Vec<(usize, bool)> {
-    let tok = &model.tokenizer;
-    let flags = template_flags(tok, ids);
-    let mut out = Vec::new();
-    let mut in_model_turn = false;
-    let mut count = 0;
-    let mut i = 0;
-    while i < ids.len() {
-        if Some(ids[i]) == tok.start_of_turn_id {
-            // The role: template tokens up to the newline.
-            let mut j = i + 1;
-            let mut role = Vec::new();
-            while j < ids.len() && flags[j] {
-                role.push(ids[j]);
-                j += 1;
-            }
-            in_model_turn = tok.decode(&role).map(|r| r.trim() == "model").unwrap_or(false);
-            count = 0;
-            i = j;
-            continue;
-        }
-        if Some(ids[i]) == tok.end_of_turn_id {
-            in_model_turn = false;
-        }
-        if in_model_turn && !flags[i] && i > 0 {
-            out.push((i - 1, count < 9));
-            count += 1;
-        }
-        i += 1;
-    }
-    out
+/// One measured (layer, condition): what it patches and the KL values it collects.
+struct Cell {
+    layer: usize,
+    name: String,
+    set: Option<Vec<usize>>,
+    all: Vec<f64>,
+    first: Vec<f64>,
 }
 
-/// Runs the KL table over up to `limit` conversations of a `.jsonl`/`.parquet` file with `messages`.
+/// Runs the KL check over up to `limit` conversations of a `.jsonl`/`.parquet` file with
+/// `messages`: the full table at `layer` (the crosscoder's) and, for each layer of
+/// `options.sweep`, the conditions that need no crosscoder. Each model runs once per conversation
+/// up to the deepest layer; the chat model's own distribution comes from that pass.
+#[allow(clippy::too_many_arguments)]
 pub fn kl_table(
     base: &Model,
     chat: &Model,
@@ -117,8 +148,9 @@ pub fn kl_table(
     layer: usize,
     data: &Path,
     limit: usize,
+    options: &KlOptions,
     mut progress: impl FnMut(usize) -> bool,
-) -> Result<Vec<KlStat>> {
+) -> Result<KlReport> {
     crate::model::check_models(base, chat)?;
     let (d, dict) = cc.params.dims();
     if d != base.gemma.config.hidden_size {
@@ -127,10 +159,30 @@ pub fn kl_table(
     if rows.len() != dict {
         bail!("latents.csv has {} rows, the crosscoder {dict} latents", rows.len());
     }
-    let sets = condition_sets(rows);
+    let mut layers = options.sweep.clone();
+    layers.push(layer);
+    layers.sort_unstable();
+    layers.dedup();
+    let last = *layers.last().expect("the crosscoder's layer is there");
+    if last >= base.gemma.num_layers() {
+        bail!("layer {last} is past the models' last block ({})", base.gemma.num_layers() - 1);
+    }
+    let restricted = options.patch_on != PatchOn::All;
+    let mut cells = Vec::new();
+    for &l in &layers {
+        let sets = if l == layer { condition_sets(rows) } else { vec![("none".into(), None)] };
+        for (name, set) in sets {
+            cells.push(Cell { layer: l, name, set, all: Vec::new(), first: Vec::new() });
+        }
+        // Chat's own activations, where the patch is limited: how much of the gap those
+        // positions carry (patched everywhere it is 0 by construction).
+        if restricted {
+            cells.push(Cell { layer: l, name: "chat".into(), set: None, all: Vec::new(), first: Vec::new() });
+        }
+    }
     let diff = cc.params.w_dec.clone().narrow(1, d, d) - cc.params.w_dec.clone().narrow(1, 0, d); // [D, d]
     let device = base.gemma.device().clone();
-    let mut per: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); sets.len()];
+    let vocab = chat.gemma.config.vocab_size;
     let mut seen = 0;
     // Conversations longer than the model's context are cut there (as `cache` cuts at --context).
     let max_len = chat.gemma.config.max_position_embeddings.unwrap_or(usize::MAX);
@@ -144,50 +196,64 @@ pub fn kl_table(
             .encode_chat(&messages, false)
             .map_err(|e| anyhow::anyhow!("{}: conversation {}: {e:#}", data.display(), n + 1))?;
         ids.truncate(max_len);
-        let positions = reply_positions(chat, &ids);
+        let turns = Turns::of(chat, &ids);
+        let positions = turns.measured();
         if positions.is_empty() {
             continue;
         }
         let t = ids.len();
+        let patch = turns.patch_mask(options.patch_on, options.first_k).map(|m| tensor(m, [t, 1], &device));
         let input = || base.gemma.batch_ids(std::slice::from_ref(&ids));
-        let h_base = base.gemma.forward_to(input()?, layer).reshape([t, d]);
-        let h_chat = chat.gemma.forward_to(input()?, layer).reshape([t, d]);
-        let f = cc.codes(Tensor::cat(vec![h_base.clone(), h_chat.clone()], 1)); // [T, D]
+        let capture = |model: &Model| -> Result<Vec<Tensor<2>>> {
+            let mut out = Vec::with_capacity(layers.len());
+            model.gemma.forward_blocks(input()?, last, |l, h| {
+                if layers.contains(&l) {
+                    out.push(h.clone().reshape([t, d]));
+                }
+            });
+            Ok(out)
+        };
+        let (h_base, h_chat) = (capture(base)?, capture(chat)?);
+        let at = |l: usize| layers.iter().position(|&x| x == l).expect("a captured layer");
         let chat_logp = log_softmax(
-            chat.gemma
-                .forward_from(layer, h_chat.clone().reshape([1, t, d]))
-                .reshape([t, chat.gemma.config.vocab_size]),
+            chat.gemma.forward_from(last, h_chat[at(last)].clone().reshape([1, t, d])).reshape([t, vocab]),
             1,
         );
         let p_chat = chat_logp.clone().exp();
-        for (c, (name, set)) in sets.iter().enumerate() {
-            let patched = match (name.as_str(), set) {
-                ("none", _) => h_base.clone(),
-                ("chat_error_only", _) => h_chat.clone() - f.clone().matmul(diff.clone()),
+        let f = cc.codes(Tensor::cat(vec![h_base[at(layer)].clone(), h_chat[at(layer)].clone()], 1)); // [T, D]
+        for cell in &mut cells {
+            let (hb, hc) = (&h_base[at(cell.layer)], &h_chat[at(cell.layer)]);
+            let target = match (cell.name.as_str(), &cell.set) {
+                ("none", _) => hb.clone(),
+                ("chat", _) => hc.clone(),
+                ("chat_error_only", _) => hc.clone() - f.clone().matmul(diff.clone()),
                 (_, Some(set)) => {
                     let mut mask = vec![0.0f32; dict];
                     set.iter().for_each(|&j| mask[j] = 1.0);
                     let m = tensor(mask, [1, dict], &device);
-                    h_base.clone() + (f.clone() * m).matmul(diff.clone())
+                    hb.clone() + (f.clone() * m).matmul(diff.clone())
                 }
                 _ => unreachable!("every condition is covered"),
             };
-            let logp = log_softmax(
-                chat.gemma.forward_from(layer, patched.reshape([1, t, d])).reshape([t, chat.gemma.config.vocab_size]),
-                1,
-            );
+            // A limited patch keeps the base activation outside its positions.
+            let patched = match &patch {
+                None => target,
+                Some(m) => hb.clone() + (target - hb.clone()) * m.clone(),
+            };
+            let logp =
+                log_softmax(chat.gemma.forward_from(cell.layer, patched.reshape([1, t, d])).reshape([t, vocab]), 1);
             let kl = read_vec((p_chat.clone() * (chat_logp.clone() - logp)).sum_dim(1).reshape([t]))?;
             for &(pos, first) in &positions {
-                per[c].0.push(kl[pos] as f64);
+                cell.all.push(kl[pos] as f64);
                 if first {
-                    per[c].1.push(kl[pos] as f64);
+                    cell.first.push(kl[pos] as f64);
                 }
             }
         }
         seen += 1;
-        // `false` from the caller (Cancel, Ctrl-C) stops here; kl.json is not touched.
+        // `false` from the caller (Cancel, Ctrl-C) stops here; no result file is touched.
         if !progress(seen) {
-            bail!("the KL check was cancelled after {seen} conversations; kl.json is unchanged");
+            bail!("the KL check was cancelled after {seen} conversations; the KL results are unchanged");
         }
     }
     if seen == 0 {
@@ -204,23 +270,28 @@ pub fn kl_table(
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
         (mean, 1.96 * (var / n).sqrt())
     };
-    Ok(sets
+    let row = |c: &Cell, layer: Option<usize>| {
+        let ((ma, ca), (mf, cf)) = (stat(&c.all), stat(&c.first));
+        KlStat {
+            condition: c.name.clone(),
+            mean_all: ma,
+            ci_all: ca,
+            tokens_all: c.all.len(),
+            mean_first9: mf,
+            ci_first9: cf,
+            tokens_first9: c.first.len(),
+            latents: c.set.as_ref().map_or(0, Vec::len),
+            layer,
+            patch_on: options.patch_on,
+        }
+    };
+    let table = cells.iter().filter(|c| c.layer == layer).map(|c| row(c, None)).collect();
+    let sweep = cells
         .iter()
-        .zip(&per)
-        .map(|((name, set), (all, first))| {
-            let ((ma, ca), (mf, cf)) = (stat(all), stat(first));
-            KlStat {
-                condition: name.clone(),
-                mean_all: ma,
-                ci_all: ca,
-                tokens_all: all.len(),
-                mean_first9: mf,
-                ci_first9: cf,
-                tokens_first9: first.len(),
-                latents: set.as_ref().map_or(0, Vec::len),
-            }
-        })
-        .collect())
+        .filter(|c| options.sweep.contains(&c.layer) && (c.name == "none" || c.name == "chat"))
+        .map(|c| row(c, Some(c.layer)))
+        .collect();
+    Ok(KlReport { table, sweep })
 }
 
 /// `kl.json` rows, typed; errors name the file.
@@ -236,5 +307,16 @@ impl RunDir {
 
     pub fn write_kl(&self, stats: &[KlStat]) -> Result<()> {
         self.write_json(RunDir::KL, stats)
+    }
+
+    /// The results file of a KL check patched `on` (`kl.json` for every position), or of its layer
+    /// sweep (`…-layers.json`).
+    pub fn kl_file(&self, on: PatchOn, first_k: usize, sweep: bool) -> std::path::PathBuf {
+        self.file(&Self::kl_name(on, first_k, sweep))
+    }
+
+    pub fn kl_name(on: PatchOn, first_k: usize, sweep: bool) -> String {
+        let suffix = if sweep { "-layers" } else { "" };
+        format!("{}{suffix}.json", on.stem(first_k))
     }
 }

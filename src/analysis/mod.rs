@@ -5,6 +5,7 @@ pub mod analyze;
 pub mod examples;
 pub mod figures;
 pub mod kl;
+mod kl_positions;
 pub mod latents;
 pub mod prompt_lab;
 pub mod steer;

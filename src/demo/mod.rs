@@ -347,7 +347,7 @@ fn pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: impl FnM
             data: conversations,
             conversations: 200,
             layer: Some(p.layer),
-            allow_other_models: false,
+            ..Default::default()
         }
         .run(device, &store, handle)?;
         runs.push(PathBuf::from("runs").join(name));

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 
-use crate::analysis::kl::KlStat;
+use crate::analysis::kl::{KlOptions, KlReport, PatchOn};
 use crate::crosscoder::Crosscoder;
 use crate::run_dir::RunDir;
 use crate::workflow::checks::{Made, check_model, path_given, positive};
@@ -38,6 +38,41 @@ pub struct KlJob {
     /// Go on when --base/--chat are not the models the run was trained on.
     #[arg(long)]
     pub allow_other_models: bool,
+    /// Where the patch replaces the base activation: `all` positions (the paper's table, written to
+    /// kl.json), only the chat-`template` tokens, only the positions predicting the `first-k`
+    /// generated tokens of each assistant turn, or `template+first-k` (written to
+    /// kl-template.json, kl-firstK.json, kl-template+firstK.json). A limited patch adds the
+    /// condition `chat` (chat's own activations on those positions).
+    #[arg(long, default_value = "all")]
+    pub patch_on: PatchOn,
+    /// The predictions per assistant turn that `--patch-on first-k` patches (the authors: 5).
+    #[arg(long, default_value_t = DEFAULT_FIRST_K)]
+    pub first_k: usize,
+    /// Also sweep these layers (comma-separated) with the conditions that need no crosscoder
+    /// (`none`, and `chat` with a limited patch): written to kl-layers.json (or kl-template-layers.json, …).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
+}
+
+/// Predictions per turn `--patch-on first-k` patches unless told (the authors' `first5`).
+pub const DEFAULT_FIRST_K: usize = 5;
+
+impl Default for KlJob {
+    /// Every setting at its default; the paths empty (a caller fills them).
+    fn default() -> Self {
+        Self {
+            run: PathBuf::new(),
+            base: PathBuf::new(),
+            chat: PathBuf::new(),
+            data: PathBuf::new(),
+            conversations: DEFAULT_CONVERSATIONS,
+            layer: None,
+            allow_other_models: false,
+            patch_on: PatchOn::All,
+            first_k: DEFAULT_FIRST_K,
+            layers: Vec::new(),
+        }
+    }
 }
 
 impl KlJob {
@@ -45,11 +80,18 @@ impl KlJob {
         for (p, flag) in [(&self.run, "run"), (&self.base, "base"), (&self.chat, "chat"), (&self.data, "data")] {
             path_given(p, flag)?;
         }
-        positive(self.conversations as u64, "conversations")
+        positive(self.conversations as u64, "conversations")?;
+        positive(self.first_k as u64, "first-k")
     }
 
-    /// Runs the check and writes `kl.json`; models come from (and stay in) `store`.
-    pub fn run(&self, device: &Device, store: &ModelStore, handle: Handle) -> Result<Vec<KlStat>> {
+    /// The engine's options for this job.
+    pub fn options(&self) -> KlOptions {
+        KlOptions { patch_on: self.patch_on, first_k: self.first_k, sweep: self.layers.clone() }
+    }
+
+    /// Runs the check and writes its table (`kl.json` when patching every position) and, with
+    /// `--layers`, the sweep; models come from (and stay in) `store`.
+    pub fn run(&self, device: &Device, store: &ModelStore, handle: Handle) -> Result<KlReport> {
         self.validate()?;
         let run = RunDir::new(&self.run);
         crate::bad_value::ensure(run.path().is_dir(), "run", || {
@@ -61,22 +103,57 @@ impl KlJob {
         let layer = resolve_layer(self.layer, &cc, &self.run)?;
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
         crate::workflow::checks::check_resolved_layer(layer, b.gemma.num_layers(), self.layer, &self.run)?;
+        if let Some(&past) = self.layers.iter().find(|&&l| l >= b.gemma.num_layers()) {
+            return Err(crate::bad_value::bad(
+                "layers",
+                format!(
+                    "{past} is past the models' last block ({}): give blocks 0..={}",
+                    b.gemma.num_layers() - 1,
+                    b.gemma.num_layers() - 1
+                ),
+            ));
+        }
         check_width(&cc, &self.run, &b, &self.base)?;
         check_pair_against_run(&cc, &self.run, [(&self.base, &b), (&self.chat, &c)], self.allow_other_models)?;
         let total = self.conversations as u64;
-        let stats = crate::analysis::kl::kl_table(&b, &c, &cc, &rows, layer, &self.data, self.conversations, |n| {
-            handle.progress("kl", n as u64, total, "conversations");
-            handle.keep_going()
-        })?;
-        // A KL that is not a number (a broken model) must not replace a good kl.json.
-        if stats.iter().all(|s| s.tokens_all == 0) {
+        let options = self.options();
+        let report =
+            crate::analysis::kl::kl_table(&b, &c, &cc, &rows, layer, &self.data, self.conversations, &options, |n| {
+                handle.progress("kl", n as u64, total, "conversations");
+                handle.keep_going()
+            })?;
+        // A KL that is not a number (a broken model) must not replace good results.
+        if report.table.iter().all(|s| s.tokens_all == 0) {
             return Err(crate::bad_value::bad("data", "holds no assistant replies to measure (0 tokens)"));
         }
-        if let Some(s) = stats.iter().find(|s| s.tokens_all > 0 && !s.mean_all.is_finite()) {
-            bail!("the KL for \"{}\" came out {}; {} was left as it was", s.condition, s.mean_all, run.kl().display());
+        let table_file = self.table_file();
+        if let Some(s) = report.table.iter().chain(&report.sweep).find(|s| s.tokens_all > 0 && !s.mean_all.is_finite())
+        {
+            bail!(
+                "the KL for \"{}\" came out {}; {} was left as it was",
+                s.condition,
+                s.mean_all,
+                table_file.display()
+            );
         }
-        run.write_kl(&stats)?;
-        Ok(stats)
+        run.write_json(&RunDir::kl_name(self.patch_on, self.first_k, false), &report.table)?;
+        if !report.sweep.is_empty() {
+            run.write_json(&RunDir::kl_name(self.patch_on, self.first_k, true), &report.sweep)?;
+        }
+        Ok(report)
+    }
+}
+
+impl KlJob {
+    /// Where the table goes: `RUN/kl.json` when every position is patched, else
+    /// `RUN/kl-template.json`, `RUN/kl-first5.json`, ….
+    pub fn table_file(&self) -> PathBuf {
+        RunDir::new(&self.run).kl_file(self.patch_on, self.first_k, false)
+    }
+
+    /// Where `--layers` puts the sweep (`RUN/kl-layers.json`, …).
+    pub fn sweep_file(&self) -> PathBuf {
+        RunDir::new(&self.run).kl_file(self.patch_on, self.first_k, true)
     }
 }
 

@@ -253,23 +253,9 @@ pub fn run() -> Result<()> {
         Command::Kl(job) => {
             let device = backend.device()?;
             let bar = Bar::cancellable("conversations");
-            let stats = job.run(&device, &ModelStore::new(), bar.handle())?;
+            let report = job.run(&device, &ModelStore::new(), bar.handle())?;
             bar.finish();
-            println!("{:<18} {:>8} {:>22} {:>22}", "condition", "latents", "KL all reply tokens", "KL first 9 tokens");
-            for s in &stats {
-                println!(
-                    "{:<18} {:>8} {:>12.4} ± {:<7.4} {:>12.4} ± {:<7.4}",
-                    s.condition, s.latents, s.mean_all, s.ci_all, s.mean_first9, s.ci_first9
-                );
-            }
-            let gap = stats[0].mean_all;
-            let closed = if gap > 0.0 { 100.0 * (1.0 - stats[1].mean_all / gap) } else { 0.0 };
-            println!(
-                "kl: {} tokens; base→chat gap {gap:.4} (first 9: {:.4}); patching all latents closes {closed:.0}% → {} ({device_name})",
-                stats[0].tokens_all,
-                stats[0].mean_first9,
-                crossdiff::run_dir::RunDir::new(&job.run).kl().display()
-            );
+            print_kl(&job, &report, &device_name);
         }
         Command::Steer(job) => {
             let device = backend.device()?;
@@ -393,4 +379,43 @@ pub(crate) fn load(args: &ModelArgs, backend: Backend) -> Result<Model> {
     });
     bar.finish();
     model
+}
+
+/// `crossdiff kl`'s table, the sweep when there is one, and a last line with the gap it closes.
+fn print_kl(job: &KlJob, report: &crossdiff::analysis::kl::KlReport, device_name: &str) {
+    let print_rows = |rows: &[crossdiff::analysis::kl::KlStat]| {
+        println!("{:<18} {:>8} {:>22} {:>22}", "condition", "latents", "KL all reply tokens", "KL first 9 tokens");
+        for s in rows {
+            let name = match s.layer {
+                Some(l) => format!("{} @ {l}", s.condition),
+                None => s.condition.clone(),
+            };
+            println!(
+                "{:<18} {:>8} {:>12.4} ± {:<7.4} {:>12.4} ± {:<7.4}",
+                name, s.latents, s.mean_all, s.ci_all, s.mean_first9, s.ci_first9
+            );
+        }
+    };
+    print_rows(&report.table);
+    if !report.sweep.is_empty() {
+        println!("layer sweep (patched on {}):", job.patch_on);
+        print_rows(&report.sweep);
+    }
+    let get = |c: &str| report.table.iter().find(|s| s.condition == c);
+    let (Some(none), Some(all)) = (get("none"), get("all")) else { return };
+    let gap = none.mean_all;
+    let closed = |v: f64| if gap > 0.0 { 100.0 * (1.0 - v / gap) } else { 0.0 };
+    let chat = match get("chat") {
+        Some(c) => format!("; chat's own activations there close {:.0}%", closed(c.mean_all)),
+        None => String::new(),
+    };
+    let sweep = if report.sweep.is_empty() { String::new() } else { format!(", sweep {}", job.sweep_file().display()) };
+    println!(
+        "kl: {} tokens; base→chat gap {gap:.4} (first 9: {:.4}); patching all latents on {} positions closes {:.0}%{chat} → {}{sweep} ({device_name})",
+        none.tokens_all,
+        none.mean_first9,
+        job.patch_on,
+        closed(all.mean_all),
+        job.table_file().display(),
+    );
 }
