@@ -18,6 +18,8 @@ pub struct RunDir {
 
 impl RunDir {
     pub const CROSSCODER: &'static str = "crosscoder.safetensors";
+    /// An SAE run's weights (the authors' `BatchTopKSAE` layout) instead of `crosscoder.safetensors`.
+    pub const SAE: &'static str = "sae.safetensors";
     pub const CONFIG: &'static str = "config.json";
     pub const METRICS: &'static str = "metrics.jsonl";
     pub const CHECKPOINT: &'static str = "checkpoint";
@@ -83,6 +85,7 @@ macro_rules! run_files {
 
 run_files! {
     crosscoder => CROSSCODER,
+    sae => SAE,
     config => CONFIG,
     metrics => METRICS,
     checkpoint_dir => CHECKPOINT,

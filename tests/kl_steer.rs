@@ -56,6 +56,7 @@ fn l1(params: Params) -> Crosscoder {
             layer: Some(1),
             models: vec![],
             model_ids: vec![],
+            target: None,
         },
         params,
         threshold: None,

@@ -56,6 +56,7 @@ fn settings_line(saved: &SavedRun) -> String {
     let sparsity = match c.kind {
         Kind::BatchTopK => format!("BatchTopK, k {}", c.k),
         Kind::L1 => format!("L1, μ {}", c.mu),
+        Kind::Sae => format!("SAE on {}, k {}", c.target.unwrap_or_default(), c.k),
     };
     let batch = saved.batch().map_or(String::new(), |b| format!(", batch {b}"));
     format!("this run's settings: {sparsity}, dictionary size {}, learning rate {}{batch}", c.dict_size, c.lr)

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use crossdiff::crosscoder::{Init, Kind};
+use crossdiff::crosscoder::{Init, Kind, SaeTarget};
 use crossdiff::workflow::train::TrainJob;
 use eframe::egui;
 
@@ -21,6 +21,7 @@ pub const FIELDS: Fields = &[
     ("out", Field::Value("Run directory")),
     ("kind", Field::Value("Kind")),
     ("init", Field::Value("Init")),
+    ("target", Field::Value("SAE input")),
     ("dict-size", Field::Value("Dictionary size")),
     ("expansion", Field::Value("Dictionary size")),
     ("k", Field::Value("k")),
@@ -173,19 +174,37 @@ impl TrainView {
             ui.horizontal(|ui| {
                 ui.radio_value(&mut c.kind, Kind::BatchTopK, "BatchTopK");
                 ui.radio_value(&mut c.kind, Kind::L1, "L1");
+                ui.radio_value(&mut c.kind, Kind::Sae, "SAE")
+                    .on_hover_text("A BatchTopK sparse autoencoder on one activation per token (a diff-SAE by default)");
             });
             ui.end_row();
-            ui.label("Init");
-            ui.horizontal(|ui| {
-                ui.radio_value(&mut c.init, Init::Shared, "shared")
-                    .on_hover_text("One encoder matrix for both models (the paper's scripts)");
-                ui.radio_value(&mut c.init, Init::Independent, "independent").on_hover_text(
-                    "One matrix per model (the authors' library default): chat-only directions separate in fewer steps",
-                );
-            });
+            if c.kind == Kind::Sae {
+                ui.label("SAE input");
+                ui.horizontal(|ui| {
+                    let target = c.target.get_or_insert_default();
+                    for (t, label) in [
+                        (SaeTarget::ChatMinusBase, "chat − base"),
+                        (SaeTarget::BaseMinusChat, "base − chat"),
+                        (SaeTarget::Base, "base"),
+                        (SaeTarget::Chat, "chat"),
+                    ] {
+                        ui.radio_value(target, t, label);
+                    }
+                });
+            } else {
+                c.target = None;
+                ui.label("Init");
+                ui.horizontal(|ui| {
+                    ui.radio_value(&mut c.init, Init::Shared, "shared")
+                        .on_hover_text("One encoder matrix for both models (the paper's scripts)");
+                    ui.radio_value(&mut c.init, Init::Independent, "independent").on_hover_text(
+                        "One matrix per model (the authors' library default): chat-only directions separate in fewer steps",
+                    );
+                });
+            }
             ui.end_row();
             optional_ui(ui, "Dictionary size", "32 × the model width", &mut c.dict_size, 1 << 20);
-            if c.kind == Kind::BatchTopK {
+            if c.kind.is_topk() {
                 let name = ui.label("k").id;
                 ui.add(number(&mut c.k).range(1..=4096)).labelled_by(name);
             } else {

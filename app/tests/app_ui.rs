@@ -112,6 +112,7 @@ fn analysed_run(tag: &str) -> std::path::PathBuf {
                 crossdiff::Snapshot::open(&assets.join("tiny-gemma2/base")).unwrap().identity().unwrap(),
                 crossdiff::Snapshot::open(&assets.join("tiny-gemma2/chat")).unwrap().identity().unwrap(),
             ],
+            target: None,
         },
         params: Params { w_dec: tensor(w_dec, [dict, 2 * d], &device), ..p },
         threshold: None,

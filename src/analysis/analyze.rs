@@ -309,7 +309,7 @@ fn finish(
         thresholds: serde_json::json!({
             "base_only_below": 0.1, "shared": [0.4, 0.6], "chat_only_from": 0.9,
             "chat_specific": {"nu_error_below": 0.2, "nu_reconstruction_below": 0.5},
-            "inference_threshold": cc.threshold, "kind": match cc.config.kind { Kind::L1 => "l1", Kind::BatchTopK => "batchtopk" },
+            "inference_threshold": cc.threshold, "kind": match cc.config.kind { Kind::L1 => "l1", Kind::BatchTopK => "batchtopk", Kind::Sae => "sae" },
         }),
         crosscoder_checksum: cc.file_checksum,
     };

@@ -425,6 +425,7 @@ pub fn bench_analyze(
             layer: None,
             models: vec![],
             model_ids: vec![],
+            target: None,
         },
         params: Params {
             w_enc: tensor(enc, [2 * d, dict], device),

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::crosscoder::{Params, tensor};
+use crate::crosscoder::params::{Params, tensor};
 use crate::rng::SplitMix64;
 
 /// How the two models' encoder (and so decoder) blocks start.

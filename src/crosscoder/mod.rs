@@ -10,15 +10,19 @@
 mod init;
 pub mod kernels;
 pub mod optim;
+mod params;
+pub mod sae;
 pub mod train;
 
 pub use init::Init;
+pub use params::{Params, read_vec, tensor};
+pub use sae::SaeTarget;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::io::{LazyTensor, f32_bytes, write_atomic, write_safetensors_streaming};
@@ -29,6 +33,15 @@ use crate::run_dir::RunDir;
 pub enum Kind {
     L1,
     BatchTopK,
+    /// A BatchTopK SAE on one activation per token (`sae`): base, chat, or their difference.
+    Sae,
+}
+
+impl Kind {
+    /// Sparse by BatchTopK selection (k, θ, AuxK): the BatchTopK crosscoder and the SAE.
+    pub fn is_topk(self) -> bool {
+        matches!(self, Self::BatchTopK | Self::Sae)
+    }
 }
 
 impl std::str::FromStr for Kind {
@@ -37,7 +50,8 @@ impl std::str::FromStr for Kind {
         match s.to_ascii_lowercase().as_str() {
             "l1" => Ok(Self::L1),
             "batchtopk" | "batch-topk" | "topk" => Ok(Self::BatchTopK),
-            _ => bail!("--kind: \"{s}\" is not one of batchtopk, l1"),
+            "sae" => Ok(Self::Sae),
+            _ => bail!("--kind: \"{s}\" is not one of batchtopk, l1, sae"),
         }
     }
 }
@@ -60,58 +74,9 @@ pub struct CrosscoderConfig {
     /// The models' identities (base, chat): see [`crate::model::snapshot::Snapshot::identity`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub model_ids: Vec<String>,
-}
-
-/// Parameters, as plain tensors on one device (autodiff or not).
-#[derive(Clone)]
-pub struct Params {
-    /// `[2d, D]`: rows 0..d read the base activation, d..2d the chat one.
-    pub w_enc: Tensor<2>,
-    /// `[1, D]`.
-    pub b_enc: Tensor<2>,
-    /// `[D, 2d]`: row j is (d_j^base, d_j^chat).
-    pub w_dec: Tensor<2>,
-    /// `[1, 2d]`.
-    pub b_dec: Tensor<2>,
-}
-
-impl Params {
-    pub fn list(&self) -> [&Tensor<2>; 4] {
-        [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec]
-    }
-
-    pub fn map(self, mut f: impl FnMut(Tensor<2>) -> Tensor<2>) -> Self {
-        Self { w_enc: f(self.w_enc), b_enc: f(self.b_enc), w_dec: f(self.w_dec), b_dec: f(self.b_dec) }
-    }
-
-    pub fn dims(&self) -> (usize, usize) {
-        let [two_d, dict] = self.w_enc.dims();
-        (two_d / 2, dict)
-    }
-
-    /// Per-latent decoder norms `[D, 2]` (base, chat), read to the host.
-    pub fn decoder_norms(&self) -> Result<Vec<[f32; 2]>> {
-        let (d, dict) = self.dims();
-        let w = self.w_dec.clone().reshape([dict, 2, d]);
-        let n = w.square().sum_dim(2).sqrt().reshape([dict * 2]);
-        let v = read_vec(n)?;
-        Ok(v.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
-    }
-
-    /// `‖d_j^0‖ + ‖d_j^1‖` as a `[1, D]` tensor (part of the graph when the params are tracked).
-    pub fn norm_sum(&self) -> Tensor<2> {
-        let (d, dict) = self.dims();
-        let w = self.w_dec.clone().reshape([dict, 2, d]);
-        w.square().sum_dim(2).sqrt().sum_dim(1).reshape([1, dict])
-    }
-}
-
-pub fn tensor<const N: usize>(values: Vec<f32>, shape: [usize; N], device: &Device) -> Tensor<N> {
-    Tensor::from_data(TensorData::new(values, shape), (device, DType::F32))
-}
-
-pub fn read_vec<const N: usize>(t: Tensor<N>) -> Result<Vec<f32>> {
-    crate::counters::read_f32(t)
+    /// An SAE's input (`kind: sae`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<SaeTarget>,
 }
 
 /// Pre-activations → codes `f = ReLU(x·W_enc + b_enc)`, `[B, D]`.
@@ -229,6 +194,9 @@ impl Crosscoder {
     /// Writes `crosscoder.safetensors` (the authors' names and shapes) and `config.json`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         fs_err::create_dir_all(dir)?;
+        if self.config.kind == Kind::Sae {
+            return self.save_sae(dir);
+        }
         let (d, dict) = self.params.dims();
         let p = &self.params;
         let lazy = |name: &str, shape: Vec<usize>, t: Tensor<2>| LazyTensor {
@@ -277,11 +245,16 @@ impl Crosscoder {
     /// `config.json` beside it is optional (shapes and the `k`/`threshold` tensors say the rest).
     pub fn load(dir_or_file: &Path, device: &Device) -> Result<Self> {
         let (dir, file) = if dir_or_file.is_dir() {
-            (dir_or_file.to_path_buf(), RunDir::new(dir_or_file).crosscoder())
+            let run = RunDir::new(dir_or_file);
+            let file = if run.sae().exists() && !run.crosscoder().exists() { run.sae() } else { run.crosscoder() };
+            (dir_or_file.to_path_buf(), file)
         } else {
             (dir_or_file.parent().map(Path::to_path_buf).unwrap_or_default(), dir_or_file.to_path_buf())
         };
         let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: cannot read: {e}", file.display()))?;
+        if sae::is_sae_file(&bytes) {
+            return Self::load_sae(&dir, &file, &bytes, device);
+        }
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
             anyhow!("{}: corrupt safetensors header: {}", file.display(), crate::io::diagnose_safetensors(&bytes, &e))
         })?;
@@ -416,6 +389,7 @@ impl Crosscoder {
                 layer: None,
                 models: Vec::new(),
                 model_ids: Vec::new(),
+                target: None,
             }
         };
         Ok(Self {
@@ -434,6 +408,9 @@ impl Crosscoder {
     /// Inference codes: L1 → ReLU codes; BatchTopK → the global JumpReLU `f_j` where the
     /// norm-scaled score exceeds θ (all positive codes when no θ was learned yet).
     pub fn codes(&self, x: Tensor<2>) -> Tensor<2> {
+        if self.config.kind == Kind::Sae {
+            return sae::codes(&self.params, self.threshold, x);
+        }
         let f = encode(&self.params, x);
         match (self.config.kind, self.threshold) {
             (Kind::BatchTopK, Some(theta)) => {
@@ -442,6 +419,58 @@ impl Crosscoder {
             }
             _ => f,
         }
+    }
+}
+
+impl Crosscoder {
+    /// Writes `sae.safetensors` and `config.json`.
+    fn save_sae(&self, dir: &Path) -> Result<()> {
+        let run = RunDir::new(dir);
+        sae::save(&run.sae(), &self.params, self.config.k, self.threshold)?;
+        let text = serde_json::to_string_pretty(&self.config)?;
+        crate::io::write_atomic(&run.config(), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
+    }
+
+    /// Reads an SAE file; `config.json` beside it (when there) must agree with the weights.
+    fn load_sae(dir: &Path, file: &Path, bytes: &[u8], device: &Device) -> Result<Self> {
+        let sae = sae::load(file, bytes, device)?;
+        let config_path = RunDir::new(dir).config();
+        let config = if config_path.exists() {
+            let c: CrosscoderConfig = RunDir::new(dir).read_config()?;
+            if c.kind != Kind::Sae || c.d != sae.d || c.dict_size != sae.dict || c.k != sae.k {
+                bail!(
+                    "{}: kind/d/D/k ({:?}, {}, {}, {}) do not match the SAE in {} ({}, {}, {})",
+                    config_path.display(),
+                    c.kind,
+                    c.d,
+                    c.dict_size,
+                    c.k,
+                    file.display(),
+                    sae.d,
+                    sae.dict,
+                    sae.k
+                );
+            }
+            c
+        } else {
+            CrosscoderConfig {
+                kind: Kind::Sae,
+                d: sae.d,
+                dict_size: sae.dict,
+                k: sae.k,
+                mu: 0.0,
+                layer: None,
+                models: Vec::new(),
+                model_ids: Vec::new(),
+                target: None,
+            }
+        };
+        Ok(Self {
+            config,
+            params: sae.params,
+            threshold: sae.threshold,
+            file_checksum: Some(crate::io::checksum(bytes)),
+        })
     }
 }
 

@@ -147,6 +147,7 @@ impl AnalyzeJob {
         })?;
         let _lock = crate::io::DirLock::acquire(run.path(), "run")?;
         let cc = Crosscoder::load(run.path(), device)?;
+        crate::workflow::checks::crosscoder_run(&cc, run.path(), "analyze")?;
         if cc.config.kind == crate::crosscoder::Kind::BatchTopK && cc.threshold.is_none() {
             bail!(
                 "{}: the BatchTopK crosscoder has no inference threshold yet (θ is estimated on the steps after \

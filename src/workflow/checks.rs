@@ -57,6 +57,22 @@ pub fn check_resolved_layer(layer: usize, blocks: usize, flag: Option<usize>, ru
     Ok(())
 }
 
+/// The jobs that read a crosscoder's two decoders (analyze, kl, steer, the prompt lab) refuse an
+/// SAE run in one line naming it.
+pub fn crosscoder_run(cc: &Crosscoder, run: &Path, job: &str) -> Result<()> {
+    match (cc.config.kind, cc.config.target) {
+        (crate::crosscoder::Kind::Sae, target) => Err(bad(
+            "run",
+            format!(
+                "{} holds an SAE (kind sae, target {}), not a crosscoder: {job} reads crosscoder runs",
+                run.display(),
+                target.map_or_else(|| "unknown".to_string(), |t| t.to_string())
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A crosscoder and a model meet: the same residual width, or one line naming both.
 pub fn check_width(cc: &Crosscoder, run: &Path, model: &Model, model_dir: &Path) -> Result<()> {
     let width = model.gemma.config.hidden_size;
@@ -194,6 +210,7 @@ mod tests {
             layer: Some(1),
             models: vec![],
             model_ids: vec!["b".into(), "c".into()],
+            target: None,
         };
         let other = CrosscoderConfig { kind: crate::crosscoder::Kind::BatchTopK, k: 4, mu: 0.0, ..base.clone() };
         let (pa, pb) = (Path::new("a"), Path::new("b"));

@@ -99,6 +99,7 @@ impl KlJob {
         })?;
         let _lock = crate::io::DirLock::acquire(run.path(), "run")?;
         let cc = Crosscoder::load(run.path(), device)?;
+        crate::workflow::checks::crosscoder_run(&cc, run.path(), "kl")?;
         let rows = run.read_latents_of(&cc)?;
         let layer = resolve_layer(self.layer, &cc, &self.run)?;
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;

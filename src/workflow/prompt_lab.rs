@@ -60,6 +60,7 @@ impl PromptLabJob {
         self.validate()?;
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
         let cc = Crosscoder::load(&self.run, device)?;
+        crate::workflow::checks::crosscoder_run(&cc, &self.run, "the prompt lab")?;
         let layer = resolve_layer(None, &cc, &self.run)?;
         crate::workflow::checks::check_resolved_layer(layer, b.gemma.num_layers(), None, &self.run)?;
         check_width(&cc, &self.run, &b, &self.base)?;

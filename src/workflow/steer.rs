@@ -106,6 +106,7 @@ impl SteerJob {
         let run = RunDir::new(&self.run);
         let m = store.get(&self.model, device, self.load, handle)?;
         let cc = Crosscoder::load(run.path(), device)?;
+        crate::workflow::checks::crosscoder_run(&cc, run.path(), "steer")?;
         check_width(&cc, &self.run, &m, &self.model)?;
         // Steering adds a decoder direction to either model of the pair (usually the chat one).
         let ids = &cc.config.model_ids;

@@ -14,7 +14,7 @@ use crate::activations::cache::CacheIndex;
 use crate::activations::onthefly::{OnTheFlyConfig, OnTheFlySource};
 use crate::activations::reader::{CacheReader, PairBatch, ReaderConfig};
 use crate::crosscoder::train::{NoTrainingPairs, PairSource, StepMetrics, TrainConfig, TrainRun, defaults};
-use crate::crosscoder::{Crosscoder, Init, Kind};
+use crate::crosscoder::{Crosscoder, Init, Kind, SaeTarget};
 use crate::data::TokenizeOptions;
 use crate::model::gemma2::LoadOptions;
 use crate::workflow::Handle;
@@ -48,9 +48,13 @@ pub struct TrainJob {
     /// On the fly: interleave the data files 1:1 by tokens.
     #[arg(long, conflicts_with = "cache")]
     pub mix: bool,
-    /// The sparsity mechanism.
+    /// What to train: a `batchtopk` or `l1` crosscoder, or an `sae` (BatchTopK, on --target).
     #[arg(long, default_value = "batchtopk")]
     pub kind: Kind,
+    /// SAE only: what it reconstructs from each pair — `chat-minus-base` (a diff-SAE, the
+    /// default), `base-minus-chat`, `base` or `chat`.
+    #[arg(long)]
+    pub target: Option<SaeTarget>,
     /// Dictionary size D (default: 32 × d, the paper's).
     #[arg(long, conflicts_with = "expansion")]
     pub dict_size: Option<usize>,
@@ -139,6 +143,7 @@ impl Default for TrainJob {
             tokenize: TokenizeOptions::default(),
             mix: false,
             kind: Kind::BatchTopK,
+            target: None,
             dict_size: None,
             expansion: None,
             k: defaults::K,
@@ -210,6 +215,7 @@ impl TrainJob {
         let c = &saved.config;
         TrainJob {
             kind: c.kind,
+            target: c.target,
             dict_size: Some(c.dict_size),
             expansion: None,
             k: c.k,
@@ -257,6 +263,10 @@ impl TrainJob {
             dead_tokens: self.dead_tokens,
             init_norm: self.init_norm.unwrap_or(defaults.init_norm),
             init: self.init,
+            target: match self.kind {
+                Kind::Sae => Some(self.target.unwrap_or_default()),
+                _ => None,
+            },
             k_anneal_from: self.k_anneal_from,
             k_anneal_steps: self.k_anneal_steps,
             squared_recon: self.squared_recon,

@@ -36,12 +36,26 @@ impl TrainJob {
         if let Some(n) = self.expansion {
             positive(n as u64, "expansion")?;
         }
-        if self.kind == Kind::BatchTopK {
+        if self.kind.is_topk() {
             ensure(self.k > 0, "k", || "must be at least 1 (k = 0 keeps no latent)".into())?;
         }
-        ensure(self.k_anneal_from.is_none() || self.kind == Kind::BatchTopK, "k-anneal-from", || {
+        ensure(self.k_anneal_from.is_none() || self.kind.is_topk(), "k-anneal-from", || {
             "is for BatchTopK (an L1 crosscoder has no k)".into()
         })?;
+        ensure(self.target.is_none() || self.kind == Kind::Sae, "target", || {
+            "is what an SAE reconstructs: give it with --kind sae".into()
+        })?;
+        if self.kind == Kind::Sae {
+            ensure(self.init == crate::crosscoder::Init::Shared, "init", || {
+                "chooses how a crosscoder's two models start; an SAE (--kind sae) has one input".into()
+            })?;
+            ensure(self.init_norm.is_none(), "init-norm", || {
+                "is a crosscoder's encoder scale; an SAE (--kind sae) starts with unit-norm directions".into()
+            })?;
+            ensure(!self.squared_recon, "squared-recon", || {
+                "is a crosscoder's option; an SAE's loss is already the squared error".into()
+            })?;
+        }
         if let Some(from) = self.k_anneal_from {
             ensure(from >= self.k, "k-anneal-from", || format!("({from}) must be at least --k ({})", self.k))?;
             ensure(self.k_anneal_steps > 0, "k-anneal-from", || {
@@ -215,7 +229,7 @@ impl TrainJob {
     /// training state is loaded.
     pub(super) fn sizes(&self, d: usize, one_pass: Option<u64>, device: &burn::tensor::Device) -> Result<(usize, u64)> {
         let dict = self.dict_size_for(d);
-        if self.kind == Kind::BatchTopK {
+        if self.kind.is_topk() {
             ensure(self.k <= dict, "k", || format!("{} is larger than the dictionary (D = {dict})", self.k))?;
         }
         if let Some(from) = self.k_anneal_from {
@@ -233,7 +247,7 @@ impl TrainJob {
                 format!("{} must be within the step budget ({steps}): k would never reach --k", self.k_anneal_steps)
             })?;
         }
-        if let (Kind::BatchTopK, Some(start)) = (self.kind, self.threshold_start) {
+        if let (true, Some(start)) = (self.kind.is_topk(), self.threshold_start) {
             ensure(steps > start.saturating_add(1), "threshold-start", || {
                 format!(
                     "{start} must be below the step budget ({steps}) minus 1: BatchTopK's inference threshold is \

@@ -1,6 +1,8 @@
 //! Shared test helpers: the committed fixtures and their transformers reference outputs.
 #![allow(dead_code)]
 
+pub mod planted;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -348,14 +348,12 @@ fn train_summary(
             format!("train: nothing to do, {out} already holds a finished run")
         };
     };
-    let metrics = format!(
-        "loss {:.4}, FVE base {:.3} chat {:.3}, L0 {:.1}, dead {:.1}%",
-        m.loss,
-        m.fve_base,
-        m.fve_chat,
-        m.l0,
-        100.0 * m.dead_frac
-    );
+    // An SAE has one input: its FVE fills both fields.
+    let fve = match cc.config.target {
+        Some(t) => format!("FVE of {t} {:.3}", m.fve_chat),
+        None => format!("FVE base {:.3} chat {:.3}", m.fve_base, m.fve_chat),
+    };
+    let metrics = format!("loss {:.4}, {fve}, L0 {:.1}, dead {:.1}%", m.loss, m.l0, 100.0 * m.dead_frac);
     if stopped && done.step < done.total_steps {
         format!(
             "train: stopped at step {} of {} (checkpoint saved; re-run the same command to resume); last logged step {}: {metrics} → {out} ({:.1}s, {device})",
@@ -364,8 +362,15 @@ fn train_summary(
     } else {
         let logged = if m.step == done.step { String::new() } else { format!(", last logged step {}", m.step) };
         format!(
-            "train: {:?} D={} step {} ({} tokens{logged}), {metrics} → {out} ({:.1}s, {device})",
-            cc.config.kind, cc.config.dict_size, done.step, m.tokens, done.seconds
+            "train: {} D={} step {} ({} tokens{logged}), {metrics} → {out} ({:.1}s, {device})",
+            match cc.config.kind {
+                crossdiff::crosscoder::Kind::Sae => "SAE".to_string(),
+                k => format!("{k:?}"),
+            },
+            cc.config.dict_size,
+            done.step,
+            m.tokens,
+            done.seconds
         )
     }
 }

@@ -68,7 +68,7 @@ pub fn save(out: &Path, cfg: &TrainConfig, s: &TrainState, made: &Provenance) ->
     let run = RunDir::new(out);
     let dir = run.checkpoint_dir();
     fs_err::create_dir_all(&dir)?;
-    let (d, _) = s.params.dims();
+    let d = cfg.width_of(&s.params);
     let weights = format!("state-{:09}.safetensors", s.step);
     let mut tensors = Vec::new();
     for (prefix, p) in [("param", &s.params), ("adam_m", &s.adam_m), ("adam_v", &s.adam_v)] {
@@ -287,26 +287,28 @@ pub fn load(out: &Path, cfg: &TrainConfig, made: &Provenance, device: &Device) -
         .map_err(|e| anyhow!("{}: corrupt checkpoint: {e}", file.display()))?;
     // The width the weights hold, against state.json's `d`; then every tensor's shape.
     let w_enc = st.tensor("param.w_enc").map_err(|_| anyhow!("{}: missing `param.w_enc`", file.display()))?;
-    let (two_d, dict) = match w_enc.shape() {
-        &[two_d, dict] => (two_d, dict),
-        other => bail!("{}: `param.w_enc` has shape {other:?}, not [2d, D]", file.display()),
+    // A crosscoder's rows hold both models (2d); an SAE's one input (d).
+    let blocks = if cfg.kind == crate::crosscoder::Kind::Sae { 1 } else { 2 };
+    let (rows, dict) = match w_enc.shape() {
+        &[rows, dict] => (rows, dict),
+        other => bail!("{}: `param.w_enc` has shape {other:?}, not [{blocks}d, D]", file.display()),
     };
-    if two_d != 2 * meta.d {
+    if rows != blocks * meta.d {
         bail!(
-            "{}: field `d` is {}, but the weights in {} have d = {} (`param.w_enc` is [{two_d}, {dict}])",
+            "{}: field `d` is {}, but the weights in {} have d = {} (`param.w_enc` is [{rows}, {dict}])",
             path.display(),
             meta.d,
             meta.weights,
-            two_d as f64 / 2.0
+            rows as f64 / blocks as f64
         );
     }
     let (d, dict) = (meta.d, cfg.dict_size);
     let expected = |name: &str| -> [usize; 2] {
         match name {
-            "w_enc" => [2 * d, dict],
+            "w_enc" => [blocks * d, dict],
             "b_enc" => [1, dict],
-            "w_dec" => [dict, 2 * d],
-            _ => [1, 2 * d],
+            "w_dec" => [dict, blocks * d],
+            _ => [1, blocks * d],
         }
     };
     let get = |prefix: &str, name: &str| -> Result<Tensor<2>> {
@@ -315,7 +317,7 @@ pub fn load(out: &Path, cfg: &TrainConfig, made: &Provenance, device: &Device) -
         let want = expected(name);
         if v.shape() != want {
             bail!(
-                "{}: `{full}` has shape {:?}, a crosscoder with d = {d} and D = {dict} needs {want:?}",
+                "{}: `{full}` has shape {:?}, a dictionary with d = {d} and D = {dict} needs {want:?}",
                 file.display(),
                 v.shape()
             );

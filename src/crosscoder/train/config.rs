@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::crosscoder::{Init, Kind};
+use crate::crosscoder::{Init, Kind, Params, SaeTarget};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
@@ -24,6 +24,9 @@ pub struct TrainConfig {
     /// One encoder matrix for both models (the paper's scripts) or one per model.
     #[serde(default)]
     pub init: Init,
+    /// An SAE's input (`kind: sae`; `None` for crosscoders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<SaeTarget>,
     pub k_anneal_from: Option<usize>,
     pub k_anneal_steps: u64,
     pub squared_recon: bool,
@@ -81,10 +84,11 @@ impl TrainConfig {
             dead_tokens: DEAD_TOKENS,
             init_norm: Self::default_init_norm(kind),
             init: Init::Shared,
+            target: (kind == Kind::Sae).then_some(SaeTarget::ChatMinusBase),
             k_anneal_from: None,
             k_anneal_steps: 0,
             squared_recon: false,
-            clip_grad: if kind == Kind::BatchTopK { Some(1.0) } else { None },
+            clip_grad: if kind.is_topk() { Some(1.0) } else { None },
             sparse: true,
             cpu_kernels: true,
             seed: 0,
@@ -108,6 +112,13 @@ impl TrainConfig {
             }
             _ => self.k,
         }
+    }
+
+    /// The width of one input row to the dictionary: one model's d for a crosscoder (whose rows
+    /// hold both models), the input's d for an SAE.
+    pub fn width_of(&self, p: &Params) -> usize {
+        let [rows, _] = p.w_enc.dims();
+        if self.kind == Kind::Sae { rows } else { rows / 2 }
     }
 
     pub fn lr_at(&self, step: u64) -> f64 {

@@ -25,7 +25,7 @@ pub fn step(input: StepInput) -> Result<StepOutput> {
             let grads = backward(&loss, &p)?;
             Ok(StepOutput::new(selection, loss, recon, None, err, grads))
         }
-        Kind::BatchTopK => {
+        Kind::BatchTopK | Kind::Sae => {
             let scores = read_vec(f.clone().detach() * p.norm_sum().detach())?;
             let keep = cfg.k_at(step) * b;
             let (mask, min_kept) = select_batch_topk(&scores, keep);

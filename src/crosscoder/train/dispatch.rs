@@ -25,6 +25,9 @@ pub fn step_loss(
     step: u64,
     since_selected: &mut [u64],
 ) -> Result<StepOutput> {
+    if cfg.kind == Kind::Sae {
+        return super::sae_step::step(cfg, p, x, step, since_selected);
+    }
     let input = StepInput::new(cfg, p, x, step, since_selected);
     if !(cfg.kind == Kind::BatchTopK && cfg.sparse) {
         return dense::step(input);

@@ -14,6 +14,7 @@ mod dense;
 mod dispatch;
 pub mod host_sparse;
 mod kernel_sparse;
+mod sae_step;
 mod step;
 
 use std::io::Write;
@@ -130,7 +131,7 @@ impl TrainRun<'_> {
         let made = Provenance { model_ids: &self.model_ids, source: &self.source_fingerprint };
         let mut state = match load(&self.out, &cfg, &made, &self.device)? {
             Some(s) => {
-                let (d, _) = s.params.dims();
+                let d = cfg.width_of(&s.params);
                 if d != self.width {
                     bail!("{}: field `d` is {d}, the data has width {}", run.checkpoint_state().display(), self.width);
                 }
@@ -157,7 +158,7 @@ impl TrainRun<'_> {
         if state.step == 0 {
             let _ = std::fs::remove_file(run.metrics());
         }
-        let (d, _) = state.params.dims();
+        let d = cfg.width_of(&state.params);
         let mut metrics_file = fs_err::OpenOptions::new().create(true).append(true).open(run.metrics())?;
         let mut first_batch = state.step == 0;
         // The step the checkpoint on disk holds (None: no checkpoint yet), and whether it records
@@ -180,23 +181,30 @@ impl TrainRun<'_> {
                 bail!("the data has width {}, the crosscoder {d}", batch.d);
             }
             let step = state.step + 1;
-            if first_batch && cfg.kind == Kind::BatchTopK {
-                // b_dec^m := geometric median of the first batch, per model.
-                let mut b_dec = Vec::with_capacity(2 * d);
-                for m in 0..2 {
-                    let rows: Vec<f32> =
-                        batch.acts.chunks_exact(2 * d).flat_map(|r| r[m * d..(m + 1) * d].to_vec()).collect();
-                    b_dec.extend(geometric_median(&rows, d, 100, 1e-5));
-                }
-                state.params.b_dec = tensor(b_dec, [1, 2 * d], &self.device);
+            if first_batch && cfg.kind.is_topk() {
+                // b_dec := geometric median of the first batch (per model; an SAE's of its input).
+                state.params.b_dec =
+                    tensor(first_median(&cfg, &batch.acts, d), [1, state.params.b_dec.dims()[1]], &self.device);
             }
             first_batch = false;
-            let x = tensor(batch.acts, [batch.batch, 2 * d], &self.device);
+            let x = match cfg.target {
+                Some(target) if cfg.kind == Kind::Sae => {
+                    tensor(target.rows(&batch.acts, d), [batch.batch, d], &self.device)
+                }
+                _ => tensor(batch.acts, [batch.batch, 2 * d], &self.device),
+            };
             let out = step_loss(&cfg, &state.params, x.clone(), step, &mut state.since_selected)?;
-            let g = clip_gradients(out.gradients()?, cfg.clip_grad)?;
+            let mut g = out.gradients()?;
+            if cfg.kind == Kind::Sae {
+                g[2] = crate::crosscoder::sae::remove_parallel_gradient(&state.params.w_dec, g[2].clone());
+            }
+            let g = clip_gradients(g, cfg.clip_grad)?;
             let lr = cfg.lr_at(step);
             let TrainState { params, adam_m, adam_v, .. } = &mut state;
             AdamConfig::default().update_params(step, lr, params, adam_m, adam_v, g);
+            if cfg.kind == Kind::Sae {
+                params.w_dec = crate::crosscoder::sae::unit_rows(params.w_dec.clone());
+            }
             state.threshold = update_threshold(state.threshold, out.min_kept(), step, cfg.threshold_start);
             state.step = step;
             state.tokens += batch.batch as u64;
@@ -246,7 +254,11 @@ impl TrainRun<'_> {
 
     fn fresh_state(&self) -> Result<TrainState> {
         let cfg = &self.config;
-        let params = Params::init_as(cfg.init, self.width, cfg.dict_size, cfg.init_norm, cfg.seed, &self.device);
+        let params = if cfg.kind == Kind::Sae {
+            crate::crosscoder::sae::init(self.width, cfg.dict_size, cfg.seed, &self.device)
+        } else {
+            Params::init_as(cfg.init, self.width, cfg.dict_size, cfg.init_norm, cfg.seed, &self.device)
+        };
         let zeros = params.clone().map(|t| t.zeros_like());
         Ok(TrainState {
             adam_m: zeros.clone(),
@@ -263,13 +275,19 @@ impl TrainRun<'_> {
     fn validation_fve(&self, state: &TrainState, v: &PairBatch) -> Result<[f64; 2]> {
         let cc = self.crosscoder(state);
         let d = v.d;
+        if let (Kind::Sae, Some(target)) = (self.config.kind, self.config.target) {
+            let x = tensor(target.rows(&v.acts, d), [v.batch, d], &self.device);
+            let recon = cc.codes(x.clone()).matmul(cc.params.w_dec.clone()) + cc.params.b_dec.clone();
+            let f = crate::crosscoder::train::step::fve_blocks(&x, &(x.clone() - recon), 1, d)?[0];
+            return Ok([f, f]);
+        }
         let x = tensor(v.acts.clone(), [v.batch, 2 * d], &self.device);
         let recon = decode(&cc.params, cc.codes(x.clone()));
         fve(&x, &(x.clone() - recon), d)
     }
 
     fn crosscoder(&self, state: &TrainState) -> Crosscoder {
-        let (d, dict) = state.params.dims();
+        let (d, dict) = (self.config.width_of(&state.params), state.params.w_enc.dims()[1]);
         Crosscoder {
             config: CrosscoderConfig {
                 kind: self.config.kind,
@@ -281,6 +299,7 @@ impl TrainRun<'_> {
                 layer: self.layer,
                 models: self.models.clone(),
                 model_ids: self.model_ids.clone(),
+                target: self.config.target.filter(|_| self.config.kind == Kind::Sae),
             },
             params: state.params.clone(),
             threshold: state.threshold,
@@ -293,6 +312,20 @@ impl TrainRun<'_> {
         cc.save(&self.out)?;
         Ok(cc)
     }
+}
+
+/// b_dec's start: the geometric median of the first batch (Weiszfeld, ≤ 100 iterations, tol 1e-5),
+/// per model for a crosscoder, of the SAE's input rows for an SAE.
+fn first_median(cfg: &TrainConfig, pairs: &[f32], d: usize) -> Vec<f32> {
+    if let (Kind::Sae, Some(target)) = (cfg.kind, cfg.target) {
+        return geometric_median(&target.rows(pairs, d), d, 100, 1e-5);
+    }
+    let mut b_dec = Vec::with_capacity(2 * d);
+    for m in 0..2 {
+        let rows: Vec<f32> = pairs.chunks_exact(2 * d).flat_map(|r| r[m * d..(m + 1) * d].to_vec()).collect();
+        b_dec.extend(geometric_median(&rows, d, 100, 1e-5));
+    }
+    b_dec
 }
 
 /// Training went non-finite at `step`: the error says so and what is kept.

@@ -74,6 +74,9 @@ pub struct StepOutput {
     pub kept: Option<(Vec<f32>, Option<f32>)>,
     /// ∂loss/∂(w_enc, b_enc, w_dec, b_dec).
     grads: [Tensor<2>; 4],
+    /// Models in a row of the batch: 2 for a crosscoder's pairs, 1 for an SAE's input (whose FVE
+    /// then fills both metrics fields).
+    blocks: usize,
 }
 
 impl StepOutput {
@@ -94,7 +97,13 @@ impl StepOutput {
             err: err.inner(),
             kept: selection.kept,
             grads,
+            blocks: 2,
         }
+    }
+
+    /// The outcome of an SAE step: one model's width per row.
+    pub fn one_block(self) -> Self {
+        Self { blocks: 1, ..self }
     }
 
     /// The gradients for (w_enc, b_enc, w_dec, b_dec), without autodiff.
@@ -109,8 +118,13 @@ impl StepOutput {
 
     /// The metrics line of this step on the batch `x` (`[B, 2d]`).
     pub fn metrics(&self, x: &Tensor<2>, step: u64, tokens: u64, dead_frac: f64, lr: f64) -> Result<StepMetrics> {
-        let [b, two_d] = x.dims();
-        let [fve_base, fve_chat] = fve(x, &self.err, two_d / 2)?;
+        let [b, width] = x.dims();
+        let [fve_base, fve_chat] = if self.blocks == 1 {
+            let v = fve_blocks(x, &self.err, 1, width)?[0];
+            [v, v]
+        } else {
+            fve(x, &self.err, width / 2)?
+        };
         let scalar = |t: &Tensor<1>| -> Result<f64> { Ok(read_vec(t.clone().detach())?[0] as f64) };
         Ok(StepMetrics {
             step,
@@ -261,8 +275,15 @@ pub fn update_threshold(theta: Option<f32>, min_kept: Option<f32>, step: u64, st
 
 /// FVE per model on a batch: `1 − Σ_dims Var(h − ĥ) / Σ_dims Var(h)`.
 pub fn fve(x: &Tensor<2>, err: &Tensor<2>, d: usize) -> Result<[f64; 2]> {
-    let var =
-        |t: Tensor<2>| -> Result<Vec<f32>> { read_vec(t.detach().var(0).reshape([2, d]).sum_dim(1).reshape([2])) };
+    let v = fve_blocks(x, err, 2, d)?;
+    Ok([v[0], v[1]])
+}
+
+/// FVE of each of `blocks` consecutive d-wide blocks of the rows.
+pub fn fve_blocks(x: &Tensor<2>, err: &Tensor<2>, blocks: usize, d: usize) -> Result<Vec<f64>> {
+    let var = |t: Tensor<2>| -> Result<Vec<f32>> {
+        read_vec(t.detach().var(0).reshape([blocks, d]).sum_dim(1).reshape([blocks]))
+    };
     let (total, resid) = (var(x.clone())?, var(err.clone())?);
-    Ok([0, 1].map(|m| 1.0 - resid[m] as f64 / total[m].max(1e-30) as f64))
+    Ok((0..blocks).map(|m| 1.0 - resid[m] as f64 / total[m].max(1e-30) as f64).collect())
 }
