@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use crossdiff::analysis::kl::{KlStat, PatchOn};
 use crossdiff::analysis::latents::LatentClass;
+use crossdiff::workflow::analyze::Analysed;
 use crossdiff::workflow::analyze::{AnalyzeJob, MAX_CONTEXT, MAX_EXAMPLES};
 use crossdiff::workflow::kl::KlJob;
 use eframe::egui;
@@ -131,8 +132,13 @@ impl AnalyzeView {
 
     fn start_analysis(&mut self, env: &JobEnv) {
         let (job, delivery) = (self.job_config(), self.delivery.clone());
-        self.job.start(env.spawn("latent analysis", move |device, _, handle| match job.run(device, handle) {
-            Ok(done) => {
+        self.job.start(env.spawn("latent analysis", move |device, _, handle| match job.run_any(device, handle) {
+            Ok(Analysed::Sae(done)) => {
+                let line = done.line();
+                delivery.put(line.clone());
+                Ok(line)
+            }
+            Ok(Analysed::Crosscoder(done)) => {
                 let n = |c| done.summary.count(c);
                 let pass = done.rows.iter().filter(|r| r.is_chat_specific()).count();
                 delivery.put(format!(

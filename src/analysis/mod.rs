@@ -8,4 +8,5 @@ pub mod kl;
 mod kl_positions;
 pub mod latents;
 pub mod prompt_lab;
+pub mod sae_latents;
 pub mod steer;

@@ -206,6 +206,90 @@ impl AnalyzeJob {
     }
 }
 
+/// What an analysis of either kind of run ends with.
+pub enum Analysed {
+    Crosscoder(AnalyzeOutcome),
+    Sae(SaeOutcome),
+}
+
+/// An SAE run's analysis: `sae-latents.csv` and `sae-summary.json`.
+pub struct SaeOutcome {
+    pub rows: Vec<crate::analysis::sae_latents::SaeLatentRow>,
+    pub summary: crate::analysis::sae_latents::SaeSummary,
+    pub seconds: f64,
+}
+
+impl SaeOutcome {
+    /// One line for a summary: input, tokens, FVE, L0, and the authors' |ν| counts.
+    pub fn line(&self) -> String {
+        let s = &self.summary;
+        let below: Vec<String> = s.ratio_below.iter().map(|(t, n)| format!("{n} with |ν| ≤ {t}")).collect();
+        format!(
+            "SAE on {}: {} latents over {} tokens, {:.1}% dead; FVE {:.3}, L0 {:.1}; chat-specificity β_base/β_chat: {}",
+            s.target,
+            self.rows.len(),
+            s.tokens,
+            100.0 * s.dead_fraction,
+            s.fve,
+            s.l0,
+            below.join(", ")
+        )
+    }
+}
+
+impl AnalyzeJob {
+    /// Analyses the run in `--run` whichever kind it is: a crosscoder ([`AnalyzeJob::run`]) or an
+    /// SAE ([`AnalyzeJob::run_sae`]).
+    pub fn run_any(&self, device: &Device, handle: Handle) -> Result<Analysed> {
+        let is_sae = RunDir::new(&self.run).read_config().is_ok_and(|c| c.kind == crate::crosscoder::Kind::Sae);
+        if is_sae {
+            self.run_sae(device, handle).map(Analysed::Sae)
+        } else {
+            self.run(device, handle).map(Analysed::Crosscoder)
+        }
+    }
+
+    /// An SAE run on the cache: per-latent frequency, largest code, template share and the authors'
+    /// activation β ratio (`crate::analysis::sae_latents`). The models, examples and Latent
+    /// Scaling's crosscoder targets do not apply (`--base`/`--chat` are refused).
+    pub fn run_sae(&self, device: &Device, handle: Handle) -> Result<SaeOutcome> {
+        self.validate()?;
+        let started = std::time::Instant::now();
+        let run = RunDir::new(&self.run);
+        crate::bad_value::ensure(run.path().is_dir(), "run", || {
+            format!("{}: no such run folder", run.path().display())
+        })?;
+        ensure(self.base.is_none() && self.chat.is_none(), "base", || {
+            "and --chat give a crosscoder's token lists; an SAE run's analysis takes none".into()
+        })?;
+        let _lock = crate::io::DirLock::acquire(run.path(), "run")?;
+        let cc = Crosscoder::load(run.path(), device)?;
+        ensure(cc.config.kind == crate::crosscoder::Kind::Sae, "run", || {
+            format!("{} holds a crosscoder, not an SAE", run.path().display())
+        })?;
+        let index = CacheIndex::open(&self.cache)?;
+        index.check_usable(&self.cache, self.allow_partial)?;
+        check_run_against_cache(&cc, &self.run, &index, &self.cache, self.allow_other_models)?;
+        let (rows, summary) = crate::analysis::sae_latents::analyze_sae(
+            &cc,
+            &self.cache,
+            device,
+            self.tokens,
+            self.batch,
+            |done, total| handle.progress("analysing", done, total, "tokens"),
+            || handle.keep_going(),
+        )?;
+        if let Some(r) = rows.iter().find(|r| !(r.freq.is_finite() && r.max_act.is_finite())) {
+            bail!("the SAE analysis came out unusable (latent {} not finite); nothing was written", r.latent);
+        }
+        if !summary.fve.is_finite() {
+            bail!("the SAE analysis came out unusable (FVE {}); nothing was written", summary.fve);
+        }
+        run.write_sae_latents(&rows, &summary)?;
+        Ok(SaeOutcome { rows, summary, seconds: started.elapsed().as_secs_f64() })
+    }
+}
+
 /// A run analysed on a cache must share its width, its layer and its models (when both record
 /// them; `allow_other_models` lets the models differ).
 pub fn check_run_against_cache(

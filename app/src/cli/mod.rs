@@ -231,7 +231,15 @@ pub fn run() -> Result<()> {
         Command::Analyze(job) => {
             let device = backend.device()?;
             let bar = Bar::cancellable("tokens");
-            let done = job.run(&device, bar.handle())?;
+            let done = match job.run_any(&device, bar.handle())? {
+                crossdiff::workflow::analyze::Analysed::Crosscoder(done) => done,
+                crossdiff::workflow::analyze::Analysed::Sae(done) => {
+                    bar.finish();
+                    let file = crossdiff::run_dir::RunDir::new(&job.run).file(crossdiff::run_dir::RunDir::SAE_LATENTS);
+                    println!("analyze: {} → {} ({:.1}s, {device_name})", done.line(), file.display(), done.seconds);
+                    return Ok(());
+                }
+            };
             bar.finish();
             let (s, n) = (&done.summary, |c| done.summary.count(c));
             println!(
