@@ -138,6 +138,7 @@ pub struct CrossdiffApp {
     pub compare: crate::compare_view::CompareView,
     pub steering: crate::steering_view::SteeringView,
     pub prompt_lab: crate::prompt_lab_view::PromptLabView,
+    pub adl: crate::adl_view::AdlView,
     /// The guided tour's panel (shown on opening a project with runs until dismissed).
     pub tour: crate::tour::TourView,
     error: Option<String>,
@@ -171,6 +172,7 @@ impl CrossdiffApp {
             compare: crate::compare_view::CompareView::default(),
             steering: crate::steering_view::SteeringView::new(bundled("chat")),
             prompt_lab: crate::prompt_lab_view::PromptLabView::new(bundled("base"), bundled("chat")),
+            adl: crate::adl_view::AdlView::new(bundled("base"), bundled("chat")),
             tour: crate::tour::TourView::new(view.is_none()),
             error: None,
             sized: false,
@@ -220,6 +222,9 @@ impl CrossdiffApp {
                 // The KL check's conversations: the project's first chat data file.
                 let is_chat = |d: &&PathBuf| d.extension().is_some_and(|e| e == "jsonl" || e == "parquet");
                 self.analyze.kl_data = p.data.iter().find(is_chat).map(|d| s(d)).unwrap_or_default();
+                // The ADL reads plain text (the authors' setting): the project's first .txt file.
+                let text = p.data.iter().find(|d| d.extension().is_some_and(|e| e == "txt")).map(|d| s(d));
+                self.adl.prefill(&base, &chat, text, &p.dir.join("adl"));
                 self.compare.runs = [
                     runs.first().map(|r| r.display().to_string()).unwrap_or_default(),
                     runs.get(1).map(|r| r.display().to_string()).unwrap_or_default(),
@@ -436,6 +441,9 @@ impl eframe::App for CrossdiffApp {
             }
             Tab::Plots => {
                 egui::CentralPanel::default().show(ui, |ui| self.plots.ui(ui, &mut self.commands));
+            }
+            Tab::Adl => {
+                egui::CentralPanel::default().show(ui, |ui| self.adl.ui(ui, &env));
             }
         }
         if !self.commands.is_empty() {

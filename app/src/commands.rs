@@ -16,11 +16,12 @@ pub enum Tab {
     PromptLab,
     Steering,
     Compare,
+    Adl,
 }
 
 impl Tab {
     /// Every tab, in the top bar's order, with its label.
-    pub const ALL: [(Tab, &'static str); 9] = [
+    pub const ALL: [(Tab, &'static str); 10] = [
         (Tab::Models, "Models"),
         (Tab::Cache, "Cache"),
         (Tab::Train, "Train"),
@@ -30,6 +31,7 @@ impl Tab {
         (Tab::PromptLab, "Prompt lab"),
         (Tab::Steering, "Steering"),
         (Tab::Compare, "Compare runs"),
+        (Tab::Adl, "ADL"),
     ];
 
     /// The tab named by CROSSDIFF_VIEW (screenshots, demos).
@@ -44,6 +46,7 @@ impl Tab {
             "compare" => Tab::Compare,
             "steering" => Tab::Steering,
             "promptlab" => Tab::PromptLab,
+            "adl" => Tab::Adl,
             _ => return None,
         })
     }

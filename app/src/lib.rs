@@ -1,6 +1,7 @@
 //! The `crossdiff` program: command line (`cli`) and desktop app (`app`). All domain logic lives in
 //! the engine crate; this crate only parses, presents and runs work on background threads (`jobs`).
 
+pub mod adl_view;
 pub mod analyze_view;
 pub mod app;
 pub mod cache_view;

@@ -466,6 +466,51 @@ fn steering_view_generates_side_by_side_from_the_dashboard_button() {
 }
 
 #[test]
+fn adl_view_runs_the_lens_and_shows_its_tokens_and_steered_answers() {
+    let out = std::env::temp_dir().join(format!("crossdiff-app-adl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/data/web.txt");
+    let (data_text, out_text) = (data.display().to_string(), out.display().to_string());
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(|cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.adl.data = data_text;
+        app.adl.out_dir = out_text;
+        app.adl.config.samples = 8;
+        app.adl.config.max_new_tokens = 3;
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("ADL").click();
+    harness.run_steps(2);
+    // The bundled pair's middle block, as the authors choose it (int(0.5·(4 − 1))).
+    assert_eq!(harness.state().adl.config.layer, 1);
+    harness.get_by_label("Run ADL").click();
+    wait_for(&mut harness, "ADL finished: 8 documents × 16 positions at layer 1");
+    wait_for(&mut harness, "prompt: Tell me a story?");
+    // One answer per default prompt and strength.
+    assert_eq!(harness.query_all_by_label_contains("answer: ").count(), 3 * 5);
+    // The table reads through the chat model, and through the base model when ticked.
+    let report = crossdiff::workflow::adl::read_report(&out).unwrap();
+    let shown = |lens: &crossdiff::analysis::adl::Lens| {
+        lens.promoted
+            .iter()
+            .take(8)
+            .map(|t| crossdiff_app::widgets::printable(&t.token))
+            .collect::<Vec<_>>()
+            .join(" · ")
+    };
+    let (chat, base) = (shown(&report.per_position[3].chat), shown(&report.per_position[3].base));
+    assert_ne!(chat, base);
+    harness.get_by_label(&chat);
+    assert!(harness.query_by_label(&base).is_none());
+    harness.get_by_label("Read through the base model").click();
+    harness.run_steps(2);
+    harness.get_by_label(&base);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
 fn prompt_lab_shows_per_token_kl_and_latents() {
     let run = analysed_run("lab");
     let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(|cc| {

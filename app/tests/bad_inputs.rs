@@ -276,6 +276,30 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
         |extra: &[&str]| with(strings(&["steer", "--run", run, "--prompt", "hello", "--max-tokens", "3"]), extra);
     let generate =
         |extra: &[&str]| with(strings(&["generate", "--model", c, "--prompt", "hello", "--max-tokens", "3"]), extra);
+    let adl = |extra: &[&str]| {
+        with(
+            strings(&[
+                "adl",
+                "--base",
+                b,
+                "--chat",
+                c,
+                "--data",
+                web,
+                "--layer",
+                "1",
+                "--out",
+                &fresh,
+                "--samples",
+                "2",
+                "--positions",
+                "4",
+                "--max-new-tokens",
+                "2",
+            ]),
+            extra,
+        )
+    };
     // Broken snapshots: one config.json field each.
     let root = &w.root;
     let cfg = |name: &str, field: &'static str, value: serde_json::Value| {
@@ -992,6 +1016,27 @@ fn every_bad_input_is_one_line_naming_it_and_changes_nothing() {
             ]),
             "has class chat_only but Δ",
         ),
+        // ── the activation-difference lens ──
+        ("adl: 0 samples", adl(&["--samples", "0"]), "--samples must be positive"),
+        ("adl: 0 positions", adl(&["--positions", "0"]), "--positions must be positive"),
+        ("adl: layer beyond the blocks", adl(&["--layer", "4"]), "--layer 4 is out of range: the models have 4 blocks"),
+        ("adl: a strength that is no number", adl(&["--strengths", "1,abc"]), "invalid value 'abc' for '--strengths"),
+        ("adl: a NaN strength", adl(&["--strengths", "0,NaN"]), "--strengths must be finite numbers"),
+        ("adl: a huge strength", adl(&["--strengths", "1e30"]), "--strengths must be finite numbers within ±100"),
+        ("adl: a missing data file", adl(&["--data", "/no/data.txt"]), "/no/data.txt: cannot open"),
+        ("adl: --out is a file", adl(&["--out", &a_file]), "is a file, not a folder"),
+        (
+            "adl: steering with a position not averaged",
+            adl(&["--steer-position", "4"]),
+            "--steer-position 4 must be below --positions (4)",
+        ),
+        (
+            "adl: positions beyond the context",
+            adl(&["--positions", "1000"]),
+            "--positions 1000 is beyond the models' context of 256",
+        ),
+        ("adl: the same model twice", adl(&["--chat", b]), "are the same model"),
+        ("adl: text with no documents", adl(&["--data", &w.empty]), "holds no documents to average over"),
         // ── integrity ──
         ("train: an unfinished cache", train_new(&["--cache", &w.cache_partial]), "the cache is incomplete"),
         ("analyze: an unfinished cache", analyze(&["--cache", &w.cache_partial]), "--allow-partial"),
@@ -1100,7 +1145,18 @@ fn the_apps_jobs_refuse_bad_input_in_the_views_words() {
     let run_cache = |j: CacheJob| crossdiff::workflow::cache::run(&j, &device, Handle::silent()).map(|_| ());
     let run_steer = |j: SteerJob| j.run(&device, &store, Handle::silent()).map(|_| ());
     let run_lab = |j: PromptLabJob| j.run(&device, &store, Handle::silent()).map(|_| ());
-    use crossdiff_app::{cache_view, prompt_lab_view, steering_view, train_view};
+    let adl = crossdiff::workflow::adl::AdlJob {
+        base: p(&w.base),
+        chat: p(&w.chat),
+        data: p(&w.web),
+        layer: 1,
+        out: fresh.clone(),
+        samples: 2,
+        max_new_tokens: 2,
+        ..Default::default()
+    };
+    let run_adl = |j: crossdiff::workflow::adl::AdlJob| j.run(&device, &store, Handle::silent()).map(|_| ());
+    use crossdiff_app::{adl_view, cache_view, prompt_lab_view, steering_view, train_view};
     let cases: Vec<(&str, anyhow::Result<()>, Fields, &str)> = vec![
         (
             "train: NaN learning rate",
@@ -1174,6 +1230,24 @@ fn the_apps_jobs_refuse_bad_input_in_the_views_words() {
             run_lab(PromptLabJob { base: p(&w.chat), chat: p(&w.base), ..lab.clone() }),
             prompt_lab_view::FIELDS,
             "tick “Allow other models”",
+        ),
+        (
+            "adl: 0 documents",
+            run_adl(crossdiff::workflow::adl::AdlJob { samples: 0, ..adl.clone() }),
+            adl_view::FIELDS,
+            "Documents must be positive",
+        ),
+        (
+            "adl: layer beyond the blocks",
+            run_adl(crossdiff::workflow::adl::AdlJob { layer: 9, ..adl.clone() }),
+            adl_view::FIELDS,
+            "Layer 9 is out of range",
+        ),
+        (
+            "adl: no documents",
+            run_adl(crossdiff::workflow::adl::AdlJob { data: p(&w.empty), ..adl.clone() }),
+            adl_view::FIELDS,
+            "Text file",
         ),
         (
             "prompt lab: no text",

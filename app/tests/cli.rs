@@ -723,3 +723,59 @@ fn on_the_fly_training_whose_data_runs_out_is_finished_not_waiting() {
     }
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn adl_prints_the_lens_and_the_steered_answers_and_writes_its_files() {
+    let out = std::env::temp_dir().join(format!("crossdiff-cli-adl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let prompts = out.with_extension("prompts.txt");
+    std::fs::write(&prompts, "Hello!\n\nWho are you?\n").unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/data/web.txt");
+    let (base, chat) = (fixture("base"), fixture("chat"));
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "adl",
+        "--base",
+        base.to_str().unwrap(),
+        "--chat",
+        chat.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--layer",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--samples",
+        "5",
+        "--positions",
+        "6",
+        "--steer-prompts",
+        prompts.to_str().unwrap(),
+        "--strengths",
+        "-1,0,3",
+        "--max-new-tokens",
+        "4",
+    ]);
+    std::fs::remove_file(&prompts).unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let want =
+        format!("adl: 5 samples × 6 positions at layer 2 → {} (cpu (burn flex))", out.join("adl.json").display());
+    assert_eq!(lines.last().copied(), Some(want.as_str()), "{stdout}");
+    // One row per position (its top 5 tokens through the chat model), then one answer per prompt
+    // and strength.
+    let report = crossdiff::workflow::adl::read_report(&out).unwrap();
+    for p in &report.per_position {
+        let top: Vec<String> = p.chat.promoted.iter().take(5).map(|t| format!("{:?}", t.token)).collect();
+        assert!(
+            lines.iter().any(|l| l.trim_start().starts_with(&p.position.to_string()) && l.ends_with(&top.join(" ")))
+        );
+    }
+    assert!(stdout.contains("--- \"Hello!\" ---") && stdout.contains("--- \"Who are you?\" ---"), "{stdout}");
+    assert_eq!(report.steering.strengths, vec![-1.0, 0.0, 3.0]);
+    assert_eq!(lines.iter().filter(|l| l.trim_start().starts_with("-1: ")).count(), 2, "{stdout}");
+    assert!(out.join("adl.safetensors").is_file());
+    std::fs::remove_dir_all(&out).unwrap();
+}

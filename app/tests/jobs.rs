@@ -130,7 +130,9 @@ fn an_error_names_the_views_fields_and_only_the_error_is_left() {
 #[test]
 fn the_views_field_tables_name_real_flags() {
     use clap::Args;
-    use crossdiff::workflow::{analyze::AnalyzeJob, cache::CacheJob, kl::KlJob, steer::SteerJob, train::TrainJob};
+    use crossdiff::workflow::{
+        adl::AdlJob, analyze::AnalyzeJob, cache::CacheJob, kl::KlJob, steer::SteerJob, train::TrainJob,
+    };
     let flags = |cmd: clap::Command| -> Vec<String> {
         cmd.get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect()
     };
@@ -140,6 +142,7 @@ fn the_views_field_tables_name_real_flags() {
         (crossdiff_app::steering_view::FIELDS, SteerJob::augment_args(clap::Command::new("steer"))),
         (crossdiff_app::analyze_view::FIELDS, AnalyzeJob::augment_args(clap::Command::new("analyze"))),
         (crossdiff_app::analyze_view::KL_FIELDS, KlJob::augment_args(clap::Command::new("kl"))),
+        (crossdiff_app::adl_view::FIELDS, AdlJob::augment_args(clap::Command::new("adl"))),
     ] {
         let known = flags(cmd);
         for (flag, _) in fields {

@@ -1,6 +1,8 @@
 //! Everything computed from a trained crosscoder: the latents table with Latent Scaling, the
-//! examples store, the causal KL check, steering, the prompt lab and the figures' data.
+//! examples store, the causal KL check, steering, the prompt lab and the figures' data; and the
+//! activation-difference lens, which needs no crosscoder.
 
+pub mod adl;
 pub mod analyze;
 pub mod examples;
 pub mod figures;

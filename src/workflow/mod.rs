@@ -1,10 +1,11 @@
-//! The jobs a user runs — cache, train, analyze (with examples), kl, steer, prompt lab and the demo
-//! — each as one config struct that carries its defaults, its docs (the CLI's `--help` is built from
-//! them: the configs derive `clap::Args`) and its validation, run with a [`Handle`] that carries
-//! progress out and cancellation in, returning a typed result. The CLI parses flags into these
-//! configs; the app's views fill the same ones; the demo calls the same jobs. A check written here
-//! applies to all three.
+//! The jobs a user runs — cache, train, analyze (with examples), kl, steer, prompt lab, the
+//! activation-difference lens (adl) and the demo — each as one config struct that carries its
+//! defaults, its docs (the CLI's `--help` is built from them: the configs derive `clap::Args`) and
+//! its validation, run with a [`Handle`] that carries progress out and cancellation in, returning a
+//! typed result. The CLI parses flags into these configs; the app's views fill the same ones; the
+//! demo calls the same jobs. A check written here applies to all three.
 
+pub mod adl;
 pub mod analyze;
 pub mod cache;
 pub mod checks;

@@ -13,6 +13,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use crossdiff::analysis::latents::LatentClass;
 use crossdiff::model::generate::{Sampling, generate};
+use crossdiff::workflow::adl::AdlJob;
 use crossdiff::workflow::analyze::AnalyzeJob;
 use crossdiff::workflow::cache::CacheJob;
 use crossdiff::workflow::kl::KlJob;
@@ -74,6 +75,9 @@ enum Command {
     /// Generate with latent J's chat decoder direction added at the crosscoder's layer, beside the
     /// unsteered completion.
     Steer(SteerJob),
+    /// The activation-difference lens: the mean of chat − base per token position at one layer over
+    /// plain text, read through both models' unembeddings, and the chat model steered with it.
+    Adl(AdlJob),
     /// The embedded demo. `--rebuild` regenerates the corpus and trains the miniature base and chat
     /// models (with planted behaviours) with crossdiff itself.
     Demo {
@@ -277,6 +281,20 @@ pub fn run() -> Result<()> {
             );
             println!("steer: {} vs {} new tokens ({device_name})", done.new_tokens[0], done.new_tokens[1]);
         }
+        Command::Adl(job) => {
+            let device = backend.device()?;
+            let bar = Bar::cancellable("documents");
+            let done = job.run(&device, &ModelStore::new(), bar.handle())?;
+            bar.finish();
+            print!("{}", adl_summary(&done.report));
+            println!(
+                "adl: {} samples × {} positions at layer {} → {} ({device_name})",
+                done.report.samples,
+                done.report.per_position.len(),
+                job.layer,
+                job.out.join(AdlJob::JSON).display()
+            );
+        }
         Command::Demo { rebuild, models, project, no_app, steps, seed } => {
             let device = backend.device()?;
             let started = Instant::now();
@@ -381,6 +399,27 @@ fn train_summary(
             done.seconds
         )
     }
+}
+
+/// The ADL's table: per position the chat model's top 5 promoted tokens, then the steered answers.
+fn adl_summary(r: &crossdiff::analysis::adl::AdlReport) -> String {
+    let mut out = String::from("position  documents  ‖mean diff‖  top promoted tokens through the chat model\n");
+    for p in &r.per_position {
+        let tokens: Vec<String> = p.chat.promoted.iter().take(5).map(|t| format!("{:?}", t.token)).collect();
+        out += &format!("{:>8}  {:>9}  {:>11.4}  {}\n", p.position, p.count, p.norm_of_mean_diff, tokens.join(" "));
+    }
+    let s = &r.steering;
+    out += &format!(
+        "steering with position {}'s mean difference at layer {} (strength × mean chat norm {:.4}):\n",
+        s.position, r.layer, r.mean_chat_norm
+    );
+    for (prompt, answers) in s.prompts.iter().zip(&s.outputs) {
+        out += &format!("--- {prompt:?} ---\n");
+        for (strength, answer) in s.strengths.iter().zip(answers) {
+            out += &format!("{strength:>6}: {}\n", answer.replace('\n', "\\n"));
+        }
+    }
+    out
 }
 
 /// Loads a model with a progress bar over its tensors.
