@@ -243,7 +243,7 @@ fn unfinished_caches_need_allow_partial_and_foreign_ones_train() {
     std::fs::write(&json, foreign.to_string()).unwrap();
     let index = CacheIndex::open(&c).unwrap();
     assert!(index.complete && index.layer.is_none() && index.models.is_empty() && index.total_tokens == 600);
-    TrainJob { steps: Some(3), ..train_job(&c, &dir.path().join("run2")) }.run(&device, Handle::silent()).unwrap();
+    TrainJob { steps: Some(4), ..train_job(&c, &dir.path().join("run2")) }.run(&device, Handle::silent()).unwrap();
     // A required key missing is named.
     let mut missing = foreign.clone();
     missing.as_object_mut().unwrap().remove("d_model");

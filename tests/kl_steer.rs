@@ -114,12 +114,17 @@ fn patch_masks_cover_template_tokens_and_the_first_k_predictions() {
         tok.decode(&marked).unwrap(),
         "<start_of_turn>user\n<end_of_turn>\n<start_of_turn>model\n<end_of_turn>\n"
     );
-    // First 2 predictions: the `\n` after `model` (predicting reply token 1) and reply token 1.
-    let first = turns.patch_mask(PatchOn::FirstK, 2).unwrap();
+    // The first 3 predicting positions minus the template input (the `\n` after `model`): the
+    // positions reading reply tokens 1 and 2.
+    let first = turns.patch_mask(PatchOn::FirstK, 3).unwrap();
     let at: Vec<usize> = (0..ids.len()).filter(|&i| first[i] == 1.0).collect();
     let start = reply_positions(&model, &ids)[0].0;
-    assert_eq!(at, vec![start, start + 1]);
-    let both = turns.patch_mask(PatchOn::TemplateAndFirstK, 2).unwrap();
+    assert_eq!(at, vec![start + 1, start + 2]);
+    // With the default k of 10 it is exactly the measured "first 9" set.
+    let first = turns.patch_mask(PatchOn::FirstK, 10).unwrap();
+    let nine: Vec<usize> = reply_positions(&model, &ids).iter().filter(|(_, f)| *f).map(|(p, _)| *p).collect();
+    assert_eq!((0..ids.len()).filter(|&i| first[i] == 1.0).collect::<Vec<_>>(), nine);
+    let both = turns.patch_mask(PatchOn::TemplateAndFirstK, 10).unwrap();
     assert!((0..ids.len()).all(|i| both[i] == template[i].max(first[i])));
 }
 
@@ -162,17 +167,17 @@ fn the_halves_are_the_authors_candidates_ranked_by_delta_and_signed_nu() {
     // 1.0 → 4. Sums: 1 → 3, 7 → 5, 0 → 5.5, 6 → 6.5.
     assert_eq!(get("best_ls_50"), vec![1, 7]);
     assert_eq!(get("worst_ls_50"), vec![0, 6]);
-    // n = 1: best is empty, worst the whole list (the authors' `[-n//2:]`).
+    // n = 1: best is empty, worst the whole list (the authors' `[-num_latents:]` with 0).
     let one = condition_sets(&rows[..1]);
     let get = |n: &str| one.iter().find(|(c, _)| c == n).unwrap().1.clone().unwrap();
     assert!(get("best_delta_50").is_empty() && get("best_ls_50").is_empty());
     assert_eq!(get("worst_delta_50"), vec![0]);
     assert_eq!(get("worst_ls_50"), vec![0]);
-    // n = 3 (candidates 0, 1, 6 of the first seven rows): best 1, worst 2.
+    // n = 3 (candidates 0, 1, 6 of the first seven rows): ⌊3/2⌋ = 1 each, as `[-num_latents:]`.
     let three = condition_sets(&rows[..7]);
     let get = |n: &str| three.iter().find(|(c, _)| c == n).unwrap().1.clone().unwrap();
     assert_eq!(get("best_delta_50"), vec![1]);
-    assert_eq!(get("worst_delta_50"), vec![0, 6]);
+    assert_eq!(get("worst_delta_50"), vec![6]);
 }
 
 #[test]
@@ -233,7 +238,7 @@ fn patching_all_latents_of_an_exact_crosscoder_closes_the_gap() {
     // ν^ε = j/10) closes part of the gap.
     let half = get("best_delta_50");
     assert_eq!(half.latents, 21 / 2);
-    assert_eq!(get("worst_delta_50").latents, 21 - 21 / 2);
+    assert_eq!(get("worst_delta_50").latents, 21 / 2);
     assert!(half.mean_all > get("all").mean_all);
 
     // Patching only the template tokens, with a sweep over blocks 0 and 1.

@@ -227,8 +227,13 @@ fn an_sae_run_from_the_cli_job_and_what_other_jobs_say_of_it() {
     let other = TrainJob { target: Some(SaeTarget::Base), steps: Some(8), ..job.clone() };
     common::has(
         &common::one_line_err(other.run(&Device::flex(), Handle::silent())),
-        &["--target chat-minus-base", "base"],
+        &["--target chat-minus-base, now --target base"],
     );
+    // The app's Continue: the run's own settings (an SAE has no encoder scale to carry over).
+    let saved = crossdiff::crosscoder::train::saved_run(&run).unwrap().unwrap();
+    let more = TrainJob { steps: None, ..common::small_train_job(&cache, &run) }.continuing(&saved, 9);
+    assert_eq!((more.kind, more.target, more.init_norm), (Kind::Sae, Some(SaeTarget::ChatMinusBase), None));
+    assert_eq!(more.run(&Device::flex(), Handle::silent()).unwrap().step, 9);
     // Jobs that read a crosscoder's two decoders refuse it in one line.
     let analyze = AnalyzeJob { run: run.clone(), cache: cache.clone(), ..Default::default() };
     common::has(

@@ -179,6 +179,10 @@ impl TrainView {
             });
             ui.end_row();
             if c.kind == Kind::Sae {
+                // The crosscoder-only settings go back to their defaults (an SAE refuses them).
+                c.init = Init::Shared;
+                c.init_norm = None;
+                c.squared_recon = false;
                 ui.label("SAE input");
                 ui.horizontal(|ui| {
                     let target = c.target.get_or_insert_default();

@@ -73,8 +73,8 @@ pub struct KlReport {
 /// The best/worst halves follow the authors' `setup_to_eval.py`: the candidates are the chat-only
 /// latents that are alive (active on the evaluation tokens) with both ν computed and within
 /// [−0.1, 2]; ranked by Δ (descending) or by rank(ν^ε) + rank(ν^r) of the **signed** ν (ascending,
-/// average ranks for ties, as pandas' `rank()`); "best" is the first n/2 (rounded down), "worst"
-/// the last ⌈n/2⌉ (their `[-n//2:]`, the whole list when n = 1).
+/// average ranks for ties, as pandas' `rank()`); "best" is the first ⌊n/2⌋, "worst" the last ⌊n/2⌋
+/// (their `[-num_latents:]` with `num_latents = n // 2`: the whole list when n = 1).
 pub fn condition_sets(rows: &[LatentRow]) -> Vec<(String, Option<Vec<usize>>)> {
     let dict = rows.len();
     let in_range = |v: Option<f64>| v.is_some_and(|v| (-0.1..=2.0).contains(&v));
@@ -85,7 +85,9 @@ pub fn condition_sets(rows: &[LatentRow]) -> Vec<(String, Option<Vec<usize>>)> {
         })
         .collect();
     let n = cand.len();
-    let (best_n, worst_n) = (n / 2, n - n / 2);
+    // The authors' `num_latents = len(df) // 2`, `[:num_latents]` and `[-num_latents:]`: with
+    // n // 2 = 0 the latter is the whole list.
+    let (best_n, worst_n) = (n / 2, if n / 2 == 0 { n } else { n / 2 });
     let mut by_delta = cand.clone();
     by_delta.sort_by(|a, b| b.delta_norm.total_cmp(&a.delta_norm).then(a.latent.cmp(&b.latent)));
     let average_ranks = |key: fn(&LatentRow) -> Option<f64>| -> Vec<f64> {

@@ -7,9 +7,10 @@
 //! tokens 2–10 (a shorter reply ends at its `<end_of_turn>`). This is the authors'
 //! `evaluate_interventions` rule.
 //!
-//! Patched: every position (the paper's table), or only the template tokens, only the positions
-//! predicting the first k generated tokens of each assistant turn, or both (the authors'
-//! `PatchCtrl`, `PatchKFirstPredictions`, `PatchKFirstAndCtrl`): elsewhere the base activation stays.
+//! Patched: every position (the paper's table), or only the template tokens, only the first k
+//! predicting positions of each assistant turn minus template inputs, or both (the authors'
+//! `PatchCtrl`, `PatchKFirstPredictions`, `PatchKFirstAndCtrl`; their "first5" patches run with the
+//! mask's default k of 10, the measured "first 9" set): elsewhere the base activation stays.
 
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
@@ -30,7 +31,8 @@ pub enum PatchOn {
     /// Chat-template tokens only (`<start_of_turn>`, the role and its newline, `<end_of_turn>`
     /// and its newline).
     Template,
-    /// The positions predicting the first k generated tokens of each assistant turn.
+    /// The first k predicting positions of each assistant turn minus those whose input is a
+    /// template token (k = 10: the "first 9" set, reply tokens 2–10).
     FirstK,
     /// Both of the above.
     TemplateAndFirstK,
@@ -62,7 +64,7 @@ impl std::fmt::Display for PatchOn {
 
 impl PatchOn {
     /// The file stem of this patching's results: `kl` for all positions, else `kl-template`,
-    /// `kl-first5`, `kl-template+first5`.
+    /// `kl-first10`, `kl-template+first10`.
     pub fn stem(&self, first_k: usize) -> String {
         match self {
             Self::All => "kl".into(),
@@ -152,8 +154,10 @@ impl Turns {
             }
         }
         if first {
+            // As the authors' `k_first_pred_toks_mask`: the first k predicting positions of each
+            // turn minus those whose input is a template token (the `\n` after `model`).
             for turn in &self.turns {
-                for &p in turn.iter().take(first_k) {
+                for &p in turn.iter().take(first_k).filter(|&&p| !self.template[p]) {
                     mask[p] = 1.0;
                 }
             }

@@ -45,7 +45,8 @@ pub struct KlJob {
     /// condition `chat` (chat's own activations on those positions).
     #[arg(long, default_value = "all")]
     pub patch_on: PatchOn,
-    /// The predictions per assistant turn that `--patch-on first-k` patches (the authors: 5).
+    /// `--patch-on first-k` patches the first k predicting positions of each assistant turn minus
+    /// template inputs (10: the measured "first 9" set, as the authors' "first5" runs patch).
     #[arg(long, default_value_t = DEFAULT_FIRST_K)]
     pub first_k: usize,
     /// Also sweep these layers (comma-separated) with the conditions that need no crosscoder
@@ -54,8 +55,9 @@ pub struct KlJob {
     pub layers: Vec<usize>,
 }
 
-/// Predictions per turn `--patch-on first-k` patches unless told (the authors' `first5`).
-pub const DEFAULT_FIRST_K: usize = 5;
+/// Predicting positions per turn `--patch-on first-k` covers unless told: the authors' mask
+/// default (their `--k-first` never reaches it), so their "first5" runs patch this set.
+pub const DEFAULT_FIRST_K: usize = 10;
 
 impl Default for KlJob {
     /// Every setting at its default; the paths empty (a caller fills them).
@@ -147,7 +149,7 @@ impl KlJob {
 
 impl KlJob {
     /// Where the table goes: `RUN/kl.json` when every position is patched, else
-    /// `RUN/kl-template.json`, `RUN/kl-first5.json`, ….
+    /// `RUN/kl-template.json`, `RUN/kl-first10.json`, ….
     pub fn table_file(&self) -> PathBuf {
         RunDir::new(&self.run).kl_file(self.patch_on, self.first_k, false)
     }

@@ -228,7 +228,8 @@ impl TrainJob {
             seed: c.seed,
             aux_alpha: c.aux_alpha,
             dead_tokens: c.dead_tokens,
-            init_norm: Some(c.init_norm),
+            // An SAE has no encoder scale to carry over (its directions start at unit norm).
+            init_norm: (c.kind != Kind::Sae).then_some(c.init_norm),
             init: c.init,
             k_anneal_from: c.k_anneal_from,
             k_anneal_steps: c.k_anneal_steps,

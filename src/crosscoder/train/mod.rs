@@ -187,9 +187,9 @@ impl TrainRun<'_> {
                     tensor(first_median(&cfg, &batch.acts, d), [1, state.params.b_dec.dims()[1]], &self.device);
             }
             first_batch = false;
-            let x = match cfg.target {
-                Some(target) if cfg.kind == Kind::Sae => {
-                    tensor(target.rows(&batch.acts, d), [batch.batch, d], &self.device)
+            let x = match cfg.kind {
+                Kind::Sae => {
+                    tensor(cfg.target.unwrap_or_default().rows(&batch.acts, d), [batch.batch, d], &self.device)
                 }
                 _ => tensor(batch.acts, [batch.batch, 2 * d], &self.device),
             };
@@ -275,8 +275,8 @@ impl TrainRun<'_> {
     fn validation_fve(&self, state: &TrainState, v: &PairBatch) -> Result<[f64; 2]> {
         let cc = self.crosscoder(state);
         let d = v.d;
-        if let (Kind::Sae, Some(target)) = (self.config.kind, self.config.target) {
-            let x = tensor(target.rows(&v.acts, d), [v.batch, d], &self.device);
+        if self.config.kind == Kind::Sae {
+            let x = tensor(self.config.target.unwrap_or_default().rows(&v.acts, d), [v.batch, d], &self.device);
             let recon = cc.codes(x.clone()).matmul(cc.params.w_dec.clone()) + cc.params.b_dec.clone();
             let f = crate::crosscoder::train::step::fve_blocks(&x, &(x.clone() - recon), 1, d)?[0];
             return Ok([f, f]);
@@ -317,8 +317,8 @@ impl TrainRun<'_> {
 /// b_dec's start: the geometric median of the first batch (Weiszfeld, ≤ 100 iterations, tol 1e-5),
 /// per model for a crosscoder, of the SAE's input rows for an SAE.
 fn first_median(cfg: &TrainConfig, pairs: &[f32], d: usize) -> Vec<f32> {
-    if let (Kind::Sae, Some(target)) = (cfg.kind, cfg.target) {
-        return geometric_median(&target.rows(pairs, d), d, 100, 1e-5);
+    if cfg.kind == Kind::Sae {
+        return geometric_median(&cfg.target.unwrap_or_default().rows(pairs, d), d, 100, 1e-5);
     }
     let mut b_dec = Vec::with_capacity(2 * d);
     for m in 0..2 {
