@@ -909,7 +909,7 @@ fn analyze_view_cancel_stops_the_kl_check() {
     harness.get_by_label("Cancel KL check").click();
     wait_for(&mut harness, "KL check cancelled: stopped — the KL check was cancelled after ");
     let line = label_text(&harness, "KL check cancelled: ");
-    assert!(line.contains("conversations; kl.json is unchanged"), "{line}");
+    assert!(line.contains("conversations; the KL results are unchanged"), "{line}");
     assert!(harness.query_by_label_contains("KL check failed").is_none());
     assert!(!run.join("kl.json").exists());
     harness.run_steps(2);
