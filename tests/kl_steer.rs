@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 use common::fixture;
-use crossdiff::analysis::kl::{KlOptions, PatchOn, Turns, kl_table, reply_positions};
+use crossdiff::analysis::kl::{KlOptions, Latents, PatchOn, Turns, kl_table, reply_positions};
 use crossdiff::analysis::latents::{LatentClass, LatentRow, delta_norm};
 use crossdiff::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, read_vec, tensor};
 use crossdiff::{LoadOptions, Message, Model};
@@ -188,7 +188,11 @@ fn kl_between_identical_models_is_zero() {
     // Decoder = encoder transpose for both models: d^chat = d^base, so no condition changes h_base.
     let cc = l1(Params::init(72, 16, 0.5, 1, &device));
     let stats =
-        kl_table(&base, &same, &cc, &rows_for(&cc), 1, &chats(), 4, &KlOptions::default(), |_| true).unwrap().table;
+        kl_table(&base, &same, &cc, Latents::Crosscoder(&rows_for(&cc)), 1, &chats(), 4, &KlOptions::default(), |_| {
+            true
+        })
+        .unwrap()
+        .table;
     assert_eq!(stats.len(), 8);
     for s in &stats {
         assert!(s.tokens_all > 20);
@@ -224,10 +228,14 @@ fn patching_all_latents_of_an_exact_crosscoder_closes_the_gap() {
     let rows = rows_for(&cc);
     assert!(rows.iter().all(|r| r.class == LatentClass::ChatOnly));
     // Cancelled after the first conversation: an error that says so, no table.
-    let err =
-        kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, &KlOptions::default(), |n| n < 1).unwrap_err().to_string();
+    let err = kl_table(&base, &chat, &cc, Latents::Crosscoder(&rows), 1, &chats(), 4, &KlOptions::default(), |n| n < 1)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("cancelled after 1 conversations"), "{err}");
-    let stats = kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, &KlOptions::default(), |_| true).unwrap().table;
+    let stats =
+        kl_table(&base, &chat, &cc, Latents::Crosscoder(&rows), 1, &chats(), 4, &KlOptions::default(), |_| true)
+            .unwrap()
+            .table;
     let get = |c: &str| stats.iter().find(|s| s.condition == c).unwrap();
     let gap = get("none").mean_all;
     assert!(gap > 1e-3, "the fixtures differ: gap {gap}");
@@ -243,7 +251,7 @@ fn patching_all_latents_of_an_exact_crosscoder_closes_the_gap() {
 
     // Patching only the template tokens, with a sweep over blocks 0 and 1.
     let options = KlOptions { patch_on: PatchOn::Template, first_k: 5, sweep: vec![0, 1] };
-    let r = kl_table(&base, &chat, &cc, &rows, 1, &chats(), 4, &options, |_| true).unwrap();
+    let r = kl_table(&base, &chat, &cc, Latents::Crosscoder(&rows), 1, &chats(), 4, &options, |_| true).unwrap();
     let on = |c: &str| r.table.iter().find(|s| s.condition == c).unwrap();
     assert!(r.table.iter().all(|s| s.patch_on == PatchOn::Template && s.layer.is_none()));
     assert_eq!(on("none").mean_all, gap, "nothing patched: the same gap");
@@ -336,4 +344,103 @@ fn prompt_lab_matches_independent_computations() {
 
 fn common_argmax(v: &[f64]) -> usize {
     (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b]).then(b.cmp(&a))).unwrap()
+}
+
+#[test]
+fn patching_with_an_exact_diff_sae_closes_the_gap() {
+    use crossdiff::analysis::sae_latents::SaeLatentRow;
+    use crossdiff::crosscoder::SaeTarget;
+    let device = Device::flex();
+    let base = Model::load(fixture("base"), &device, LoadOptions::default()).unwrap();
+    let chat = Model::load(fixture("chat"), &device, LoadOptions::default()).unwrap();
+    // Latents 2i and 2i+1 read ±x_i of x = chat − base and write ±e_i: SAE(x) = x exactly (b_dec = 0
+    // and no threshold), so its reconstruction patches h_base into h_chat.
+    let d = 72;
+    let dict = 2 * d;
+    let mut enc = vec![0.0f32; d * dict];
+    let mut dec = vec![0.0f32; dict * d];
+    for i in 0..d {
+        for (s, sign) in [(0, 1.0f32), (1, -1.0)] {
+            enc[i * dict + 2 * i + s] = sign;
+            dec[(2 * i + s) * d + i] = sign;
+        }
+    }
+    let (d_, dict_) = (d, dict);
+    let sae = Crosscoder {
+        config: CrosscoderConfig {
+            kind: Kind::Sae,
+            d: d_,
+            dict_size: dict_,
+            k: 1,
+            mu: 0.0,
+            layer: Some(1),
+            models: vec![],
+            model_ids: vec![],
+            target: Some(SaeTarget::ChatMinusBase),
+        },
+        params: Params {
+            w_enc: tensor(enc, [d, dict], &device),
+            b_enc: Tensor::zeros([1, dict], &device),
+            w_dec: tensor(dec, [dict, d], &device),
+            b_dec: Tensor::zeros([1, d], &device),
+        },
+        threshold: None,
+        file_checksum: None,
+    };
+    // |β_base/β_chat| made up per latent: 0.05 for the first 10, 0.2 for the next 10, 5 after.
+    let rows: Vec<SaeLatentRow> = (0..dict)
+        .map(|j| SaeLatentRow {
+            latent: j,
+            freq: 0.1,
+            max_act: 1.0,
+            dec_norm: 1.0,
+            beta_base: None,
+            beta_chat: None,
+            beta_ratio: Some(if j < 10 {
+                0.05
+            } else if j < 20 {
+                -0.2
+            } else {
+                5.0
+            }),
+            template_share: None,
+        })
+        .collect();
+    let r = kl_table(&base, &chat, &sae, Latents::Sae(&rows), 1, &chats(), 4, &KlOptions::default(), |_| true).unwrap();
+    let get = |c: &str| r.table.iter().find(|s| s.condition == c).unwrap_or_else(|| panic!("{c}: {:?}", r.table));
+    let names: Vec<&str> = r.table.iter().map(|s| s.condition.as_str()).collect();
+    assert_eq!(
+        names,
+        ["none", "sae_recon", "sae_error", "sae_bias", "all_latents", "ratio_le_0.1", "ratio_le_0.3", "ratio_le_0.6"]
+    );
+    let gap = get("none").mean_all;
+    assert!(gap > 1e-3, "the fixtures differ: gap {gap}");
+    assert!(get("sae_recon").mean_all < 1e-5 * gap.max(1.0), "{:?}", get("sae_recon"));
+    assert!(get("all_latents").mean_all < 1e-5 * gap.max(1.0));
+    // The error of an exact SAE is 0 and b_dec is 0: both leave h_base, the whole gap.
+    assert!((get("sae_error").mean_all - gap).abs() < 1e-4 * gap);
+    assert_eq!(get("sae_bias").mean_all, gap);
+    assert_eq!((get("ratio_le_0.1").latents, get("ratio_le_0.3").latents, get("ratio_le_0.6").latents), (10, 20, 20));
+    assert!(get("ratio_le_0.3").mean_all < gap && get("ratio_le_0.3").mean_all > get("sae_recon").mean_all);
+    // A base − chat SAE patches with the opposite sign: the same result from the negated dictionary.
+    let flipped = Crosscoder {
+        config: CrosscoderConfig { target: Some(SaeTarget::BaseMinusChat), ..sae.config.clone() },
+        params: sae.params.clone(),
+        threshold: None,
+        file_checksum: None,
+    };
+    let f =
+        kl_table(&base, &chat, &flipped, Latents::Sae(&rows), 1, &chats(), 4, &KlOptions::default(), |_| true).unwrap();
+    assert!(f.table.iter().find(|s| s.condition == "sae_recon").unwrap().mean_all < 1e-5 * gap.max(1.0));
+    // An SAE on one model's activations cannot patch.
+    let plain = Crosscoder {
+        config: CrosscoderConfig { target: Some(SaeTarget::Chat), ..sae.config.clone() },
+        params: sae.params.clone(),
+        threshold: None,
+        file_checksum: None,
+    };
+    let err = kl_table(&base, &chat, &plain, Latents::Sae(&rows), 1, &chats(), 4, &KlOptions::default(), |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs a diff-SAE"), "{err}");
 }

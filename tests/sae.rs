@@ -211,7 +211,7 @@ fn a_resumed_sae_run_is_bit_identical() {
 #[test]
 fn an_sae_run_from_the_cli_job_and_what_other_jobs_say_of_it() {
     use crossdiff::workflow::Handle;
-    use crossdiff::workflow::analyze::AnalyzeJob;
+    use crossdiff::workflow::analyze::{Analysed, AnalyzeJob};
     use crossdiff::workflow::kl::KlJob;
     use crossdiff::workflow::models::ModelStore;
     use crossdiff::workflow::train::TrainJob;
@@ -234,7 +234,7 @@ fn an_sae_run_from_the_cli_job_and_what_other_jobs_say_of_it() {
     let more = TrainJob { steps: None, ..common::small_train_job(&cache, &run) }.continuing(&saved, 9);
     assert_eq!((more.kind, more.target, more.init_norm), (Kind::Sae, Some(SaeTarget::ChatMinusBase), None));
     assert_eq!(more.run(&Device::flex(), Handle::silent()).unwrap().step, 9);
-    // Jobs that read a crosscoder's two decoders refuse it in one line.
+    // The crosscoder analysis (its two decoders) refuses it in one line; `run_any` analyses it.
     let analyze = AnalyzeJob { run: run.clone(), cache: cache.clone(), ..Default::default() };
     common::has(
         &common::one_line_err(analyze.run(&Device::flex(), Handle::silent())),
@@ -248,8 +248,31 @@ fn an_sae_run_from_the_cli_job_and_what_other_jobs_say_of_it() {
         conversations: 2,
         ..Default::default()
     };
+    // KL patching reads the SAE's latents table: first analyse.
     common::has(
         &common::one_line_err(kl.run(&Device::flex(), &ModelStore::new(), Handle::silent())),
-        &["holds an SAE", "kl reads"],
+        &["--run", "no sae-latents.csv yet: run `crossdiff analyze --run"],
+    );
+    assert!(matches!(analyze.run_any(&Device::flex(), Handle::silent()).unwrap(), Analysed::Sae(_)));
+    let report = kl.run(&Device::flex(), &ModelStore::new(), Handle::silent()).unwrap();
+    let written: Vec<crossdiff::analysis::kl::KlStat> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("kl.json")).unwrap()).unwrap();
+    assert_eq!(written.len(), report.table.len());
+    for (w, r) in written.iter().zip(&report.table) {
+        assert_eq!((&w.condition, w.tokens_all, w.latents), (&r.condition, r.tokens_all, r.latents));
+        assert!((w.mean_all - r.mean_all).abs() < 1e-12, "{w:?} vs {r:?}");
+    }
+    assert!(report.table.iter().any(|s| s.condition == "sae_recon" && s.tokens_all > 0 && s.mean_all.is_finite()));
+    // Steering and the prompt lab still read a crosscoder's two decoders.
+    let steer = crossdiff::workflow::steer::SteerJob {
+        run: run.clone(),
+        model: common::fixture("chat"),
+        prompt: "hello".into(),
+        max_tokens: 2,
+        ..Default::default()
+    };
+    common::has(
+        &common::one_line_err(steer.run(&Device::flex(), &ModelStore::new(), Handle::silent())),
+        &["--run", "holds an SAE", "steer reads crosscoder runs"],
     );
 }

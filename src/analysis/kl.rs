@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::analysis::kl_positions::{FIRST_WINDOW, PatchOn, Turns, reply_positions};
 use crate::analysis::latents::{LatentClass, LatentRow};
-use crate::crosscoder::{Crosscoder, read_vec, tensor};
+use crate::analysis::sae_latents::SaeLatentRow;
+use crate::crosscoder::{Crosscoder, SaeTarget, read_vec, tensor};
 use crate::data::{Document, open_source};
 use crate::model::Model;
 use crate::run_dir::RunDir;
@@ -128,6 +129,35 @@ pub fn condition_sets(rows: &[LatentRow]) -> Vec<(String, Option<Vec<usize>>)> {
     ]
 }
 
+/// What the check patches with: a crosscoder and its latents table, or a diff-SAE and its
+/// `sae-latents.csv`.
+#[derive(Clone, Copy)]
+pub enum Latents<'a> {
+    Crosscoder(&'a [LatentRow]),
+    Sae(&'a [SaeLatentRow]),
+}
+
+/// A diff-SAE's conditions (the authors' `patch_diff_sae_*` and `patch_all_sae_*` runs): with s the
+/// input's sign (+1 for chat − base, −1 for base − chat) and SAE(x) = f·W_dec + b_dec,
+/// `sae_recon` = h_base + s·SAE(x) (bias included, no error term), `sae_error` = h_base +
+/// s·(x − SAE(x)), `sae_bias` = h_base + s·b_dec, and latent sets h_base + s·Σ_{j∈S} f_j d_j (no
+/// bias): `all_latents`, and the latents with |β_base/β_chat| at most 0.1, 0.3, 0.6.
+pub fn sae_condition_sets(rows: &[SaeLatentRow]) -> Vec<(String, Option<Vec<usize>>)> {
+    let below =
+        |t: f64| Some(rows.iter().filter(|r| r.beta_ratio.is_some_and(|v| v.abs() <= t)).map(|r| r.latent).collect());
+    let mut sets = vec![
+        ("none".into(), None),
+        ("sae_recon".into(), None),
+        ("sae_error".into(), None),
+        ("sae_bias".into(), None),
+        ("all_latents".into(), Some((0..rows.len()).collect())),
+    ];
+    for t in crate::analysis::sae_latents::RATIO_THRESHOLDS {
+        sets.push((format!("ratio_le_{t}"), below(t)));
+    }
+    sets
+}
+
 /// One measured (layer, condition): what it patches and the KL values it collects.
 struct Cell {
     layer: usize,
@@ -146,7 +176,7 @@ pub fn kl_table(
     base: &Model,
     chat: &Model,
     cc: &Crosscoder,
-    rows: &[LatentRow],
+    latents: Latents,
     layer: usize,
     data: &Path,
     limit: usize,
@@ -154,13 +184,31 @@ pub fn kl_table(
     mut progress: impl FnMut(usize) -> bool,
 ) -> Result<KlReport> {
     crate::model::check_models(base, chat)?;
-    let (d, dict) = cc.params.dims();
+    // One model's width (a crosscoder's rows hold two, an SAE's one).
+    let (d, dict) = (
+        cc.params.w_dec.dims()[1] / if cc.config.kind == crate::crosscoder::Kind::Sae { 1 } else { 2 },
+        cc.params.w_dec.dims()[0],
+    );
     if d != base.gemma.config.hidden_size {
         bail!("the crosscoder has width {d}, the models {}", base.gemma.config.hidden_size);
     }
-    if rows.len() != dict {
-        bail!("latents.csv has {} rows, the crosscoder {dict} latents", rows.len());
+    let (rows_len, table) = match latents {
+        Latents::Crosscoder(rows) => (rows.len(), "latents.csv"),
+        Latents::Sae(rows) => (rows.len(), "sae-latents.csv"),
+    };
+    if rows_len != dict {
+        bail!("{table} has {rows_len} rows, the dictionary {dict} latents");
     }
+    // A diff-SAE reads s·(chat − base); a crosscoder both activations.
+    let sae_sign = match (latents, cc.config.target) {
+        (Latents::Crosscoder(_), _) => None,
+        (Latents::Sae(_), Some(SaeTarget::ChatMinusBase)) => Some(1.0),
+        (Latents::Sae(_), Some(SaeTarget::BaseMinusChat)) => Some(-1.0),
+        (Latents::Sae(_), other) => bail!(
+            "KL patching needs a diff-SAE (target chat-minus-base or base-minus-chat), not one on {}",
+            other.map_or_else(|| "an unknown input".to_string(), |t| t.to_string())
+        ),
+    };
     let mut layers = options.sweep.clone();
     layers.push(layer);
     layers.sort_unstable();
@@ -172,7 +220,11 @@ pub fn kl_table(
     let restricted = options.patch_on != PatchOn::All;
     let mut cells = Vec::new();
     for &l in &layers {
-        let sets = if l == layer { condition_sets(rows) } else { vec![("none".into(), None)] };
+        let sets = match latents {
+            _ if l != layer => vec![("none".into(), None)],
+            Latents::Crosscoder(rows) => condition_sets(rows),
+            Latents::Sae(rows) => sae_condition_sets(rows),
+        };
         for (name, set) in sets {
             cells.push(Cell { layer: l, name, set, all: Vec::new(), first: Vec::new() });
         }
@@ -182,7 +234,12 @@ pub fn kl_table(
             cells.push(Cell { layer: l, name: "chat".into(), set: None, all: Vec::new(), first: Vec::new() });
         }
     }
-    let diff = cc.params.w_dec.clone().narrow(1, d, d) - cc.params.w_dec.clone().narrow(1, 0, d); // [D, d]
+    // What a latent adds when patched, [D, d]: a crosscoder's decoder difference, a diff-SAE's
+    // signed direction.
+    let diff = match sae_sign {
+        None => cc.params.w_dec.clone().narrow(1, d, d) - cc.params.w_dec.clone().narrow(1, 0, d),
+        Some(s) => cc.params.w_dec.clone().mul_scalar(s),
+    };
     let device = base.gemma.device().clone();
     let vocab = chat.gemma.config.vocab_size;
     let mut seen = 0;
@@ -222,13 +279,31 @@ pub fn kl_table(
             1,
         );
         let p_chat = chat_logp.clone().exp();
-        let f = cc.codes(Tensor::cat(vec![h_base[at(layer)].clone(), h_chat[at(layer)].clone()], 1)); // [T, D]
+        let (hb_l, hc_l) = (h_base[at(layer)].clone(), h_chat[at(layer)].clone());
+        let (f, sae_input) = match sae_sign {
+            None => (cc.codes(Tensor::cat(vec![hb_l, hc_l], 1)), None), // [T, D]
+            Some(s) => {
+                let x = (hc_l - hb_l).mul_scalar(s);
+                (cc.codes(x.clone()), Some(x))
+            }
+        };
         for cell in &mut cells {
             let (hb, hc) = (&h_base[at(cell.layer)], &h_chat[at(cell.layer)]);
             let target = match (cell.name.as_str(), &cell.set) {
                 ("none", _) => hb.clone(),
                 ("chat", _) => hc.clone(),
                 ("chat_error_only", _) => hc.clone() - f.clone().matmul(diff.clone()),
+                ("sae_recon" | "sae_error" | "sae_bias", _) => {
+                    let (s, x) = (sae_sign.unwrap_or(1.0), sae_input.clone().expect("a diff-SAE's input"));
+                    let bias = cc.params.b_dec.clone();
+                    let recon = f.clone().matmul(cc.params.w_dec.clone()) + bias.clone();
+                    let add = match cell.name.as_str() {
+                        "sae_recon" => recon,
+                        "sae_error" => x - recon,
+                        _ => bias,
+                    };
+                    hb.clone() + add.mul_scalar(s)
+                }
                 (_, Some(set)) => {
                     let mut mask = vec![0.0f32; dict];
                     set.iter().for_each(|&j| mask[j] = 1.0);

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 
-use crate::analysis::kl::{KlOptions, KlReport, PatchOn};
+use crate::analysis::kl::{KlOptions, KlReport, Latents, PatchOn};
+use crate::analysis::sae_latents::{SaeLatentRow, SaeSummary};
 use crate::crosscoder::Crosscoder;
+use crate::crosscoder::SaeTarget;
 use crate::run_dir::RunDir;
 use crate::workflow::checks::{Made, check_model, path_given, positive};
 use crate::workflow::models::ModelStore;
@@ -101,8 +103,21 @@ impl KlJob {
         })?;
         let _lock = crate::io::DirLock::acquire(run.path(), "run")?;
         let cc = Crosscoder::load(run.path(), device)?;
-        crate::workflow::checks::crosscoder_run(&cc, run.path(), "kl")?;
-        let rows = run.read_latents_of(&cc)?;
+        // A crosscoder patches with its latents table; a diff-SAE with its sae-latents.csv.
+        let (cc_rows, sae_rows) = if cc.config.kind == crate::crosscoder::Kind::Sae {
+            let diff = matches!(cc.config.target, Some(SaeTarget::ChatMinusBase | SaeTarget::BaseMinusChat));
+            crate::bad_value::ensure(diff, "run", || {
+                format!(
+                    "{} holds an SAE on {}: KL patching needs a diff-SAE (--target chat-minus-base or base-minus-chat)",
+                    run.path().display(),
+                    cc.config.target.map_or_else(|| "an unknown input".to_string(), |t| t.to_string())
+                )
+            })?;
+            (Vec::new(), read_sae_rows_of(&run, &cc)?)
+        } else {
+            (run.read_latents_of(&cc)?, Vec::new())
+        };
+        let latents = if sae_rows.is_empty() { Latents::Crosscoder(&cc_rows) } else { Latents::Sae(&sae_rows) };
         let layer = resolve_layer(self.layer, &cc, &self.run)?;
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
         crate::workflow::checks::check_resolved_layer(layer, b.gemma.num_layers(), self.layer, &self.run)?;
@@ -120,11 +135,20 @@ impl KlJob {
         check_pair_against_run(&cc, &self.run, [(&self.base, &b), (&self.chat, &c)], self.allow_other_models)?;
         let total = self.conversations as u64;
         let options = self.options();
-        let report =
-            crate::analysis::kl::kl_table(&b, &c, &cc, &rows, layer, &self.data, self.conversations, &options, |n| {
+        let report = crate::analysis::kl::kl_table(
+            &b,
+            &c,
+            &cc,
+            latents,
+            layer,
+            &self.data,
+            self.conversations,
+            &options,
+            |n| {
                 handle.progress("kl", n as u64, total, "conversations");
                 handle.keep_going()
-            })?;
+            },
+        )?;
         // A KL that is not a number (a broken model) must not replace good results.
         if report.table.iter().all(|s| s.tokens_all == 0) {
             return Err(crate::bad_value::bad("data", "holds no assistant replies to measure (0 tokens)"));
@@ -173,4 +197,33 @@ pub fn check_pair_against_run(
         check_model(&made, role, dir, &m.identity, allow)?;
     }
     Ok(())
+}
+
+/// An SAE run's `sae-latents.csv`, checked to describe the SAE now in the run (the analysis records
+/// the file it read).
+fn read_sae_rows_of(run: &RunDir, cc: &Crosscoder) -> Result<Vec<SaeLatentRow>> {
+    let csv = run.file(RunDir::SAE_LATENTS);
+    if !csv.exists() {
+        return Err(crate::bad_value::bad(
+            "run",
+            format!(
+                "{}: no {} yet: run `crossdiff analyze --run {} --cache CACHE` first",
+                run.path().display(),
+                RunDir::SAE_LATENTS,
+                run.path().display()
+            ),
+        ));
+    }
+    let summary: SaeSummary = run.read_json(RunDir::SAE_SUMMARY)?;
+    if summary.sae_checksum.is_some() && summary.sae_checksum != cc.file_checksum {
+        bail!(
+            "{} is out of date: it was computed from an earlier SAE (the run was trained further since); run `crossdiff analyze` again",
+            csv.display()
+        );
+    }
+    let rows = run.read_sae_latents()?;
+    if rows.len() != cc.config.dict_size {
+        bail!("{}: {} rows, the SAE has {} latents", csv.display(), rows.len(), cc.config.dict_size);
+    }
+    Ok(rows)
 }

@@ -454,7 +454,8 @@ fn print_kl(job: &KlJob, report: &crossdiff::analysis::kl::KlReport, device_name
         print_rows(&report.sweep);
     }
     let get = |c: &str| report.table.iter().find(|s| s.condition == c);
-    let (Some(none), Some(all)) = (get("none"), get("all")) else { return };
+    // A crosscoder's "all latents", or a diff-SAE's full reconstruction.
+    let (Some(none), Some(all)) = (get("none"), get("all").or_else(|| get("sae_recon"))) else { return };
     let gap = none.mean_all;
     let closed = |v: f64| if gap > 0.0 { 100.0 * (1.0 - v / gap) } else { 0.0 };
     let chat = match get("chat") {
@@ -463,9 +464,10 @@ fn print_kl(job: &KlJob, report: &crossdiff::analysis::kl::KlReport, device_name
     };
     let sweep = if report.sweep.is_empty() { String::new() } else { format!(", sweep {}", job.sweep_file().display()) };
     println!(
-        "kl: {} tokens; base→chat gap {gap:.4} (first 9: {:.4}); patching all latents on {} positions closes {:.0}%{chat} → {}{sweep} ({device_name})",
+        "kl: {} tokens; base→chat gap {gap:.4} (first 9: {:.4}); patching {} on {} positions closes {:.0}%{chat} → {}{sweep} ({device_name})",
         none.tokens_all,
         none.mean_first9,
+        if all.condition == "all" { "all latents" } else { "the diff-SAE's reconstruction" },
         job.patch_on,
         closed(all.mean_all),
         job.table_file().display(),
