@@ -9,6 +9,7 @@ pub mod figures;
 pub mod kl;
 mod kl_positions;
 pub mod latents;
+pub mod methods;
 pub mod prompt_lab;
 pub mod sae_latents;
 pub mod steer;

@@ -9,6 +9,7 @@ pub mod adl;
 pub mod analyze;
 pub mod cache;
 pub mod checks;
+pub mod compare;
 pub mod kl;
 pub mod models;
 pub mod project;

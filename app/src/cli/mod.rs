@@ -78,6 +78,9 @@ enum Command {
     /// The activation-difference lens: the mean of chat − base per token position at one layer over
     /// plain text, read through both models' unembeddings, and the chat model steered with it.
     Adl(AdlJob),
+    /// Methods side by side: crosscoder runs, diff-SAE runs and lens folders — the KL gap each
+    /// closes, the latents each calls chat-specific, their top latents or tokens.
+    Compare(crossdiff::workflow::compare::CompareJob),
     /// The embedded demo. `--rebuild` regenerates the corpus and trains the miniature base and chat
     /// models (with planted behaviours) with crossdiff itself.
     Demo {
@@ -280,6 +283,12 @@ pub fn run() -> Result<()> {
                 done.plain, job.latent, row.class, row.delta_norm, job.strength, done.layer, done.steered
             );
             println!("steer: {} vs {} new tokens ({device_name})", done.new_tokens[0], done.new_tokens[1]);
+        }
+        Command::Compare(job) => {
+            let rows = job.run()?;
+            print!("{}", crossdiff::analysis::methods::table(&rows));
+            let written = job.out.as_ref().map_or(String::new(), |o| format!(" → {}", o.display()));
+            println!("compare: {} methods{written}", rows.len());
         }
         Command::Adl(job) => {
             let device = backend.device()?;
