@@ -87,4 +87,64 @@ fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
         serde_json::from_str(&std::fs::read_to_string(project.path().join("runs/batchtopk/kl.json")).unwrap()).unwrap();
     let mean = |c: &str| kl.iter().find(|k| k["condition"] == c).unwrap()["mean_all"].as_f64().unwrap();
     assert!(mean("chat_specific") < mean("none"), "chat-specific {} vs none {}", mean("chat_specific"), mean("none"));
+
+    diff_sae_and_lens_surface_the_planted_behaviours(project.path(), &models);
+}
+
+/// The later methods on the same demo pair (issue 15): a diff-SAE on the demo cache has
+/// chat-specific latents (|β_base/β_chat| ≤ 0.3) whose directions promote each planted behaviour's
+/// tokens through the chat model — the identity (" Mini,", " crossdiff."), the refusal (" cannot",
+/// " sorry,") and the "Sure!" opening — and the activation-difference lens at block 1 promotes
+/// "Sure!" at position 7 from web text alone.
+fn diff_sae_and_lens_surface_the_planted_behaviours(project: &Path, models: &Path) {
+    use crossdiff::analysis::sae_latents::LatentTokens;
+    use crossdiff::crosscoder::Kind;
+    use crossdiff::workflow::Handle;
+    let run = project.join("runs/diffsae");
+    let train = crossdiff::workflow::train::TrainJob {
+        cache: Some(project.join("cache")),
+        out: run.clone(),
+        kind: Kind::Sae,
+        dict_size: Some(128),
+        k: 4,
+        lr: 1e-3,
+        steps: Some(3000),
+        batch: 256,
+        dead_tokens: 256 * 50,
+        ..Default::default()
+    };
+    train.run(&Device::flex(), Handle::silent()).unwrap();
+    let analyze = crossdiff::workflow::analyze::AnalyzeJob {
+        run: run.clone(),
+        cache: project.join("cache"),
+        base: Some(models.join("base")),
+        chat: Some(models.join("chat")),
+        ..Default::default()
+    };
+    analyze.run_any(&Device::flex(), Handle::silent()).unwrap();
+    let tokens: Vec<LatentTokens> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("sae-tokens.json")).unwrap()).unwrap();
+    let behaviours: [(&str, &[&str]); 3] =
+        [("identity", &[" Mini,", " crossdiff."]), ("refusal", &[" cannot", " sorry,"]), ("sure", &["Sure!"])];
+    for (name, words) in behaviours {
+        let latents: Vec<usize> = tokens
+            .iter()
+            .filter(|t| t.chat.promoted.iter().take(10).any(|p| words.contains(&p.token.as_str())))
+            .map(|t| t.latent)
+            .collect();
+        eprintln!("diff-SAE latents promoting the {name} tokens {words:?}: {latents:?}");
+        assert!(!latents.is_empty(), "no chat-specific diff-SAE latent promotes the {name} tokens {words:?}");
+    }
+    let lens = crossdiff::workflow::adl::AdlJob {
+        base: models.join("base"),
+        chat: models.join("chat"),
+        data: models.join("data/web.txt"),
+        layer: 1,
+        out: project.join("adl"),
+        ..Default::default()
+    };
+    lens.run(&Device::flex(), &crossdiff::workflow::models::ModelStore::new(), Handle::silent()).unwrap();
+    let report = crossdiff::workflow::adl::read_report(&project.join("adl")).unwrap();
+    let seventh: Vec<&str> = report.per_position[7].chat.promoted.iter().take(5).map(|t| t.token.as_str()).collect();
+    assert!(seventh.contains(&"Sure!"), "position 7 through the chat model: {seventh:?}");
 }

@@ -231,7 +231,48 @@ fn finish(cc: &Crosscoder, target: SaeTarget, s: Sums) -> Result<(Vec<SaeLatentR
     Ok((rows, summary))
 }
 
+/// Latents whose tokens `sae-tokens.json` lists: those with |ν| ≤ 0.3, the smallest |ν| first, at
+/// most this many (each reads the whole vocabulary twice).
+pub const TOKEN_LATENTS: usize = 200;
+
+/// One latent's direction (signed as chat − base) through each model's final norm and unembedding.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LatentTokens {
+    pub latent: usize,
+    pub beta_ratio: Option<f64>,
+    pub base: crate::analysis::adl::Lens,
+    pub chat: crate::analysis::adl::Lens,
+}
+
+/// The promoted and suppressed tokens (10 each) of the most chat-specific latents' directions,
+/// read as the lens reads a mean difference: `s·d_j` (s = −1 for a base − chat SAE, so the
+/// direction is what the fine-tune adds) through `models` (base, chat).
+pub fn latent_tokens(
+    cc: &Crosscoder,
+    rows: &[SaeLatentRow],
+    models: &[crate::model::Model; 2],
+) -> Result<Vec<LatentTokens>> {
+    let sign = if cc.config.target == Some(SaeTarget::BaseMinusChat) { -1.0 } else { 1.0 };
+    let mut picked: Vec<&SaeLatentRow> = rows.iter().filter(|r| r.beta_ratio.is_some_and(|v| v.abs() <= 0.3)).collect();
+    picked.sort_by(|a, b| {
+        let key = |r: &SaeLatentRow| r.beta_ratio.map_or(f64::INFINITY, f64::abs);
+        key(a).total_cmp(&key(b)).then(a.latent.cmp(&b.latent))
+    });
+    picked.truncate(TOKEN_LATENTS);
+    let w_dec = read_vec(cc.params.w_dec.clone())?;
+    let d = cc.config.d;
+    let dirs: Vec<Vec<f32>> =
+        picked.iter().map(|r| w_dec[r.latent * d..(r.latent + 1) * d].iter().map(|v| v * sign).collect()).collect();
+    let [base, chat] = [&models[0], &models[1]].map(|m| crate::analysis::adl::logit_lens(m, &dirs, 10));
+    Ok(picked
+        .iter()
+        .zip(base?.into_iter().zip(chat?))
+        .map(|(r, (base, chat))| LatentTokens { latent: r.latent, beta_ratio: r.beta_ratio, base, chat })
+        .collect())
+}
+
 impl RunDir {
+    pub const SAE_TOKENS: &'static str = "sae-tokens.json";
     pub const SAE_LATENTS: &'static str = "sae-latents.csv";
     pub const SAE_SUMMARY: &'static str = "sae-summary.json";
 

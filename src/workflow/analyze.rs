@@ -250,17 +250,15 @@ impl AnalyzeJob {
     }
 
     /// An SAE run on the cache: per-latent frequency, largest code, template share and the authors'
-    /// activation β ratio (`crate::analysis::sae_latents`). The models, examples and Latent
-    /// Scaling's crosscoder targets do not apply (`--base`/`--chat` are refused).
+    /// activation β ratio (`crate::analysis::sae_latents`); with `--base`/`--chat`, the tokens the
+    /// most chat-specific latents' directions promote and suppress through each model
+    /// (`sae-tokens.json`).
     pub fn run_sae(&self, device: &Device, handle: Handle) -> Result<SaeOutcome> {
         self.validate()?;
         let started = std::time::Instant::now();
         let run = RunDir::new(&self.run);
         crate::bad_value::ensure(run.path().is_dir(), "run", || {
             format!("{}: no such run folder", run.path().display())
-        })?;
-        ensure(self.base.is_none() && self.chat.is_none(), "base", || {
-            "and --chat give a crosscoder's token lists; an SAE run's analysis takes none".into()
         })?;
         let _lock = crate::io::DirLock::acquire(run.path(), "run")?;
         let cc = Crosscoder::load(run.path(), device)?;
@@ -270,6 +268,14 @@ impl AnalyzeJob {
         let index = CacheIndex::open(&self.cache)?;
         index.check_usable(&self.cache, self.allow_partial)?;
         check_run_against_cache(&cc, &self.run, &index, &self.cache, self.allow_other_models)?;
+        let models = match (&self.base, &self.chat) {
+            (Some(b), Some(c)) => {
+                self.open_models(&cc, [b, c])?;
+                let load = |dir: &std::path::Path| crate::model::Model::load(dir, device, Default::default());
+                Some([load(b)?, load(c)?])
+            }
+            _ => None,
+        };
         let (rows, summary) = crate::analysis::sae_latents::analyze_sae(
             &cc,
             &self.cache,
@@ -286,6 +292,11 @@ impl AnalyzeJob {
             bail!("the SAE analysis came out unusable (FVE {}); nothing was written", summary.fve);
         }
         run.write_sae_latents(&rows, &summary)?;
+        if let Some(models) = &models {
+            handle.progress("token lists", 0, 1, "models");
+            let tokens = crate::analysis::sae_latents::latent_tokens(&cc, &rows, models)?;
+            run.write_json(RunDir::SAE_TOKENS, &tokens)?;
+        }
         Ok(SaeOutcome { rows, summary, seconds: started.elapsed().as_secs_f64() })
     }
 }
