@@ -58,10 +58,24 @@ fn the_sae_step_equals_the_numpy_reference() {
     let meta: Vec<usize> = r["meta"].1.iter().map(|v| *v as usize).collect();
     let [d, dict, b, k, dead_tokens, _k_aux] = meta[..] else { panic!("meta") };
     let p = reference_params(&r, &device);
-    let cfg = TrainConfig { dead_tokens: dead_tokens as u64, ..sae_config(k, dict) };
+    // Both routes: the host loops over the picks (the CPU's default) and dense autodiff.
+    for cpu_kernels in [true, false] {
+        let cfg = TrainConfig { dead_tokens: dead_tokens as u64, cpu_kernels, ..sae_config(k, dict) };
+        step_equals_reference(&r, &cfg, &p, [d, dict, b], &device);
+    }
+}
+
+fn step_equals_reference(
+    r: &BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+    cfg: &TrainConfig,
+    p: &Params,
+    [d, dict, b]: [usize; 3],
+    device: &Device,
+) {
+    let device = device.clone();
     let rows = SaeTarget::ChatMinusBase.rows(&f32s(&r["pairs"].1), d);
     let mut since: Vec<u64> = r["since"].1.iter().map(|v| *v as u64).collect();
-    let out = step_loss(&cfg, &p, tensor(rows, [b, d], &device), 1, &mut since).unwrap();
+    let out = step_loss(cfg, p, tensor(rows, [b, d], &device), 1, &mut since).unwrap();
     let scalar = |t: &burn::tensor::Tensor<1>| read_vec(t.clone()).unwrap();
     assert_close("loss", &scalar(&out.loss), &r["loss"].1, 1e-5);
     assert_close("recon", &scalar(&out.recon), &r["recon"].1, 1e-5);
@@ -77,6 +91,45 @@ fn the_sae_step_equals_the_numpy_reference() {
     assert_close("projected ∂L/∂w_dec", &read_vec(projected).unwrap(), &r["grad.w_dec.projected"].1, 1e-4);
     let stretched = tensor(f32s(&r["stretched"].1), [dict, d], &device);
     assert_close("unit rows", &read_vec(unit_rows(stretched)).unwrap(), &r["renormed"].1, 1e-6);
+}
+
+#[test]
+fn the_sparse_and_dense_sae_routes_agree_on_a_larger_case() {
+    let device = Device::flex();
+    let (d, dict, b, k) = (24, 96, 160, 2);
+    let mut rng = crossdiff::rng::SplitMix64(11);
+    let mut draw = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| (rng.next_f64() as f32 - 0.5) * s).collect() };
+    let p = Params {
+        w_enc: tensor(draw(d * dict, 0.8), [d, dict], &device),
+        // A third of the latents held below the others: rarely selected, dead by their counters.
+        b_enc: tensor(
+            draw(dict, 0.1).into_iter().enumerate().map(|(j, v)| if j % 3 == 0 { v - 1.5 } else { v }).collect(),
+            [1, dict],
+            &device,
+        ),
+        w_dec: crossdiff::crosscoder::sae::unit_rows(tensor(draw(dict * d, 1.0), [dict, d], &device)),
+        b_dec: tensor(draw(d, 0.2), [1, d], &device),
+    };
+    let pairs = draw(b * 2 * d, 2.0);
+    // A third of the latents unselected for long: AuxK runs.
+    let since0: Vec<u64> = (0..dict).map(|j| if j % 3 == 0 { 10_000 } else { 0 }).collect();
+    let run = |cpu_kernels: bool| {
+        let cfg = TrainConfig { dead_tokens: 5_000, cpu_kernels, ..sae_config(k, dict) };
+        let mut since = since0.clone();
+        let x = tensor(SaeTarget::BaseMinusChat.rows(&pairs, d), [b, d], &device);
+        let out = step_loss(&cfg, &p, x, 3, &mut since).unwrap();
+        let scalar = |t: &burn::tensor::Tensor<1>| read_vec(t.clone()).unwrap()[0] as f64;
+        let grads: Vec<Vec<f32>> = out.gradients().unwrap().iter().map(|g| read_vec(g.clone()).unwrap()).collect();
+        (scalar(&out.loss), scalar(out.aux.as_ref().unwrap()), out.min_kept(), since, grads)
+    };
+    let (sparse, dense) = (run(true), run(false));
+    assert!((sparse.0 - dense.0).abs() < 1e-5 * dense.0.abs(), "loss {} vs {}", sparse.0, dense.0);
+    assert!((sparse.1 - dense.1).abs() < 1e-5 * dense.1.abs().max(1e-6), "aux {} vs {}", sparse.1, dense.1);
+    assert_eq!((sparse.2, &sparse.3), (dense.2, &dense.3), "selection and counters");
+    for (i, (a, b)) in sparse.4.iter().zip(&dense.4).enumerate() {
+        let want: Vec<f64> = b.iter().map(|v| *v as f64).collect();
+        assert_close(&format!("gradient {i}"), a, &want, 1e-4);
+    }
 }
 
 #[test]

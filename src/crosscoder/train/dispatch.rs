@@ -26,6 +26,10 @@ pub fn step_loss(
     since_selected: &mut [u64],
 ) -> Result<StepOutput> {
     if cfg.kind == Kind::Sae {
+        // The host-loop route on the CPU; the dense autodiff one (the reference) elsewhere.
+        if cfg.sparse && cfg.cpu_kernels && is_flex(&x.device()) {
+            return super::sae_step::sparse_step(cfg, p, x, step, since_selected);
+        }
         return super::sae_step::step(cfg, p, x, step, since_selected);
     }
     let input = StepInput::new(cfg, p, x, step, since_selected);

@@ -1,4 +1,6 @@
-//! The SAE's step (`kind: sae`, src/crosscoder/sae.rs), as the authors' `BatchTopKTrainer.loss`:
+//! The SAE's step (`kind: sae`, src/crosscoder/sae.rs), as the authors' `BatchTopKTrainer.loss`, by
+//! two routes: dense autodiff ([`step`], every device; the reference) and host loops over the picks
+//! ([`sparse_step`], flex). The rules:
 //! f = ReLU((x − b_dec)·W_enc + b_enc), the top k·B codes of the batch kept, x̂ = f·W_dec + b_dec,
 //! L = mean_b Σ_dims (x − x̂)² + α·L_aux, AuxK on the codes of dead latents (per token the top
 //! min(d/2, #dead)) decoded without bias. Every parameter is tracked by autodiff (the encoder's
@@ -42,4 +44,101 @@ pub fn step(cfg: &TrainConfig, p: &Params, x: Tensor<2>, step: u64, since_select
     let grad = |t: &Tensor<2>| t.grad(&grads).map(Tensor::inner).ok_or_else(|| anyhow!("no gradient for a parameter"));
     let g = [grad(&p.w_enc)?, grad(&p.b_enc)?, grad(&p.w_dec)?, grad(&p.b_dec)?];
     Ok(StepOutput::new(selection, loss, recon, aux, err, g).one_block())
+}
+
+/// The same step by host loops over the picked entries (flex, `cpu_kernels`): only the encoder
+/// matmul runs dense; the selection, decode, loss and every gradient touch the k·B picks (and
+/// AuxK's) alone, as the crosscoder's `host_sparse` route does. `b_dec` enters the encoder too:
+/// ∂L/∂b_dec = Σ_t ∂L/∂x̂_t − W_enc·(∂L/∂b_enc)ᵀ.
+pub fn sparse_step(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    step: u64,
+    since_selected: &mut [u64],
+) -> Result<StepOutput> {
+    use crate::crosscoder::train::host_sparse::{
+        HostPicks, accumulate_by_latent, decode_into, pick_grads, select_topk, transpose,
+    };
+    let [b, d] = x.dims();
+    let [_, dict] = p.w_enc.dims();
+    let device = x.device();
+    let centred = x.clone() - p.b_dec.clone();
+    let f = read_vec((centred.clone().matmul(p.w_enc.clone()) + p.b_enc.clone()).clamp_min(0.0))?;
+    let (main, selected, mask, min_kept) = select_topk(&f, &vec![1.0; dict], dict, cfg.k_at(step) * b);
+    let selection = Selection::batch_topk(selected, mask, min_kept);
+    let dead = selection.record(cfg, since_selected, b, d);
+    let (xh, xc) = (read_vec(x)?, read_vec(centred)?);
+    let w_dec = read_vec(p.w_dec.clone())?;
+    let b_dec = read_vec(p.b_dec.clone())?;
+    let mut recon: Vec<f32> = (0..b).flat_map(|_| b_dec.iter().copied()).collect();
+    decode_into(&mut recon, &main, &w_dec, d);
+    let err: Vec<f32> = xh.iter().zip(&recon).map(|(a, r)| a - r).collect();
+    // L_rec = mean_b Σ e², g = ∂L/∂x̂ = −2e/B.
+    let recon_loss = err.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / b as f64;
+    let g: Vec<f32> = err.iter().map(|e| -2.0 * e / b as f32).collect();
+    let (mut loss, mut aux_value, mut aux_picks, mut g_aux) = (recon_loss, None, None, Vec::new());
+    if dead.any() {
+        let picks = HostPicks::from_mask(&f, &dead.aux_mask(&f, dict), dict);
+        let mut e_hat = vec![0.0f32; b * d];
+        decode_into(&mut e_hat, &picks, &w_dec, d);
+        let mut mean = vec![0.0f64; d];
+        for row in err.chunks_exact(d) {
+            mean.iter_mut().zip(row).for_each(|(m, v)| *m += *v as f64 / b as f64);
+        }
+        let den = err
+            .chunks_exact(d)
+            .map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>())
+            .sum::<f64>()
+            / b as f64;
+        let num = err.iter().zip(&e_hat).map(|(e, h)| (*e as f64 - *h as f64).powi(2)).sum::<f64>() / b as f64;
+        let a = num / den;
+        aux_value = Some(a);
+        if let Some(alpha) = crate::crosscoder::train::step::aux_weight(cfg, a) {
+            loss += alpha * a;
+            let k = (-2.0 * alpha / (b as f64 * den)) as f32;
+            g_aux = err.iter().zip(&e_hat).map(|(e, h)| k * (e - h)).collect();
+            aux_picks = Some(picks);
+        }
+    }
+    let grad_v = pick_grads(&main, &w_dec, &g, d);
+    let grad_v_aux = aux_picks.as_ref().map(|pk| pick_grads(pk, &w_dec, &g_aux, d));
+    let mut dec_sets: Vec<(&HostPicks, &[f32], &[f32])> = vec![(&main, &main.values, &g)];
+    let mut enc_sets: Vec<(&HostPicks, &[f32], &[f32])> = vec![(&main, &grad_v, &xc)];
+    if let (Some(pk), Some(gv)) = (&aux_picks, &grad_v_aux) {
+        dec_sets.push((pk, &pk.values, &g_aux));
+        enc_sets.push((pk, gv, &xc));
+    }
+    let mut grad_w_dec = vec![0.0f32; dict * d];
+    accumulate_by_latent(&mut grad_w_dec, d, &dec_sets);
+    let mut grad_enc_t = vec![0.0f32; dict * d];
+    accumulate_by_latent(&mut grad_enc_t, d, &enc_sets);
+    let mut grad_b_enc = vec![0.0f32; dict];
+    for (picks, gv, _) in &enc_sets {
+        for (&l, &gvp) in picks.latents.iter().zip(gv.iter()) {
+            grad_b_enc[l as usize] += gvp;
+        }
+    }
+    let mut grad_b_dec = vec![0.0f32; d];
+    for row in g.chunks_exact(d) {
+        grad_b_dec.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+    }
+    let grad_b_enc = tensor(grad_b_enc, [1, dict], &device);
+    let through_encoder = grad_b_enc.clone().matmul(p.w_enc.clone().transpose()); // [1, d]
+    let scalar = |v: f64| tensor(vec![v as f32], [1], &device);
+    let grads = [
+        tensor(transpose(&grad_enc_t, dict, d), [d, dict], &device),
+        grad_b_enc,
+        tensor(grad_w_dec, [dict, d], &device),
+        tensor(grad_b_dec, [1, d], &device) - through_encoder,
+    ];
+    let out = StepOutput::new(
+        selection,
+        scalar(loss),
+        scalar(recon_loss),
+        aux_value.map(scalar),
+        tensor(err, [b, d], &device),
+        grads,
+    );
+    Ok(out.one_block())
 }
