@@ -50,9 +50,10 @@ impl RunDir {
         self.checkpoint_dir().join(Self::CHECKPOINT_STATE)
     }
 
-    /// Whether a trained crosscoder is there.
+    /// Whether a trained dictionary is there (a crosscoder or an SAE).
     pub fn has_crosscoder(&self) -> bool {
-        self.crosscoder().exists()
+        // A trained dictionary of either kind: a crosscoder, or an SAE (`sae.safetensors`).
+        self.crosscoder().exists() || self.sae().exists()
     }
 
     /// Reads and parses one JSON file of the run; errors name the file.

@@ -332,7 +332,7 @@ fn first_median(cfg: &TrainConfig, pairs: &[f32], d: usize) -> Vec<f32> {
 fn diverged(what: &str, step: u64, saved: Option<u64>, out: &std::path::Path) -> anyhow::Error {
     let run = crate::run_dir::RunDir::new(out);
     let kept = match saved {
-        Some(s) if run.crosscoder().exists() => {
+        Some(s) if run.has_crosscoder() => {
             format!("the checkpoint at step {s} and the last exported crosscoder are kept")
         }
         Some(s) => format!("the checkpoint at step {s} is kept"),
