@@ -16,7 +16,8 @@ use burn::tensor::Device;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::activations::cache::{CacheIndex, read_shard_file};
+use crate::activations::batches::{CacheBatch, for_each_batch};
+use crate::activations::cache::CacheIndex;
 use crate::crosscoder::{Crosscoder, read_vec, tensor};
 use crate::io::{LazyTensor, f32_bytes, write_safetensors_streaming};
 use crate::rng::SplitMix64;
@@ -82,46 +83,6 @@ fn scaled_acts(cc: &Crosscoder, rows: &[f32], d: usize, device: &Device) -> Resu
     read_vec(cc.codes(x) * cc.params.norm_sum())
 }
 
-/// Every shard's rows, in cache order, in batches: `(first global token, rows, token ids, doc index)`.
-fn for_each_batch(
-    cache: &Path,
-    index: &CacheIndex,
-    tokens: u64,
-    batch: usize,
-    mut f: impl FnMut(u64, &[f32], &[u32], &[u32]) -> Result<()>,
-) -> Result<()> {
-    let d = index.d_model;
-    let mut global = 0u64;
-    for shard in &index.shards {
-        if global >= tokens {
-            break;
-        }
-        let layout = index.check_shard_header(cache, shard)?;
-        let bytes = read_shard_file(cache, shard)?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", shard.file))?;
-        let u32s = |name: &str| -> Vec<u32> {
-            st.tensor(name)
-                .ok()
-                .and_then(|t| crate::io::decode_u32(t.dtype(), t.data()).ok())
-                .unwrap_or_else(|| vec![0; shard.tokens as usize])
-        };
-        let (ids, docs) = (u32s("token_ids"), u32s("doc_index"));
-        let n = shard.tokens.min(tokens - global) as usize;
-        let row_bytes = 2 * d * layout.dtype.bytes();
-        let mut start = 0;
-        while start < n {
-            let b = batch.min(n - start);
-            let mut rows = vec![0.0f32; b * 2 * d];
-            let from = layout.acts_offset + start * row_bytes;
-            layout.dtype.decode(&bytes[from..from + b * row_bytes], &mut rows);
-            f(global + start as u64, &rows, &ids[start..start + b], &docs[start..start + b])?;
-            start += b;
-        }
-        global += n as u64;
-    }
-    Ok(())
-}
-
 /// Builds `RUN/examples.safetensors`. `max_act` is analyze's per-latent maximum (the bins' scale);
 /// `unembed` gives each model's `[vocab, d]` embedding for promoted/suppressed tokens.
 pub fn build_examples(
@@ -151,7 +112,7 @@ pub fn build_examples(
     let mut rng = SplitMix64(opts.seed ^ 0xE7A);
     let mut docs_of: Vec<u32> = Vec::with_capacity(total as usize);
     let mut ids_of: Vec<u32> = Vec::with_capacity(total as usize);
-    for_each_batch(cache, &index, total, opts.batch, |first, rows, ids, docs| {
+    for_each_batch(cache, &index, total, opts.batch, |&CacheBatch { first, rows, ids, docs, .. }| {
         ids_of.extend_from_slice(ids);
         docs_of.extend_from_slice(docs);
         let a = scaled_acts(&cc, rows, d, device)?;
@@ -221,7 +182,7 @@ pub fn build_examples(
             }
         }
     }
-    for_each_batch(cache, &index, total, opts.batch, |first, rows, _, _| {
+    for_each_batch(cache, &index, total, opts.batch, |&CacheBatch { first, rows, .. }| {
         let n = (rows.len() / (2 * d)) as u64;
         let wanted: Vec<(u64, &Vec<(u32, u32)>)> = needs.range(first..first + n).map(|(t, v)| (*t, v)).collect();
         if wanted.is_empty() {

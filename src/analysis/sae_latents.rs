@@ -13,7 +13,8 @@ use anyhow::{Result, anyhow, bail};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::activations::cache::{CacheIndex, read_shard_file};
+use crate::activations::batches::{CacheBatch, for_each_batch};
+use crate::activations::cache::CacheIndex;
 use crate::crosscoder::{Crosscoder, SaeTarget, read_vec, tensor};
 use crate::run_dir::RunDir;
 
@@ -101,33 +102,15 @@ pub fn analyze_sae(
         e_sq: vec![0.0; d],
     };
     let w_dec_t = cc.params.w_dec.clone().transpose(); // [d, D]
-    for shard in &index.shards {
-        if s.tokens >= total {
-            break;
-        }
+    for_each_batch(cache, &index, total, batch, |&CacheBatch { rows, template, .. }| {
         if !keep_going() {
             bail!("the SAE analysis was cancelled after {} tokens; nothing was written", s.tokens);
         }
-        let layout = index.check_shard_header(cache, shard)?;
-        let bytes = read_shard_file(cache, shard)?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", shard.file))?;
-        let template: Vec<bool> = match st.tensor("template") {
-            Ok(t) => t.data().iter().map(|&b| b != 0).collect(),
-            Err(_) => vec![false; shard.tokens as usize],
-        };
-        let row_bytes = 2 * d * layout.dtype.bytes();
-        let n = (shard.tokens.min(total - s.tokens)) as usize;
-        let mut start = 0;
-        while start < n {
-            let b = batch.min(n - start);
-            let mut rows = vec![0.0f32; b * 2 * d];
-            let from = layout.acts_offset + start * row_bytes;
-            layout.dtype.decode(&bytes[from..from + b * row_bytes], &mut rows);
-            accumulate(cc, target, &mut s, &rows, &template[start..start + b], b, d, &w_dec_t, device)?;
-            start += b;
-            progress(s.tokens, total);
-        }
-    }
+        let b = template.len();
+        accumulate(cc, target, &mut s, rows, template, b, d, &w_dec_t, device)?;
+        progress(s.tokens, total);
+        Ok(())
+    })?;
     finish(cc, target, s)
 }
 

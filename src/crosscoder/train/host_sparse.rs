@@ -59,16 +59,7 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
         let picks = HostPicks::from_mask(&f, &aux_mask, dict);
         let mut e_hat = vec![0.0f32; b * two_d];
         decode_into(&mut e_hat, &picks, &w_dec, two_d);
-        let mut mean = vec![0.0f64; two_d];
-        for row in err.chunks_exact(two_d) {
-            mean.iter_mut().zip(row).for_each(|(m, v)| *m += *v as f64 / b as f64);
-        }
-        let den: f64 = err
-            .chunks_exact(two_d)
-            .map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>())
-            .sum::<f64>()
-            / b as f64;
-        let num: f64 = err.iter().zip(&e_hat).map(|(e, h)| (*e as f64 - *h as f64).powi(2)).sum::<f64>() / b as f64;
+        let (num, den) = aux_terms(&err, &e_hat, two_d);
         let a = num / den;
         aux_value = Some(a);
         if let Some(alpha) = aux_weight(cfg, a) {
@@ -119,6 +110,23 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
         tensor(err, [b, two_d], &device),
         grads,
     ))
+}
+
+/// AuxK's numerator and denominator over rows of width `w`: `mean_b ‖e − ê‖²` and
+/// `mean_b ‖e − mean_b e‖²`, in f64.
+pub fn aux_terms(err: &[f32], e_hat: &[f32], w: usize) -> (f64, f64) {
+    let b = (err.len() / w) as f64;
+    let mut mean = vec![0.0f64; w];
+    for row in err.chunks_exact(w) {
+        mean.iter_mut().zip(row).for_each(|(m, v)| *m += *v as f64 / b);
+    }
+    let den = err
+        .chunks_exact(w)
+        .map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>())
+        .sum::<f64>()
+        / b;
+    let num = err.iter().zip(e_hat).map(|(e, h)| (*e as f64 - *h as f64).powi(2)).sum::<f64>() / b;
+    (num, den)
 }
 
 /// Picked (token, latent, code) entries.

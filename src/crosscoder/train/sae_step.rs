@@ -58,7 +58,7 @@ pub fn sparse_step(
     since_selected: &mut [u64],
 ) -> Result<StepOutput> {
     use crate::crosscoder::train::host_sparse::{
-        HostPicks, accumulate_by_latent, decode_into, pick_grads, select_topk, transpose,
+        HostPicks, accumulate_by_latent, aux_terms, decode_into, pick_grads, select_topk, transpose,
     };
     let [b, d] = x.dims();
     let [_, dict] = p.w_enc.dims();
@@ -82,16 +82,7 @@ pub fn sparse_step(
         let picks = HostPicks::from_mask(&f, &dead.aux_mask(&f, dict), dict);
         let mut e_hat = vec![0.0f32; b * d];
         decode_into(&mut e_hat, &picks, &w_dec, d);
-        let mut mean = vec![0.0f64; d];
-        for row in err.chunks_exact(d) {
-            mean.iter_mut().zip(row).for_each(|(m, v)| *m += *v as f64 / b as f64);
-        }
-        let den = err
-            .chunks_exact(d)
-            .map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>())
-            .sum::<f64>()
-            / b as f64;
-        let num = err.iter().zip(&e_hat).map(|(e, h)| (*e as f64 - *h as f64).powi(2)).sum::<f64>() / b as f64;
+        let (num, den) = aux_terms(&err, &e_hat, d);
         let a = num / den;
         aux_value = Some(a);
         if let Some(alpha) = crate::crosscoder::train::step::aux_weight(cfg, a) {
