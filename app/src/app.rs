@@ -139,6 +139,7 @@ pub struct CrossdiffApp {
     pub steering: crate::steering_view::SteeringView,
     pub prompt_lab: crate::prompt_lab_view::PromptLabView,
     pub adl: crate::adl_view::AdlView,
+    pub methods: crate::methods_view::MethodsView,
     /// The guided tour's panel (shown on opening a project with runs until dismissed).
     pub tour: crate::tour::TourView,
     error: Option<String>,
@@ -173,6 +174,7 @@ impl CrossdiffApp {
             steering: crate::steering_view::SteeringView::new(bundled("chat")),
             prompt_lab: crate::prompt_lab_view::PromptLabView::new(bundled("base"), bundled("chat")),
             adl: crate::adl_view::AdlView::new(bundled("base"), bundled("chat")),
+            methods: crate::methods_view::MethodsView::default(),
             tour: crate::tour::TourView::new(view.is_none()),
             error: None,
             sized: false,
@@ -225,6 +227,7 @@ impl CrossdiffApp {
                 // The ADL reads plain text (the authors' setting): the project's first .txt file.
                 let text = p.data.iter().find(|d| d.extension().is_some_and(|e| e == "txt")).map(|d| s(d));
                 self.adl.prefill(&base, &chat, text, &p.dir.join("adl"));
+                self.methods.prefill(&runs, &p.dir.join("adl"));
                 self.compare.runs = [
                     runs.first().map(|r| r.display().to_string()).unwrap_or_default(),
                     runs.get(1).map(|r| r.display().to_string()).unwrap_or_default(),
@@ -298,8 +301,12 @@ impl CrossdiffApp {
                     if self.compare.runs.contains(&run) {
                         self.compare.load();
                     }
+                    self.methods.reload_if_listed(&run);
                 }
-                AppCommand::KlMeasured { run } => self.plots.show_run(&run),
+                AppCommand::KlMeasured { run } => {
+                    self.plots.show_run(&run);
+                    self.methods.reload_if_listed(&run);
+                }
                 AppCommand::SwitchTab(tab) => self.tab = tab,
                 AppCommand::AskModels { prompt } => {
                     self.models.ask(&prompt);
@@ -444,6 +451,9 @@ impl eframe::App for CrossdiffApp {
             }
             Tab::Adl => {
                 egui::CentralPanel::default().show(ui, |ui| self.adl.ui(ui, &env));
+            }
+            Tab::Methods => {
+                egui::CentralPanel::default().show(ui, |ui| self.methods.ui(ui));
             }
         }
         if !self.commands.is_empty() {

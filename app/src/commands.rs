@@ -17,11 +17,12 @@ pub enum Tab {
     Steering,
     Compare,
     Adl,
+    Methods,
 }
 
 impl Tab {
     /// Every tab, in the top bar's order, with its label.
-    pub const ALL: [(Tab, &'static str); 10] = [
+    pub const ALL: [(Tab, &'static str); 11] = [
         (Tab::Models, "Models"),
         (Tab::Cache, "Cache"),
         (Tab::Train, "Train"),
@@ -32,6 +33,7 @@ impl Tab {
         (Tab::Steering, "Steering"),
         (Tab::Compare, "Compare runs"),
         (Tab::Adl, "ADL"),
+        (Tab::Methods, "Methods"),
     ];
 
     /// The tab named by CROSSDIFF_VIEW (screenshots, demos).
@@ -47,6 +49,7 @@ impl Tab {
             "steering" => Tab::Steering,
             "promptlab" => Tab::PromptLab,
             "adl" => Tab::Adl,
+            "methods" => Tab::Methods,
             _ => return None,
         })
     }

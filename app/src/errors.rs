@@ -31,8 +31,9 @@ pub type Fields = &'static [(&'static str, Field)];
 const APP_FIELDS: Fields = &[("backend", Field::Value("Device"))];
 
 /// Command-line phrasings and what the app says instead.
-const CLI_PHRASES: [(&str, &str); 3] = [
+const CLI_PHRASES: [(&str, &str); 4] = [
     ("re-run the same command", "start the same job again"),
+    ("run `crossdiff analyze` on it first", "analyse it in the Analyze view first"),
     ("re-run that command", "start that job again"),
     ("see `crossdiff --help`", "see the command line's `crossdiff --help`"),
 ];

@@ -11,6 +11,7 @@ pub mod compare_view;
 pub mod errors;
 pub mod jobs;
 pub mod latents_view;
+pub mod methods_view;
 pub mod models_view;
 pub mod plots_view;
 pub mod prompt_lab_view;

@@ -601,6 +601,7 @@ fn snapshot_images_of_the_empty_views() {
         ("Analyze", "analyze_view"),
         ("Compare runs", "compare_view"),
         ("Steering", "steering_view"),
+        ("Methods", "methods_view"),
     ] {
         let mut harness = Harness::builder().with_size(eframe::egui::vec2(900.0, 520.0)).build_eframe(|cc| {
             let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
