@@ -11,7 +11,7 @@ Xvfb "$display" -screen 0 1280x800x24 >/dev/null 2>&1 &
 xvfb=$!
 trap 'kill $xvfb 2>/dev/null || true' EXIT
 sleep 2
-for view in models cache train analyze latents plots promptlab steering compare adl; do
+for view in models cache train analyze latents plots promptlab steering compare adl methods; do
   DISPLAY=$display CROSSDIFF_VIEW=$view timeout 40 "$bin" >"$out/$view.log" 2>&1 &
   app=$!
   # The first frame needs the wgpu pipeline built on lavapipe: give it time.
