@@ -63,6 +63,7 @@ fn sae_latents_equal_a_host_recomputation() {
     let (mut active, mut tmpl, mut maxf, mut f2) =
         (vec![0.0; dict], vec![0.0; dict], vec![0.0f64; dict], vec![0.0; dict]);
     let mut proj = [vec![0.0; dict], vec![0.0; dict]];
+    let mut codes = vec![0.0f64; n * dict];
     for t in 0..n {
         let row = &pairs[t * 2 * d..(t + 1) * 2 * d];
         let x: Vec<f64> = (0..d).map(|i| row[d + i] - row[i]).collect(); // chat − base
@@ -75,6 +76,7 @@ fn sae_latents_equal_a_host_recomputation() {
                     tmpl[j] += 1.0;
                 }
                 maxf[j] = maxf[j].max(f);
+                codes[t * dict + j] = f;
                 f2[j] += f * f;
                 for m in 0..2 {
                     let dot: f64 = (0..d).map(|i| dec[i * dict + j] * row[m * d + i]).sum();
@@ -111,6 +113,22 @@ fn sae_latents_equal_a_host_recomputation() {
         }
     }
     assert!(checked >= 5, "ν checked on {checked} latents");
+    // The examples store: each active latent's top example is its largest code, at that token.
+    let store = crossdiff::analysis::examples::ExamplesStore::open(&run).unwrap();
+    for j in (0..dict).filter(|&j| active[j] > 0.0) {
+        let ex = store.latent(j).unwrap();
+        let top = ex.examples.iter().filter(|e| e.kind == 0).max_by(|a, b| a.act.total_cmp(&b.act)).unwrap();
+        assert!(
+            (top.act as f64 - maxf[j]).abs() <= 1e-3 * maxf[j],
+            "latent {j}: top example {} vs {}",
+            top.act,
+            maxf[j]
+        );
+        // At its token the latent's code is that value (several tokens may tie: identical BOS rows).
+        let at = codes[top.token as usize * dict + j];
+        assert!((at - maxf[j]).abs() <= 1e-3 * maxf[j], "latent {j}: code {at} at the top example's token");
+        assert!(ex.tokens.is_empty(), "an SAE's token lists are sae-tokens.json");
+    }
     // The summary counts the authors' |ν| thresholds from the rows.
     for (t, count) in &done.summary.ratio_below {
         let want = done.rows.iter().filter(|r| r.beta_ratio.is_some_and(|v| v.abs() <= *t)).count();

@@ -18,7 +18,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::activations::batches::{CacheBatch, for_each_batch};
 use crate::activations::cache::CacheIndex;
-use crate::crosscoder::{Crosscoder, read_vec, tensor};
+use crate::crosscoder::{Crosscoder, Kind, read_vec, tensor};
 use crate::io::{LazyTensor, f32_bytes, write_safetensors_streaming};
 use crate::rng::SplitMix64;
 use crate::run_dir::RunDir;
@@ -76,9 +76,14 @@ impl PartialOrd for Hit {
     }
 }
 
-/// Norm-scaled activations `[rows, D]` of cache rows, on the host.
+/// The activations `[rows, D]` the examples rank, on the host, from pair rows: a crosscoder's
+/// norm-scaled codes; an SAE's codes on its input (its directions have unit norm).
 fn scaled_acts(cc: &Crosscoder, rows: &[f32], d: usize, device: &Device) -> Result<Vec<f32>> {
     let n = rows.len() / (2 * d);
+    if let (Kind::Sae, target) = (cc.config.kind, cc.config.target) {
+        let x = tensor(target.unwrap_or_default().rows(rows, d), [n, d], device);
+        return read_vec(cc.codes(x));
+    }
     let x = tensor(rows.to_vec(), [n, 2 * d], device);
     read_vec(cc.codes(x) * cc.params.norm_sum())
 }
@@ -96,7 +101,10 @@ pub fn build_examples(
     tokens: Option<u64>,
 ) -> Result<()> {
     let index = CacheIndex::open(cache)?;
-    let (d, dict) = cc.params.dims();
+    // One model's width and D, for a crosscoder and an SAE alike (an SAE's token lists are
+    // sae-tokens.json: no unembedding here).
+    let (d, dict) = (cc.config.d, cc.config.dict_size);
+    let unembed = unembed.filter(|_| cc.config.kind != Kind::Sae);
     if max_act.len() != dict {
         bail!("max activations for {} latents, the crosscoder has {dict}", max_act.len());
     }

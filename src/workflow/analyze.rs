@@ -155,18 +155,7 @@ impl AnalyzeJob {
                 run.crosscoder().display()
             );
         }
-        let store = cc.config.dict_size as u64 * self.examples as u64 * (2 * self.context as u64 + 1) * 8;
-        if let Some(total) = crate::io::memory_total_bytes() {
-            ensure(store < total / 2, "examples", || {
-                format!(
-                    "{} with --context {}: the examples store of {} latents needs {:.1} GiB, more than half this machine's memory",
-                    self.examples,
-                    self.context,
-                    cc.config.dict_size,
-                    store as f64 / (1u64 << 30) as f64
-                )
-            })?;
-        }
+        self.check_examples_memory(&cc)?;
         let index = CacheIndex::open(&self.cache)?;
         index.check_usable(&self.cache, self.allow_partial)?;
         check_run_against_cache(&cc, &self.run, &index, &self.cache, self.allow_other_models)?;
@@ -194,15 +183,38 @@ impl AnalyzeJob {
             None => None,
         };
         let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
-        let ex = ExamplesOptions {
+        let ex = self.examples_options();
+        crate::analysis::examples::build_examples(&run, &cc, &self.cache, device, &max_act, unembed, &ex, self.tokens)?;
+        Ok(AnalyzeOutcome { rows, summary, seconds: started.elapsed().as_secs_f64() })
+    }
+}
+
+impl AnalyzeJob {
+    /// The examples store must fit in half the machine's memory.
+    fn check_examples_memory(&self, cc: &Crosscoder) -> Result<()> {
+        let store = cc.config.dict_size as u64 * self.examples as u64 * (2 * self.context as u64 + 1) * 8;
+        if let Some(total) = crate::io::memory_total_bytes() {
+            ensure(store < total / 2, "examples", || {
+                format!(
+                    "{} with --context {}: the examples store of {} latents needs {:.1} GiB, more than half this machine's memory",
+                    self.examples,
+                    self.context,
+                    cc.config.dict_size,
+                    store as f64 / (1u64 << 30) as f64
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn examples_options(&self) -> ExamplesOptions {
+        ExamplesOptions {
             top_n: self.examples,
             context: self.context,
             batch: self.batch,
             seed: self.seed,
             ..Default::default()
-        };
-        crate::analysis::examples::build_examples(&run, &cc, &self.cache, device, &max_act, unembed, &ex, self.tokens)?;
-        Ok(AnalyzeOutcome { rows, summary, seconds: started.elapsed().as_secs_f64() })
+        }
     }
 }
 
@@ -265,6 +277,7 @@ impl AnalyzeJob {
         ensure(cc.config.kind == crate::crosscoder::Kind::Sae, "run", || {
             format!("{} holds a crosscoder, not an SAE", run.path().display())
         })?;
+        self.check_examples_memory(&cc)?;
         let index = CacheIndex::open(&self.cache)?;
         index.check_usable(&self.cache, self.allow_partial)?;
         check_run_against_cache(&cc, &self.run, &index, &self.cache, self.allow_other_models)?;
@@ -292,6 +305,11 @@ impl AnalyzeJob {
             bail!("the SAE analysis came out unusable (FVE {}); nothing was written", summary.fve);
         }
         run.write_sae_latents(&rows, &summary)?;
+        // The max-activating and quantile examples, as for a crosscoder (examples.safetensors).
+        handle.progress("examples", 0, 1, "stores");
+        let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
+        let ex = self.examples_options();
+        crate::analysis::examples::build_examples(&run, &cc, &self.cache, device, &max_act, None, &ex, self.tokens)?;
         if let Some(models) = &models {
             handle.progress("token lists", 0, 1, "models");
             let tokens = crate::analysis::sae_latents::latent_tokens(&cc, &rows, models)?;
