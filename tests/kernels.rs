@@ -112,6 +112,60 @@ fn sparse_batchtopk_step_on_wgpu_equals_the_host_selection_on_flex() {
 }
 
 #[test]
+fn sae_step_on_wgpu_equals_the_host_route_on_flex() {
+    // The SAE's WGSL route (unit score weights, squared loss, the encoder reading x − b_dec) and its
+    // dense autodiff route on wgpu, against the host loops on flex.
+    use crossdiff::crosscoder::train::{TrainConfig, step_loss};
+    use crossdiff::crosscoder::{Kind, read_vec, tensor};
+    let cpu = burn::tensor::Device::flex();
+    let Some(gpu) = common::wgpu_device() else { return };
+    let (d, dict, b) = (6, 48, 32);
+    let mut rng = SplitMix64(9);
+    let pairs: Vec<f32> = (0..b * 2 * d).map(|_| rng.next_f64() as f32 - 0.4).collect();
+    let rows = crossdiff::crosscoder::SaeTarget::ChatMinusBase.rows(&pairs, d);
+    for dead_every in [0usize, 4] {
+        let before: Vec<u64> =
+            (0..dict).map(|j| if dead_every > 0 && j % dead_every == 0 { 1000 } else { 0 }).collect();
+        let run = |device: &burn::tensor::Device, cpu_kernels: bool| {
+            let mut p = crossdiff::crosscoder::sae::init(d, dict, 3, device);
+            p.b_dec = tensor((0..d).map(|i| 0.05 * i as f32).collect(), [1, d], device);
+            let cfg = TrainConfig {
+                k: 3,
+                dead_tokens: 1000,
+                cpu_kernels,
+                target: Some(crossdiff::crosscoder::SaeTarget::ChatMinusBase),
+                ..TrainConfig::defaults(Kind::Sae, dict)
+            };
+            let mut since = before.clone();
+            let out = step_loss(&cfg, &p, tensor(rows.clone(), [b, d], device), 1, &mut since).unwrap();
+            let loss = read_vec(out.loss.clone().detach()).unwrap();
+            (loss, out.gradients().unwrap().map(|g| read_vec(g).unwrap()), since, out.min_kept())
+        };
+        let (l_cpu, g_cpu, s_cpu, m_cpu) = run(&cpu, true);
+        for kernels in [true, false] {
+            let (l_gpu, g_gpu, s_gpu, m_gpu) = run(&gpu, kernels);
+            assert_eq!(s_cpu, s_gpu, "dead counters");
+            assert_eq!(m_cpu, m_gpu, "smallest kept code");
+            let want = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            common::assert_close(
+                &format!("SAE loss (kernels {kernels}, dead every {dead_every})"),
+                &l_gpu,
+                &want(&l_cpu),
+                1e-5,
+            );
+            for (name, (g, c)) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(g_gpu.iter().zip(&g_cpu)) {
+                common::assert_close(
+                    &format!("SAE {name} (kernels {kernels}, dead every {dead_every})"),
+                    g,
+                    &want(c),
+                    1e-4,
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn segment_rows_and_pick_dot_equal_their_references() {
     use burn::tensor::Int;
     use crossdiff::crosscoder::kernels::{pick_dot, pick_dot_reference, segment_rows, segment_rows_reference};

@@ -26,9 +26,19 @@ pub fn step_loss(
     since_selected: &mut [u64],
 ) -> Result<StepOutput> {
     if cfg.kind == Kind::Sae {
-        // The host-loop route on the CPU; the dense autodiff one (the reference) elsewhere.
-        if cfg.sparse && cfg.cpu_kernels && is_flex(&x.device()) {
+        // Host loops on the CPU, the WGSL kernels on wgpu (when the device selection is exact),
+        // else the dense autodiff route (the reference).
+        let fast = cfg.sparse && cfg.cpu_kernels;
+        if fast && is_flex(&x.device()) {
             return super::sae_step::sparse_step(cfg, p, x, step, since_selected);
+        }
+        if fast && is_wgpu(&x.device()) {
+            let (b, dict) = (x.dims()[0], p.w_enc.dims()[1]);
+            let f = crate::crosscoder::sae::encode(p, x.clone());
+            let unit = Tensor::<2>::ones([1, dict], &x.device());
+            if let Some(sel) = kernel_sparse::select_on_device(&f, &unit, cfg.k_at(step) * b, b, dict)? {
+                return kernel_sparse::step(StepInput::new(cfg, p, x, step, since_selected), &f, sel);
+            }
         }
         return super::sae_step::step(cfg, p, x, step, since_selected);
     }

@@ -2,7 +2,9 @@
 //! ([`select_on_device`], also used by the autodiff-sparse route on wgpu), then decode, ∂L/∂f and
 //! the decoder/encoder gradients through the hand-written WGSL kernels `segment_rows` and
 //! `pick_dot` (`shaders/`), touching only the selected entries' rows; the loss derivative itself is
-//! a few plain tensor ops. AuxK's rare picks come from the host selection.
+//! a few plain tensor ops. AuxK's rare picks come from the host selection. An SAE (`kind: sae`)
+//! takes the same route with unit scores weights, its squared loss, the encoder reading x − b_dec
+//! and b_dec's encoder-side gradient.
 
 use anyhow::Result;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -87,6 +89,9 @@ struct Set {
 /// The route, from the codes `f_dev` (`[B, D]`) and their device selection.
 pub fn step(input: StepInput, f_dev: &Tensor<2>, sel: DeviceSelection) -> Result<StepOutput> {
     let StepInput { cfg, p, x, since_selected, d, dict, b, two_d, device, .. } = input;
+    let sae = cfg.kind == crate::crosscoder::Kind::Sae;
+    // What the encoder read: an SAE subtracts b_dec first.
+    let enc_input = if sae { x.clone() - p.b_dec.clone() } else { x.clone() };
     let ints = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
     let DeviceSelection { tokens, latents, values, selection } = sel;
     let dead = selection.record(cfg, since_selected, b, d);
@@ -109,7 +114,10 @@ pub fn step(input: StepInput, f_dev: &Tensor<2>, sel: DeviceSelection) -> Result
     let main = make_set(tokens, latents, values, &selection.per_latent)?;
     let err = x.clone() - (decode(&main) + p.b_dec.clone());
     // ∂L/∂ĥ of the reconstruction term.
-    let (recon, g) = if cfg.squared_recon {
+    let (recon, g) = if sae {
+        // mean_b Σ e², g = −2e/B.
+        (err.clone().square().sum().mul_scalar(1.0 / b as f64), err.clone().mul_scalar(-2.0 / b as f64))
+    } else if cfg.squared_recon {
         (err.clone().square().sum().mul_scalar(0.5 / b as f64), err.clone().mul_scalar(-1.0 / b as f64))
     } else {
         let norms = err.clone().reshape([b, 2, d]).square().sum_dim(2).sqrt(); // [B, 2, 1]
@@ -121,7 +129,7 @@ pub fn step(input: StepInput, f_dev: &Tensor<2>, sel: DeviceSelection) -> Result
     let mut sets = vec![(main, g.clone())];
     if dead.any() {
         let f = read_vec(f_dev.clone())?;
-        let norms = read_vec(p.norm_sum())?;
+        let norms = if sae { vec![1.0; dict] } else { read_vec(p.norm_sum())? };
         let aux_mask = dead.aux_mask(&host_scores(&f, &norms, dict), dict);
         let HostPicks { tokens, latents, values: vs } = HostPicks::from_mask(&f, &aux_mask, dict);
         let (ts, ls): (Vec<i64>, Vec<i64>) =
@@ -165,10 +173,15 @@ pub fn step(input: StepInput, f_dev: &Tensor<2>, sel: DeviceSelection) -> Result
         grad_w_dec = grad_w_dec
             + segment_rows(&s.latent_offsets, &tokens_by_l, &s.values.clone().select(0, s.by_latent.clone()), gs);
         grad_enc_t = grad_enc_t
-            + segment_rows(&s.latent_offsets, &tokens_by_l, &grad_v.clone().select(0, s.by_latent.clone()), &x);
+            + segment_rows(&s.latent_offsets, &tokens_by_l, &grad_v.clone().select(0, s.by_latent.clone()), &enc_input);
         grad_b_enc = grad_b_enc.select_assign(0, s.latents.clone(), grad_v.reshape([n, 1]), IndexingUpdateOp::Add);
     }
-    let grad_b_dec = sets[0].1.clone().sum_dim(0);
-    let grads = [grad_enc_t.transpose(), grad_b_enc.reshape([1, dict]), grad_w_dec, grad_b_dec];
-    Ok(StepOutput::new(selection, loss, recon, aux, err, grads))
+    let grad_b_enc = grad_b_enc.reshape([1, dict]);
+    let mut grad_b_dec = sets[0].1.clone().sum_dim(0);
+    if sae {
+        grad_b_dec = grad_b_dec - grad_b_enc.clone().matmul(p.w_enc.clone().transpose());
+    }
+    let grads = [grad_enc_t.transpose(), grad_b_enc, grad_w_dec, grad_b_dec];
+    let out = StepOutput::new(selection, loss, recon, aux, err, grads);
+    Ok(if sae { out.one_block() } else { out })
 }

@@ -32,7 +32,8 @@ pub struct StepInput<'a> {
 
 impl<'a> StepInput<'a> {
     pub fn new(cfg: &'a TrainConfig, p: &'a Params, x: Tensor<2>, step: u64, since_selected: &'a mut [u64]) -> Self {
-        let (d, dict) = p.dims();
+        // One model's width (an SAE's rows are one input of that width: `two_d` = d then).
+        let (d, dict) = (cfg.width_of(p), p.w_enc.dims()[1]);
         let [b, two_d] = x.dims();
         let device = x.device();
         Self { cfg, p, x, step, since_selected, d, dict, b, two_d, device }
