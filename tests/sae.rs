@@ -150,6 +150,17 @@ fn the_authors_sae_file_loads_and_ours_round_trips() {
     let codes = theirs.codes(tensor(rows, [7, 5], &device));
     assert_close("codes", &read_vec(codes).unwrap(), &r["codes"].1, 1e-5);
 
+    // Their hub folder: model.safetensors beside their own config.json (activation_dim, dict_size, k).
+    let hub = TempDir::new("sae-hub");
+    std::fs::copy(dir.join("authors.safetensors"), hub.path().join("model.safetensors")).unwrap();
+    let mixin = |d: usize| serde_json::json!({"activation_dim": d, "dict_size": 16, "k": 2}).to_string();
+    std::fs::write(hub.path().join("config.json"), mixin(5)).unwrap();
+    let from_hub = Crosscoder::load(hub.path(), &device).unwrap();
+    assert_eq!((from_hub.config.kind, from_hub.config.d, from_hub.threshold), (Kind::Sae, 5, Some(0.5)));
+    std::fs::write(hub.path().join("config.json"), mixin(7)).unwrap();
+    let msg = Crosscoder::load(hub.path(), &device).err().unwrap().to_string();
+    assert!(msg.contains("field `activation_dim` is 7, the SAE in") && msg.contains("has 5"), "{msg}");
+
     // Ours: sae.safetensors in their layout (int32 0-dim k, 0-dim θ), reloaded the same.
     let out = TempDir::new("sae-save");
     theirs.save(out.path()).unwrap();

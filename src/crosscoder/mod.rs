@@ -12,11 +12,13 @@ pub mod kernels;
 pub mod optim;
 mod params;
 pub mod sae;
+mod select;
 pub mod train;
 
 pub use init::Init;
 pub use params::{Params, read_vec, tensor};
 pub use sae::SaeTarget;
+pub use select::{select_aux, select_batch_topk};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -87,55 +89,6 @@ pub fn encode(p: &Params, x: Tensor<2>) -> Tensor<2> {
 /// `codes·W_dec + b_dec`, `[B, 2d]`.
 pub fn decode(p: &Params, codes: Tensor<2>) -> Tensor<2> {
     codes.matmul(p.w_dec.clone()) + p.b_dec.clone()
-}
-
-/// Which entries of a `[B, D]` score matrix BatchTopK keeps: the `keep` largest over the whole
-/// batch (ties broken by position, so exactly `keep` entries when that many are positive; zero
-/// scores are never kept). Returns the 0/1 mask and the smallest kept score.
-pub fn select_batch_topk(scores: &[f32], keep: usize) -> (Vec<f32>, Option<f32>) {
-    let mut mask = vec![0.0f32; scores.len()];
-    let mut positive: Vec<f32> = scores.iter().copied().filter(|&s| s > 0.0).collect();
-    if positive.is_empty() || keep == 0 {
-        return (mask, None);
-    }
-    if positive.len() <= keep {
-        for (m, &s) in mask.iter_mut().zip(scores) {
-            *m = f32::from(s > 0.0);
-        }
-        return (mask, positive.iter().copied().reduce(f32::min));
-    }
-    // The keep-th largest value by an O(n) selection on the values alone, then one pass that
-    // keeps everything above it and the first tied entries (by position) up to exactly `keep`.
-    let at = positive.len() - keep;
-    let (_, &mut threshold, _) = positive.select_nth_unstable_by(at, f32::total_cmp);
-    let above = scores.iter().filter(|&&s| s > threshold).count();
-    let mut ties = keep - above;
-    for (m, &s) in mask.iter_mut().zip(scores) {
-        if s > threshold {
-            *m = 1.0;
-        } else if s == threshold && ties > 0 {
-            *m = 1.0;
-            ties -= 1;
-        }
-    }
-    (mask, Some(threshold))
-}
-
-/// AuxK selection: per token, the top `k_aux` dead latents by score (positive scores only).
-pub fn select_aux(scores: &[f32], dict: usize, dead: &[bool], k_aux: usize) -> Vec<f32> {
-    let mut mask = vec![0.0f32; scores.len()];
-    let dead_ix: Vec<usize> = (0..dict).filter(|&j| dead[j]).collect();
-    for (row, out) in scores.chunks_exact(dict).zip(mask.chunks_exact_mut(dict)) {
-        let mut cand: Vec<usize> = dead_ix.iter().copied().filter(|&j| row[j] > 0.0).collect();
-        if cand.len() > k_aux {
-            cand.select_nth_unstable_by(k_aux - 1, |a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
-            cand.truncate(k_aux);
-        }
-        for j in cand {
-            out[j] = 1.0;
-        }
-    }
-    mask
 }
 
 /// Reconstruction term: the released code's unsquared `mean_b mean_m ‖h^m − ĥ^m‖₂`, or the paper's
@@ -246,7 +199,9 @@ impl Crosscoder {
     pub fn load(dir_or_file: &Path, device: &Device) -> Result<Self> {
         let (dir, file) = if dir_or_file.is_dir() {
             let run = RunDir::new(dir_or_file);
-            let file = if run.sae().exists() && !run.crosscoder().exists() { run.sae() } else { run.crosscoder() };
+            // Ours, else an SAE run's, else an SAE as the authors' hub folders hold it.
+            let hub = dir_or_file.join("model.safetensors");
+            let file = [run.crosscoder(), run.sae(), hub].into_iter().find(|f| f.exists()).unwrap_or(run.crosscoder());
             (dir_or_file.to_path_buf(), file)
         } else {
             (dir_or_file.parent().map(Path::to_path_buf).unwrap_or_default(), dir_or_file.to_path_buf())
@@ -435,7 +390,28 @@ impl Crosscoder {
     fn load_sae(dir: &Path, file: &Path, bytes: &[u8], device: &Device) -> Result<Self> {
         let sae = sae::load(file, bytes, device)?;
         let config_path = RunDir::new(dir).config();
-        let config = if config_path.exists() {
+        // The authors' hub folders hold their own config.json ({activation_dim, dict_size, k}):
+        // ours has `kind`; theirs must agree with the weights.
+        let text = std::fs::read_to_string(&config_path).ok();
+        let theirs = text
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+            .filter(|v| v.get("kind").is_none());
+        if let Some(v) = &theirs {
+            let field = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+            if let Some((k, n)) = [("activation_dim", sae.d), ("dict_size", sae.dict), ("k", sae.k)]
+                .into_iter()
+                .find(|(k, n)| field(k).is_some_and(|f| f != *n as u64))
+            {
+                bail!(
+                    "{}: field `{k}` is {}, the SAE in {} has {n}",
+                    config_path.display(),
+                    field(k).unwrap_or(0),
+                    file.display()
+                );
+            }
+        }
+        let config = if text.is_some() && theirs.is_none() {
             let c: CrosscoderConfig = RunDir::new(dir).read_config()?;
             if c.kind != Kind::Sae || c.d != sae.d || c.dict_size != sae.dict || c.k != sae.k {
                 bail!(
