@@ -1,6 +1,7 @@
 //! The Latents view: latents.csv as a virtualised, filterable, sortable table; selecting a row opens
 //! its dashboard (decoder norms, Δ, cosine, ν with a plain verdict, activation histogram, top and
-//! quantile examples with per-token shading, promoted/suppressed tokens).
+//! quantile examples with per-token shading, promoted/suppressed tokens). An SAE run shows its own
+//! table and dashboard instead (`sae_latents_view`), with the same example rendering.
 
 use std::path::Path;
 
@@ -11,6 +12,7 @@ use crossdiff::run_dir::RunDir;
 use eframe::egui;
 
 use crate::commands::{AppCommand, Commands};
+use crate::sae_latents_view::{SaeLatents, is_sae_run};
 use crate::widgets::class_color;
 
 /// The class filter's choices (`None`: all).
@@ -51,6 +53,8 @@ pub struct LatentsView {
     tokenizer: Option<ChatTokenizer>,
     selected: Option<(usize, Option<LatentExamples>)>,
     error: Option<String>,
+    /// The run's SAE table when the run is an SAE (then `rows` is empty).
+    sae: Option<SaeLatents>,
 }
 
 impl LatentsView {
@@ -70,13 +74,22 @@ impl LatentsView {
             tokenizer: None,
             selected: None,
             error: None,
+            sae: None,
         }
     }
 
-    /// Reads latents.csv (and the examples store and tokenizer when present).
+    /// Reads latents.csv — an SAE run's sae-latents.csv, sae-summary.json and sae-tokens.json — and
+    /// the examples store and tokenizer when present.
     pub fn load(&mut self) {
         let run = RunDir::new(&self.run_dir);
-        crate::widgets::load_latents(&run, &mut self.rows, &mut self.error);
+        if is_sae_run(&run) {
+            self.rows.clear();
+            let (sae, error) = SaeLatents::load(&run);
+            (self.sae, self.error) = (Some(sae), error);
+        } else {
+            self.sae = None;
+            crate::widgets::load_latents(&run, &mut self.rows, &mut self.error);
+        }
         self.store = ExamplesStore::open(run.path()).ok();
         self.tokenizer = ChatTokenizer::from_dir(Path::new(&self.model_dir)).ok();
         self.selected = None;
@@ -115,6 +128,11 @@ impl LatentsView {
         self.rows.iter().find(|r| r.class == class).map(|r| r.latent)
     }
 
+    /// Whether the shown run has rows (a crosscoder's or an SAE's).
+    fn loaded(&self) -> bool {
+        !self.rows.is_empty() || self.sae.as_ref().is_some_and(SaeLatents::has_rows)
+    }
+
     /// Opens latent `latent`'s dashboard.
     pub fn open_latent(&mut self, latent: usize) {
         self.open(latent);
@@ -123,7 +141,7 @@ impl LatentsView {
     /// Opens latent `latent` of run `run` (from other views, through a command), loading the run
     /// unless it is the one shown.
     pub fn show_latent(&mut self, run: &str, latent: usize) {
-        if self.run_dir != run || self.rows.is_empty() {
+        if self.run_dir != run || !self.loaded() {
             self.run_dir = run.to_string();
             self.load();
         }
@@ -131,11 +149,16 @@ impl LatentsView {
     }
 
     /// Shows run `run` (a project opened, an analysis finished): reloads it and opens its most
-    /// chat-specific latent (the chat-only one with the largest Δ).
+    /// chat-specific latent (the chat-only one with the largest Δ; of an SAE, the one with the
+    /// smallest |β_base/β_chat|).
     pub fn show_run(&mut self, run: &str) {
         self.run_dir = run.to_string();
         self.load();
-        if let Some(j) = crate::suggest::strongest_latent(&self.rows) {
+        let latent = match &self.sae {
+            Some(sae) => sae.most_chat_specific(),
+            None => crate::suggest::strongest_latent(&self.rows),
+        };
+        if let Some(j) = latent {
             self.open(j);
         }
     }
@@ -144,7 +167,7 @@ impl LatentsView {
     /// sorted by Δ (high first), and latent `latent`'s dashboard when given (the tour, through a
     /// command).
     pub fn show_class(&mut self, run: &str, class: Option<LatentClass>, latent: Option<usize>) {
-        if self.run_dir != run || self.rows.is_empty() {
+        if self.run_dir != run || !self.loaded() {
             self.run_dir = run.to_string();
             self.load();
         }
@@ -177,6 +200,17 @@ impl LatentsView {
             if ui.button("Analyze this run").clicked() {
                 commands.push(AppCommand::AnalyzeRun { run: self.run_dir.clone(), cache: None });
             }
+        }
+        if let Some(sae) = &mut self.sae {
+            sae.controls_ui(ui);
+            let (selected, tokenizer) = (self.selected.as_ref(), self.tokenizer.as_ref());
+            egui::Panel::right("latent dashboard")
+                .default_size(460.0)
+                .show(ui, |ui| sae.dashboard_ui(ui, selected, tokenizer));
+            if let Some(j) = sae.table_ui(ui, selected.map(|(j, _)| *j)) {
+                self.open(j);
+            }
+            return;
         }
         let mut changed = false;
         ui.horizontal(|ui| {
@@ -301,58 +335,70 @@ impl LatentsView {
             ui.weak("No examples store in this run (run `crossdiff analyze`).");
             return;
         };
-        ui.separator();
-        ui.label("Activation histogram (fraction of max)");
-        let max = ex.histogram.iter().copied().max().unwrap_or(1).max(1) as f32;
-        let (rect, _) = ui.allocate_exact_size(egui::vec2(ui.available_width(), 60.0), egui::Sense::hover());
-        let w = rect.width() / ex.histogram.len().max(1) as f32;
-        for (i, &c) in ex.histogram.iter().enumerate() {
-            let h = rect.height() * c as f32 / max;
-            let x = rect.left() + i as f32 * w;
-            ui.painter().rect_filled(
-                egui::Rect::from_min_max(egui::pos2(x, rect.bottom() - h), egui::pos2(x + w - 1.0, rect.bottom())),
-                0.0,
-                egui::Color32::from_rgb(90, 140, 220),
-            );
-        }
-        for (name, list) in &ex.tokens {
-            let toks: Vec<String> = list.iter().map(|(id, _)| self.token_text(*id)).collect();
-            ui.label(format!("{name}: {}", toks.join(" · ")));
-        }
-        ui.separator();
-        egui::ScrollArea::vertical().id_salt("examples").show(ui, |ui| {
-            for e in &ex.examples {
-                let kind = if e.kind == 0 {
-                    "top".to_string()
-                } else {
-                    format!("bin {}", crossdiff::analysis::examples::BINS[e.kind as usize - 1])
-                };
-                ui.label(format!("{kind}: activation {:.3}", e.act));
-                ui.horizontal_wrapped(|ui| {
-                    ui.spacing_mut().item_spacing.x = 0.0;
-                    let peak = e.act.max(1e-6);
-                    for (&id, &a) in e.window_ids.iter().zip(&e.window_acts) {
-                        if a < 0.0 {
-                            continue;
-                        }
-                        let alpha = (255.0 * (a / peak).clamp(0.0, 1.0)) as u8;
-                        let text = egui::RichText::new(self.token_text(id))
-                            .background_color(egui::Color32::from_rgba_unmultiplied(230, 120, 40, alpha));
-                        ui.label(text).on_hover_text(format!("{a:.3}"));
-                    }
-                });
-            }
-        });
-    }
-
-    fn token_text(&self, id: u32) -> String {
-        match &self.tokenizer {
-            Some(t) => t.decode(&[id]).map_or_else(|_| format!("#{id}"), |s| crate::widgets::printable(&s)),
-            None => format!("#{id}"),
-        }
+        examples_ui(ui, ex, self.tokenizer.as_ref());
     }
 
     pub fn rows_shown(&self) -> usize {
-        self.shown.len()
+        self.sae.as_ref().map_or(self.shown.len(), |sae| sae.shown_latents().len())
     }
+
+    /// The SAE latents in the table's order, when the run is an SAE.
+    pub fn sae_latents_shown(&self) -> Option<Vec<usize>> {
+        self.sae.as_ref().map(SaeLatents::shown_latents)
+    }
+}
+
+/// A token id as the tokenizer writes it (`#id` without one).
+fn token_text(tokenizer: Option<&ChatTokenizer>, id: u32) -> String {
+    match tokenizer {
+        Some(t) => t.decode(&[id]).map_or_else(|_| format!("#{id}"), |s| crate::widgets::printable(&s)),
+        None => format!("#{id}"),
+    }
+}
+
+/// A latent's examples (a crosscoder's or an SAE's): its activation histogram, the token lists the
+/// store holds, and the top and quantile examples with per-token shading and hover values.
+pub(crate) fn examples_ui(ui: &mut egui::Ui, ex: &LatentExamples, tokenizer: Option<&ChatTokenizer>) {
+    ui.separator();
+    ui.label("Activation histogram (fraction of max)");
+    let max = ex.histogram.iter().copied().max().unwrap_or(1).max(1) as f32;
+    let (rect, _) = ui.allocate_exact_size(egui::vec2(ui.available_width(), 60.0), egui::Sense::hover());
+    let w = rect.width() / ex.histogram.len().max(1) as f32;
+    for (i, &c) in ex.histogram.iter().enumerate() {
+        let h = rect.height() * c as f32 / max;
+        let x = rect.left() + i as f32 * w;
+        ui.painter().rect_filled(
+            egui::Rect::from_min_max(egui::pos2(x, rect.bottom() - h), egui::pos2(x + w - 1.0, rect.bottom())),
+            0.0,
+            egui::Color32::from_rgb(90, 140, 220),
+        );
+    }
+    for (name, list) in &ex.tokens {
+        let toks: Vec<String> = list.iter().map(|(id, _)| token_text(tokenizer, *id)).collect();
+        ui.label(format!("{name}: {}", toks.join(" · ")));
+    }
+    ui.separator();
+    egui::ScrollArea::vertical().id_salt("examples").show(ui, |ui| {
+        for e in &ex.examples {
+            let kind = if e.kind == 0 {
+                "top".to_string()
+            } else {
+                format!("bin {}", crossdiff::analysis::examples::BINS[e.kind as usize - 1])
+            };
+            ui.label(format!("{kind}: activation {:.3}", e.act));
+            ui.horizontal_wrapped(|ui| {
+                ui.spacing_mut().item_spacing.x = 0.0;
+                let peak = e.act.max(1e-6);
+                for (&id, &a) in e.window_ids.iter().zip(&e.window_acts) {
+                    if a < 0.0 {
+                        continue;
+                    }
+                    let alpha = (255.0 * (a / peak).clamp(0.0, 1.0)) as u8;
+                    let text = egui::RichText::new(token_text(tokenizer, id))
+                        .background_color(egui::Color32::from_rgba_unmultiplied(230, 120, 40, alpha));
+                    ui.label(text).on_hover_text(format!("{a:.3}"));
+                }
+            });
+        }
+    });
 }

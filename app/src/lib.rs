@@ -15,6 +15,7 @@ pub mod methods_view;
 pub mod models_view;
 pub mod plots_view;
 pub mod prompt_lab_view;
+pub mod sae_latents_view;
 pub mod steering_view;
 pub mod suggest;
 pub mod tour;
