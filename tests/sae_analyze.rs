@@ -127,7 +127,7 @@ fn sae_latents_equal_a_host_recomputation() {
         // At its token the latent's code is that value (several tokens may tie: identical BOS rows).
         let at = codes[top.token as usize * dict + j];
         assert!((at - maxf[j]).abs() <= 1e-3 * maxf[j], "latent {j}: code {at} at the top example's token");
-        assert!(ex.tokens.is_empty(), "an SAE's token lists are sae-tokens.json");
+        assert!(ex.tokens.is_empty(), "no models given: no token lists");
     }
     // The summary counts the authors' |ν| thresholds from the rows.
     for (t, count) in &done.summary.ratio_below {
@@ -137,4 +137,28 @@ fn sae_latents_equal_a_host_recomputation() {
     let first = done.summary.most_chat_specific[0];
     let min = done.rows.iter().filter_map(|r| r.beta_ratio).map(f64::abs).fold(f64::INFINITY, f64::min);
     assert_eq!(done.rows[first].beta_ratio.map(f64::abs), Some(min));
+
+    // With the models: every latent's direction through each model's tied unembedding in the
+    // examples store, as E·d_j computed here.
+    let with_models = AnalyzeJob { base: Some(common::fixture("base")), chat: Some(common::fixture("chat")), ..job };
+    with_models.run_any(&Device::flex(), Handle::silent()).unwrap();
+    let store = crossdiff::analysis::examples::ExamplesStore::open(&run).unwrap();
+    for (m, name) in ["base", "chat"].iter().enumerate() {
+        let snap = crossdiff::Snapshot::open(&common::fixture(name)).unwrap();
+        let vocab = snap.config.vocab_size;
+        let e = snap.read_f32("model.embed_tokens.weight", &[vocab, d]).unwrap();
+        for j in [first, 0, dict - 1] {
+            let logits: Vec<f64> =
+                (0..vocab).map(|v| (0..d).map(|i| e[v * d + i] as f64 * dec[i * dict + j]).sum()).collect();
+            let listed = &store.latent(j).unwrap().tokens[&format!("promoted_{name}")];
+            for (id, logit) in listed {
+                let want = logits[*id as usize];
+                assert!((*logit as f64 - want).abs() < 1e-3 * want.abs().max(1.0), "latent {j}, model {m}: token {id}");
+            }
+            // Nothing outside the list beats its last entry.
+            let floor = listed.last().unwrap().1 as f64;
+            let beaten = logits.iter().filter(|&&l| l > floor + 1e-4).count();
+            assert!(beaten < listed.len(), "latent {j}, model {m}: {beaten} tokens above the list's last");
+        }
+    }
 }

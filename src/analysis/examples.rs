@@ -101,10 +101,8 @@ pub fn build_examples(
     tokens: Option<u64>,
 ) -> Result<()> {
     let index = CacheIndex::open(cache)?;
-    // One model's width and D, for a crosscoder and an SAE alike (an SAE's token lists are
-    // sae-tokens.json: no unembedding here).
+    // One model's width and D, for a crosscoder and an SAE alike.
     let (d, dict) = (cc.config.d, cc.config.dict_size);
-    let unembed = unembed.filter(|_| cc.config.kind != Kind::Sae);
     if max_act.len() != dict {
         bail!("max activations for {} latents, the crosscoder has {dict}", max_act.len());
     }
@@ -229,8 +227,13 @@ pub fn build_examples(
             let e = &embeds[m];
             let vocab = e.len() / d;
             let e_t = tensor(e.clone(), [vocab, d], device).transpose();
-            let dirs: Vec<f32> =
-                (0..dict).flat_map(|j| w_dec[j * 2 * d + m * d..j * 2 * d + (m + 1) * d].to_vec()).collect();
+            // A crosscoder's model-m decoder rows; an SAE's one direction per latent, signed as
+            // chat − base, through each model's unembedding.
+            let dirs: Vec<f32> = match (cc.config.kind, cc.config.target) {
+                (Kind::Sae, Some(crate::crosscoder::SaeTarget::BaseMinusChat)) => w_dec.iter().map(|v| -v).collect(),
+                (Kind::Sae, _) => w_dec.clone(),
+                _ => (0..dict).flat_map(|j| w_dec[j * 2 * d + m * d..j * 2 * d + (m + 1) * d].to_vec()).collect(),
+            };
             let logits = tensor(dirs, [dict, d], device).matmul(e_t);
             let (up_v, up_i) = logits.clone().topk_with_indices(p.min(vocab), 1);
             let (down_v, down_i) = logits.neg().topk_with_indices(p.min(vocab), 1);

@@ -281,13 +281,13 @@ impl AnalyzeJob {
         let index = CacheIndex::open(&self.cache)?;
         index.check_usable(&self.cache, self.allow_partial)?;
         check_run_against_cache(&cc, &self.run, &index, &self.cache, self.allow_other_models)?;
-        let models = match (&self.base, &self.chat) {
+        let (models, unembed) = match (&self.base, &self.chat) {
             (Some(b), Some(c)) => {
-                self.open_models(&cc, [b, c])?;
+                let [sb, sc] = self.open_models(&cc, [b, c])?;
                 let load = |dir: &std::path::Path| crate::model::Model::load(dir, device, Default::default());
-                Some([load(b)?, load(c)?])
+                (Some([load(b)?, load(c)?]), Some([embedding(&sb)?, embedding(&sc)?]))
             }
-            _ => None,
+            _ => (None, None),
         };
         let (rows, summary) = crate::analysis::sae_latents::analyze_sae(
             &cc,
@@ -309,7 +309,7 @@ impl AnalyzeJob {
         handle.progress("examples", 0, 1, "stores");
         let max_act: Vec<f64> = rows.iter().map(|r| r.max_act).collect();
         let ex = self.examples_options();
-        crate::analysis::examples::build_examples(&run, &cc, &self.cache, device, &max_act, None, &ex, self.tokens)?;
+        crate::analysis::examples::build_examples(&run, &cc, &self.cache, device, &max_act, unembed, &ex, self.tokens)?;
         if let Some(models) = &models {
             handle.progress("token lists", 0, 1, "models");
             let tokens = crate::analysis::sae_latents::latent_tokens(&cc, &rows, models)?;
