@@ -39,6 +39,7 @@ pub const KL_FIELDS: Fields = &[
     ("conversations", Field::Value("Conversations")),
     ("patch-on", Field::Value("Patch on")),
     ("first-k", Field::Value("k")),
+    ("layers", Field::Value("Sweep layers")),
     ("allow-other-models", Field::Check("Allow other models")),
 ];
 
@@ -61,6 +62,8 @@ pub struct AnalyzeView {
     /// Where the KL check patches, and its k for the first-k predictions.
     pub patch_on: PatchOn,
     pub first_k: usize,
+    /// Blocks to sweep with the conditions that need no dictionary, comma-separated (`--layers`).
+    pub sweep_layers: String,
     pub job: JobSlot,
     pub kl_job: JobSlot,
     delivery: Delivery<String>,
@@ -83,6 +86,7 @@ impl AnalyzeView {
             conversations: DEFAULT_CONVERSATIONS,
             patch_on: PatchOn::All,
             first_k: crossdiff::workflow::kl::DEFAULT_FIRST_K,
+            sweep_layers: String::new(),
             job: JobSlot::new(FIELDS),
             kl_job: JobSlot::new(KL_FIELDS),
             delivery: Delivery::default(),
@@ -167,17 +171,22 @@ impl AnalyzeView {
     }
 
     fn start_kl(&mut self, env: &JobEnv) {
-        let (job, delivery) = (self.kl_config(), self.kl_delivery.clone());
-        self.kl_job.start(env.spawn("KL check", move |device, store, handle| match job.run(device, store, handle) {
-            Ok(report) => {
-                let n = report.table.len();
-                delivery.put(report.table);
-                let file = job.table_file();
-                let name = file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-                Ok(format!("{n} conditions over {} conversations, written to {name}", job.conversations))
+        let (mut job, delivery, sweep) = (self.kl_config(), self.kl_delivery.clone(), self.sweep_layers.clone());
+        self.kl_job.start(env.spawn("KL check", move |device, store, handle| {
+            // The sweep's blocks are read when the job starts: a bad entry is the job's error.
+            job.layers = parse_layers(&sweep)?;
+            match job.run(device, store, handle) {
+                Ok(report) => {
+                    let n = report.table.len();
+                    // The sweep's rows (each with its block) follow the table.
+                    delivery.put(report.table.into_iter().chain(report.sweep).collect());
+                    let file = job.table_file();
+                    let name = file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                    Ok(format!("{n} conditions over {} conversations, written to {name}", job.conversations))
+                }
+                Err(e) if handle.cancelled() => Ok(format!("stopped — {}", phrase(&e, KL_FIELDS))),
+                Err(e) => Err(e),
             }
-            Err(e) if handle.cancelled() => Ok(format!("stopped — {}", phrase(&e, KL_FIELDS))),
-            Err(e) => Err(e),
         }));
     }
 
@@ -277,6 +286,12 @@ impl AnalyzeView {
                 ui.add(number(&mut self.first_k).range(1..=1000)).labelled_by(name);
             }
         });
+        ui.horizontal(|ui| {
+            let name = ui.label("Sweep layers").id;
+            ui.add(egui::TextEdit::singleline(&mut self.sweep_layers).hint_text("e.g. 0,2,4").desired_width(120.0))
+                .labelled_by(name)
+                .on_hover_text("Also patch at these blocks with the conditions that need no dictionary (none, and chat's own activations when the patch is limited)");
+        });
         if self.kl_job.start_button(ui, true, "Start KL check") {
             self.kl = None;
             self.start_kl(env);
@@ -289,7 +304,10 @@ impl AnalyzeView {
             }
             ui.end_row();
             for s in stats {
-                ui.label(&s.condition);
+                match s.layer {
+                    Some(l) => ui.label(format!("{} @ block {l}", s.condition)),
+                    None => ui.label(&s.condition),
+                };
                 ui.label(s.latents.to_string());
                 ui.label(format!("{:.4} ± {:.4}", s.mean_all, s.ci_all));
                 ui.label(format!("{:.4} ± {:.4}", s.mean_first9, s.ci_first9));
@@ -305,4 +323,16 @@ impl AnalyzeView {
 /// A number field that shows a value set elsewhere as it is (the job's checks name a bad one).
 fn number<T: egui::emath::Numeric>(value: &mut T) -> egui::DragValue<'_> {
     egui::DragValue::new(value).clamp_existing_to_range(false)
+}
+
+/// The sweep's blocks from "0, 2,4" (empty: no sweep); a bad entry is named.
+fn parse_layers(text: &str) -> anyhow::Result<Vec<usize>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| crossdiff::bad_value::bad("layers", format!("\"{s}\" is not a block number")))
+        })
+        .collect()
 }

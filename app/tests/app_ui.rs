@@ -876,11 +876,22 @@ fn analyze_view_analyses_a_run_then_checks_kl_and_the_views_reload() {
         "KL check failed — error: Conversations must be positive, not 0"
     );
     harness.state_mut().analyze.conversations = 6;
+    // A sweep entry that is not a block: named by the view's label.
+    harness.state_mut().analyze.sweep_layers = "0, x".into();
+    harness.get_by_label("Start KL check").click();
+    wait_for(&mut harness, "KL check failed — error: ");
+    assert_eq!(
+        label_text(&harness, "KL check failed — error: "),
+        "KL check failed — error: Sweep layers \"x\" is not a block number"
+    );
+    harness.state_mut().analyze.sweep_layers = "0".into();
     harness.get_by_label("Start KL check").click();
     wait_for(&mut harness, "KL check finished: ");
     harness.get_by_label_contains("over 6 conversations, written to kl.json");
     wait_for(&mut harness, "KL, all reply tokens");
-    assert!(run.join("kl.json").exists());
+    // The sweep's rows follow the table, each with its block.
+    harness.get_by_label("none @ block 0");
+    assert!(run.join("kl.json").exists() && run.join("kl-layers.json").exists());
     harness.get_by_label("Open the KL chart").click();
     harness.run_steps(3);
     harness.get_by_label("KL(P_chat || P_patched) per condition, all reply tokens, with 95% CIs");
