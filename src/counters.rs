@@ -24,10 +24,15 @@ fn count_readback() {
     READBACKS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Reads a float tensor back to the host as f32 (counted).
+/// Reads a float tensor back to the host as f32 (counted; timed and sized under `--phases`).
 pub fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
     count_readback();
-    t.try_into_vec_as::<f32>().map_err(|e| anyhow!("reading a tensor from the device: {e:?}"))
+    let start = crate::phases::enabled().then(std::time::Instant::now);
+    let v = t.try_into_vec_as::<f32>().map_err(|e| anyhow!("reading a tensor from the device: {e:?}"))?;
+    if let Some(s) = start {
+        crate::phases::transfer(4 * v.len() as u64, s.elapsed().as_secs_f64());
+    }
+    Ok(v)
 }
 
 /// Reads an integer tensor back to the host as i64 (counted).

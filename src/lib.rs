@@ -22,6 +22,7 @@ pub mod demo;
 pub mod dir_lock;
 pub mod io;
 pub mod model;
+pub mod phases;
 pub mod rng;
 pub mod run_dir;
 pub mod workflow;

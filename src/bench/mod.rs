@@ -264,6 +264,9 @@ pub struct TrainBench {
     /// once, at the last step, as a run logging every 10 steps would).
     pub readbacks_per_step: f64,
     pub dispatches_per_step: f64,
+    /// Per-phase totals over the timed steps when [`crate::phases`] recording was on (`--phases`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::phases::PhaseTime>,
 }
 
 /// Times `steps` training steps (after one warm-up step) on random Gaussian pairs.
@@ -293,6 +296,8 @@ pub fn bench_train(
             self.calls += 1;
             if self.calls == 2 {
                 let c = self.counting;
+                // The phase totals, like the clock, start after the warm-up step.
+                crate::phases::reset();
                 self.window_start.set(Some((Instant::now(), c.readbacks(), c.dispatches())));
             }
             let acts = (0..self.batch * 2 * self.d).map(|_| (self.rng.next_f64() as f32 - 0.5) * 2.0).collect();
@@ -322,7 +327,14 @@ pub fn bench_train(
         width: d,
         source_fingerprint: serde_json::Value::Null,
     }
-    .run(|_| end = Some((Instant::now(), counting.readbacks(), counting.dispatches())), || true)?;
+    .run(
+        |_| {
+            end = Some((Instant::now(), counting.readbacks(), counting.dispatches()));
+            // The checkpoint and export after the last step are outside the window.
+            crate::phases::disable();
+        },
+        || true,
+    )?;
     let _ = std::fs::remove_dir_all(&dir);
     let ((t0, r0, d0), (t1, r1, d1)) = (
         window_start.get().ok_or_else(|| anyhow::anyhow!("bench train: fewer than 2 steps ran"))?,
@@ -336,6 +348,7 @@ pub fn bench_train(
         peak_host_bytes: peak_rss_bytes(),
         readbacks_per_step: (r1 - r0) as f64 / steps as f64,
         dispatches_per_step: (d1 - d0) as f64 / steps as f64,
+        phases: crate::phases::take(),
     })
 }
 

@@ -49,7 +49,13 @@ impl Params {
 }
 
 pub fn tensor<const N: usize>(values: Vec<f32>, shape: [usize; N], device: &Device) -> Tensor<N> {
-    Tensor::from_data(TensorData::new(values, shape), (device, DType::F32))
+    let start = crate::phases::enabled().then(std::time::Instant::now);
+    let bytes = 4 * values.len() as u64;
+    let t = Tensor::from_data(TensorData::new(values, shape), (device, DType::F32));
+    if let Some(s) = start {
+        crate::phases::transfer(bytes, s.elapsed().as_secs_f64());
+    }
+    t
 }
 
 pub fn read_vec<const N: usize>(t: Tensor<N>) -> Result<Vec<f32>> {

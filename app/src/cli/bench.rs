@@ -49,6 +49,11 @@ pub enum BenchCommand {
         /// End with `readbacks/step=R dispatches/step=N` (device→host reads and kernel launches).
         #[arg(long)]
         counters: bool,
+        /// Print where a step's time goes: encoder forward, selection, sparse decode, loss and
+        /// backward, AuxK, gradient assembly, clip, optimizer, and the host↔device transfers inside
+        /// them (time and bytes per step).
+        #[arg(long)]
+        phases: bool,
     },
     /// analyze throughput and the examples store's per-latent query time on the planted case:
     /// synthetic pairs from known directions and a crosscoder made of them.
@@ -99,9 +104,13 @@ pub enum BenchCommand {
 
 pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
     match which {
-        BenchCommand::Train { size: CrosscoderSize { d, dict_size, k }, batch, kind, steps, counters } => {
+        BenchCommand::Train { size: CrosscoderSize { d, dict_size, k }, batch, kind, steps, counters, phases } => {
             let device = backend.device()?;
+            if phases {
+                crossdiff::phases::enable();
+            }
             let r = crossdiff::bench::bench_train(&device, kind, d, dict_size, k, batch, steps)?;
+            crossdiff::phases::disable();
             println!("{}", serde_json::to_string(&r)?);
             println!(
                 "bench train: {:?} d={d} D={dict_size} k={k} batch {batch}: {:.3} s/step, {:.0} tokens/s, peak host {} MiB ({})",
@@ -111,6 +120,9 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 r.peak_host_bytes.unwrap_or(0) / (1 << 20),
                 backend.describe()
             );
+            if phases {
+                print_phases(&r, steps);
+            }
             if counters {
                 println!("readbacks/step={:.1} dispatches/step={:.1}", r.readbacks_per_step, r.dispatches_per_step);
             }
@@ -172,4 +184,26 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The per-phase table of `bench train --phases`: time and bytes per step, and each phase's share
+/// of the step (transfers happen inside the other phases, so their share overlaps).
+fn print_phases(r: &crossdiff::bench::TrainBench, steps: u64) {
+    let step_ms = 1000.0 * r.seconds_per_step;
+    println!("{:<48} {:>10} {:>7} {:>12}", "phase", "ms/step", "share", "MB/step");
+    let mut accounted = 0.0;
+    for p in &r.phases {
+        let ms = 1000.0 * p.seconds / steps as f64;
+        if p.name != crossdiff::phases::TRANSFERS {
+            accounted += ms;
+        }
+        let mb = if p.bytes > 0 { format!("{:.1}", p.bytes as f64 / steps as f64 / 1e6) } else { "—".into() };
+        println!("{:<48} {:>10.1} {:>6.1}% {:>12}", p.name, ms, 100.0 * ms / step_ms, mb);
+    }
+    println!(
+        "{:<48} {:>10.1} {:>6.1}%",
+        "(rest: data, threshold, metrics, bookkeeping)",
+        step_ms - accounted,
+        100.0 * (step_ms - accounted) / step_ms
+    );
 }

@@ -44,6 +44,7 @@ pub fn step_loss(
     }
     let input = StepInput::new(cfg, p, x, step, since_selected);
     if !(cfg.kind == Kind::BatchTopK && cfg.sparse) {
+        let _phase = crate::phases::phase("dense step (encoder, decode, loss, backward)", &input.device);
         return dense::step(input);
     }
     if cfg.cpu_kernels && is_flex(&input.device) {
@@ -51,9 +52,14 @@ pub fn step_loss(
     }
     let (b, dict) = (input.b, input.dict);
     let keep = cfg.k_at(step) * b;
+    let phase = crate::phases::phase("encoder forward", &input.device);
     let f = encode(p, input.x.clone());
+    drop(phase);
+    let phase = crate::phases::phase("selection", &input.device);
     let on_device =
         if is_wgpu(&input.device) { kernel_sparse::select_on_device(&f, &p.norm_sum(), keep, b, dict)? } else { None };
+    drop(phase);
+    let _phase = crate::phases::phase("sparse decode, loss, backward, gradient assembly", &input.device);
     match on_device {
         Some(sel) if cfg.cpu_kernels => kernel_sparse::step(input, &f, sel),
         other => autodiff_sparse::step(input, &f, other, keep),

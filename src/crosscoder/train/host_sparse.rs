@@ -17,11 +17,16 @@ use crate::crosscoder::{encode, read_vec, tensor};
 /// matmul runs through burn.
 pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
     let StepInput { cfg, p, x, step, since_selected, d, dict, b, two_d, device } = input;
+    let phase = crate::phases::phase("encoder forward", &device);
     let f = read_vec(encode(p, x.clone()))?;
     let norms = read_vec(p.norm_sum())?;
+    drop(phase);
+    let phase = crate::phases::phase("selection", &device);
     let (main, selected, mask, min_kept) = select_topk(&f, &norms, dict, cfg.k_at(step) * b);
     let selection = Selection::batch_topk(selected, mask, min_kept);
     let dead = selection.record(cfg, since_selected, b, d);
+    drop(phase);
+    let phase = crate::phases::phase("sparse decode", &device);
     let xh = read_vec(x)?;
     let w_dec = read_vec(p.w_dec.clone())?;
     let b_dec = read_vec(p.b_dec.clone())?;
@@ -29,6 +34,8 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
     let mut recon: Vec<f32> = (0..b).flat_map(|_| b_dec.iter().copied()).collect();
     decode_into(&mut recon, &main, &w_dec, two_d);
     let err: Vec<f32> = xh.iter().zip(&recon).map(|(a, r)| a - r).collect();
+    drop(phase);
+    let phase = crate::phases::phase("loss/backward", &device);
     // Reconstruction term and g = ∂L/∂ĥ.
     let mut g = vec![0.0f32; b * two_d];
     let mut recon_loss = 0.0f64;
@@ -54,6 +61,8 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
     let mut aux_value = None;
     let mut aux_picks = None;
     let mut g_aux = Vec::new();
+    drop(phase);
+    let phase = crate::phases::phase("AuxK", &device);
     if dead.any() {
         let aux_mask = dead.aux_mask(&host_scores(&f, &norms, dict), dict);
         let picks = HostPicks::from_mask(&f, &aux_mask, dict);
@@ -70,6 +79,8 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
             aux_picks = Some(picks);
         }
     }
+    drop(phase);
+    let _phase = crate::phases::phase("gradient assembly", &device);
     // Gradients: ∂L/∂v per pick, then decoder rows and encoder columns grouped by latent.
     let grad_v = pick_grads(&main, &w_dec, &g, two_d);
     let mut grad_b_dec = vec![0.0f32; two_d];

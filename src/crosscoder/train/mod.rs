@@ -194,17 +194,21 @@ impl TrainRun<'_> {
                 _ => tensor(batch.acts, [batch.batch, 2 * d], &self.device),
             };
             let out = step_loss(&cfg, &state.params, x.clone(), step, &mut state.since_selected)?;
+            let phase = crate::phases::phase("clip", &self.device);
             let mut g = out.gradients()?;
             if cfg.kind == Kind::Sae {
                 g[2] = crate::crosscoder::sae::remove_parallel_gradient(&state.params.w_dec, g[2].clone());
             }
             let g = clip_gradients(g, cfg.clip_grad)?;
+            drop(phase);
+            let phase = crate::phases::phase("optimizer", &self.device);
             let lr = cfg.lr_at(step);
             let TrainState { params, adam_m, adam_v, .. } = &mut state;
             AdamConfig::default().update_params(step, lr, params, adam_m, adam_v, g);
             if cfg.kind == Kind::Sae {
                 params.w_dec = crate::crosscoder::sae::unit_rows(params.w_dec.clone());
             }
+            drop(phase);
             state.threshold = update_threshold(state.threshold, out.min_kept(), step, cfg.threshold_start);
             state.step = step;
             state.tokens += batch.batch as u64;
