@@ -4,9 +4,12 @@ BatchTopKTrainer, dictionary_learning), written from their formulas, for crossdi
 
     python3 scripts/sae_reference.py     # writes assets/sae-reference/*.safetensors (needs numpy, safetensors)
 
-PyTorch needs CUDA libraries these machines lack, so the gradients here are central finite
-differences in float64 of the loss written out in numpy (the selection masks and AuxK's detached
-error held at the unperturbed point, as autodiff treats them). Tiny case: d = 5, D = 16, B = 7
+The committed gradients come from PyTorch autograd (float64) of the loss written the authors' way
+(flattened top-k scattered back, AuxK's `where(dead, post_relu, -inf).topk`, the error detached);
+the script checks them against central finite differences of an independent numpy loss (the
+selection masks and AuxK's detached error held at the unperturbed point, as autodiff treats them).
+Run it with a Python that has torch (e.g. a venv with `pip install torch numpy safetensors`);
+without torch it falls back to the finite differences and says so. Tiny case: d = 5, D = 16, B = 7
 pairs, k = 2, target chat − base, some latents dead. Also written: the decoder-gradient projection
 and the unit-row renormalisation, and `authors.safetensors`: the same SAE in the authors' saved
 layout (`_orig_mod.` prefixes, int32 0-dim `k`, 0-dim `threshold`) that crossdiff must load.
@@ -81,6 +84,43 @@ for i, p in enumerate(params):
         lo[i][idx] -= 1e-6
         g[idx] = (terms(hi)[0] - terms(lo)[0]) / 2e-6
     grads.append(g)
+
+try:
+    import torch
+except ImportError:
+    torch = None
+    print("torch not found: the committed gradients are the finite differences")
+if torch is not None:
+    # The authors' route (dictionary_learning BatchTopKSAE.encode / BatchTopKTrainer.loss) in our
+    # layout: W_enc [d, D] (their encoder.weight transposed), W_dec [D, d] (their decoder.weight
+    # transposed).
+    t = lambda a: torch.tensor(a, dtype=torch.float64, requires_grad=True)
+    tw_enc, tb_enc, tw_dec, tb_dec = (t(w_enc), t(b_enc), t(w_dec), t(b_dec))
+    tx = torch.tensor(x, dtype=torch.float64)
+    post_relu = torch.relu((tx - tb_dec) @ tw_enc + tb_enc)
+    flat_acts = post_relu.flatten()
+    top = flat_acts.topk(k * B, sorted=False, dim=-1)
+    f = torch.zeros_like(flat_acts).scatter_(-1, top.indices, top.values).reshape(B, D)
+    e = tx - (f @ tw_dec + tb_dec)
+    l2 = e.pow(2).sum(dim=-1).mean()
+    tdead = torch.tensor(dead)
+    aux_in = torch.where(tdead[None], post_relu, -torch.inf)
+    aux_acts, aux_idx = aux_in.topk(k_aux, sorted=False)
+    aux_f = torch.zeros_like(post_relu).scatter(-1, aux_idx, aux_acts)
+    residual = e.detach()
+    e_hat = aux_f @ tw_dec
+    l2_aux = (residual - e_hat).pow(2).sum(-1).mean()
+    denom = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    auxk = (l2_aux / denom).nan_to_num(0.0)
+    tloss = l2 + ALPHA * auxk
+    tloss.backward()
+    torch_grads = [a.grad.numpy() for a in (tw_enc, tb_enc, tw_dec, tb_dec)]
+    for name, g_t, g_fd in zip(["w_enc", "b_enc", "w_dec", "b_dec"], torch_grads, grads):
+        err = np.abs(g_t - g_fd).max() / max(np.abs(g_t).max(), 1e-12)
+        assert err < 1e-6, f"{name}: autograd and finite differences differ by {err:.2e}"
+    assert abs(tloss.item() - loss) < 1e-9 * max(abs(loss), 1.0), (tloss.item(), loss)
+    grads = torch_grads
+    print(f"torch {torch.__version__}: autograd equals the finite differences")
 
 unit = w_dec / (np.linalg.norm(w_dec, axis=1, keepdims=True) + 1e-6)
 g_dec_projected = grads[2] - unit * (grads[2] * unit).sum(1, keepdims=True)

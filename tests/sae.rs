@@ -1,4 +1,4 @@
-//! SAEs and diff-SAEs (`train --kind sae`): the step against an independent numpy reference of the
+//! SAEs and diff-SAEs (`train --kind sae`): the step against a PyTorch autograd reference of the
 //! authors' trainer, their saved layout, resume, and recovery of planted directions.
 
 mod common;
@@ -52,7 +52,7 @@ fn sae_config(k: usize, dict: usize) -> TrainConfig {
 }
 
 #[test]
-fn the_sae_step_equals_the_numpy_reference() {
+fn the_sae_step_equals_the_pytorch_reference() {
     let r = reference();
     let device = Device::flex();
     let meta: Vec<usize> = r["meta"].1.iter().map(|v| *v as usize).collect();
