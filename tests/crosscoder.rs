@@ -463,3 +463,35 @@ fn cpu_histogram_selection_equals_the_reference() {
     let t = transpose(&m, 35, 70);
     assert!((0..35).all(|r| (0..70).all(|c| t[c * 35 + r] == m[r * 70 + c])));
 }
+
+#[test]
+fn adam_on_the_host_equals_adam_through_tensor_ops_bit_for_bit() {
+    use crossdiff::crosscoder::optim::AdamConfig;
+    let device = Device::flex();
+    let mut rng = SplitMix64(21);
+    let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_f64() as f32 - 0.5).collect() };
+    let shape = [37, 300];
+    let n = shape[0] * shape[1];
+    let adam = AdamConfig::default();
+    let (p0, gs) = (draw(n), (0..3).map(|_| draw(n)).collect::<Vec<_>>());
+    let run = |host: bool| -> [Vec<f32>; 3] {
+        let mut p = tensor(p0.clone(), shape, &device);
+        let mut m = Tensor::<2>::zeros(shape, &device);
+        let mut v = Tensor::<2>::zeros(shape, &device);
+        for (i, g) in gs.iter().enumerate() {
+            let g = tensor(g.clone(), shape, &device);
+            let (step, lr) = (i as u64 + 1, 1e-3 * (i + 1) as f64);
+            p = if host {
+                adam.update_host(step, lr, p, &mut m, &mut v, g).unwrap()
+            } else {
+                adam.update(step, lr, p, &mut m, &mut v, g)
+            };
+        }
+        [p, m, v].map(|t| read_vec(t).unwrap())
+    };
+    let (host, tensors) = (run(true), run(false));
+    for (name, (a, b)) in ["parameter", "first moment", "second moment"].iter().zip(host.iter().zip(&tensors)) {
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{name}: the host pass differs from the tensor ops");
+    }
+}

@@ -204,7 +204,7 @@ impl TrainRun<'_> {
             let phase = crate::phases::phase("optimizer", &self.device);
             let lr = cfg.lr_at(step);
             let TrainState { params, adam_m, adam_v, .. } = &mut state;
-            AdamConfig::default().update_params(step, lr, params, adam_m, adam_v, g);
+            AdamConfig::default().update_params(step, lr, params, adam_m, adam_v, g)?;
             if cfg.kind == Kind::Sae {
                 params.w_dec = crate::crosscoder::sae::unit_rows(params.w_dec.clone());
             }
