@@ -495,3 +495,16 @@ fn adam_on_the_host_equals_adam_through_tensor_ops_bit_for_bit() {
         assert!(same, "{name}: the host pass differs from the tensor ops");
     }
 }
+
+#[test]
+fn the_memory_estimate_counts_an_saes_one_input_width() {
+    use crossdiff::crosscoder::train::training_bytes;
+    let (d, dict, batch) = (2304.0, 73_728.0, 2048.0);
+    // A crosscoder: 16·d·D floats of state (parameters, gradients, two moments over 2d×D twice).
+    let crosscoder = 4.0 * (16.0 * d * dict + 4.0 * batch * dict + 4.0 * batch * d);
+    assert_eq!(training_bytes(Kind::BatchTopK, 2304, 73_728, 2048), crosscoder);
+    assert_eq!(training_bytes(Kind::L1, 2304, 73_728, 2048), crosscoder);
+    // An SAE reads one model's width: half the state.
+    let sae = 4.0 * (8.0 * d * dict + 4.0 * batch * dict + 2.0 * batch * d);
+    assert_eq!(training_bytes(Kind::Sae, 2304, 73_728, 2048), sae);
+}

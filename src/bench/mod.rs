@@ -28,7 +28,7 @@ fn check_size(d: usize, dict: usize, k: usize, batch: usize) -> Result<()> {
     positive(batch as u64, "batch")?;
     ensure(k <= dict, "k", || format!("{k} is larger than the dictionary (--dict-size {dict})"))?;
     if let Some(total) = crate::io::memory_total_bytes() {
-        let needed = crate::crosscoder::train::training_bytes(d, dict, batch);
+        let needed = crate::crosscoder::train::training_bytes(crate::crosscoder::Kind::BatchTopK, d, dict, batch);
         ensure(needed <= total as f64, "dict-size", || {
             format!(
                 "{dict} with --d {d}: about {:.1} GiB of training state, more than this machine's {:.1} GiB",

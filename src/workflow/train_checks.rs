@@ -209,7 +209,7 @@ impl TrainJob {
         // On the CPU the host holds the training state; on a GPU the device does, whose memory is
         // not known here: only a request far beyond any machine (4× the host's) is refused.
         let total = if crate::crosscoder::kernels::is_flex(device) { host } else { host.saturating_mul(4) };
-        let needed = training_bytes(d, dict, self.batch);
+        let needed = training_bytes(self.kind, d, dict, self.batch);
         let (flag, value) = match (self.dict_size, self.expansion) {
             (Some(n), _) => ("dict-size", n.to_string()),
             (None, Some(e)) => ("expansion", e.to_string()),
@@ -219,7 +219,7 @@ impl TrainJob {
         ensure(needed <= total as f64, flag, || {
             let (needed, total) = (gib(needed), gib(total as f64));
             format!(
-                "{value} gives D = {dict}: training needs about {needed:.1} GiB (the crosscoder, its gradients and \
+                "{value} gives D = {dict}: training needs about {needed:.1} GiB (the dictionary, its gradients and \
                  Adam state, plus the batch), more than this machine's {total:.1} GiB of memory"
             )
         })

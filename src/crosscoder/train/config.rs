@@ -126,13 +126,15 @@ impl TrainConfig {
     }
 }
 
-/// Bytes training holds for width d, dictionary size D and a batch, for a check before anything is
-/// allocated: the crosscoder, its gradients and Adam's two moments (4 × 4·d·D floats: encoder and
-/// decoder are 2d × D each) plus the batch's activations and their intermediates over the
-/// dictionary (about 4 · batch · D floats), in f32.
-pub fn training_bytes(d: usize, dict_size: usize, batch: usize) -> f64 {
-    let (d, dict, batch) = (d as f64, dict_size as f64, batch as f64);
-    4.0 * (16.0 * d * dict + 4.0 * batch * dict + 4.0 * batch * d)
+/// Bytes training holds for one model's width d, dictionary size D and a batch, for a check before
+/// anything is allocated: the dictionary, its gradients and Adam's two moments (4 × 2·w·D floats:
+/// encoder and decoder are w × D each, w = 2d for a crosscoder's pairs, d for an SAE's input) plus
+/// the batch's activations and their intermediates over the dictionary (about 4 · batch · D
+/// floats), in f32.
+pub fn training_bytes(kind: Kind, d: usize, dict_size: usize, batch: usize) -> f64 {
+    let w = if kind == Kind::Sae { d } else { 2 * d } as f64;
+    let (dict, batch) = (dict_size as f64, batch as f64);
+    4.0 * (8.0 * w * dict + 4.0 * batch * dict + 2.0 * batch * w)
 }
 
 fn yes() -> bool {
