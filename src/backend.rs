@@ -196,3 +196,14 @@ fn probe(device: &Device) -> std::result::Result<(), String> {
             .to_string()),
     }
 }
+
+/// Whether the device runs CubeCL with the WGSL compiler (the wgpu backend), where the WGSL
+/// kernels apply. burn's `Device` exposes its backend only through its description.
+pub fn is_wgpu(device: &Device) -> bool {
+    format!("{device:?}").contains("Wgpu")
+}
+
+/// Whether the device is burn's CPU backend (flex), whose tensors live in host memory.
+pub fn is_flex(device: &Device) -> bool {
+    format!("{device:?}").contains("Flex")
+}

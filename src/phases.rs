@@ -11,6 +11,15 @@ use burn::tensor::Device;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static TABLE: Mutex<Vec<PhaseTime>> = Mutex::new(Vec::new());
+
+/// The table, also after a panic elsewhere held the lock (the numbers are only a report).
+fn table() -> std::sync::MutexGuard<'static, Vec<PhaseTime>> {
+    TABLE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn open() -> std::sync::MutexGuard<'static, Vec<&'static str>> {
+    OPEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 /// The phases open now, innermost last: a transfer's bytes are charged to the innermost.
 static OPEN: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
 
@@ -44,7 +53,7 @@ pub fn enabled() -> bool {
 
 /// Clears the totals (a benchmark's warm-up step is left out this way).
 pub fn reset() {
-    TABLE.lock().expect("the phase table").clear();
+    table().clear();
 }
 
 /// Whether a phase's bytes are all transfers inside other phases (the [`TRANSFERS`] line).
@@ -54,11 +63,11 @@ pub fn is_transfers(p: &PhaseTime) -> bool {
 
 /// The totals, in the order the phases first ran.
 pub fn take() -> Vec<PhaseTime> {
-    TABLE.lock().expect("the phase table").clone()
+    table().clone()
 }
 
 fn add(name: &'static str, seconds: f64, bytes: u64, calls: u64) {
-    let mut t = TABLE.lock().expect("the phase table");
+    let mut t = table();
     match t.iter_mut().find(|p| p.name == name) {
         Some(p) => {
             p.seconds += seconds;
@@ -79,7 +88,7 @@ pub struct Phase {
 /// A guard for the phase `name` on `device`; `None` when recording is off.
 pub fn phase(name: &'static str, device: &Device) -> Option<Phase> {
     enabled().then(|| {
-        OPEN.lock().expect("the open phases").push(name);
+        open().push(name);
         Phase { name, start: Instant::now(), device: Some(device.clone()) }
     })
 }
@@ -88,12 +97,12 @@ impl Drop for Phase {
     fn drop(&mut self) {
         if let Some(d) = &self.device {
             // The CPU path computes as it goes; a GPU queue is drained so its work counts here.
-            if !format!("{d:?}").contains("Flex") {
+            if !crate::backend::is_flex(d) {
                 let _ = d.sync();
             }
         }
         add(self.name, self.start.elapsed().as_secs_f64(), 0, 1);
-        let mut open = OPEN.lock().expect("the open phases");
+        let mut open = open();
         if let Some(i) = open.iter().rposition(|n| *n == self.name) {
             open.remove(i);
         }
@@ -104,7 +113,7 @@ impl Drop for Phase {
 pub fn transfer(bytes: u64, seconds: f64) {
     if enabled() {
         add(TRANSFERS, seconds, bytes, 1);
-        let open = OPEN.lock().expect("the open phases").last().copied();
+        let open = open().last().copied();
         if let Some(name) = open {
             add(name, 0.0, bytes, 0);
         }

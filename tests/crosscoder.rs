@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor};
 use common::planted::Planted;
 use common::{TempDir, assert_close};
-use crossdiff::crosscoder::train::{TrainConfig, TrainRun, step_loss, update_threshold};
+use crossdiff::crosscoder::train::{TrainConfig, step_loss, update_threshold};
 use crossdiff::crosscoder::{Crosscoder, Init, Kind, Params, read_vec, select_batch_topk, tensor};
 use crossdiff::rng::SplitMix64;
 use safetensors::SafeTensors;
@@ -233,24 +233,9 @@ fn the_threshold_first_moves_on_the_step_after_threshold_start_plus_one() {
     for (steps, set) in [(3, false), (4, true)] {
         let dir = TempDir::new("threshold-start");
         let mut source = Planted::new(8, [4, 2, 2], 1, 64, 100);
-        let mut run = TrainRun {
-            config: TrainConfig {
-                k: 2,
-                threshold_start: 2,
-                steps,
-                log_every: 1,
-                ..TrainConfig::defaults(Kind::BatchTopK, 16)
-            },
-            out: dir.path().to_path_buf(),
-            device: Device::flex(),
-            source: &mut source,
-            validation: None,
-            layer: None,
-            models: vec![],
-            model_ids: vec![],
-            width: 8,
-            source_fingerprint: serde_json::Value::Null,
-        };
+        let config =
+            TrainConfig { k: 2, threshold_start: 2, steps, log_every: 1, ..TrainConfig::defaults(Kind::BatchTopK, 16) };
+        let mut run = common::train_run(dir.path().to_path_buf(), config, &mut source, 8);
         let cc = run.run(|_| {}, || true).unwrap().crosscoder;
         assert_eq!(cc.threshold.is_some(), set, "after {steps} steps with threshold_start 2: θ = {:?}", cc.threshold);
     }
@@ -322,18 +307,7 @@ fn recovers_planted_directions(init: Init) {
     let dir = TempDir::new("planted");
     let d = 16;
     let mut source = Planted::new(d, [14, 4, 4], 9, 256, 10_000);
-    let mut run = TrainRun {
-        config: TrainConfig { init, ..planted_config() },
-        out: dir.path().to_path_buf(),
-        device: Device::flex(),
-        source: &mut source,
-        validation: None,
-        layer: None,
-        models: vec![],
-        model_ids: vec![],
-        width: d,
-        source_fingerprint: serde_json::Value::Null,
-    };
+    let mut run = common::train_run(dir.path().to_path_buf(), TrainConfig { init, ..planted_config() }, &mut source, d);
     let cc = run.run(|_| {}, || true).unwrap().crosscoder;
     let metrics: Vec<crossdiff::crosscoder::train::StepMetrics> =
         std::fs::read_to_string(dir.path().join("metrics.jsonl"))
@@ -369,54 +343,21 @@ fn resumed_training_follows_the_same_loss_curve() {
     let cfg = TrainConfig { steps: 400, checkpoint_every: 100, log_every: 10, ..planted_config() };
     let whole = TempDir::new("train-whole");
     let mut src = Planted::new(d, [14, 4, 4], 9, 128, 10_000);
-    let mut run = TrainRun {
-        config: cfg.clone(),
-        out: whole.path().to_path_buf(),
-        device: Device::flex(),
-        source: &mut src,
-        validation: None,
-        layer: None,
-        models: vec![],
-        model_ids: vec![],
-        width: d,
-        source_fingerprint: serde_json::Value::Null,
-    };
+    let mut run = common::train_run(whole.path().to_path_buf(), cfg.clone(), &mut src, d);
     run.run(|_| {}, || true).unwrap();
 
     let parts = TempDir::new("train-parts");
     let stop_at = std::cell::Cell::new(0u64);
     {
         let mut src = Planted::new(d, [14, 4, 4], 9, 128, 10_000);
-        let mut run = TrainRun {
-            config: cfg.clone(),
-            out: parts.path().to_path_buf(),
-            device: Device::flex(),
-            source: &mut src,
-            validation: None,
-            layer: None,
-            models: vec![],
-            model_ids: vec![],
-            width: d,
-            source_fingerprint: serde_json::Value::Null,
-        };
+        let mut run = common::train_run(parts.path().to_path_buf(), cfg.clone(), &mut src, d);
         // Interrupted at step 250: the checkpoint on the way out is at 250.
         run.run(|p| stop_at.set(p.metrics.step), || stop_at.get() < 250).unwrap();
     }
     // Simulate a crash after the last checkpoint: metrics past it must be dropped on resume.
     {
         let mut src = Planted::new(d, [14, 4, 4], 9, 128, 10_000);
-        let mut run = TrainRun {
-            config: cfg.clone(),
-            out: parts.path().to_path_buf(),
-            device: Device::flex(),
-            source: &mut src,
-            validation: None,
-            layer: None,
-            models: vec![],
-            model_ids: vec![],
-            width: d,
-            source_fingerprint: serde_json::Value::Null,
-        };
+        let mut run = common::train_run(parts.path().to_path_buf(), cfg.clone(), &mut src, d);
         run.run(|_| {}, || true).unwrap();
     }
     let read = |p: &Path| std::fs::read_to_string(p.join("metrics.jsonl")).unwrap();

@@ -71,6 +71,13 @@ fn compare_reads_each_methods_results() {
     let below = sae_rows.iter().filter(|r| r.beta_ratio.is_some_and(|v| v.abs() <= 0.3)).count();
     assert_eq!(rows[1].chat_specific, Some(below));
     assert!(rows[1].top.len() <= 5 && rows[1].top.iter().all(|t| t.starts_with('#')));
+    // The CLI's table: one line per method with its shares as percentages.
+    let text = crossdiff::analysis::methods::table(&rows);
+    for r in &rows {
+        let line = text.lines().find(|l| l.starts_with(&r.method)).unwrap_or_else(|| panic!("{}: {text}", r.method));
+        let pct = format!("{:.0}%", 100.0 * r.gap_closed_all.unwrap());
+        assert!(line.contains(&pct) && line.contains(&r.top.join(" ")), "{line} lacks {pct} / {:?}", r.top);
+    }
     let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(written.as_array().unwrap().len(), 2);
     // An unanalysed run is named with what to do.

@@ -10,7 +10,7 @@ use burn::tensor::Device;
 use common::planted::Planted;
 use common::{TempDir, assert_close};
 use crossdiff::crosscoder::sae::{remove_parallel_gradient, unit_rows};
-use crossdiff::crosscoder::train::{PairSource, TrainConfig, TrainRun, step_loss};
+use crossdiff::crosscoder::train::{PairSource, TrainConfig, step_loss};
 use crossdiff::crosscoder::{Crosscoder, Kind, Params, SaeTarget, read_vec, tensor};
 use safetensors::{Dtype, SafeTensors};
 
@@ -177,19 +177,7 @@ fn the_authors_sae_file_loads_and_ours_round_trips() {
 }
 
 fn planted_run(out: &Path, cfg: TrainConfig, source: &mut dyn PairSource, d: usize) -> Crosscoder {
-    let mut run = TrainRun {
-        config: cfg,
-        out: out.to_path_buf(),
-        device: Device::flex(),
-        source,
-        validation: None,
-        layer: None,
-        models: vec![],
-        model_ids: vec![],
-        width: d,
-        source_fingerprint: serde_json::Value::Null,
-    };
-    run.run(|_| {}, || true).unwrap().crosscoder
+    common::train_run(out.to_path_buf(), cfg, source, d).run(|_| {}, || true).unwrap().crosscoder
 }
 
 fn planted_config() -> TrainConfig {
@@ -251,18 +239,7 @@ fn a_resumed_sae_run_is_bit_identical() {
     {
         let stop_at = std::cell::Cell::new(0u64);
         let mut src = Planted::new(d, [14, 4, 4], 9, 128, 10_000);
-        let mut run = TrainRun {
-            config: cfg.clone(),
-            out: parts.path().to_path_buf(),
-            device: Device::flex(),
-            source: &mut src,
-            validation: None,
-            layer: None,
-            models: vec![],
-            model_ids: vec![],
-            width: d,
-            source_fingerprint: serde_json::Value::Null,
-        };
+        let mut run = common::train_run(parts.path().to_path_buf(), cfg.clone(), &mut src, d);
         run.run(|p| stop_at.set(p.metrics.step), || stop_at.get() < 150).unwrap();
     }
     planted_run(parts.path(), cfg, &mut Planted::new(d, [14, 4, 4], 9, 128, 10_000), d);

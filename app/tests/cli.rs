@@ -779,3 +779,40 @@ fn adl_prints_the_lens_and_the_steered_answers_and_writes_its_files() {
     assert!(out.join("adl.safetensors").is_file());
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn bench_train_phases_prints_each_phase_from_its_measurement() {
+    let r = crossdiff(&[
+        "--backend",
+        "cpu",
+        "bench",
+        "train",
+        "--kind",
+        "sae",
+        "--d",
+        "32",
+        "--dict-size",
+        "256",
+        "--k",
+        "4",
+        "--batch",
+        "64",
+        "--steps",
+        "3",
+        "--phases",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    let phases = json["phases"].as_array().expect("the phases in the JSON line");
+    assert!(!phases.is_empty(), "{stdout}");
+    // Every measured phase is a row of the table, at 1000 × seconds / steps ms.
+    for p in phases {
+        let name = p["name"].as_str().unwrap();
+        let row = stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no row for {name}: {stdout}"));
+        let ms: f64 = row[name.len()..].split_whitespace().next().unwrap().parse().unwrap();
+        let want = 1000.0 * p["seconds"].as_f64().unwrap() / 3.0;
+        assert!((ms - want).abs() <= 0.051, "{name}: printed {ms}, measured {want}");
+    }
+    assert!(stdout.contains("(rest: data, threshold, metrics, bookkeeping)"), "{stdout}");
+}

@@ -1,7 +1,10 @@
 //! The Methods view and Compare runs with an SAE run, driven through their accessible labels
 //! (egui_kittest) on runs the engine's jobs trained, analysed and KL-checked on the fixtures.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{Scratch, assets, small_cache};
+use std::path::Path;
 
 use burn::tensor::Device;
 use crossdiff::analysis::methods::MethodRow;
@@ -20,46 +23,6 @@ use crossdiff_app::commands::AppCommand;
 use crossdiff_app::compare_view::{RATIO_BINS, ratio_histogram};
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
-
-fn assets() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets")
-}
-
-/// A scratch folder for one test, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("crossdiff-app-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A 600-token layer-1 cache of web text from the tiny fixtures (the engine tests' small cache).
-fn small_cache(out: &Path) {
-    let job = crossdiff::workflow::cache::CacheJob {
-        base: assets().join("tiny-gemma2/base"),
-        chat: assets().join("tiny-gemma2/chat"),
-        data: vec![assets().join("data/web.txt")],
-        layer: 1,
-        tokens: 600,
-        out: out.to_path_buf(),
-        dtype: crossdiff::activations::cache::ActDtype::Bf16,
-        tokenize: crossdiff::data::TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
-        shard_tokens: 256,
-        batch_tokens: 256,
-        ..Default::default()
-    };
-    crossdiff::workflow::cache::run(&job, &Device::flex(), Handle::silent()).unwrap();
-}
 
 /// A 12-step run of `kind` (D 64, k 8) on `cache`, analysed, and KL-checked on 2 conversations.
 fn checked_run(cache: &Path, out: &Path, kind: Kind, store: &ModelStore) {

@@ -3,7 +3,10 @@
 //! fixtures: the table's order and filter, a latent's examples and tokens, and a crosscoder run
 //! loaded after it showing the crosscoder's table again.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{Scratch, assets, small_cache};
+use std::path::Path;
 
 use burn::tensor::Device;
 use crossdiff::analysis::examples::ExamplesStore;
@@ -18,46 +21,6 @@ use crossdiff_app::commands::AppCommand;
 use crossdiff_app::sae_latents_view::{HEADER, row_text, tokens_text};
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
-
-fn assets() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets")
-}
-
-/// A scratch folder for one test, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("crossdiff-app-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A 600-token layer-1 cache of web text from the tiny fixtures (the engine tests' small cache).
-fn small_cache(out: &Path) {
-    let job = crossdiff::workflow::cache::CacheJob {
-        base: assets().join("tiny-gemma2/base"),
-        chat: assets().join("tiny-gemma2/chat"),
-        data: vec![assets().join("data/web.txt")],
-        layer: 1,
-        tokens: 600,
-        out: out.to_path_buf(),
-        dtype: crossdiff::activations::cache::ActDtype::Bf16,
-        tokenize: crossdiff::data::TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
-        shard_tokens: 256,
-        batch_tokens: 256,
-        ..Default::default()
-    };
-    crossdiff::workflow::cache::run(&job, &Device::flex(), Handle::silent()).unwrap();
-}
 
 /// A 12-step run of `kind` (D 64, k 8) on `cache`, analysed with both fixture models.
 fn analysed_run(cache: &Path, out: &Path, kind: Kind) {

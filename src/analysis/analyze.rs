@@ -16,6 +16,7 @@ use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
 use crate::activations::cache::{CacheIndex, read_shard_file};
+use crate::analysis::batch_sums::BatchRow;
 use crate::analysis::latents::{LatentClass, LatentRow, Summary, delta_norm};
 use crate::crosscoder::{Crosscoder, Kind, decode, read_vec, tensor};
 use crate::io::write_atomic;
@@ -161,7 +162,6 @@ fn accumulate(
     w_chat_t: &Tensor<2>,
     device: &Device,
 ) -> Result<()> {
-    let dict = norm_sum.dims()[1];
     let x = tensor(rows.to_vec(), [b, 2 * d], device);
     let f = cc.codes(x.clone());
     let recon = decode(&cc.params, f.clone());
@@ -180,28 +180,19 @@ fn accumulate(
     }
     parts.push(f.greater_elem(0.0).float().sum().reshape([1, 1]));
     parts.extend([x.clone().sum_dim(0), x.square().sum_dim(0), err.clone().sum_dim(0), err.square().sum_dim(0)]);
-    let row = read_vec(Tensor::cat(parts, 1))?;
-    let mut at = 0;
-    let mut next = |n: usize| {
-        at += n;
-        &row[at - n..at]
-    };
-    let add = |into: &mut Vec<f64>, v: &[f32]| into.iter_mut().zip(v).for_each(|(o, v)| *o += *v as f64);
-    add(&mut acc.active, next(dict));
-    add(&mut acc.template_active, next(dict));
-    for (o, v) in acc.max_act.iter_mut().zip(next(dict)) {
-        *o = o.max(*v as f64);
-    }
-    add(&mut acc.sum_f2, next(dict));
+    let mut row = BatchRow::read(parts)?;
+    row.add_into(&mut acc.active);
+    row.add_into(&mut acc.template_active);
+    row.max_into(&mut acc.max_act);
+    row.add_into(&mut acc.sum_f2);
     for m in 0..2 {
-        add(&mut acc.recon[m], next(dict));
-        add(&mut acc.err[m], next(dict));
+        row.add_into(&mut acc.recon[m]);
+        row.add_into(&mut acc.err[m]);
     }
-    acc.l0 += next(1)[0] as f64;
-    add(&mut acc.x_sum, next(2 * d));
-    add(&mut acc.x_sq, next(2 * d));
-    add(&mut acc.e_sum, next(2 * d));
-    add(&mut acc.e_sq, next(2 * d));
+    acc.l0 += row.scalar();
+    for v in [&mut acc.x_sum, &mut acc.x_sq, &mut acc.e_sum, &mut acc.e_sq] {
+        row.add_into(v);
+    }
     acc.tokens += b as u64;
     Ok(())
 }

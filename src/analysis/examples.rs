@@ -18,7 +18,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::activations::batches::{CacheBatch, for_each_batch};
 use crate::activations::cache::CacheIndex;
-use crate::crosscoder::{Crosscoder, Kind, read_vec, tensor};
+use crate::crosscoder::{Crosscoder, Kind, dictionary_input, read_vec, tensor};
 use crate::io::{LazyTensor, f32_bytes, write_safetensors_streaming};
 use crate::rng::SplitMix64;
 use crate::run_dir::RunDir;
@@ -79,13 +79,8 @@ impl PartialOrd for Hit {
 /// The activations `[rows, D]` the examples rank, on the host, from pair rows: a crosscoder's
 /// norm-scaled codes; an SAE's codes on its input (its directions have unit norm).
 fn scaled_acts(cc: &Crosscoder, rows: &[f32], d: usize, device: &Device) -> Result<Vec<f32>> {
-    let n = rows.len() / (2 * d);
-    if let (Kind::Sae, target) = (cc.config.kind, cc.config.target) {
-        let x = tensor(target.unwrap_or_default().rows(rows, d), [n, d], device);
-        return read_vec(cc.codes(x));
-    }
-    let x = tensor(rows.to_vec(), [n, 2 * d], device);
-    read_vec(cc.codes(x) * cc.params.norm_sum())
+    let codes = cc.codes(dictionary_input(cc.config.kind, cc.config.target, rows.to_vec(), d, device));
+    if cc.config.kind == Kind::Sae { read_vec(codes) } else { read_vec(codes * cc.params.norm_sum()) }
 }
 
 /// Builds `RUN/examples.safetensors`. `max_act` is analyze's per-latent maximum (the bins' scale);

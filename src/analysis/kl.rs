@@ -163,8 +163,21 @@ struct Cell {
     layer: usize,
     name: String,
     set: Option<Vec<usize>>,
+    /// The set as a `[1, D]` 0/1 mask on the device, made once for all conversations.
+    mask: Option<Tensor<2>>,
     all: Vec<f64>,
     first: Vec<f64>,
+}
+
+impl Cell {
+    fn new(layer: usize, name: String, set: Option<Vec<usize>>, dict: usize, device: &burn::tensor::Device) -> Self {
+        let mask = set.as_ref().map(|set| {
+            let mut m = vec![0.0f32; dict];
+            set.iter().for_each(|&j| m[j] = 1.0);
+            tensor(m, [1, dict], device)
+        });
+        Self { layer, name, set, mask, all: Vec::new(), first: Vec::new() }
+    }
 }
 
 /// Runs the KL check over up to `limit` conversations of a `.jsonl`/`.parquet` file with
@@ -218,6 +231,7 @@ pub fn kl_table(
         bail!("layer {last} is past the models' last block ({})", base.gemma.num_layers() - 1);
     }
     let restricted = options.patch_on != PatchOn::All;
+    let device = base.gemma.device().clone();
     let mut cells = Vec::new();
     for &l in &layers {
         let sets = match latents {
@@ -226,12 +240,12 @@ pub fn kl_table(
             Latents::Sae(rows) => sae_condition_sets(rows),
         };
         for (name, set) in sets {
-            cells.push(Cell { layer: l, name, set, all: Vec::new(), first: Vec::new() });
+            cells.push(Cell::new(l, name, set, dict, &device));
         }
         // Chat's own activations, where the patch is limited: how much of the gap those
         // positions carry (patched everywhere it is 0 by construction).
         if restricted {
-            cells.push(Cell { layer: l, name: "chat".into(), set: None, all: Vec::new(), first: Vec::new() });
+            cells.push(Cell::new(l, "chat".into(), None, dict, &device));
         }
     }
     // What a latent adds when patched, [D, d]: a crosscoder's decoder difference, a diff-SAE's
@@ -240,7 +254,6 @@ pub fn kl_table(
         None => cc.params.w_dec.clone().narrow(1, d, d) - cc.params.w_dec.clone().narrow(1, 0, d),
         Some(s) => cc.params.w_dec.clone().mul_scalar(s),
     };
-    let device = base.gemma.device().clone();
     let vocab = chat.gemma.config.vocab_size;
     let mut seen = 0;
     // Conversations longer than the model's context are cut there (as `cache` cuts at --context).
@@ -280,36 +293,32 @@ pub fn kl_table(
         );
         let p_chat = chat_logp.clone().exp();
         let (hb_l, hc_l) = (h_base[at(layer)].clone(), h_chat[at(layer)].clone());
-        let (f, sae_input) = match sae_sign {
+        // A diff-SAE's input x and its reconstruction SAE(x), once per conversation.
+        let (f, sae_parts) = match sae_sign {
             None => (cc.codes(Tensor::cat(vec![hb_l, hc_l], 1)), None), // [T, D]
             Some(s) => {
                 let x = (hc_l - hb_l).mul_scalar(s);
-                (cc.codes(x.clone()), Some(x))
+                let f = cc.codes(x.clone());
+                let recon = f.clone().matmul(cc.params.w_dec.clone()) + cc.params.b_dec.clone();
+                (f, Some((s, x, recon)))
             }
         };
         for cell in &mut cells {
             let (hb, hc) = (&h_base[at(cell.layer)], &h_chat[at(cell.layer)]);
-            let target = match (cell.name.as_str(), &cell.set) {
+            let target = match (cell.name.as_str(), &cell.mask) {
                 ("none", _) => hb.clone(),
                 ("chat", _) => hc.clone(),
                 ("chat_error_only", _) => hc.clone() - f.clone().matmul(diff.clone()),
                 ("sae_recon" | "sae_error" | "sae_bias", _) => {
-                    let (s, x) = (sae_sign.unwrap_or(1.0), sae_input.clone().expect("a diff-SAE's input"));
-                    let bias = cc.params.b_dec.clone();
-                    let recon = f.clone().matmul(cc.params.w_dec.clone()) + bias.clone();
+                    let Some((s, x, recon)) = &sae_parts else { bail!("\"{}\" needs a diff-SAE", cell.name) };
                     let add = match cell.name.as_str() {
-                        "sae_recon" => recon,
-                        "sae_error" => x - recon,
-                        _ => bias,
+                        "sae_recon" => recon.clone(),
+                        "sae_error" => x.clone() - recon.clone(),
+                        _ => cc.params.b_dec.clone(),
                     };
-                    hb.clone() + add.mul_scalar(s)
+                    hb.clone() + add.mul_scalar(*s)
                 }
-                (_, Some(set)) => {
-                    let mut mask = vec![0.0f32; dict];
-                    set.iter().for_each(|&j| mask[j] = 1.0);
-                    let m = tensor(mask, [1, dict], &device);
-                    hb.clone() + (f.clone() * m).matmul(diff.clone())
-                }
+                (_, Some(m)) => hb.clone() + (f.clone() * m.clone()).matmul(diff.clone()),
                 _ => unreachable!("every condition is covered"),
             };
             // A limited patch keeps the base activation outside its positions.

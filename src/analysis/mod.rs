@@ -4,6 +4,7 @@
 
 pub mod adl;
 pub mod analyze;
+mod batch_sums;
 pub mod examples;
 pub mod figures;
 pub mod kl;

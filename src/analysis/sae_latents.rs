@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::activations::batches::{CacheBatch, for_each_batch};
 use crate::activations::cache::CacheIndex;
+use crate::analysis::batch_sums::BatchRow;
 use crate::crosscoder::{Crosscoder, SaeTarget, read_vec, tensor};
 use crate::run_dir::RunDir;
 
@@ -126,7 +127,6 @@ fn accumulate(
     w_dec_t: &Tensor<2>,
     device: &Device,
 ) -> Result<()> {
-    let dict = w_dec_t.dims()[1];
     let pair = tensor(pairs.to_vec(), [b, 2 * d], device);
     let x = tensor(target.rows(pairs, d), [b, d], device);
     let f = cc.codes(x.clone());
@@ -142,25 +142,17 @@ fn accumulate(
     }
     parts.push(active.sum().reshape([1, 1]));
     parts.extend([x.clone().sum_dim(0), x.square().sum_dim(0), err.clone().sum_dim(0), err.square().sum_dim(0)]);
-    let row = read_vec(Tensor::cat(parts, 1))?;
-    let mut at = 0;
-    let mut next = |n: usize| {
-        at += n;
-        &row[at - n..at]
-    };
-    let add = |into: &mut Vec<f64>, v: &[f32]| into.iter_mut().zip(v).for_each(|(o, v)| *o += *v as f64);
-    add(&mut s.active, next(dict));
-    add(&mut s.template_active, next(dict));
-    for (o, v) in s.max_act.iter_mut().zip(next(dict)) {
-        *o = o.max(*v as f64);
-    }
-    add(&mut s.sum_f2, next(dict));
+    let mut row = BatchRow::read(parts)?;
+    row.add_into(&mut s.active);
+    row.add_into(&mut s.template_active);
+    row.max_into(&mut s.max_act);
+    row.add_into(&mut s.sum_f2);
     for m in 0..2 {
-        add(&mut s.proj[m], next(dict));
+        row.add_into(&mut s.proj[m]);
     }
-    s.l0 += next(1)[0] as f64;
+    s.l0 += row.scalar();
     for v in [&mut s.x_sum, &mut s.x_sq, &mut s.e_sum, &mut s.e_sq] {
-        add(v, next(d));
+        row.add_into(v);
     }
     s.tokens += b as u64;
     Ok(())

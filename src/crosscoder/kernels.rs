@@ -10,7 +10,7 @@ use burn::backend::{
     Backend, backend_extension,
     tensor::{FloatTensor, IntTensor},
 };
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::template::{KernelSource, SourceKernel, SourceTemplate};
@@ -145,16 +145,7 @@ impl KernelOps for CubeBackend {
     }
 }
 
-/// Whether the device runs CubeCL with the WGSL compiler (the wgpu backend), where the WGSL
-/// kernels apply. burn's `Device` exposes its backend only through its description.
-pub fn is_wgpu(device: &Device) -> bool {
-    format!("{device:?}").contains("Wgpu")
-}
-
-/// Whether the device is burn's CPU backend (flex), whose tensors live in host memory.
-pub fn is_flex(device: &Device) -> bool {
-    format!("{device:?}").contains("Flex")
-}
+pub use crate::backend::{is_flex, is_wgpu};
 
 fn histogram(scores: &Tensor<1>, prefix: u32, mask: u32, shift: u32, bits: u32) -> anyhow::Result<Vec<u32>> {
     let out = Tensor::<1>::from_dispatch(<burn::backend::Dispatch as KernelOps>::score_histogram(

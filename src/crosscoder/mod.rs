@@ -81,6 +81,22 @@ pub struct CrosscoderConfig {
     pub target: Option<SaeTarget>,
 }
 
+/// Pair rows `[n, 2d]` (base then chat) as a dictionary reads them: unchanged for a crosscoder,
+/// an SAE's input `[n, d]` for an SAE (its target: chat − base, …).
+pub fn dictionary_input(
+    kind: Kind,
+    target: Option<SaeTarget>,
+    pairs: Vec<f32>,
+    d: usize,
+    device: &Device,
+) -> Tensor<2> {
+    let n = pairs.len() / (2 * d);
+    match kind {
+        Kind::Sae => tensor(target.unwrap_or_default().rows(&pairs, d), [n, d], device),
+        _ => tensor(pairs, [n, 2 * d], device),
+    }
+}
+
 /// Pre-activations → codes `f = ReLU(x·W_enc + b_enc)`, `[B, D]`.
 pub fn encode(p: &Params, x: Tensor<2>) -> Tensor<2> {
     (x.matmul(p.w_enc.clone()) + p.b_enc.clone()).clamp_min(0.0)

@@ -97,7 +97,7 @@ impl AdamConfig {
     ) -> anyhow::Result<()> {
         let [g_w_enc, g_b_enc, g_w_dec, g_b_dec] = grads;
         // On the CPU one pass over host memory per tensor; elsewhere burn's element-wise ops.
-        let host = format!("{:?}", params.w_enc.device()).contains("Flex");
+        let host = crate::backend::is_flex(&params.w_enc.device());
         let one = |p: &mut Tensor<2>, m: &mut Tensor<2>, v: &mut Tensor<2>, g| -> anyhow::Result<()> {
             // Moved out (not cloned) so the host pass takes the buffer without a copy.
             let taken = std::mem::replace(p, Tensor::<2>::zeros([1, 1], &m.device()));

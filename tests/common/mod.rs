@@ -272,3 +272,25 @@ pub fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// The engine's training loop on `source` into `out`, on the CPU, with no models or layer recorded
+/// (the synthetic sources of the training tests).
+pub fn train_run<'a>(
+    out: PathBuf,
+    config: crossdiff::crosscoder::train::TrainConfig,
+    source: &'a mut dyn crossdiff::crosscoder::train::PairSource,
+    width: usize,
+) -> crossdiff::crosscoder::train::TrainRun<'a> {
+    crossdiff::crosscoder::train::TrainRun {
+        config,
+        out,
+        device: Device::flex(),
+        source,
+        validation: None,
+        layer: None,
+        models: vec![],
+        model_ids: vec![],
+        width,
+        source_fingerprint: serde_json::Value::Null,
+    }
+}

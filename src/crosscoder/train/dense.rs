@@ -1,6 +1,8 @@
 //! The dense route: every parameter tracked by autodiff, codes masked over the whole `[B, D]`
-//! batch. L1 always takes it; for BatchTopK (`sparse = false`) it is the reference the sparse
-//! routes are tested against.
+//! batch. L1 always takes it; for BatchTopK and the SAE (`sparse = false`, or a device without a
+//! faster route) it is the reference the sparse routes are tested against. The SAE differs in three
+//! places (src/crosscoder/sae.rs): its encoder reads x − b_dec, its codes are their own scores (unit
+//! decoder rows), and its reconstruction term is mean_b Σ (x − x̂)².
 
 use anyhow::{Result, anyhow};
 use burn::tensor::Tensor;
@@ -10,9 +12,10 @@ use crate::crosscoder::{Kind, Params, aux_loss, decode, encode, read_vec, recon_
 
 pub fn step(input: StepInput) -> Result<StepOutput> {
     let StepInput { cfg, p, x, step, since_selected, d, dict, b, .. } = input;
+    let sae = cfg.kind == Kind::Sae;
     let p = p.clone().map(|t| t.autodiff().require_grad());
     let x = x.autodiff();
-    let f = encode(&p, x.clone());
+    let f = if sae { crate::crosscoder::sae::encode(&p, x.clone()) } else { encode(&p, x.clone()) };
     match cfg.kind {
         Kind::L1 => {
             let codes = f.clone();
@@ -26,13 +29,18 @@ pub fn step(input: StepInput) -> Result<StepOutput> {
             Ok(StepOutput::new(selection, loss, recon, None, err, grads))
         }
         Kind::BatchTopK | Kind::Sae => {
-            let scores = read_vec(f.clone().detach() * p.norm_sum().detach())?;
+            let scores =
+                if sae { read_vec(f.clone().detach())? } else { read_vec(f.clone().detach() * p.norm_sum().detach())? };
             let keep = cfg.k_at(step) * b;
             let (mask, min_kept) = select_batch_topk(&scores, keep);
             let device = f.device();
             let codes = f.clone() * tensor(mask.clone(), [b, dict], &device);
             let err = x - decode(&p, codes);
-            let recon = recon_loss(err.clone(), d, cfg.squared_recon);
+            let recon = if sae {
+                err.clone().square().sum_dim(1).mean()
+            } else {
+                recon_loss(err.clone(), d, cfg.squared_recon)
+            };
             let selection = Selection::batch_topk(per_latent(&mask, dict), mask, min_kept);
             let dead = selection.record(cfg, since_selected, b, d);
             let mut loss = recon.clone();
@@ -45,7 +53,8 @@ pub fn step(input: StepInput) -> Result<StepOutput> {
                 aux = Some(a);
             }
             let grads = backward(&loss, &p)?;
-            Ok(StepOutput::new(selection, loss, recon, aux, err, grads))
+            let out = StepOutput::new(selection, loss, recon, aux, err, grads);
+            Ok(if sae { out.one_block() } else { out })
         }
     }
 }

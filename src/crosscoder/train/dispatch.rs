@@ -40,7 +40,7 @@ pub fn step_loss(
                 return kernel_sparse::step(StepInput::new(cfg, p, x, step, since_selected), &f, sel);
             }
         }
-        return super::sae_step::step(cfg, p, x, step, since_selected);
+        return dense::step(StepInput::new(cfg, p, x, step, since_selected));
     }
     let input = StepInput::new(cfg, p, x, step, since_selected);
     if !(cfg.kind == Kind::BatchTopK && cfg.sparse) {

@@ -32,7 +32,9 @@ use crate::activations::reader::PairBatch;
 use crate::crosscoder::optim::AdamConfig;
 use crate::crosscoder::train::checkpoint::{Provenance, load, save, trim_metrics};
 use crate::crosscoder::train::step::{clip_gradients, dead_fraction};
-use crate::crosscoder::{Crosscoder, CrosscoderConfig, Kind, Params, decode, geometric_median, tensor};
+use crate::crosscoder::{
+    Crosscoder, CrosscoderConfig, Kind, Params, decode, dictionary_input, geometric_median, tensor,
+};
 
 /// Anything that yields training batches: the cache reader, the on-the-fly source, synthetic data.
 pub trait PairSource {
@@ -187,12 +189,7 @@ impl TrainRun<'_> {
                     tensor(first_median(&cfg, &batch.acts, d), [1, state.params.b_dec.dims()[1]], &self.device);
             }
             first_batch = false;
-            let x = match cfg.kind {
-                Kind::Sae => {
-                    tensor(cfg.target.unwrap_or_default().rows(&batch.acts, d), [batch.batch, d], &self.device)
-                }
-                _ => tensor(batch.acts, [batch.batch, 2 * d], &self.device),
-            };
+            let x = dictionary_input(cfg.kind, cfg.target, batch.acts, d, &self.device);
             let out = step_loss(&cfg, &state.params, x.clone(), step, &mut state.since_selected)?;
             let phase = crate::phases::phase("clip", &self.device);
             let mut g = out.gradients()?;
@@ -278,16 +275,12 @@ impl TrainRun<'_> {
 
     fn validation_fve(&self, state: &TrainState, v: &PairBatch) -> Result<[f64; 2]> {
         let cc = self.crosscoder(state);
-        let d = v.d;
-        if self.config.kind == Kind::Sae {
-            let x = tensor(self.config.target.unwrap_or_default().rows(&v.acts, d), [v.batch, d], &self.device);
-            let recon = cc.codes(x.clone()).matmul(cc.params.w_dec.clone()) + cc.params.b_dec.clone();
-            let f = crate::crosscoder::train::step::fve_blocks(&x, &(x.clone() - recon), 1, d)?[0];
-            return Ok([f, f]);
-        }
-        let x = tensor(v.acts.clone(), [v.batch, 2 * d], &self.device);
+        let x = dictionary_input(cc.config.kind, cc.config.target, v.acts.clone(), v.d, &self.device);
         let recon = decode(&cc.params, cc.codes(x.clone()));
-        fve(&x, &(x.clone() - recon), d)
+        // An SAE's one input fills both fields.
+        let blocks = if cc.config.kind == Kind::Sae { 1 } else { 2 };
+        let f = crate::crosscoder::train::step::fve_blocks(&x, &(x.clone() - recon), blocks, v.d)?;
+        Ok([f[0], f[blocks - 1]])
     }
 
     fn crosscoder(&self, state: &TrainState) -> Crosscoder {
