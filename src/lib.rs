@@ -29,6 +29,6 @@ pub mod workflow;
 
 pub use backend::Backend;
 pub use model::Model;
-pub use model::gemma2::{Gemma2, LoadOptions};
-pub use model::snapshot::{Gemma2Config, Snapshot};
+pub use model::decoder::{DecoderLm, LoadOptions};
+pub use model::snapshot::{ModelConfig, Snapshot};
 pub use model::tokenizer::{ChatTokenizer, Message};

@@ -124,7 +124,7 @@ fn means_and_token_lists_equal_the_reference() {
 fn the_edit_adds_exactly_the_scaled_vector_at_every_position() {
     let device = Device::flex();
     let chat = Model::load(fixture("chat"), &device, LoadOptions::default()).unwrap();
-    let g = &chat.gemma;
+    let g = &chat.lm;
     let d = g.config.hidden_size;
     let direction: Vec<f32> = (0..d).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
     let len = direction.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
@@ -165,14 +165,14 @@ fn the_edit_adds_exactly_the_scaled_vector_at_every_position() {
 fn strength_zero_is_plain_greedy_generation_and_a_strong_push_changes_it() {
     let device = Device::flex();
     let chat = Model::load(fixture("chat"), &device, LoadOptions::default()).unwrap();
-    let d = chat.gemma.config.hidden_size;
+    let d = chat.lm.config.hidden_size;
     let direction: Vec<f32> = (0..d).map(|i| if i % 3 == 0 { 1.0 } else { -0.5 }).collect();
     let prompts: Vec<Vec<u32>> =
         ["Tell me a story?", "Hello!"].iter().map(|p| chat.prompt_ids(p, true).unwrap()).collect();
     let out = steer_sweep(&chat, &prompts, &direction, 30.0, 1, &[0.0, 8.0], 12, |_| true).unwrap();
     let stop = chat.stop_ids();
     for (p, row) in prompts.iter().zip(&out) {
-        let plain = generate(&chat.gemma, p, 12, Sampling::default(), &stop, |_| true).unwrap();
+        let plain = generate(&chat.lm, p, 12, Sampling::default(), &stop, |_| true).unwrap();
         assert_eq!(row[0], plain, "strength 0 is the unsteered greedy completion");
         assert_ne!(row[1], plain, "strength 8 × the norm changes the completion");
     }

@@ -55,18 +55,23 @@ fn missing_weights_and_missing_tokenizer() {
 fn unknown_model_type_and_bad_config_fields() {
     let dir = TempDir::copy_of("llama", "base");
     let cfg = dir.path().join("config.json");
-    edit_json(&cfg, |v| v["model_type"] = "llama".into());
+    edit_json(&cfg, |v| v["model_type"] = "mistral".into());
     let msg = load_err(dir.path());
-    assert!(msg.contains("config.json") && msg.contains("`model_type`") && msg.contains("llama"), "{msg}");
+    assert!(msg.contains("config.json") && msg.contains("`model_type`") && msg.contains("mistral"), "{msg}");
+    // The message lists what is supported.
+    for family in ["gemma2", "gemma3_text", "llama", "qwen2", "qwen3"] {
+        assert!(msg.contains(&format!("\"{family}\"")), "{msg}");
+    }
 
     edit_json(&cfg, |v| {
         v["model_type"] = "gemma2".into();
-        v.as_object_mut().unwrap().remove("head_dim");
+        v.as_object_mut().unwrap().remove("hidden_size");
     });
     let msg = load_err(dir.path());
-    assert!(msg.contains("config.json") && msg.contains("head_dim"), "{msg}");
+    assert!(msg.contains("config.json") && msg.contains("hidden_size"), "{msg}");
 
     edit_json(&cfg, |v| {
+        v["hidden_size"] = 72.into();
         v["head_dim"] = 24.into();
         v["num_key_value_heads"] = 3.into();
     });
@@ -160,7 +165,7 @@ fn base_chat_mismatch_names_the_field() {
 #[test]
 fn out_of_vocabulary_ids_are_refused() {
     let model = Model::load(common::fixture("base"), &Device::flex(), LoadOptions::default()).unwrap();
-    let err = model.gemma.batch_ids(&[vec![2, 100_000]]).unwrap_err();
+    let err = model.lm.batch_ids(&[vec![2, 100_000]]).unwrap_err();
     assert!(format!("{err}").contains("100000"));
 }
 

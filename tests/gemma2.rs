@@ -66,7 +66,7 @@ fn check_blocks_and_logits(device: &Device, options: LoadOptions, tol: f64) {
         let reference = Reference::load(name);
         for i in 0..reference.prompts().len() {
             let result = crossdiff::model::inspect::inspect(&model, reference.ids(i)).unwrap();
-            assert_eq!(result.blocks.len(), model.gemma.config.num_hidden_layers);
+            assert_eq!(result.blocks.len(), model.lm.config.num_hidden_layers);
             for (l, block) in result.blocks.iter().enumerate() {
                 assert_close(
                     &format!("{name} p{i} block {l}"),
@@ -137,7 +137,7 @@ fn padded_batch_equals_unpadded_runs() {
     let reference = Reference::load("base");
     let seqs: Vec<Vec<u32>> = (0..reference.prompts().len()).map(|i| reference.ids(i)).collect();
     let t_max = seqs.iter().map(Vec::len).max().unwrap();
-    let g = &model.gemma;
+    let g = &model.lm;
     let v = g.config.vocab_size;
     let d = g.config.hidden_size;
     let batched_logits = read(g.forward(g.batch_ids(&seqs).unwrap()));
@@ -158,7 +158,7 @@ fn padded_batch_equals_unpadded_runs() {
 fn forward_from_continues_forward_to() {
     let model = Model::load(fixture("chat"), &flex(), LoadOptions::default()).unwrap();
     let reference = Reference::load("chat");
-    let g = &model.gemma;
+    let g = &model.lm;
     let seqs = vec![reference.ids(0), reference.ids(4)];
     let full = read(g.forward(g.batch_ids(&seqs).unwrap()));
     let want: Vec<f64> = full.iter().map(|&x| x as f64).collect();
@@ -177,8 +177,7 @@ fn greedy_generation_equals_transformers() {
         let stop = model.stop_ids();
         for i in 0..reference.prompts().len() {
             let want: Vec<u32> = reference.get(&format!("p{i}.greedy")).1.iter().map(|&v| v as u32).collect();
-            let got =
-                generate(&model.gemma, &reference.ids(i), want.len(), Sampling::default(), &stop, |_| true).unwrap();
+            let got = generate(&model.lm, &reference.ids(i), want.len(), Sampling::default(), &stop, |_| true).unwrap();
             assert_eq!(got, want, "{name} prompt {i}");
         }
     }
@@ -189,7 +188,7 @@ fn kv_cache_decoding_equals_full_forward() {
     // Decoding one token at a time past the sliding window must give the full forward's logits.
     let model = Model::load(fixture("base"), &flex(), LoadOptions::default()).unwrap();
     let reference = Reference::load("base");
-    let g = &model.gemma;
+    let g = &model.lm;
     let ids = reference.ids(2);
     assert!(ids.len() > g.config.sliding_window.unwrap() * 2);
     let full = read(g.forward(g.batch_ids(std::slice::from_ref(&ids)).unwrap()));
@@ -212,7 +211,7 @@ fn kv_cache_decoding_equals_full_forward() {
 fn sampling_is_seeded_and_top_p_one_token_is_greedy() {
     let model = Model::load(fixture("base"), &flex(), LoadOptions::default()).unwrap();
     let ids = model.prompt_ids("The cat", false).unwrap();
-    let run = |s: Sampling| generate(&model.gemma, &ids, 8, s, &[], |_| true).unwrap();
+    let run = |s: Sampling| generate(&model.lm, &ids, 8, s, &[], |_| true).unwrap();
     let hot = Sampling { temperature: 1.0, top_p: 0.9, seed: 5 };
     assert_eq!(run(hot), run(hot), "same seed, same text");
     // top_p → 0 keeps only the most likely token: sampling equals greedy.
@@ -240,7 +239,7 @@ fn inspect_file_has_the_interface_layout() {
         assert_eq!((b.dtype(), b.shape()), (Dtype::F32, &[t, 72][..]));
     }
     let logits = st.tensor("logits").unwrap();
-    assert_eq!(logits.shape(), &[t, model.gemma.config.vocab_size]);
+    assert_eq!(logits.shape(), &[t, model.lm.config.vocab_size]);
     let values: Vec<f32> = logits.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     assert_close("written logits", &values, &reference.get("p1.logits").1, TOL);
 }
@@ -253,7 +252,7 @@ fn generation_stops_on_a_stop_token() {
     // Declare the third greedy token a stop token: generation ends right after emitting it.
     let stop = [greedy[2]];
     let first = greedy.iter().position(|t| *t == greedy[2]).unwrap();
-    let got = generate(&model.gemma, &reference.ids(0), 10, Sampling::default(), &stop, |_| true).unwrap();
+    let got = generate(&model.lm, &reference.ids(0), 10, Sampling::default(), &stop, |_| true).unwrap();
     assert_eq!(got, greedy[..=first].to_vec());
     // The model's own stop ids are <end_of_turn> and <eos>, read from the files.
     let tok = &model.tokenizer;
@@ -266,12 +265,12 @@ fn generation_stops_on_a_stop_token() {
 fn parameter_count_matches_the_stored_tensors() {
     let stored: usize =
         common::fixture_weights("base").values().map(|(_, shape, _)| shape.iter().product::<usize>()).sum();
-    let config = crossdiff::Gemma2Config::from_file(&fixture("base").join("config.json")).unwrap();
+    let config = crossdiff::ModelConfig::from_file(&fixture("base").join("config.json")).unwrap();
     assert_eq!(config.parameter_count(), stored);
 }
 
-fn tiny_config() -> crossdiff::Gemma2Config {
-    let mut c = crossdiff::Gemma2Config::from_file(&fixture("base").join("config.json")).unwrap();
+fn tiny_config() -> crossdiff::ModelConfig {
+    let mut c = crossdiff::ModelConfig::from_file(&fixture("base").join("config.json")).unwrap();
     c.hidden_size = 32;
     c.intermediate_size = 48;
     c.num_hidden_layers = 2;
@@ -288,10 +287,10 @@ fn tiny_config() -> crossdiff::Gemma2Config {
 fn random_gemma2_saves_as_a_snapshot_that_loads_to_the_same_outputs() {
     let dir = TempDir::new("random-gemma");
     let device = flex();
-    let g = crossdiff::Gemma2::random(tiny_config(), &device, 3);
+    let g = crossdiff::DecoderLm::random(tiny_config(), &device, 3);
     g.save_snapshot(dir.path()).unwrap();
     let snap = crossdiff::Snapshot::open(dir.path()).unwrap();
-    let back = crossdiff::Gemma2::load(&snap, &device, LoadOptions::default()).unwrap();
+    let back = crossdiff::DecoderLm::load(&snap, &device, LoadOptions::default()).unwrap();
     let seqs = vec![vec![2u32, 40, 41, 42, 43, 44, 45, 46, 47, 48]];
     let a = read(g.forward(g.batch_ids(&seqs).unwrap()));
     let want: Vec<f64> = a.iter().map(|&x| x as f64).collect();
@@ -303,7 +302,7 @@ fn gemma2_trains_through_burn_autodiff() {
     // Memorise two short sequences: the loss must fall far below its starting value.
     let device = flex();
     let ad = device.clone().autodiff();
-    let mut g = crossdiff::Gemma2::random(tiny_config(), &ad, 5);
+    let mut g = crossdiff::DecoderLm::random(tiny_config(), &ad, 5);
     let seqs = vec![vec![2u32, 10, 11, 12, 13, 14, 15, 16, 17], vec![2u32, 20, 21, 22, 23, 24, 25]];
     let mut adam = crossdiff::crosscoder::optim::Adam::new(&g.parameters());
     let mut losses = Vec::new();
@@ -349,6 +348,6 @@ fn demo_pair_builds_trains_and_loads_as_snapshots() {
     assert_eq!(ids[0], chat.tokenizer.bos_id.unwrap());
     assert!(dir.path().join("data/web.txt").exists() && dir.path().join("data/chat.jsonl").exists());
     // The fine-tune changed the weights: base and chat disagree on the next token somewhere.
-    let g = |m: &Model| read(m.gemma.forward(m.gemma.batch_ids(std::slice::from_ref(&ids)).unwrap()));
+    let g = |m: &Model| read(m.lm.forward(m.lm.batch_ids(std::slice::from_ref(&ids)).unwrap()));
     assert_ne!(g(&base), g(&chat));
 }

@@ -279,7 +279,7 @@ fn steering_with_strength_zero_is_plain_generation_and_the_edit_lands_at_layer_l
     let (_, pushed) = crossdiff::analysis::steer::steer(&model, &ids, &strong, 12).unwrap();
     assert_ne!(plain, pushed, "a strong push changes the text");
     // The edit equals adding the vector to block 1's output and continuing from there.
-    let g = &model.gemma;
+    let g = &model.lm;
     let mut cache = g.new_cache();
     let edited =
         read_vec(g.step_edited(g.batch_ids(std::slice::from_ref(&ids)).unwrap(), &mut cache, Some(&strong))).unwrap();

@@ -66,7 +66,7 @@ impl AdlView {
         self.base_dir = base.to_string();
         self.chat_dir = chat.to_string();
         let config = Path::new(chat).join("config.json");
-        if let Ok(c) = crossdiff::Gemma2Config::from_file(&config) {
+        if let Ok(c) = crossdiff::ModelConfig::from_file(&config) {
             self.config.layer = crossdiff::workflow::adl::middle_layer(c.num_hidden_layers);
         }
     }

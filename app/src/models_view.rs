@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crossdiff::model::generate::{Sampling, generate};
-use crossdiff::{Backend, Gemma2Config, LoadOptions, Model};
+use crossdiff::{Backend, LoadOptions, Model, ModelConfig};
 use eframe::egui;
 
 use crate::errors::{Field, Fields};
@@ -27,14 +27,14 @@ pub struct ModelSummary {
     pub hidden: usize,
     pub vocab: usize,
     pub parameters: usize,
-    pub config: Gemma2Config,
+    pub config: ModelConfig,
     /// The device it was loaded on.
     pub device: Backend,
 }
 
 impl ModelSummary {
     fn of(dir: &std::path::Path, m: &Model, device: Backend) -> Self {
-        let c = &m.gemma.config;
+        let c = &m.lm.config;
         Self {
             dir: dir.display().to_string(),
             layers: c.num_hidden_layers,
@@ -150,6 +150,7 @@ impl ModelsView {
         let (a, b) = (&a.config, &b.config);
         let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| v.to_string());
         let fields: Vec<(&str, String, String)> = vec![
+            ("family", format!("{} ({})", a.family, a.model_type), format!("{} ({})", b.family, b.model_type)),
             ("hidden_size", a.hidden_size.to_string(), b.hidden_size.to_string()),
             ("num_hidden_layers", a.num_hidden_layers.to_string(), b.num_hidden_layers.to_string()),
             ("num_attention_heads", a.num_attention_heads.to_string(), b.num_attention_heads.to_string()),
@@ -157,10 +158,16 @@ impl ModelsView {
             ("head_dim", a.head_dim.to_string(), b.head_dim.to_string()),
             ("intermediate_size", a.intermediate_size.to_string(), b.intermediate_size.to_string()),
             ("vocab_size", a.vocab_size.to_string(), b.vocab_size.to_string()),
-            ("sliding_window", format!("{:?}", a.sliding_window), format!("{:?}", b.sliding_window)),
+            (
+                "sliding_window",
+                format!("{:?}", a.effective_sliding_window()),
+                format!("{:?}", b.effective_sliding_window()),
+            ),
+            ("rope_theta", a.rope_base().to_string(), b.rope_base().to_string()),
+            ("tie_word_embeddings", a.tied().to_string(), b.tied().to_string()),
             ("attn_logit_softcapping", opt(a.attn_logit_softcapping), opt(b.attn_logit_softcapping)),
             ("final_logit_softcapping", opt(a.final_logit_softcapping), opt(b.final_logit_softcapping)),
-            ("query_pre_attn_scalar", a.query_pre_attn_scalar.to_string(), b.query_pre_attn_scalar.to_string()),
+            ("query_pre_attn_scalar", opt(a.query_pre_attn_scalar), opt(b.query_pre_attn_scalar)),
             ("dtype", a.declared_dtype().unwrap_or("–").to_string(), b.declared_dtype().unwrap_or("–").to_string()),
         ];
         egui::Grid::new("configs").striped(true).show(ui, |ui| {
@@ -239,7 +246,7 @@ impl ModelsView {
                     ctx.request_repaint();
                 };
                 set(String::new());
-                generate(&m.gemma, &ids, max_tokens, Sampling::default(), &stop, |id| {
+                generate(&m.lm, &ids, max_tokens, Sampling::default(), &stop, |id| {
                     if !stop.contains(&id) {
                         new.push(id);
                         handle.progress(&phase, new.len() as u64, max_tokens as u64, "tokens");

@@ -31,7 +31,7 @@ fn loads_both_models_and_runs_a_prompt_on_each() {
     wait_for(&mut harness, "tiny-gemma2/base\n4 layers, width 72, vocab 676");
     wait_for(&mut harness, "tiny-gemma2/chat\n4 layers, width 72, vocab 676");
     // Configs side by side and the memory both need (parameter counts from config.json).
-    let c = crossdiff::Gemma2Config::from_file(
+    let c = crossdiff::ModelConfig::from_file(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-gemma2/base/config.json"),
     )
     .unwrap();

@@ -12,7 +12,7 @@ use crate::activations::cache::ActDtype;
 use crate::activations::plan::{Planner, check_context, check_finite, compute_acts};
 use crate::activations::reader::{Chunk, PairBatch, RowBlock, ShufflePool};
 use crate::data::{Mixer, TokenizeOptions};
-use crate::model::gemma2::LoadOptions;
+use crate::model::decoder::LoadOptions;
 use crate::model::{Model, check_models};
 
 #[derive(Debug, Clone)]
@@ -44,13 +44,13 @@ impl OnTheFlySource {
         crate::data::mix::check_data_files(&cfg.data)?;
         cfg.tokenize.validate()?;
         for dir in [&cfg.base, &cfg.chat] {
-            let config = crate::model::config::Gemma2Config::from_file(&dir.join("config.json"))?;
+            let config = crate::model::config::ModelConfig::from_file(&dir.join("config.json"))?;
             check_context(cfg.tokenize.context, &config, dir)?;
         }
         let base = Model::load(&cfg.base, &device, cfg.load)?;
         let chat = Model::load(&cfg.chat, &device, cfg.load)?;
         check_models(&base, &chat)?;
-        let d = base.gemma.config.hidden_size;
+        let d = base.lm.config.hidden_size;
         // Two chunks in flight: the ring's memory is bounded by the pool plus two chunks.
         let (tx, rx) = sync_channel(2);
         std::thread::spawn(move || {

@@ -9,7 +9,7 @@ use crate::activations::cache::ActDtype;
 use crate::data::{Mixer, TokenizedDoc};
 use crate::io::OwnedTensor;
 use crate::model::Model;
-use crate::model::config::Gemma2Config;
+use crate::model::config::ModelConfig;
 use std::path::Path;
 
 /// One shard's tokens before any model has run.
@@ -91,7 +91,7 @@ impl ShardPlan {
 /// Runs blocks 0..=layer over the plan's documents (batched by length) and returns `[tokens, d]`
 /// f32 rows in document order.
 pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_tokens: usize) -> Result<Vec<f32>> {
-    let d = model.gemma.config.hidden_size;
+    let d = model.lm.config.hidden_size;
     let mut offsets = Vec::with_capacity(plan.docs.len());
     let mut acc = 0;
     for doc in &plan.docs {
@@ -108,7 +108,7 @@ pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_
         let per_batch = (batch_tokens / longest).max(1);
         let group = &order[start..(start + per_batch).min(order.len())];
         let seqs: Vec<Vec<u32>> = group.iter().map(|&i| plan.docs[i].ids.clone()).collect();
-        let h = model.gemma.forward_to(model.gemma.batch_ids(&seqs)?, layer);
+        let h = model.lm.forward_to(model.lm.batch_ids(&seqs)?, layer);
         let [_, t, _] = h.dims();
         crate::counters::count_forward_batch();
         let rows = crate::counters::read_f32(h)?;
@@ -153,7 +153,7 @@ pub(crate) fn plan_from_partial(st: &SafeTensors) -> Result<ShardPlan> {
 
 /// `--context` against a model's `max_position_embeddings` (when its config.json gives one): a
 /// document longer than the positions the model was trained on is refused, naming the limit.
-pub(crate) fn check_context(context: usize, config: &Gemma2Config, model_dir: &Path) -> Result<()> {
+pub(crate) fn check_context(context: usize, config: &ModelConfig, model_dir: &Path) -> Result<()> {
     let Some(max) = config.max_position_embeddings else { return Ok(()) };
     crate::bad_value::ensure(context <= max, "context", || {
         format!(

@@ -15,7 +15,7 @@ use crate::activations::cache::{ActDtype, CacheIndex, CacheSettings, ShardInfo, 
 use crate::activations::plan::{Planner, ShardPlan, check_context, check_finite, compute_acts, plan_from_partial};
 use crate::data::{Mixer, TokenizeOptions};
 use crate::io::OwnedTensor;
-use crate::model::gemma2::LoadOptions;
+use crate::model::decoder::LoadOptions;
 use crate::model::tokenizer::ChatTokenizer;
 use crate::model::{Model, check_models};
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::counters::read_f32;
 use crate::crosscoder::tensor;
 use crate::model::Model;
-use crate::model::gemma2::{Gemma2, ResidualEdit};
+use crate::model::decoder::{DecoderLm, ResidualEdit};
 use crate::model::generate::{Sampling, generate_edited};
 
 /// Positions before this one do not count towards the typical activation norm.
@@ -61,7 +61,7 @@ impl DiffSums {
 
     /// Runs both models to block `layer` on `docs` (right-padded into one batch: with the causal
     /// mask no real token sees a pad) and adds each document's first `positions` differences.
-    pub fn add(&mut self, base: &Gemma2, chat: &Gemma2, layer: usize, docs: &[Vec<u32>]) -> Result<()> {
+    pub fn add(&mut self, base: &DecoderLm, chat: &DecoderLm, layer: usize, docs: &[Vec<u32>]) -> Result<()> {
         if docs.is_empty() {
             return Ok(());
         }
@@ -149,10 +149,10 @@ pub fn logit_lens(model: &Model, rows: &[Vec<f32>], k: usize) -> Result<Vec<Lens
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let d = model.gemma.config.hidden_size;
-    let h = tensor(rows.concat(), [rows.len(), d], model.gemma.device());
-    let logits = read_f32(model.gemma.logits(h))?;
-    let vocab = model.gemma.config.vocab_size;
+    let d = model.lm.config.hidden_size;
+    let h = tensor(rows.concat(), [rows.len(), d], model.lm.device());
+    let logits = read_f32(model.lm.logits(h))?;
+    let vocab = model.lm.config.vocab_size;
     let token = |id: usize| -> Result<TokenLogit> {
         Ok(TokenLogit { token_id: id as u32, token: model.tokenizer.decode(&[id as u32])?, logit: 0.0 })
     };
@@ -196,11 +196,9 @@ pub fn steer_sweep(
     for prompt in prompts {
         let mut row = Vec::with_capacity(strengths.len());
         for &s in strengths {
-            let edit = steering_edit(direction, s, norm, layer, model.gemma.device());
+            let edit = steering_edit(direction, s, norm, layer, model.lm.device());
             let ids =
-                generate_edited(&model.gemma, prompt, max_new_tokens, Sampling::default(), &stop, Some(&edit), |_| {
-                    true
-                })?;
+                generate_edited(&model.lm, prompt, max_new_tokens, Sampling::default(), &stop, Some(&edit), |_| true)?;
             row.push(ids);
             done += 1;
             if !progress(done) {

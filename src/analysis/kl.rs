@@ -202,8 +202,8 @@ pub fn kl_table(
         cc.params.w_dec.dims()[1] / if cc.config.kind == crate::crosscoder::Kind::Sae { 1 } else { 2 },
         cc.params.w_dec.dims()[0],
     );
-    if d != base.gemma.config.hidden_size {
-        bail!("the crosscoder has width {d}, the models {}", base.gemma.config.hidden_size);
+    if d != base.lm.config.hidden_size {
+        bail!("the crosscoder has width {d}, the models {}", base.lm.config.hidden_size);
     }
     let (rows_len, table) = match latents {
         Latents::Crosscoder(rows) => (rows.len(), "latents.csv"),
@@ -227,11 +227,11 @@ pub fn kl_table(
     layers.sort_unstable();
     layers.dedup();
     let last = *layers.last().expect("the crosscoder's layer is there");
-    if last >= base.gemma.num_layers() {
-        bail!("layer {last} is past the models' last block ({})", base.gemma.num_layers() - 1);
+    if last >= base.lm.num_layers() {
+        bail!("layer {last} is past the models' last block ({})", base.lm.num_layers() - 1);
     }
     let restricted = options.patch_on != PatchOn::All;
-    let device = base.gemma.device().clone();
+    let device = base.lm.device().clone();
     let mut cells = Vec::new();
     for &l in &layers {
         let sets = match latents {
@@ -254,10 +254,10 @@ pub fn kl_table(
         None => cc.params.w_dec.clone().narrow(1, d, d) - cc.params.w_dec.clone().narrow(1, 0, d),
         Some(s) => cc.params.w_dec.clone().mul_scalar(s),
     };
-    let vocab = chat.gemma.config.vocab_size;
+    let vocab = chat.lm.config.vocab_size;
     let mut seen = 0;
     // Conversations longer than the model's context are cut there (as `cache` cuts at --context).
-    let max_len = chat.gemma.config.max_position_embeddings.unwrap_or(usize::MAX);
+    let max_len = chat.lm.config.max_position_embeddings.unwrap_or(usize::MAX);
     for (n, doc) in open_source(data)?.enumerate() {
         if seen >= limit {
             break;
@@ -275,10 +275,10 @@ pub fn kl_table(
         }
         let t = ids.len();
         let patch = turns.patch_mask(options.patch_on, options.first_k).map(|m| tensor(m, [t, 1], &device));
-        let input = || base.gemma.batch_ids(std::slice::from_ref(&ids));
+        let input = || base.lm.batch_ids(std::slice::from_ref(&ids));
         let capture = |model: &Model| -> Result<Vec<Tensor<2>>> {
             let mut out = Vec::with_capacity(layers.len());
-            model.gemma.forward_blocks(input()?, last, |l, h| {
+            model.lm.forward_blocks(input()?, last, |l, h| {
                 if layers.contains(&l) {
                     out.push(h.clone().reshape([t, d]));
                 }
@@ -287,10 +287,8 @@ pub fn kl_table(
         };
         let (h_base, h_chat) = (capture(base)?, capture(chat)?);
         let at = |l: usize| layers.iter().position(|&x| x == l).expect("a captured layer");
-        let chat_logp = log_softmax(
-            chat.gemma.forward_from(last, h_chat[at(last)].clone().reshape([1, t, d])).reshape([t, vocab]),
-            1,
-        );
+        let chat_logp =
+            log_softmax(chat.lm.forward_from(last, h_chat[at(last)].clone().reshape([1, t, d])).reshape([t, vocab]), 1);
         let p_chat = chat_logp.clone().exp();
         let (hb_l, hc_l) = (h_base[at(layer)].clone(), h_chat[at(layer)].clone());
         // A diff-SAE's input x and its reconstruction SAE(x), once per conversation.
@@ -326,8 +324,7 @@ pub fn kl_table(
                 None => target,
                 Some(m) => hb.clone() + (target - hb.clone()) * m.clone(),
             };
-            let logp =
-                log_softmax(chat.gemma.forward_from(cell.layer, patched.reshape([1, t, d])).reshape([t, vocab]), 1);
+            let logp = log_softmax(chat.lm.forward_from(cell.layer, patched.reshape([1, t, d])).reshape([t, vocab]), 1);
             let kl = read_vec((p_chat.clone() * (chat_logp.clone() - logp)).sum_dim(1).reshape([t]))?;
             for &(pos, first) in &positions {
                 cell.all.push(kl[pos] as f64);

@@ -84,8 +84,9 @@ pub struct Turns {
 }
 
 impl Turns {
-    /// Reads the turns of a chat-formatted sequence: after `<start_of_turn>` and a role line that
-    /// says `model`, every token up to and including `<end_of_turn>` (or the sequence's end) is
+    /// Reads the turns of a chat-formatted sequence: after the turn opener (`<start_of_turn>`,
+    /// `<|start_header_id|>`, `<|im_start|>`) and a role line naming the assistant (`model` or
+    /// `assistant`), every token up to and including the turn closer (or the sequence's end) is
     /// generated; the position before each predicts it.
     pub fn of(model: &Model, ids: &[u32]) -> Self {
         let tok = &model.tokenizer;
@@ -106,7 +107,8 @@ impl Turns {
                     break;
                 }
             }
-            let is_model = tok.decode(&ids[i + 1..j]).map(|r| r.trim() == "model").unwrap_or(false);
+            let assistant = tok.format.map_or("model", |f| f.assistant_role());
+            let is_model = tok.decode_text(&ids[i + 1..j]).map(|r| r.trim() == assistant).unwrap_or(false);
             let mut targets = Vec::new();
             while j < ids.len() {
                 if tok.start_of_turn_id == Some(ids[j]) {

@@ -37,9 +37,9 @@ pub fn analyze_prompt(
         bail!("latent {j} is out of range: the crosscoder has {dict} latents");
     }
     let t = ids.len();
-    let input = || base.gemma.batch_ids(&[ids.to_vec()]);
-    let h_base = base.gemma.forward_to(input()?, layer).reshape([t, d]);
-    let h_chat = chat.gemma.forward_to(input()?, layer).reshape([t, d]);
+    let input = || base.lm.batch_ids(&[ids.to_vec()]);
+    let h_base = base.lm.forward_to(input()?, layer).reshape([t, d]);
+    let h_chat = chat.lm.forward_to(input()?, layer).reshape([t, d]);
     let acts = read_vec(cc.codes(Tensor::cat(vec![h_base, h_chat], 1)) * cc.params.norm_sum())?;
     let top_latents = acts
         .chunks_exact(dict)
@@ -51,8 +51,8 @@ pub fn analyze_prompt(
         })
         .collect();
     let chosen_acts = chosen.iter().map(|&j| (0..t).map(|i| acts[i * dict + j]).collect()).collect();
-    let v = base.gemma.config.vocab_size;
-    let logp = |m: &Model| -> Result<Vec<f32>> { read_vec(log_softmax(m.gemma.forward(input()?).reshape([t, v]), 1)) };
+    let v = base.lm.config.vocab_size;
+    let logp = |m: &Model| -> Result<Vec<f32>> { read_vec(log_softmax(m.lm.forward(input()?).reshape([t, v]), 1)) };
     let (lb, lc) = (logp(base)?, logp(chat)?);
     let mut kl = Vec::with_capacity(t);
     let mut next = Vec::with_capacity(t);

@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 
 use crate::crosscoder::{Crosscoder, read_vec, tensor};
 use crate::model::Model;
-use crate::model::gemma2::ResidualEdit;
+use crate::model::decoder::ResidualEdit;
 use crate::model::generate::{Sampling, generate_edited};
 
 /// `strength × (max f_j) × d_j^chat`, with max f_j = max norm-scaled activation / (‖d_j^0‖ + ‖d_j^1‖):
@@ -54,7 +54,6 @@ pub fn steer_until(
     keep_going: &dyn Fn() -> bool,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     let stop = model.stop_ids();
-    let run =
-        |edit| generate_edited(&model.gemma, prompt, max_tokens, Sampling::default(), &stop, edit, |_| keep_going());
+    let run = |edit| generate_edited(&model.lm, prompt, max_tokens, Sampling::default(), &stop, edit, |_| keep_going());
     Ok((run(None)?, run(Some(edit))?))
 }

@@ -67,7 +67,7 @@ pub fn bench_forward(
     positive(context as u64, "context")?;
     positive(repeats as u64, "repeats")?;
     // A forward batch's activations must fit in memory: refuse before allocating.
-    let d = model.gemma.config.hidden_size.max(model.gemma.config.intermediate_size);
+    let d = model.lm.config.hidden_size.max(model.lm.config.intermediate_size);
     let bytes = (batch as f64) * (context as f64) * (d as f64) * 4.0 * 8.0;
     if let Some(total) = crate::io::memory_total_bytes() {
         ensure(bytes < total as f64, "batch", || {
@@ -77,12 +77,12 @@ pub fn bench_forward(
             )
         })?;
     }
-    if let Some(max) = model.gemma.config.max_position_embeddings {
+    if let Some(max) = model.lm.config.max_position_embeddings {
         ensure(context.saturating_add(decode_tokens) <= max, "decode", || {
             format!("{decode_tokens} with --context {context} exceeds the model's context of {max} positions")
         })?;
     }
-    let g = &model.gemma;
+    let g = &model.lm;
     let vocab = g.config.vocab_size as u64;
     let mut rng = SplitMix64(7);
     let seqs: Vec<Vec<u32>> =

@@ -70,11 +70,15 @@ pub fn tokenize(
     }))
 }
 
-/// Chat-template tokens: `<start_of_turn>`, the role token(s) and the newline after them,
-/// `<end_of_turn>` and the newline after it. BOS is not a template token (counted separately).
+/// Chat-template tokens, for every [`crate::model::tokenizer::ChatFormat`]: the turn opener, the
+/// role and its line end (Llama 3: `<|end_header_id|>` and `\n\n`), the turn closer and the
+/// newline after it (Gemma, ChatML), and Qwen 3's empty `<think>\n\n</think>\n\n` block that
+/// the template puts before a reply. The authors mark the same tokens through their templates'
+/// `{% generation %}` blocks (5 per Gemma turn). BOS is not a template token (counted separately).
 pub fn template_flags(tok: &ChatTokenizer, ids: &[u32]) -> Vec<bool> {
     let mut flags = vec![false; ids.len()];
     let has_newline = |id: u32| tok.decode(&[id]).map(|s| s.contains('\n')).unwrap_or(false);
+    let only_newlines = |id: u32| tok.decode(&[id]).map(|s| !s.is_empty() && s.trim().is_empty()).unwrap_or(false);
     let mut i = 0;
     while i < ids.len() {
         let id = Some(ids[i]);
@@ -97,6 +101,22 @@ pub fn template_flags(tok: &ChatTokenizer, ids: &[u32]) -> Vec<bool> {
                 i += 1;
             }
             i += 1;
+        } else if let Some((_, close)) = tok.think_ids.filter(|(open, _)| ids[i] == *open) {
+            // An empty thinking block: `<think>`, newlines, `</think>`, newlines.
+            let mut j = i + 1;
+            while j < ids.len() && only_newlines(ids[j]) {
+                j += 1;
+            }
+            if j < ids.len() && ids[j] == close {
+                j += 1;
+                while j < ids.len() && only_newlines(ids[j]) {
+                    j += 1;
+                }
+                flags[i..j].iter_mut().for_each(|f| *f = true);
+                i = j;
+            } else {
+                i += 1;
+            }
         } else {
             i += 1;
         }

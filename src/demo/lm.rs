@@ -5,14 +5,16 @@
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
-use crate::model::gemma2::{Block, Gemma2, Linear};
-use crate::model::snapshot::{Gemma2Config, StoredDtype};
+use crate::model::decoder::{Block, DecoderLm, Linear};
+use crate::model::snapshot::{ModelConfig, StoredDtype};
 
 /// Training support (the demo's miniature models are trained with crossdiff itself): random
 /// initialisation, every parameter as a list for an optimiser, and export as a hub-layout snapshot.
-impl Gemma2 {
-    /// A randomly initialised model (normal(0, 0.02) weights, zero norm offsets), one embedding block.
-    pub fn random(config: Gemma2Config, device: &Device, seed: u64) -> Self {
+impl DecoderLm {
+    /// A randomly initialised Gemma 2 model (normal(0, 0.02) weights, zero norm offsets), one
+    /// embedding block. The demo's models are Gemma 2: `config` must be one.
+    pub fn random(config: ModelConfig, device: &Device, seed: u64) -> Self {
+        assert_eq!(config.family, crate::model::family::Family::Gemma2, "the demo's models are Gemma 2");
         let c = &config;
         let (d, hd, h, kv, inter) =
             (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
@@ -31,23 +33,30 @@ impl Gemma2 {
         let ones = |n: usize| t(vec![1.0; n], [1, n]);
         let layers = (0..c.num_hidden_layers)
             .map(|i| Block {
-                input_norm: ones(d),
-                post_attention_norm: ones(d),
-                pre_feedforward_norm: ones(d),
-                post_feedforward_norm: ones(d),
-                qkv: Linear { w: t(normal(d * (h + 2 * kv) * hd, 0.02), [d, (h + 2 * kv) * hd]) },
-                o: Linear { w: t(normal(h * hd * d, 0.02), [h * hd, d]) },
-                gate_up: Linear { w: t(normal(d * 2 * inter, 0.02), [d, 2 * inter]) },
-                down: Linear { w: t(normal(inter * d, 0.02), [inter, d]) },
+                attn_norm: ones(d),
+                attn_out_norm: Some(ones(d)),
+                mlp_norm: ones(d),
+                mlp_out_norm: Some(ones(d)),
+                qkv: Linear { w: t(normal(d * (h + 2 * kv) * hd, 0.02), [d, (h + 2 * kv) * hd]), b: None },
+                o: Linear { w: t(normal(h * hd * d, 0.02), [h * hd, d]), b: None },
+                gate_up: Linear { w: t(normal(d * 2 * inter, 0.02), [d, 2 * inter]), b: None },
+                down: Linear { w: t(normal(inter * d, 0.02), [inter, d]), b: None },
+                q_norm: None,
+                k_norm: None,
                 sliding: c.is_sliding(i),
+                rope: 0,
             })
             .collect();
         let run_dtype = c.declared_dtype().and_then(StoredDtype::from_torch_name).unwrap_or(StoredDtype::F32);
+        let rope = c.rope(0).expect("the demo's config has a plain RoPE base");
         Self {
             embed: vec![t(normal(c.vocab_size * d, 0.02), [c.vocab_size, d])],
-            normalizer: run_dtype.round((d as f32).sqrt()),
+            unembed: None,
+            normalizer: Some(run_dtype.round((d as f32).sqrt())),
             final_norm: ones(d),
             layers,
+            ropes: vec![rope],
+            activation: crate::model::decoder::Activation::GeluTanh,
             device: device.clone(),
             config,
         }
@@ -60,10 +69,10 @@ impl Gemma2 {
         out.push(self.final_norm.clone());
         for b in &self.layers {
             out.extend([
-                b.input_norm.clone(),
-                b.post_attention_norm.clone(),
-                b.pre_feedforward_norm.clone(),
-                b.post_feedforward_norm.clone(),
+                b.attn_norm.clone(),
+                gemma_norm(&b.attn_out_norm).clone(),
+                b.mlp_norm.clone(),
+                gemma_norm(&b.mlp_out_norm).clone(),
                 b.qkv.w.clone(),
                 b.o.w.clone(),
                 b.gate_up.w.clone(),
@@ -73,19 +82,19 @@ impl Gemma2 {
         out
     }
 
-    /// The same model with new parameters (same order and shapes as [`Gemma2::parameters`]).
+    /// The same model with new parameters (same order and shapes as [`DecoderLm::parameters`]).
     pub fn with_parameters(mut self, params: Vec<Tensor<2>>) -> Self {
         let mut it = params.into_iter();
-        let mut next = || it.next().expect("as many parameters as Gemma2::parameters returns");
+        let mut next = || it.next().expect("as many parameters as DecoderLm::parameters returns");
         for e in self.embed.iter_mut() {
             *e = next();
         }
         self.final_norm = next();
         for b in self.layers.iter_mut() {
-            b.input_norm = next();
-            b.post_attention_norm = next();
-            b.pre_feedforward_norm = next();
-            b.post_feedforward_norm = next();
+            b.attn_norm = next();
+            b.attn_out_norm = Some(next());
+            b.mlp_norm = next();
+            b.mlp_out_norm = Some(next());
             b.qkv.w = next();
             b.o.w = next();
             b.gate_up.w = next();
@@ -144,10 +153,10 @@ impl Gemma2 {
         for (i, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             for (name, n) in [
-                ("input_layernorm", &b.input_norm),
-                ("post_attention_layernorm", &b.post_attention_norm),
-                ("pre_feedforward_layernorm", &b.pre_feedforward_norm),
-                ("post_feedforward_layernorm", &b.post_feedforward_norm),
+                ("input_layernorm", &b.attn_norm),
+                ("post_attention_layernorm", gemma_norm(&b.attn_out_norm)),
+                ("pre_feedforward_layernorm", &b.mlp_norm),
+                ("post_feedforward_layernorm", gemma_norm(&b.mlp_out_norm)),
             ] {
                 tensors.push(lazy(format!("{p}.{name}.weight"), vec![d], n.clone(), 1.0));
             }
@@ -191,4 +200,9 @@ impl Gemma2 {
         let text = serde_json::to_string_pretty(&config)?;
         write_atomic(&dir.join("config.json"), |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
     }
+}
+
+/// A Gemma block's output norm (always present in the demo's Gemma 2 models).
+fn gemma_norm(norm: &Option<Tensor<2>>) -> &Tensor<2> {
+    norm.as_ref().expect("a Gemma 2 block has its sandwich norms")
 }

@@ -14,8 +14,8 @@ use burn::tensor::{Device, Tensor};
 
 use crate::crosscoder::optim::Adam;
 use crate::demo::corpus::generate;
-use crate::model::gemma2::Gemma2;
-use crate::model::snapshot::Gemma2Config;
+use crate::model::decoder::DecoderLm;
+use crate::model::snapshot::ModelConfig;
 use crate::model::tokenizer::ChatTokenizer;
 use crate::rng::SplitMix64;
 use crate::workflow::Handle;
@@ -67,7 +67,7 @@ pub struct DemoLosses {
     pub chat: (f32, f32),
 }
 
-fn config(vocab: usize, hidden: usize, layers: usize, tok: &ChatTokenizer) -> Gemma2Config {
+fn config(vocab: usize, hidden: usize, layers: usize, tok: &ChatTokenizer) -> ModelConfig {
     let json = serde_json::json!({
         "model_type": "gemma2", "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": hidden / 4, "vocab_size": vocab,
@@ -81,13 +81,13 @@ fn config(vocab: usize, hidden: usize, layers: usize, tok: &ChatTokenizer) -> Ge
 
 /// Trains `model` on batches drawn (seeded) from `docs`; returns it with the first and last loss.
 fn train(
-    model: Gemma2,
+    model: DecoderLm,
     docs: &[Vec<u32>],
     steps: usize,
     batch: usize,
     lr: f64,
     seed: u64,
-) -> Result<(Gemma2, (f32, f32))> {
+) -> Result<(DecoderLm, (f32, f32))> {
     let mut rng = SplitMix64(seed);
     let mut model = model;
     let mut adam = Adam::new(&model.parameters());
@@ -169,7 +169,7 @@ pub fn rebuild(opts: &DemoBuild, device: &Device) -> Result<DemoLosses> {
         corpus.chats.iter().map(|(_, m)| tok.encode_chat(m, false).map(cut)).collect::<Result<_>>()?;
     let cfg = config(tok.vocab_size(), opts.hidden, opts.layers, &tok);
     let ad = device.clone().autodiff();
-    let model = Gemma2::random(cfg, &ad, opts.seed);
+    let model = DecoderLm::random(cfg, &ad, opts.seed);
     let (base, base_losses) = train(model, &web, opts.base_steps, opts.batch, 3e-3, opts.seed ^ 1)?;
     base.save_snapshot(&base_dir)?;
     // The chat fine-tune: conversations, with some web text so the base knowledge stays.

@@ -1,5 +1,6 @@
-//! `config.json` of a Gemma 2 snapshot, read and validated: every error names the file and the
-//! field, and every number that shapes the computation is checked before a weight is read.
+//! `config.json` of a model snapshot (any supported family), read and validated: every error names
+//! the file and the field, and every number that shapes the computation is checked before a weight
+//! is read. Fields a file omits take transformers' defaults for its family.
 
 use std::path::Path;
 
@@ -7,17 +8,27 @@ use anyhow::{Result, anyhow, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
-/// `config.json` of a Gemma 2 model. Field names mirror the file; both hub spellings are accepted
-/// (`rope_theta` or `rope_parameters.rope_theta`; `hidden_activation` or `hidden_act`; `layer_types`
-/// present or not).
+use crate::model::family::Family;
+use crate::model::rope::{RopeSpec, object};
+
+/// `config.json` of a decoder LM. Field names mirror the file; both spellings are accepted (the
+/// hub's older `rope_theta`/`rope_scaling`/`rope_local_base_freq`/`torch_dtype`, and transformers 5's
+/// `rope_parameters`, nested per layer type for Gemma 3, `dtype` and explicit `layer_types`).
+/// Fields added after Gemma 2 are left out of the serialized form when absent, so a Gemma 2
+/// snapshot's identity (a checksum over it) is what earlier versions computed.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
-pub struct Gemma2Config {
+pub struct ModelConfig {
+    /// From `model_type`.
+    #[serde(skip)]
+    pub family: Family,
     pub model_type: String,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
+    /// Resolved on reading: the file's value, else the family's default (see [`Family::default_head_dim`]).
+    #[serde(default)]
     pub head_dim: usize,
     pub vocab_size: usize,
     #[serde(default = "default_eps")]
@@ -25,8 +36,10 @@ pub struct Gemma2Config {
     #[serde(default)]
     pub rope_theta: Option<f64>,
     #[serde(default)]
-    pub rope_parameters: Option<RopeParameters>,
-    pub query_pre_attn_scalar: f64,
+    pub rope_parameters: Option<Value>,
+    /// Gemma's attention scale is `query_pre_attn_scalar^-½` (default 256); other families use head_dim.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
     #[serde(default)]
     pub attn_logit_softcapping: Option<f64>,
     #[serde(default)]
@@ -54,21 +67,38 @@ pub struct Gemma2Config {
     /// The longest sequence the model was trained on; prompts and generations beyond it are refused.
     #[serde(default)]
     pub max_position_embeddings: Option<usize>,
-}
-
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
-pub struct RopeParameters {
-    #[serde(default)]
-    pub rope_theta: Option<f64>,
-    #[serde(default)]
-    pub rope_type: Option<String>,
+    /// The older spelling of the RoPE scaling (`rope_parameters` holds it in transformers 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    /// Gemma 3's RoPE base on sliding layers (older spelling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 3: every `sliding_window_pattern`-th layer is global (older spelling of `layer_types`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<usize>,
+    /// Qwen: the sliding window applies only when this is true, and only from `max_window_layers` on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
+    /// Biases on q/k/v/o (Llama, Qwen 3, Gemma); Qwen 2 has q/k/v biases whatever this says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// Biases on the MLP's projections (Llama).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
+    /// Gemma 3 embedding models attend both ways; refused (crossdiff runs causal LMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bidirectional_attention: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 fn default_eps() -> f64 {
     1e-6
 }
 
-impl Gemma2Config {
+impl ModelConfig {
     /// Reads and validates `config.json`; every error names the file and the field.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
@@ -88,16 +118,22 @@ impl Gemma2Config {
         if value.get("format").and_then(Value::as_str).is_some_and(|f| f.starts_with("crossdiff-cache")) {
             bail!("{}: this is an activation cache, not a model snapshot: give the model's folder", path.display());
         }
-        match value.get("model_type").and_then(Value::as_str) {
-            Some("gemma2") => {}
-            Some(other) => bail!("{}: field `model_type` is \"{other}\", only \"gemma2\" is supported", path.display()),
-            None => bail!("{}: missing field `model_type`", path.display()),
-        }
-        let config: Self = serde_json::from_value(value.clone()).map_err(|e| {
+        let family = match value.get("model_type").and_then(Value::as_str) {
+            Some(name) => Family::from_model_type(name).ok_or_else(|| {
+                anyhow!("{}: field `model_type` is \"{name}\"; supported: {}", path.display(), Family::supported_list())
+            })?,
+            None => bail!("{}: missing field `model_type`; supported: {}", path.display(), Family::supported_list()),
+        };
+        let mut config: Self = serde_json::from_value(value.clone()).map_err(|e| {
             // serde names the field only for a missing one; find the field a wrong value sits in.
             let field = culprit::<Self>(&value).map_or_else(String::new, |k| format!("field `{k}`: "));
             anyhow!("{}: {field}{}", path.display(), describe_serde_error(&e))
         })?;
+        config.family = family;
+        if config.head_dim == 0 {
+            config.head_dim =
+                family.default_head_dim().unwrap_or(config.hidden_size / config.num_attention_heads.max(1));
+        }
         config.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
         Ok(config)
     }
@@ -140,14 +176,19 @@ impl Gemma2Config {
             }
         }
         let act = self.activation();
-        if act != "gelu_pytorch_tanh" && act != "gelu_tanh" {
-            bail!("field `hidden_activation` is \"{act}\", only gelu_pytorch_tanh is supported");
+        if !self.family.accepts_activation(act) {
+            let field = if self.hidden_activation.is_some() { "hidden_activation" } else { "hidden_act" };
+            bail!(
+                "field `{field}` is \"{act}\"; {} computes its MLP with {}",
+                self.family,
+                self.family.default_activation()
+            );
         }
         let reals = [
             ("rms_norm_eps", Some(self.rms_norm_eps)),
             ("rope_theta", self.rope_theta),
-            ("rope_parameters.rope_theta", self.rope_parameters.as_ref().and_then(|p| p.rope_theta)),
-            ("query_pre_attn_scalar", Some(self.query_pre_attn_scalar)),
+            ("rope_local_base_freq", self.rope_local_base_freq),
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
             ("attn_logit_softcapping", self.attn_logit_softcapping),
             ("final_logit_softcapping", self.final_logit_softcapping),
         ];
@@ -158,12 +199,25 @@ impl Gemma2Config {
                 }
             }
         }
-        for (field, v) in
-            [("sliding_window", self.sliding_window), ("max_position_embeddings", self.max_position_embeddings)]
-        {
+        for (field, v) in [
+            ("sliding_window", self.sliding_window),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("sliding_window_pattern", self.sliding_window_pattern),
+        ] {
             if v == Some(0) {
                 bail!("field `{field}` must be positive");
             }
+        }
+        if self.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+            bail!("field `partial_rotary_factor` must be 1.0 (RoPE over the whole head)");
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            bail!(
+                "field `use_bidirectional_attention` is true (an embedding model); crossdiff runs causal language models"
+            );
+        }
+        for layer in 0..self.num_hidden_layers {
+            self.rope(layer)?;
         }
         let ids = [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)];
         for (field, id) in ids.into_iter().filter_map(|(f, id)| id.map(|i| (f, i as usize))) {
@@ -185,29 +239,107 @@ impl Gemma2Config {
                 }
             }
         }
-        if self.tie_word_embeddings == Some(false) {
+        if self.family == Family::Gemma2 && self.tie_word_embeddings == Some(false) {
             bail!("field `tie_word_embeddings` is false; Gemma 2 ties the unembedding to the embedding");
         }
         Ok(())
     }
 
+    /// The RoPE parameters of layer `layer`: one set for the whole model, except Gemma 3, whose
+    /// sliding layers have their own base (`rope_parameters.sliding_attention` or
+    /// `rope_local_base_freq`) and whose global layers carry the scaling.
+    pub fn rope(&self, layer: usize) -> Result<RopeSpec> {
+        let params = object(self.rope_parameters.as_ref(), "rope_parameters")?;
+        let scaling = object(self.rope_scaling.as_ref(), "rope_scaling")?;
+        let max = self.max_position_embeddings;
+        if self.family != Family::Gemma3 {
+            let theta = self.rope_theta.unwrap_or(self.family.default_rope_theta());
+            return match (params, scaling) {
+                (Some(p), _) => RopeSpec::parse(p, "rope_parameters", theta, max),
+                (None, Some(s)) => RopeSpec::parse(s, "rope_scaling", theta, max),
+                (None, None) => Ok(RopeSpec { theta, scaling: crate::model::rope::RopeScaling::None }),
+            };
+        }
+        let kind = if self.is_sliding_type(layer) { "sliding_attention" } else { "full_attention" };
+        let nested = params.filter(|p| p.contains_key("full_attention") || p.contains_key("sliding_attention"));
+        if let Some(p) = nested {
+            let field = format!("rope_parameters.{kind}");
+            let default = if kind == "sliding_attention" { 10_000.0 } else { self.family.default_rope_theta() };
+            let entry = object(p.get(kind), &field)?.cloned().unwrap_or_default();
+            return RopeSpec::parse(&entry, &field, default, max);
+        }
+        if kind == "sliding_attention" {
+            let theta = self.rope_local_base_freq.unwrap_or(10_000.0);
+            return Ok(RopeSpec { theta, scaling: crate::model::rope::RopeScaling::None });
+        }
+        let theta = self.rope_theta.unwrap_or(self.family.default_rope_theta());
+        match params.or(scaling) {
+            Some(p) => {
+                RopeSpec::parse(p, if params.is_some() { "rope_parameters" } else { "rope_scaling" }, theta, max)
+            }
+            None => Ok(RopeSpec { theta, scaling: crate::model::rope::RopeScaling::None }),
+        }
+    }
+
+    /// The RoPE base of layer 0's table (the Models view and the pair check show it).
     pub fn rope_base(&self) -> f64 {
-        self.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10_000.0)
+        self.rope(0).map(|r| r.theta).unwrap_or(10_000.0)
     }
 
     pub fn activation(&self) -> &str {
-        self.hidden_activation.as_deref().or(self.hidden_act.as_deref()).unwrap_or("gelu_pytorch_tanh")
+        self.hidden_activation.as_deref().or(self.hidden_act.as_deref()).unwrap_or(self.family.default_activation())
     }
 
-    /// Whether layer `i` uses the sliding window: `layer_types` when present, else even layers.
+    /// The window of sliding layers, if the model has one: Qwen's applies only with
+    /// `use_sliding_window: true`, as transformers reads it.
+    pub fn effective_sliding_window(&self) -> Option<usize> {
+        match self.family {
+            Family::Qwen2 | Family::Qwen3 if self.use_sliding_window != Some(true) => None,
+            Family::Llama => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// Whether layer `i` is marked sliding: `layer_types` when present, else the family's rule
+    /// (Gemma 2: even layers; Gemma 3: all but every `sliding_window_pattern`-th, default 6; Qwen:
+    /// layers from `max_window_layers` on, default 28).
+    fn is_sliding_type(&self, layer: usize) -> bool {
+        if let Some(types) = &self.layer_types {
+            return types[layer] == "sliding_attention";
+        }
+        match self.family {
+            Family::Gemma2 => layer % 2 == 0,
+            Family::Gemma3 => (layer + 1) % self.sliding_window_pattern.unwrap_or(6) != 0,
+            Family::Qwen2 | Family::Qwen3 => layer >= self.max_window_layers.unwrap_or(28),
+            Family::Llama => false,
+        }
+    }
+
+    /// Whether layer `i` attends through the sliding window.
     pub fn is_sliding(&self, layer: usize) -> bool {
-        if self.sliding_window.is_none() {
-            return false;
-        }
-        match &self.layer_types {
-            Some(types) => types[layer] == "sliding_attention",
-            None => layer % 2 == 0,
-        }
+        self.effective_sliding_window().is_some() && self.is_sliding_type(layer)
+    }
+
+    /// The factor on q·k: Gemma's `query_pre_attn_scalar^-½` (default 256), else `head_dim^-½`.
+    pub fn attention_scale(&self) -> f64 {
+        let scalar =
+            if self.family.is_gemma() { self.query_pre_attn_scalar.unwrap_or(256.0) } else { self.head_dim as f64 };
+        scalar.powf(-0.5)
+    }
+
+    /// Whether the unembedding is the embedding (else `lm_head.weight` is read).
+    pub fn tied(&self) -> bool {
+        self.tie_word_embeddings.unwrap_or(self.family.default_tied())
+    }
+
+    /// Biases on q/k/v, and on o.
+    pub fn attention_biases(&self) -> (bool, bool) {
+        let flag = self.attention_bias == Some(true);
+        if self.family.always_qkv_bias() { (true, false) } else { (flag, flag) }
+    }
+
+    pub fn mlp_biases(&self) -> bool {
+        self.family == Family::Llama && self.mlp_bias == Some(true)
     }
 
     /// The dtype the checkpoint declares (`torch_dtype` or `dtype`), if any.
@@ -223,13 +355,20 @@ impl Gemma2Config {
         }
     }
 
-    /// Parameters in the model (embedding counted once: it is tied).
+    /// Parameters in the model, as transformers counts them (a tied unembedding counted once).
     pub fn parameter_count(&self) -> usize {
         let d = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let per_layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 4 * d;
-        self.vocab_size * d + self.num_hidden_layers * per_layer + d
+        let inter = self.intermediate_size;
+        let (qkv_bias, o_bias) = self.attention_biases();
+        let norms = if self.family.sandwich_norms() { 4 * d } else { 2 * d };
+        let mut per_layer = d * q + 2 * d * kv + q * d + 3 * d * inter + norms;
+        per_layer += if qkv_bias { q + 2 * kv } else { 0 } + if o_bias { d } else { 0 };
+        per_layer += if self.mlp_biases() { 2 * inter + d } else { 0 };
+        per_layer += if self.family.has_qk_norm() { 2 * self.head_dim } else { 0 };
+        let unembed = if self.tied() { 0 } else { self.vocab_size * d };
+        self.vocab_size * d + unembed + self.num_hidden_layers * per_layer + d
     }
 }
 

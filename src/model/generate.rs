@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::model::gemma2::{Gemma2, ResidualEdit};
+use crate::model::decoder::{DecoderLm, ResidualEdit};
 use crate::rng::SplitMix64;
 
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +35,7 @@ impl Default for Sampling {
 /// Generates up to `max_tokens` after `prompt`, calling `on_token` with each new id as soon as it
 /// is chosen (return `false` to stop early). Returns the new ids, including a final stop id.
 pub fn generate(
-    model: &Gemma2,
+    model: &DecoderLm,
     prompt: &[u32],
     max_tokens: usize,
     sampling: Sampling,
@@ -47,7 +47,7 @@ pub fn generate(
 
 /// [`generate`] with a residual edit applied at every position (prompt and generated).
 pub fn generate_edited(
-    model: &Gemma2,
+    model: &DecoderLm,
     prompt: &[u32],
     max_tokens: usize,
     sampling: Sampling,

@@ -17,7 +17,7 @@ pub struct Inspection {
 }
 
 pub fn inspect(model: &Model, ids: Vec<u32>) -> Result<Inspection> {
-    let g = &model.gemma;
+    let g = &model.lm;
     let input = g.batch_ids(std::slice::from_ref(&ids))?;
     let mut blocks = Vec::with_capacity(g.num_layers());
     let mut pending = Vec::new();

@@ -1,9 +1,14 @@
-//! A loaded model: snapshot, tokenizer and Gemma 2 weights on a device.
+//! A loaded model: snapshot, tokenizer and decoder weights on a device (any supported family, a
+//! LoRA adapter merged in when given).
 
 pub mod config;
-pub mod gemma2;
+pub mod decoder;
+pub mod family;
 pub mod generate;
 pub mod inspect;
+pub mod load;
+pub mod lora;
+pub mod rope;
 pub mod snapshot;
 pub mod tokenizer;
 
@@ -12,16 +17,20 @@ use std::path::Path;
 use anyhow::Result;
 use burn::tensor::Device;
 
-use crate::model::gemma2::{Gemma2, LoadOptions};
+use crate::model::decoder::{DecoderLm, LoadOptions};
+use crate::model::lora::LoraAdapter;
 use crate::model::snapshot::{Snapshot, check_pair};
 use crate::model::tokenizer::{ChatTokenizer, Message};
 
 pub struct Model {
     pub snapshot: Snapshot,
     pub tokenizer: ChatTokenizer,
-    pub gemma: Gemma2,
-    /// [`Snapshot::identity`]: which model this is, for checking it against caches and runs.
+    pub lm: DecoderLm,
+    /// [`Snapshot::identity`]: which model this is, for checking it against caches and runs (with
+    /// an adapter: the base's identity and the adapter's files together).
     pub identity: String,
+    /// The merged adapter's folder and [`LoraAdapter::describe`], if any.
+    pub adapter: Option<(std::path::PathBuf, String)>,
 }
 
 impl Model {
@@ -35,11 +44,28 @@ impl Model {
         options: LoadOptions,
         progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
+        Self::load_adapted(dir, None, device, options, progress)
+    }
+
+    /// The model at `dir` with the PEFT LoRA adapter at `adapter` merged into its weights.
+    pub fn load_adapted(
+        dir: impl AsRef<Path>,
+        adapter: Option<&Path>,
+        device: &Device,
+        options: LoadOptions,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
         let snapshot = Snapshot::open(dir)?;
-        let identity = snapshot.identity()?;
+        let adapter = adapter.map(LoraAdapter::open).transpose()?;
+        let mut identity = snapshot.identity()?;
+        if let Some(a) = &adapter {
+            let both = format!("{identity}+{:016x}", a.fingerprint);
+            identity = format!("{:016x}", crate::io::checksum(both.as_bytes()));
+        }
         let tokenizer = ChatTokenizer::from_dir(&snapshot.dir)?;
-        let gemma = Gemma2::load_with_progress(&snapshot, device, options, progress)?;
-        Ok(Self { snapshot, tokenizer, gemma, identity })
+        let lm = DecoderLm::load_with_progress(&snapshot, adapter.as_ref(), device, options, progress)?;
+        let adapter = adapter.map(|a| (a.dir.clone(), a.describe()));
+        Ok(Self { snapshot, tokenizer, lm, identity, adapter })
     }
 
     /// Token ids for a prompt: plain text gets `<bos>` from the tokenizer; `chat` renders it as
@@ -50,7 +76,7 @@ impl Model {
         } else {
             self.tokenizer.encode(text, true)?
         };
-        if let Some(max) = self.gemma.config.max_position_embeddings {
+        if let Some(max) = self.lm.config.max_position_embeddings {
             crate::bad_value::ensure(ids.len() <= max, "prompt", || {
                 format!(
                     "is {} tokens, longer than the model's context of {max} positions (`max_position_embeddings` in {})",

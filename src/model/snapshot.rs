@@ -13,8 +13,8 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
+pub use crate::model::config::ModelConfig;
 use crate::model::config::describe_serde_error;
-pub use crate::model::config::{Gemma2Config, RopeParameters};
 
 /// The element type of stored weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +57,7 @@ impl StoredDtype {
 /// A snapshot directory with its config and memory-mapped weight files.
 pub struct Snapshot {
     pub dir: PathBuf,
-    pub config: Gemma2Config,
+    pub config: ModelConfig,
     files: Vec<WeightFile>,
     /// tensor name → index into `files`.
     index: HashMap<String, usize>,
@@ -116,7 +116,7 @@ impl Snapshot {
         if !dir.join("config.json").exists() && dir.join("cache.json").exists() {
             bail!("{}: this is an activation cache, not a model snapshot: give the model's folder", dir.display());
         }
-        let config = Gemma2Config::from_file(&dir.join("config.json"))?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let mut files = Vec::new();
@@ -276,7 +276,11 @@ impl Snapshot {
 pub fn check_pair(base: &Snapshot, chat: &Snapshot) -> Result<()> {
     let (a, b) = (&base.config, &chat.config);
     let f = |x: Option<f64>| x.map_or("none".to_string(), |v| v.to_string());
+    let ropes = |c: &ModelConfig| format!("{:?}", (0..c.num_hidden_layers).map(|l| c.rope(l).ok()).collect::<Vec<_>>());
+    let layers =
+        |c: &ModelConfig| format!("{:?}", (0..c.num_hidden_layers).map(|l| c.is_sliding(l)).collect::<Vec<_>>());
     let fields = [
+        ("model_type", a.model_type.clone(), b.model_type.clone()),
         ("hidden_size", a.hidden_size.to_string(), b.hidden_size.to_string()),
         ("vocab_size", a.vocab_size.to_string(), b.vocab_size.to_string()),
         ("num_hidden_layers", a.num_hidden_layers.to_string(), b.num_hidden_layers.to_string()),
@@ -285,11 +289,20 @@ pub fn check_pair(base: &Snapshot, chat: &Snapshot) -> Result<()> {
         ("num_key_value_heads", a.num_key_value_heads.to_string(), b.num_key_value_heads.to_string()),
         ("head_dim", a.head_dim.to_string(), b.head_dim.to_string()),
         ("rope_theta", a.rope_base().to_string(), b.rope_base().to_string()),
+        ("rope_parameters", ropes(a), ropes(b)),
+        ("layer_types", layers(a), layers(b)),
+        ("attention_bias", format!("{:?}", a.attention_biases()), format!("{:?}", b.attention_biases())),
+        ("mlp_bias", a.mlp_biases().to_string(), b.mlp_biases().to_string()),
+        ("tie_word_embeddings", a.tied().to_string(), b.tied().to_string()),
         ("rms_norm_eps", a.rms_norm_eps.to_string(), b.rms_norm_eps.to_string()),
-        ("query_pre_attn_scalar", a.query_pre_attn_scalar.to_string(), b.query_pre_attn_scalar.to_string()),
+        ("query_pre_attn_scalar", a.attention_scale().to_string(), b.attention_scale().to_string()),
         ("attn_logit_softcapping", f(a.attn_logit_softcapping), f(b.attn_logit_softcapping)),
         ("final_logit_softcapping", f(a.final_logit_softcapping), f(b.final_logit_softcapping)),
-        ("sliding_window", format!("{:?}", a.sliding_window), format!("{:?}", b.sliding_window)),
+        (
+            "sliding_window",
+            format!("{:?}", a.effective_sliding_window()),
+            format!("{:?}", b.effective_sliding_window()),
+        ),
         ("hidden_activation", a.activation().to_string(), b.activation().to_string()),
     ];
     for (field, x, y) in fields {

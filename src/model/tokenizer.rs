@@ -29,8 +29,43 @@ pub struct ChatTokenizer {
     eos_token: String,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
+    /// The chat format's turn markers, when the vocabulary has one (see [`ChatFormat`]).
+    pub format: Option<ChatFormat>,
+    /// The token that opens a turn (`<start_of_turn>`, `<|start_header_id|>`, `<|im_start|>`).
     pub start_of_turn_id: Option<u32>,
+    /// The token that closes a turn (`<end_of_turn>`, `<|eot_id|>`, `<|im_end|>`).
     pub end_of_turn_id: Option<u32>,
+    /// Qwen 3's `<think>` and `</think>`, whose empty block the template puts before a reply.
+    pub think_ids: Option<(u32, u32)>,
+}
+
+/// The chat formats whose template tokens crossdiff marks (template statistics, the KL's
+/// first-k positions): the turn opener, the role line, the turn closer and the newline after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatFormat {
+    /// `<start_of_turn>user\n … <end_of_turn>\n`; the assistant's role is `model`.
+    Gemma,
+    /// `<|start_header_id|>user<|end_header_id|>\n\n … <|eot_id|>`.
+    Llama3,
+    /// `<|im_start|>user\n … <|im_end|>\n` (Qwen).
+    ChatMl,
+}
+
+impl ChatFormat {
+    /// (format, turn opener, turn closer), tried in this order on the vocabulary.
+    const MARKERS: [(ChatFormat, &'static str, &'static str); 3] = [
+        (ChatFormat::Gemma, "<start_of_turn>", "<end_of_turn>"),
+        (ChatFormat::Llama3, "<|start_header_id|>", "<|eot_id|>"),
+        (ChatFormat::ChatMl, "<|im_start|>", "<|im_end|>"),
+    ];
+
+    /// The role name the template gives the model's own turns.
+    pub fn assistant_role(self) -> &'static str {
+        match self {
+            Self::Gemma => "model",
+            Self::Llama3 | Self::ChatMl => "assistant",
+        }
+    }
 }
 
 impl ChatTokenizer {
@@ -66,8 +101,14 @@ impl ChatTokenizer {
                 Some(Value::Null) | None => None,
                 Some(_) => bail!("{}: field `chat_template` must be a string or a list", config_path.display()),
             };
-            if let Some(t) = special_token(&cfg, "bos_token") {
-                bos_token = t;
+            match cfg.get("bos_token") {
+                // Qwen declares no BOS (`"bos_token": null`): templates see an empty string.
+                Some(Value::Null) => bos_token = String::new(),
+                _ => {
+                    if let Some(t) = special_token(&cfg, "bos_token") {
+                        bos_token = t;
+                    }
+                }
             }
             if let Some(t) = special_token(&cfg, "eos_token") {
                 eos_token = t;
@@ -79,11 +120,17 @@ impl ChatTokenizer {
                 Some(std::fs::read_to_string(&jinja).map_err(|e| anyhow!("{}: cannot read: {e}", jinja.display()))?);
             template_source = jinja;
         }
+        let markers = ChatFormat::MARKERS
+            .iter()
+            .find_map(|(format, open, close)| Some((*format, inner.token_to_id(open)?, inner.token_to_id(close)?)));
+        let think_ids = inner.token_to_id("<think>").zip(inner.token_to_id("</think>"));
         Ok(Self {
             bos_id: inner.token_to_id(&bos_token),
             eos_id: inner.token_to_id(&eos_token),
-            start_of_turn_id: inner.token_to_id("<start_of_turn>"),
-            end_of_turn_id: inner.token_to_id("<end_of_turn>"),
+            format: markers.map(|m| m.0),
+            start_of_turn_id: markers.map(|m| m.1),
+            end_of_turn_id: markers.map(|m| m.2),
+            think_ids,
             inner,
             path,
             chat_template,
@@ -105,6 +152,11 @@ impl ChatTokenizer {
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| anyhow!("{}: cannot decode: {e}", self.path.display()))
+    }
+
+    /// Decodes without the special tokens (a role line's name, without Llama's `<|end_header_id|>`).
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| anyhow!("{}: cannot decode: {e}", self.path.display()))
     }
 
     /// Decodes one token id (for streaming output).
@@ -183,7 +235,8 @@ impl ChatTokenizer {
         self.encode(&text, false)
     }
 
-    /// Ids generation stops on: `<end_of_turn>` and `<eos>`, plus any the model config lists.
+    /// Ids generation stops on: the turn closer (`<end_of_turn>`, `<|eot_id|>`, `<|im_end|>`) and
+    /// the tokenizer's EOS, plus any the model config lists.
     pub fn stop_ids(&self, config_eos: &[u32]) -> Vec<u32> {
         let mut ids: Vec<u32> =
             self.end_of_turn_id.into_iter().chain(self.eos_id).chain(config_eos.iter().copied()).collect();

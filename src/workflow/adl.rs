@@ -169,8 +169,8 @@ impl AdlJob {
         drop(crate::data::open_source(&self.data)?);
         let opts = TokenizeOptions { context: self.positions, drop_bos: false, skip_first: 0 };
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
-        check_layer(self.layer, b.gemma.num_layers())?;
-        let max_len = c.gemma.config.max_position_embeddings.unwrap_or(usize::MAX);
+        check_layer(self.layer, b.lm.num_layers())?;
+        let max_len = c.lm.config.max_position_embeddings.unwrap_or(usize::MAX);
         ensure(self.positions <= max_len, "positions", || {
             format!(
                 "{} is beyond the models' context of {max_len} positions (`max_position_embeddings`)",
@@ -192,7 +192,7 @@ impl AdlJob {
         }
         // The chat model's tokenizer (and template, for conversations); the pair's are the same.
         let mut docs = Mixer::new(std::slice::from_ref(&self.data), false, &c.tokenizer, opts)?;
-        let mut sums = DiffSums::new(c.gemma.config.hidden_size, self.positions);
+        let mut sums = DiffSums::new(c.lm.config.hidden_size, self.positions);
         let total = self.samples as u64;
         handle.progress("adl", 0, total, "documents");
         let mut batch = Vec::with_capacity(BATCH);
@@ -201,7 +201,7 @@ impl AdlJob {
             let end = next.is_none();
             batch.extend(next.map(|d| d.ids));
             if batch.len() == BATCH || (end && !batch.is_empty()) {
-                sums.add(&b.gemma, &c.gemma, self.layer, &batch)?;
+                sums.add(&b.lm, &c.lm, self.layer, &batch)?;
                 batch.clear();
                 handle.progress("adl", sums.documents as u64, total, "documents");
                 if !handle.keep_going() {

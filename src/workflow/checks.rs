@@ -75,7 +75,7 @@ pub fn crosscoder_run(cc: &Crosscoder, run: &Path, job: &str) -> Result<()> {
 
 /// A crosscoder and a model meet: the same residual width, or one line naming both.
 pub fn check_width(cc: &Crosscoder, run: &Path, model: &Model, model_dir: &Path) -> Result<()> {
-    let width = model.gemma.config.hidden_size;
+    let width = model.lm.config.hidden_size;
     if cc.config.d != width {
         anyhow::bail!(
             "{}: the model has width {width}, the crosscoder in {} was trained on width {}",

@@ -120,14 +120,14 @@ impl KlJob {
         let latents = if sae_rows.is_empty() { Latents::Crosscoder(&cc_rows) } else { Latents::Sae(&sae_rows) };
         let layer = resolve_layer(self.layer, &cc, &self.run)?;
         let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
-        crate::workflow::checks::check_resolved_layer(layer, b.gemma.num_layers(), self.layer, &self.run)?;
-        if let Some(&past) = self.layers.iter().find(|&&l| l >= b.gemma.num_layers()) {
+        crate::workflow::checks::check_resolved_layer(layer, b.lm.num_layers(), self.layer, &self.run)?;
+        if let Some(&past) = self.layers.iter().find(|&&l| l >= b.lm.num_layers()) {
             return Err(crate::bad_value::bad(
                 "layers",
                 format!(
                     "{past} is past the models' last block ({}): give blocks 0..={}",
-                    b.gemma.num_layers() - 1,
-                    b.gemma.num_layers() - 1
+                    b.lm.num_layers() - 1,
+                    b.lm.num_layers() - 1
                 ),
             ));
         }

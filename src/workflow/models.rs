@@ -10,7 +10,7 @@ use anyhow::Result;
 use burn::tensor::Device;
 
 use crate::model::Model;
-use crate::model::gemma2::LoadOptions;
+use crate::model::decoder::LoadOptions;
 use crate::workflow::Handle;
 
 /// At most this many models stay loaded (a base/chat pair, and one pair more while switching).

@@ -62,7 +62,7 @@ impl PromptLabJob {
         let cc = Crosscoder::load(&self.run, device)?;
         crate::workflow::checks::crosscoder_run(&cc, &self.run, "the prompt lab")?;
         let layer = resolve_layer(None, &cc, &self.run)?;
-        crate::workflow::checks::check_resolved_layer(layer, b.gemma.num_layers(), None, &self.run)?;
+        crate::workflow::checks::check_resolved_layer(layer, b.lm.num_layers(), None, &self.run)?;
         check_width(&cc, &self.run, &b, &self.base)?;
         crate::workflow::kl::check_pair_against_run(
             &cc,

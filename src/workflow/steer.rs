@@ -7,7 +7,7 @@ use burn::tensor::Device;
 
 use crate::analysis::latents::LatentRow;
 use crate::crosscoder::Crosscoder;
-use crate::model::gemma2::LoadOptions;
+use crate::model::decoder::LoadOptions;
 use crate::run_dir::RunDir;
 use crate::workflow::checks::{ALLOW_OTHER_MODELS, ensure, path_given, positive};
 use crate::workflow::models::ModelStore;
@@ -121,7 +121,7 @@ impl SteerJob {
         }
         let all = run.read_latents_of(&cc)?;
         let layer = resolve_layer(self.layer, &cc, &self.run)?;
-        crate::workflow::checks::check_resolved_layer(layer, m.gemma.num_layers(), self.layer, &self.run)?;
+        crate::workflow::checks::check_resolved_layer(layer, m.lm.num_layers(), self.layer, &self.run)?;
         let mut rows = Vec::new();
         let mut specs = Vec::new();
         for (j, s) in self.latents() {

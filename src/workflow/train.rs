@@ -16,7 +16,7 @@ use crate::activations::reader::{CacheReader, PairBatch, ReaderConfig};
 use crate::crosscoder::train::{NoTrainingPairs, PairSource, StepMetrics, TrainConfig, TrainRun, defaults};
 use crate::crosscoder::{Crosscoder, Init, Kind, SaeTarget};
 use crate::data::TokenizeOptions;
-use crate::model::gemma2::LoadOptions;
+use crate::model::decoder::LoadOptions;
 use crate::workflow::Handle;
 
 /// `crossdiff train`: a crosscoder on a cache (or on the fly), checkpointed in `out`; re-running

@@ -171,7 +171,7 @@ pub fn run() -> Result<()> {
                 result.ids.len(),
                 result.blocks.len(),
                 result.ids.len(),
-                m.gemma.config.vocab_size,
+                m.lm.config.vocab_size,
                 out.display(),
                 started.elapsed().as_secs_f64(),
             );
@@ -185,7 +185,7 @@ pub fn run() -> Result<()> {
             let mut shown = String::new();
             let mut generated = Vec::new();
             let sampling = Sampling { temperature, top_p, seed };
-            let out = generate(&m.gemma, &ids, max_tokens, sampling, &stop, |id| {
+            let out = generate(&m.lm, &ids, max_tokens, sampling, &stop, |id| {
                 if stop.contains(&id) {
                     return true;
                 }

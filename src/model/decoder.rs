@@ -1,5 +1,7 @@
-//! Gemma 2 exactly as transformers' `modeling_gemma2.py` computes it (eager attention), on any burn
-//! device. Config-driven: nothing is tied to the 2B sizes. See shared/spec/gemma2.md.
+//! The decoder-LM core: Gemma 2, Gemma 3, Llama 3 and Qwen 2/3 exactly as transformers'
+//! `modeling_<family>.py` computes them (eager attention), on any burn device. Config-driven: nothing
+//! is tied to a size; a block holds only the parts its family has (sandwich norms, biases, q/k
+//! norms), and [`crate::model::load`] fills them. See shared/spec/gemma2.md.
 //!
 //! Layout choices: per-token work runs on `[tokens, width]` matrices; q/k/v and gate/up are fused
 //! into one matmul each; linear weights are stored transposed (`[in, out]`) so `x · W` reads both
@@ -7,10 +9,11 @@
 //! pad, so per-token outputs equal the unpadded run and no padding mask is needed.
 
 use anyhow::{Result, bail};
-use burn::tensor::activation::{gelu_approximate, softmax};
+use burn::tensor::activation::{gelu_approximate, silu, softmax};
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
-use crate::model::snapshot::{Gemma2Config, Snapshot, StoredDtype};
+use crate::model::rope::RopeSpec;
+use crate::model::snapshot::ModelConfig;
 
 /// How weights live on the device.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::Args)]
@@ -26,32 +29,58 @@ pub struct LoadOptions {
     pub embed_block_rows: Option<usize>,
 }
 
-/// A `[in, out]` weight; multiplies in f16 when stored in f16 and returns f32.
+/// A `[in, out]` weight with an optional `[1, out]` bias (f32); multiplies in f16 when stored in
+/// f16 and returns f32.
 pub(crate) struct Linear {
     pub(crate) w: Tensor<2>,
+    pub(crate) b: Option<Tensor<2>>,
 }
 
 impl Linear {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        if self.w.dtype() == DType::F16 {
+        let y = if self.w.dtype() == DType::F16 {
             x.cast(FloatDType::F16).matmul(self.w.clone()).cast(FloatDType::F32)
         } else {
             x.matmul(self.w.clone())
+        };
+        match &self.b {
+            Some(b) => y + b.clone(),
+            None => y,
         }
     }
 }
 
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// Gemma: `gelu_pytorch_tanh`.
+    GeluTanh,
+    /// Llama, Qwen: SwiGLU's `silu`.
+    Silu,
+}
+
+/// One decoder block. Norm weights are stored as the factor the normalised vector is multiplied by
+/// (Gemma's `1 + w`, the others' `w`), f32, `[1, width]`.
 pub(crate) struct Block {
-    /// Each norm holds `1 + w` (Gemma stores the offset from one), f32.
-    pub(crate) input_norm: Tensor<2>,
-    pub(crate) post_attention_norm: Tensor<2>,
-    pub(crate) pre_feedforward_norm: Tensor<2>,
-    pub(crate) post_feedforward_norm: Tensor<2>,
+    /// `input_layernorm`.
+    pub(crate) attn_norm: Tensor<2>,
+    /// Gemma's `post_attention_layernorm` on the attention output.
+    pub(crate) attn_out_norm: Option<Tensor<2>>,
+    /// The MLP's input norm: Gemma's `pre_feedforward_layernorm`, Llama/Qwen's
+    /// `post_attention_layernorm`.
+    pub(crate) mlp_norm: Tensor<2>,
+    /// Gemma's `post_feedforward_layernorm` on the MLP output.
+    pub(crate) mlp_out_norm: Option<Tensor<2>>,
     pub(crate) qkv: Linear,
     pub(crate) o: Linear,
     pub(crate) gate_up: Linear,
     pub(crate) down: Linear,
+    /// Gemma 3 / Qwen 3: RMS norms over each head's queries and keys, `[1, head_dim]`.
+    pub(crate) q_norm: Option<Tensor<2>>,
+    pub(crate) k_norm: Option<Tensor<2>>,
     pub(crate) sliding: bool,
+    /// Index into [`DecoderLm::ropes`].
+    pub(crate) rope: usize,
 }
 
 /// A vector added to the residual stream after one block (steering).
@@ -69,104 +98,23 @@ pub struct KvCache {
     pub len: usize,
 }
 
-pub struct Gemma2 {
-    pub config: Gemma2Config,
-    /// `[vocab, hidden]` in vocabulary blocks of at most 1 GiB; also the unembedding (tied).
+pub struct DecoderLm {
+    pub config: ModelConfig,
+    /// `[vocab, hidden]` in vocabulary blocks of at most 1 GiB; also the unembedding when tied.
     pub(crate) embed: Vec<Tensor<2>>,
-    /// sqrt(hidden) rounded to the stored weight dtype, as transformers multiplies it.
-    pub(crate) normalizer: f32,
+    /// `lm_head.weight` in the same blocks, when the unembedding is not tied.
+    pub(crate) unembed: Option<Vec<Tensor<2>>>,
+    /// Gemma: sqrt(hidden) rounded to the stored weight dtype, as transformers multiplies it.
+    pub(crate) normalizer: Option<f32>,
     pub(crate) final_norm: Tensor<2>,
     pub(crate) layers: Vec<Block>,
+    /// The distinct RoPE tables' parameters (Gemma 3: local and global).
+    pub(crate) ropes: Vec<RopeSpec>,
+    pub(crate) activation: Activation,
     pub(crate) device: Device,
 }
 
-impl Gemma2 {
-    /// Loads all weights of a snapshot onto `device`, one tensor at a time.
-    pub fn load(snapshot: &Snapshot, device: &Device, options: LoadOptions) -> Result<Self> {
-        Self::load_with_progress(snapshot, device, options, |_, _| {})
-    }
-
-    /// As [`Gemma2::load`], reporting `(tensors done, tensors total)`.
-    pub fn load_with_progress(
-        snapshot: &Snapshot,
-        device: &Device,
-        options: LoadOptions,
-        mut progress: impl FnMut(usize, usize),
-    ) -> Result<Self> {
-        let c = snapshot.config.clone();
-        let (d, hd, h, kv, inter) =
-            (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
-        let total = 2 + c.num_hidden_layers * 11;
-        let mut done = 0;
-        let mut tick = |n: usize| {
-            done += n;
-            progress(done, total);
-        };
-        let weight_dtype = if options.f16_weights { DType::F16 } else { DType::F32 };
-        let upload = |values: Vec<f32>, shape: [usize; 2], dtype: DType| -> Tensor<2> {
-            match dtype {
-                DType::F16 => {
-                    let v: Vec<half::f16> = values.iter().map(|x| half::f16::from_f32(*x)).collect();
-                    Tensor::from_data(TensorData::new(v, shape), (device, DType::F16))
-                }
-                _ => Tensor::from_data(TensorData::new(values, shape), (device, DType::F32)),
-            }
-        };
-        let norm = |name: &str| -> Result<Tensor<2>> {
-            let w = snapshot.read_f32(name, &[d])?;
-            Ok(upload(w.iter().map(|x| 1.0 + x).collect(), [1, d], DType::F32))
-        };
-
-        let embed_name = "model.embed_tokens.weight";
-        // transformers multiplies by sqrt(hidden) cast to the dtype the model runs in: the dtype the
-        // config declares (what the model was trained in), else the stored one.
-        let run_dtype = match c.declared_dtype().and_then(StoredDtype::from_torch_name) {
-            Some(dt) => dt,
-            None => snapshot.dtype_of(embed_name)?,
-        };
-        let all = snapshot.read_f32(embed_name, &[c.vocab_size, d])?;
-        let elem = if options.f16_weights { 2 } else { 4 };
-        let block_rows = options.embed_block_rows.unwrap_or((1usize << 30) / (d * elem)).max(1);
-        let embed =
-            all.chunks(block_rows * d).map(|rows| upload(rows.to_vec(), [rows.len() / d, d], weight_dtype)).collect();
-        drop(all);
-        tick(1);
-        let normalizer = run_dtype.round((d as f32).sqrt());
-
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let q = snapshot.read_linear_t(&format!("{p}.self_attn.q_proj.weight"), h * hd, d)?;
-            let k = snapshot.read_linear_t(&format!("{p}.self_attn.k_proj.weight"), kv * hd, d)?;
-            let v = snapshot.read_linear_t(&format!("{p}.self_attn.v_proj.weight"), kv * hd, d)?;
-            let qkv = concat_columns(&[(&q, h * hd), (&k, kv * hd), (&v, kv * hd)], d);
-            drop((q, k, v));
-            let o = snapshot.read_linear_t(&format!("{p}.self_attn.o_proj.weight"), d, h * hd)?;
-            tick(4);
-            let gate = snapshot.read_linear_t(&format!("{p}.mlp.gate_proj.weight"), inter, d)?;
-            let up = snapshot.read_linear_t(&format!("{p}.mlp.up_proj.weight"), inter, d)?;
-            let gate_up = concat_columns(&[(&gate, inter), (&up, inter)], d);
-            drop((gate, up));
-            let down = snapshot.read_linear_t(&format!("{p}.mlp.down_proj.weight"), d, inter)?;
-            tick(3);
-            layers.push(Block {
-                input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
-                post_attention_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
-                pre_feedforward_norm: norm(&format!("{p}.pre_feedforward_layernorm.weight"))?,
-                post_feedforward_norm: norm(&format!("{p}.post_feedforward_layernorm.weight"))?,
-                qkv: Linear { w: upload(qkv, [d, (h + 2 * kv) * hd], weight_dtype) },
-                o: Linear { w: upload(o, [h * hd, d], weight_dtype) },
-                gate_up: Linear { w: upload(gate_up, [d, 2 * inter], weight_dtype) },
-                down: Linear { w: upload(down, [inter, d], weight_dtype) },
-                sliding: c.is_sliding(i),
-            });
-            tick(4);
-        }
-        let final_norm = norm("model.norm.weight")?;
-        tick(1);
-        Ok(Self { config: c, embed, normalizer, final_norm, layers, device: device.clone() })
-    }
-
+impl DecoderLm {
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -200,8 +148,12 @@ impl Gemma2 {
         let [b, t] = ids.dims();
         let ids = ids.reshape([b * t]);
         let to_f32 = |rows: Tensor<2>| if rows.dtype() == DType::F16 { rows.cast(FloatDType::F32) } else { rows };
+        let scale = |x: Tensor<2>| match self.normalizer {
+            Some(n) => x.mul_scalar(n),
+            None => x,
+        };
         if self.embed.len() == 1 {
-            return to_f32(self.embed[0].clone().select(0, ids)).mul_scalar(self.normalizer);
+            return scale(to_f32(self.embed[0].clone().select(0, ids)));
         }
         // Several vocabulary blocks: look up in each with clamped local ids, keep the rows whose id
         // falls in the block.
@@ -220,7 +172,7 @@ impl Gemma2 {
             });
             start += n;
         }
-        out.expect("at least one embedding block").mul_scalar(self.normalizer)
+        scale(out.expect("at least one embedding block"))
     }
 
     /// Runs blocks `0..=last_layer` and returns their output `[batch, time, hidden]`, calling
@@ -233,7 +185,7 @@ impl Gemma2 {
     ) -> Tensor<3> {
         let [b, t] = ids.dims();
         let mut h = self.embed_tokens(ids);
-        let rope = self.rope(0, t);
+        let rope = self.rope_tables(0, t);
         let masks = self.masks(0, t, t);
         for (l, block) in self.layers.iter().enumerate().take(last_layer + 1) {
             h = self.block_forward(block, h, b, t, &rope, &masks, None);
@@ -253,7 +205,7 @@ impl Gemma2 {
     pub fn forward_from(&self, layer: usize, residual: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = residual.dims();
         let mut h = residual.reshape([b * t, d]);
-        let rope = self.rope(0, t);
+        let rope = self.rope_tables(0, t);
         let masks = self.masks(0, t, t);
         for block in self.layers.iter().skip(layer + 1) {
             h = self.block_forward(block, h, b, t, &rope, &masks, None);
@@ -269,7 +221,7 @@ impl Gemma2 {
         self.logits(h.reshape([b * t, d])).reshape([b, t, self.config.vocab_size])
     }
 
-    /// Final norm, tied unembedding, final soft-cap: `[rows, hidden]` → `[rows, vocab]`.
+    /// Final norm, unembedding (tied or `lm_head`), final soft-cap: `[rows, hidden]` → `[rows, vocab]`.
     pub fn logits(&self, h: Tensor<2>) -> Tensor<2> {
         let x = rms_norm(h, &self.final_norm, self.config.rms_norm_eps);
         let unembed = |block: &Tensor<2>| {
@@ -279,7 +231,7 @@ impl Gemma2 {
                 x.clone().matmul(block.clone().transpose())
             }
         };
-        let logits = match self.embed.as_slice() {
+        let logits = match self.unembed.as_ref().unwrap_or(&self.embed).as_slice() {
             [one] => unembed(one),
             blocks => Tensor::cat(blocks.iter().map(unembed).collect(), 1),
         };
@@ -299,13 +251,13 @@ impl Gemma2 {
         self.step_edited(ids, cache, None)
     }
 
-    /// [`Gemma2::step`] with `edit.add` (`[1, hidden]`) added to the output of block `edit.layer`
+    /// [`DecoderLm::step`] with `edit.add` (`[1, hidden]`) added to the output of block `edit.layer`
     /// at every new position (steering).
     pub fn step_edited(&self, ids: Tensor<2, Int>, cache: &mut KvCache, edit: Option<&ResidualEdit>) -> Tensor<2> {
         let [b, t] = ids.dims();
         let p0 = cache.len;
         let mut h = self.embed_tokens(ids);
-        let rope = self.rope(p0, t);
+        let rope = self.rope_tables(p0, t);
         let masks = self.masks(p0, t, p0 + t);
         for (l, block) in self.layers.iter().enumerate() {
             h = self.block_forward(block, h, b, t, &rope, &masks, Some(&mut cache.layers[l]));
@@ -326,21 +278,31 @@ impl Gemma2 {
         h: Tensor<2>,
         b: usize,
         t: usize,
-        rope: &(Tensor<4>, Tensor<4>),
+        rope: &[(Tensor<4>, Tensor<4>)],
         masks: &Masks,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
     ) -> Tensor<2> {
         let eps = self.config.rms_norm_eps;
-        let x = rms_norm(h.clone(), &block.input_norm, eps);
-        let x = self.attention(block, x, b, t, rope, masks, cache);
-        let x = rms_norm(x, &block.post_attention_norm, eps);
+        let x = rms_norm(h.clone(), &block.attn_norm, eps);
+        let x = self.attention(block, x, b, t, &rope[block.rope], masks, cache);
+        let x = match &block.attn_out_norm {
+            Some(n) => rms_norm(x, n, eps),
+            None => x,
+        };
         let h = h + x;
-        let x = rms_norm(h.clone(), &block.pre_feedforward_norm, eps);
+        let x = rms_norm(h.clone(), &block.mlp_norm, eps);
         let inter = self.config.intermediate_size;
         let gu = block.gate_up.forward(x);
-        let x = gelu_approximate(gu.clone().narrow(1, 0, inter)) * gu.narrow(1, inter, inter);
-        let x = block.down.forward(x);
-        let x = rms_norm(x, &block.post_feedforward_norm, eps);
+        let gate = gu.clone().narrow(1, 0, inter);
+        let gate = match self.activation {
+            Activation::GeluTanh => gelu_approximate(gate),
+            Activation::Silu => silu(gate),
+        };
+        let x = block.down.forward(gate * gu.narrow(1, inter, inter));
+        let x = match &block.mlp_out_norm {
+            Some(n) => rms_norm(x, n, eps),
+            None => x,
+        };
         h + x
     }
 
@@ -359,8 +321,15 @@ impl Gemma2 {
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let groups = h / kv;
         let qkv = block.qkv.forward(x);
-        let q = qkv.clone().narrow(1, 0, h * hd).reshape([b, t, h, hd]).swap_dims(1, 2);
-        let k = qkv.clone().narrow(1, h * hd, kv * hd).reshape([b, t, kv, hd]).swap_dims(1, 2);
+        // Gemma 3 / Qwen 3 normalise each head's query and key (over head_dim) before RoPE.
+        let head_norm = |x: Tensor<2>, heads: usize, norm: &Option<Tensor<2>>| match norm {
+            Some(n) => rms_norm(x.reshape([b * t * heads, hd]), n, c.rms_norm_eps),
+            None => x,
+        };
+        let q = head_norm(qkv.clone().narrow(1, 0, h * hd), h, &block.q_norm).reshape([b, t, h, hd]).swap_dims(1, 2);
+        let k = head_norm(qkv.clone().narrow(1, h * hd, kv * hd), kv, &block.k_norm)
+            .reshape([b, t, kv, hd])
+            .swap_dims(1, 2);
         let v = qkv.narrow(1, (h + kv) * hd, kv * hd).reshape([b, t, kv, hd]).swap_dims(1, 2);
         let q = apply_rope(q, cos, sin);
         let k = apply_rope(k, cos, sin);
@@ -378,7 +347,7 @@ impl Gemma2 {
         let s = k.dims()[2];
         // Query head i uses KV head i / groups: fold the groups into the query-time axis.
         let q = q.reshape([b, kv, groups * t, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(c.query_pre_attn_scalar.powf(-0.5));
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(c.attention_scale());
         let scores = match c.attn_logit_softcapping {
             Some(cap) => soft_cap(scores, cap),
             None => scores,
@@ -390,13 +359,17 @@ impl Gemma2 {
         block.o.forward(out)
     }
 
+    /// Each RoPE table of the model for positions `p0..p0+t` (see [`DecoderLm::rope`]).
+    fn rope_tables(&self, p0: usize, t: usize) -> Vec<(Tensor<4>, Tensor<4>)> {
+        self.ropes.iter().map(|spec| self.rope(spec, p0, t)).collect()
+    }
+
     /// cos and sin tables `[1, 1, time, head_dim]` for positions `p0..p0+t` (half-split layout:
     /// dimension i and i + head_dim/2 share a frequency), computed in f32 as transformers does.
-    fn rope(&self, p0: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
+    fn rope(&self, spec: &RopeSpec, p0: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
         let hd = self.config.head_dim;
         let half = hd / 2;
-        let base = self.config.rope_base() as f32;
-        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / hd as f32)).collect();
+        let inv_freq = spec.inv_freq(hd);
         let mut cos = vec![0.0f32; t * hd];
         let mut sin = vec![0.0f32; t * hd];
         for p in 0..t {
@@ -419,7 +392,7 @@ impl Gemma2 {
     /// Additive masks `[1, 1, 1, t, s]` for queries at `p0..p0+t` over keys `0..s`: causal, and
     /// causal plus the sliding window (key j hidden from query i when i − j ≥ window).
     fn masks(&self, p0: usize, t: usize, s: usize) -> Masks {
-        let window = self.config.sliding_window.unwrap_or(usize::MAX);
+        let window = self.config.effective_sliding_window().unwrap_or(usize::MAX);
         let build = |sliding: bool| {
             let mut m = vec![0.0f32; t * s];
             for i in 0..t {
@@ -444,10 +417,11 @@ struct Masks {
     sliding: Tensor<5>,
 }
 
-/// Gemma RMSNorm in f32: `x · rsqrt(mean(x²) + eps) · (1 + w)`; `one_plus_w` is `[1, hidden]`.
-fn rms_norm(x: Tensor<2>, one_plus_w: &Tensor<2>, eps: f64) -> Tensor<2> {
+/// RMSNorm in f32: `x · rsqrt(mean(x²) + eps) · scale`; `scale` is `[1, width]` (Gemma's `1 + w`,
+/// the others' `w`).
+fn rms_norm(x: Tensor<2>, scale: &Tensor<2>, eps: f64) -> Tensor<2> {
     let inv = x.clone().square().mean_dim(1).add_scalar(eps).sqrt().recip();
-    x * inv * one_plus_w.clone()
+    x * inv * scale.clone()
 }
 
 /// `c · tanh(x / c)`.
@@ -463,16 +437,4 @@ fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * cos.clone() + rotated * sin.clone()
-}
-
-/// Concatenates `[in, out_i]` row-major matrices along the output axis.
-fn concat_columns(parts: &[(&Vec<f32>, usize)], rows: usize) -> Vec<f32> {
-    let width: usize = parts.iter().map(|(_, w)| w).sum();
-    let mut out = Vec::with_capacity(rows * width);
-    for r in 0..rows {
-        for (m, w) in parts {
-            out.extend_from_slice(&m[r * w..(r + 1) * w]);
-        }
-    }
-    out
 }
