@@ -49,6 +49,7 @@ fn latents_csv_equals_an_independent_recomputation() {
     let job = CacheJob {
         base: fixture("base"),
         chat: fixture("chat"),
+        chat_adapter: None,
         data: vec![data.join("web.txt"), data.join("chat.jsonl")],
         layer: 1,
         tokens: 600,
@@ -254,6 +255,7 @@ fn examples_store_returns_the_true_top_contexts() {
     let job = CacheJob {
         base: fixture("base"),
         chat: fixture("chat"),
+        chat_adapter: None,
         data: vec![data.join("web.txt"), data.join("chat.jsonl")],
         layer: 2,
         tokens: 500,

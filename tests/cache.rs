@@ -22,12 +22,13 @@ fn job(out: &Path, dtype: ActDtype, tokens: u64) -> CacheJob {
     CacheJob {
         base: fixture("base"),
         chat: fixture("chat"),
+        chat_adapter: None,
         data: vec![data("web.txt"), data("chat.jsonl")],
         layer: 1,
         tokens,
         out: out.to_path_buf(),
         dtype,
-        tokenize: TokenizeOptions { context: 48, drop_bos: false, skip_first: 0 },
+        tokenize: TokenizeOptions { context: 48, drop_bos: false, skip_first: Some(0) },
         mix: true,
         shard_tokens: 200,
         batch_tokens: 256,
@@ -368,6 +369,7 @@ fn on_the_fly_source_yields_the_cache_rows() {
     let cfg = crossdiff::activations::onthefly::OnTheFlyConfig {
         base: j.base.clone(),
         chat: j.chat.clone(),
+        chat_adapter: None,
         data: j.data.clone(),
         layer: j.layer,
         tokenize: j.tokenize.clone(),
@@ -468,14 +470,18 @@ fn drop_bos_skip_first_and_context_shape_documents() {
     let t = |o: TokenizeOptions| crossdiff::data::tokenize(tok, &doc, 0, &o).unwrap().unwrap();
     let kept = t(TokenizeOptions { context: 5, ..Default::default() });
     assert_eq!((kept.ids.as_slice(), kept.first_position), (&full[..5], 0));
-    let no_bos = t(TokenizeOptions { context: 5, drop_bos: true, skip_first: 0 });
+    let no_bos = t(TokenizeOptions { context: 5, drop_bos: true, skip_first: Some(0) });
     assert_eq!((no_bos.ids.as_slice(), no_bos.first_position), (&full[1..6], 1));
-    let skipped = t(TokenizeOptions { context: 100, drop_bos: true, skip_first: 3 });
+    let skipped = t(TokenizeOptions { context: 100, drop_bos: true, skip_first: Some(3) });
     assert_eq!((skipped.ids.as_slice(), skipped.first_position), (&full[4..], 4));
     // Nothing left: the document is dropped, not an empty row.
-    let gone =
-        crossdiff::data::tokenize(tok, &doc, 0, &TokenizeOptions { context: 10, drop_bos: false, skip_first: 1000 })
-            .unwrap();
+    let gone = crossdiff::data::tokenize(
+        tok,
+        &doc,
+        0,
+        &TokenizeOptions { context: 10, drop_bos: false, skip_first: Some(1000) },
+    )
+    .unwrap();
     assert!(gone.is_none());
 }
 

@@ -179,6 +179,7 @@ fn a_context_above_the_models_positions_is_refused() {
     let otf = |context: usize| OnTheFlyConfig {
         base: fixture("base"),
         chat: fixture("chat"),
+        chat_adapter: None,
         data: vec![data("web.txt")],
         layer: 1,
         tokenize: TokenizeOptions { context, ..Default::default() },
@@ -299,7 +300,7 @@ fn a_data_file_listed_twice_and_skip_first_at_context_are_refused_up_front() {
     assert_eq!(msg, format!("--data lists {} twice (also as {})", web.display(), again.display()));
 
     let skip = |skip_first| CacheJob {
-        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first },
+        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: Some(skip_first) },
         ..cache_job(&out)
     };
     assert_eq!(err(run(&skip(64))), "--skip-first (64) must be below --context (64)");

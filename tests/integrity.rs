@@ -32,12 +32,13 @@ fn cache_job(base: &Path, chat: &Path, out: &Path, data_files: Vec<PathBuf>, dty
     CacheJob {
         base: base.to_path_buf(),
         chat: chat.to_path_buf(),
+        chat_adapter: None,
         data: data_files,
         layer: 1,
         tokens: 600,
         out: out.to_path_buf(),
         dtype,
-        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
+        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: Some(0) },
         mix: false,
         shard_tokens: 256,
         batch_tokens: 256,
@@ -142,7 +143,7 @@ fn conversations_are_rendered_with_the_chat_models_template() {
     });
     let out = TempDir::new("tmpl-cache");
     let job = CacheJob {
-        tokenize: TokenizeOptions { context: 256, drop_bos: false, skip_first: 0 },
+        tokenize: TokenizeOptions { context: 256, drop_bos: false, skip_first: Some(0) },
         ..cache_job(base.path(), chat.path(), &out.path().join("c"), vec![data("chat.jsonl")], ActDtype::F32)
     };
     let index = cache(&job).unwrap();

@@ -34,7 +34,7 @@ fn on_the_fly(files: Vec<PathBuf>, out: &Path) -> TrainJob {
         chat: Some(fixture("chat")),
         data: files,
         layer: Some(1),
-        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
+        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: Some(0) },
         ..train_job(Path::new(""), out)
     }
 }
@@ -58,7 +58,7 @@ fn a_cache_resumed_with_other_settings_names_each_change() {
         dtype: ActDtype::F32,
         mix: true,
         data: vec![data("web.txt"), data("chat.jsonl")],
-        tokenize: TokenizeOptions { context: 32, drop_bos: true, skip_first: 0 },
+        tokenize: TokenizeOptions { context: 32, drop_bos: true, skip_first: Some(0) },
         ..cache_job(&c)
     };
     let msg = err(cache(&other));
@@ -157,7 +157,7 @@ fn a_resume_on_other_data_is_refused_naming_what_differs() {
     let msg = err(train(&TrainJob { data: vec![data("chat.jsonl")], steps: Some(9), ..job.clone() }));
     has(&msg, &["trains on other data: --data ", "web.txt, now --data ", "chat.jsonl"]);
     let msg = err(train(&TrainJob {
-        tokenize: TokenizeOptions { context: 32, drop_bos: true, skip_first: 0 },
+        tokenize: TokenizeOptions { context: 32, drop_bos: true, skip_first: Some(0) },
         layer: Some(2),
         steps: Some(9),
         ..job.clone()
@@ -231,7 +231,7 @@ fn the_train_job_refuses_sizes_that_cannot_work() {
         (TrainJob { mix: true, ..job() }, "--mix"),
         (TrainJob { tokenize: TokenizeOptions { context: 64, ..Default::default() }, ..job() }, "--context"),
         (TrainJob { tokenize: TokenizeOptions { drop_bos: true, ..Default::default() }, ..job() }, "--drop-bos"),
-        (TrainJob { tokenize: TokenizeOptions { skip_first: 1, ..Default::default() }, ..job() }, "--skip-first"),
+        (TrainJob { tokenize: TokenizeOptions { skip_first: Some(1), ..Default::default() }, ..job() }, "--skip-first"),
     ] {
         refused(job, &[&format!("{flag} is for training on the fly and cannot be used with --cache")]);
     }

@@ -187,7 +187,7 @@ fn on_the_fly_data_that_runs_out_ends_the_run_and_says_so() {
         chat: Some(fixture("chat")),
         data: vec![file],
         layer: Some(1),
-        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
+        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: Some(0) },
         steps: Some(200),
         threshold_start: Some(1),
         ..train_job(Path::new(""), &run)

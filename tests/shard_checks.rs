@@ -28,7 +28,7 @@ fn cache_job(out: &Path, layer: usize) -> CacheJob {
         tokens: 600,
         out: out.to_path_buf(),
         dtype: ActDtype::Bf16,
-        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
+        tokenize: TokenizeOptions { context: 64, drop_bos: false, skip_first: Some(0) },
         shard_tokens: 256,
         batch_tokens: 256,
         ..Default::default()

@@ -134,7 +134,7 @@ impl ModelsView {
         self.job.start(env.spawn("loading models", move |device, store, handle| {
             let mut models = Vec::new();
             for (slot, dir) in dirs.iter().enumerate() {
-                let m = store.get(dir, device, LoadOptions::default(), handle)?;
+                let m = store.get(dir, None, device, LoadOptions::default(), handle)?;
                 shown.lock().unwrap_or_else(|e| e.into_inner()).models[slot] = Some(ModelSummary::of(dir, &m, backend));
                 models.push(m);
             }
@@ -232,7 +232,7 @@ impl ModelsView {
         let ctx = env.ctx.clone();
         let backend = env.device_backend();
         self.job.start(env.spawn("generating", move |device, store, handle| {
-            let (b, c) = store.pair(&dirs[0], &dirs[1], device, handle)?;
+            let (b, c) = store.pair(&dirs[0], &dirs[1], None, device, handle)?;
             shown.lock().unwrap_or_else(|e| e.into_inner()).models =
                 [Some(ModelSummary::of(&dirs[0], &b, backend)), Some(ModelSummary::of(&dirs[1], &c, backend))];
             let mut counts = [0usize; 2];

@@ -69,6 +69,7 @@ fn analysed_run(tag: &str) -> std::path::PathBuf {
     let job = CacheJob {
         base: assets.join("tiny-gemma2/base"),
         chat: assets.join("tiny-gemma2/chat"),
+        chat_adapter: None,
         data: vec![assets.join("data/web.txt"), assets.join("data/chat.jsonl")],
         layer: 1,
         tokens: 400,

@@ -19,6 +19,8 @@ use crate::model::{Model, check_models};
 pub struct OnTheFlyConfig {
     pub base: PathBuf,
     pub chat: PathBuf,
+    /// A LoRA adapter merged into the chat model.
+    pub chat_adapter: Option<PathBuf>,
     pub data: Vec<PathBuf>,
     pub layer: usize,
     pub tokenize: TokenizeOptions,
@@ -48,8 +50,11 @@ impl OnTheFlySource {
             check_context(cfg.tokenize.context, &config, dir)?;
         }
         let base = Model::load(&cfg.base, &device, cfg.load)?;
-        let chat = Model::load(&cfg.chat, &device, cfg.load)?;
+        let chat = Model::load_adapted(&cfg.chat, cfg.chat_adapter.as_deref(), &device, cfg.load, |_, _| {})?;
         check_models(&base, &chat)?;
+        let mut cfg = cfg;
+        cfg.tokenize = cfg.tokenize.resolved(base.lm.config.family);
+        cfg.tokenize.validate()?;
         let d = base.lm.config.hidden_size;
         // Two chunks in flight: the ring's memory is bounded by the pool plus two chunks.
         let (tx, rx) = sync_channel(2);

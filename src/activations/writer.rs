@@ -37,6 +37,10 @@ pub struct CacheJob {
     /// The chat model (its chat template renders the conversations).
     #[arg(long)]
     pub chat: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into
+    /// the chat model's weights: --chat is then the adapter's base model.
+    #[arg(long, value_name = "DIR")]
+    pub chat_adapter: Option<PathBuf>,
     /// .txt, .jsonl (`text` or `messages`) or .parquet (`text` or `messages` column) files.
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
@@ -76,6 +80,7 @@ impl Default for CacheJob {
         Self {
             base: PathBuf::new(),
             chat: PathBuf::new(),
+            chat_adapter: None,
             data: Vec::new(),
             layer: 0,
             tokens: 0,
@@ -119,13 +124,14 @@ impl CacheJob {
         }
     }
 
-    pub fn settings(&self) -> CacheSettings {
+    /// What the cache records, with `tokenize` resolved for the models' family.
+    pub fn settings(&self, tokenize: &TokenizeOptions) -> CacheSettings {
         CacheSettings {
             target_tokens: self.tokens,
-            context: self.tokenize.context,
+            context: tokenize.context,
             mix: self.mix,
-            drop_bos: self.tokenize.drop_bos,
-            skip_first: self.tokenize.skip_first,
+            drop_bos: tokenize.drop_bos,
+            skip_first: tokenize.skip(),
             shard_tokens: self.shard_tokens,
             batch_tokens: self.batch_tokens,
             data: self.data.iter().map(|p| p.display().to_string()).collect(),
@@ -182,8 +188,10 @@ pub fn run_cache(
         format!("{} is out of range: the models have {layers} blocks (0..={})", job.layer, layers - 1)
     })?;
     let d = base_snap.config.hidden_size;
+    let tokenize = job.tokenize.resolved(base_snap.config.family);
+    tokenize.validate()?;
     let models = vec![base_snap.name(), chat_snap.name()];
-    let model_ids = vec![base_snap.identity()?, chat_snap.identity()?];
+    let model_ids = vec![base_snap.identity()?, crate::model::identity_of(&job.chat, job.chat_adapter.as_deref())?];
     crate::model::snapshot::check_distinct((&job.base, &model_ids[0]), (&job.chat, &model_ids[1]))?;
     drop((base_snap, chat_snap));
 
@@ -191,7 +199,7 @@ pub fn run_cache(
         out: &job.out,
         layer: job.layer,
         dtype: job.dtype,
-        settings: job.settings(),
+        settings: job.settings(&tokenize),
         low_memory: job.low_memory,
     };
     let mut index = resume::open_or_start(request, d, models, model_ids)?;
@@ -204,13 +212,13 @@ pub fn run_cache(
     // data files, are checked before the models load.
     let chat_tok = ChatTokenizer::from_dir(&job.chat)?;
     ChatTokenizer::from_dir(&job.base)?.check_same(&chat_tok)?;
-    let mut mixer = Mixer::new(&job.data, job.mix, &chat_tok, job.tokenize.clone())?;
+    let mut mixer = Mixer::new(&job.data, job.mix, &chat_tok, tokenize)?;
     mixer.skip(done_docs_total(&index))?;
 
     let device = device.clone();
-    let load = |dir: &Path| Model::load(dir, &device, job.load);
-    let base = load(&job.base)?;
-    let chat = if job.low_memory { None } else { Some(load(&job.chat)?) };
+    let load = |dir: &Path, adapter: Option<&Path>| Model::load_adapted(dir, adapter, &device, job.load, |_, _| {});
+    let base = load(&job.base, None)?;
+    let chat = if job.low_memory { None } else { Some(load(&job.chat, job.chat_adapter.as_deref())?) };
     if let Some(chat) = &chat {
         check_models(&base, chat)?;
     }
@@ -271,7 +279,7 @@ pub fn run_cache(
 
     // --low-memory: the chat pass over the partial shards.
     if job.low_memory && !index.partial_shards.is_empty() {
-        let chat = load(&job.chat)?;
+        let chat = load(&job.chat, job.chat_adapter.as_deref())?;
         let mut done = index.total_tokens;
         while let Some(info) = index.partial_shards.first().cloned() {
             if !keep_going() {

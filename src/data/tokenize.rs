@@ -3,6 +3,7 @@
 use anyhow::Result;
 
 use crate::data::document::{Document, TokenizedDoc};
+use crate::model::family::Family;
 use crate::model::tokenizer::ChatTokenizer;
 
 /// The paper's context length: documents are truncated to 1024 tokens.
@@ -17,9 +18,11 @@ pub struct TokenizeOptions {
     /// Drop each document's leading <bos> (another public replication does; the paper keeps it for Gemma).
     #[arg(long)]
     pub drop_bos: bool,
-    /// Drop the first N tokens of each document (after the <bos> decision).
-    #[arg(long, default_value_t = 0)]
-    pub skip_first: usize,
+    /// Drop the first N tokens of each document (after the <bos> decision). Default: the authors'
+    /// value for the models' family — Gemma 2: 0, Gemma 3: 1, Llama 3: 25, Qwen 2: 21, Qwen 3: 2
+    /// (the first positions of Llama and Qwen carry attention-sink activations with huge norms).
+    #[arg(long)]
+    pub skip_first: Option<usize>,
 }
 
 impl TokenizeOptions {
@@ -27,15 +30,30 @@ impl TokenizeOptions {
     /// below it (at or above it, every document would be cut to nothing).
     pub fn validate(&self) -> Result<()> {
         crate::bad_value::positive(self.context as u64, "context")?;
-        crate::bad_value::ensure(self.skip_first < self.context, "skip-first", || {
-            format!("({}) must be below --context ({})", self.skip_first, self.context)
+        let skip = self.skip();
+        crate::bad_value::ensure(skip < self.context, "skip-first", || match self.skip_first {
+            Some(_) => format!("({skip}) must be below --context ({})", self.context),
+            None => format!(
+                "defaults to {skip} for these models (the authors' value for their family), which leaves nothing of --context {}: give a larger --context or --skip-first",
+                self.context
+            ),
         })
+    }
+
+    /// These options with `--skip-first` filled in from the models' family when not given.
+    pub fn resolved(&self, family: Family) -> Self {
+        Self { skip_first: Some(self.skip_first.unwrap_or(family.default_skip_first())), ..self.clone() }
+    }
+
+    /// Tokens left out at the start of each document (0 until [`TokenizeOptions::resolved`]).
+    pub fn skip(&self) -> usize {
+        self.skip_first.unwrap_or(0)
     }
 }
 
 impl Default for TokenizeOptions {
     fn default() -> Self {
-        Self { context: DEFAULT_CONTEXT, drop_bos: false, skip_first: 0 }
+        Self { context: DEFAULT_CONTEXT, drop_bos: false, skip_first: None }
     }
 }
 
@@ -57,7 +75,7 @@ pub fn tokenize(
     if opts.drop_bos && ids.first().is_some_and(|&i| Some(i) == tok.bos_id) {
         start = 1;
     }
-    start += opts.skip_first;
+    start += opts.skip();
     let end = ids.len().min(start + opts.context);
     if start >= end {
         return Ok(None);

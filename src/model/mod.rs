@@ -57,11 +57,7 @@ impl Model {
     ) -> Result<Self> {
         let snapshot = Snapshot::open(dir)?;
         let adapter = adapter.map(LoraAdapter::open).transpose()?;
-        let mut identity = snapshot.identity()?;
-        if let Some(a) = &adapter {
-            let both = format!("{identity}+{:016x}", a.fingerprint);
-            identity = format!("{:016x}", crate::io::checksum(both.as_bytes()));
-        }
+        let identity = adapted_identity(snapshot.identity()?, adapter.as_ref());
         let tokenizer = ChatTokenizer::from_dir(&snapshot.dir)?;
         let lm = DecoderLm::load_with_progress(&snapshot, adapter.as_ref(), device, options, progress)?;
         let adapter = adapter.map(|a| (a.dir.clone(), a.describe()));
@@ -91,6 +87,22 @@ impl Model {
     pub fn stop_ids(&self) -> Vec<u32> {
         self.tokenizer.stop_ids(&self.snapshot.config.eos_token_ids())
     }
+}
+
+/// A model's identity with an adapter merged in: the base's and the adapter's files together.
+fn adapted_identity(base: String, adapter: Option<&LoraAdapter>) -> String {
+    match adapter {
+        Some(a) => format!("{:016x}", crate::io::checksum(format!("{base}+{:016x}", a.fingerprint).as_bytes())),
+        None => base,
+    }
+}
+
+/// The identity of the model at `dir` with `adapter` merged in, without loading its weights (what
+/// caches and runs record; see [`Snapshot::identity`]).
+pub fn identity_of(dir: &Path, adapter: Option<&Path>) -> Result<String> {
+    let snapshot = Snapshot::open(dir)?;
+    let adapter = adapter.map(LoraAdapter::open).transpose()?;
+    Ok(adapted_identity(snapshot.identity()?, adapter.as_ref()))
 }
 
 /// Refuses a base/chat pair with different widths or tokenizers, naming the differing field.

@@ -49,6 +49,10 @@ pub struct AdlJob {
     pub base: PathBuf,
     #[arg(long)]
     pub chat: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into
+    /// the chat model's weights: --chat is then the adapter's base model.
+    #[arg(long, value_name = "DIR")]
+    pub chat_adapter: Option<PathBuf>,
     /// Documents: .txt, .jsonl (`text` or `messages`) or .parquet. Plain web-like text is the
     /// authors' setting (a FineWeb sample).
     #[arg(long)]
@@ -91,6 +95,7 @@ impl Default for AdlJob {
         Self {
             base: PathBuf::new(),
             chat: PathBuf::new(),
+            chat_adapter: None,
             data: PathBuf::new(),
             layer: 0,
             out: PathBuf::new(),
@@ -167,8 +172,8 @@ impl AdlJob {
         let prompts = self.prompts()?;
         // A missing or unreadable data file is said before the models load.
         drop(crate::data::open_source(&self.data)?);
-        let opts = TokenizeOptions { context: self.positions, drop_bos: false, skip_first: 0 };
-        let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
+        let opts = TokenizeOptions { context: self.positions, drop_bos: false, skip_first: Some(0) };
+        let (b, c) = store.pair(&self.base, &self.chat, self.chat_adapter.as_deref(), device, handle)?;
         check_layer(self.layer, b.lm.num_layers())?;
         let max_len = c.lm.config.max_position_embeddings.unwrap_or(usize::MAX);
         ensure(self.positions <= max_len, "positions", || {

@@ -53,6 +53,10 @@ pub struct AnalyzeJob {
     /// The chat model (likewise).
     #[arg(long)]
     pub chat: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into
+    /// the chat model's weights: --chat is then the adapter's base model.
+    #[arg(long, value_name = "DIR", requires = "chat")]
+    pub chat_adapter: Option<PathBuf>,
     /// Top activating examples stored per latent.
     #[arg(long, default_value_t = DEFAULT_EXAMPLES)]
     pub examples: usize,
@@ -78,6 +82,7 @@ impl Default for AnalyzeJob {
             seed: 0,
             base: None,
             chat: None,
+            chat_adapter: None,
             examples: DEFAULT_EXAMPLES,
             context: DEFAULT_CONTEXT,
             allow_partial: false,
@@ -122,6 +127,7 @@ impl AnalyzeJob {
         let made = Made { what: format!("the run in {}", self.run.display()), ids: &cc.config.model_ids };
         let open = |role: usize| -> Result<Snapshot> {
             let (dir, snap) = (dirs[role], Snapshot::open(dirs[role])?);
+            let adapter = if role == 1 { self.chat_adapter.as_deref() } else { None };
             if snap.config.hidden_size != cc.config.d {
                 bail!(
                     "{}: the model has width {}, the crosscoder in {} was trained on width {}",
@@ -131,7 +137,7 @@ impl AnalyzeJob {
                     cc.config.d
                 );
             }
-            check_model(&made, role, dir, &snap.identity()?, self.allow_other_models)?;
+            check_model(&made, role, dir, &crate::model::identity_of(dir, adapter)?, self.allow_other_models)?;
             Ok(snap)
         };
         Ok([open(0)?, open(1)?])
@@ -284,8 +290,13 @@ impl AnalyzeJob {
         let (models, unembed) = match (&self.base, &self.chat) {
             (Some(b), Some(c)) => {
                 let [sb, sc] = self.open_models(&cc, [b, c])?;
-                let load = |dir: &std::path::Path| crate::model::Model::load(dir, device, Default::default());
-                (Some([load(b)?, load(c)?]), Some([embedding(&sb)?, embedding(&sc)?]))
+                let load = |dir: &std::path::Path, adapter: Option<&std::path::Path>| {
+                    crate::model::Model::load_adapted(dir, adapter, device, Default::default(), |_, _| {})
+                };
+                (
+                    Some([load(b, None)?, load(c, self.chat_adapter.as_deref())?]),
+                    Some([embedding(&sb)?, embedding(&sc)?]),
+                )
             }
             _ => (None, None),
         };

@@ -28,6 +28,10 @@ pub struct KlJob {
     pub base: PathBuf,
     #[arg(long)]
     pub chat: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into
+    /// the chat model's weights: --chat is then the adapter's base model.
+    #[arg(long, value_name = "DIR")]
+    pub chat_adapter: Option<PathBuf>,
     /// Conversations: .jsonl or .parquet with `messages`.
     #[arg(long)]
     pub data: PathBuf,
@@ -68,6 +72,7 @@ impl Default for KlJob {
             run: PathBuf::new(),
             base: PathBuf::new(),
             chat: PathBuf::new(),
+            chat_adapter: None,
             data: PathBuf::new(),
             conversations: DEFAULT_CONVERSATIONS,
             layer: None,
@@ -119,7 +124,7 @@ impl KlJob {
         };
         let latents = if sae_rows.is_empty() { Latents::Crosscoder(&cc_rows) } else { Latents::Sae(&sae_rows) };
         let layer = resolve_layer(self.layer, &cc, &self.run)?;
-        let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
+        let (b, c) = store.pair(&self.base, &self.chat, self.chat_adapter.as_deref(), device, handle)?;
         crate::workflow::checks::check_resolved_layer(layer, b.lm.num_layers(), self.layer, &self.run)?;
         if let Some(&past) = self.layers.iter().find(|&&l| l >= b.lm.num_layers()) {
             return Err(crate::bad_value::bad(

@@ -19,6 +19,7 @@ const KEEP: usize = 4;
 #[derive(Clone, PartialEq)]
 struct Key {
     dir: PathBuf,
+    adapter: Option<PathBuf>,
     device: String,
     options: LoadOptions,
 }
@@ -36,19 +37,24 @@ impl ModelStore {
         Self::default()
     }
 
-    /// The model at `dir` on `device`, loading it (with progress on `handle`) unless it is loaded.
-    pub fn get(&self, dir: &Path, device: &Device, options: LoadOptions, handle: Handle) -> Result<Arc<Model>> {
-        let key = Key {
-            dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
-            device: format!("{device:?}"),
-            options,
-        };
+    /// The model at `dir` (with the LoRA adapter at `adapter` merged in) on `device`, loading it
+    /// (with progress on `handle`) unless it is loaded.
+    pub fn get(
+        &self,
+        dir: &Path,
+        adapter: Option<&Path>,
+        device: &Device,
+        options: LoadOptions,
+        handle: Handle,
+    ) -> Result<Arc<Model>> {
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let key = Key { dir: canonical(dir), adapter: adapter.map(canonical), device: format!("{device:?}"), options };
         let _loading = self.loading.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, m)) = self.lock().iter().find(|(k, _)| *k == key) {
             return Ok(m.clone());
         }
         let phase = format!("loading {}", dir.display());
-        let model = Arc::new(Model::load_with_progress(dir, device, options, |done, total| {
+        let model = Arc::new(Model::load_adapted(dir, adapter, device, options, |done, total| {
             handle.progress(&phase, done as u64, total as u64, "tensors")
         })?);
         let mut loaded = self.lock();
@@ -61,10 +67,18 @@ impl ModelStore {
         Ok(model)
     }
 
-    /// Both models of a pair, checked to be a pair (same tokenizer and widths).
-    pub fn pair(&self, base: &Path, chat: &Path, device: &Device, handle: Handle) -> Result<(Arc<Model>, Arc<Model>)> {
-        let b = self.get(base, device, LoadOptions::default(), handle)?;
-        let c = self.get(chat, device, LoadOptions::default(), handle)?;
+    /// Both models of a pair (the chat one with `chat_adapter` merged in), checked to be a pair
+    /// (same tokenizer and widths) and not one model twice.
+    pub fn pair(
+        &self,
+        base: &Path,
+        chat: &Path,
+        chat_adapter: Option<&Path>,
+        device: &Device,
+        handle: Handle,
+    ) -> Result<(Arc<Model>, Arc<Model>)> {
+        let b = self.get(base, None, device, LoadOptions::default(), handle)?;
+        let c = self.get(chat, chat_adapter, device, LoadOptions::default(), handle)?;
         crate::model::check_models(&b, &c)?;
         crate::model::snapshot::check_distinct((base, &b.identity), (chat, &c.identity))?;
         Ok((b, c))

@@ -15,6 +15,8 @@ pub struct PromptLabJob {
     pub run: PathBuf,
     pub base: PathBuf,
     pub chat: PathBuf,
+    /// A PEFT LoRA adapter merged into the chat model (`chat` is then the adapter's base).
+    pub chat_adapter: Option<PathBuf>,
     pub text: String,
     /// Render the text as one user turn with the chat model's template.
     pub chat_turn: bool,
@@ -33,6 +35,7 @@ impl Default for PromptLabJob {
             run: PathBuf::new(),
             base: PathBuf::new(),
             chat: PathBuf::new(),
+            chat_adapter: None,
             text: String::new(),
             chat_turn: false,
             chosen: Vec::new(),
@@ -58,7 +61,7 @@ impl PromptLabJob {
 
     pub fn run(&self, device: &Device, store: &ModelStore, handle: Handle) -> Result<PromptLabOutcome> {
         self.validate()?;
-        let (b, c) = store.pair(&self.base, &self.chat, device, handle)?;
+        let (b, c) = store.pair(&self.base, &self.chat, self.chat_adapter.as_deref(), device, handle)?;
         let cc = Crosscoder::load(&self.run, device)?;
         crate::workflow::checks::crosscoder_run(&cc, &self.run, "the prompt lab")?;
         let layer = resolve_layer(None, &cc, &self.run)?;

@@ -29,6 +29,9 @@ pub struct SteerJob {
     /// A Hugging Face snapshot directory (the chat model, usually).
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter folder merged into --model (a chat model made as an adapter).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     #[command(flatten)]
     pub load: LoadOptions,
     /// The latent to add.
@@ -61,6 +64,7 @@ impl Default for SteerJob {
         Self {
             run: PathBuf::new(),
             model: PathBuf::new(),
+            adapter: None,
             load: LoadOptions::default(),
             latent: 0,
             strength: 1.0,
@@ -104,7 +108,7 @@ impl SteerJob {
     pub fn run(&self, device: &Device, store: &ModelStore, handle: Handle) -> Result<SteerOutcome> {
         self.validate()?;
         let run = RunDir::new(&self.run);
-        let m = store.get(&self.model, device, self.load, handle)?;
+        let m = store.get(&self.model, self.adapter.as_deref(), device, self.load, handle)?;
         let cc = Crosscoder::load(run.path(), device)?;
         crate::workflow::checks::crosscoder_run(&cc, run.path(), "steer")?;
         check_width(&cc, &self.run, &m, &self.model)?;

@@ -35,6 +35,10 @@ pub struct TrainJob {
     /// On the fly: the chat model.
     #[arg(long, conflicts_with = "cache")]
     pub chat: Option<PathBuf>,
+    /// On the fly: a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into
+    /// the chat model's weights: --chat is then the adapter's base model.
+    #[arg(long, value_name = "DIR", requires = "chat", conflicts_with = "cache")]
+    pub chat_adapter: Option<PathBuf>,
     /// On the fly: the data files.
     #[arg(long, num_args = 1.., conflicts_with = "cache")]
     pub data: Vec<PathBuf>,
@@ -138,6 +142,7 @@ impl Default for TrainJob {
             out: PathBuf::new(),
             base: None,
             chat: None,
+            chat_adapter: None,
             data: Vec::new(),
             layer: None,
             tokenize: TokenizeOptions::default(),
@@ -324,13 +329,15 @@ impl TrainJob {
                 crate::model::snapshot::check_pair(&base_snap, &chat_snap)?;
                 let config = base_snap.config.clone();
                 crate::workflow::check_layer(layer, config.num_hidden_layers)?;
-                let model_ids = vec![base_snap.identity()?, chat_snap.identity()?];
+                let model_ids =
+                    vec![base_snap.identity()?, crate::model::identity_of(chat, self.chat_adapter.as_deref())?];
                 crate::model::snapshot::check_distinct((base, &model_ids[0]), (chat, &model_ids[1]))?;
                 let (dict, steps) = self.sizes(config.hidden_size, None, device)?;
                 drop((base_snap, chat_snap));
                 let cfg = OnTheFlyConfig {
                     base: base.clone(),
                     chat: chat.clone(),
+                    chat_adapter: self.chat_adapter.clone(),
                     data: self.data.clone(),
                     layer,
                     tokenize: self.tokenize.clone(),
@@ -347,7 +354,7 @@ impl TrainJob {
                     "data": self.data.iter().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string()).collect::<Vec<_>>(),
                     "context": self.tokenize.context,
                     "drop_bos": self.tokenize.drop_bos,
-                    "skip_first": self.tokenize.skip_first,
+                    "skip_first": self.tokenize.resolved(config.family).skip(),
                     "mix": self.mix,
                 }));
                 Ok(Opened {

@@ -190,7 +190,7 @@ impl TrainJob {
             (self.mix, "mix"),
             (self.tokenize.context != tok.context, "context"),
             (self.tokenize.drop_bos != tok.drop_bos, "drop-bos"),
-            (self.tokenize.skip_first != tok.skip_first, "skip-first"),
+            (self.tokenize.skip_first.is_some(), "skip-first"),
         ];
         let why = "is for training on the fly and cannot be used with --cache (the cache fixed its layer, data and \
                    tokenization when it was made)";

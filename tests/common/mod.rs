@@ -195,7 +195,7 @@ pub fn small_cache_job(out: &Path) -> crossdiff::workflow::cache::CacheJob {
         tokens: 600,
         out: out.to_path_buf(),
         dtype: crossdiff::activations::cache::ActDtype::Bf16,
-        tokenize: crossdiff::data::TokenizeOptions { context: 64, drop_bos: false, skip_first: 0 },
+        tokenize: crossdiff::data::TokenizeOptions { context: 64, drop_bos: false, skip_first: Some(0) },
         shard_tokens: 256,
         batch_tokens: 256,
         ..Default::default()
