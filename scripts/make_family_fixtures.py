@@ -790,6 +790,10 @@ def lora(root, eos, eot):
         readme = os.path.join(out, "README.md")
         if os.path.exists(readme):
             os.remove(readme)
+        if name == "lora":
+            # Trainers (TRL's SFTTrainer) save the tokenizer beside the adapter, with the chat
+            # template the base lacks: the plain adapter carries the chat snapshot's tokenizer_config.json.
+            shutil.copy(os.path.join(root, "chat", "tokenizer_config.json"), os.path.join(out, "tokenizer_config.json"))
 
         # Reference: the base in bf16, cast to f32 first, then the adapter merged in f32.
         merged = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, attn_implementation="eager").float()

@@ -210,7 +210,7 @@ pub fn run_cache(
     // Conversations are rendered with the chat model's template (a base model often has none);
     // the tokenizers are checked to be the same, so both models read the same ids. Both, and the
     // data files, are checked before the models load.
-    let chat_tok = ChatTokenizer::from_dir(&job.chat)?;
+    let chat_tok = ChatTokenizer::with_adapter(&job.chat, job.chat_adapter.as_deref())?;
     ChatTokenizer::from_dir(&job.base)?.check_same(&chat_tok)?;
     let mut mixer = Mixer::new(&job.data, job.mix, &chat_tok, tokenize)?;
     mixer.skip(done_docs_total(&index))?;

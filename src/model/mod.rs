@@ -58,7 +58,7 @@ impl Model {
         let snapshot = Snapshot::open(dir)?;
         let adapter = adapter.map(LoraAdapter::open).transpose()?;
         let identity = adapted_identity(snapshot.identity()?, adapter.as_ref());
-        let tokenizer = ChatTokenizer::from_dir(&snapshot.dir)?;
+        let tokenizer = ChatTokenizer::with_adapter(&snapshot.dir, adapter.as_ref().map(|a| a.dir.as_path()))?;
         let lm = DecoderLm::load_with_progress(&snapshot, adapter.as_ref(), device, options, progress)?;
         let adapter = adapter.map(|a| (a.dir.clone(), a.describe()));
         Ok(Self { snapshot, tokenizer, lm, identity, adapter })

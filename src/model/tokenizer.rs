@@ -72,13 +72,24 @@ impl ChatTokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` (or `chat_template.jinja`,
     /// where newer transformers versions save the template) from a snapshot directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("tokenizer.json");
+        Self::with_adapter(dir, None)
+    }
+
+    /// As [`ChatTokenizer::from_dir`], where a LoRA adapter's folder may carry tokenizer files of
+    /// its own (trainers save them beside the adapter, often with the chat template the base
+    /// lacks): each file is read from the adapter's folder when it is there, else from `dir`.
+    pub fn with_adapter(dir: &Path, adapter: Option<&Path>) -> Result<Self> {
+        let pick = |name: &str| match adapter.map(|a| a.join(name)) {
+            Some(p) if p.exists() => p,
+            _ => dir.join(name),
+        };
+        let path = pick("tokenizer.json");
         if !path.exists() {
             bail!("{}: missing (the tokenizer file of the snapshot)", path.display());
         }
         let inner =
             tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: cannot parse: {e}", path.display()))?;
-        let config_path = dir.join("tokenizer_config.json");
+        let config_path = pick("tokenizer_config.json");
         let mut chat_template = None;
         let mut template_source = config_path.clone();
         let mut bos_token = "<bos>".to_string();
@@ -114,7 +125,7 @@ impl ChatTokenizer {
                 eos_token = t;
             }
         }
-        let jinja = dir.join("chat_template.jinja");
+        let jinja = pick("chat_template.jinja");
         if chat_template.is_none() && jinja.exists() {
             chat_template =
                 Some(std::fs::read_to_string(&jinja).map_err(|e| anyhow!("{}: cannot read: {e}", jinja.display()))?);

@@ -15,6 +15,11 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-gemma2").join(name)
 }
 
+/// A folder of another family's fixtures (`assets/tiny-<family>/<name>`: llama, qwen2, qwen3, gemma3).
+pub fn family_fixture(family: &str, name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("assets/tiny-{family}")).join(name)
+}
+
 pub struct Reference {
     pub tensors: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
     pub meta: Value,
@@ -22,7 +27,11 @@ pub struct Reference {
 
 impl Reference {
     pub fn load(model: &str) -> Self {
-        let dir = fixture("reference");
+        Self::load_from(&fixture("reference"), model)
+    }
+
+    /// `dir/<model>.safetensors` and `dir/<model>.json`, as scripts/make_*fixtures.py write them.
+    pub fn load_from(dir: &Path, model: &str) -> Self {
         let bytes = std::fs::read(dir.join(format!("{model}.safetensors"))).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut tensors = BTreeMap::new();

@@ -1,0 +1,348 @@
+//! Llama 3, Qwen 2, Qwen 3 and Gemma 3 (and LoRA adapters) against Hugging Face transformers and
+//! PEFT on the committed tiny fixtures (assets/tiny-<family>, made by
+//! scripts/make_family_fixtures.py): token ids, chat templates, every block output, logits and
+//! greedy generation; each family's template tokens and reply turns; and the pipeline end to end.
+
+mod common;
+
+use burn::tensor::Device;
+use common::{Reference, TempDir, assert_close, data, family_fixture, wgpu_device};
+use crossdiff::model::family::Family;
+use crossdiff::model::generate::{Sampling, generate};
+use crossdiff::workflow::Handle;
+use crossdiff::{LoadOptions, Message, Model};
+
+const FAMILIES: [(&str, Family); 4] =
+    [("llama", Family::Llama), ("qwen2", Family::Qwen2), ("qwen3", Family::Qwen3), ("gemma3", Family::Gemma3)];
+const TOL: f64 = 1e-4;
+
+fn flex() -> Device {
+    Device::flex()
+}
+
+fn reference(family: &str, model: &str) -> Reference {
+    Reference::load_from(&family_fixture(family, "reference"), model)
+}
+
+fn load(family: &str, model: &str, device: &Device) -> Model {
+    Model::load(family_fixture(family, model), device, LoadOptions::default()).unwrap()
+}
+
+#[test]
+fn each_fixture_is_read_as_its_family_in_both_config_spellings() {
+    for (family, want) in FAMILIES {
+        let base = crossdiff::ModelConfig::from_file(&family_fixture(family, "base/config.json")).unwrap();
+        let chat = crossdiff::ModelConfig::from_file(&family_fixture(family, "chat/config.json")).unwrap();
+        assert_eq!((base.family, chat.family), (want, want), "{family}");
+        // The two spellings (transformers 5's and the hub's older one) describe one architecture.
+        let layers = |c: &crossdiff::ModelConfig| {
+            (0..c.num_hidden_layers).map(|l| (c.rope(l).unwrap(), c.is_sliding(l))).collect::<Vec<_>>()
+        };
+        assert_eq!(layers(&base), layers(&chat), "{family}: RoPE and sliding layers per spelling");
+        assert_eq!((base.tied(), base.attention_biases()), (chat.tied(), chat.attention_biases()), "{family}");
+    }
+    let gemma3 = crossdiff::ModelConfig::from_file(&family_fixture("gemma3", "base/config.json")).unwrap();
+    let kinds: Vec<bool> = (0..gemma3.num_hidden_layers).map(|l| gemma3.is_sliding(l)).collect();
+    assert!(kinds.contains(&true) && kinds.contains(&false), "Gemma 3 mixes sliding and global layers: {kinds:?}");
+    let (local, global) = (kinds.iter().position(|s| *s).unwrap(), kinds.iter().position(|s| !*s).unwrap());
+    assert_ne!(gemma3.rope(local).unwrap(), gemma3.rope(global).unwrap(), "local and global RoPE differ");
+    // Qwen 2 names a window but `use_sliding_window: false` switches it off.
+    let qwen2 = crossdiff::ModelConfig::from_file(&family_fixture("qwen2", "base/config.json")).unwrap();
+    assert!(qwen2.sliding_window.is_some() && qwen2.effective_sliding_window().is_none());
+}
+
+#[test]
+fn token_ids_and_chat_templates_equal_transformers() {
+    for (family, _) in FAMILIES {
+        for name in ["base", "chat"] {
+            let model = load(family, name, &flex());
+            let r = reference(family, name);
+            for (i, p) in r.prompts().iter().enumerate() {
+                let text = p["text"].as_str().unwrap();
+                let special = p["kind"].as_str() == Some("prompt");
+                assert_eq!(model.tokenizer.encode(text, special).unwrap(), r.ids(i), "{family} {name} prompt {i}");
+            }
+            for c in r.meta["chats"].as_array().unwrap() {
+                let messages: Vec<Message> = serde_json::from_value(c["messages"].clone()).unwrap();
+                let rendered = model.tokenizer.render_chat(&messages, true).unwrap();
+                assert_eq!(rendered, c["rendered"].as_str().unwrap(), "{family} {name}");
+                let ids: Vec<u32> = serde_json::from_value(c["ids"].clone()).unwrap();
+                assert_eq!(model.tokenizer.encode_chat(&messages, true).unwrap(), ids, "{family} {name}");
+            }
+        }
+    }
+}
+
+/// Every block output and the logits of every reference prompt of `model` on `device`.
+fn check_blocks_and_logits(family: &str, model_name: &str, adapter: Option<&str>, device: &Device) {
+    let adapter_dir = adapter.map(|a| family_fixture(family, a));
+    let model = Model::load_adapted(
+        family_fixture(family, model_name),
+        adapter_dir.as_deref(),
+        device,
+        LoadOptions::default(),
+        |_, _| {},
+    )
+    .unwrap();
+    let r = reference(family, adapter.unwrap_or(model_name));
+    for i in 0..r.prompts().len() {
+        let result = crossdiff::model::inspect::inspect(&model, r.ids(i)).unwrap();
+        assert_eq!(result.blocks.len(), model.lm.config.num_hidden_layers);
+        for (l, block) in result.blocks.iter().enumerate() {
+            let what = format!("{family} {model_name}{adapter:?} p{i} block {l}");
+            assert_close(&what, block, &r.get(&format!("p{i}.block.{l}")).1, TOL);
+        }
+        let what = format!("{family} {model_name}{adapter:?} p{i} logits");
+        assert_close(&what, &result.logits, &r.get(&format!("p{i}.logits")).1, TOL);
+    }
+}
+
+#[test]
+fn blocks_and_logits_match_transformers_on_flex() {
+    for (family, _) in FAMILIES {
+        for name in ["base", "chat"] {
+            check_blocks_and_logits(family, name, None, &flex());
+        }
+    }
+}
+
+#[test]
+fn blocks_and_logits_match_transformers_on_wgpu() {
+    if let Some(device) = wgpu_device() {
+        for (family, _) in FAMILIES {
+            for name in ["base", "chat"] {
+                check_blocks_and_logits(family, name, None, &device);
+            }
+        }
+        check_blocks_and_logits("llama", "base", Some("lora"), &device);
+    }
+}
+
+#[test]
+fn lora_adapters_merge_as_peft_does() {
+    // Plain LoRA (alpha / r) and rsLoRA (alpha / √r), each on its own set of projections.
+    for adapter in ["lora", "lora-rs"] {
+        check_blocks_and_logits("llama", "base", Some(adapter), &flex());
+    }
+    let dir = family_fixture("llama", "base");
+    let plain = crossdiff::model::identity_of(&dir, None).unwrap();
+    let adapted = crossdiff::model::identity_of(&dir, Some(&family_fixture("llama", "lora"))).unwrap();
+    let rs = crossdiff::model::identity_of(&dir, Some(&family_fixture("llama", "lora-rs"))).unwrap();
+    assert!(plain != adapted && adapted != rs && plain != rs, "an adapter changes the model's identity");
+    // An adapter for another architecture: its modules meet no weight, in one line naming the file.
+    let err = Model::load_adapted(
+        family_fixture("qwen3", "base"),
+        Some(&family_fixture("llama", "lora")),
+        &flex(),
+        LoadOptions::default(),
+        |_, _| {},
+    )
+    .err()
+    .map(|e| format!("{e:#}"))
+    .unwrap();
+    assert!(err.contains("adapter_model.safetensors") && !err.contains('\n'), "{err}");
+}
+
+#[test]
+fn greedy_generation_equals_transformers() {
+    for (family, _) in FAMILIES {
+        for name in ["base", "chat"] {
+            let model = load(family, name, &flex());
+            let r = reference(family, name);
+            let stop = model.stop_ids();
+            for i in 0..r.prompts().len() {
+                let want: Vec<u32> = r.get(&format!("p{i}.greedy")).1.iter().map(|&v| v as u32).collect();
+                let got = generate(&model.lm, &r.ids(i), want.len(), Sampling::default(), &stop, |_| true).unwrap();
+                assert_eq!(got, want, "{family} {name} prompt {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_the_full_forward() {
+    // One token at a time past Gemma 3's window and through each layer's RoPE table.
+    for (family, _) in FAMILIES {
+        let model = load(family, "chat", &flex());
+        let g = &model.lm;
+        let r = reference(family, "chat");
+        let ids = r.ids(2);
+        let full: Vec<f32> = g.forward(g.batch_ids(std::slice::from_ref(&ids)).unwrap()).try_into_vec_as().unwrap();
+        let v = g.config.vocab_size;
+        let mut cache = g.new_cache();
+        let prefix = 3;
+        let mut steps = vec![g.step(g.batch_ids(&[ids[..prefix].to_vec()]).unwrap(), &mut cache)];
+        for &id in &ids[prefix..] {
+            steps.push(g.step(g.batch_ids(&[vec![id]]).unwrap(), &mut cache));
+        }
+        for (k, logits) in steps.into_iter().enumerate() {
+            let pos = prefix - 1 + k;
+            let got: Vec<f32> = logits.try_into_vec_as().unwrap();
+            let want: Vec<f64> = full[pos * v..(pos + 1) * v].iter().map(|&x| x as f64).collect();
+            assert_close(&format!("{family} position {pos}"), &got, &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn parameter_count_matches_the_stored_tensors() {
+    for (family, _) in FAMILIES {
+        let dir = family_fixture(family, "base");
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+        let mut files: Vec<&str> =
+            index["weight_map"].as_object().unwrap().values().filter_map(|v| v.as_str()).collect();
+        files.sort();
+        files.dedup();
+        let mut stored = 0usize;
+        for f in files {
+            let bytes = std::fs::read(dir.join(f)).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            stored += st.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>()).sum::<usize>();
+        }
+        let config = crossdiff::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        assert_eq!(config.parameter_count(), stored, "{family}");
+    }
+}
+
+/// The text of the template tokens of a rendered conversation, as the family's format writes its
+/// markers (the authors' `{% generation %}` control tokens).
+fn expected_template_text(family: Family, roles: &[&str], generation_prompt: bool) -> String {
+    let (open, close): (fn(&str) -> String, &str) = match family {
+        Family::Llama => (|r| format!("<|start_header_id|>{r}<|end_header_id|>\n\n"), "<|eot_id|>"),
+        Family::Qwen2 | Family::Qwen3 => (|r| format!("<|im_start|>{r}\n"), "<|im_end|>\n"),
+        Family::Gemma2 | Family::Gemma3 => (|r| format!("<start_of_turn>{r}\n"), "<end_of_turn>\n"),
+    };
+    let mut text: String = roles.iter().map(|r| format!("{}{close}", open(r))).collect();
+    if generation_prompt {
+        text += &open(if family.is_gemma() { "model" } else { "assistant" });
+    }
+    text
+}
+
+#[test]
+fn template_tokens_and_reply_turns_follow_each_chat_format() {
+    let conversation = vec![
+        Message::user("Hi"),
+        Message { role: "assistant".into(), content: "Hello there.".into() },
+        Message::user("What is a latent?"),
+        Message { role: "assistant".into(), content: "A sparse feature.".into() },
+    ];
+    for (family, f) in FAMILIES {
+        let model = load(family, "chat", &flex());
+        let tok = &model.tokenizer;
+        let ids = tok.encode_chat(&conversation, false).unwrap();
+        let flags = crossdiff::data::template_flags(tok, &ids);
+        let template: Vec<u32> = ids.iter().zip(&flags).filter(|(_, f)| **f).map(|(id, _)| *id).collect();
+        let text = tok.decode(&template).unwrap();
+        // Templates that add a system turn of their own (Llama 3's dates, Qwen 2.5's default
+        // system prompt) have one more turn; Qwen 3 puts an empty thinking block before the last reply.
+        let rendered = tok.render_chat(&conversation, false).unwrap();
+        let mut roles = vec!["user", "assistant", "user", "assistant"];
+        if rendered.contains("system") {
+            roles.insert(0, "system");
+        }
+        let roles: Vec<&str> =
+            roles.iter().map(|r| if f.is_gemma() && *r == "assistant" { "model" } else { r }).collect();
+        let mut want = expected_template_text(f, &roles, false);
+        if rendered.contains("<think>") {
+            let last = want.rfind(&format!("<|im_start|>assistant\n")).unwrap() + "<|im_start|>assistant\n".len();
+            want.insert_str(last, "<think>\n\n</think>\n\n");
+        }
+        assert_eq!(text, want, "{family}: template tokens of {rendered:?}");
+        // The reply turns: each assistant turn's generated tokens, closing marker included.
+        let turns = crossdiff::analysis::kl::Turns::of(&model, &ids);
+        let replies: Vec<String> = turns
+            .turns
+            .iter()
+            .map(|t| tok.decode(&t.iter().map(|p| ids[p + 1]).collect::<Vec<_>>()).unwrap())
+            .collect();
+        let close = match f {
+            Family::Llama => "<|eot_id|>",
+            Family::Qwen2 | Family::Qwen3 => "<|im_end|>",
+            _ => "<end_of_turn>",
+        };
+        assert_eq!(replies.len(), 2, "{family}: {replies:?}");
+        assert!(replies[0].ends_with(&format!("Hello there.{close}")), "{family}: {replies:?}");
+        assert!(replies[1].ends_with(&format!("A sparse feature.{close}")), "{family}: {replies:?}");
+    }
+}
+
+/// cache → train → analyze → kl → steer on one pair, as the CLI runs them.
+fn pipeline(family: &str, base: &str, chat: &str, adapter: Option<&str>, want_skip: usize) {
+    let dir = TempDir::new(&format!("pipeline-{family}-{}", adapter.unwrap_or("chat")));
+    let (base, chat) = (family_fixture(family, base), family_fixture(family, chat));
+    let chat_adapter = adapter.map(|a| family_fixture(family, a));
+    let device = flex();
+    let cache = dir.path().join("cache");
+    let job = crossdiff::workflow::cache::CacheJob {
+        base: base.clone(),
+        chat: chat.clone(),
+        chat_adapter: chat_adapter.clone(),
+        data: vec![data("web.txt"), data("chat.jsonl")],
+        layer: 1,
+        tokens: 600,
+        out: cache.clone(),
+        tokenize: crossdiff::data::TokenizeOptions { context: 64, ..Default::default() },
+        shard_tokens: 256,
+        batch_tokens: 256,
+        ..Default::default()
+    };
+    let outcome = crossdiff::workflow::cache::run(&job, &device, Handle::silent()).unwrap();
+    let settings = outcome.index.settings.clone().unwrap();
+    assert_eq!(settings.skip_first, want_skip, "{family}: the family's --skip-first default is recorded");
+    let run = dir.path().join("run");
+    let trained = common::small_train_job(&cache, &run).run(&device, Handle::silent()).unwrap();
+    assert_eq!(trained.crosscoder.config.model_ids, outcome.index.model_ids);
+    let analyze = crossdiff::workflow::analyze::AnalyzeJob {
+        run: run.clone(),
+        cache: cache.clone(),
+        base: Some(base.clone()),
+        chat: Some(chat.clone()),
+        chat_adapter: chat_adapter.clone(),
+        examples: 2,
+        ..Default::default()
+    };
+    let analysed = analyze.run(&device, Handle::silent()).unwrap();
+    assert_eq!(analysed.rows.len(), 64);
+    let store = crossdiff::workflow::models::ModelStore::new();
+    let kl = crossdiff::workflow::kl::KlJob {
+        run: run.clone(),
+        base: base.clone(),
+        chat: chat.clone(),
+        chat_adapter: chat_adapter.clone(),
+        data: data("chat.jsonl"),
+        conversations: 3,
+        ..Default::default()
+    };
+    let report = kl.run(&device, &store, Handle::silent()).unwrap();
+    let none = report.table.iter().find(|s| s.condition == "none").unwrap();
+    assert!(none.tokens_all > 0 && none.tokens_first9 > 0, "{family}: reply tokens found");
+    assert!(none.mean_all.is_finite() && none.mean_all > 0.0, "{family}: KL without patching {}", none.mean_all);
+    let steer = crossdiff::workflow::steer::SteerJob {
+        run: run.clone(),
+        model: chat.clone(),
+        adapter: chat_adapter.clone(),
+        latent: 0,
+        strength: 4.0,
+        prompt: "The cat".into(),
+        max_tokens: 4,
+        allow_other_models: false,
+        ..Default::default()
+    };
+    let steered = steer.run(&device, &store, Handle::silent()).unwrap();
+    assert!(steered.new_tokens[0] > 0, "{family}: steering generated nothing");
+}
+
+#[test]
+fn the_pipeline_runs_end_to_end_on_each_family() {
+    for (family, f) in FAMILIES {
+        pipeline(family, "base", "chat", None, f.default_skip_first());
+    }
+}
+
+#[test]
+fn a_lora_adapter_diff_runs_end_to_end() {
+    // The chat model is the base with an adapter merged in.
+    pipeline("llama", "base", "base", Some("lora"), Family::Llama.default_skip_first());
+}
