@@ -3,7 +3,7 @@
 Hugging Face transformers reference outputs.
 
     pip install torch transformers tokenizers safetensors peft
-    python3 scripts/make_family_fixtures.py     # writes assets/tiny-{llama,qwen2,qwen3,gemma3}/
+    python3 scripts/make_family_fixtures.py     # writes assets/tiny-{llama,qwen2,qwen3,gemma3,variants}/
 
 For each family F:
 
@@ -54,11 +54,29 @@ Every feature changes the numbers (the script prints each one's effect on the lo
           make_fixtures.py's Gemma tokenizer, Gemma 3's template (a system turn is prefixed to the first user
           turn). The base config carries transformers 5's own `_sliding_window_pattern` next to `layer_types`.
 
+Variants (assets/tiny-variants/<name>/, one snapshot each, with reference/<name>.{json,safetensors} in the same
+format, "variant" added to the json): config options the fixtures above leave off, for a config-driven loader on
+configs it has never seen. Each copies its family's chat tokenizer files and has the prompts and the chats.
+  llama-bias     attention_bias and mlp_bias (q/k/v/o and gate/up/down biases, random), tied embeddings (no
+                 lm_head tensor), no head_dim key (hidden/heads = 8), plain RoPE (rope_theta 10000, no
+                 rope_scaling), rms_norm_eps 1e-6, one float16 model.safetensors (no index), torch_dtype float16.
+  qwen2-window   use_sliding_window true, sliding_window 4, max_window_layers 1 of 3 and no layer_types: transformers
+                 derives [full, sliding, sliding] (layers i >= max_window_layers slide); untied lm_head.
+  gemma3-capped  7 layers and no layer_types/sliding_window_pattern: the default pattern 6 (layer 5 full, the others
+                 sliding, window 5), final_logit_softcapping 20 (biting), no rope_scaling, rope_theta 1e6 and no
+                 rope_local_base_freq (sliding layers: the default 10000), MQA (1 KV head). attn_logit_softcapping is
+                 5.0, which would bite, but transformers' Gemma 3 attention never applies it (Gemma3Attention passes
+                 no softcap; Gemma 2's does): the reference has no attention cap (noted in its json).
+  qwen3-bias     attention_bias (q/k/v/o biases, random; Qwen 2 has no o_proj bias), tied embeddings, no head_dim
+                 key: Qwen 3's default 128, not hidden/heads 64/4 = 16 (q_proj 64 -> 512); transformers 5's spelling.
+Each is read back with AutoConfig (the options as intended) and from_pretrained (the same logits as the in-memory
+model it was saved from); the script prints each option's effect on the logits.
+
 References come from transformers with eager attention, computed in f32 from the bf16 weights (loaded with
-dtype=bfloat16, then .float()). For Gemma 3, transformers multiplies embeddings by sqrt(hidden) cast to the weight
-dtype; the reference sets that buffer to the bf16-rounded value explicitly (recorded as "embed_scale"), as
-make_fixtures.py does for Gemma 2. Llama's chats are rendered with date_string="26 Jul 2024" (the template's own
-fallback when strftime_now is undefined) so they do not depend on today's date.
+dtype=bfloat16, then .float(); llama-bias: float16). For Gemma 3, transformers multiplies embeddings by sqrt(hidden)
+cast to the weight dtype; the reference sets that buffer to the bf16-rounded value explicitly (recorded as
+"embed_scale"), as make_fixtures.py does for Gemma 2. Llama's chats are rendered with date_string="26 Jul 2024" (the
+template's own fallback when strftime_now is undefined) so they do not depend on today's date.
 """
 import copy
 import json
@@ -506,10 +524,10 @@ def perturbed(model, gen):
     return chat
 
 
-def write_snapshot(model, out, rewrite):
+def write_snapshot(model, out, rewrite, dtype=torch.bfloat16, sharded=True):
     if os.path.exists(out):
         shutil.rmtree(out)
-    model.to(torch.bfloat16).save_pretrained(out, max_shard_size="150KB")
+    model.to(dtype).save_pretrained(out, max_shard_size="150KB" if sharded else "100MB")
     cfg_path = os.path.join(out, "config.json")
     cfg = json.load(open(cfg_path))
     cfg = rewrite(cfg)
@@ -520,7 +538,11 @@ def write_snapshot(model, out, rewrite):
         if os.path.exists(p):
             os.remove(p)
     shards = [f for f in os.listdir(out) if f.endswith(".safetensors")]
-    assert len(shards) >= 2 and os.path.exists(os.path.join(out, "model.safetensors.index.json")), shards
+    if sharded:
+        assert len(shards) >= 2 and os.path.exists(os.path.join(out, "model.safetensors.index.json")), shards
+    else:
+        assert shards == ["model.safetensors"] and not os.path.exists(
+            os.path.join(out, "model.safetensors.index.json")), shards
 
 
 def write_tokenizer(out, tok_json, tokenizer_config):
@@ -1046,6 +1068,342 @@ def gemma3():
     print(f"  [gemma3] ... with the unrounded embed_scale: {max_diff(logits_of(m, ids), want):.4f}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Variants: one snapshot each, with config options the fixtures above leave off (what a config-driven loader
+# must also get right on configs it has never seen). Tokenizers are the families' chat tokenizers, copied.
+
+VARIANTS = os.path.join(ASSETS, "tiny-variants")
+
+
+def family_vocab(family):
+    path = os.path.join(ASSETS, f"tiny-{family}", "chat", "tokenizer.json")
+    return Tokenizer.from_file(path).get_vocab(with_added_tokens=True)
+
+
+def write_variant(name, family, model, rewrite, dtype=torch.bfloat16, sharded=True):
+    out = os.path.join(VARIANTS, name)
+    write_snapshot(model, out, rewrite, dtype=dtype, sharded=sharded)
+    src = os.path.join(ASSETS, f"tiny-{family}", "chat")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, f), os.path.join(out, f))
+    return out
+
+
+def tensor_names(snap):
+    index = os.path.join(snap, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return set(json.load(open(index))["weight_map"])
+    from safetensors import safe_open
+    with safe_open(os.path.join(snap, "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def variant_reference(name, family, model_cls, src, stop_ids, pad_id, config_keys, dtype=torch.bfloat16,
+                      chat_kwargs=None, embed_scale=False, extra=None):
+    """The reference from the saved snapshot, checked against the in-memory model it was saved from (its config
+    as transformers reads it back, and its logits on every text)."""
+    snap = os.path.join(VARIANTS, name)
+    loaded = AutoConfig.from_pretrained(snap)
+    for k in config_keys:
+        got, want = (str(getattr(c, k, None)).removeprefix("torch.") if k == "dtype" else getattr(c, k, None)
+                     for c in (loaded, src.config))
+        assert got == want, f"{name}: {k} reads back as {got!r}, the in-memory model has {want!r}"
+    tokenizer = AutoTokenizer.from_pretrained(snap)
+    model = model_cls.from_pretrained(snap, dtype=dtype, attn_implementation="eager")
+    assert next(model.parameters()).dtype == dtype
+    tensors, meta = reference(model, tokenizer, family, stop_ids, pad_id, chat_kwargs=chat_kwargs,
+                              embed_scale=embed_scale, extra=dict({"variant": name}, **(extra or {})))
+    check_tokenizer(snap, meta)
+    mem = variant(model_cls, src.config, {k: v.to(dtype) for k, v in src.state_dict().items()}, lambda c: None,
+                  embed_scale=meta.get("embed_scale"))
+    for i, p in enumerate(meta["prompts"]):
+        d = max_diff(logits_of(mem, p["ids"]), tensors[f"p{i}.logits"])
+        assert d <= 1e-5 * tensors[f"p{i}.logits"].abs().max().item(), (name, i, d)
+    save_reference(os.path.join(VARIANTS, "reference"), name, tensors, meta)
+    shown = {k: getattr(loaded, k, None) for k in config_keys}
+    print(f"  [{name}] reads back as {json.dumps(shown, default=str)}")
+    print(f"  [{name}] {len(meta['prompts'])} texts, tokens {[len(p['ids']) for p in meta['prompts']]}, "
+          f"greedy p0 {tensors['p0.greedy'].tolist()}, loaded logits == in-memory logits")
+    return model, tensors, meta
+
+
+def effects(name, model_cls, model, tensors, meta, embed_scale=None):
+    """report(what, change, state_dict=None): max|Δlogits| on the longest text under a changed config/weights."""
+    sd = model.state_dict()
+    i = longest(meta)
+    ids, want = meta["prompts"][i]["ids"], tensors[f"p{i}.logits"]
+
+    def report(what, change=lambda c: None, state_dict=None):
+        m = variant(model_cls, model.config, state_dict if state_dict is not None else sd, change,
+                    embed_scale=embed_scale)
+        got = logits_of(m, ids)
+        print(f"  [{name}] p{i} ({len(ids)} tokens) max|Δlogits| {what}: {max_diff(got, want):.3f} "
+              f"(max|logit| {want.abs().max():.2f})")
+        return got
+
+    return sd, report
+
+
+def zeroed(sd, pred):
+    return {k: (torch.zeros_like(v) if pred(k) else v) for k, v in sd.items()}
+
+
+def llama_bias():
+    """Llama with attention (q/k/v/o) and MLP biases, tied embeddings, head_dim derived (hidden/heads: no head_dim
+    key), plain RoPE, a single float16 model.safetensors."""
+    name, family = "llama-bias", "llama"
+    print(f"== {name}")
+    gen = torch.Generator().manual_seed(5001)
+    vocab = family_vocab(family)
+    bos, eot, eom, eos = (vocab[t] for t in ("<|begin_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"))
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=256,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True, attention_bias=True, mlp_bias=True, initializer_range=0.08,
+        bos_token_id=bos, eos_token_id=[eos, eom, eot], attn_implementation="eager", dtype="float16",
+    )
+    assert config.head_dim == 8
+    model = LlamaForCausalLM(config)
+    randomize(model, gen, scale=2.0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    def old_spelling(cfg):  # Llama-2-style: rope_theta, no rope_scaling, no head_dim, torch_dtype float16
+        assert cfg.pop("head_dim") == 8
+        rp = cfg.pop("rope_parameters")
+        assert rp["rope_type"] == "default", rp
+        cfg["rope_theta"] = rp["rope_theta"]
+        cfg["torch_dtype"] = cfg.pop("dtype")
+        assert cfg["torch_dtype"] == "float16", cfg["torch_dtype"]
+        assert "rope_scaling" not in cfg and "layer_types" not in cfg
+        return cfg
+
+    snap = write_variant(name, family, model, old_spelling, dtype=torch.float16, sharded=False)
+    names = tensor_names(snap)
+    assert "lm_head.weight" not in names
+    for t in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert f"model.layers.0.self_attn.{t}.bias" in names, t
+    for t in ("gate_proj", "up_proj", "down_proj"):
+        assert f"model.layers.0.mlp.{t}.bias" in names, t
+    model, tensors, meta = variant_reference(
+        name, family, LlamaForCausalLM, model, [eos, eom, eot], eos,
+        ["head_dim", "rope_parameters", "attention_bias", "mlp_bias", "tie_word_embeddings", "rms_norm_eps",
+         "num_key_value_heads", "dtype"], dtype=torch.float16, chat_kwargs={"date_string": "26 Jul 2024"})
+    sd, report = effects(name, LlamaForCausalLM, model, tensors, meta)
+    report("without the attention biases (q/k/v/o)",
+           state_dict=zeroed(sd, lambda k: "self_attn" in k and "bias" in k))
+    report("without the o_proj bias only", state_dict=zeroed(sd, lambda k: "o_proj.bias" in k))
+    report("without the MLP biases", state_dict=zeroed(sd, lambda k: "mlp" in k and "bias" in k))
+    report("with rope_theta 500000", lambda c: c.rope_parameters.update(rope_theta=500000.0))
+    report("with rms_norm_eps 1e-5", lambda c: setattr(c, "rms_norm_eps", 1e-5))
+    report("with the weights rounded to bf16 instead of f16",
+           state_dict={k: v.to(torch.bfloat16).float() for k, v in sd.items()})
+
+
+def qwen2_window():
+    """Qwen 2 with use_sliding_window true: window 4 on layers >= max_window_layers 1, layer 0 full; layer_types
+    left to transformers to derive; untied lm_head."""
+    name, family = "qwen2-window", "qwen2"
+    print(f"== {name}")
+    gen = torch.Generator().manual_seed(5002)
+    vocab = family_vocab(family)
+    eot, im_end = vocab["<|endoftext|>"], vocab["<|im_end|>"]
+    config = Qwen2Config(
+        vocab_size=padded(len(vocab)), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=256,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        use_sliding_window=True, sliding_window=4, max_window_layers=1, tie_word_embeddings=False,
+        initializer_range=0.08, bos_token_id=eot, eos_token_id=im_end, attn_implementation="eager",
+        dtype="bfloat16",
+    )
+    assert config.sliding_window == 4
+    assert config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"], config.layer_types
+    model = Qwen2ForCausalLM(config)
+    randomize(model, gen, scale=2.0)
+    quiet_padding_rows(model, len(vocab))
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+
+    def old_spelling(cfg):  # Qwen/Qwen2.5-*'s spelling, with no layer_types: the reader derives them
+        assert cfg.pop("layer_types") == ["full_attention", "sliding_attention", "sliding_attention"]
+        assert cfg["use_sliding_window"] is True and cfg["sliding_window"] == 4 and cfg["max_window_layers"] == 1
+        cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+        cfg["torch_dtype"] = cfg.pop("dtype")
+        return cfg
+
+    snap = write_variant(name, family, model, old_spelling)
+    names = tensor_names(snap)
+    assert "lm_head.weight" in names and "model.layers.0.self_attn.q_proj.bias" in names
+    model, tensors, meta = variant_reference(
+        name, family, Qwen2ForCausalLM, model, [im_end, eot], eot,
+        ["layer_types", "sliding_window", "use_sliding_window", "max_window_layers", "rope_parameters",
+         "tie_word_embeddings", "vocab_size", "dtype"])
+    assert min(len(p["ids"]) for p in meta["prompts"] if p["kind"] == "chat") > 4
+    sd, report = effects(name, Qwen2ForCausalLM, model, tensors, meta)
+    report("with use_sliding_window false (every layer full)", lambda c: (
+        setattr(c, "use_sliding_window", False), setattr(c, "sliding_window", None),
+        setattr(c, "layer_types", ["full_attention"] * 3)))
+    report("with the window on layer 0 too (max_window_layers ignored)",
+           lambda c: setattr(c, "layer_types", ["sliding_attention"] * 3))
+    report("with window 3", lambda c: setattr(c, "sliding_window", 3))
+    report("with window 5", lambda c: setattr(c, "sliding_window", 5))
+    greedy = [t for n, t in tensors.items() if n.endswith(".greedy")]
+    assert all(v < len(vocab) for g in greedy for v in g.tolist())
+
+
+def gemma3_capped():
+    """Gemma 3 with 7 layers and no layer_types/sliding_window_pattern (the default pattern 6: layer 5 full),
+    attention and final soft-caps that bite, no rope_scaling and no rope_local_base_freq (default 10000)."""
+    name, family = "gemma3-capped", "gemma3"
+    print(f"== {name}")
+    gen = torch.Generator().manual_seed(5003)
+    vocab = family_vocab(family)
+    eos, eot, pad = vocab["<eos>"], vocab["<end_of_turn>"], vocab["<pad>"]
+    config = Gemma3TextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=7,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=5, attn_logit_softcapping=5.0, final_logit_softcapping=20.0, rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        initializer_range=0.08, pad_token_id=pad, eos_token_id=[eos, eot], bos_token_id=vocab["<bos>"],
+        attn_implementation="eager", dtype="bfloat16",
+    )
+    layers = ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    assert config.layer_types == layers, config.layer_types
+    model = Gemma3ForCausalLM(config)
+    randomize(model, gen, scale=2.0, gemma_norms=True)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(0.2)
+        model.model.norm.weight.add_(GEMMA3_CAPPED_FINAL_NORM)
+        for layer in model.model.layers:  # larger q/k norm scales: attention scores past the cap
+            layer.self_attn.q_norm.weight.add_(GEMMA3_CAPPED_QK_NORM)
+            layer.self_attn.k_norm.weight.add_(GEMMA3_CAPPED_QK_NORM)
+
+    def old_spelling(cfg):  # google/gemma-3-1b-it's spelling less rope_local_base_freq, rope_scaling, the pattern
+        rp = cfg.pop("rope_parameters")
+        assert rp["sliding_attention"] == {"rope_type": "default", "rope_theta": 10000.0}, rp
+        assert rp["full_attention"]["rope_type"] == "default", rp
+        cfg["rope_theta"] = rp["full_attention"]["rope_theta"]
+        assert cfg.pop("layer_types") == layers
+        cfg.pop("_sliding_window_pattern", None)
+        assert "sliding_window_pattern" not in cfg and "rope_scaling" not in cfg
+        cfg["torch_dtype"] = cfg.pop("dtype")
+        return cfg
+
+    snap = write_variant(name, family, model, old_spelling)
+    names = tensor_names(snap)
+    assert "lm_head.weight" not in names
+    model, tensors, meta = variant_reference(
+        name, family, Gemma3ForCausalLM, model, [eos, eot], pad,
+        ["layer_types", "sliding_window", "rope_parameters", "attn_logit_softcapping", "final_logit_softcapping",
+         "query_pre_attn_scalar", "head_dim", "num_key_value_heads", "vocab_size", "dtype"], embed_scale=True,
+        extra={"note": "transformers' Gemma 3 attention ignores attn_logit_softcapping (Gemma3Attention passes no "
+                       "softcap to its attention function; Gemma 2's does): this reference has no attention cap, "
+                       "only the final one"})
+    es = meta["embed_scale"]
+    sd, report = effects(name, Gemma3ForCausalLM, model, tensors, meta, embed_scale=es)
+    i = longest(meta)
+    ids = meta["prompts"][i]["ids"]
+
+    # transformers' Gemma 3 attention passes no softcap to its attention function (Gemma 2's does): the config's
+    # attn_logit_softcapping is read and ignored, so the reference has no attention cap. What applying it (Gemma
+    # 2's rule) would change, and how far the scores go past it (eager attention, visible positions only):
+    from transformers.models.gemma3 import modeling_gemma3 as mg
+    orig, seen = mg.eager_attention_forward, []
+
+    def spy(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kw):
+        assert softcap is None
+        cap = module.attn_logit_softcapping
+        s = torch.matmul(query, mg.repeat_kv(key, module.num_key_value_groups).transpose(2, 3)) * scaling
+        visible = (attention_mask[:, :, :, : key.shape[-2]] == 0).expand_as(s)
+        seen.append(((s.abs() * visible).amax().item(),
+                     ((s.abs() > cap) & visible).sum().item() / visible.sum().item()))
+        return orig(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=cap, **kw)
+
+    want = tensors[f"p{i}.logits"]
+    mg.eager_attention_forward = spy
+    try:
+        capped = logits_of(model, ids)
+    finally:
+        mg.eager_attention_forward = orig
+    assert torch.equal(logits_of(model, ids), want)
+    print(f"  [{name}] transformers ignores attn_logit_softcapping for Gemma 3; were it applied "
+          f"({config.attn_logit_softcapping}), max|Δlogits| {max_diff(capped, want):.3f}; the scores before it: "
+          f"max|s| per layer {[round(m, 1) for m, _ in seen]}, share of visible scores past it "
+          f"{[round(f, 2) for _, f in seen]}")
+    report("with attn_logit_softcapping None", lambda c: setattr(c, "attn_logit_softcapping", None))
+    uncapped = report("without the final soft-cap", lambda c: setattr(c, "final_logit_softcapping", None))
+    print(f"  [{name}] ... max|logit| before the final cap {uncapped.abs().max():.2f}, after it "
+          f"{tensors[f'p{i}.logits'].abs().max():.2f} (cap {config.final_logit_softcapping})")
+    report("with every layer sliding (no default pattern 6)",
+           lambda c: setattr(c, "layer_types", ["sliding_attention"] * 7))
+    report("with simply alternating layers", lambda c: setattr(
+        c, "layer_types", ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(7)]))
+    report("without the sliding window", lambda c: setattr(c, "sliding_window", 4096))
+    report("with rope_theta 1e6 on sliding layers (no local default)", lambda c: c.rope_parameters.update(
+        sliding_attention={"rope_type": "default", "rope_theta": 1000000.0}))
+
+
+GEMMA3_CAPPED_FINAL_NORM = 8.0
+GEMMA3_CAPPED_QK_NORM = 1.0
+
+
+def qwen3_bias():
+    """Qwen 3 with q/k/v/o biases, tied embeddings, and no head_dim key: Qwen 3's default 128, not hidden/heads 16."""
+    name, family = "qwen3-bias", "qwen3"
+    print(f"== {name}")
+    gen = torch.Generator().manual_seed(5004)
+    vocab = family_vocab(family)
+    eot, im_end = vocab["<|endoftext|>"], vocab["<|im_end|>"]
+    config = Qwen3Config(
+        vocab_size=padded(len(vocab)), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, hidden_act="silu", max_position_embeddings=256,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        attention_bias=True, use_sliding_window=False, max_window_layers=2, tie_word_embeddings=True,
+        initializer_range=0.08, bos_token_id=eot, eos_token_id=im_end, attn_implementation="eager",
+        dtype="bfloat16",
+    )
+    assert config.head_dim == 128 != config.hidden_size // config.num_attention_heads
+    model = Qwen3ForCausalLM(config)
+    randomize(model, gen, scale=2.0)
+    quiet_padding_rows(model, len(vocab))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert tuple(model.model.layers[0].self_attn.q_proj.weight.shape) == (512, 64)
+
+    def new_spelling(cfg):  # transformers 5's own config.json, less head_dim
+        assert cfg.pop("head_dim") == 128
+        return cfg
+
+    snap = write_variant(name, family, model, new_spelling)
+    names = tensor_names(snap)
+    assert "lm_head.weight" not in names
+    for t in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert f"model.layers.0.self_attn.{t}.bias" in names, t
+    model, tensors, meta = variant_reference(
+        name, family, Qwen3ForCausalLM, model, [im_end, eot], eot,
+        ["head_dim", "attention_bias", "tie_word_embeddings", "layer_types", "sliding_window", "rope_parameters",
+         "num_key_value_heads", "vocab_size", "dtype"])
+    sd, report = effects(name, Qwen3ForCausalLM, model, tensors, meta)
+    report("without the attention biases (q/k/v/o)", state_dict=zeroed(sd, lambda k: "bias" in k))
+    report("without the o_proj bias only (Qwen 2's rule)", state_dict=zeroed(sd, lambda k: "o_proj.bias" in k))
+    report("without the q/k biases only", state_dict=zeroed(sd, lambda k: "q_proj.bias" in k or "k_proj.bias" in k))
+    greedy = [t for n, t in tensors.items() if n.endswith(".greedy")]
+    assert all(v < len(vocab) for g in greedy for v in g.tolist())
+
+
+def variants():
+    llama_bias()
+    qwen2_window()
+    gemma3_capped()
+    qwen3_bias()
+    for name in ("llama-bias", "qwen2-window", "gemma3-capped", "qwen3-bias"):
+        snap = os.path.join(VARIANTS, name)
+        size = sum(os.path.getsize(os.path.join(snap, f)) for f in os.listdir(snap))
+        ref = sum(os.path.getsize(os.path.join(VARIANTS, "reference", f"{name}.{e}"))
+                  for e in ("json", "safetensors"))
+        print(f"  [{name}] snapshot {size / 1024:.0f} KiB, reference {ref / 1024:.0f} KiB")
+
+
 def main():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
@@ -1053,8 +1411,9 @@ def main():
     qwen2()
     qwen3()
     gemma3()
+    variants()
     print("wrote", ", ".join(os.path.normpath(os.path.join(ASSETS, f"tiny-{f}"))
-                             for f in ("llama", "qwen2", "qwen3", "gemma3")))
+                             for f in ("llama", "qwen2", "qwen3", "gemma3", "variants")))
 
 
 if __name__ == "__main__":
