@@ -85,15 +85,51 @@ fn check_blocks_and_logits(family: &str, model_name: &str, adapter: Option<&str>
     )
     .unwrap();
     let r = reference(family, adapter.unwrap_or(model_name));
+    check_against(&model, &r, &format!("{family} {model_name}{adapter:?}"));
+}
+
+fn check_against(model: &Model, r: &Reference, label: &str) {
     for i in 0..r.prompts().len() {
-        let result = crossdiff::model::inspect::inspect(&model, r.ids(i)).unwrap();
+        let result = crossdiff::model::inspect::inspect(model, r.ids(i)).unwrap();
         assert_eq!(result.blocks.len(), model.lm.config.num_hidden_layers);
         for (l, block) in result.blocks.iter().enumerate() {
-            let what = format!("{family} {model_name}{adapter:?} p{i} block {l}");
-            assert_close(&what, block, &r.get(&format!("p{i}.block.{l}")).1, TOL);
+            assert_close(&format!("{label} p{i} block {l}"), block, &r.get(&format!("p{i}.block.{l}")).1, TOL);
         }
-        let what = format!("{family} {model_name}{adapter:?} p{i} logits");
-        assert_close(&what, &result.logits, &r.get(&format!("p{i}.logits")).1, TOL);
+        assert_close(&format!("{label} p{i} logits"), &result.logits, &r.get(&format!("p{i}.logits")).1, TOL);
+    }
+}
+
+/// Configs the main fixtures leave out (assets/tiny-variants): Llama with attention and MLP biases,
+/// tied, f16 single-file, head_dim from hidden/heads; Qwen 2 with its window switched on from
+/// `max_window_layers`; Gemma 3 with the default 5:1 pattern, caps in the config (transformers
+/// applies only the final one) and the older spelling only; Qwen 3 with biases and the default
+/// head_dim 128.
+const VARIANTS: [(&str, Family); 4] = [
+    ("llama-bias", Family::Llama),
+    ("qwen2-window", Family::Qwen2),
+    ("gemma3-capped", Family::Gemma3),
+    ("qwen3-bias", Family::Qwen3),
+];
+
+#[test]
+fn configs_the_main_fixtures_leave_out_match_transformers() {
+    let root = family_fixture("variants", "");
+    let mut devices = vec![flex()];
+    devices.extend(wgpu_device());
+    for (name, family) in VARIANTS {
+        let r = Reference::load_from(&root.join("reference"), name);
+        for device in &devices {
+            let model = Model::load(root.join(name), device, LoadOptions::default()).unwrap();
+            assert_eq!(model.lm.config.family, family);
+            check_against(&model, &r, &format!("{name} on {device:?}"));
+        }
+        let model = Model::load(root.join(name), &flex(), LoadOptions::default()).unwrap();
+        let stop = model.stop_ids();
+        for i in 0..r.prompts().len() {
+            let want: Vec<u32> = r.get(&format!("p{i}.greedy")).1.iter().map(|&v| v as u32).collect();
+            let got = generate(&model.lm, &r.ids(i), want.len(), Sampling::default(), &stop, |_| true).unwrap();
+            assert_eq!(got, want, "{name} prompt {i}");
+        }
     }
 }
 

@@ -320,6 +320,17 @@ impl ModelConfig {
         self.effective_sliding_window().is_some() && self.is_sliding_type(layer)
     }
 
+    /// The attention soft-cap: Gemma 2's `attn_logit_softcapping`. Gemma 3 configs may carry the
+    /// field, but transformers' Gemma 3 never applies it (its attention passes no `softcap`).
+    pub fn attention_softcap(&self) -> Option<f64> {
+        self.attn_logit_softcapping.filter(|_| self.family == Family::Gemma2)
+    }
+
+    /// The final logits' soft-cap (Gemma 2 and 3; the other families have none).
+    pub fn final_softcap(&self) -> Option<f64> {
+        self.final_logit_softcapping.filter(|_| self.family.is_gemma())
+    }
+
     /// The factor on q·k: Gemma's `query_pre_attn_scalar^-½` (default 256), else `head_dim^-½`.
     pub fn attention_scale(&self) -> f64 {
         let scalar =

@@ -235,7 +235,7 @@ impl DecoderLm {
             [one] => unembed(one),
             blocks => Tensor::cat(blocks.iter().map(unembed).collect(), 1),
         };
-        match self.config.final_logit_softcapping {
+        match self.config.final_softcap() {
             Some(c) => soft_cap(logits, c),
             None => logits,
         }
@@ -348,7 +348,7 @@ impl DecoderLm {
         // Query head i uses KV head i / groups: fold the groups into the query-time axis.
         let q = q.reshape([b, kv, groups * t, hd]);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(c.attention_scale());
-        let scores = match c.attn_logit_softcapping {
+        let scores = match c.attention_softcap() {
             Some(cap) => soft_cap(scores, cap),
             None => scores,
         };

@@ -80,7 +80,12 @@ impl DecoderLm {
         };
         let embed = vocab_blocks(embed_name)?;
         tick(1);
-        let unembed = if c.tied() { None } else { Some(vocab_blocks("lm_head.weight")?) };
+        let unembed = if c.tied() {
+            None
+        } else {
+            let why = "config.json's `tie_word_embeddings` is false (or absent), so the unembedding is read from it";
+            Some(vocab_blocks("lm_head.weight").map_err(|e| e.context(why))?)
+        };
         tick(1);
         let normalizer = family.scales_embedding().then(|| run_dtype.round((d as f32).sqrt()));
 

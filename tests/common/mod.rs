@@ -120,8 +120,13 @@ impl TempDir {
 
     /// A copy of a fixture snapshot directory.
     pub fn copy_of(tag: &str, fixture_name: &str) -> Self {
+        Self::copy_from(tag, &fixture(fixture_name))
+    }
+
+    /// A scratch copy of the files of folder `src` (not recursive).
+    pub fn copy_from(tag: &str, src: &Path) -> Self {
         let t = Self::new(tag);
-        for entry in std::fs::read_dir(fixture(fixture_name)).unwrap() {
+        for entry in std::fs::read_dir(src).unwrap() {
             let entry = entry.unwrap();
             std::fs::copy(entry.path(), t.0.join(entry.file_name())).unwrap();
         }
