@@ -104,6 +104,15 @@ fn f16_weight_storage_stays_close() {
 }
 
 #[test]
+fn f16_weight_storage_stays_close_on_wgpu() {
+    // f16 matmuls in WGSL (the adapter's shader-f16 feature); norms, softmax and the residual
+    // stream stay f32.
+    if let Some(device) = wgpu_device() {
+        check_blocks_and_logits(&device, LoadOptions { f16_weights: true, ..Default::default() }, 2e-2);
+    }
+}
+
+#[test]
 fn embedding_in_vocabulary_blocks_gives_the_same_outputs() {
     // 676 rows in blocks of 100: lookups and logits cross block boundaries.
     check_blocks_and_logits(&flex(), LoadOptions { embed_block_rows: Some(100), ..Default::default() }, TOL);

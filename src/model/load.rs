@@ -34,6 +34,11 @@ impl DecoderLm {
             done += n;
             progress(done, total);
         };
+        if options.f16_weights && !device.supports_dtype(DType::F16) {
+            anyhow::bail!(
+                "--f16: this device ({device:?}) has no f16 arithmetic (a GPU adapter without the shader-f16 feature); leave --f16 off"
+            );
+        }
         let weight_dtype = if options.f16_weights { DType::F16 } else { DType::F32 };
         let upload = |values: Vec<f32>, shape: [usize; 2], dtype: DType| -> Tensor<2> {
             match dtype {
