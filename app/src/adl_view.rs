@@ -17,6 +17,7 @@ use crate::widgets::printable;
 pub const FIELDS: Fields = &[
     ("base", Field::Value("Base model directory")),
     ("chat", Field::Value("Chat model directory")),
+    ("chat-adapter", Field::Value(crate::widgets::ADAPTER_LABEL)),
     ("data", Field::Value("Text file")),
     ("out", Field::Value("Output folder")),
     ("layer", Field::Value("Layer")),
@@ -79,12 +80,14 @@ impl AdlView {
         self.result = None;
     }
 
-    /// The job the Run button starts: the engine's config with this view's paths.
-    pub fn job_config(&self) -> AdlJob {
+    /// The job the Run button starts: the engine's config with this view's paths and the app's chat
+    /// adapter.
+    pub fn job_config(&self, chat_adapter: Option<PathBuf>) -> AdlJob {
         let path = |s: &str| PathBuf::from(s.trim());
         AdlJob {
             base: path(&self.base_dir),
             chat: path(&self.chat_dir),
+            chat_adapter,
             data: path(&self.data),
             out: path(&self.out_dir),
             ..self.config.clone()
@@ -92,7 +95,7 @@ impl AdlView {
     }
 
     fn start(&mut self, env: &JobEnv) {
-        let (job, delivery) = (self.job_config(), self.delivery.clone());
+        let (job, delivery) = (self.job_config(env.chat_adapter()), self.delivery.clone());
         self.job.start(env.spawn("ADL", move |device, store, handle| match job.run(device, store, handle) {
             Ok(done) => {
                 let r = &done.report;
@@ -112,7 +115,7 @@ impl AdlView {
         }));
     }
 
-    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv) {
+    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv, commands: &mut crate::commands::Commands) {
         if let Some(report) = self.job.delivered(&self.delivery) {
             self.result = Some(report);
         }
@@ -123,13 +126,10 @@ impl AdlView {
         );
         crate::widgets::text_rows(
             ui,
-            [
-                ("Base model directory", &mut self.base_dir),
-                ("Chat model directory", &mut self.chat_dir),
-                ("Text file", &mut self.data),
-                ("Output folder", &mut self.out_dir),
-            ],
+            [("Base model directory", &mut self.base_dir), ("Chat model directory", &mut self.chat_dir)],
         );
+        crate::widgets::adapter_row(ui, &env.chat_adapter, commands);
+        crate::widgets::text_rows(ui, [("Text file", &mut self.data), ("Output folder", &mut self.out_dir)]);
         let c = &mut self.config;
         egui::Grid::new("adl settings").num_columns(2).show(ui, |ui| {
             for (label, value, max) in [

@@ -22,6 +22,7 @@ pub const FIELDS: Fields = &[
     ("run", Field::Value("Run directory")),
     ("base", Field::Value("Base model directory")),
     ("chat", Field::Value("Chat model directory")),
+    ("chat-adapter", Field::Value(crate::widgets::ADAPTER_LABEL)),
     ("cache", Field::Value("Cache directory")),
     ("tokens", Field::Value("Tokens to analyse")),
     ("examples", Field::Value("Examples per latent")),
@@ -35,6 +36,7 @@ pub const KL_FIELDS: Fields = &[
     ("run", Field::Value("Run directory")),
     ("base", Field::Value("Base model directory")),
     ("chat", Field::Value("Chat model directory")),
+    ("chat-adapter", Field::Value(crate::widgets::ADAPTER_LABEL)),
     ("data", Field::Value("Conversations file")),
     ("conversations", Field::Value("Conversations")),
     ("patch-on", Field::Value("Patch on")),
@@ -106,25 +108,29 @@ impl AnalyzeView {
     }
 
     /// The analysis the Start button runs: the engine's config with this view's paths; the models
-    /// (for each latent's promoted/suppressed tokens) when a directory is given.
-    pub fn job_config(&self) -> AnalyzeJob {
+    /// (for each latent's promoted/suppressed tokens) when a directory is given, the chat one with
+    /// the app's chat adapter.
+    pub fn job_config(&self, chat_adapter: Option<PathBuf>) -> AnalyzeJob {
         let given = |s: &str| (!s.trim().is_empty()).then(|| PathBuf::from(s.trim()));
+        let chat = given(&self.chat_dir);
         AnalyzeJob {
             run: PathBuf::from(&self.run_dir),
             cache: PathBuf::from(&self.cache_dir),
             base: given(&self.base_dir),
-            chat: given(&self.chat_dir),
+            chat_adapter: chat_adapter.filter(|_| chat.is_some()),
+            chat,
             allow_other_models: self.allow_other_models,
             ..self.config.clone()
         }
     }
 
-    /// The KL check the Start button runs.
-    pub fn kl_config(&self) -> KlJob {
+    /// The KL check the Start button runs (with the app's chat adapter).
+    pub fn kl_config(&self, chat_adapter: Option<PathBuf>) -> KlJob {
         KlJob {
             run: PathBuf::from(&self.run_dir),
             base: PathBuf::from(&self.base_dir),
             chat: PathBuf::from(&self.chat_dir),
+            chat_adapter,
             data: PathBuf::from(&self.kl_data),
             conversations: self.conversations,
             allow_other_models: self.allow_other_models,
@@ -135,7 +141,7 @@ impl AnalyzeView {
     }
 
     fn start_analysis(&mut self, env: &JobEnv) {
-        let (job, delivery) = (self.job_config(), self.delivery.clone());
+        let (job, delivery) = (self.job_config(env.chat_adapter()), self.delivery.clone());
         self.job.start(env.spawn("latent analysis", move |device, _, handle| match job.run_any(device, handle) {
             Ok(Analysed::Sae(done)) => {
                 let line = done.line();
@@ -171,7 +177,8 @@ impl AnalyzeView {
     }
 
     fn start_kl(&mut self, env: &JobEnv) {
-        let (mut job, delivery, sweep) = (self.kl_config(), self.kl_delivery.clone(), self.sweep_layers.clone());
+        let (mut job, delivery, sweep) =
+            (self.kl_config(env.chat_adapter()), self.kl_delivery.clone(), self.sweep_layers.clone());
         self.kl_job.start(env.spawn("KL check", move |device, store, handle| {
             // The sweep's blocks are read when the job starts: a bad entry is the job's error.
             job.layers = parse_layers(&sweep)?;
@@ -209,6 +216,7 @@ impl AnalyzeView {
                 ("Chat model directory", &mut self.chat_dir),
             ],
         );
+        crate::widgets::adapter_row(ui, &env.chat_adapter, commands);
         ui.checkbox(&mut self.allow_other_models, "Allow other models")
             .on_hover_text("Go on when these models (or the cache's) are not the ones the run was trained on");
         ui.separator();

@@ -123,6 +123,9 @@ pub struct CrossdiffApp {
     pub recent: Vec<PathBuf>,
     /// The one device every job runs on (the top bar's selector).
     pub backend: Backend,
+    /// The chat model's LoRA adapter folder as typed (empty: none): one field for every view that
+    /// names a chat model, given to every job through [`JobEnv`].
+    pub chat_adapter: String,
     /// Loaded models, shared by every view: a model is reloaded only when its path or the device
     /// changes.
     pub store: Arc<ModelStore>,
@@ -161,6 +164,7 @@ impl CrossdiffApp {
             project: None,
             recent: Vec::new(),
             backend: Backend::Auto,
+            chat_adapter: String::new(),
             store: Arc::new(ModelStore::new()),
             commands: Commands::new(),
             ctx,
@@ -190,9 +194,14 @@ impl CrossdiffApp {
         self.tour.dismissed = eframe::get_value(storage, TOUR_DISMISSED_KEY).unwrap_or(false);
     }
 
-    /// What every job gets: the app's device and model store.
+    /// What every job gets: the app's device, model store and chat adapter.
     pub fn job_env(&self) -> JobEnv {
-        JobEnv { ctx: self.ctx.clone(), backend: self.backend, store: self.store.clone() }
+        JobEnv {
+            ctx: self.ctx.clone(),
+            backend: self.backend,
+            store: self.store.clone(),
+            chat_adapter: self.chat_adapter.clone(),
+        }
     }
 
     /// Opens a project folder: every view's paths come from it, and it joins the recent list.
@@ -202,6 +211,7 @@ impl CrossdiffApp {
                 let s = |path: &Path| p.resolve(path).display().to_string();
                 let (base, chat) = (s(&p.base), s(&p.chat));
                 self.models.dirs = [base.clone(), chat.clone()];
+                self.chat_adapter = p.chat_adapter.as_deref().map(s).unwrap_or_default();
                 self.cache.base_dir = base.clone();
                 self.cache.chat_dir = chat.clone();
                 self.cache.data = p.data.iter().map(|d| s(d)).collect::<Vec<_>>().join("\n");
@@ -257,10 +267,10 @@ impl CrossdiffApp {
         }
     }
 
-    /// Creates a project in `dir` from the model directories in the Models view.
+    /// Creates a project in `dir` from the model directories in the Models view and the chat adapter.
     pub fn create_project(&mut self, dir: &Path) {
         let [base, chat] = self.models.dirs.clone().map(PathBuf::from);
-        match Project::create(dir, base, chat, Vec::new()) {
+        match Project::create_adapted(dir, base, chat, self.job_env().chat_adapter(), Vec::new()) {
             Ok(_) => self.open_project(dir),
             Err(e) => self.error = Some(crate::errors::phrase(&e, &[])),
         }
@@ -325,6 +335,7 @@ impl CrossdiffApp {
                     self.tab = Tab::Plots;
                 }
                 AppCommand::GenerateSteered => self.steering.generate_when_shown(),
+                AppCommand::SetChatAdapter { dir } => self.chat_adapter = dir,
             }
         }
     }
@@ -422,11 +433,13 @@ impl eframe::App for CrossdiffApp {
         let env = self.job_env();
         match self.tab {
             Tab::Models => {
-                egui::Panel::left("models").default_size(380.0).show(ui, |ui| self.models.models_ui(ui, &env));
+                egui::Panel::left("models")
+                    .default_size(380.0)
+                    .show(ui, |ui| self.models.models_ui(ui, &env, &mut self.commands));
                 egui::CentralPanel::default().show(ui, |ui| self.models.prompt_ui(ui, &env));
             }
             Tab::Cache => {
-                egui::CentralPanel::default().show(ui, |ui| self.cache.ui(ui, &env));
+                egui::CentralPanel::default().show(ui, |ui| self.cache.ui(ui, &env, &mut self.commands));
             }
             Tab::Train => {
                 egui::CentralPanel::default().show(ui, |ui| self.train.ui(ui, &env, &mut self.commands));
@@ -438,10 +451,10 @@ impl eframe::App for CrossdiffApp {
                 egui::CentralPanel::default().show(ui, |ui| self.latents.ui(ui, &mut self.commands));
             }
             Tab::PromptLab => {
-                egui::CentralPanel::default().show(ui, |ui| self.prompt_lab.ui(ui, &env));
+                egui::CentralPanel::default().show(ui, |ui| self.prompt_lab.ui(ui, &env, &mut self.commands));
             }
             Tab::Steering => {
-                egui::CentralPanel::default().show(ui, |ui| self.steering.ui(ui, &env));
+                egui::CentralPanel::default().show(ui, |ui| self.steering.ui(ui, &env, &mut self.commands));
             }
             Tab::Compare => {
                 egui::CentralPanel::default().show(ui, |ui| self.compare.ui(ui));
@@ -450,7 +463,7 @@ impl eframe::App for CrossdiffApp {
                 egui::CentralPanel::default().show(ui, |ui| self.plots.ui(ui, &mut self.commands));
             }
             Tab::Adl => {
-                egui::CentralPanel::default().show(ui, |ui| self.adl.ui(ui, &env));
+                egui::CentralPanel::default().show(ui, |ui| self.adl.ui(ui, &env, &mut self.commands));
             }
             Tab::Methods => {
                 egui::CentralPanel::default().show(ui, |ui| self.methods.ui(ui));

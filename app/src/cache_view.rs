@@ -8,6 +8,7 @@ use crossdiff::activations::cache::ActDtype;
 use crossdiff::workflow::cache::CacheJob;
 use eframe::egui;
 
+use crate::commands::{AppCommand, Commands};
 use crate::errors::{Field, Fields};
 use crate::jobs::{JobEnv, JobSlot};
 
@@ -15,6 +16,7 @@ use crate::jobs::{JobEnv, JobSlot};
 pub const FIELDS: Fields = &[
     ("base", Field::Value("Base model directory")),
     ("chat", Field::Value("Chat model directory")),
+    ("chat-adapter", Field::Value(crate::widgets::ADAPTER_LABEL)),
     ("out", Field::Value("Cache directory")),
     ("data", Field::Value("Data files")),
     ("layer", Field::Value("Layer")),
@@ -103,18 +105,20 @@ impl CacheView {
         Some(self.config.tokens * 2 * d * self.config.dtype.bytes() as u64)
     }
 
-    /// The job the Start button runs: the engine's config with this view's paths.
-    pub fn job_config(&self) -> CacheJob {
+    /// The job the Start button runs: the engine's config with this view's paths and the app's chat
+    /// adapter.
+    pub fn job_config(&self, chat_adapter: Option<PathBuf>) -> CacheJob {
         CacheJob {
             base: PathBuf::from(&self.base_dir),
             chat: PathBuf::from(&self.chat_dir),
+            chat_adapter,
             data: self.data.lines().map(str::trim).filter(|l| !l.is_empty()).map(PathBuf::from).collect(),
             out: PathBuf::from(&self.out_dir),
             ..self.config.clone()
         }
     }
 
-    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv) {
+    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv, commands: &mut Commands) {
         self.refresh_width();
         ui.heading("Activation cache");
         if let Some((_, line)) = self.existing.as_ref().filter(|(dir, _)| *dir == self.out_dir) {
@@ -122,15 +126,21 @@ impl CacheView {
         }
         let c = &mut self.config;
         egui::Grid::new("cache settings").num_columns(2).show(ui, |ui| {
-            for (label, field) in [
-                ("Base model directory", &mut self.base_dir),
-                ("Chat model directory", &mut self.chat_dir),
-                ("Cache directory", &mut self.out_dir),
-            ] {
+            for (label, field) in
+                [("Base model directory", &mut self.base_dir), ("Chat model directory", &mut self.chat_dir)]
+            {
                 let name = ui.label(label).id;
                 ui.add(egui::TextEdit::singleline(field).desired_width(420.0)).labelled_by(name);
                 ui.end_row();
             }
+            let name = ui.label(crate::widgets::ADAPTER_LABEL).id;
+            if let Some(dir) = crate::widgets::adapter_field(ui, name, &env.chat_adapter) {
+                commands.push(AppCommand::SetChatAdapter { dir });
+            }
+            ui.end_row();
+            let name = ui.label("Cache directory").id;
+            ui.add(egui::TextEdit::singleline(&mut self.out_dir).desired_width(420.0)).labelled_by(name);
+            ui.end_row();
             let name = ui.label("Data files (one per line)").id;
             ui.add(egui::TextEdit::multiline(&mut self.data).desired_rows(3).desired_width(420.0)).labelled_by(name);
             ui.end_row();
@@ -158,7 +168,7 @@ impl CacheView {
             None => ui.weak("Disk needed: (choose a readable base model)"),
         };
         if self.job.start_button(ui, true, "Start caching") {
-            let job = self.job_config();
+            let job = self.job_config(env.chat_adapter());
             self.job.start(env.spawn("caching", move |device, _, handle| {
                 let done = crossdiff::workflow::cache::run(&job, device, handle)?;
                 let index = &done.index;

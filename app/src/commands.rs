@@ -106,6 +106,11 @@ pub enum AppCommand {
     },
     /// Generate in the Steering view with its latents once it is shown.
     GenerateSteered,
+    /// The chat adapter field (shown in every view with a chat model) now reads `dir`; every job
+    /// merges it into the chat model (empty: none).
+    SetChatAdapter {
+        dir: String,
+    },
 }
 
 /// The queue views push into; the app drains it once per frame.

@@ -10,6 +10,7 @@
 //! top bar's selector) on the job's thread and hands the job the app's one [`ModelStore`].
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, channel};
@@ -170,16 +171,24 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
-/// What every view's jobs share: the egui context (to repaint), the app's one device and its one
-/// model store.
+/// What every view's jobs share: the egui context (to repaint), the app's one device, its one
+/// model store and its one chat adapter.
 #[derive(Clone)]
 pub struct JobEnv {
     pub ctx: egui::Context,
     pub backend: Backend,
     pub store: Arc<ModelStore>,
+    /// The "Chat adapter (LoRA, optional)" field as typed (the app keeps one for every view).
+    pub chat_adapter: String,
 }
 
 impl JobEnv {
+    /// The LoRA adapter every job merges into the chat model: the app's field, when it is filled.
+    pub fn chat_adapter(&self) -> Option<PathBuf> {
+        let dir = self.chat_adapter.trim();
+        (!dir.is_empty()).then(|| PathBuf::from(dir))
+    }
+
     /// The backend jobs really run on: `auto` settled (an error there surfaces when the job opens
     /// the device).
     pub fn device_backend(&self) -> Backend {

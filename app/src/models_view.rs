@@ -16,6 +16,7 @@ use crate::jobs::{JobEnv, JobSlot};
 pub const FIELDS: Fields = &[
     ("base", Field::Value("Base model directory")),
     ("chat", Field::Value("Chat model directory")),
+    ("chat-adapter", Field::Value(crate::widgets::ADAPTER_LABEL)),
     ("prompt", Field::Value("Prompt text")),
     ("max-tokens", Field::Value("max tokens")),
 ];
@@ -30,6 +31,8 @@ pub struct ModelSummary {
     pub config: ModelConfig,
     /// The device it was loaded on.
     pub device: Backend,
+    /// The LoRA adapter merged into it: its folder and what it adapts.
+    pub adapter: Option<(PathBuf, String)>,
 }
 
 impl ModelSummary {
@@ -43,7 +46,27 @@ impl ModelSummary {
             parameters: c.parameter_count(),
             config: c.clone(),
             device,
+            adapter: m.adapter.clone(),
         }
+    }
+
+    /// What the view says about a loaded model (`name`: base or chat): its folder, then its family
+    /// and size, then the adapter merged into it, if any.
+    pub fn text(&self, name: &str) -> String {
+        let mut text = format!(
+            "{name}: {}\n{} · {} layers, width {}, vocab {}, {:.1}M parameters, on {}",
+            self.dir,
+            self.config.family,
+            self.layers,
+            self.hidden,
+            self.vocab,
+            self.parameters as f64 / 1e6,
+            self.device
+        );
+        if let Some((dir, description)) = &self.adapter {
+            text += &format!("\nadapter merged: {description} from {}", dir.display());
+        }
+        text
     }
 }
 
@@ -93,11 +116,15 @@ impl ModelsView {
         self.shown.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn models_ui(&mut self, ui: &mut egui::Ui, env: &JobEnv) {
+    pub fn models_ui(&mut self, ui: &mut egui::Ui, env: &JobEnv, commands: &mut crate::commands::Commands) {
         ui.heading("Models");
         for (slot, label) in ["Base model directory", "Chat model directory"].iter().enumerate() {
             let name = ui.label(*label).id;
             ui.add(egui::TextEdit::singleline(&mut self.dirs[slot]).desired_width(f32::INFINITY)).labelled_by(name);
+        }
+        let name = ui.label(crate::widgets::ADAPTER_LABEL).id;
+        if let Some(dir) = crate::widgets::adapter_field(ui, name, &env.chat_adapter) {
+            commands.push(crate::commands::AppCommand::SetChatAdapter { dir });
         }
         if self.job.start_button(ui, true, "Load models") {
             self.start_load(env);
@@ -108,15 +135,7 @@ impl ModelsView {
         for (slot, name) in ["base", "chat"].iter().enumerate() {
             match &shown.models[slot] {
                 Some(m) => {
-                    ui.label(format!(
-                        "{name}: {}\n{} layers, width {}, vocab {}, {:.1}M parameters, on {}",
-                        m.dir,
-                        m.layers,
-                        m.hidden,
-                        m.vocab,
-                        m.parameters as f64 / 1e6,
-                        m.device
-                    ));
+                    ui.label(m.text(name));
                 }
                 None => {
                     ui.weak(format!("{name}: not loaded"));
@@ -125,16 +144,18 @@ impl ModelsView {
         }
     }
 
-    /// Loads both models into the store (a model already there on this device is not reloaded).
+    /// Loads both models into the store (a model already there on this device is not reloaded), the
+    /// chat one with the app's chat adapter merged in.
     fn start_load(&mut self, env: &JobEnv) {
         let dirs = [PathBuf::from(&self.dirs[0]), PathBuf::from(&self.dirs[1])];
+        let adapters = [None, env.chat_adapter()];
         let shown = self.shown.clone();
         *self.shown() = Shown::default();
         let backend = env.device_backend();
         self.job.start(env.spawn("loading models", move |device, store, handle| {
             let mut models = Vec::new();
             for (slot, dir) in dirs.iter().enumerate() {
-                let m = store.get(dir, None, device, LoadOptions::default(), handle)?;
+                let m = store.get(dir, adapters[slot].as_deref(), device, LoadOptions::default(), handle)?;
                 shown.lock().unwrap_or_else(|e| e.into_inner()).models[slot] = Some(ModelSummary::of(dir, &m, backend));
                 models.push(m);
             }
@@ -226,13 +247,14 @@ impl ModelsView {
     /// device; their summaries shown), the answers streaming into the view.
     fn start_prompt(&mut self, env: &JobEnv) {
         let dirs = [PathBuf::from(&self.dirs[0]), PathBuf::from(&self.dirs[1])];
+        let adapter = env.chat_adapter();
         let (text, chat, max_tokens) = (self.prompt.clone(), self.chat, self.max_tokens);
         let shown = self.shown.clone();
         self.shown().answers = [None, None];
         let ctx = env.ctx.clone();
         let backend = env.device_backend();
         self.job.start(env.spawn("generating", move |device, store, handle| {
-            let (b, c) = store.pair(&dirs[0], &dirs[1], None, device, handle)?;
+            let (b, c) = store.pair(&dirs[0], &dirs[1], adapter.as_deref(), device, handle)?;
             shown.lock().unwrap_or_else(|e| e.into_inner()).models =
                 [Some(ModelSummary::of(&dirs[0], &b, backend)), Some(ModelSummary::of(&dirs[1], &c, backend))];
             let mut counts = [0usize; 2];

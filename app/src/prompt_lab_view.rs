@@ -16,6 +16,7 @@ pub const FIELDS: Fields = &[
     ("run", Field::Value("Run directory")),
     ("base", Field::Value("Base model directory")),
     ("chat", Field::Value("Chat model directory")),
+    ("chat-adapter", Field::Value(crate::widgets::ADAPTER_LABEL)),
     ("prompt", Field::Value("Text to analyse")),
     ("latent", Field::Value("Latents to follow")),
     ("allow-other-models", Field::Check("Allow other models")),
@@ -72,7 +73,7 @@ impl PromptLabView {
     }
 
     fn start(&mut self, env: &JobEnv) {
-        let (job, delivery) = (self.job_config(), self.delivery.clone());
+        let (job, delivery) = (self.job_config(env.chat_adapter()), self.delivery.clone());
         self.job.start(env.spawn("analysis", move |device, store, handle| {
             let outcome = job.run(device, store, handle)?;
             let n = outcome.tokens.len();
@@ -81,18 +82,20 @@ impl PromptLabView {
         }));
     }
 
-    /// The job the Analyse button runs: the engine's config with this view's paths and latents.
-    pub fn job_config(&self) -> PromptLabJob {
+    /// The job the Analyse button runs: the engine's config with this view's paths and latents, and
+    /// the app's chat adapter.
+    pub fn job_config(&self, chat_adapter: Option<PathBuf>) -> PromptLabJob {
         PromptLabJob {
             run: PathBuf::from(&self.run_dir),
             base: PathBuf::from(&self.base_dir),
             chat: PathBuf::from(&self.chat_dir),
+            chat_adapter,
             chosen: self.latents.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
             ..self.config.clone()
         }
     }
 
-    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv) {
+    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv, commands: &mut crate::commands::Commands) {
         if let Some(result) = self.job.delivered(&self.delivery) {
             self.result = Some(result);
         }
@@ -105,6 +108,7 @@ impl PromptLabView {
                 ("Chat model directory", &mut self.chat_dir),
             ],
         );
+        crate::widgets::adapter_row(ui, &env.chat_adapter, commands);
         let name = ui.label("Text to analyse").id;
         ui.add(egui::TextEdit::multiline(&mut self.config.text).desired_rows(2).desired_width(f32::INFINITY))
             .labelled_by(name);

@@ -14,6 +14,7 @@ use crate::jobs::{Delivery, JobEnv, JobSlot};
 pub const FIELDS: Fields = &[
     ("run", Field::Value("Run directory")),
     ("model", Field::Value("Model to steer")),
+    ("adapter", Field::Value(crate::widgets::ADAPTER_LABEL)),
     ("prompt", Field::Value("Steering prompt")),
     ("latent", Field::Value("Add latent")),
     ("strength", Field::Value("Strength")),
@@ -21,9 +22,15 @@ pub const FIELDS: Fields = &[
     ("allow-other-models", Field::Check("Allow other models")),
 ];
 
+/// The checkbox that merges the chat adapter into the model to steer.
+pub const MERGE_ADAPTER: &str = "Steer the chat model (merge the chat adapter)";
+
 pub struct SteeringView {
     pub run_dir: String,
     pub model_dir: String,
+    /// Merge the app's chat adapter (when there is one) into the model to steer: it is the chat
+    /// model. Off: the model as it is (the base, say).
+    pub merge_adapter: bool,
     /// (latent, strength as a multiple of its max activation).
     pub latents: Vec<(usize, f64)>,
     /// The prompt, chat switch, token budget and the rest, from `SteerJob::default()`.
@@ -41,6 +48,7 @@ impl SteeringView {
         Self {
             run_dir: String::new(),
             model_dir,
+            merge_adapter: true,
             latents: Vec::new(),
             // A first example prompt, as a chat turn.
             config: SteerJob { prompt: "Who are you?".into(), chat: true, ..SteerJob::default() },
@@ -57,6 +65,7 @@ impl SteeringView {
     pub fn prefill(&mut self, run: &str, chat: &str, suggestion: &crate::suggest::Suggestion) {
         self.run_dir = run.to_string();
         self.model_dir = chat.to_string();
+        self.merge_adapter = true;
         self.latents.clear();
         self.result = None;
         // A greeting: the chat model answers in its own voice, which a chat-specific latent changes.
@@ -74,7 +83,7 @@ impl SteeringView {
     }
 
     fn start(&mut self, env: &JobEnv) {
-        let Some(job) = self.job_config() else { return };
+        let Some(job) = self.job_config(env.chat_adapter()) else { return };
         let delivery = self.delivery.clone();
         self.job.start(env.spawn("steering", move |device, store, handle| {
             let done = job.run(device, store, handle)?;
@@ -100,12 +109,13 @@ impl SteeringView {
     }
 
     /// The job the Generate button runs: the engine's config with this view's paths and latents
-    /// (`None` without a latent).
-    pub fn job_config(&self) -> Option<SteerJob> {
+    /// (`None` without a latent), and the app's chat adapter when the chat model is steered.
+    pub fn job_config(&self, chat_adapter: Option<PathBuf>) -> Option<SteerJob> {
         let (&(latent, strength), more) = self.latents.split_first()?;
         Some(SteerJob {
             run: PathBuf::from(&self.run_dir),
             model: PathBuf::from(&self.model_dir),
+            adapter: chat_adapter.filter(|_| self.merge_adapter),
             latent,
             strength,
             more: more.to_vec(),
@@ -113,12 +123,13 @@ impl SteeringView {
         })
     }
 
-    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv) {
+    pub fn ui(&mut self, ui: &mut egui::Ui, env: &JobEnv, commands: &mut crate::commands::Commands) {
         if let Some(pair) = self.job.delivered(&self.delivery) {
             self.result = Some(pair);
         }
         ui.heading("Steering");
         crate::widgets::text_rows(ui, [("Run directory", &mut self.run_dir), ("Model to steer", &mut self.model_dir)]);
+        crate::widgets::adapter_row(ui, &env.chat_adapter, commands);
         let name = ui.label("Steering prompt").id;
         ui.add(egui::TextEdit::multiline(&mut self.config.prompt).desired_rows(2).desired_width(f32::INFINITY))
             .labelled_by(name);
@@ -126,6 +137,9 @@ impl SteeringView {
             ui.checkbox(&mut self.config.chat, "Render as a chat turn");
             ui.checkbox(&mut self.config.allow_other_models, "Allow other models")
                 .on_hover_text("Go on when this is not the chat model the run was trained on");
+            ui.add_enabled(env.chat_adapter().is_some(), egui::Checkbox::new(&mut self.merge_adapter, MERGE_ADAPTER))
+                .on_hover_text("The chat adapter merged into the model to steer; untick to steer that model as it is")
+                .on_disabled_hover_text("No chat adapter: the model is steered as it is");
         });
         ui.horizontal(|ui| {
             let name = ui.label("Add latent").id;

@@ -14,6 +14,42 @@ pub fn text_rows<const N: usize>(ui: &mut egui::Ui, fields: [(&str, &mut String)
     }
 }
 
+/// The label of the chat adapter field, in every view that names a chat model.
+pub const ADAPTER_LABEL: &str = "Chat adapter (LoRA, optional)";
+
+/// The chat adapter field (labelled by `name`) with a button that picks the folder through a dialog,
+/// showing the app's one value `current`; the new text when the user changed it this frame (the
+/// view sends it to the app as [`crate::commands::AppCommand::SetChatAdapter`]).
+pub fn adapter_field(ui: &mut egui::Ui, name: egui::Id, current: &str) -> Option<String> {
+    let mut text = current.to_string();
+    let mut changed = false;
+    ui.horizontal(|ui| {
+        let hint = "a PEFT adapter folder merged into the chat model";
+        let field = egui::TextEdit::singleline(&mut text).desired_width(330.0).hint_text(hint);
+        changed |= ui.add(field).labelled_by(name).changed();
+        if ui.button("Choose adapter…").clicked()
+            && let Some(dir) = rfd::FileDialog::new().set_title(ADAPTER_LABEL).pick_folder()
+        {
+            text = dir.display().to_string();
+            changed = true;
+        }
+    });
+    changed.then_some(text)
+}
+
+/// [`adapter_field`] on a row of its own, after its label; a change is pushed to `commands`.
+pub fn adapter_row(ui: &mut egui::Ui, current: &str, commands: &mut crate::commands::Commands) {
+    let changed = ui
+        .horizontal(|ui| {
+            let name = ui.label(ADAPTER_LABEL).id;
+            adapter_field(ui, name, current)
+        })
+        .inner;
+    if let Some(dir) = changed {
+        commands.push(crate::commands::AppCommand::SetChatAdapter { dir });
+    }
+}
+
 /// The field of the views that read a run's files.
 const RUN_FIELDS: crate::errors::Fields = &[("run", crate::errors::Field::Value("Run directory"))];
 

@@ -28,8 +28,8 @@ fn loads_both_models_and_runs_a_prompt_on_each() {
         .build_eframe(|cc| CrossdiffApp::new(cc.egui_ctx.clone()));
     harness.run_steps(2);
     harness.get_by_label("Load models").click();
-    wait_for(&mut harness, "tiny-gemma2/base\n4 layers, width 72, vocab 676");
-    wait_for(&mut harness, "tiny-gemma2/chat\n4 layers, width 72, vocab 676");
+    wait_for(&mut harness, "tiny-gemma2/base\nGemma 2 · 4 layers, width 72, vocab 676");
+    wait_for(&mut harness, "tiny-gemma2/chat\nGemma 2 · 4 layers, width 72, vocab 676");
     // Configs side by side and the memory both need (parameter counts from config.json).
     let c = crossdiff::ModelConfig::from_file(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-gemma2/base/config.json"),
@@ -644,7 +644,7 @@ fn a_job_that_panics_shows_its_error_and_the_next_job_runs() {
     // The UI is free again: the next job starts and finishes.
     harness.get_by_label("Load models").click();
     wait_for(&mut harness, "loading models finished: both models on cpu");
-    wait_for(&mut harness, "tiny-gemma2/chat\n4 layers, width 72, vocab 676");
+    wait_for(&mut harness, "tiny-gemma2/chat\nGemma 2 · 4 layers, width 72, vocab 676");
     assert!(harness.query_by_label_contains("the job panicked").is_none());
 }
 
@@ -759,7 +759,7 @@ fn every_job_runs_on_the_device_the_top_bar_names() {
         harness.run_steps(2);
         harness.get_by_label("Load models").click();
         wait_for(&mut harness, "loading models finished: both models on wgpu");
-        wait_for(&mut harness, "tiny-gemma2/base\n4 layers, width 72, vocab 676, 0.");
+        wait_for(&mut harness, "tiny-gemma2/base\nGemma 2 · 4 layers, width 72, vocab 676, 0.");
         assert_eq!(harness.query_all_by_label_contains("parameters, on wgpu").count(), 2);
     } else {
         assert!(std::env::var("CROSSDIFF_REQUIRE_WGPU").is_err(), "CROSSDIFF_REQUIRE_WGPU=1 but wgpu is unusable");
@@ -1228,4 +1228,148 @@ fn wait_idle(harness: &mut Harness<'_, CrossdiffApp>) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("jobs still running after 60 s");
+}
+
+/// Clears a text field by its label and types `text` into it.
+fn retype(harness: &mut Harness<'_, CrossdiffApp>, label: &str, text: &str) {
+    harness.get_by_label(label).focus();
+    harness.run_steps(1);
+    harness.key_press_modifiers(eframe::egui::Modifiers::COMMAND, eframe::egui::Key::A);
+    harness.key_press(eframe::egui::Key::Backspace);
+    harness.run_steps(1);
+    if !text.is_empty() {
+        harness.get_by_label(label).type_text(text);
+    }
+    harness.run_steps(2);
+}
+
+#[test]
+fn models_view_names_the_family_and_the_merged_adapter() {
+    use crossdiff_app::widgets::ADAPTER_LABEL;
+    let llama = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-llama");
+    let dirs = [llama.join("base").display().to_string(), llama.join("chat").display().to_string()];
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(move |cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.set_model_dirs(dirs);
+        app
+    });
+    harness.run_steps(2);
+    harness.get_by_label("Load models").click();
+    wait_for(&mut harness, "tiny-llama/base\nLlama 3 · 3 layers, width 48, vocab 452");
+    wait_for(&mut harness, "tiny-llama/chat\nLlama 3 · 3 layers, width 48, vocab 452");
+    // The configs' family row names it too; no adapter is merged.
+    assert_eq!(harness.query_all_by_label("Llama 3 (llama)").count(), 2);
+    assert!(harness.query_by_label_contains("adapter merged").is_none());
+    // The chat model made as the base with the LoRA adapter: its summary says what was merged.
+    let lora = llama.join("lora").display().to_string();
+    harness.state_mut().models.dirs[1] = llama.join("base").display().to_string();
+    retype(&mut harness, ADAPTER_LABEL, &lora);
+    assert_eq!(harness.state().chat_adapter, lora);
+    harness.get_by_label("Load models").click();
+    wait_for(&mut harness, "loading models finished");
+    let base = llama.join("base").display().to_string();
+    let line = "Llama 3 · 3 layers, width 48, vocab 452, 0.1M parameters, on cpu";
+    harness.get_by_label(&format!("base: {base}\n{line}"));
+    harness.get_by_label(&format!(
+        "chat: {base}\n{line}\nadapter merged: LoRA r=4 alpha=8 on down_proj, gate_proj, o_proj, q_proj, v_proj from {lora}"
+    ));
+}
+
+/// The chat adapter is one field, shown beside every chat model field; every job that loads the
+/// chat model gets its folder (a folder that is no adapter makes each of them fail naming it).
+#[test]
+fn every_job_merges_the_chat_adapter_the_field_names() {
+    use crossdiff_app::widgets::ADAPTER_LABEL;
+    let run = analysed_run("adapter");
+    let root = run.parent().unwrap().to_path_buf();
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets");
+    let (run2, root2, assets2) = (run.clone(), root.clone(), assets.clone());
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(move |cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.cache.data = assets2.join("data/web.txt").display().to_string();
+        app.cache.out_dir = root2.join("cache-adapter").display().to_string();
+        app.cache.config.tokens = 200;
+        app.cache.config.tokenize.context = 48;
+        app.analyze.set_run(&run2.display().to_string());
+        app.analyze.cache_dir = root2.join("cache").display().to_string();
+        app.analyze.kl_data = assets2.join("data/chat.jsonl").display().to_string();
+        app.prompt_lab.run_dir = run2.display().to_string();
+        app.steering.run_dir = run2.display().to_string();
+        app.steering.add_latent(3);
+        app.adl.data = assets2.join("data/web.txt").display().to_string();
+        app.adl.out_dir = root2.join("adl").display().to_string();
+        app
+    });
+    harness.run_steps(2);
+    // Typed once, in the Models view.
+    let bad = assets.join("tiny-gemma2/base").display().to_string();
+    retype(&mut harness, ADAPTER_LABEL, &bad);
+    assert_eq!(harness.state().chat_adapter, bad);
+    let error = format!("error: {bad}/adapter_config.json: cannot read");
+    for (tab, button, job) in [
+        ("Cache", "Start caching", "caching"),
+        ("Analyze", "Start analysis", "latent analysis"),
+        ("Analyze", "Start KL check", "KL check"),
+        ("Prompt lab", "Analyse", "analysis"),
+        ("Steering", "Generate steered", "steering"),
+        ("ADL", "Run ADL", "ADL"),
+        ("Models", "Load models", "loading models"),
+    ] {
+        harness.get_by_label(tab).click();
+        harness.run_steps(2);
+        // The same field in every view, holding the one value.
+        let shown = {
+            use egui_kittest::kittest::NodeT;
+            harness.get_by_label(ADAPTER_LABEL).accesskit_node().value()
+        };
+        assert_eq!(shown.as_deref(), Some(bad.as_str()), "{tab}");
+        harness.get_by_label(button).click();
+        wait_for(&mut harness, &format!("{job} failed — {error}"));
+    }
+    // Steering the model as it is (no adapter merged): it runs.
+    harness.get_by_label("Steering").click();
+    harness.run_steps(2);
+    harness.get_by_label(crossdiff_app::steering_view::MERGE_ADAPTER).click();
+    harness.run_steps(1);
+    harness.get_by_label("Generate steered").click();
+    wait_for(&mut harness, "steering finished:");
+    // Cleared in one view, cleared everywhere: the cache runs without an adapter.
+    retype(&mut harness, ADAPTER_LABEL, "");
+    assert_eq!(harness.state().chat_adapter, "");
+    assert_eq!(harness.state().job_env().chat_adapter(), None);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A cache of the tiny Llama pair made as base + LoRA adapter from the Cache view records the
+/// adapted chat model (the adapter merged into the job's chat model).
+#[test]
+fn the_cache_view_caches_a_chat_model_made_with_an_adapter() {
+    use crossdiff_app::widgets::ADAPTER_LABEL;
+    let llama = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-llama");
+    let out = std::env::temp_dir().join(format!("crossdiff-app-adapter-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let (llama2, out2) = (llama.clone(), out.clone());
+    let mut harness = Harness::builder().with_size(eframe::egui::vec2(1300.0, 900.0)).build_eframe(move |cc| {
+        let mut app = CrossdiffApp::new(cc.egui_ctx.clone());
+        app.backend = crossdiff::Backend::Cpu;
+        app.tab = crossdiff_app::commands::Tab::Cache;
+        app.cache.base_dir = llama2.join("base").display().to_string();
+        app.cache.chat_dir = llama2.join("base").display().to_string();
+        app.cache.data = llama2.join("../data/web.txt").display().to_string();
+        app.cache.out_dir = out2.display().to_string();
+        app.cache.config.tokens = 200;
+        app.cache.config.tokenize.context = 64;
+        app
+    });
+    harness.run_steps(2);
+    retype(&mut harness, ADAPTER_LABEL, &llama.join("lora").display().to_string());
+    harness.get_by_label("Start caching").click();
+    wait_for(&mut harness, "caching finished: 200 tokens");
+    let index = crossdiff::activations::cache::CacheIndex::open(&out).unwrap();
+    let adapted = crossdiff::model::identity_of(&llama.join("base"), Some(&llama.join("lora"))).unwrap();
+    let plain = crossdiff::model::identity_of(&llama.join("base"), None).unwrap();
+    assert_eq!(index.model_ids, vec![plain, adapted]);
+    std::fs::remove_dir_all(&out).unwrap();
 }

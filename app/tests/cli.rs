@@ -816,3 +816,85 @@ fn bench_train_phases_prints_each_phase_from_its_measurement() {
     }
     assert!(stdout.contains("(rest: data, threshold, metrics, bookkeeping)"), "{stdout}");
 }
+
+/// `inspect --adapter` merges a PEFT LoRA adapter: transformers' logits of the merged model, not the
+/// base's, and one more line naming it; a folder that is no adapter is one error line.
+#[test]
+fn inspect_merges_a_lora_adapter_and_names_a_bad_one() {
+    let llama = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-llama");
+    let (base, lora) = (llama.join("base"), llama.join("lora"));
+    let dir = std::env::temp_dir().join(format!("crossdiff-cli-adapter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inspect = |adapter: Option<&Path>, out: &Path| {
+        let mut args = vec!["--backend", "cpu", "inspect", "--model", base.to_str().unwrap()];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        args.extend(["--prompt", "The cat sat on the river bank at night.", "--out", out.to_str().unwrap()]);
+        crossdiff(&args)
+    };
+    let logits = |path: &Path, name: &str| -> Vec<f32> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let (plain_out, adapted_out) = (dir.join("plain.safetensors"), dir.join("adapted.safetensors"));
+    let plain = inspect(None, &plain_out);
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    let plain_text = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert_eq!(plain_text.lines().count(), 1, "{plain_text}");
+    let adapted = inspect(Some(&lora), &adapted_out);
+    assert!(adapted.status.success(), "{}", String::from_utf8_lossy(&adapted.stderr));
+    let text = String::from_utf8_lossy(&adapted.stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    // The first line as without an adapter (but for the file and the time).
+    let head = |l: &str| l.split(" → ").next().unwrap().to_string();
+    assert_eq!(head(lines[0]), head(plain_text.trim()));
+    assert_eq!(
+        lines[1],
+        format!(
+            "inspect: adapter {} merged (LoRA r=4 alpha=8 on down_proj, gate_proj, o_proj, q_proj, v_proj)",
+            lora.display()
+        )
+    );
+    // The merged model's logits are transformers' with the adapter merged, not the base's.
+    let (a, p) = (logits(&adapted_out, "logits"), logits(&plain_out, "logits"));
+    let want = logits(&llama.join("reference/lora.safetensors"), "p0.logits");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = a.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(err <= 1e-3 * scale, "logits error {err} vs scale {scale}");
+    let moved = a.iter().zip(&p).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(moved > 100.0 * err.max(1e-6), "the adapter changed the logits by only {moved}");
+    // A folder without adapter_config.json: exit status 1, one line naming the file, nothing written.
+    let bad_out = dir.join("bad.safetensors");
+    let bad = inspect(Some(&base), &bad_out);
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr).to_string();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: ") && stderr.contains("adapter_config.json"), "{stderr}");
+    assert!(!bad_out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Every command that loads a chat model takes --chat-adapter (steer: --adapter, inspect and
+/// generate: --adapter for their one model).
+#[test]
+fn the_commands_that_load_a_chat_model_take_its_adapter() {
+    for (command, flag) in [
+        ("cache", "--chat-adapter <DIR>"),
+        ("train", "--chat-adapter <DIR>"),
+        ("analyze", "--chat-adapter <DIR>"),
+        ("kl", "--chat-adapter <DIR>"),
+        ("adl", "--chat-adapter <DIR>"),
+        ("steer", "--adapter <DIR>"),
+        ("inspect", "--adapter <DIR>"),
+        ("generate", "--adapter <DIR>"),
+    ] {
+        let r = crossdiff(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&r.stdout);
+        assert!(help.contains(flag), "crossdiff {command} --help has no {flag}:\n{help}");
+        assert!(help.contains("PEFT LoRA adapter"), "{help}");
+    }
+}

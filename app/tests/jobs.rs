@@ -161,7 +161,7 @@ fn views_fill_the_engines_workflow_configs_from_their_defaults() {
     train.cache = None;
     assert_eq!(format!("{train:?}"), format!("{:?}", TrainJob::default()));
     // Cache: the engine's defaults except the two values the CLI requires (layer, tokens).
-    let cache = app.cache.job_config();
+    let cache = app.cache.job_config(None);
     let want = CacheJob {
         layer: cache.layer,
         tokens: cache.tokens,
@@ -171,14 +171,14 @@ fn views_fill_the_engines_workflow_configs_from_their_defaults() {
     };
     assert_eq!(format!("{cache:?}"), format!("{want:?}"));
     // Prompt lab and Steering: the engine's defaults under the example text and latents.
-    let lab = app.prompt_lab.job_config();
+    let lab = app.prompt_lab.job_config(None);
     assert_eq!(lab.top, PromptLabJob::default().top);
     assert_eq!(lab.allow_other_models, PromptLabJob::default().allow_other_models);
     let mut steering = crossdiff_app::steering_view::SteeringView::new(String::new());
-    assert!(steering.job_config().is_none(), "nothing to steer with yet");
+    assert!(steering.job_config(None).is_none(), "nothing to steer with yet");
     steering.add_latent(3);
     steering.add_latent(5);
-    let steer = steering.job_config().unwrap();
+    let steer = steering.job_config(None).unwrap();
     assert_eq!((steer.latent, steer.strength, steer.more.clone()), (3, 1.0, vec![(5, 1.0)]));
     assert_eq!(steer.max_tokens, SteerJob::default().max_tokens);
     assert_eq!(steer.allow_other_models, SteerJob::default().allow_other_models);
@@ -193,14 +193,14 @@ fn the_analyze_view_fills_the_analyze_and_kl_jobs() {
     let mut view = crossdiff_app::analyze_view::AnalyzeView::new(String::new(), String::new());
     view.run_dir = "r".into();
     view.cache_dir = "c".into();
-    let job = view.job_config();
+    let job = view.job_config(None);
     assert_eq!((job.base.clone(), job.chat.clone()), (None, None), "no models: no token lists");
     let want = AnalyzeJob { run: "r".into(), cache: "c".into(), ..AnalyzeJob::default() };
     assert_eq!(format!("{job:?}"), format!("{want:?}"));
     view.base_dir = "b".into();
     view.chat_dir = "h".into();
     view.allow_other_models = true;
-    let job = view.job_config();
+    let job = view.job_config(None);
     assert_eq!((job.base, job.chat, job.allow_other_models), (Some("b".into()), Some("h".into()), true));
     // KL: the command line's defaults (its clap definition is the one source).
     let cmd = KlJob::augment_args(clap::Command::new("kl"));
@@ -208,5 +208,54 @@ fn the_analyze_view_fills_the_analyze_and_kl_jobs() {
     let cli = KlJob::from_arg_matches(&m).unwrap();
     view.kl_data = "d".into();
     view.allow_other_models = false;
-    assert_eq!(format!("{:?}", view.kl_config()), format!("{cli:?}"));
+    assert_eq!(format!("{:?}", view.kl_config(None)), format!("{cli:?}"));
+}
+
+/// The chat adapter: one value in the app, given to every view's job config, kept in the project
+/// (a project file without one reads and writes as before).
+#[test]
+fn the_chat_adapter_is_the_apps_one_value_and_the_projects() {
+    use crossdiff::workflow::project::{FILE, Project};
+    let dir = std::env::temp_dir().join(format!("crossdiff-app-project-adapter-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut app = crossdiff_app::app::CrossdiffApp::new(egui::Context::default());
+    assert_eq!(app.job_env().chat_adapter(), None, "none unless given");
+    // A project file written before adapters: no key, and the same bytes once saved again.
+    std::fs::create_dir_all(&dir).unwrap();
+    let old = "{\n  \"base\": \"/m/base\",\n  \"chat\": \"/m/chat\",\n  \"data\": [],\n  \"cache\": \"cache\",\n  \"runs\": []\n}";
+    std::fs::write(dir.join(FILE), old).unwrap();
+    let p = Project::open(&dir).unwrap();
+    assert_eq!(p.chat_adapter, None);
+    p.save().unwrap();
+    assert_eq!(std::fs::read_to_string(dir.join(FILE)).unwrap(), old);
+    // The Models view's pair and the app's adapter make a project that keeps it; opening it fills
+    // the field (relative to the project, as its other paths).
+    app.set_model_dirs(["/m/base".into(), "/m/base".into()]);
+    app.chat_adapter = " /m/lora ".into();
+    app.create_project(&dir);
+    let p = Project::open(&dir).unwrap();
+    assert_eq!(p.chat_adapter.as_deref(), Some(std::path::Path::new("/m/lora")));
+    let mut p = p;
+    p.chat_adapter = Some("adapters/lora".into());
+    p.save().unwrap();
+    let mut app = crossdiff_app::app::CrossdiffApp::new(egui::Context::default());
+    app.open_project(&dir);
+    let lora = dir.join("adapters/lora");
+    assert_eq!(app.chat_adapter, lora.display().to_string());
+    let env = app.job_env();
+    let adapter = env.chat_adapter();
+    assert_eq!(adapter.as_deref(), Some(lora.as_path()));
+    // Every view's job gets it (Steering when it steers the chat model; Analyze when it loads one).
+    assert_eq!(app.cache.job_config(adapter.clone()).chat_adapter, adapter);
+    assert_eq!(app.prompt_lab.job_config(adapter.clone()).chat_adapter, adapter);
+    assert_eq!(app.adl.job_config(adapter.clone()).chat_adapter, adapter);
+    assert_eq!(app.analyze.kl_config(adapter.clone()).chat_adapter, adapter);
+    assert_eq!(app.analyze.job_config(adapter.clone()).chat_adapter, adapter);
+    app.analyze.chat_dir.clear();
+    assert_eq!(app.analyze.job_config(adapter.clone()).chat_adapter, None, "no chat model: no adapter");
+    app.steering.add_latent(1);
+    assert_eq!(app.steering.job_config(adapter.clone()).unwrap().adapter, adapter);
+    app.steering.merge_adapter = false;
+    assert_eq!(app.steering.job_config(adapter.clone()).unwrap().adapter, None);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

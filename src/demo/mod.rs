@@ -357,6 +357,7 @@ fn pipeline(p: &DemoPipeline, device: &Device, handle: Handle, mut log: impl FnM
         dir: p.project.clone(),
         base: abs(&base),
         chat: abs(&chat),
+        chat_adapter: None,
         data: data.iter().map(|d| abs(d)).collect(),
         cache: PathBuf::from("cache"),
         runs,

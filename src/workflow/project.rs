@@ -17,6 +17,10 @@ pub struct Project {
     pub dir: PathBuf,
     pub base: PathBuf,
     pub chat: PathBuf,
+    /// A PEFT LoRA adapter merged into the chat model (`chat` is then the adapter's base); absent
+    /// from the file when there is none, so projects without one read and write as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_adapter: Option<PathBuf>,
     #[serde(default)]
     pub data: Vec<PathBuf>,
     #[serde(default = "default_cache")]
@@ -41,8 +45,27 @@ impl Project {
 
     /// Creates a project in `dir` (made if missing), with a `runs/` folder.
     pub fn create(dir: &Path, base: PathBuf, chat: PathBuf, data: Vec<PathBuf>) -> Result<Self> {
+        Self::create_adapted(dir, base, chat, None, data)
+    }
+
+    /// [`Project::create`] for a chat model made as `chat` with the LoRA adapter `chat_adapter`.
+    pub fn create_adapted(
+        dir: &Path,
+        base: PathBuf,
+        chat: PathBuf,
+        chat_adapter: Option<PathBuf>,
+        data: Vec<PathBuf>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir.join("runs")).map_err(|e| anyhow!("{}: cannot create: {e}", dir.display()))?;
-        let p = Project { dir: dir.to_path_buf(), base, chat, data, cache: default_cache(), runs: Vec::new() };
+        let p = Project {
+            dir: dir.to_path_buf(),
+            base,
+            chat,
+            chat_adapter,
+            data,
+            cache: default_cache(),
+            runs: Vec::new(),
+        };
         p.save()?;
         Ok(p)
     }

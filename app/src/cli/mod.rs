@@ -126,6 +126,10 @@ pub(crate) struct ModelArgs {
     /// A Hugging Face snapshot directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into
+    /// the model's weights: --model is then the adapter's base model.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     #[command(flatten)]
     load: LoadOptions,
 }
@@ -175,9 +179,15 @@ pub fn run() -> Result<()> {
                 out.display(),
                 started.elapsed().as_secs_f64(),
             );
+            if let Some(line) = adapter_line(&m) {
+                println!("inspect: {line}");
+            }
         }
         Command::Generate { input: PromptArgs { model, prompt, chat }, max_tokens, temperature, top_p, seed } => {
             let m = load(&model, backend)?;
+            if let Some(line) = adapter_line(&m) {
+                eprintln!("generate: {line}");
+            }
             let ids = m.prompt_ids(&prompt, chat)?;
             let stop = m.stop_ids();
             let started = Instant::now();
@@ -431,15 +441,20 @@ fn adl_summary(r: &crossdiff::analysis::adl::AdlReport) -> String {
     out
 }
 
-/// Loads a model with a progress bar over its tensors.
+/// Loads a model (with its adapter merged in, when given) with a progress bar over its tensors.
 pub(crate) fn load(args: &ModelArgs, backend: Backend) -> Result<Model> {
     let device = backend.device()?;
     let bar = Bar::new("tensors");
-    let model = Model::load_with_progress(&args.model, &device, args.load, |done, total| {
+    let model = Model::load_adapted(&args.model, args.adapter.as_deref(), &device, args.load, |done, total| {
         bar.handle().progress(&format!("loading {}", args.model.display()), done as u64, total as u64, "tensors")
     });
     bar.finish();
     model
+}
+
+/// What a summary says about the adapter merged into `m`, if any.
+fn adapter_line(m: &Model) -> Option<String> {
+    m.adapter.as_ref().map(|(dir, description)| format!("adapter {} merged ({description})", dir.display()))
 }
 
 /// `crossdiff kl`'s table, the sweep when there is one, and a last line with the gap it closes.
