@@ -18,7 +18,7 @@ pub struct TokenizeOptions {
     /// Drop each document's leading <bos> (another public replication does; the paper keeps it for Gemma).
     #[arg(long)]
     pub drop_bos: bool,
-    /// Drop the first N tokens of each document (after the <bos> decision). Default: the authors'
+    /// Drop the first N tokens of each document (counted after --drop-bos). Default: the authors'
     /// value for the models' family — Gemma 2: 0, Gemma 3: 1, Llama 3: 25, Qwen 2: 21, Qwen 3: 2
     /// (the first positions of Llama and Qwen carry attention-sink activations with huge norms).
     #[arg(long)]

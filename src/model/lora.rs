@@ -55,7 +55,7 @@ pub struct LoraAdapter {
 impl LoraAdapter {
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("adapter_config.json");
-        let text = fs_err::read_to_string(&config_path)
+        let text = std::fs::read_to_string(&config_path)
             .map_err(|e| anyhow!("{}: cannot read ({e}); is this a PEFT adapter folder?", config_path.display()))?;
         let config: AdapterConfig = serde_json::from_str(&text)
             .map_err(|e| anyhow!("{}: {}", config_path.display(), crate::model::config::describe_serde_error(&e)))?;
