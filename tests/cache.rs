@@ -124,6 +124,60 @@ fn cached_pairs_equal_inspect_block_outputs() {
     assert!(web > 0 && chat > 0 && web.abs_diff(chat) <= 48, "{web} vs {chat}");
 }
 
+/// --skip-first leaves positions out of the cache, not out of the model's input: a kept row equals
+/// the block output of the whole document at the same position (as the authors cache: the full
+/// sequence runs, the first positions are masked). Also through --low-memory's two passes.
+#[test]
+fn skipped_tokens_stay_the_models_context() {
+    let device = Device::flex();
+    let models = [
+        Model::load(fixture("base"), &device, LoadOptions::default()).unwrap(),
+        Model::load(fixture("chat"), &device, LoadOptions::default()).unwrap(),
+    ];
+    let d = 72;
+    for low_memory in [false, true] {
+        let dir = TempDir::new("cache-skip");
+        let mut j = job(dir.path(), ActDtype::F32, 300);
+        j.tokenize = TokenizeOptions { context: 48, drop_bos: false, skip_first: Some(3) };
+        j.low_memory = low_memory;
+        let index = cache(&j);
+        assert_eq!(index.settings.as_ref().unwrap().skip_first, 3);
+        let mut docs_seen = 0;
+        for shard in all_shards(dir.path(), &index) {
+            let mut start = 0;
+            while start < shard.ids.len() {
+                let end =
+                    (start..shard.ids.len()).find(|&i| shard.doc[i] != shard.doc[start]).unwrap_or(shard.ids.len());
+                assert_eq!(shard.pos[start], 3, "the first kept position");
+                // The document as the model read it: its first three tokens, then the kept ones.
+                for (m, model) in models.iter().enumerate() {
+                    let prefix = &prefixes(&model.tokenizer, &j)[shard.doc[start] as usize];
+                    let ids = [prefix.as_slice(), &shard.ids[start..end]].concat();
+                    let result = crossdiff::model::inspect::inspect(model, ids).unwrap();
+                    let want: Vec<f64> = result.blocks[1][3 * d..].iter().map(|&x| x as f64).collect();
+                    let got: Vec<f32> =
+                        (start..end).flat_map(|r| shard.acts[(r * 2 + m) * d..(r * 2 + m + 1) * d].to_vec()).collect();
+                    common::assert_close(&format!("doc {} model {m}", shard.doc[start]), &got, &want, 1e-5);
+                }
+                docs_seen += 1;
+                start = end;
+            }
+        }
+        assert!(docs_seen > 3, "{docs_seen}");
+    }
+}
+
+/// Each document's first three tokens, in the order the cache job reads the documents.
+fn prefixes(tok: &crossdiff::ChatTokenizer, j: &CacheJob) -> Vec<Vec<u32>> {
+    let opts = TokenizeOptions { context: 48, drop_bos: false, skip_first: Some(3) };
+    let mut mixer = crossdiff::data::Mixer::new(&j.data, j.mix, tok, opts).unwrap();
+    let mut out = Vec::new();
+    while let Some(doc) = mixer.next_doc().unwrap() {
+        out.push(doc.prefix);
+    }
+    out
+}
+
 #[test]
 fn template_flags_mark_exactly_the_chat_template_tokens() {
     let model = Model::load(fixture("chat"), &Device::flex(), LoadOptions::default()).unwrap();
@@ -474,6 +528,10 @@ fn drop_bos_skip_first_and_context_shape_documents() {
     assert_eq!((no_bos.ids.as_slice(), no_bos.first_position), (&full[1..6], 1));
     let skipped = t(TokenizeOptions { context: 100, drop_bos: true, skip_first: Some(3) });
     assert_eq!((skipped.ids.as_slice(), skipped.first_position), (&full[4..], 4));
+    // The skipped tokens stay the model's input (read, not kept), and --context bounds the input.
+    assert_eq!(skipped.prefix, full[1..4].to_vec());
+    let bounded = t(TokenizeOptions { context: 6, drop_bos: false, skip_first: Some(2) });
+    assert_eq!((bounded.prefix.as_slice(), bounded.ids.as_slice()), (&full[..2], &full[2..6]));
     // Nothing left: the document is dropped, not an empty row.
     let gone = crossdiff::data::tokenize(
         tok,

@@ -360,3 +360,13 @@ fn demo_pair_builds_trains_and_loads_as_snapshots() {
     let g = |m: &Model| read(m.lm.forward(m.lm.batch_ids(std::slice::from_ref(&ids)).unwrap()));
     assert_ne!(g(&base), g(&chat));
 }
+
+#[test]
+fn identities_are_those_earlier_versions_recorded() {
+    // Caches and runs record their models' identities; a Gemma 2 snapshot keeps the one crossdiff
+    // computed before it read other families (b44ce20), so their caches and runs stay usable.
+    for (name, id) in [("base", "00713405d0f795a7"), ("chat", "fbe0f44d2e643bd4")] {
+        let snap = crossdiff::model::snapshot::Snapshot::open(fixture(name)).unwrap();
+        assert_eq!(snap.identity().unwrap(), id, "{name}");
+    }
+}

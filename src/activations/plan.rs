@@ -86,6 +86,20 @@ impl ShardPlan {
             OwnedTensor { name: "template".into(), dtype: Dtype::BOOL, shape: vec![template.len()], bytes: template },
         ]
     }
+
+    /// The documents' skipped prefixes (`prefix_ids`, and `prefix_len` per document), kept in a
+    /// partial shard so that `--low-memory`'s chat pass reads the same input as the base pass.
+    pub(crate) fn prefix_tensors(&self) -> Vec<OwnedTensor> {
+        let ids: Vec<u32> = self.docs.iter().flat_map(|d| d.prefix.iter().copied()).collect();
+        let lens: Vec<u32> = self.docs.iter().map(|d| d.prefix.len() as u32).collect();
+        let u32s = |name: &str, v: &[u32]| OwnedTensor {
+            name: name.into(),
+            dtype: Dtype::U32,
+            shape: vec![v.len()],
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        vec![u32s("prefix_ids", &ids), u32s("prefix_len", &lens)]
+    }
 }
 
 /// Runs blocks 0..=layer over the plan's documents (batched by length) and returns `[tokens, d]`
@@ -99,22 +113,25 @@ pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_
         acc += doc.ids.len();
     }
     let mut out = vec![0.0f32; acc * d];
+    // Each document runs with its skipped prefix in front (read, not kept).
+    let input_len = |doc: &TokenizedDoc| doc.prefix.len() + doc.ids.len();
     // Longest first, so each batch pads little; batches hold at most `batch_tokens` padded tokens.
     let mut order: Vec<usize> = (0..plan.docs.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(plan.docs[i].ids.len()), i));
+    order.sort_by_key(|&i| (std::cmp::Reverse(input_len(&plan.docs[i])), i));
     let mut start = 0;
     while start < order.len() {
-        let longest = plan.docs[order[start]].ids.len();
+        let longest = input_len(&plan.docs[order[start]]);
         let per_batch = (batch_tokens / longest).max(1);
         let group = &order[start..(start + per_batch).min(order.len())];
-        let seqs: Vec<Vec<u32>> = group.iter().map(|&i| plan.docs[i].ids.clone()).collect();
+        let seqs: Vec<Vec<u32>> =
+            group.iter().map(|&i| [plan.docs[i].prefix.as_slice(), plan.docs[i].ids.as_slice()].concat()).collect();
         let h = model.lm.forward_to(model.lm.batch_ids(&seqs)?, layer);
         let [_, t, _] = h.dims();
         crate::counters::count_forward_batch();
         let rows = crate::counters::read_f32(h)?;
         for (b, &i) in group.iter().enumerate() {
-            let n = plan.docs[i].ids.len();
-            let src = &rows[b * t * d..(b * t + n) * d];
+            let (skip, n) = (plan.docs[i].prefix.len(), plan.docs[i].ids.len());
+            let src = &rows[(b * t + skip) * d..(b * t + skip + n) * d];
             out[offsets[i] * d..(offsets[i] + n) * d].copy_from_slice(src);
         }
         start += group.len();
@@ -141,12 +158,29 @@ pub(crate) fn plan_from_partial(st: &SafeTensors) -> Result<ShardPlan> {
     let mut last = None;
     for i in 0..ids.len() {
         if last != Some(docs_ix[i]) {
-            docs.push(TokenizedDoc { ids: Vec::new(), first_position: pos[i], template: Vec::new(), source: 0 });
+            docs.push(TokenizedDoc {
+                ids: Vec::new(),
+                prefix: Vec::new(),
+                first_position: pos[i],
+                template: Vec::new(),
+                source: 0,
+            });
             last = Some(docs_ix[i]);
         }
         let d = docs.last_mut().expect("pushed above");
         d.ids.push(ids[i]);
         d.template.push(template[i] != 0);
+    }
+    // The skipped prefixes (absent in partial shards of earlier versions, which had none).
+    if let (Ok(prefix_ids), Ok(lens)) = (u32s("prefix_ids"), u32s("prefix_len")) {
+        if lens.len() != docs.len() || lens.iter().map(|&l| l as usize).sum::<usize>() != prefix_ids.len() {
+            bail!("tensors `prefix_len`/`prefix_ids` do not match the shard's {} documents", docs.len());
+        }
+        let mut at = 0;
+        for (doc, &len) in docs.iter_mut().zip(&lens) {
+            doc.prefix = prefix_ids[at..at + len as usize].to_vec();
+            at += len as usize;
+        }
     }
     Ok(ShardPlan { first_doc: docs_ix.first().copied().unwrap_or(0) as u64, tokens: ids.len(), docs })
 }

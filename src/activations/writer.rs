@@ -260,6 +260,7 @@ pub fn run_cache(
                     bytes,
                 }];
                 tensors.extend(plan.metadata_tensors());
+                tensors.extend(plan.prefix_tensors());
                 let bytes = shard_bytes(&tensors, &Default::default())?;
                 write_shard(&job.out.join(partial_name(&info.file)), &bytes)?;
                 index.partial_shards.push(info);

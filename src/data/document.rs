@@ -15,7 +15,12 @@ pub enum Document {
 /// A document as token ids, with the per-token chat-template flag.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenizedDoc {
+    /// The tokens whose activations are kept.
     pub ids: Vec<u32>,
+    /// The tokens before `ids` that `--skip-first` leaves out of the cache: the model still reads
+    /// them (as the authors' caching does: it runs the whole sequence and masks the first
+    /// positions), so `ids` see their real context and positions.
+    pub prefix: Vec<u32>,
     /// Position in the original document of `ids[0]` (non-zero after `--skip-first`).
     pub first_position: u32,
     pub template: Vec<bool>,

@@ -71,17 +71,17 @@ pub fn tokenize(
         Document::Chat(m) => tok.encode_chat(m, false)?,
     };
     let template = template_flags(tok, &ids);
-    let mut start = 0;
-    if opts.drop_bos && ids.first().is_some_and(|&i| Some(i) == tok.bos_id) {
-        start = 1;
-    }
-    start += opts.skip();
-    let end = ids.len().min(start + opts.context);
+    // The model's input: the document from its first kept token (after --drop-bos), truncated to
+    // --context; the first --skip-first of those are read but not kept.
+    let input = usize::from(opts.drop_bos && ids.first().is_some_and(|&i| Some(i) == tok.bos_id));
+    let end = ids.len().min(input + opts.context);
+    let start = input + opts.skip();
     if start >= end {
         return Ok(None);
     }
     Ok(Some(TokenizedDoc {
         ids: ids[start..end].to_vec(),
+        prefix: ids[input..start].to_vec(),
         first_position: start as u32,
         template: template[start..end].to_vec(),
         source,

@@ -77,21 +77,28 @@ pub struct ModelConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window_pattern: Option<usize>,
     /// Qwen: the sliding window applies only when this is true, and only from `max_window_layers` on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "absent_or_false")]
     pub use_sliding_window: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_window_layers: Option<usize>,
     /// Biases on q/k/v/o (Llama, Qwen 3, Gemma); Qwen 2 has q/k/v biases whatever this says.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "absent_or_false")]
     pub attention_bias: Option<bool>,
     /// Biases on the MLP's projections (Llama).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "absent_or_false")]
     pub mlp_bias: Option<bool>,
     /// Gemma 3 embedding models attend both ways; refused (crossdiff runs causal LMs).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "absent_or_false")]
     pub use_bidirectional_attention: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
+}
+
+/// New flags are left out of the serialized config when absent or false (their default), so the
+/// identity of a Gemma 2 snapshot (a checksum over the serialized config; real ones say
+/// `"attention_bias": false`) is what earlier versions computed.
+fn absent_or_false(v: &Option<bool>) -> bool {
+    !v.unwrap_or(false)
 }
 
 fn default_eps() -> f64 {
