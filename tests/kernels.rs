@@ -3,9 +3,64 @@
 mod common;
 
 use burn::tensor::{DType, Tensor, TensorData};
-use crossdiff::crosscoder::kernels::kth_largest;
+use crossdiff::crosscoder::kernels::{batch_topk_picks, kth_largest};
 use crossdiff::crosscoder::select_batch_topk;
 use crossdiff::rng::SplitMix64;
+
+/// Scores like norm-weighted ReLU codes: many zeros, positive values over a wide range, and
+/// optionally a few exactly repeated levels (ties).
+fn scores_like_codes(rng: &mut SplitMix64, n: usize, zeros: f64, tie_levels: u32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u = rng.next_f64();
+            if u < zeros {
+                0.0
+            } else if tie_levels > 0 && u < zeros + 0.2 {
+                (1 + rng.next_u64() % tie_levels as u64) as f32 * 0.125
+            } else {
+                (rng.next_f64() * 10.0).exp() as f32 * 1e-3
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn device_picks_equal_the_reference_selection() {
+    let Some(device) = common::wgpu_device() else { return };
+    let mut rng = SplitMix64(5);
+    // (rows, width, keep, zero share, tie levels): ties across rows, fewer positives than keep,
+    // nothing positive, rows wider than a workgroup's chunking.
+    for &(b, d, keep, zeros, ties) in &[
+        (64usize, 300usize, 640usize, 0.3, 0u32),
+        (50, 1000, 800, 0.5, 4),
+        (33, 77, 2000, 0.9, 0),
+        (8, 64, 40, 1.0, 0),
+        (16, 5000, 1600, 0.2, 2),
+    ] {
+        let scores = scores_like_codes(&mut rng, b * d, zeros, ties);
+        let t = Tensor::<1>::from_data(TensorData::new(scores.clone(), [b * d]), (&device, DType::F32));
+        let picks = batch_topk_picks(&t, keep, b, d);
+        let ints = |x: Tensor<1, burn::tensor::Int>| -> Vec<i64> { x.try_into_vec_as::<i64>().unwrap() };
+        let (offsets, tokens, latents, per_latent) =
+            (ints(picks.token_offsets), ints(picks.tokens), ints(picks.latents), ints(picks.per_latent));
+        let (mask, _) = select_batch_topk(&scores, keep);
+        // The reference's kept entries in position order.
+        let want: Vec<(i64, i64)> =
+            mask.iter().enumerate().filter(|(_, m)| **m > 0.0).map(|(i, _)| ((i / d) as i64, (i % d) as i64)).collect();
+        let n = want.len();
+        assert_eq!(offsets[b] as usize, n, "b={b} d={d} keep={keep}: picks");
+        let got: Vec<(i64, i64)> = tokens[..n].iter().copied().zip(latents[..n].iter().copied()).collect();
+        assert_eq!(got, want, "b={b} d={d} keep={keep}");
+        for t in 0..b {
+            let row = want.iter().filter(|(tok, _)| *tok == t as i64).count() as i64;
+            assert_eq!(offsets[t + 1] - offsets[t], row, "row {t}");
+        }
+        let counts: Vec<i64> = (0..d).map(|j| want.iter().filter(|(_, l)| *l == j as i64).count() as i64).collect();
+        assert_eq!(per_latent, counts);
+        // Empty slots point at the last token and latent.
+        assert!(tokens[n..].iter().all(|&t| t == b as i64 - 1) && latents[n..].iter().all(|&l| l == d as i64 - 1));
+    }
+}
 
 #[test]
 fn histogram_select_finds_the_same_threshold_as_the_reference() {

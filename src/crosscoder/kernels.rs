@@ -4,6 +4,9 @@
 //! `score_histogram` is the building block of BatchTopK's batch-global top-k·B selection on the
 //! device: three histogram passes over the scores' bit patterns find the k-th largest score without
 //! sorting (or reading back) the B×D scores; [`crate::crosscoder::select_batch_topk`] is the reference.
+//! `batch_topk_picks` runs the whole selection on the device — the passes, a one-thread scan
+//! between them choosing the next prefix, then per-row counts, offsets and an order-keeping
+//! compaction — so a training step reads nothing back.
 
 use burn::backend::Dispatch;
 use burn::backend::{
@@ -54,6 +57,18 @@ pub trait KernelOps: Backend {
     /// `2^bits` elements: read it as raw bytes.
     #[fusion(dtype = scores, shape = burn::tensor::Shape::new([hist_len(*bits)]))]
     fn score_histogram(scores: FloatTensor<Self>, prefix: u32, mask: u32, shift: u32, bits: u32) -> FloatTensor<Self>;
+
+    /// BatchTopK's selection of the `keep` largest positive scores of a row-major `[b, d]` batch
+    /// (ties at the threshold kept in position order; every positive one when fewer are positive),
+    /// compacted: i32 `[b + 1 + 2·keep + d]` = row offsets, tokens, latents (position order; empty
+    /// slots token b − 1, latent d − 1), per-latent counts. No readback.
+    #[fusion(dtype = burn::tensor::DType::I32, shape = burn::tensor::Shape::new([picks_len(*keep, *b, *d)]))]
+    fn batch_topk_picks(scores: FloatTensor<Self>, keep: u32, b: u32, d: u32) -> IntTensor<Self>;
+}
+
+/// The length of [`KernelOps::batch_topk_picks`]'s packed output.
+pub fn picks_len(keep: u32, b: u32, d: u32) -> usize {
+    b as usize + 1 + 2 * keep as usize + d as usize
 }
 
 /// A WGSL file from `shaders/`, its `{{ workgroup }}` filled in.
@@ -65,6 +80,10 @@ struct Wgsl {
 const HISTOGRAM: Wgsl = Wgsl { name: "score_histogram", source: include_str!("../../shaders/score_histogram.wgsl") };
 const SEGMENT_ROWS: Wgsl = Wgsl { name: "segment_rows", source: include_str!("../../shaders/segment_rows.wgsl") };
 const PICK_DOT: Wgsl = Wgsl { name: "pick_dot", source: include_str!("../../shaders/pick_dot.wgsl") };
+const RADIX_SCAN: Wgsl = Wgsl { name: "radix_scan", source: include_str!("../../shaders/radix_scan.wgsl") };
+const ROW_COUNTS: Wgsl = Wgsl { name: "row_counts", source: include_str!("../../shaders/row_counts.wgsl") };
+const ROW_OFFSETS: Wgsl = Wgsl { name: "row_offsets", source: include_str!("../../shaders/row_offsets.wgsl") };
+const COMPACT_PICKS: Wgsl = Wgsl { name: "compact_picks", source: include_str!("../../shaders/compact_picks.wgsl") };
 
 impl KernelSource for Wgsl {
     fn source(&self) -> SourceTemplate {
@@ -107,6 +126,26 @@ fn launch(
     CubeTensor::new_contiguous(client, like.device.clone(), shape, out, burn::tensor::DType::F32)
 }
 
+/// Launches `kernel` on `groups` workgroups with `buffers` bound in order, then the u32 `params`
+/// (for kernels that read and write several buffers).
+fn run(like: &CubeTensor, kernel: Wgsl, groups: u32, buffers: &[&cubecl::server::Handle], params: &[u32]) {
+    let client = &like.client;
+    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let params = client.create_from_slice(&bytes);
+    let mut bindings: Vec<_> = buffers.iter().map(|h| (*h).clone().binding()).collect();
+    bindings.push(params.binding());
+    client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+        CubeCount::Static(groups.max(1), 1, 1),
+        KernelArguments::new().with_buffers(bindings),
+    );
+}
+
+/// Workgroups for a grid-stride pass over `items`.
+fn stride_groups(items: usize) -> u32 {
+    (items as u32).div_ceil(WORKGROUP).clamp(1, 4096)
+}
+
 impl KernelOps for CubeBackend {
     fn segment_rows(
         offsets: IntTensor<Self>,
@@ -140,8 +179,71 @@ impl KernelOps for CubeBackend {
         let n = scores.meta.shape().num_elements();
         let bins = hist_len(bits);
         let hist = scores.client.create_from_slice(&vec![0u8; bins * 4]);
-        let params = [n as u32, prefix, mask, shift, (bins - 1) as u32];
-        launch(HISTOGRAM, n, &[&scores], hist, &params, &scores, burn::tensor::Shape::new([bins]))
+        let state: Vec<u8> = [prefix, mask].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let state = scores.client.create_from_slice(&state);
+        let params = [n as u32, shift, (bins - 1) as u32];
+        run(&scores, HISTOGRAM, stride_groups(n), &[&scores.handle, &state, &hist], &params);
+        let shape = burn::tensor::Shape::new([bins]);
+        CubeTensor::new_contiguous(scores.client.clone(), scores.device.clone(), shape, hist, burn::tensor::DType::F32)
+    }
+
+    fn batch_topk_picks(scores: FloatTensor<Self>, keep: u32, b: u32, d: u32) -> IntTensor<Self> {
+        let scores: CubeTensor = into_contiguous(scores);
+        let client = scores.client.clone();
+        let n = b as usize * d as usize;
+        // The radix state (see shaders/radix_scan.wgsl), chosen pass by pass on the device.
+        let state = client.create_from_slice(&[0u8; 32]);
+        for (i, &(shift, bits)) in PASSES.iter().enumerate() {
+            let bins = hist_len(bits);
+            let hist = client.create_from_slice(&vec![0u8; bins * 4]);
+            run(
+                &scores,
+                HISTOGRAM,
+                stride_groups(n),
+                &[&scores.handle, &state, &hist],
+                &[n as u32, shift, (bins - 1) as u32],
+            );
+            let scan = [bins as u32, shift, bits, u32::from(i == 0), keep, u32::from(i + 1 == PASSES.len())];
+            run(&scores, RADIX_SCAN, 1, &[&hist, &state], &scan);
+        }
+        let rows = b.min(65_535);
+        let counts = client.empty(2 * b as usize * 4);
+        run(&scores, ROW_COUNTS, rows, &[&scores.handle, &state, &counts], &[b, d]);
+        let len = picks_len(keep, b, d);
+        let out = client.create_from_slice(&vec![0u8; len * 4]);
+        let eq_take = client.empty(b as usize * 4);
+        run(&scores, ROW_OFFSETS, 1, &[&counts, &state, &out, &eq_take], &[b]);
+        run(&scores, COMPACT_PICKS, rows, &[&scores.handle, &state, &out, &eq_take], &[b, d, keep]);
+        let shape = burn::tensor::Shape::new([len]);
+        CubeTensor::new_contiguous(client, scores.device.clone(), shape, out, burn::tensor::DType::I32)
+    }
+}
+
+/// BatchTopK's selection on the device ([`KernelOps::batch_topk_picks`], unpacked).
+pub struct DevicePicks {
+    /// `[b + 1]`: row r's picks are `offsets[r]..offsets[r + 1]`; `offsets[b]` is how many there are.
+    pub token_offsets: Ints,
+    /// `[keep]` each, in position order (empty slots: token b − 1, latent d − 1).
+    pub tokens: Ints,
+    pub latents: Ints,
+    /// `[d]`: how many tokens picked each latent.
+    pub per_latent: Ints,
+}
+
+/// The `keep` largest positive of the row-major `[b, d]` `scores` (flat), picked on the device:
+/// the same entries as [`crate::crosscoder::select_batch_topk`], nothing read back.
+pub fn batch_topk_picks(scores: &Tensor<1>, keep: usize, b: usize, d: usize) -> DevicePicks {
+    let packed: Ints = Tensor::from_dispatch(<Dispatch as KernelOps>::batch_topk_picks(
+        scores.clone().into_dispatch(),
+        keep as u32,
+        b as u32,
+        d as u32,
+    ));
+    DevicePicks {
+        token_offsets: packed.clone().narrow(0, 0, b + 1),
+        tokens: packed.clone().narrow(0, b + 1, keep),
+        latents: packed.clone().narrow(0, b + 1 + keep, keep),
+        per_latent: packed.narrow(0, b + 1 + 2 * keep, d),
     }
 }
 
