@@ -382,3 +382,190 @@ fn a_lora_adapter_diff_runs_end_to_end() {
     // The chat model is the base with an adapter merged in.
     pipeline("llama", "base", "base", Some("lora"), Family::Llama.default_skip_first());
 }
+
+// ── Details as transformers 5 and PEFT 0.21 read them (edited copies of the fixtures) ──
+
+/// The adapter at `dir` rewritten: each factor through `f(name, values)`, plus zero tensors `extra`.
+fn rewrite_adapter(dir: &std::path::Path, f: impl Fn(&str, Vec<f32>) -> Vec<f32>, extra: &[(String, Vec<usize>)]) {
+    let path = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32);
+        let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let data = f(&name, values).iter().flat_map(|v| v.to_le_bytes()).collect();
+        owned.push((name, view.shape().to_vec(), data));
+    }
+    for (name, shape) in extra {
+        owned.push((name.clone(), shape.clone(), vec![0u8; 4 * shape.iter().product::<usize>()]));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+/// The logits of the first LoRA reference prompt on the Llama base with the adapter at `adapter`.
+fn adapted_logits(adapter: &std::path::Path) -> Vec<f32> {
+    let model =
+        Model::load_adapted(family_fixture("llama", "base"), Some(adapter), &flex(), LoadOptions::default(), |_, _| {})
+            .unwrap();
+    crossdiff::model::inspect::inspect(&model, reference("llama", "lora").ids(0)).unwrap().logits
+}
+
+#[test]
+fn lora_alpha_pattern_keys_are_regexes_and_the_first_in_file_order_wins() {
+    // lora_alpha 8, r 4. `q_proj` comes first in the file, so layer 0's q_proj takes 2, not 32
+    // (which an alphabetical order would give); layer 0's other modules take 32. Written by hand:
+    // serde_json sorts an object's keys, and the order is what is tested.
+    let patterned = TempDir::copy_from("alpha-pattern", &family_fixture("llama", "lora"));
+    let config = patterned.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("\"alpha_pattern\": {}"));
+    let text = text.replace("\"alpha_pattern\": {}", r#""alpha_pattern": {"q_proj": 2, "layers\\.0\\..*": 32}"#);
+    std::fs::write(&config, text).unwrap();
+    // The same update with the ratios of the alphas moved into lora_B (powers of two: exact).
+    let scaled = TempDir::copy_from("alpha-scaled", &family_fixture("llama", "lora"));
+    rewrite_adapter(
+        scaled.path(),
+        |name, values| {
+            let ratio = if !name.contains(".lora_B.") {
+                1.0
+            } else if name.contains(".q_proj.") {
+                2.0 / 8.0
+            } else if name.contains(".layers.0.") {
+                32.0 / 8.0
+            } else {
+                1.0
+            };
+            values.iter().map(|v| v * ratio).collect()
+        },
+        &[],
+    );
+    let (got, want) = (adapted_logits(patterned.path()), adapted_logits(scaled.path()));
+    let want64: Vec<f64> = want.iter().map(|v| *v as f64).collect();
+    assert_close("alpha_pattern logits", &got, &want64, 1e-6);
+    let plain = adapted_logits(&family_fixture("llama", "lora"));
+    assert!(got.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-3), "the pattern changed nothing");
+}
+
+#[test]
+fn velora_and_monteclora_adapters_merge_as_plain_lora() {
+    // PEFT merges both as W + s·B·A: their training-time tensors are skipped.
+    let plain = adapted_logits(&family_fixture("llama", "lora"));
+    let plain64: Vec<f64> = plain.iter().map(|v| *v as f64).collect();
+    let variants = [
+        (
+            "velora_config",
+            serde_json::json!({"num_groups": 4, "scale": 1.0, "init_type": "batch_average"}),
+            ".lora_velora_embed",
+        ),
+        ("monteclora_config", serde_json::json!({"num_samples": 8}), ".lora_monteclora_sampler.std_prior"),
+    ];
+    for (field, value, suffix) in variants {
+        let dir = TempDir::copy_from("variant", &family_fixture("llama", "lora"));
+        let path = dir.path().join("adapter_config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v[field] = value;
+        std::fs::write(&path, v.to_string()).unwrap();
+        let extra: Vec<(String, Vec<usize>)> =
+            (0..3).map(|l| (format!("base_model.model.model.layers.{l}.self_attn.q_proj{suffix}"), vec![12])).collect();
+        rewrite_adapter(dir.path(), |_, v| v, &extra);
+        assert_close(field, &adapted_logits(dir.path()), &plain64, 1e-6);
+    }
+}
+
+#[test]
+fn the_chat_template_is_found_where_transformers_finds_it() {
+    use crossdiff::ChatTokenizer;
+    let hi = [Message::user("hi")];
+    let render = |t: &ChatTokenizer| t.render_chat(&hi, false).unwrap();
+    let jinja = |dir: &std::path::Path, tag: &str| {
+        let text = format!("{tag}:{{% for m in messages %}}{{{{ m.content }}}}{{% endfor %}}");
+        std::fs::write(dir.join("chat_template.jinja"), text).unwrap();
+    };
+    // One folder: chat_template.jinja before tokenizer_config.json's field.
+    let chat = TempDir::copy_from("template-chat", &family_fixture("llama", "chat"));
+    let from_config = render(&ChatTokenizer::from_dir(chat.path()).unwrap());
+    jinja(chat.path(), "J");
+    assert_eq!(render(&ChatTokenizer::from_dir(chat.path()).unwrap()), "J:hi");
+    // An adapter's template (either file) before any of the base's.
+    let base_with_config = family_fixture("llama", "chat");
+    let adapter = TempDir::new("template-adapter");
+    jinja(adapter.path(), "A");
+    let t = ChatTokenizer::with_adapter(&base_with_config, Some(adapter.path())).unwrap();
+    assert_eq!(render(&t), "A:hi");
+    let adapter_config = TempDir::copy_from("template-lora", &family_fixture("llama", "lora"));
+    let t = ChatTokenizer::with_adapter(chat.path(), Some(adapter_config.path())).unwrap();
+    assert_ne!(render(&t), "J:hi", "the adapter's tokenizer_config.json template wins over the base's jinja");
+    assert!(render(&t).contains("hi"));
+    // An adapter with a tokenizer_config.json but no template: the base's template.
+    let no_template = TempDir::new("template-none");
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(family_fixture("llama", "lora").join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(no_template.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let t = ChatTokenizer::with_adapter(&base_with_config, Some(no_template.path())).unwrap();
+    assert_eq!(render(&t), from_config);
+}
+
+#[test]
+fn generation_config_eos_ids_are_stop_ids() {
+    let plain = load("qwen2", "chat", &flex()).stop_ids();
+    for (eos, added) in [(serde_json::json!([7, 9]), vec![7, 9]), (serde_json::json!(11), vec![11])] {
+        let dir = TempDir::copy_from("gen-eos", &family_fixture("qwen2", "chat"));
+        let text = serde_json::json!({ "eos_token_id": eos, "temperature": 0.7 }).to_string();
+        std::fs::write(dir.path().join("generation_config.json"), text).unwrap();
+        let stop = Model::load(dir.path(), &flex(), LoadOptions::default()).unwrap().stop_ids();
+        for id in plain.iter().chain(&added) {
+            assert!(stop.contains(id), "{id} missing from {stop:?}");
+        }
+    }
+}
+
+/// The config of a copy of `family`'s `name` snapshot with config.json edited.
+fn edited_config(family: &str, name: &str, f: impl FnOnce(&mut serde_json::Value)) -> crossdiff::ModelConfig {
+    let dir = TempDir::copy_from("edited-config", &family_fixture(family, name));
+    let path = dir.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&path, v.to_string()).unwrap();
+    crossdiff::ModelConfig::from_file(&path).unwrap()
+}
+
+#[test]
+fn config_details_follow_transformers_5() {
+    // Both spellings: `rope_scaling` wins (`rope_scaling or rope_parameters`).
+    let llama = edited_config("llama", "chat", |_| {});
+    let both = edited_config("llama", "chat", |v| {
+        v["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 10000.0});
+    });
+    assert_eq!(both.rope(0).unwrap(), llama.rope(0).unwrap());
+    // Gemma 3's per-type entries without `rope_theta` take the top-level fields.
+    let gemma3 = edited_config("gemma3", "base", |v| {
+        for kind in ["full_attention", "sliding_attention"] {
+            v["rope_parameters"][kind].as_object_mut().unwrap().remove("rope_theta");
+        }
+        v["rope_theta"] = 500_000.0.into();
+        v["rope_local_base_freq"] = 20_000.0.into();
+    });
+    let original = edited_config("gemma3", "base", |_| {});
+    for layer in 0..gemma3.num_hidden_layers {
+        let (got, was) = (gemma3.rope(layer).unwrap(), original.rope(layer).unwrap());
+        let want = if gemma3.is_sliding(layer) { 20_000.0 } else { 500_000.0 };
+        assert_eq!((got.theta, got.scaling), (want, was.scaling), "layer {layer}");
+    }
+    // An absent `num_key_value_heads` is Llama's `num_attention_heads`; null is Qwen's too.
+    let llama = edited_config("llama", "base", |v| {
+        v.as_object_mut().unwrap().remove("num_key_value_heads");
+    });
+    assert_eq!(llama.num_key_value_heads, llama.num_attention_heads);
+    let qwen2 = edited_config("qwen2", "base", |v| v["num_key_value_heads"] = serde_json::Value::Null);
+    assert_eq!(qwen2.num_key_value_heads, qwen2.num_attention_heads);
+}

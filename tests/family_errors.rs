@@ -148,3 +148,150 @@ fn adapter_weights_that_do_not_fit_the_model_are_refused() {
     let msg = load_err(&family_fixture("qwen2", "base"), Some(&family_fixture("llama", "lora")));
     has(&msg, &["adapter_model.safetensors", "another base model"]);
 }
+
+/// The error of opening the plain LoRA adapter with `f` applied to a copy of it, merged into the
+/// Llama base.
+fn adapter_err(edit: impl FnOnce(&Path)) -> String {
+    let dir = TempDir::copy_from("adapter-edit", &family_fixture("llama", "lora"));
+    edit(dir.path());
+    load_err(&family_fixture("llama", "base"), Some(dir.path()))
+}
+
+#[test]
+fn lora_variants_peft_does_not_merge_as_a_plain_update_are_refused_by_field() {
+    let cases: Vec<(&str, serde_json::Value)> = vec![
+        ("lora_bias", true.into()),
+        ("alora_invocation_tokens", serde_json::json!([5, 6])),
+        ("use_qalora", true.into()),
+        ("layer_replication", serde_json::json!([[0, 2], [1, 3]])),
+        ("target_parameters", serde_json::json!(["mlp.experts.down_proj"])),
+        ("use_bdlora", serde_json::json!({"nblocks": 2, "target_modules_bd_a": ["q_proj"]})),
+        ("arrow_config", serde_json::json!({"top_k": 2})),
+        ("kasa_config", serde_json::json!({"beta": 0.001})),
+        ("trainable_token_indices", serde_json::json!([3, 4])),
+        ("use_dora", true.into()),
+    ];
+    for (field, value) in cases {
+        let msg = adapter_err(|d| edit_json(&d.join("adapter_config.json"), |v| v[field] = value.clone()));
+        has(&msg, &["adapter_config.json", &format!("field `{field}`")]);
+    }
+    // An alpha_pattern key is a regular expression (as in PEFT): one that does not compile is named.
+    let msg = adapter_err(|d| {
+        edit_json(&d.join("adapter_config.json"), |v| v["alpha_pattern"] = serde_json::json!({"q_proj(": 16}))
+    });
+    has(&msg, &["adapter_config.json", "field `alpha_pattern`", "q_proj("]);
+}
+
+#[test]
+fn adapter_config_type_errors_name_the_field() {
+    for (field, value) in [("r", serde_json::json!("8")), ("lora_alpha", serde_json::json!("high"))] {
+        let msg = adapter_err(|d| edit_json(&d.join("adapter_config.json"), |v| v[field] = value.clone()));
+        has(&msg, &["adapter_config.json", &format!("field `{field}`: invalid type")]);
+    }
+    let msg = adapter_err(|d| {
+        edit_json(&d.join("adapter_config.json"), |v| v["alpha_pattern"] = serde_json::json!({"q_proj": "x"}))
+    });
+    has(&msg, &["adapter_config.json", "field `alpha_pattern`"]);
+}
+
+/// The adapter's tensors plus `extra` (name, shape), zeros.
+fn add_tensors(dir: &Path, extra: &[(&str, Vec<usize>)]) {
+    let path = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec())).collect();
+    let dtype = st.tensors()[0].1.dtype();
+    let width = dtype.bitsize() / 8;
+    for (name, shape) in extra {
+        owned.push((name.to_string(), shape.clone(), vec![0u8; shape.iter().product::<usize>() * width]));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), d).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+#[test]
+fn lora_on_lm_head_or_embed_tokens_is_refused_by_module() {
+    // The tiny Llama: hidden 48, vocabulary 452; PEFT names an embedding's factors lora_embedding_A/B.
+    let cases: [(&str, [(&str, Vec<usize>); 2]); 2] = [
+        (
+            "lm_head",
+            [
+                ("base_model.model.lm_head.lora_A.weight", vec![4, 48]),
+                ("base_model.model.lm_head.lora_B.weight", vec![452, 4]),
+            ],
+        ),
+        (
+            "embed_tokens",
+            [
+                ("base_model.model.model.embed_tokens.lora_embedding_A", vec![4, 452]),
+                ("base_model.model.model.embed_tokens.lora_embedding_B", vec![48, 4]),
+            ],
+        ),
+    ];
+    for (module, tensors) in cases {
+        let msg = adapter_err(|d| add_tensors(d, &tensors));
+        has(&msg, &["adapter_model.safetensors", &format!("LoRA on `{module}` is not supported")]);
+    }
+}
+
+#[test]
+fn config_details_transformers_refuses_are_refused_by_field() {
+    // An explicit 0 is not "absent": it is refused, not replaced by the default.
+    let dir = with_config("llama", "base", |v| v["head_dim"] = 0.into());
+    has(&load_err(dir.path(), None), &["config.json", "field `head_dim` must be positive"]);
+    // A vision-language checkpoint (gemma-3-4b and up) is named as such, with the text-only models.
+    let dir = with_config("gemma3", "base", |v| {
+        let text = v.clone();
+        *v = serde_json::json!({
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "text_config": text,
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32},
+        });
+    });
+    has(&load_err(dir.path(), None), &["config.json", "`vision_config`", "multimodal", "text-only", "gemma-3-1b-pt"]);
+}
+
+#[test]
+fn a_generation_config_eos_that_is_not_a_token_id_is_refused() {
+    for bad in [serde_json::json!([1, "<eos>"]), serde_json::json!(-3), serde_json::json!(1.5)] {
+        let dir = TempDir::copy_from("gen-config", &family_fixture("qwen2", "chat"));
+        let eos = serde_json::json!({ "eos_token_id": bad, "do_sample": true });
+        std::fs::write(dir.path().join("generation_config.json"), eos.to_string()).unwrap();
+        has(&load_err(dir.path(), None), &["generation_config.json", "field `eos_token_id`"]);
+    }
+}
+
+#[test]
+fn on_the_fly_training_refuses_the_default_skip_first_before_loading_the_models() {
+    use crossdiff::activations::onthefly::{OnTheFlyConfig, OnTheFlySource};
+    // Config and tokenizer but no weights: loading would fail, so the refusal must come first.
+    let dir = TempDir::new("otf-skip");
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(family_fixture("llama", "base").join(f), dir.path().join(f)).unwrap();
+    }
+    let cfg = OnTheFlyConfig {
+        base: dir.path().to_path_buf(),
+        chat: dir.path().to_path_buf(),
+        chat_adapter: None,
+        data: vec![common::data("web.txt")],
+        layer: 1,
+        // Llama's default --skip-first is 25: nothing of a 16-token context would be left.
+        tokenize: crossdiff::data::TokenizeOptions { context: 16, ..Default::default() },
+        mix: false,
+        chunk_tokens: 64,
+        batch_tokens: 64,
+        tokens: 64,
+        load: LoadOptions::default(),
+    };
+    let msg = match OnTheFlySource::start(cfg, Device::flex(), 8, 16, 1) {
+        Ok(_) => panic!("started"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(!msg.contains('\n'), "{msg}");
+    has(&msg, &["--skip-first defaults to 25", "--context 16"]);
+}

@@ -167,6 +167,50 @@ fn sparse_batchtopk_step_on_wgpu_equals_the_host_selection_on_flex() {
 }
 
 #[test]
+fn device_resident_step_equals_the_host_route_on_flex() {
+    // The resident route keeps the selection, the dead counters, AuxK and its rule on the device;
+    // one step must give the host route's loss, gradients, counters and smallest kept score.
+    use crossdiff::crosscoder::train::resident::{Resident, step};
+    use crossdiff::crosscoder::train::{TrainConfig, step_loss};
+    use crossdiff::crosscoder::{Kind, Params, read_vec, tensor};
+    let Some(gpu) = common::wgpu_device() else { return };
+    let cpu = burn::tensor::Device::flex();
+    let (d, dict, b) = (6, 64, 32);
+    let mut rng = SplitMix64(8);
+    let x: Vec<f32> = (0..b * 2 * d).map(|_| rng.next_f64() as f32 - 0.3).collect();
+    let want = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    for dead_every in [0usize, 5, 1] {
+        let before: Vec<u64> =
+            (0..dict).map(|j| if dead_every > 0 && j % dead_every == 0 { 1000 } else { 0 }).collect();
+        let cfg = TrainConfig { k: 3, dead_tokens: 1000, ..TrainConfig::defaults(Kind::BatchTopK, dict) };
+        // The host route on the CPU.
+        let p = Params::init(d, dict, 1.0, 3, &cpu);
+        let mut since_cpu = before.clone();
+        let out = step_loss(&cfg, &p, tensor(x.clone(), [b, 2 * d], &cpu), 1, &mut since_cpu).unwrap();
+        let l_cpu = read_vec(out.loss.clone().detach()).unwrap();
+        let g_cpu = out.gradients().unwrap().map(|g| read_vec(g).unwrap());
+        let m_cpu = out.kept.as_ref().unwrap().1;
+        // The resident route on wgpu.
+        let p = Params::init(d, dict, 1.0, 3, &gpu);
+        let mut r = Resident::upload(&before, None, &cfg, &gpu);
+        let out = step(&cfg, &p, tensor(x.clone(), [b, 2 * d], &gpu), 1, 2000, &mut r).unwrap();
+        let l_gpu = read_vec(out.loss()).unwrap();
+        let m_gpu = read_vec(out.min_kept()).unwrap()[0];
+        let g_gpu = out.grads.clone().map(|g| read_vec(g).unwrap());
+        let (mut since_gpu, mut theta) = (vec![0u64; dict], None);
+        r.download(&mut since_gpu, &mut theta).unwrap();
+        // The device caps the counters at the dead window (only "at least dead_tokens" matters).
+        let capped: Vec<u64> = since_cpu.iter().map(|&c| c.min(1000)).collect();
+        assert_eq!(since_gpu, capped, "dead counters (dead every {dead_every})");
+        assert_eq!(Some(m_gpu), m_cpu, "smallest kept score");
+        common::assert_close(&format!("loss (dead every {dead_every})"), &l_gpu, &want(&l_cpu), 1e-5);
+        for (name, (g, c)) in ["w_enc", "b_enc", "w_dec", "b_dec"].iter().zip(g_gpu.iter().zip(&g_cpu)) {
+            common::assert_close(&format!("{name} (dead every {dead_every})"), g, &want(c), 1e-4);
+        }
+    }
+}
+
+#[test]
 fn sae_step_on_wgpu_equals_the_host_route_on_flex() {
     // The SAE's WGSL route (unit score weights, squared loss, the encoder reading x − b_dec) and its
     // dense autodiff route on wgpu, against the host loops on flex.
@@ -283,4 +327,66 @@ fn segment_rows_and_pick_dot_equal_their_references() {
     );
     let want: Vec<f64> = want.try_into_vec_as::<f32>().unwrap().iter().map(|&x| x as f64).collect();
     common::assert_close("pick_dot", &got.try_into_vec_as::<f32>().unwrap(), &want, 1e-6);
+}
+
+/// A training run on wgpu takes the device-resident route: its loss curve, θ and dead counters
+/// follow the CPU's host route (AuxK active), it reads back once per log step and nothing between,
+/// and a run stopped at its checkpoint resumes to the same bytes.
+#[test]
+fn device_resident_training_follows_the_cpu_and_reads_back_only_on_log_steps() {
+    use crossdiff::counters::Counting;
+    use crossdiff::crosscoder::Kind;
+    use crossdiff::crosscoder::train::TrainConfig;
+    let Some(gpu) = common::wgpu_device() else { return };
+    let (d, batch) = (16, 64);
+    let cfg = TrainConfig {
+        k: 3,
+        lr: 3e-3,
+        warmup_steps: 5,
+        threshold_start: 4,
+        steps: 24,
+        // Latents unselected for 4 batches are dead: AuxK runs from step 4 on.
+        dead_tokens: 4 * batch as u64,
+        seed: 5,
+        checkpoint_every: 12,
+        log_every: 6,
+        ..TrainConfig::defaults(Kind::BatchTopK, 96)
+    };
+    let train = |device: &burn::tensor::Device, out: &std::path::Path, steps: u64| {
+        let mut src = common::planted::Planted::new(d, [6, 3, 2], 11, batch, 1000);
+        let counting = Counting::start();
+        let mut reads = Vec::new();
+        let cfg = TrainConfig { steps, ..cfg.clone() };
+        let mut run = common::train_run(out.to_path_buf(), cfg, &mut src, d);
+        run.device = device.clone();
+        let trained = run.run(|p| reads.push((p.metrics.clone(), counting.readbacks())), || true).unwrap();
+        (trained, reads)
+    };
+    let dir = common::TempDir::new("resident-run");
+    let (cpu, cpu_log) = train(&burn::tensor::Device::flex(), &dir.path().join("cpu"), 24);
+    let (gpu_run, gpu_log) = train(&gpu, &dir.path().join("gpu"), 24);
+    assert_eq!(cpu_log.len(), 4);
+    for ((c, _), (g, _)) in cpu_log.iter().zip(&gpu_log) {
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * b.abs().max(1e-3);
+        assert!(
+            close(g.loss, c.loss) && close(g.recon, c.recon) && close(g.aux, c.aux),
+            "step {}: gpu {g:?} cpu {c:?}",
+            c.step
+        );
+        assert_eq!((g.l0, g.dead_frac), (c.l0, c.dead_frac), "step {}", c.step);
+    }
+    assert!(cpu_log.iter().any(|(m, _)| m.aux > 0.0), "AuxK ran: {cpu_log:?}");
+    let (tc, tg) = (cpu.crosscoder.threshold.unwrap(), gpu_run.crosscoder.threshold.unwrap());
+    assert!((tc - tg).abs() <= 1e-3 * tc.abs(), "θ: cpu {tc} gpu {tg}");
+    // One read per log step (the metrics line); none between them (the checkpoint at step 12 reads
+    // the counters, θ and the parameters, between the logs at steps 12 and 18).
+    let between: Vec<u64> = gpu_log.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    assert_eq!(between[0], 1, "readbacks from log step 6 to 12: {between:?}");
+    assert_eq!(between[2], 1, "readbacks from log step 18 to 24: {between:?}");
+    // Stopped at the checkpoint and resumed: the same crosscoder, byte for byte.
+    let resumed = dir.path().join("resumed");
+    train(&gpu, &resumed, 12);
+    train(&gpu, &resumed, 24);
+    let file = |p: &std::path::Path| std::fs::read(crossdiff::run_dir::RunDir::new(p).crosscoder()).unwrap();
+    assert!(file(&resumed) == file(&dir.path().join("gpu")), "a resumed wgpu run ends where an uninterrupted one does");
 }

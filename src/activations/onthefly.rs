@@ -41,20 +41,22 @@ impl OnTheFlySource {
     /// Loads both models on a producer thread and starts computing; batches of `batch` pairs are
     /// drawn from a shuffle pool of `shuffle_tokens` rows, seeded by `seed`.
     pub fn start(cfg: OnTheFlyConfig, device: Device, batch: usize, shuffle_tokens: usize, seed: u64) -> Result<Self> {
-        // What can be refused before the models load: the data list, the tokenizing options and
-        // `--context` against what the models were trained on.
+        // What can be refused before the models load: the data list, the tokenizing options,
+        // `--context` against what the models were trained on, and `--skip-first` (its default
+        // is the base's family's) against `--context`.
         crate::data::mix::check_data_files(&cfg.data)?;
         cfg.tokenize.validate()?;
+        let mut families = Vec::new();
         for dir in [&cfg.base, &cfg.chat] {
             let config = crate::model::config::ModelConfig::from_file(&dir.join("config.json"))?;
             check_context(cfg.tokenize.context, &config, dir)?;
+            families.push(config.family);
         }
+        let mut cfg = cfg;
+        cfg.tokenize = cfg.tokenize.resolved_for(families[0])?;
         let base = Model::load(&cfg.base, &device, cfg.load)?;
         let chat = Model::load_adapted(&cfg.chat, cfg.chat_adapter.as_deref(), &device, cfg.load, |_, _| {})?;
         check_models(&base, &chat)?;
-        let mut cfg = cfg;
-        cfg.tokenize = cfg.tokenize.resolved(base.lm.config.family);
-        cfg.tokenize.validate()?;
         let d = base.lm.config.hidden_size;
         // Two chunks in flight: the ring's memory is bounded by the pool plus two chunks.
         let (tx, rx) = sync_channel(2);

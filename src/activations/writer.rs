@@ -188,8 +188,7 @@ pub fn run_cache(
         format!("{} is out of range: the models have {layers} blocks (0..={})", job.layer, layers - 1)
     })?;
     let d = base_snap.config.hidden_size;
-    let tokenize = job.tokenize.resolved(base_snap.config.family);
-    tokenize.validate()?;
+    let tokenize = job.tokenize.resolved_for(base_snap.config.family)?;
     let models = vec![base_snap.name(), chat_snap.name()];
     let model_ids = vec![base_snap.identity()?, crate::model::identity_of(&job.chat, job.chat_adapter.as_deref())?];
     crate::model::snapshot::check_distinct((&job.base, &model_ids[0]), (&job.chat, &model_ids[1]))?;

@@ -29,8 +29,19 @@ impl TokenizeOptions {
     /// What can be refused before a document is read: a positive `--context`, and a `--skip-first`
     /// below it (at or above it, every document would be cut to nothing).
     pub fn validate(&self) -> Result<()> {
+        self.check(self.skip())
+    }
+
+    /// [`TokenizeOptions::resolved`] for `family`, validated: a default `--skip-first` that leaves
+    /// nothing of `--context` is named as the family's default.
+    pub fn resolved_for(&self, family: Family) -> Result<Self> {
+        let resolved = self.resolved(family);
+        self.check(resolved.skip())?;
+        Ok(resolved)
+    }
+
+    fn check(&self, skip: usize) -> Result<()> {
         crate::bad_value::positive(self.context as u64, "context")?;
-        let skip = self.skip();
         crate::bad_value::ensure(skip < self.context, "skip-first", || match self.skip_first {
             Some(_) => format!("({skip}) must be below --context ({})", self.context),
             None => format!(

@@ -26,6 +26,7 @@ pub struct ModelConfig {
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
+    /// Resolved on reading: the file's value, else transformers' default (see [`Family::default_kv_heads`]).
     pub num_key_value_heads: usize,
     /// Resolved on reading: the file's value, else the family's default (see [`Family::default_head_dim`]).
     #[serde(default)]
@@ -111,8 +112,17 @@ impl ModelConfig {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
         let value: Value =
             serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
-        // Gemma 2 checkpoints nest nothing, but multimodal wrappers put the text model under text_config.
-        let value = match value.get("text_config") {
+        // A vision-language checkpoint (gemma-3-4b and up) holds a vision tower and names its
+        // weights `language_model.…`: refused rather than read as its text half.
+        if value.get("text_config").is_some() && value.get("vision_config").is_some() {
+            let kind = value.get("model_type").and_then(Value::as_str).unwrap_or("?");
+            bail!(
+                "{}: field `vision_config`: a multimodal checkpoint (model_type \"{kind}\"); crossdiff reads text-only models (for Gemma 3: google/gemma-3-270m or google/gemma-3-1b-pt / google/gemma-3-1b-it, model_type \"gemma3_text\")",
+                path.display()
+            );
+        }
+        // Text-only wrappers may still put the text model under text_config.
+        let mut value = match value.get("text_config") {
             Some(inner) if value.get("hidden_size").is_none() => inner.clone(),
             _ => value,
         };
@@ -131,16 +141,13 @@ impl ModelConfig {
             })?,
             None => bail!("{}: missing field `model_type`; supported: {}", path.display(), Family::supported_list()),
         };
+        fill_defaults(&mut value, family);
         let mut config: Self = serde_json::from_value(value.clone()).map_err(|e| {
             // serde names the field only for a missing one; find the field a wrong value sits in.
             let field = culprit::<Self>(&value).map_or_else(String::new, |k| format!("field `{k}`: "));
             anyhow!("{}: {field}{}", path.display(), describe_serde_error(&e))
         })?;
         config.family = family;
-        if config.head_dim == 0 {
-            config.head_dim =
-                family.default_head_dim().unwrap_or(config.hidden_size / config.num_attention_heads.max(1));
-        }
         config.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
         Ok(config)
     }
@@ -259,33 +266,38 @@ impl ModelConfig {
         let params = object(self.rope_parameters.as_ref(), "rope_parameters")?;
         let scaling = object(self.rope_scaling.as_ref(), "rope_scaling")?;
         let max = self.max_position_embeddings;
+        let theta = self.rope_theta.unwrap_or(self.family.default_rope_theta());
+        let none = |theta| Ok(RopeSpec { theta, scaling: crate::model::rope::RopeScaling::None });
+        // transformers 5 (`convert_rope_params_to_dict`): `rope_scaling or rope_parameters`, so a
+        // non-empty `rope_scaling` wins where a file has both.
+        let flat = || match (scaling.filter(|s| !s.is_empty()), params) {
+            (Some(s), _) => RopeSpec::parse(s, "rope_scaling", theta, max),
+            (None, Some(p)) => RopeSpec::parse(p, "rope_parameters", theta, max),
+            (None, None) => none(theta),
+        };
         if self.family != Family::Gemma3 {
-            let theta = self.rope_theta.unwrap_or(self.family.default_rope_theta());
-            return match (params, scaling) {
-                (Some(p), _) => RopeSpec::parse(p, "rope_parameters", theta, max),
-                (None, Some(s)) => RopeSpec::parse(s, "rope_scaling", theta, max),
-                (None, None) => Ok(RopeSpec { theta, scaling: crate::model::rope::RopeScaling::None }),
-            };
+            return flat();
         }
         let kind = if self.is_sliding_type(layer) { "sliding_attention" } else { "full_attention" };
         let nested = params.filter(|p| p.contains_key("full_attention") || p.contains_key("sliding_attention"));
         if let Some(p) = nested {
+            // Gemma 3's `convert_rope_params_to_dict`: `rope_scaling` updates the global entry, and an
+            // entry without `rope_theta` takes the top-level `rope_theta` (global) or
+            // `rope_local_base_freq` (sliding), else 1,000,000 / 10,000.
             let field = format!("rope_parameters.{kind}");
-            let default = if kind == "sliding_attention" { 10_000.0 } else { self.family.default_rope_theta() };
-            let entry = object(p.get(kind), &field)?.cloned().unwrap_or_default();
+            let mut entry = object(p.get(kind), &field)?.cloned().unwrap_or_default();
+            let default = if kind == "sliding_attention" {
+                self.rope_local_base_freq.unwrap_or(10_000.0)
+            } else {
+                entry.extend(scaling.into_iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
+                theta
+            };
             return RopeSpec::parse(&entry, &field, default, max);
         }
         if kind == "sliding_attention" {
-            let theta = self.rope_local_base_freq.unwrap_or(10_000.0);
-            return Ok(RopeSpec { theta, scaling: crate::model::rope::RopeScaling::None });
+            return none(self.rope_local_base_freq.unwrap_or(10_000.0));
         }
-        let theta = self.rope_theta.unwrap_or(self.family.default_rope_theta());
-        match params.or(scaling) {
-            Some(p) => {
-                RopeSpec::parse(p, if params.is_some() { "rope_parameters" } else { "rope_scaling" }, theta, max)
-            }
-            None => Ok(RopeSpec { theta, scaling: crate::model::rope::RopeScaling::None }),
-        }
+        flat()
     }
 
     /// The RoPE base of layer 0's table (the Models view and the pair check show it).
@@ -387,6 +399,36 @@ impl ModelConfig {
         per_layer += if self.family.has_qk_norm() { 2 * self.head_dim } else { 0 };
         let unembed = if self.tied() { 0 } else { self.vocab_size * d };
         self.vocab_size * d + unembed + self.num_hidden_layers * per_layer + d
+    }
+}
+
+/// Fills in the fields transformers fills in when config.json omits them: `head_dim` (see
+/// [`Family::default_head_dim`]; null too where the default is computed) and `num_key_value_heads`
+/// (see [`Family::default_kv_heads`]). Values the file writes, 0 included, are kept (and validated).
+fn fill_defaults(value: &mut Value, family: Family) {
+    let Some(obj) = value.as_object_mut() else { return };
+    let number = |key: &str| obj.get(key).and_then(Value::as_u64).map(|n| n as usize);
+    let (hidden, heads) = (number("hidden_size"), number("num_attention_heads"));
+    let head_dim = match obj.get("head_dim") {
+        None => true,
+        Some(Value::Null) => family.default_head_dim().is_none(),
+        Some(_) => false,
+    };
+    let head_dim = head_dim.then(|| match (family.default_head_dim(), hidden, heads) {
+        (Some(d), _, _) => Some(d),
+        (None, Some(hidden), Some(heads)) if heads > 0 => Some(hidden / heads),
+        _ => None,
+    });
+    let kv = match (obj.get("num_key_value_heads"), heads) {
+        (None, Some(heads)) => family.default_kv_heads(heads, false),
+        (Some(Value::Null), Some(heads)) => family.default_kv_heads(heads, true),
+        _ => None,
+    };
+    if let Some(d) = head_dim.flatten() {
+        obj.insert("head_dim".into(), d.into());
+    }
+    if let Some(kv) = kv {
+        obj.insert("num_key_value_heads".into(), kv.into());
     }
 }
 

@@ -107,6 +107,17 @@ impl Family {
         }
     }
 
+    /// `num_key_value_heads` when config.json omits it (`null`: writes null), as transformers'
+    /// config classes fill it in: Llama uses `num_attention_heads`; Qwen's classes default to 32
+    /// (null: `num_attention_heads`), Gemma's to 4 (null is refused).
+    pub fn default_kv_heads(self, heads: usize, null: bool) -> Option<usize> {
+        match self {
+            Self::Llama => Some(heads),
+            Self::Qwen2 | Self::Qwen3 => Some(if null { heads } else { 32 }),
+            Self::Gemma2 | Self::Gemma3 => (!null).then_some(4),
+        }
+    }
+
     /// The RoPE base when config.json names none (Gemma 3: the global layers'; its sliding layers
     /// default to 10,000).
     pub fn default_rope_theta(self) -> f64 {

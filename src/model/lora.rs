@@ -1,10 +1,11 @@
 //! A PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`), merged into the
 //! base's linear weights at load: `W += s · B·A` with `s = lora_alpha / r` (rsLoRA:
-//! `lora_alpha / √r`), what PEFT's `merge_and_unload()` computes. Variants that are not a plain
-//! low-rank update of the linear weights (DoRA, LoRA biases, embedding adapters, fully saved
-//! modules) are refused with the field that asks for them.
+//! `lora_alpha / √r`), what PEFT's `merge_and_unload()` computes (in f32 here). Variants that are
+//! not a plain low-rank update of the decoder blocks' linear weights (DoRA, LoRA biases, embedding
+//! and `lm_head` adapters, fully saved modules, …) are refused with the field or tensor that asks
+//! for them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -22,15 +23,88 @@ struct AdapterConfig {
     #[serde(default)]
     use_rslora: bool,
     #[serde(default)]
-    use_dora: bool,
-    #[serde(default)]
     fan_in_fan_out: bool,
     #[serde(default)]
     bias: Option<String>,
     #[serde(default)]
     modules_to_save: Option<Value>,
+    /// In the file's order: PEFT takes the first key that matches a module.
+    #[serde(default, deserialize_with = "ordered_map")]
+    alpha_pattern: Vec<(String, f64)>,
     #[serde(default)]
-    alpha_pattern: BTreeMap<String, f64>,
+    velora_config: Option<Value>,
+    #[serde(default)]
+    monteclora_config: Option<Value>,
+}
+
+/// Fields of PEFT's `LoraConfig` (peft 0.21, `tuners/lora/config.py`) that make an adapter other
+/// than a plain low-rank update `W + s·B·A` of linear weights, refused when set (not null, false or
+/// empty), with why. Not listed, because PEFT's merge of them is the plain one: `velora_config`
+/// (VeLoRA changes only the backward pass; its `lora_velora_embed` buffers are skipped) and
+/// `monteclora_config` (MonteCLoRA samples only while training; its `lora_monteclora_sampler`
+/// tensors are skipped), and `init_lora_weights` (an initialisation; MiCA's merge is plain).
+const REFUSED_VARIANTS: [(&str, &str); 10] = [
+    // A learned magnitude vector rescales every column of W + ΔW.
+    ("use_dora", "DoRA adapters are not supported (plain LoRA and rsLoRA are)"),
+    // lora_B carries a bias, merged into the layer's bias (the families here mostly have none).
+    ("lora_bias", "adapters with a bias on lora_B are not supported"),
+    // aLoRA applies only after its invocation tokens: PEFT itself cannot merge it.
+    ("alora_invocation_tokens", "activated LoRA (aLoRA) cannot be merged into the weights"),
+    // QALoRA's A reads the input pooled over groups: PEFT cannot merge it.
+    ("use_qalora", "QALoRA adapters cannot be merged into the weights"),
+    // The adapted model repeats base layers: another architecture than the base's.
+    ("layer_replication", "adapters that replicate layers are not supported"),
+    // LoRA on raw parameters (MoE experts), stored under other names than a linear layer's.
+    ("target_parameters", "LoRA on parameters (rather than linear modules) is not supported"),
+    // Block-diagonal A or B, stored as the stacked blocks: not the [r, in] × [out, r] product.
+    ("use_bdlora", "block-diagonal LoRA (BD-LoRA) is not supported"),
+    // Per-token routing among several LoRAs: no single merged weight exists.
+    ("arrow_config", "Arrow routing adapters cannot be merged into the weights"),
+    // KaSA truncates the base weight's SVD and scales B·A by a learned diagonal.
+    ("kasa_config", "KaSA adapters are not supported"),
+    // Trains rows of the embedding, not a low-rank update of the linear layers.
+    ("trainable_token_indices", "adapters that train embedding rows are not supported"),
+];
+
+/// A JSON object's entries in the file's order (null: none).
+fn ordered_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, f64)>, D::Error> {
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = Vec<(String, f64)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of numbers")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut entries: Vec<(String, f64)> = Vec::new();
+            while let Some((key, value)) = map.next_entry::<String, f64>()? {
+                // A repeated key keeps its first place and its last value, as Python's json does.
+                match entries.iter_mut().find(|(k, _)| *k == key) {
+                    Some(entry) => entry.1 = value,
+                    None => entries.push((key, value)),
+                }
+            }
+            Ok(entries)
+        }
+    }
+    d.deserialize_any(Entries)
+}
+
+/// Whether a config value asks for something: not null, false, 0 or empty.
+fn is_set(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => false,
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::String(s) => !s.is_empty(),
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::Bool(true) => true,
+    }
 }
 
 /// One adapted module's factors: `A` `[r, in]`, `B` `[out, r]`.
@@ -45,6 +119,9 @@ struct Factors {
 pub struct LoraAdapter {
     pub dir: PathBuf,
     config: AdapterConfig,
+    /// `alpha_pattern` compiled as PEFT matches it (`get_pattern_key`: `(.*\.)?(KEY)$` from the
+    /// start of the module name), in the file's order.
+    alpha_pattern: Vec<(regex::Regex, f64)>,
     /// Module name as the base names it (`model.layers.0.self_attn.q_proj`) → factors.
     modules: HashMap<String, Factors>,
     used: Mutex<HashSet<String>>,
@@ -57,8 +134,14 @@ impl LoraAdapter {
         let config_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&config_path)
             .map_err(|e| anyhow!("{}: cannot read ({e}); is this a PEFT adapter folder?", config_path.display()))?;
-        let config: AdapterConfig = serde_json::from_str(&text)
-            .map_err(|e| anyhow!("{}: {}", config_path.display(), crate::model::config::describe_serde_error(&e)))?;
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", config_path.display()))?;
+        // Parsed from the text (not the value) so that `alpha_pattern` keeps the file's order.
+        let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| {
+            let field = crate::model::config::culprit::<AdapterConfig>(&value)
+                .map_or_else(String::new, |k| format!("field `{k}`: "));
+            anyhow!("{}: {field}{}", config_path.display(), crate::model::config::describe_serde_error(&e))
+        })?;
         let at = |field: &str, why: &str| anyhow!("{}: field `{field}` {why}", config_path.display());
         if let Some(t) = config.peft_type.as_deref().filter(|t| *t != "LORA") {
             return Err(at("peft_type", &format!("is \"{t}\"; only LoRA adapters are supported")));
@@ -69,8 +152,10 @@ impl LoraAdapter {
         if !(config.lora_alpha.is_finite() && config.lora_alpha > 0.0) {
             return Err(at("lora_alpha", "must be a positive finite number"));
         }
-        if config.use_dora {
-            return Err(at("use_dora", "is true; DoRA adapters are not supported (plain LoRA and rsLoRA are)"));
+        for (field, why) in REFUSED_VARIANTS {
+            if let Some(v) = value.get(field).filter(|v| is_set(v)) {
+                return Err(at(field, &format!("is {v}; {why}")));
+            }
         }
         if config.fan_in_fan_out {
             return Err(at("fan_in_fan_out", "is true; the supported families store linear weights as [out, in]"));
@@ -88,6 +173,21 @@ impl LoraAdapter {
                 ));
             }
         }
+        let mut alpha_pattern = Vec::with_capacity(config.alpha_pattern.len());
+        for (key, alpha) in &config.alpha_pattern {
+            let re = regex::Regex::new(&format!(r"^(.*\.)?({key})$")).map_err(|e| {
+                // The regex crate's message draws the pattern over lines; its last line says why.
+                let e = e.to_string();
+                let why = e.lines().last().unwrap_or_default().trim_start_matches("error: ");
+                at("alpha_pattern", &format!("has key {key:?}, not a valid regular expression ({why})"))
+            })?;
+            alpha_pattern.push((re, *alpha));
+        }
+        // Tensors of variants whose merge ignores them (see REFUSED_VARIANTS).
+        let skipped = |name: &str| {
+            (config.velora_config.as_ref().is_some_and(is_set) && name.ends_with(".lora_velora_embed"))
+                || (config.monteclora_config.as_ref().is_some_and(is_set) && name.contains(".lora_monteclora_sampler."))
+        };
         let weights_path = dir.join("adapter_model.safetensors");
         let bytes = fs_err::read(&weights_path).map_err(|e| {
             let bin = dir.join("adapter_model.bin");
@@ -102,6 +202,15 @@ impl LoraAdapter {
             .map_err(|e| anyhow!("{}: not a safetensors file: {e}", weights_path.display()))?;
         let mut halves: HashMap<String, [Option<(Vec<usize>, Vec<f32>)>; 2]> = HashMap::new();
         for (name, view) in tensors.tensors() {
+            if skipped(&name) {
+                continue;
+            }
+            if let Some(head) = unsupported_target(&name) {
+                bail!(
+                    "{}: tensor `{name}`: LoRA on `{head}` is not supported; crossdiff merges adapters of the decoder blocks' linear layers",
+                    weights_path.display()
+                );
+            }
             let (module, which) = match parse_key(&name) {
                 Some(k) => k,
                 None => bail!(
@@ -148,21 +257,19 @@ impl LoraAdapter {
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
+            alpha_pattern,
             modules,
             used: Mutex::new(HashSet::new()),
             fingerprint: crate::io::checksum(&fingerprint_bytes),
         })
     }
 
-    /// The factor on `B·A` for `module`: `alpha / r`, or `alpha / √r` with rsLoRA, where a module
-    /// listed in `alpha_pattern` (by its full name or its last components) has its own alpha.
+    /// The factor on `B·A` for `module`: `alpha / r`, or `alpha / √r` with rsLoRA, where the first
+    /// key of `alpha_pattern` that matches the module (a regular expression over its last
+    /// components, as PEFT matches it) gives its own alpha.
     fn scale(&self, module: &str, r: usize) -> f64 {
-        let alpha = self
-            .config
-            .alpha_pattern
-            .iter()
-            .find(|(key, _)| module == key.as_str() || module.ends_with(&format!(".{key}")))
-            .map_or(self.config.lora_alpha, |(_, a)| *a);
+        let alpha =
+            self.alpha_pattern.iter().find(|(re, _)| re.is_match(module)).map_or(self.config.lora_alpha, |(_, a)| *a);
         if self.config.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 }
     }
 
@@ -239,4 +346,12 @@ fn parse_key(name: &str) -> Option<(String, usize)> {
         }
     }
     None
+}
+
+/// `lm_head` or `embed_tokens` when tensor `name` adapts one of them (`lora_A`/`lora_B`, or PEFT's
+/// `lora_embedding_A`/`_B` of an embedding): crossdiff merges only the blocks' linear layers.
+fn unsupported_target(name: &str) -> Option<&'static str> {
+    let at = [".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B"].iter().find_map(|m| name.find(m))?;
+    let module = &name[..at];
+    ["lm_head", "embed_tokens"].into_iter().find(|head| module == *head || module.ends_with(&format!(".{head}")))
 }

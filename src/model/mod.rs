@@ -84,8 +84,12 @@ impl Model {
         Ok(ids)
     }
 
+    /// Ids generation stops on: the tokenizer's (turn closer and EOS), config.json's and
+    /// generation_config.json's `eos_token_id`.
     pub fn stop_ids(&self) -> Vec<u32> {
-        self.tokenizer.stop_ids(&self.snapshot.config.eos_token_ids())
+        let mut eos = self.snapshot.config.eos_token_ids();
+        eos.extend_from_slice(&self.snapshot.generation_eos);
+        self.tokenizer.stop_ids(&eos)
     }
 }
 

@@ -58,6 +58,8 @@ impl StoredDtype {
 pub struct Snapshot {
     pub dir: PathBuf,
     pub config: ModelConfig,
+    /// `eos_token_id` of generation_config.json, when the snapshot has one (see [`generation_eos`]).
+    pub generation_eos: Vec<u32>,
     files: Vec<WeightFile>,
     /// tensor name → index into `files`.
     index: HashMap<String, usize>,
@@ -117,6 +119,7 @@ impl Snapshot {
             bail!("{}: this is an activation cache, not a model snapshot: give the model's folder", dir.display());
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let generation_eos = generation_eos(&dir.join("generation_config.json"))?;
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let mut files = Vec::new();
@@ -165,7 +168,7 @@ impl Snapshot {
                 blocks - 1
             );
         }
-        Ok(Self { dir, config, files, index })
+        Ok(Self { dir, config, generation_eos, files, index })
     }
 
     /// The directory's last path component (how caches and runs refer to a model).
@@ -269,6 +272,32 @@ impl Snapshot {
     pub fn context(&self) -> String {
         self.dir.display().to_string()
     }
+}
+
+/// The stop ids generation_config.json lists (`eos_token_id`: one id or a list; none without the
+/// file), which transformers' `generate` stops on: instruct models list some there only (Qwen 2.5
+/// and 3 `<|endoftext|>`, Llama 3.0 `<|eot_id|>`). Only that field is read; an entry that is not a
+/// token id is refused.
+fn generation_eos(path: &Path) -> Result<Vec<u32>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+    let entries = match value.get("eos_token_id") {
+        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+        Some(serde_json::Value::Array(list)) => list.clone(),
+        Some(one) => vec![one.clone()],
+    };
+    entries
+        .iter()
+        .map(|id| {
+            id.as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| anyhow!("{}: field `eos_token_id` has {id}, not a token id", path.display()))
+        })
+        .collect()
 }
 
 /// Refuses a base/chat pair that cannot be diffed: a fine-tune has its base's architecture (every

@@ -77,7 +77,8 @@ impl ChatTokenizer {
 
     /// As [`ChatTokenizer::from_dir`], where a LoRA adapter's folder may carry tokenizer files of
     /// its own (trainers save them beside the adapter, often with the chat template the base
-    /// lacks): each file is read from the adapter's folder when it is there, else from `dir`.
+    /// lacks): each file is read from the adapter's folder when it is there, else from `dir`; the
+    /// chat template is the adapter folder's when it has one (in either file), else the base's.
     pub fn with_adapter(dir: &Path, adapter: Option<&Path>) -> Result<Self> {
         let pick = |name: &str| match adapter.map(|a| a.join(name)) {
             Some(p) if p.exists() => p,
@@ -90,28 +91,9 @@ impl ChatTokenizer {
         let inner =
             tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: cannot parse: {e}", path.display()))?;
         let config_path = pick("tokenizer_config.json");
-        let mut chat_template = None;
-        let mut template_source = config_path.clone();
         let mut bos_token = "<bos>".to_string();
         let mut eos_token = "<eos>".to_string();
-        if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path)
-                .map_err(|e| anyhow!("{}: cannot read: {e}", config_path.display()))?;
-            let cfg: Value =
-                serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", config_path.display()))?;
-            chat_template = match cfg.get("chat_template") {
-                Some(Value::String(s)) => Some(s.clone()),
-                // Hub files may list several named templates; "default" is the chat one.
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                    .or_else(|| list.first())
-                    .and_then(|t| t.get("template"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                Some(Value::Null) | None => None,
-                Some(_) => bail!("{}: field `chat_template` must be a string or a list", config_path.display()),
-            };
+        if let Some(cfg) = read_config(&config_path)? {
             match cfg.get("bos_token") {
                 // Qwen declares no BOS (`"bos_token": null`): templates see an empty string.
                 Some(Value::Null) => bos_token = String::new(),
@@ -125,11 +107,16 @@ impl ChatTokenizer {
                 eos_token = t;
             }
         }
-        let jinja = pick("chat_template.jinja");
-        if chat_template.is_none() && jinja.exists() {
-            chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| anyhow!("{}: cannot read: {e}", jinja.display()))?);
-            template_source = jinja;
+        // The chat template as transformers finds it: `chat_template.jinja` before
+        // tokenizer_config.json's field; a template in the adapter's folder (either file) before
+        // any in the base's.
+        let mut chat_template = None;
+        let mut template_source = dir.join("tokenizer_config.json");
+        for folder in adapter.into_iter().chain([dir]) {
+            if let Some((template, source)) = find_template(folder)? {
+                (chat_template, template_source) = (Some(template), source);
+                break;
+            }
         }
         let markers = ChatFormat::MARKERS
             .iter()
@@ -328,6 +315,41 @@ fn describe_conversation(messages: &[Message]) -> String {
         format!(", starting {:?}", format!("{text}{more}"))
     });
     format!("({} turns: {}{first})", messages.len(), roles.join(", "))
+}
+
+/// `tokenizer_config.json` at `path`, if there is one.
+fn read_config(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))
+}
+
+/// The chat template of one folder and the file it comes from: `chat_template.jinja`, else
+/// `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates whose
+/// "default" is the chat one).
+fn find_template(folder: &Path) -> Result<Option<(String, PathBuf)>> {
+    let jinja = folder.join("chat_template.jinja");
+    if jinja.exists() {
+        let text = std::fs::read_to_string(&jinja).map_err(|e| anyhow!("{}: cannot read: {e}", jinja.display()))?;
+        return Ok(Some((text, jinja)));
+    }
+    let config_path = folder.join("tokenizer_config.json");
+    let Some(cfg) = read_config(&config_path)? else { return Ok(None) };
+    let template = match cfg.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        Some(Value::Null) | None => None,
+        Some(_) => bail!("{}: field `chat_template` must be a string or a list", config_path.display()),
+    };
+    Ok(template.map(|t| (t, config_path)))
 }
 
 fn special_token(cfg: &Value, key: &str) -> Option<String> {

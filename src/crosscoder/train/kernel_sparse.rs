@@ -77,13 +77,78 @@ fn offsets_from_counts(counts: impl Iterator<Item = usize>) -> Vec<i64> {
 }
 
 /// A pick set sorted by token (segments = tokens) and the same entries sorted by latent.
-struct Set {
-    tokens: Tensor<1, Int>,
-    latents: Tensor<1, Int>,
-    values: Tensor<1>,
-    token_offsets: Tensor<1, Int>,
-    by_latent: Tensor<1, Int>,
-    latent_offsets: Tensor<1, Int>,
+pub(super) struct Set {
+    pub(super) tokens: Tensor<1, Int>,
+    pub(super) latents: Tensor<1, Int>,
+    pub(super) values: Tensor<1>,
+    pub(super) token_offsets: Tensor<1, Int>,
+    pub(super) by_latent: Tensor<1, Int>,
+    pub(super) latent_offsets: Tensor<1, Int>,
+    /// 1 for a real pick, 0 for an empty slot (the device-resident route's fixed-size sets);
+    /// `None`: every entry is a pick.
+    pub(super) valid: Option<Tensor<1>>,
+}
+
+impl Set {
+    /// ĥ (without bias) of this set's picks: `[B, 2d]`.
+    pub(super) fn decode(&self, w_dec: &Tensor<2>) -> Tensor<2> {
+        segment_rows(&self.token_offsets, &self.latents, &self.values, w_dec)
+    }
+}
+
+/// The reconstruction loss and its derivative ∂L/∂ĥ from the error `h − ĥ` (`[B, two_d]`): an
+/// SAE's mean squared error, the squared variant, or the spec's per-model norms.
+pub(super) fn recon_terms(
+    cfg: &crate::crosscoder::train::config::TrainConfig,
+    err: &Tensor<2>,
+    b: usize,
+    d: usize,
+    two_d: usize,
+) -> (Tensor<1>, Tensor<2>) {
+    if cfg.kind == crate::crosscoder::Kind::Sae {
+        // mean_b Σ e², g = −2e/B.
+        (err.clone().square().sum().mul_scalar(1.0 / b as f64), err.clone().mul_scalar(-2.0 / b as f64))
+    } else if cfg.squared_recon {
+        (err.clone().square().sum().mul_scalar(0.5 / b as f64), err.clone().mul_scalar(-1.0 / b as f64))
+    } else {
+        let norms = err.clone().reshape([b, 2, d]).square().sum_dim(2).sqrt(); // [B, 2, 1]
+        let g = err.clone().reshape([b, 2, d]) / norms.clone().clamp_min(1e-30).mul_scalar(-2.0 * b as f64);
+        (norms.mean(), g.reshape([b, two_d]))
+    }
+}
+
+/// The gradients of every pick set with its ∂L/∂ĥ: ∂L/∂f = W_dec[l] · g[t] per pick, then rows of
+/// W_dec and columns of W_enc by latent; b_dec from the main set (an SAE's also through b_enc).
+pub(super) fn set_gradients(
+    sets: &[(Set, Tensor<2>)],
+    p: &crate::crosscoder::Params,
+    enc_input: &Tensor<2>,
+    sae: bool,
+) -> [Tensor<2>; 4] {
+    let (dict, two_d) = (p.w_dec.dims()[0], p.w_dec.dims()[1]);
+    let device = enc_input.device();
+    let mut grad_w_dec = Tensor::<2>::zeros([dict, two_d], &device);
+    let mut grad_enc_t = Tensor::<2>::zeros([dict, enc_input.dims()[1]], &device);
+    let mut grad_b_enc = Tensor::<2>::zeros([dict, 1], &device);
+    for (s, gs) in sets {
+        let n = s.values.dims()[0];
+        let mut grad_v = pick_dot(&s.latents, &s.tokens, &p.w_dec, gs);
+        if let Some(valid) = &s.valid {
+            grad_v = grad_v * valid.clone();
+        }
+        let tokens_by_l = s.tokens.clone().select(0, s.by_latent.clone());
+        grad_w_dec = grad_w_dec
+            + segment_rows(&s.latent_offsets, &tokens_by_l, &s.values.clone().select(0, s.by_latent.clone()), gs);
+        grad_enc_t = grad_enc_t
+            + segment_rows(&s.latent_offsets, &tokens_by_l, &grad_v.clone().select(0, s.by_latent.clone()), enc_input);
+        grad_b_enc = grad_b_enc.select_assign(0, s.latents.clone(), grad_v.reshape([n, 1]), IndexingUpdateOp::Add);
+    }
+    let grad_b_enc = grad_b_enc.reshape([1, dict]);
+    let mut grad_b_dec = sets[0].1.clone().sum_dim(0);
+    if sae {
+        grad_b_dec = grad_b_dec - grad_b_enc.clone().matmul(p.w_enc.clone().transpose());
+    }
+    [grad_enc_t.transpose(), grad_b_enc, grad_w_dec, grad_b_dec]
 }
 
 /// The route, from the codes `f_dev` (`[B, D]`) and their device selection.
@@ -108,22 +173,14 @@ pub fn step(input: StepInput, f_dev: &Tensor<2>, sel: DeviceSelection) -> Result
                 tokens,
                 latents,
                 values,
+                valid: None,
             })
         };
-    let decode = |s: &Set| segment_rows(&s.token_offsets, &s.latents, &s.values, &p.w_dec);
+    let decode = |s: &Set| s.decode(&p.w_dec);
     let main = make_set(tokens, latents, values, &selection.per_latent)?;
     let err = x.clone() - (decode(&main) + p.b_dec.clone());
     // ∂L/∂ĥ of the reconstruction term.
-    let (recon, g) = if sae {
-        // mean_b Σ e², g = −2e/B.
-        (err.clone().square().sum().mul_scalar(1.0 / b as f64), err.clone().mul_scalar(-2.0 / b as f64))
-    } else if cfg.squared_recon {
-        (err.clone().square().sum().mul_scalar(0.5 / b as f64), err.clone().mul_scalar(-1.0 / b as f64))
-    } else {
-        let norms = err.clone().reshape([b, 2, d]).square().sum_dim(2).sqrt(); // [B, 2, 1]
-        let g = err.clone().reshape([b, 2, d]) / norms.clone().clamp_min(1e-30).mul_scalar(-2.0 * b as f64);
-        (norms.mean(), g.reshape([b, two_d]))
-    };
+    let (recon, g) = recon_terms(cfg, &err, b, d, two_d);
     let mut loss = recon.clone();
     let mut aux = None;
     let mut sets = vec![(main, g.clone())];
@@ -162,26 +219,7 @@ pub fn step(input: StepInput, f_dev: &Tensor<2>, sel: DeviceSelection) -> Result
         }
         aux = Some(a);
     }
-    // Gradients, per pick set: ∂L/∂f = W_dec[l] · g[t]; rows of W_dec and columns of W_enc.
-    let mut grad_w_dec = Tensor::<2>::zeros([dict, two_d], &device);
-    let mut grad_enc_t = Tensor::<2>::zeros([dict, two_d], &device);
-    let mut grad_b_enc = Tensor::<2>::zeros([dict, 1], &device);
-    for (s, gs) in &sets {
-        let n = s.values.dims()[0];
-        let grad_v = pick_dot(&s.latents, &s.tokens, &p.w_dec, gs);
-        let tokens_by_l = s.tokens.clone().select(0, s.by_latent.clone());
-        grad_w_dec = grad_w_dec
-            + segment_rows(&s.latent_offsets, &tokens_by_l, &s.values.clone().select(0, s.by_latent.clone()), gs);
-        grad_enc_t = grad_enc_t
-            + segment_rows(&s.latent_offsets, &tokens_by_l, &grad_v.clone().select(0, s.by_latent.clone()), &enc_input);
-        grad_b_enc = grad_b_enc.select_assign(0, s.latents.clone(), grad_v.reshape([n, 1]), IndexingUpdateOp::Add);
-    }
-    let grad_b_enc = grad_b_enc.reshape([1, dict]);
-    let mut grad_b_dec = sets[0].1.clone().sum_dim(0);
-    if sae {
-        grad_b_dec = grad_b_dec - grad_b_enc.clone().matmul(p.w_enc.clone().transpose());
-    }
-    let grads = [grad_enc_t.transpose(), grad_b_enc, grad_w_dec, grad_b_dec];
+    let grads = set_gradients(&sets, p, &enc_input, sae);
     let out = StepOutput::new(selection, loss, recon, aux, err, grads);
     Ok(if sae { out.one_block() } else { out })
 }

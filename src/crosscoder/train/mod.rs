@@ -14,6 +14,7 @@ mod dense;
 mod dispatch;
 pub mod host_sparse;
 mod kernel_sparse;
+pub mod resident;
 mod sae_step;
 mod step;
 
@@ -168,6 +169,9 @@ impl TrainRun<'_> {
         let mut saved = (state.step > 0).then_some(state.step);
         let recorded_end = state.data_ended;
         let mut last_batch = None;
+        // On wgpu, the dead-latent counters and θ live on the device between checkpoints.
+        let mut resident = resident::applies(&cfg, &self.device)
+            .then(|| resident::Resident::upload(&state.since_selected, state.threshold, &cfg, &self.device));
         while state.step < cfg.steps && !state.data_ended && keep_going() {
             let batch = match first.take() {
                 Some(b) => b,
@@ -190,13 +194,25 @@ impl TrainRun<'_> {
             }
             first_batch = false;
             let x = dictionary_input(cfg.kind, cfg.target, batch.acts, d, &self.device);
-            let out = step_loss(&cfg, &state.params, x.clone(), step, &mut state.since_selected)?;
+            let out = match resident.as_mut() {
+                Some(r) => {
+                    let _phase = crate::phases::phase("device-resident step", &self.device);
+                    let tokens_after = state.tokens + batch.batch as u64;
+                    Outcome::Device(resident::step(&cfg, &state.params, x.clone(), step, tokens_after, r)?)
+                }
+                None => Outcome::Host(step_loss(&cfg, &state.params, x.clone(), step, &mut state.since_selected)?),
+            };
             let phase = crate::phases::phase("clip", &self.device);
-            let mut g = out.gradients()?;
-            if cfg.kind == Kind::Sae {
-                g[2] = crate::crosscoder::sae::remove_parallel_gradient(&state.params.w_dec, g[2].clone());
-            }
-            let g = clip_gradients(g, cfg.clip_grad)?;
+            let g = match &out {
+                Outcome::Host(out) => {
+                    let mut g = out.gradients()?;
+                    if cfg.kind == Kind::Sae {
+                        g[2] = crate::crosscoder::sae::remove_parallel_gradient(&state.params.w_dec, g[2].clone());
+                    }
+                    clip_gradients(g, cfg.clip_grad)?
+                }
+                Outcome::Device(out) => resident::clip(out.grads.clone(), cfg.clip_grad),
+            };
             drop(phase);
             let phase = crate::phases::phase("optimizer", &self.device);
             let lr = cfg.lr_at(step);
@@ -206,14 +222,25 @@ impl TrainRun<'_> {
                 params.w_dec = crate::crosscoder::sae::unit_rows(params.w_dec.clone());
             }
             drop(phase);
-            state.threshold = update_threshold(state.threshold, out.min_kept(), step, cfg.threshold_start);
+            match (&out, resident.as_mut()) {
+                (Outcome::Device(o), Some(r)) => o.update_threshold(r, step, cfg.threshold_start),
+                (Outcome::Host(o), _) => {
+                    state.threshold = update_threshold(state.threshold, o.min_kept(), step, cfg.threshold_start)
+                }
+                (Outcome::Device(_), None) => unreachable!("a device outcome comes from the resident route"),
+            }
             state.step = step;
             state.tokens += batch.batch as u64;
             last_batch = Some(batch.batch);
 
             if step % cfg.log_every.max(1) == 0 || step == cfg.steps {
-                let dead_frac = dead_fraction(&cfg, &state.since_selected);
-                let mut m = out.metrics(&x, step, state.tokens, dead_frac, lr)?;
+                let mut m = match (&out, &resident) {
+                    (Outcome::Device(o), Some(r)) => o.metrics(&x, r, &cfg, step, state.tokens, lr)?,
+                    (Outcome::Host(o), _) => {
+                        o.metrics(&x, step, state.tokens, dead_fraction(&cfg, &state.since_selected), lr)?
+                    }
+                    (Outcome::Device(_), None) => unreachable!("a device outcome comes from the resident route"),
+                };
                 if !m.loss.is_finite() {
                     return Err(diverged(&format!("the loss is {}", m.loss), step, saved, &self.out));
                 }
@@ -229,9 +256,15 @@ impl TrainRun<'_> {
                 progress(TrainProgress { metrics: m, total_steps: cfg.steps });
             }
             if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
+                if let Some(r) = &resident {
+                    r.download(&mut state.since_selected, &mut state.threshold)?;
+                }
                 self.save_checked(&cfg, &state, saved)?;
                 saved = Some(step);
             }
+        }
+        if let Some(r) = &resident {
+            r.download(&mut state.since_selected, &mut state.threshold)?;
         }
         // A resume that trained nothing leaves the checkpoint as it is (unless it learnt the end).
         if saved != Some(state.step) || state.data_ended != recorded_end {
@@ -309,6 +342,12 @@ impl TrainRun<'_> {
         cc.save(&self.out)?;
         Ok(cc)
     }
+}
+
+/// One step's outcome: from a host-bookkept route, or from the device-resident one.
+enum Outcome {
+    Host(StepOutput),
+    Device(resident::ResidentOutput),
 }
 
 /// b_dec's start: the geometric median of the first batch (Weiszfeld, ≤ 100 iterations, tol 1e-5),

@@ -280,11 +280,13 @@ pub fn fve(x: &Tensor<2>, err: &Tensor<2>, d: usize) -> Result<[f64; 2]> {
     Ok([v[0], v[1]])
 }
 
+/// Σ over each d-wide block's dimensions of the variance over the rows: `[blocks]`, on the device.
+pub fn fve_blocks_of(t: &Tensor<2>, blocks: usize, d: usize) -> Tensor<1> {
+    t.clone().detach().var(0).reshape([blocks, d]).sum_dim(1).reshape([blocks])
+}
+
 /// FVE of each of `blocks` consecutive d-wide blocks of the rows.
 pub fn fve_blocks(x: &Tensor<2>, err: &Tensor<2>, blocks: usize, d: usize) -> Result<Vec<f64>> {
-    let var = |t: Tensor<2>| -> Result<Vec<f32>> {
-        read_vec(t.detach().var(0).reshape([blocks, d]).sum_dim(1).reshape([blocks]))
-    };
-    let (total, resid) = (var(x.clone())?, var(err.clone())?);
+    let (total, resid) = (read_vec(fve_blocks_of(x, blocks, d))?, read_vec(fve_blocks_of(err, blocks, d))?);
     Ok((0..blocks).map(|m| 1.0 - resid[m] as f64 / total[m].max(1e-30) as f64).collect())
 }

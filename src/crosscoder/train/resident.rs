@@ -1,0 +1,281 @@
+//! The device-resident route (wgpu, sparse BatchTopK crosscoders): the kernel route's arithmetic
+//! with every decision that used to come back to the host kept on the device — the selection
+//! ([`batch_topk_picks`]), the dead-latent counters, AuxK's picks (a fixed-size top-k over the dead
+//! latents, empty slots masked), AuxK's finite-or-not rule, the gradient clip and θ's EMA — so a
+//! step reads nothing back; the metrics come back in one read on log steps, the counters and θ at
+//! checkpoints. Same rules as the host routes (shared/spec/method.md §2); ties inside AuxK's
+//! per-token top-k may be broken in another order than the host's.
+
+use anyhow::Result;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::crosscoder::kernels::{batch_topk_picks, is_wgpu};
+use crate::crosscoder::train::config::TrainConfig;
+use crate::crosscoder::train::kernel_sparse::{Set, recon_terms, set_gradients};
+use crate::crosscoder::train::step::{StepMetrics, fve_blocks_of};
+use crate::crosscoder::{Kind, Params, aux_loss, encode, read_vec};
+
+/// Whether a run takes this route: sparse BatchTopK crosscoders with the kernels, on wgpu, with a
+/// dead-token window the device's i32 counters hold.
+pub fn applies(cfg: &TrainConfig, device: &Device) -> bool {
+    cfg.kind == Kind::BatchTopK
+        && cfg.sparse
+        && cfg.cpu_kernels
+        && is_wgpu(device)
+        && cfg.dead_tokens < (i32::MAX / 2) as u64
+}
+
+/// The bookkeeping kept on the device between steps.
+pub struct Resident {
+    /// Tokens since each latent was last selected (i32 `[D]`), capped at the dead window: only
+    /// "at least `dead_tokens`" matters, and the cap keeps i32 from overflowing.
+    since: Tensor<1, Int>,
+    /// θ and whether it is set: `[2]` (value, 0/1).
+    theta: Tensor<1>,
+    cap: i64,
+}
+
+impl Resident {
+    /// From the host state (a fresh run, or a checkpoint).
+    pub fn upload(since_selected: &[u64], threshold: Option<f32>, cfg: &TrainConfig, device: &Device) -> Self {
+        let cap = cfg.dead_tokens as i64;
+        let since: Vec<i64> = since_selected.iter().map(|&c| (c as i64).min(cap)).collect();
+        let n = since.len();
+        Self {
+            since: Tensor::from_data(TensorData::new(since, [n]), device),
+            theta: Tensor::from_data(
+                TensorData::new(vec![threshold.unwrap_or(0.0), f32::from(u8::from(threshold.is_some()))], [2]),
+                device,
+            ),
+            cap,
+        }
+    }
+
+    /// Back to the host state (checkpoints, the end of a run): two reads.
+    pub fn download(&self, since_selected: &mut [u64], threshold: &mut Option<f32>) -> Result<()> {
+        let since = crate::counters::read_i64(self.since.clone())?;
+        since_selected.iter_mut().zip(since).for_each(|(c, s)| *c = s as u64);
+        let theta = read_vec(self.theta.clone())?;
+        *threshold = (theta[1] > 0.5).then_some(theta[0]);
+        Ok(())
+    }
+
+    /// θ's rule ([`crate::crosscoder::train::update_threshold`]) on the device: the first kept
+    /// minimum, then an EMA with weight 0.001, on steps whose 0-based index exceeds `start`; a step
+    /// that kept nothing (`min_kept` infinite) leaves θ as it is.
+    fn update_threshold(&mut self, min_kept: Tensor<1>, step: u64, start: u64) {
+        if step.saturating_sub(1) <= start {
+            return;
+        }
+        let t = self.theta.clone().narrow(0, 0, 1);
+        let set = self.theta.clone().narrow(0, 1, 1);
+        let kept = min_kept.clone().lower_elem(f32::INFINITY);
+        let ema = t.clone().mul_scalar(0.999) + min_kept.clone().mul_scalar(0.001);
+        let next = min_kept.mask_where(set.clone().greater_elem(0.5), ema);
+        let t = t.mask_where(kept.clone(), next);
+        let set = set.max_pair(kept.float());
+        self.theta = Tensor::cat(vec![t, set], 0);
+    }
+}
+
+/// One step's outcome on this route: device tensors only.
+pub struct ResidentOutput {
+    loss: Tensor<1>,
+    recon: Tensor<1>,
+    /// L_aux as the metrics report it (0 when no latent is dead).
+    aux: Tensor<1>,
+    err: Tensor<2>,
+    /// Picks this step (L0 × B), as f32 `[1]`.
+    picks: Tensor<1>,
+    /// The smallest kept score (∞ when nothing was kept).
+    min_kept: Tensor<1>,
+    pub grads: [Tensor<2>; 4],
+}
+
+/// Slots `0..len` as an i32 `[len]`.
+fn arange(len: usize, device: &Device) -> Tensor<1, Int> {
+    Tensor::arange(0..len as i64, device)
+}
+
+/// Segment offsets `[n + 1]` from per-segment counts `[n]`.
+fn offsets(counts: Tensor<1, Int>) -> Tensor<1, Int> {
+    let device = counts.device();
+    Tensor::cat(vec![Tensor::zeros([1], &device), counts.cumsum(0)], 0)
+}
+
+/// One step on the batch `x` (`[B, 2d]`, 1-based `step`); `tokens_after` counts every token the
+/// run has seen with this batch (no latent can be dead before the dead window has passed, so AuxK
+/// is skipped until then).
+pub fn step(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    step: u64,
+    tokens_after: u64,
+    r: &mut Resident,
+) -> Result<ResidentOutput> {
+    let (d, dict) = (cfg.width_of(p), p.w_enc.dims()[1]);
+    let [b, two_d] = x.dims();
+    let device = x.device();
+    let keep = cfg.k_at(step) * b;
+    let f = encode(p, x.clone());
+    let scores = f.clone() * p.norm_sum();
+    let flat_scores = scores.clone().reshape([b * dict]);
+    let picks = batch_topk_picks(&flat_scores, keep, b, dict);
+    let n = picks.token_offsets.clone().narrow(0, b, 1);
+    let valid = arange(keep, &device).lower(n.clone().expand([keep]));
+    let flat = picks.tokens.clone().mul_scalar(dict as i64) + picks.latents.clone();
+    let valid_f = valid.clone().float();
+    let values = f.clone().reshape([b * dict]).select(0, flat.clone()) * valid_f.clone();
+    let min_kept = flat_scores.clone().select(0, flat).mask_fill(valid.bool_not(), f32::INFINITY).min();
+    // The counters take this batch's selection first (selected → 0, others += B), then the dead set.
+    let selected = picks.per_latent.clone().greater_elem(0);
+    r.since = r.since.clone().add_scalar(b as i64).clamp_max(r.cap).mask_fill(selected, 0);
+    // Empty slots sit at the last latent: its segment holds them too (with zero values).
+    let empty = n.clone().neg().add_scalar(keep as i64);
+    let last = picks.per_latent.clone().narrow(0, dict - 1, 1) + empty;
+    let seg_counts = picks.per_latent.clone().slice_assign([dict - 1..dict], last);
+    let main = Set {
+        by_latent: picks.latents.clone().argsort(0),
+        latent_offsets: offsets(seg_counts),
+        token_offsets: picks.token_offsets,
+        tokens: picks.tokens,
+        latents: picks.latents,
+        values,
+        valid: Some(valid_f),
+    };
+    let err = x.clone() - (main.decode(&p.w_dec) + p.b_dec.clone());
+    let (recon, g) = recon_terms(cfg, &err, b, d, two_d);
+    let mut loss = recon.clone();
+    let mut aux_reported = Tensor::<1>::zeros([1], &device);
+    let mut sets = vec![(main, g)];
+    if tokens_after >= cfg.dead_tokens {
+        let dead = r.since.clone().greater_equal_elem(cfg.dead_tokens as i64);
+        let (set, e_hat) = aux_picks(&f, &scores, dead.clone(), d, p)?;
+        let e = err.clone();
+        let a = aux_loss(e.clone(), e_hat.clone());
+        let centered = e.clone() - e.clone().mean_dim(0);
+        let den = centered.square().sum_dim(1).mean();
+        // L_aux counts (once, weighted α) when some latent is dead and its value is finite.
+        let any_dead = dead.float().sum().greater_elem(0.0);
+        let counts = a.clone().is_finite().bool_and(any_dead.clone());
+        loss = loss + a.clone().mul_scalar(cfg.aux_alpha).mask_fill(counts.clone().bool_not(), 0.0);
+        aux_reported = a.mask_fill(any_dead.bool_not(), 0.0);
+        // ∂(α·num/den)/∂ê = −2α(e − ê)/(B·den); e is detached. Zero when the term does not count.
+        let weight = den.recip().mul_scalar(-2.0 * cfg.aux_alpha / b as f64).mask_fill(counts.bool_not(), 0.0);
+        let g_aux = (e - e_hat) * weight.reshape([1, 1]);
+        sets.push((set, g_aux));
+    }
+    let grads = set_gradients(&sets, p, &x, false);
+    let picks = n.float();
+    Ok(ResidentOutput { loss, recon, aux: aux_reported, err, picks, min_kept, grads })
+}
+
+/// AuxK's picks on the device: per token, the top k_aux = min(d/2, #dead) dead latents with a
+/// positive score, as a fixed `[B · min(d/2, D)]` set whose non-dead or non-positive slots are
+/// empty; and their decode ε̂.
+fn aux_picks(
+    f: &Tensor<2>,
+    scores: &Tensor<2>,
+    dead: Tensor<1, Bool>,
+    d: usize,
+    p: &Params,
+) -> Result<(Set, Tensor<2>)> {
+    let [b, dict] = scores.dims();
+    let device = scores.device();
+    let k = (d / 2).min(dict).max(1);
+    let candidate = f.clone().greater_elem(0.0).bool_and(dead.reshape([1, dict]).expand([b, dict]));
+    let masked = scores.clone().mask_fill(candidate.bool_not(), f32::NEG_INFINITY);
+    let (top, latents) = masked.topk_with_indices(k, 1); // [B, k]
+    // A candidate's score is positive; burn's top-k returns the −∞ entries as f32::MIN with index
+    // −1. Empty slots (no dead latent with a positive score left in the row) go to the last latent,
+    // so that they do not shift the latent segments.
+    let valid = top.greater_elem(0.0);
+    let latents = latents.mask_fill(valid.clone().bool_not(), (dict - 1) as i64);
+    let valid = valid.float().reshape([b * k]);
+    let values = f.clone().gather(1, latents.clone()).reshape([b * k]) * valid.clone();
+    let latents = latents.reshape([b * k]);
+    // Slot s belongs to token s / k (built directly: an expanded view gathers wrongly on wgpu).
+    let tokens = arange(b * k, &device).div_scalar(k as i64);
+    // Counted in f32 (exact: at most B per latent), as the float scatter-add is what the gradient
+    // assembly already relies on.
+    let ones = Tensor::<1>::ones([b * k], &device);
+    let per_latent = Tensor::<1>::zeros([dict], &device)
+        .select_assign(0, latents.clone(), ones, burn::tensor::IndexingUpdateOp::Add)
+        .int();
+    let set = Set {
+        token_offsets: arange(b + 1, &device).mul_scalar(k as i64),
+        by_latent: latents.clone().argsort(0),
+        latent_offsets: offsets(per_latent),
+        tokens,
+        latents,
+        values,
+        valid: Some(valid),
+    };
+    let e_hat = set.decode(&p.w_dec);
+    Ok((set, e_hat))
+}
+
+/// Scales the gradients so their global norm is at most `max`, without reading the norm back.
+pub fn clip(g: [Tensor<2>; 4], max: Option<f64>) -> [Tensor<2>; 4] {
+    let Some(max) = max else { return g };
+    let parts: Vec<Tensor<1>> = g.iter().map(|t| t.clone().square().sum()).collect();
+    let norm = Tensor::cat(parts, 0).sum().sqrt();
+    let scale = norm.recip().mul_scalar(max).clamp_max(1.0).reshape([1, 1]);
+    g.map(|t| t * scale.clone())
+}
+
+impl ResidentOutput {
+    /// The step's loss (recon + α·aux when AuxK counts).
+    pub fn loss(&self) -> Tensor<1> {
+        self.loss.clone()
+    }
+
+    /// The smallest kept score (∞ when nothing was kept).
+    pub fn min_kept(&self) -> Tensor<1> {
+        self.min_kept.clone()
+    }
+
+    /// θ's update from this step's smallest kept score.
+    pub fn update_threshold(&self, r: &mut Resident, step: u64, start: u64) {
+        r.update_threshold(self.min_kept.clone(), step, start);
+    }
+
+    /// The metrics line, in one read: loss terms, FVE's variances, L0 and the dead count.
+    pub fn metrics(
+        &self,
+        x: &Tensor<2>,
+        r: &Resident,
+        cfg: &TrainConfig,
+        step: u64,
+        tokens: u64,
+        lr: f64,
+    ) -> Result<StepMetrics> {
+        let [b, two_d] = x.dims();
+        let d = two_d / 2;
+        let dead = r.since.clone().greater_equal_elem(cfg.dead_tokens as i64).float().sum();
+        let [var_x, var_err] = [x, &self.err].map(|t| fve_blocks_of(t, 2, d));
+        let packed = Tensor::cat(
+            vec![self.loss.clone(), self.recon.clone(), self.aux.clone(), self.picks.clone(), dead, var_x, var_err],
+            0,
+        );
+        // [loss, recon, aux, picks, dead, var_x (2), var_err (2)]
+        let v = read_vec(packed)?;
+        let fve = |m: usize| 1.0 - v[7 + m] as f64 / (v[5 + m] as f64).max(1e-30);
+        let dict = r.since.dims()[0];
+        Ok(StepMetrics {
+            step,
+            tokens,
+            loss: v[0] as f64,
+            recon: v[1] as f64,
+            aux: v[2] as f64,
+            l0: v[3] as f64 / b as f64,
+            fve_base: fve(0),
+            fve_chat: fve(1),
+            dead_frac: v[4] as f64 / dict as f64,
+            lr,
+            val_fve_base: None,
+            val_fve_chat: None,
+        })
+    }
+}
