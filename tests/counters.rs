@@ -5,6 +5,9 @@ mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use crossdiff::counters::{Counting, read_f32, read_i64};
+use crossdiff::crosscoder::Kind;
+use crossdiff::crosscoder::sae::SaeTarget;
+use crossdiff::crosscoder::train::TrainConfig;
 
 #[test]
 fn counters_count_readbacks_and_kernel_dispatches() {
@@ -37,14 +40,36 @@ fn counters_count_readbacks_and_kernel_dispatches() {
     );
 
     // Training on the CPU reads its host bookkeeping (the host route: reads are copies there).
-    let r = crossdiff::bench::bench_train(&flex, crossdiff::crosscoder::Kind::BatchTopK, 64, 1024, 8, 256, 5).unwrap();
+    let r = crossdiff::bench::bench_train(&flex, Kind::BatchTopK, 64, 1024, 8, 256, 5).unwrap();
     assert!(r.readbacks_per_step <= 7.0, "training readbacks per step on cpu: {}", r.readbacks_per_step);
 
     let Some(wgpu) = common::wgpu_device() else { return };
     // On wgpu, training reads nothing back between log steps (issue 12's target): the benchmark
     // logs once, at its last step, so 5 steps read back once in all.
-    let r = crossdiff::bench::bench_train(&wgpu, crossdiff::crosscoder::Kind::BatchTopK, 64, 1024, 8, 256, 5).unwrap();
+    let r = crossdiff::bench::bench_train(&wgpu, Kind::BatchTopK, 64, 1024, 8, 256, 5).unwrap();
     assert_eq!(r.readbacks_per_step, 1.0 / 5.0, "training readbacks per step on wgpu");
+    // With AuxK running (dead latents), for every kind: one read per log step, none between.
+    for kind in [Kind::BatchTopK, Kind::Sae, Kind::L1] {
+        let batch = 64;
+        let cfg = TrainConfig {
+            k: 3,
+            steps: 24,
+            dead_tokens: 4 * batch as u64,
+            checkpoint_every: 0,
+            log_every: 6,
+            target: (kind == Kind::Sae).then_some(SaeTarget::ChatMinusBase),
+            ..TrainConfig::defaults(kind, 96)
+        };
+        let dir = common::TempDir::new("counters-train");
+        let mut src = common::planted::Planted::new(16, [6, 3, 2], 11, batch, 1000);
+        let mut run = common::train_run(dir.path().join("run"), cfg, &mut src, 16);
+        run.device = wgpu.clone();
+        let counting = Counting::start();
+        let mut at_log = Vec::new();
+        run.run(|_| at_log.push(counting.readbacks()), || true).unwrap();
+        let between: Vec<u64> = at_log.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(between, vec![1, 1, 1], "{kind:?}: readbacks from one log step to the next");
+    }
     let counting = Counting::start();
     let offsets = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 3], [3]), &wgpu);
     let index = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 0, 1], [3]), &wgpu);

@@ -449,3 +449,22 @@ fn the_memory_estimate_counts_an_saes_one_input_width() {
     let sae = 4.0 * (8.0 * d * dict + 4.0 * batch * dict + 2.0 * batch * d);
     assert_eq!(training_bytes(Kind::Sae, 2304, 73_728, 2048), sae);
 }
+
+#[test]
+fn l1_gradients_stay_finite_when_a_row_is_reconstructed_exactly() {
+    // A zero row with zero codes and a zero decoder bias has error 0: its norm's derivative is the
+    // subgradient 0, not NaN (training on data with empty rows diverged at step 2 before).
+    let device = Device::flex();
+    let cfg = small_config(Kind::L1);
+    let (d, dict, b) = (3, 8, 4);
+    let p = Params::init(d, dict, 1.0, 1, &device);
+    let mut x = vec![0.0f32; b * 2 * d];
+    x[..2 * d].iter_mut().enumerate().for_each(|(i, v)| *v = 0.1 * i as f32 + 0.2);
+    let mut since = vec![0u64; dict];
+    let out = crossdiff::crosscoder::train::step_loss(&cfg, &p, tensor(x, [b, 2 * d], &device), 1, &mut since).unwrap();
+    for g in out.gradients().unwrap() {
+        let v = read_vec(g).unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
+    }
+    assert!(read_vec(out.loss.clone()).unwrap()[0].is_finite());
+}

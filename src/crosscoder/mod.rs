@@ -112,7 +112,10 @@ pub fn decode(p: &Params, codes: Tensor<2>) -> Tensor<2> {
 pub fn recon_loss(err: Tensor<2>, d: usize, squared: bool) -> Tensor<1> {
     let [b, _] = err.dims();
     let per_model = err.reshape([b, 2, d]).square().sum_dim(2); // [B, 2, 1]
-    if squared { per_model.sum().mul_scalar(0.5 / b as f64) } else { per_model.sqrt().mean() }
+    // A row reconstructed exactly (a zero row at a zero decode) has a norm of 0, where sqrt's
+    // derivative is infinite and autodiff's 0·∞ is NaN: the clamp gives it the subgradient 0
+    // (the sparse routes clamp the same way) and changes no other value.
+    if squared { per_model.sum().mul_scalar(0.5 / b as f64) } else { per_model.clamp_min(1e-30).sqrt().mean() }
 }
 
 /// AuxK loss `mean_b ‖e − ê‖² / mean_b ‖e − mean_b e‖²`; `e` is the (detached) main error.

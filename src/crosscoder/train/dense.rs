@@ -7,6 +7,7 @@
 use anyhow::{Result, anyhow};
 use burn::tensor::Tensor;
 
+use crate::crosscoder::train::config::TrainConfig;
 use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, add_aux, per_latent};
 use crate::crosscoder::{Kind, Params, aux_loss, decode, encode, read_vec, recon_loss, select_batch_topk, tensor};
 
@@ -18,13 +19,9 @@ pub fn step(input: StepInput) -> Result<StepOutput> {
     let f = if sae { crate::crosscoder::sae::encode(&p, x.clone()) } else { encode(&p, x.clone()) };
     match cfg.kind {
         Kind::L1 => {
-            let codes = f.clone();
-            let err = x - decode(&p, codes.clone());
-            let recon = recon_loss(err.clone(), d, cfg.squared_recon);
-            let sparsity = (f * p.norm_sum()).sum_dim(1).mean().mul_scalar(cfg.mu);
-            let selection = Selection::active(read_vec(codes.detach().greater_elem(0.0).float().sum_dim(0))?);
+            let (loss, recon, err, codes) = l1_loss(cfg, &p, x, d);
+            let selection = Selection::active(read_vec(codes.greater_elem(0.0).float().sum_dim(0))?);
             selection.record(cfg, since_selected, b, d);
-            let loss = recon.clone() + sparsity;
             let grads = backward(&loss, &p)?;
             Ok(StepOutput::new(selection, loss, recon, None, err, grads))
         }
@@ -59,8 +56,23 @@ pub fn step(input: StepInput) -> Result<StepOutput> {
     }
 }
 
+/// L1's loss on autodiff parameters `p` and batch `x`: (loss, recon, the error, the codes
+/// detached). The spec's L = recon + μ·Σ_j f_j (‖d_j^0‖ + ‖d_j^1‖), averaged over the batch.
+pub(super) fn l1_loss(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    d: usize,
+) -> (Tensor<1>, Tensor<1>, Tensor<2>, Tensor<2>) {
+    let f = encode(p, x.clone());
+    let err = x - decode(p, f.clone());
+    let recon = recon_loss(err.clone(), d, cfg.squared_recon);
+    let sparsity = (f.clone() * p.norm_sum()).sum_dim(1).mean().mul_scalar(cfg.mu);
+    (recon.clone() + sparsity, recon, err, f.detach())
+}
+
 /// Back-propagates `loss` and reads every parameter's gradient.
-fn backward(loss: &Tensor<1>, p: &Params) -> Result<[Tensor<2>; 4]> {
+pub(super) fn backward(loss: &Tensor<1>, p: &Params) -> Result<[Tensor<2>; 4]> {
     let grads = loss.backward();
     let grad = |t: &Tensor<2>| t.grad(&grads).map(Tensor::inner).ok_or_else(|| anyhow!("no gradient for a parameter"));
     Ok([grad(&p.w_enc)?, grad(&p.b_enc)?, grad(&p.w_dec)?, grad(&p.b_dec)?])

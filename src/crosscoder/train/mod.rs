@@ -203,15 +203,16 @@ impl TrainRun<'_> {
                 None => Outcome::Host(step_loss(&cfg, &state.params, x.clone(), step, &mut state.since_selected)?),
             };
             let phase = crate::phases::phase("clip", &self.device);
+            let mut g = match &out {
+                Outcome::Host(out) => out.gradients()?,
+                Outcome::Device(out) => out.grads.clone(),
+            };
+            if cfg.kind == Kind::Sae {
+                g[2] = crate::crosscoder::sae::remove_parallel_gradient(&state.params.w_dec, g[2].clone());
+            }
             let g = match &out {
-                Outcome::Host(out) => {
-                    let mut g = out.gradients()?;
-                    if cfg.kind == Kind::Sae {
-                        g[2] = crate::crosscoder::sae::remove_parallel_gradient(&state.params.w_dec, g[2].clone());
-                    }
-                    clip_gradients(g, cfg.clip_grad)?
-                }
-                Outcome::Device(out) => resident::clip(out.grads.clone(), cfg.clip_grad),
+                Outcome::Host(_) => clip_gradients(g, cfg.clip_grad)?,
+                Outcome::Device(_) => resident::clip(g, cfg.clip_grad),
             };
             drop(phase);
             let phase = crate::phases::phase("optimizer", &self.device);

@@ -1,10 +1,11 @@
-//! The device-resident route (wgpu, sparse BatchTopK crosscoders): the kernel route's arithmetic
-//! with every decision that used to come back to the host kept on the device — the selection
-//! ([`batch_topk_picks`]), the dead-latent counters, AuxK's picks (a fixed-size top-k over the dead
-//! latents, empty slots masked), AuxK's finite-or-not rule, the gradient clip and θ's EMA — so a
-//! step reads nothing back; the metrics come back in one read on log steps, the counters and θ at
-//! checkpoints. Same rules as the host routes (shared/spec/method.md §2); ties inside AuxK's
-//! per-token top-k may be broken in another order than the host's.
+//! The device-resident route (wgpu; sparse BatchTopK crosscoders and SAEs, and L1): the kernel
+//! route's arithmetic (L1: the dense one) with every decision that used to come back to the host
+//! kept on the device — the selection ([`batch_topk_picks`]), the dead-latent counters, AuxK's picks
+//! (a fixed-size top-k over the dead latents, empty slots masked), AuxK's finite-or-not rule, the
+//! gradient clip and θ's EMA — so a step reads nothing back; the metrics come back in one read on
+//! log steps, the counters and θ at checkpoints. Same rules as the host routes
+//! (shared/spec/method.md §2, §8); ties inside AuxK's per-token top-k may be broken in another order
+//! than the host's.
 
 use anyhow::Result;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -13,14 +14,12 @@ use crate::crosscoder::kernels::{batch_topk_picks, is_wgpu};
 use crate::crosscoder::train::config::TrainConfig;
 use crate::crosscoder::train::kernel_sparse::{Set, recon_terms, set_gradients};
 use crate::crosscoder::train::step::{StepMetrics, fve_blocks_of};
-use crate::crosscoder::{Kind, Params, aux_loss, encode, read_vec};
+use crate::crosscoder::{Kind, Params, aux_loss, read_vec};
 
-/// Whether a run takes this route: sparse BatchTopK crosscoders with the kernels, on wgpu, with a
-/// dead-token window the device's i32 counters hold.
+/// Whether a run takes this route: on wgpu, L1 (dense by construction) and sparse BatchTopK
+/// crosscoders and SAEs with the kernels, with a dead-token window the device's i32 counters hold.
 pub fn applies(cfg: &TrainConfig, device: &Device) -> bool {
-    cfg.kind == Kind::BatchTopK
-        && cfg.sparse
-        && cfg.cpu_kernels
+    (cfg.kind == Kind::L1 || (cfg.sparse && cfg.cpu_kernels))
         && is_wgpu(device)
         && cfg.dead_tokens < (i32::MAX / 2) as u64
 }
@@ -85,6 +84,8 @@ pub struct ResidentOutput {
     /// L_aux as the metrics report it (0 when no latent is dead).
     aux: Tensor<1>,
     err: Tensor<2>,
+    /// Models per row: 2 for a crosscoder's pairs, 1 for an SAE's input.
+    blocks: usize,
     /// Picks this step (L0 × B), as f32 `[1]`.
     picks: Tensor<1>,
     /// The smallest kept score (∞ when nothing was kept).
@@ -114,12 +115,18 @@ pub fn step(
     tokens_after: u64,
     r: &mut Resident,
 ) -> Result<ResidentOutput> {
+    if cfg.kind == Kind::L1 {
+        return l1_step(cfg, p, x, r);
+    }
+    let sae = cfg.kind == Kind::Sae;
     let (d, dict) = (cfg.width_of(p), p.w_enc.dims()[1]);
     let [b, two_d] = x.dims();
     let device = x.device();
     let keep = cfg.k_at(step) * b;
-    let f = encode(p, x.clone());
-    let scores = f.clone() * p.norm_sum();
+    // An SAE's encoder reads x − b_dec, and its scores are its codes (unit decoder rows).
+    let enc_input = if sae { x.clone() - p.b_dec.clone() } else { x.clone() };
+    let f = (enc_input.clone().matmul(p.w_enc.clone()) + p.b_enc.clone()).clamp_min(0.0);
+    let scores = if sae { f.clone() } else { f.clone() * p.norm_sum() };
     let flat_scores = scores.clone().reshape([b * dict]);
     let picks = batch_topk_picks(&flat_scores, keep, b, dict);
     let n = picks.token_offsets.clone().narrow(0, b, 1);
@@ -166,9 +173,33 @@ pub fn step(
         let g_aux = (e - e_hat) * weight.reshape([1, 1]);
         sets.push((set, g_aux));
     }
-    let grads = set_gradients(&sets, p, &x, false);
+    let grads = set_gradients(&sets, p, &enc_input, sae);
     let picks = n.float();
-    Ok(ResidentOutput { loss, recon, aux: aux_reported, err, picks, min_kept, grads })
+    let blocks = if sae { 1 } else { 2 };
+    Ok(ResidentOutput { loss, recon, aux: aux_reported, err, blocks, picks, min_kept, grads })
+}
+
+/// L1 (dense, through autodiff as the dense route): its counters count the latents active on the
+/// batch; it has no AuxK and no θ.
+fn l1_step(cfg: &TrainConfig, p: &Params, x: Tensor<2>, r: &mut Resident) -> Result<ResidentOutput> {
+    let (d, dict) = (cfg.width_of(p), p.w_enc.dims()[1]);
+    let b = x.dims()[0];
+    let device = x.device();
+    let ad = p.clone().map(|t| t.autodiff().require_grad());
+    let (loss, recon, err, f) = crate::crosscoder::train::dense::l1_loss(cfg, &ad, x.autodiff(), d);
+    let grads = crate::crosscoder::train::dense::backward(&loss, &ad)?;
+    let active = f.greater_elem(0.0).float().sum_dim(0).reshape([dict]); // tokens per latent
+    r.since = r.since.clone().add_scalar(b as i64).clamp_max(r.cap).mask_fill(active.clone().greater_elem(0.0), 0);
+    Ok(ResidentOutput {
+        loss: loss.inner(),
+        recon: recon.inner(),
+        aux: Tensor::zeros([1], &device),
+        err: err.inner(),
+        blocks: 2,
+        picks: active.sum(),
+        min_kept: Tensor::full([1], f32::INFINITY, &device),
+        grads,
+    })
 }
 
 /// AuxK's picks on the device: per token, the top k_aux = min(d/2, #dead) dead latents with a
@@ -251,17 +282,21 @@ impl ResidentOutput {
         tokens: u64,
         lr: f64,
     ) -> Result<StepMetrics> {
-        let [b, two_d] = x.dims();
-        let d = two_d / 2;
+        let [b, width] = x.dims();
+        let blocks = self.blocks;
         let dead = r.since.clone().greater_equal_elem(cfg.dead_tokens as i64).float().sum();
-        let [var_x, var_err] = [x, &self.err].map(|t| fve_blocks_of(t, 2, d));
+        let [var_x, var_err] = [x, &self.err].map(|t| fve_blocks_of(t, blocks, width / blocks));
         let packed = Tensor::cat(
             vec![self.loss.clone(), self.recon.clone(), self.aux.clone(), self.picks.clone(), dead, var_x, var_err],
             0,
         );
-        // [loss, recon, aux, picks, dead, var_x (2), var_err (2)]
+        // [loss, recon, aux, picks, dead, var_x (blocks), var_err (blocks)]; an SAE's one FVE fills
+        // both fields.
         let v = read_vec(packed)?;
-        let fve = |m: usize| 1.0 - v[7 + m] as f64 / (v[5 + m] as f64).max(1e-30);
+        let fve = |m: usize| {
+            let m = m.min(blocks - 1);
+            1.0 - v[5 + blocks + m] as f64 / (v[5 + m] as f64).max(1e-30)
+        };
         let dict = r.since.dims()[0];
         Ok(StepMetrics {
             step,
