@@ -96,14 +96,8 @@ impl Backend {
     pub fn describe(self) -> String {
         match self.resolve() {
             // The adapter burn's default device settles on: a GPU before a CPU adapter, Vulkan first.
-            Ok(Self::Wgpu) => match adapters().into_iter().max_by_key(|a| {
-                (
-                    a.device_type != wgpu::DeviceType::Cpu,
-                    a.backend == wgpu::Backend::Vulkan,
-                    a.device_type == wgpu::DeviceType::DiscreteGpu,
-                )
-            }) {
-                Some(a) => format!(
+            Ok(Self::Wgpu) => match default_adapter() {
+                Some((a, _)) => format!(
                     "wgpu: {} ({:?}{})",
                     a.name,
                     a.backend,
@@ -118,10 +112,36 @@ impl Backend {
     }
 }
 
-/// The adapters wgpu sees on this machine (every graphics API), asked once per process: Vulkan
-/// loaders dislike instances created on several threads at once.
+/// The adapters wgpu sees on this machine (every graphics API).
 fn adapters() -> Vec<wgpu::AdapterInfo> {
-    static ADAPTERS: std::sync::OnceLock<Vec<wgpu::AdapterInfo>> = std::sync::OnceLock::new();
+    adapters_with_limits().into_iter().map(|(info, _)| info).collect()
+}
+
+/// The adapter burn's default wgpu device settles on: a GPU before a CPU adapter, Vulkan first.
+fn default_adapter() -> Option<(wgpu::AdapterInfo, wgpu::Limits)> {
+    adapters_with_limits().into_iter().max_by_key(|(a, _)| {
+        (
+            a.device_type != wgpu::DeviceType::Cpu,
+            a.backend == wgpu::Backend::Vulkan,
+            a.device_type == wgpu::DeviceType::DiscreteGpu,
+        )
+    })
+}
+
+/// The largest buffer one tensor may occupy on `device`: the wgpu adapter's storage-binding and
+/// buffer limits (Mesa's lavapipe: 128 MiB; desktop GPUs: 2–4 GiB, as cubecl's memory pages);
+/// `None` where the backend states no limit (the CPU).
+pub fn max_buffer_bytes(device: &burn::tensor::Device) -> Option<u64> {
+    if !is_wgpu(device) {
+        return None;
+    }
+    default_adapter().map(|(_, l)| (l.max_storage_buffer_binding_size as u64).min(l.max_buffer_size))
+}
+
+/// The adapters with their limits, asked once per process: Vulkan loaders dislike instances created
+/// on several threads at once.
+fn adapters_with_limits() -> Vec<(wgpu::AdapterInfo, wgpu::Limits)> {
+    static ADAPTERS: std::sync::OnceLock<Vec<(wgpu::AdapterInfo, wgpu::Limits)>> = std::sync::OnceLock::new();
     ADAPTERS
         .get_or_init(|| {
             let hook = std::panic::take_hook();
@@ -133,7 +153,7 @@ fn adapters() -> Vec<wgpu::AdapterInfo> {
                 });
                 block_on(instance.enumerate_adapters(wgpu::Backends::all()))
                     .iter()
-                    .map(wgpu::Adapter::get_info)
+                    .map(|a| (a.get_info(), a.limits()))
                     .collect::<Vec<_>>()
             });
             std::panic::set_hook(hook);

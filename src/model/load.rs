@@ -40,6 +40,20 @@ impl DecoderLm {
             );
         }
         let weight_dtype = if options.f16_weights { DType::F16 } else { DType::F32 };
+        // The largest weight the device holds in one buffer: the fused MLP gate/up matrix (or q/k/v).
+        if let Some(max) = crate::backend::max_buffer_bytes(device) {
+            let elem = if options.f16_weights { 2 } else { 4 };
+            let largest = (d * 2 * inter).max(d * (h + 2 * kv) * hd) as u64 * elem;
+            if largest > max {
+                anyhow::bail!(
+                    "{}: the fused MLP weight takes {} MiB, more than one buffer of this device may hold ({} MiB: {}); load with --f16 or use another device",
+                    snapshot.dir.display(),
+                    largest >> 20,
+                    max >> 20,
+                    crate::backend::Backend::Wgpu.describe()
+                );
+            }
+        }
         let upload = |values: Vec<f32>, shape: [usize; 2], dtype: DType| -> Tensor<2> {
             match dtype {
                 DType::F16 => {
@@ -75,7 +89,9 @@ impl DecoderLm {
             None => snapshot.dtype_of(embed_name)?,
         };
         let elem = if options.f16_weights { 2 } else { 4 };
-        let block_rows = options.embed_block_rows.unwrap_or((1usize << 30) / (d * elem)).max(1);
+        // Vocabulary blocks of at most 1 GiB, and no larger than one buffer of this device may be.
+        let block_bytes = crate::backend::max_buffer_bytes(device).map_or(1u64 << 30, |m| m.min(1 << 30));
+        let block_rows = options.embed_block_rows.unwrap_or(block_bytes as usize / (d * elem)).max(1);
         let vocab_blocks = |name: &str| -> Result<Vec<Tensor<2>>> {
             let all = snapshot.read_f32(name, &[c.vocab_size, d])?;
             Ok(all
