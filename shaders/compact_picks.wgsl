@@ -1,7 +1,8 @@
 // BatchTopK's picks, compacted in position order (token-major, as the host's mask lists them): for
 // each row (one workgroup), the entries above the threshold and its first `eq_take[row]` ties are
 // written at the row's offset as (token, latent), and counted per latent. Slots past the last pick
-// (fewer positive scores than k·B) get token b − 1 and latent d − 1 (harmless: they hold no value).
+// (fewer positive scores than k·B) get token b − 1 and latent d: out of range, so the latent
+// segments leave them out; a gather clamps it).
 //
 // out (i32): [0..=b] row offsets (from `row_offsets`), then `keep` tokens, `keep` latents and `d`
 // per-latent counts (zeroed). params: [b, d, keep].
@@ -84,7 +85,7 @@ fn main(
     for (var p = wid.x * {{ workgroup }}u + lid.x; p < keep; p = p + threads) {
         if (p >= n) {
             atomicStore(&out[tokens + p], i32(b - 1u));
-            atomicStore(&out[latents + p], i32(d - 1u));
+            atomicStore(&out[latents + p], i32(d));
         }
     }
 }

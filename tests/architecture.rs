@@ -214,3 +214,25 @@ fn the_engine_has_no_ui_dependency() {
         assert!(!deps.lines().any(|l| l.trim_start().starts_with(ui)), "the engine depends on {ui}");
     }
 }
+
+#[test]
+fn the_device_resident_step_uses_no_op_that_syncs_with_the_host_or_is_quadratic() {
+    // burn 0.22's argsort/sort fall back to a host sort (a blocking read), argwhere reads the
+    // count back, cumsum (and arange, built on it under fusion) is quadratic on cubecl, and a
+    // scatter-add onto a vector runs on one thread: the resident route must not use them (the
+    // readback counter cannot see burn's own reads).
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/crosscoder/train/resident.rs"))
+        .unwrap();
+    for op in [
+        ".argsort(",
+        ".sort(",
+        ".sort_with_indices(",
+        ".argwhere(",
+        ".cumsum(",
+        "::arange(",
+        ".select_assign(",
+        ".into_data(",
+    ] {
+        assert!(!src.contains(op), "src/crosscoder/train/resident.rs uses `{op}`");
+    }
+}

@@ -36,6 +36,9 @@ fn device_picks_equal_the_reference_selection() {
         (33, 77, 2000, 0.9, 0),
         (8, 64, 40, 1.0, 0),
         (16, 5000, 1600, 0.2, 2),
+        // Only tie levels above zero: the threshold is a level with more ties than fit, split
+        // across rows and across each row's chunks.
+        (40, 900, 2000, 0.7, 3),
     ] {
         let scores = scores_like_codes(&mut rng, b * d, zeros, ties);
         let t = Tensor::<1>::from_data(TensorData::new(scores.clone(), [b * d]), (&device, DType::F32));
@@ -43,7 +46,13 @@ fn device_picks_equal_the_reference_selection() {
         let ints = |x: Tensor<1, burn::tensor::Int>| -> Vec<i64> { x.try_into_vec_as::<i64>().unwrap() };
         let (offsets, tokens, latents, per_latent) =
             (ints(picks.token_offsets), ints(picks.tokens), ints(picks.latents), ints(picks.per_latent));
-        let (mask, _) = select_batch_topk(&scores, keep);
+        let (mask, min_kept) = select_batch_topk(&scores, keep);
+        if (b, d, keep) == (40, 900, 2000) {
+            let threshold = min_kept.unwrap();
+            let ties = scores.iter().filter(|&&s| s == threshold).count();
+            let kept = mask.iter().zip(&scores).filter(|(m, s)| **m > 0.0 && **s == threshold).count();
+            assert!(kept > 0 && kept < ties, "the case splits a tie level: {kept} of {ties}");
+        }
         // The reference's kept entries in position order.
         let want: Vec<(i64, i64)> =
             mask.iter().enumerate().filter(|(_, m)| **m > 0.0).map(|(i, _)| ((i / d) as i64, (i % d) as i64)).collect();
@@ -57,8 +66,18 @@ fn device_picks_equal_the_reference_selection() {
         }
         let counts: Vec<i64> = (0..d).map(|j| want.iter().filter(|(_, l)| *l == j as i64).count() as i64).collect();
         assert_eq!(per_latent, counts);
-        // Empty slots point at the last token and latent.
-        assert!(tokens[n..].iter().all(|&t| t == b as i64 - 1) && latents[n..].iter().all(|&l| l == d as i64 - 1));
+        // Empty slots point at the last token and at latent d (out of range: in no latent segment).
+        assert!(tokens[n..].iter().all(|&t| t == b as i64 - 1) && latents[n..].iter().all(|&l| l == d as i64));
+        // The latent segments by counting sort on the device equal a stable sort by latent.
+        let t = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(latents.clone(), [keep]), &device);
+        let (offsets, order) = crossdiff::crosscoder::kernels::latent_segments(&t, d);
+        let (offsets, order) = (ints(offsets), ints(order));
+        let mut want_order: Vec<i64> = (0..n as i64).collect();
+        want_order.sort_by_key(|&p| latents[p as usize]);
+        assert_eq!(order[..n], want_order[..], "b={b} d={d} keep={keep}: latent order");
+        for (j, c) in counts.iter().enumerate() {
+            assert_eq!(offsets[j + 1] - offsets[j], *c, "latent {j}'s segment");
+        }
     }
 }
 

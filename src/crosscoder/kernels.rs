@@ -61,9 +61,15 @@ pub trait KernelOps: Backend {
     /// BatchTopK's selection of the `keep` largest positive scores of a row-major `[b, d]` batch
     /// (ties at the threshold kept in position order; every positive one when fewer are positive),
     /// compacted: i32 `[b + 1 + 2·keep + d]` = row offsets, tokens, latents (position order; empty
-    /// slots token b − 1, latent d − 1), per-latent counts. No readback.
+    /// slots token b − 1, latent d: out of range), per-latent counts. No readback.
     #[fusion(dtype = burn::tensor::DType::I32, shape = burn::tensor::Shape::new([picks_len(*keep, *b, *d)]))]
     fn batch_topk_picks(scores: FloatTensor<Self>, keep: u32, b: u32, d: u32) -> IntTensor<Self>;
+
+    /// A pick set's latent segments by counting sort on the device (burn's argsort sorts on the
+    /// host): i32 `[d + 1 + n]` = segment offsets, then the pick indices ordered by latent (by pick
+    /// index within a latent). Picks whose latent is outside `0..d` are left out.
+    #[fusion(dtype = burn::tensor::DType::I32, shape = burn::tensor::Shape::new([*d as usize + 1 + latents[0]]))]
+    fn latent_segments(latents: IntTensor<Self>, d: u32) -> IntTensor<Self>;
 }
 
 /// The length of [`KernelOps::batch_topk_picks`]'s packed output.
@@ -83,6 +89,10 @@ const PICK_DOT: Wgsl = Wgsl { name: "pick_dot", source: include_str!("../../shad
 const RADIX_SCAN: Wgsl = Wgsl { name: "radix_scan", source: include_str!("../../shaders/radix_scan.wgsl") };
 const ROW_COUNTS: Wgsl = Wgsl { name: "row_counts", source: include_str!("../../shaders/row_counts.wgsl") };
 const ROW_OFFSETS: Wgsl = Wgsl { name: "row_offsets", source: include_str!("../../shaders/row_offsets.wgsl") };
+const LATENT_COUNT: Wgsl = Wgsl { name: "latent_count", source: include_str!("../../shaders/latent_count.wgsl") };
+const EXCLUSIVE_SCAN: Wgsl = Wgsl { name: "exclusive_scan", source: include_str!("../../shaders/exclusive_scan.wgsl") };
+const LATENT_SCATTER: Wgsl = Wgsl { name: "latent_scatter", source: include_str!("../../shaders/latent_scatter.wgsl") };
+const SEGMENT_SORT: Wgsl = Wgsl { name: "segment_sort", source: include_str!("../../shaders/segment_sort.wgsl") };
 const COMPACT_PICKS: Wgsl = Wgsl { name: "compact_picks", source: include_str!("../../shaders/compact_picks.wgsl") };
 
 impl KernelSource for Wgsl {
@@ -217,13 +227,38 @@ impl KernelOps for CubeBackend {
         let shape = burn::tensor::Shape::new([len]);
         CubeTensor::new_contiguous(client, scores.device.clone(), shape, out, burn::tensor::DType::I32)
     }
+
+    fn latent_segments(latents: IntTensor<Self>, d: u32) -> IntTensor<Self> {
+        let latents: CubeTensor = into_contiguous(latents);
+        let client = latents.client.clone();
+        let n = latents.meta.shape().num_elements();
+        let counts = client.create_from_slice(&vec![0u8; d as usize * 4]);
+        run(&latents, LATENT_COUNT, stride_groups(n), &[&latents.handle, &counts], &[n as u32, d]);
+        let len = d as usize + 1 + n;
+        let out = client.empty(len * 4);
+        run(&latents, EXCLUSIVE_SCAN, 1, &[&counts, &out], &[d]);
+        let cursor = client.create_from_slice(&vec![0u8; d as usize * 4]);
+        run(&latents, LATENT_SCATTER, stride_groups(n), &[&latents.handle, &out, &cursor], &[n as u32, d]);
+        run(&latents, SEGMENT_SORT, stride_groups(d as usize), &[&out], &[d]);
+        let shape = burn::tensor::Shape::new([len]);
+        CubeTensor::new_contiguous(client, latents.device.clone(), shape, out, burn::tensor::DType::I32)
+    }
+}
+
+/// [`KernelOps::latent_segments`], unpacked: (offsets `[d + 1]`, order `[n]`; entries of the order
+/// past `offsets[d]` are 0 and belong to no segment).
+pub fn latent_segments(latents: &Ints, d: usize) -> (Ints, Ints) {
+    let n = latents.dims()[0];
+    let packed: Ints =
+        Tensor::from_dispatch(<Dispatch as KernelOps>::latent_segments(latents.clone().into_dispatch(), d as u32));
+    (packed.clone().narrow(0, 0, d + 1), packed.narrow(0, d + 1, n))
 }
 
 /// BatchTopK's selection on the device ([`KernelOps::batch_topk_picks`], unpacked).
 pub struct DevicePicks {
     /// `[b + 1]`: row r's picks are `offsets[r]..offsets[r + 1]`; `offsets[b]` is how many there are.
     pub token_offsets: Ints,
-    /// `[keep]` each, in position order (empty slots: token b − 1, latent d − 1).
+    /// `[keep]` each, in position order (empty slots: token b − 1, latent d, out of range).
     pub tokens: Ints,
     pub latents: Ints,
     /// `[d]`: how many tokens picked each latent.

@@ -7,7 +7,7 @@
 //! and b_dec's encoder-side gradient.
 
 use anyhow::Result;
-use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::crosscoder::kernels::{kth_largest, pick_dot, segment_rows};
 use crate::crosscoder::train::host_sparse::HostPicks;
@@ -141,7 +141,12 @@ pub(super) fn set_gradients(
             + segment_rows(&s.latent_offsets, &tokens_by_l, &s.values.clone().select(0, s.by_latent.clone()), gs);
         grad_enc_t = grad_enc_t
             + segment_rows(&s.latent_offsets, &tokens_by_l, &grad_v.clone().select(0, s.by_latent.clone()), enc_input);
-        grad_b_enc = grad_b_enc.select_assign(0, s.latents.clone(), grad_v.reshape([n, 1]), IndexingUpdateOp::Add);
+        // Σ of ∂L/∂f per latent as a segment sum (a 1-wide table of ones): burn's scatter-add onto
+        // a vector runs on one thread.
+        let zeros = Tensor::<1, Int>::zeros([n], &device);
+        let ones = Tensor::<2>::ones([1, 1], &device);
+        grad_b_enc =
+            grad_b_enc + segment_rows(&s.latent_offsets, &zeros, &grad_v.clone().select(0, s.by_latent.clone()), &ones);
     }
     let grad_b_enc = grad_b_enc.reshape([1, dict]);
     let mut grad_b_dec = sets[0].1.clone().sum_dim(0);

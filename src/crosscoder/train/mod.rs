@@ -247,6 +247,10 @@ impl TrainRun<'_> {
                 }
                 if cfg.val_every > 0 && step % cfg.val_every == 0 {
                     if let Some(v) = &self.validation {
+                        // Validation encodes with θ: bring the device's current one over.
+                        if let Some(r) = &resident {
+                            r.download(&mut state.since_selected, &mut state.threshold)?;
+                        }
                         let [vb, vc] = self.validation_fve(&state, v)?;
                         m.val_fve_base = Some(vb);
                         m.val_fve_chat = Some(vc);

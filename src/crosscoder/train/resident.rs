@@ -10,7 +10,7 @@
 use anyhow::Result;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use crate::crosscoder::kernels::{batch_topk_picks, is_wgpu};
+use crate::crosscoder::kernels::{batch_topk_picks, is_wgpu, latent_segments};
 use crate::crosscoder::train::config::TrainConfig;
 use crate::crosscoder::train::kernel_sparse::{Set, recon_terms, set_gradients};
 use crate::crosscoder::train::step::{StepMetrics, fve_blocks_of};
@@ -32,6 +32,8 @@ pub struct Resident {
     /// θ and whether it is set: `[2]` (value, 0/1).
     theta: Tensor<1>,
     cap: i64,
+    /// AuxK's fixed slot layout for (B, k): each slot's token and the token offsets.
+    aux_layout: Option<((usize, usize), Tensor<1, Int>, Tensor<1, Int>)>,
 }
 
 impl Resident {
@@ -47,6 +49,7 @@ impl Resident {
                 device,
             ),
             cap,
+            aux_layout: None,
         }
     }
 
@@ -93,17 +96,6 @@ pub struct ResidentOutput {
     pub grads: [Tensor<2>; 4],
 }
 
-/// Slots `0..len` as an i32 `[len]`.
-fn arange(len: usize, device: &Device) -> Tensor<1, Int> {
-    Tensor::arange(0..len as i64, device)
-}
-
-/// Segment offsets `[n + 1]` from per-segment counts `[n]`.
-fn offsets(counts: Tensor<1, Int>) -> Tensor<1, Int> {
-    let device = counts.device();
-    Tensor::cat(vec![Tensor::zeros([1], &device), counts.cumsum(0)], 0)
-}
-
 /// One step on the batch `x` (`[B, 2d]`, 1-based `step`); `tokens_after` counts every token the
 /// run has seen with this batch (no latent can be dead before the dead window has passed, so AuxK
 /// is skipped until then).
@@ -130,27 +122,14 @@ pub fn step(
     let flat_scores = scores.clone().reshape([b * dict]);
     let picks = batch_topk_picks(&flat_scores, keep, b, dict);
     let n = picks.token_offsets.clone().narrow(0, b, 1);
-    let valid = arange(keep, &device).lower(n.clone().expand([keep]));
-    let flat = picks.tokens.clone().mul_scalar(dict as i64) + picks.latents.clone();
-    let valid_f = valid.clone().float();
-    let values = f.clone().reshape([b * dict]).select(0, flat.clone()) * valid_f.clone();
-    let min_kept = flat_scores.clone().select(0, flat).mask_fill(valid.bool_not(), f32::INFINITY).min();
+    // Empty slots (fewer positive scores than k·B) carry latent `dict`: out of every segment.
+    let main = device_set(picks.token_offsets, picks.tokens, picks.latents, &f, dict);
+    let flat = main.tokens.clone().mul_scalar(dict as i64) + main.latents.clone();
+    let empty = main.valid.clone().expect("a device set marks its empty slots").lower_elem(0.5);
+    let min_kept = flat_scores.clone().select(0, flat).mask_fill(empty, f32::INFINITY).min();
     // The counters take this batch's selection first (selected → 0, others += B), then the dead set.
     let selected = picks.per_latent.clone().greater_elem(0);
     r.since = r.since.clone().add_scalar(b as i64).clamp_max(r.cap).mask_fill(selected, 0);
-    // Empty slots sit at the last latent: its segment holds them too (with zero values).
-    let empty = n.clone().neg().add_scalar(keep as i64);
-    let last = picks.per_latent.clone().narrow(0, dict - 1, 1) + empty;
-    let seg_counts = picks.per_latent.clone().slice_assign([dict - 1..dict], last);
-    let main = Set {
-        by_latent: picks.latents.clone().argsort(0),
-        latent_offsets: offsets(seg_counts),
-        token_offsets: picks.token_offsets,
-        tokens: picks.tokens,
-        latents: picks.latents,
-        values,
-        valid: Some(valid_f),
-    };
     let err = x.clone() - (main.decode(&p.w_dec) + p.b_dec.clone());
     let (recon, g) = recon_terms(cfg, &err, b, d, two_d);
     let mut loss = recon.clone();
@@ -158,7 +137,7 @@ pub fn step(
     let mut sets = vec![(main, g)];
     if tokens_after >= cfg.dead_tokens {
         let dead = r.since.clone().greater_equal_elem(cfg.dead_tokens as i64);
-        let (set, e_hat) = aux_picks(&f, &scores, dead.clone(), d, p)?;
+        let (set, e_hat) = aux_picks(&f, &scores, dead.clone(), d, p, r)?;
         let e = err.clone();
         let a = aux_loss(e.clone(), e_hat.clone());
         let centered = e.clone() - e.clone().mean_dim(0);
@@ -202,6 +181,25 @@ fn l1_step(cfg: &TrainConfig, p: &Params, x: Tensor<2>, r: &mut Resident) -> Res
     })
 }
 
+/// A pick set from device picks: `latents` entries out of `0..dict` are empty slots (value 0, no
+/// gradient, in no latent segment); the latent segments come from a counting sort on the device.
+fn device_set(
+    token_offsets: Tensor<1, Int>,
+    tokens: Tensor<1, Int>,
+    latents: Tensor<1, Int>,
+    f: &Tensor<2>,
+    dict: usize,
+) -> Set {
+    let [_, width] = f.dims();
+    let (latent_offsets, by_latent) = latent_segments(&latents, dict);
+    let valid = latents.clone().lower_elem(dict as i64).bool_and(latents.clone().greater_equal_elem(0));
+    let latents = latents.clamp(0, dict as i64 - 1);
+    let flat = tokens.clone().mul_scalar(width as i64) + latents.clone();
+    let valid = valid.float();
+    let values = f.clone().reshape([f.dims()[0] * width]).select(0, flat) * valid.clone();
+    Set { tokens, latents, values, token_offsets, by_latent, latent_offsets, valid: Some(valid) }
+}
+
 /// AuxK's picks on the device: per token, the top k_aux = min(d/2, #dead) dead latents with a
 /// positive score, as a fixed `[B · min(d/2, D)]` set whose non-dead or non-positive slots are
 /// empty; and their decode ε̂.
@@ -211,6 +209,7 @@ fn aux_picks(
     dead: Tensor<1, Bool>,
     d: usize,
     p: &Params,
+    r: &mut Resident,
 ) -> Result<(Set, Tensor<2>)> {
     let [b, dict] = scores.dims();
     let device = scores.device();
@@ -219,30 +218,26 @@ fn aux_picks(
     let masked = scores.clone().mask_fill(candidate.bool_not(), f32::NEG_INFINITY);
     let (top, latents) = masked.topk_with_indices(k, 1); // [B, k]
     // A candidate's score is positive; burn's top-k returns the −∞ entries as f32::MIN with index
-    // −1. Empty slots (no dead latent with a positive score left in the row) go to the last latent,
-    // so that they do not shift the latent segments.
-    let valid = top.greater_elem(0.0);
-    let latents = latents.mask_fill(valid.clone().bool_not(), (dict - 1) as i64);
-    let valid = valid.float().reshape([b * k]);
-    let values = f.clone().gather(1, latents.clone()).reshape([b * k]) * valid.clone();
-    let latents = latents.reshape([b * k]);
-    // Slot s belongs to token s / k (built directly: an expanded view gathers wrongly on wgpu).
-    let tokens = arange(b * k, &device).div_scalar(k as i64);
-    // Counted in f32 (exact: at most B per latent), as the float scatter-add is what the gradient
-    // assembly already relies on.
-    let ones = Tensor::<1>::ones([b * k], &device);
-    let per_latent = Tensor::<1>::zeros([dict], &device)
-        .select_assign(0, latents.clone(), ones, burn::tensor::IndexingUpdateOp::Add)
-        .int();
-    let set = Set {
-        token_offsets: arange(b + 1, &device).mul_scalar(k as i64),
-        by_latent: latents.clone().argsort(0),
-        latent_offsets: offsets(per_latent),
-        tokens,
-        latents,
-        values,
-        valid: Some(valid),
+    // −1. Empty slots (no dead latent with a positive score left in the row) get latent `dict`.
+    let latents = latents.mask_fill(top.greater_elem(0.0).bool_not(), dict as i64).reshape([b * k]);
+    // Slot s belongs to token s / k: a fixed layout, uploaded once (burn's arange is a cumsum,
+    // quadratic on the device).
+    let layout = match r.aux_layout.take() {
+        Some(l) if l.0 == (b, k) => l,
+        _ => {
+            let ints = |v: Vec<i64>| {
+                let n = v.len();
+                Tensor::<1, Int>::from_data(TensorData::new(v, [n]), &device)
+            };
+            (
+                (b, k),
+                ints((0..b * k).map(|s| (s / k) as i64).collect()),
+                ints((0..=b).map(|t| (t * k) as i64).collect()),
+            )
+        }
     };
+    let set = device_set(layout.2.clone(), layout.1.clone(), latents, f, dict);
+    r.aux_layout = Some(layout);
     let e_hat = set.decode(&p.w_dec);
     Ok((set, e_hat))
 }
