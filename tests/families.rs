@@ -327,6 +327,15 @@ fn pipeline(family: &str, base: &str, chat: &str, adapter: Option<&str>, want_sk
     let outcome = crossdiff::workflow::cache::run(&job, &device, Handle::silent()).unwrap();
     let settings = outcome.index.settings.clone().unwrap();
     assert_eq!(settings.skip_first, want_skip, "{family}: the family's --skip-first default is recorded");
+    if let Some(a) = adapter {
+        // The cache names the chat model with its adapter.
+        assert!(outcome.index.models[1].ends_with(&format!("+ {a}")), "{:?}", outcome.index.models);
+        // Diffing the base against itself (the adapter forgotten) says what may be missing.
+        let forgot =
+            crossdiff::workflow::cache::CacheJob { chat_adapter: None, out: dir.path().join("forgot"), ..job.clone() };
+        let msg = format!("{:#}", crossdiff::workflow::cache::run(&forgot, &device, Handle::silent()).err().unwrap());
+        assert!(msg.contains("--chat-adapter"), "{msg}");
+    }
     let run = dir.path().join("run");
     let trained = common::small_train_job(&cache, &run).run(&device, Handle::silent()).unwrap();
     assert_eq!(trained.crosscoder.config.model_ids, outcome.index.model_ids);

@@ -295,3 +295,22 @@ fn on_the_fly_training_refuses_the_default_skip_first_before_loading_the_models(
     assert!(!msg.contains('\n'), "{msg}");
     has(&msg, &["--skip-first defaults to 25", "--context 16"]);
 }
+
+#[test]
+fn an_adapter_whose_declared_rank_or_alpha_pattern_is_wrong_is_refused() {
+    let base = family_fixture("llama", "base");
+    // `r` says 8, the tensors have rank 4: PEFT would not load it; the summary would misreport it.
+    let dir = with_adapter_config(|v| v["r"] = 8.into());
+    let msg = load_err(&base, Some(dir.path()));
+    has(&msg, &["adapter_config.json", "field `r`", "rank 4"]);
+    // A rank_pattern entry declares a module's rank: it must match too.
+    let dir = with_adapter_config(|v| v["rank_pattern"] = serde_json::json!({"q_proj": 2}));
+    let msg = load_err(&base, Some(dir.path()));
+    has(&msg, &["field `rank_pattern`", "q_proj"]);
+    // alpha_pattern values are alphas: positive and finite, like lora_alpha.
+    for bad in [serde_json::json!(0), serde_json::json!(-3)] {
+        let dir = with_adapter_config(|v| v["alpha_pattern"] = serde_json::json!({"q_proj": bad}));
+        let msg = load_err(&base, Some(dir.path()));
+        has(&msg, &["field `alpha_pattern`", "positive"]);
+    }
+}

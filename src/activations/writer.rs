@@ -189,7 +189,7 @@ pub fn run_cache(
     })?;
     let d = base_snap.config.hidden_size;
     let tokenize = job.tokenize.resolved_for(base_snap.config.family)?;
-    let models = vec![base_snap.name(), chat_snap.name()];
+    let models = vec![base_snap.name(), crate::model::adapted_name(chat_snap.name(), job.chat_adapter.as_deref())];
     let model_ids = vec![base_snap.identity()?, crate::model::identity_of(&job.chat, job.chat_adapter.as_deref())?];
     crate::model::snapshot::check_distinct((&job.base, &model_ids[0]), (&job.chat, &model_ids[1]))?;
     drop((base_snap, chat_snap));

@@ -19,7 +19,7 @@ pub struct TokenizeOptions {
     #[arg(long)]
     pub drop_bos: bool,
     /// Drop the first N tokens of each document (counted after --drop-bos). Default: the authors'
-    /// value for the models' family — Gemma 2: 0, Gemma 3: 1, Llama 3: 25, Qwen 2: 21, Qwen 3: 2
+    /// value for the models' family — Gemma 2: 0, Gemma 3: 1, Llama 3: 25, Qwen 2/2.5: 21, Qwen 3: 2
     /// (the first positions of Llama and Qwen carry attention-sink activations with huge norms).
     #[arg(long)]
     pub skip_first: Option<usize>,
@@ -29,25 +29,25 @@ impl TokenizeOptions {
     /// What can be refused before a document is read: a positive `--context`, and a `--skip-first`
     /// below it (at or above it, every document would be cut to nothing).
     pub fn validate(&self) -> Result<()> {
-        self.check(self.skip())
+        self.check(self.skip(), None)
     }
 
     /// [`TokenizeOptions::resolved`] for `family`, validated: a default `--skip-first` that leaves
     /// nothing of `--context` is named as the family's default.
     pub fn resolved_for(&self, family: Family) -> Result<Self> {
         let resolved = self.resolved(family);
-        self.check(resolved.skip())?;
+        self.check(resolved.skip(), Some(family))?;
         Ok(resolved)
     }
 
-    fn check(&self, skip: usize) -> Result<()> {
+    fn check(&self, skip: usize, family: Option<Family>) -> Result<()> {
         crate::bad_value::positive(self.context as u64, "context")?;
-        crate::bad_value::ensure(skip < self.context, "skip-first", || match self.skip_first {
-            Some(_) => format!("({skip}) must be below --context ({})", self.context),
-            None => format!(
-                "defaults to {skip} for these models (the authors' value for their family), which leaves nothing of --context {}: give a larger --context or --skip-first",
+        crate::bad_value::ensure(skip < self.context, "skip-first", || match (self.skip_first, family) {
+            (None, Some(f)) => format!(
+                "defaults to {skip} for {f} models (the authors' value), which leaves nothing of --context {}: give a larger --context or a smaller --skip-first",
                 self.context
             ),
+            _ => format!("({skip}) must be below --context ({})", self.context),
         })
     }
 

@@ -31,6 +31,9 @@ struct AdapterConfig {
     /// In the file's order: PEFT takes the first key that matches a module.
     #[serde(default, deserialize_with = "ordered_map")]
     alpha_pattern: Vec<(String, f64)>,
+    /// Per-module ranks, matched like `alpha_pattern` (checked against the tensors' rank).
+    #[serde(default, deserialize_with = "ordered_map")]
+    rank_pattern: Vec<(String, f64)>,
     #[serde(default)]
     velora_config: Option<Value>,
     #[serde(default)]
@@ -173,16 +176,30 @@ impl LoraAdapter {
                 ));
             }
         }
-        let mut alpha_pattern = Vec::with_capacity(config.alpha_pattern.len());
-        for (key, alpha) in &config.alpha_pattern {
-            let re = regex::Regex::new(&format!(r"^(.*\.)?({key})$")).map_err(|e| {
-                // The regex crate's message draws the pattern over lines; its last line says why.
-                let e = e.to_string();
-                let why = e.lines().last().unwrap_or_default().trim_start_matches("error: ");
-                at("alpha_pattern", &format!("has key {key:?}, not a valid regular expression ({why})"))
-            })?;
-            alpha_pattern.push((re, *alpha));
-        }
+        // PEFT's pattern keys (`get_pattern_key`): a regular expression over the module name's
+        // last components, the first match in the file's order.
+        let compile = |field: &str, pattern: &[(String, f64)]| -> Result<Vec<(regex::Regex, f64)>> {
+            pattern
+                .iter()
+                .map(|(key, value)| {
+                    let re = regex::Regex::new(&format!(r"^(.*\.)?({key})$")).map_err(|e| {
+                        // The regex crate's message draws the pattern over lines; its last says why.
+                        let e = e.to_string();
+                        let why = e.lines().last().unwrap_or_default().trim_start_matches("error: ");
+                        at(field, &format!("has key {key:?}, not a valid regular expression ({why})"))
+                    })?;
+                    if !(value.is_finite() && *value > 0.0) {
+                        return Err(at(
+                            field,
+                            &format!("has {value} for {key:?}; it must be a positive finite number"),
+                        ));
+                    }
+                    Ok((re, *value))
+                })
+                .collect()
+        };
+        let alpha_pattern = compile("alpha_pattern", &config.alpha_pattern)?;
+        let rank_pattern = compile("rank_pattern", &config.rank_pattern)?;
         // Tensors of variants whose merge ignores them (see REFUSED_VARIANTS).
         let skipped = |name: &str| {
             (config.velora_config.as_ref().is_some_and(is_set) && name.ends_with(".lora_velora_embed"))
@@ -245,6 +262,20 @@ impl LoraAdapter {
                     "{}: module `{module}`: lora_A is {a_shape:?} and lora_B {b_shape:?}; their rank must agree",
                     weights_path.display()
                 );
+            }
+            // The rank the config declares for this module (as PEFT builds it) must be the tensors'.
+            let (field, declared) = match rank_pattern.iter().find(|(re, _)| re.is_match(&module)) {
+                Some((_, r)) => ("rank_pattern", *r),
+                None => ("r", config.r as f64),
+            };
+            if declared != a_shape[0] as f64 {
+                return Err(at(
+                    field,
+                    &format!(
+                        "declares rank {declared} for `{module}`, whose lora_A in adapter_model.safetensors has rank {}",
+                        a_shape[0]
+                    ),
+                ));
             }
             let factors = Factors { r: a_shape[0], a_cols: a_shape[1], b_rows: b_shape[0], a, b };
             modules.insert(module, factors);

@@ -86,6 +86,14 @@ impl Model {
 
     /// Ids generation stops on: the tokenizer's (turn closer and EOS), config.json's and
     /// generation_config.json's `eos_token_id`.
+    /// `dir` as messages name this model: with its adapter when one is merged.
+    pub fn shown(&self, dir: &Path) -> std::path::PathBuf {
+        match &self.adapter {
+            Some((a, _)) => format!("{} (+ adapter {})", dir.display(), a.display()).into(),
+            None => dir.to_path_buf(),
+        }
+    }
+
     pub fn stop_ids(&self) -> Vec<u32> {
         let mut eos = self.snapshot.config.eos_token_ids();
         eos.extend_from_slice(&self.snapshot.generation_eos);
@@ -98,6 +106,17 @@ fn adapted_identity(base: String, adapter: Option<&LoraAdapter>) -> String {
     match adapter {
         Some(a) => format!("{:016x}", crate::io::checksum(format!("{base}+{:016x}", a.fingerprint).as_bytes())),
         None => base,
+    }
+}
+
+/// A model's name as caches and runs record it: with an adapter, `chat + adapter-folder`.
+pub fn adapted_name(name: String, adapter: Option<&Path>) -> String {
+    match adapter {
+        Some(a) => format!(
+            "{name} + {}",
+            a.file_name().map_or_else(|| a.display().to_string(), |f| f.to_string_lossy().into())
+        ),
+        None => name,
     }
 }
 

@@ -352,7 +352,7 @@ pub fn check_pair(base: &Snapshot, chat: &Snapshot) -> Result<()> {
 pub fn check_distinct(base: (&Path, &str), chat: (&Path, &str)) -> Result<()> {
     if base.1 == chat.1 {
         bail!(
-            "{} and {} are the same model (identity {}): there is nothing to diff; give the base and its fine-tune",
+            "{} and {} are the same model (identity {}): there is nothing to diff; give the base and its fine-tune (a LoRA fine-tune with --chat-adapter)",
             base.0.display(),
             chat.0.display(),
             base.1

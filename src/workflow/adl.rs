@@ -45,8 +45,10 @@ const BATCH: usize = 32;
 /// OUT/adl.json and OUT/adl.safetensors (`mean_diff`, [positions, d]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdlJob {
+    /// The base model (a Hugging Face snapshot directory).
     #[arg(long)]
     pub base: PathBuf,
+    /// The chat model (with --chat-adapter: the adapter's base model).
     #[arg(long)]
     pub chat: PathBuf,
     /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into

@@ -108,7 +108,11 @@ pub fn check_model(made: &Made, role: usize, given: &Path, given_id: &str, allow
     let name = ["base", "chat"];
     let swapped = made.ids.get(1 - role).is_some_and(|other| other == given_id);
     let why = if swapped {
-        format!("it is the {} model {} was made from (base and chat swapped?)", name[1 - role], made.what)
+        format!(
+            "it is the {} model {} was made from (base and chat swapped? or, for a LoRA fine-tune, --chat-adapter missing?)",
+            name[1 - role],
+            made.what
+        )
     } else {
         format!(
             "{} was made from another {} model (identity {expected}, this one is {given_id})",

@@ -24,8 +24,10 @@ pub struct KlJob {
     /// The run directory (crosscoder and latents.csv).
     #[arg(long)]
     pub run: PathBuf,
+    /// The base model the run was trained on (a Hugging Face snapshot directory).
     #[arg(long)]
     pub base: PathBuf,
+    /// The chat model the run was trained on (with --chat-adapter: the adapter's base model).
     #[arg(long)]
     pub chat: PathBuf,
     /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into
@@ -199,7 +201,7 @@ pub fn check_pair_against_run(
 ) -> Result<()> {
     let made = Made { what: format!("the run in {}", run.display()), ids: &cc.config.model_ids };
     for (role, (dir, m)) in models.into_iter().enumerate() {
-        check_model(&made, role, dir, &m.identity, allow)?;
+        check_model(&made, role, &m.shown(dir), &m.identity, allow)?;
     }
     Ok(())
 }

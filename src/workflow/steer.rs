@@ -117,7 +117,7 @@ impl SteerJob {
         if !self.allow_other_models && !ids.is_empty() && !ids.contains(&m.identity) {
             bail!(
                 "{}: not one of the models the run in {} was trained on (identities {}, this one is {}); pass --{ALLOW_OTHER_MODELS} to go on anyway",
-                self.model.display(),
+                m.shown(&self.model).display(),
                 self.run.display(),
                 ids.join("/"),
                 m.identity

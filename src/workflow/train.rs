@@ -361,7 +361,10 @@ impl TrainJob {
                     fingerprint,
                     source: Box::new(src),
                     d: config.hidden_size,
-                    models: vec![base.display().to_string(), chat.display().to_string()],
+                    models: vec![
+                        base.display().to_string(),
+                        crate::model::adapted_name(chat.display().to_string(), self.chat_adapter.as_deref()),
+                    ],
                     model_ids,
                     layer: Some(layer),
                     validation: None,
