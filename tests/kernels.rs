@@ -82,6 +82,34 @@ fn device_picks_equal_the_reference_selection() {
 }
 
 #[test]
+fn row_topk_picks_what_the_host_auxk_selection_picks() {
+    // Per token the k largest positive scores among the dead latents (ties by lower index), as
+    // `select_aux`; rows with fewer candidates than k, rows with none, and tie levels.
+    let Some(device) = common::wgpu_device() else { return };
+    let mut rng = SplitMix64(17);
+    for &(b, d, k, zeros, ties, dead_every) in &[
+        (16usize, 300usize, 20usize, 0.5, 0u32, 3usize),
+        (9, 1000, 64, 0.9, 3, 2),
+        (12, 77, 40, 0.6, 2, 5),
+        (4, 50, 8, 1.0, 0, 1),
+    ] {
+        let scores = scores_like_codes(&mut rng, b * d, zeros, ties);
+        let dead: Vec<bool> = (0..d).map(|j| j % dead_every == 0).collect();
+        let masked: Vec<f32> = scores.iter().enumerate().map(|(i, &s)| if dead[i % d] { s } else { 0.0 }).collect();
+        let t = Tensor::<2>::from_data(TensorData::new(masked, [b, d]), (&device, DType::F32));
+        let got: Vec<i64> = crossdiff::crosscoder::kernels::row_topk(&t, k).try_into_vec_as::<i64>().unwrap();
+        let n_dead = dead.iter().filter(|&&x| x).count();
+        let mask = crossdiff::crosscoder::select_aux(&scores, d, &dead, k.min(n_dead));
+        for r in 0..b {
+            let want: Vec<i64> = (0..d).filter(|&j| mask[r * d + j] > 0.0).map(|j| j as i64).collect();
+            let row = &got[r * k..(r + 1) * k];
+            assert_eq!(&row[..want.len()], &want[..], "b={b} d={d} k={k} row {r}");
+            assert!(row[want.len()..].iter().all(|&l| l == d as i64), "row {r}: unused slots carry d: {row:?}");
+        }
+    }
+}
+
+#[test]
 fn histogram_select_finds_the_same_threshold_as_the_reference() {
     let Some(device) = common::wgpu_device() else { return };
     let mut rng = SplitMix64(21);

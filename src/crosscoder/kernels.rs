@@ -70,6 +70,11 @@ pub trait KernelOps: Backend {
     /// index within a latent). Picks whose latent is outside `0..d` are left out.
     #[fusion(dtype = burn::tensor::DType::I32, shape = burn::tensor::Shape::new([*d as usize + 1 + latents[0]]))]
     fn latent_segments(latents: IntTensor<Self>, d: u32) -> IntTensor<Self>;
+
+    /// Per row of `[b, d]` scores, the `k` largest positive ones' columns in index order (ties by
+    /// lower index), unused slots `d`: i32 `[b · k]` (AuxK's per-token picks; no readback).
+    #[fusion(dtype = burn::tensor::DType::I32, shape = burn::tensor::Shape::new([scores[0] * *k as usize]))]
+    fn row_topk(scores: FloatTensor<Self>, k: u32) -> IntTensor<Self>;
 }
 
 /// The length of [`KernelOps::batch_topk_picks`]'s packed output.
@@ -93,6 +98,7 @@ const LATENT_COUNT: Wgsl = Wgsl { name: "latent_count", source: include_str!("..
 const EXCLUSIVE_SCAN: Wgsl = Wgsl { name: "exclusive_scan", source: include_str!("../../shaders/exclusive_scan.wgsl") };
 const LATENT_SCATTER: Wgsl = Wgsl { name: "latent_scatter", source: include_str!("../../shaders/latent_scatter.wgsl") };
 const SEGMENT_SORT: Wgsl = Wgsl { name: "segment_sort", source: include_str!("../../shaders/segment_sort.wgsl") };
+const ROW_TOPK: Wgsl = Wgsl { name: "row_topk", source: include_str!("../../shaders/row_topk.wgsl") };
 const COMPACT_PICKS: Wgsl = Wgsl { name: "compact_picks", source: include_str!("../../shaders/compact_picks.wgsl") };
 
 impl KernelSource for Wgsl {
@@ -228,6 +234,15 @@ impl KernelOps for CubeBackend {
         CubeTensor::new_contiguous(client, scores.device.clone(), shape, out, burn::tensor::DType::I32)
     }
 
+    fn row_topk(scores: FloatTensor<Self>, k: u32) -> IntTensor<Self> {
+        let scores: CubeTensor = into_contiguous(scores);
+        let (b, d) = (scores.meta.shape()[0], scores.meta.shape()[1]);
+        let out = scores.client.empty(b * k as usize * 4);
+        run(&scores, ROW_TOPK, (b as u32).min(65_535), &[&scores.handle, &out], &[b as u32, d as u32, k]);
+        let shape = burn::tensor::Shape::new([b * k as usize]);
+        CubeTensor::new_contiguous(scores.client.clone(), scores.device.clone(), shape, out, burn::tensor::DType::I32)
+    }
+
     fn latent_segments(latents: IntTensor<Self>, d: u32) -> IntTensor<Self> {
         let latents: CubeTensor = into_contiguous(latents);
         let client = latents.client.clone();
@@ -243,6 +258,11 @@ impl KernelOps for CubeBackend {
         let shape = burn::tensor::Shape::new([len]);
         CubeTensor::new_contiguous(client, latents.device.clone(), shape, out, burn::tensor::DType::I32)
     }
+}
+
+/// [`KernelOps::row_topk`] from user code: `[b · k]` column indices (unused slots `d`).
+pub fn row_topk(scores: &Tensor<2>, k: usize) -> Ints {
+    Tensor::from_dispatch(<Dispatch as KernelOps>::row_topk(scores.clone().into_dispatch(), k as u32))
 }
 
 /// [`KernelOps::latent_segments`], unpacked: (offsets `[d + 1]`, order `[n]`; entries of the order

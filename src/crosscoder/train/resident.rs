@@ -10,7 +10,7 @@
 use anyhow::Result;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use crate::crosscoder::kernels::{batch_topk_picks, is_wgpu, latent_segments};
+use crate::crosscoder::kernels::{batch_topk_picks, is_wgpu, latent_segments, row_topk};
 use crate::crosscoder::train::config::TrainConfig;
 use crate::crosscoder::train::kernel_sparse::{Set, recon_terms, set_gradients};
 use crate::crosscoder::train::step::{StepMetrics, fve_blocks_of};
@@ -201,8 +201,8 @@ fn device_set(
 }
 
 /// AuxK's picks on the device: per token, the top k_aux = min(d/2, #dead) dead latents with a
-/// positive score, as a fixed `[B · min(d/2, D)]` set whose non-dead or non-positive slots are
-/// empty; and their decode ε̂.
+/// positive score (`row_topk`, a per-row radix select), as a fixed `[B · min(d/2, D)]` set whose
+/// unused slots are empty; and their decode ε̂.
 fn aux_picks(
     f: &Tensor<2>,
     scores: &Tensor<2>,
@@ -215,11 +215,10 @@ fn aux_picks(
     let device = scores.device();
     let k = (d / 2).min(dict).max(1);
     let candidate = f.clone().greater_elem(0.0).bool_and(dead.reshape([1, dict]).expand([b, dict]));
-    let masked = scores.clone().mask_fill(candidate.bool_not(), f32::NEG_INFINITY);
-    let (top, latents) = masked.topk_with_indices(k, 1); // [B, k]
-    // A candidate's score is positive; burn's top-k returns the −∞ entries as f32::MIN with index
-    // −1. Empty slots (no dead latent with a positive score left in the row) get latent `dict`.
-    let latents = latents.mask_fill(top.greater_elem(0.0).bool_not(), dict as i64).reshape([b * k]);
+    // Non-candidates score 0: the per-row selection takes positive scores only (empty slots, where
+    // a row has fewer than k dead latents with a positive score, get latent `dict`).
+    let masked = scores.clone().mask_fill(candidate.bool_not(), 0.0);
+    let latents = row_topk(&masked, k);
     // Slot s belongs to token s / k: a fixed layout, uploaded once (burn's arange is a cumsum,
     // quadratic on the device).
     let layout = match r.aux_layout.take() {
