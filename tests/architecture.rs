@@ -232,6 +232,7 @@ fn the_device_resident_step_uses_no_op_that_syncs_with_the_host_or_is_quadratic(
         "::arange(",
         ".select_assign(",
         ".into_data(",
+        ".topk",
     ] {
         assert!(!src.contains(op), "src/crosscoder/train/resident.rs uses `{op}`");
     }
