@@ -116,20 +116,7 @@ fn histogram_select_finds_the_same_threshold_as_the_reference() {
     for &(n, keep, zeros, tie_levels) in
         &[(5000usize, 300usize, 0.3, 0u32), (20_000, 1234, 0.5, 16), (777, 5, 0.9, 3), (4096, 4000, 0.0, 0)]
     {
-        // Scores like norm-weighted ReLU codes: many zeros, positive values over a wide range, and
-        // optionally a few exactly repeated levels (ties).
-        let scores: Vec<f32> = (0..n)
-            .map(|_| {
-                let u = rng.next_f64();
-                if u < zeros {
-                    0.0
-                } else if tie_levels > 0 && u < zeros + 0.2 {
-                    (1 + rng.next_u64() % tie_levels as u64) as f32 * 0.125
-                } else {
-                    (rng.next_f64() * 10.0).exp() as f32 * 1e-3
-                }
-            })
-            .collect();
+        let scores = scores_like_codes(&mut rng, n, zeros, tie_levels);
         let t = Tensor::<1>::from_data(TensorData::new(scores.clone(), [n]), (&device, DType::F32));
         let got = kth_largest(&t, keep).unwrap();
         let (mask, min_kept) = select_batch_topk(&scores, keep);

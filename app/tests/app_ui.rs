@@ -536,7 +536,12 @@ fn prompt_lab_shows_per_token_kl_and_latents() {
     harness.get_by_label("Analyse").click();
     wait_for(&mut harness, "analysis failed — error: ");
     let error = label_text(&harness, "analysis failed — error: ");
-    assert!(error.ends_with("(base and chat swapped?); tick “Allow other models” to go on anyway"), "{error}");
+    assert!(
+        error.ends_with(
+            "(base and chat swapped? or, for a LoRA fine-tune, “Chat adapter (LoRA, optional)” missing?); tick “Allow other models” to go on anyway"
+        ),
+        "{error}"
+    );
     assert!(!error.contains("--"), "{error}");
     harness.get_by_label("Allow other models").click();
     harness.run_steps(1);
