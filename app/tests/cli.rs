@@ -817,6 +817,53 @@ fn bench_train_phases_prints_each_phase_from_its_measurement() {
     assert!(stdout.contains("(rest: data, threshold, metrics, bookkeeping)"), "{stdout}");
 }
 
+/// `bench forward|analyze|cache --phases`: each measured phase is a row of the table at its measured
+/// time per unit, and the phases a user looks for are there (the forward's attention and MLP, the
+/// analysis's encoder and statistics, caching's model loading and documents).
+#[test]
+fn bench_forward_analyze_and_cache_phases_print_their_measurements() {
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-gemma2");
+    let (base, chat) = (assets.join("base"), assets.join("chat"));
+    let (base, chat) = (base.to_str().unwrap(), chat.to_str().unwrap());
+    let cases: [(&[&str], f64, &[&str]); 3] = [
+        (
+            &["bench", "forward", "--model", base, "--batch", "2", "--context", "32", "--decode", "2", "--repeats", "2"],
+            2.0,
+            &["attention (q/k/v, RoPE, scores, softmax, o)", "MLP (gate/up, activation, down)"],
+        ),
+        (
+            &["bench", "analyze", "--d", "32", "--dict-size", "256", "--k", "4", "--tokens", "2048"],
+            2.048,
+            &["encoder and decoder (codes, reconstruction)", "per-batch statistics (reductions, one readback)"],
+        ),
+        (
+            &["bench", "cache", "--base", base, "--chat", chat, "--layer", "1", "--tokens", "1000", "--context", "32"],
+            1.0,
+            &["load models", "read and tokenize documents", "attention (q/k/v, RoPE, scores, softmax, o)"],
+        ),
+    ];
+    for (args, units, expected) in cases {
+        let mut all = vec!["--backend", "cpu"];
+        all.extend_from_slice(args);
+        all.push("--phases");
+        let r = crossdiff(&all);
+        assert!(r.status.success(), "{args:?}: {}", String::from_utf8_lossy(&r.stderr));
+        let stdout = String::from_utf8_lossy(&r.stdout);
+        let json: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+        let phases = json["phases"].as_array().expect("the phases in the JSON line");
+        for p in phases {
+            let name = p["name"].as_str().unwrap();
+            let row = stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no row for {name}: {stdout}"));
+            let ms: f64 = row[name.len()..].split_whitespace().next().unwrap().parse().unwrap();
+            let want = 1000.0 * p["seconds"].as_f64().unwrap() / units;
+            assert!((ms - want).abs() <= 0.0051, "{args:?} {name}: printed {ms}, measured {want}");
+        }
+        for name in expected {
+            assert!(phases.iter().any(|p| p["name"] == *name), "{args:?}: no phase {name}: {stdout}");
+        }
+    }
+}
+
 /// `inspect --adapter` merges a PEFT LoRA adapter: transformers' logits of the merged model, not the
 /// base's, and one more line naming it; a folder that is no adapter is one error line.
 #[test]

@@ -216,8 +216,10 @@ pub fn run_cache(
 
     let device = device.clone();
     let load = |dir: &Path, adapter: Option<&Path>| Model::load_adapted(dir, adapter, &device, job.load, |_, _| {});
+    let timing = crate::phases::phase("load models", &device);
     let base = load(&job.base, None)?;
     let chat = if job.low_memory { None } else { Some(load(&job.chat, job.chat_adapter.as_deref())?) };
+    drop(timing);
     if let Some(chat) = &chat {
         check_models(&base, chat)?;
     }
@@ -229,11 +231,13 @@ pub fn run_cache(
     // Models are loaded: a first report lets callers time the computation alone.
     progress(CacheProgress { tokens: tokens_done, target: job.tokens, phase });
     while tokens_done < job.tokens && keep_going() {
+        let timing = crate::phases::phase("read and tokenize documents", &device);
         let Some(plan) =
             planner.next(&mut mixer, done_docs_total(&index), job.shard_tokens, job.tokens - tokens_done)?
         else {
             break;
         };
+        drop(timing);
         let base_acts = compute_acts(&base, &plan, job.layer, job.batch_tokens)?;
         check_finite(&base_acts, d, &plan, &base, job.layer, job.dtype, &job.data)?;
         let shard_i = index.shards.len() + index.partial_shards.len();
@@ -246,6 +250,7 @@ pub fn run_cache(
         match &chat {
             Some(chat) => {
                 let chat_acts = compute_acts(chat, &plan, job.layer, job.batch_tokens)?;
+                let _phase = crate::phases::phase("check and write shards", &device);
                 check_finite(&chat_acts, d, &plan, chat, job.layer, job.dtype, &job.data)?;
                 finish_shard(job, &mut index, info, &plan, &base_acts, &chat_acts, d)?;
             }

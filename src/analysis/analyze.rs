@@ -119,9 +119,11 @@ pub fn analyze(
             write_atomic(&state_path, |f| Ok(f.write_all(text.as_bytes())?))?;
             bail!("analysis interrupted after {tokens} tokens; re-run the same command to resume");
         }
+        let phase = crate::phases::phase("read shards (disk)", device);
         let layout = index.check_shard_header(cache, shard)?;
         let bytes = read_shard_file(cache, shard)?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", shard.file))?;
+        drop(phase);
         let template: Vec<bool> = match st.tensor("template") {
             Ok(t) => t.data().iter().map(|&b| b != 0).collect(),
             Err(_) => vec![false; shard.tokens as usize],
@@ -133,13 +135,16 @@ pub fn analyze(
             let b = opts.batch.min(n - start);
             let mut rows = vec![0.0f32; b * 2 * d];
             let from = layout.acts_offset + start * row_bytes;
+            let phase = crate::phases::phase("decode stored rows to f32", device);
             layout.dtype.decode(&bytes[from..from + b * row_bytes], &mut rows);
+            drop(phase);
             accumulate(&cc, &mut acc, &rows, &template[start..start + b], b, d, &norm_sum, &w_chat_t, device)?;
             start += b;
             progress(acc.tokens, total);
         }
     }
     let _ = std::fs::remove_file(&state_path);
+    let _phase = crate::phases::phase("Latent Scaling and the latents table", device);
     finish(&cc, acc, opts, dict, d)
 }
 
@@ -162,10 +167,13 @@ fn accumulate(
     w_chat_t: &Tensor<2>,
     device: &Device,
 ) -> Result<()> {
+    let phase = crate::phases::phase("encoder and decoder (codes, reconstruction)", device);
     let x = tensor(rows.to_vec(), [b, 2 * d], device);
     let f = cc.codes(x.clone());
     let recon = decode(&cc.params, f.clone());
     let err = x.clone() - recon.clone();
+    drop(phase);
+    let phase = crate::phases::phase("per-batch statistics (reductions, one readback)", device);
     let a = f.clone() * norm_sum.clone();
     let active = a.clone().greater_elem(0.0).float();
     let t = tensor(template.iter().map(|&v| f32::from(u8::from(v))).collect(), [1, b], device);
@@ -181,6 +189,8 @@ fn accumulate(
     parts.push(f.greater_elem(0.0).float().sum().reshape([1, 1]));
     parts.extend([x.clone().sum_dim(0), x.square().sum_dim(0), err.clone().sum_dim(0), err.square().sum_dim(0)]);
     let mut row = BatchRow::read(parts)?;
+    drop(phase);
+    let _phase = crate::phases::phase("host accumulation (f64)", device);
     row.add_into(&mut acc.active);
     row.add_into(&mut acc.template_active);
     row.max_into(&mut acc.max_act);

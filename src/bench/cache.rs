@@ -13,6 +13,9 @@ pub struct CacheBench {
     pub forward_batches: u64,
     pub readbacks_per_batch: f64,
     pub dispatches_per_batch: f64,
+    /// Per-phase totals over the run (model loading included), when [`crate::phases`] was on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::phases::PhaseTime>,
 }
 
 /// Caches `tokens` pairs of generated sentences (the demo corpus's words) at `layer` of `base`/`chat`
@@ -45,7 +48,10 @@ pub fn bench_cache(
         ..Default::default()
     };
     let counting = crate::counters::Counting::start();
+    crate::phases::reset();
     let done = crate::workflow::cache::run(&job, device, crate::workflow::Handle::silent());
+    let phases = crate::phases::take();
+    crate::phases::disable();
     let (readbacks, dispatches, batches) = (counting.readbacks(), counting.dispatches(), counting.forward_batches());
     drop(counting);
     let _ = std::fs::remove_dir_all(&root);
@@ -58,5 +64,6 @@ pub fn bench_cache(
         forward_batches: batches,
         readbacks_per_batch: per(readbacks),
         dispatches_per_batch: per(dispatches),
+        phases,
     })
 }

@@ -145,6 +145,7 @@ impl DecoderLm {
 
     /// Embedding lookup × normaliser: `[batch·time, hidden]`.
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<2> {
+        let _phase = crate::phases::phase("embedding", &self.device);
         let [b, t] = ids.dims();
         let ids = ids.reshape([b * t]);
         let to_f32 = |rows: Tensor<2>| if rows.dtype() == DType::F16 { rows.cast(FloatDType::F32) } else { rows };
@@ -223,6 +224,7 @@ impl DecoderLm {
 
     /// Final norm, unembedding (tied or `lm_head`), final soft-cap: `[rows, hidden]` → `[rows, vocab]`.
     pub fn logits(&self, h: Tensor<2>) -> Tensor<2> {
+        let _phase = crate::phases::phase("unembedding (final norm, logits, soft-cap)", &self.device);
         let x = rms_norm(h, &self.final_norm, self.config.rms_norm_eps);
         let unembed = |block: &Tensor<2>| {
             if block.dtype() == DType::F16 {
@@ -284,7 +286,9 @@ impl DecoderLm {
     ) -> Tensor<2> {
         let eps = self.config.rms_norm_eps;
         let x = rms_norm(h.clone(), &block.attn_norm, eps);
+        let phase = crate::phases::phase("attention (q/k/v, RoPE, scores, softmax, o)", &self.device);
         let x = self.attention(block, x, b, t, &rope[block.rope], masks, cache);
+        drop(phase);
         let x = match &block.attn_out_norm {
             Some(n) => rms_norm(x, n, eps),
             None => x,
@@ -292,6 +296,7 @@ impl DecoderLm {
         let h = h + x;
         let x = rms_norm(h.clone(), &block.mlp_norm, eps);
         let inter = self.config.intermediate_size;
+        let phase = crate::phases::phase("MLP (gate/up, activation, down)", &self.device);
         let gu = block.gate_up.forward(x);
         let gate = gu.clone().narrow(1, 0, inter);
         let gate = match self.activation {
@@ -299,6 +304,7 @@ impl DecoderLm {
             Activation::Silu => silu(gate),
         };
         let x = block.down.forward(gate * gu.narrow(1, inter, inter));
+        drop(phase);
         let x = match &block.mlp_out_norm {
             Some(n) => rms_norm(x, n, eps),
             None => x,

@@ -35,6 +35,10 @@ pub enum BenchCommand {
         decode: usize,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Print where a prefill forward's time goes (embedding, attention, MLP, unembedding, and
+        /// the rest: norms and residual adds).
+        #[arg(long)]
+        phases: bool,
     },
     /// Crosscoder training steps/s and tokens/s on random pairs.
     Train {
@@ -65,6 +69,10 @@ pub enum BenchCommand {
         /// End with `readbacks/batch=R dispatches/batch=N` (per analysed batch of 256 pairs).
         #[arg(long)]
         counters: bool,
+        /// Print where the analysis's time goes (shards read, rows decoded, encoder and decoder,
+        /// per-batch statistics, host accumulation, Latent Scaling).
+        #[arg(long)]
+        phases: bool,
     },
     /// Caching tokens/s of a model pair over generated sentences (the demo corpus's words), as
     /// `crossdiff cache` runs it; nothing is kept.
@@ -84,6 +92,10 @@ pub enum BenchCommand {
         /// End with `readbacks/batch=R dispatches/batch=N` (per forward batch of one model).
         #[arg(long)]
         counters: bool,
+        /// Print where caching's time goes (model loading, documents, the models' embedding,
+        /// attention, MLP, the readbacks, checking and writing shards).
+        #[arg(long)]
+        phases: bool,
     },
     /// Reader throughput (GB/s of f32 pairs delivered) beside a raw sequential read of the shards.
     Reader {
@@ -127,9 +139,13 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 println!("readbacks/step={:.1} dispatches/step={:.1}", r.readbacks_per_step, r.dispatches_per_step);
             }
         }
-        BenchCommand::Analyze { size: CrosscoderSize { d, dict_size, k }, tokens, counters } => {
+        BenchCommand::Analyze { size: CrosscoderSize { d, dict_size, k }, tokens, counters, phases } => {
             let device = backend.device()?;
+            if phases {
+                crossdiff::phases::enable();
+            }
             let r = crossdiff::bench::bench_analyze(&device, d, dict_size, k, tokens)?;
+            crossdiff::phases::disable();
             println!("{}", serde_json::to_string(&r)?);
             println!(
                 "bench analyze: {:.0} tokens/s (D={dict_size}), examples store {:.1}s, latent query {:.2} ms median / {:.2} ms max ({})",
@@ -139,13 +155,21 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 r.query_ms_max,
                 backend.describe()
             );
+            if phases {
+                let secs = r.tokens as f64 / r.analyze_tokens_per_s;
+                print_phase_table(&r.phases, secs, r.tokens as f64 / 1000.0, "ms/1k tok", "(rest)");
+            }
             if counters {
                 println!("readbacks/batch={:.1} dispatches/batch={:.1}", r.readbacks_per_batch, r.dispatches_per_batch);
             }
         }
-        BenchCommand::Cache { base, chat, layer, tokens, context, batch_tokens, counters } => {
+        BenchCommand::Cache { base, chat, layer, tokens, context, batch_tokens, counters, phases } => {
             let device = backend.device()?;
+            if phases {
+                crossdiff::phases::enable();
+            }
             let r = crossdiff::bench::bench_cache(&device, &base, &chat, layer, tokens, context, batch_tokens)?;
+            crossdiff::phases::disable();
             println!("{}", serde_json::to_string(&r)?);
             println!(
                 "bench cache: {:.0} tokens/s after loading ({} tokens, layer {layer}, {} forward batches, {:.1}s; {})",
@@ -155,6 +179,18 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 r.seconds,
                 backend.describe()
             );
+            if phases {
+                // The run's whole time (loading included) is what the phases cover.
+                let whole: f64 =
+                    r.phases.iter().filter(|p| p.name == "load models").map(|p| p.seconds).sum::<f64>() + r.seconds;
+                print_phase_table(
+                    &r.phases,
+                    whole,
+                    r.tokens as f64 / 1000.0,
+                    "ms/1k tok",
+                    "(rest: index, progress, bookkeeping)",
+                );
+            }
             if counters {
                 println!("readbacks/batch={:.1} dispatches/batch={:.1}", r.readbacks_per_batch, r.dispatches_per_batch);
             }
@@ -170,9 +206,13 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 r.reader_gb_per_s, r.reader_tokens_per_s, r.raw_read_gb_per_s
             );
         }
-        BenchCommand::Forward { model, batch, context, decode, repeats } => {
+        BenchCommand::Forward { model, batch, context, decode, repeats, phases } => {
             let m = super::load(&model, backend)?;
+            if phases {
+                crossdiff::phases::enable();
+            }
             let r = crossdiff::bench::bench_forward(&m, batch, context, decode, repeats)?;
+            crossdiff::phases::disable();
             println!("{}", serde_json::to_string(&r)?);
             println!(
                 "bench forward: prefill {:.1} tokens/s, decode {:.1} tokens/s, peak host {} MiB ({}, batch {batch}, context {context})",
@@ -181,9 +221,43 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 r.peak_host_bytes.unwrap_or(0) / (1 << 20),
                 backend.describe()
             );
+            if phases {
+                let per_forward = (batch * context) as f64 / r.prefill_tokens_per_s;
+                let n = repeats.max(1) as f64;
+                print_phase_table(
+                    &r.phases,
+                    per_forward * n,
+                    n,
+                    "ms/forward",
+                    "(rest: norms, residual adds, masks, RoPE tables)",
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// A phase table: each phase's time per unit (a forward, 1k tokens), its share of `total_seconds`
+/// and its bytes per unit; the remainder on a last line named `rest`.
+fn print_phase_table(phases: &[crossdiff::phases::PhaseTime], total_seconds: f64, units: f64, per: &str, rest: &str) {
+    let units = units.max(1e-9);
+    println!("{:<52} {:>12} {:>7} {:>12}", "phase", per, "share", "MB per unit");
+    let mut accounted = 0.0;
+    for p in phases {
+        if p.name != crossdiff::phases::TRANSFERS {
+            accounted += p.seconds;
+        }
+        let mb = if p.bytes > 0 { format!("{:.2}", p.bytes as f64 / units / 1e6) } else { "—".into() };
+        println!(
+            "{:<52} {:>12.2} {:>6.1}% {:>12}",
+            p.name,
+            1000.0 * p.seconds / units,
+            100.0 * p.seconds / total_seconds,
+            mb
+        );
+    }
+    let left = (total_seconds - accounted).max(0.0);
+    println!("{:<52} {:>12.2} {:>6.1}%", rest, 1000.0 * left / units, 100.0 * left / total_seconds);
 }
 
 /// The per-phase table of `bench train --phases`: time and bytes per step, and each phase's share
