@@ -827,7 +827,20 @@ fn bench_forward_analyze_and_cache_phases_print_their_measurements() {
     let (base, chat) = (base.to_str().unwrap(), chat.to_str().unwrap());
     let cases: [(&[&str], f64, &[&str]); 3] = [
         (
-            &["bench", "forward", "--model", base, "--batch", "2", "--context", "32", "--decode", "2", "--repeats", "2"],
+            &[
+                "bench",
+                "forward",
+                "--model",
+                base,
+                "--batch",
+                "2",
+                "--context",
+                "32",
+                "--decode",
+                "2",
+                "--repeats",
+                "2",
+            ],
             2.0,
             &["attention (q/k/v, RoPE, scores, softmax, o)", "MLP (gate/up, activation, down)"],
         ),
@@ -853,7 +866,8 @@ fn bench_forward_analyze_and_cache_phases_print_their_measurements() {
         let phases = json["phases"].as_array().expect("the phases in the JSON line");
         for p in phases {
             let name = p["name"].as_str().unwrap();
-            let row = stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no row for {name}: {stdout}"));
+            let row =
+                stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no row for {name}: {stdout}"));
             let ms: f64 = row[name.len()..].split_whitespace().next().unwrap().parse().unwrap();
             let want = 1000.0 * p["seconds"].as_f64().unwrap() / units;
             assert!((ms - want).abs() <= 0.0051, "{args:?} {name}: printed {ms}, measured {want}");

@@ -109,7 +109,12 @@ fn default_eps() -> f64 {
 impl ModelConfig {
     /// Reads and validates `config.json`; every error names the file and the field.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            // A PEFT adapter folder given where a model goes: say which flag takes it.
+            let adapter = path.parent().is_some_and(|d| d.join("adapter_config.json").exists());
+            let hint = if adapter { "; this is a LoRA adapter folder: give it with --chat-adapter (or --adapter), and its base model as the model" } else { "" };
+            anyhow!("{}: cannot read: {e}{hint}", path.display())
+        })?;
         let value: Value =
             serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
         // A vision-language checkpoint (gemma-3-4b and up) holds a vision tower and names its

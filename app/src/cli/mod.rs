@@ -466,9 +466,10 @@ fn print_kl(job: &KlJob, report: &crossdiff::analysis::kl::KlReport, device_name
                 Some(l) => format!("{} @ {l}", s.condition),
                 None => s.condition.clone(),
             };
+            let (all, first9) = (s.mean_all + 0.0, s.mean_first9 + 0.0); // + 0.0: never "-0.0000"
             println!(
                 "{:<18} {:>8} {:>12.4} ± {:<7.4} {:>12.4} ± {:<7.4}",
-                name, s.latents, s.mean_all, s.ci_all, s.mean_first9, s.ci_first9
+                name, s.latents, all, s.ci_all, first9, s.ci_first9
             );
         }
     };
@@ -481,7 +482,7 @@ fn print_kl(job: &KlJob, report: &crossdiff::analysis::kl::KlReport, device_name
     // A crosscoder's "all latents", or a diff-SAE's full reconstruction.
     let (Some(none), Some(all)) = (get("none"), get("all").or_else(|| get("sae_recon"))) else { return };
     let gap = none.mean_all;
-    let closed = |v: f64| if gap > 0.0 { 100.0 * (1.0 - v / gap) } else { 0.0 };
+    let closed = |v: f64| if gap > 0.0 { (100.0 * (1.0 - v / gap)).round() + 0.0 } else { 0.0 }; // no "-0%"
     let chat = match get("chat") {
         Some(c) => format!("; chat's own activations there close {:.0}%", closed(c.mean_all)),
         None => String::new(),
