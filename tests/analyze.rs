@@ -128,6 +128,70 @@ fn latents_csv_equals_an_independent_recomputation() {
     let (resumed, _) =
         analyze(&RunDir::new(run.path()), &cc, cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
     assert_eq!(resumed, rows);
+    // With a θ that leaves about one active latent per token, the CPU takes its host route (loops
+    // over the active entries); the dense tensor route (here on wgpu, else the CPU's own dense
+    // route through θ = 0.05's dense codes above) gives the same table.
+    let sparse_run = TempDir::new("analyze-run-sparse");
+    let sparse =
+        Crosscoder { config: cc.config.clone(), params: cc.params.clone(), threshold: Some(4.0), file_checksum: None };
+    sparse.save(sparse_run.path()).unwrap();
+    crossdiff::phases::enable();
+    let (host_rows, host_summary) =
+        analyze(&RunDir::new(sparse_run.path()), &sparse, cache.path(), &device, &opts, |_, _| {}, || true).unwrap();
+    let took_host = crossdiff::phases::take().iter().any(|p| p.name == "statistics over the active entries (host)");
+    crossdiff::phases::disable();
+    assert!(took_host, "a sparse θ takes the host route (l0 {})", host_summary.l0);
+    assert!(host_summary.l0 > 0.1, "some latents fire (l0 {})", host_summary.l0);
+    let dense_device = common::wgpu_device();
+    if let Some(gpu) = &dense_device {
+        let on_gpu = Crosscoder::load(sparse_run.path(), gpu).unwrap();
+        let _ = std::fs::remove_file(sparse_run.path().join("analyze-state.json"));
+        let (gpu_rows, _) =
+            analyze(&RunDir::new(sparse_run.path()), &on_gpu, cache.path(), gpu, &opts, |_, _| {}, || true).unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-3);
+        let opt_close = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => close(a, b),
+            (a, b) => a.is_none() == b.is_none(),
+        };
+        for (g, c) in gpu_rows.iter().zip(&host_rows) {
+            assert!(
+                close(g.freq, c.freq)
+                    && close(g.max_act, c.max_act)
+                    && opt_close(g.beta_recon_base, c.beta_recon_base)
+                    && opt_close(g.beta_recon_chat, c.beta_recon_chat)
+                    && opt_close(g.beta_error_base, c.beta_error_base)
+                    && opt_close(g.beta_error_chat, c.beta_error_chat),
+                "latent {} (sparse θ): wgpu {g:?}, cpu host route {c:?}",
+                c.latent
+            );
+        }
+    }
+    // The dense route on the CPU against the device route on wgpu, on θ = 0.05.
+    if let Some(gpu) = dense_device {
+        let on_gpu = Crosscoder::load(run.path(), &gpu).unwrap();
+        let gpu = &gpu;
+        let _ = std::fs::remove_file(run.path().join("analyze-state.json"));
+        let (gpu_rows, _) =
+            analyze(&RunDir::new(run.path()), &on_gpu, cache.path(), gpu, &opts, |_, _| {}, || true).unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-3);
+        let opt_close = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => close(a, b),
+            (a, b) => a.is_none() == b.is_none(),
+        };
+        for (g, c) in gpu_rows.iter().zip(&rows) {
+            assert!(
+                close(g.freq, c.freq)
+                    && close(g.max_act, c.max_act)
+                    && opt_close(g.beta_recon_base, c.beta_recon_base)
+                    && opt_close(g.beta_recon_chat, c.beta_recon_chat)
+                    && opt_close(g.beta_error_base, c.beta_error_base)
+                    && opt_close(g.beta_error_chat, c.beta_error_chat)
+                    && opt_close(g.template_share, c.template_share),
+                "latent {}: wgpu {g:?}, cpu {c:?}",
+                c.latent
+            );
+        }
+    }
     assert!(!run.path().join("analyze-state.json").exists());
     RunDir::new(run.path()).write_latents(&rows, &summary).unwrap();
     let csv = std::fs::read_to_string(run.path().join("latents.csv")).unwrap();

@@ -32,7 +32,7 @@ fn counters_count_readbacks_and_kernel_dispatches() {
 
     // analyze reads each batch's statistics back once (issue 12's target), plus a few reads at the
     // end (the decoder for Latent Scaling), spread over the batches here.
-    let r = crossdiff::bench::bench_analyze(&flex, 16, 64, 4, 8192).unwrap();
+    let r = crossdiff::bench::bench_analyze(&flex, 16, 64, 4, 8192, 0.4).unwrap();
     assert!(
         (1.0..=1.1).contains(&r.readbacks_per_batch),
         "analyze readbacks per batch of 256: {}",

@@ -16,6 +16,7 @@ use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
 use crate::activations::cache::{CacheIndex, read_shard_file};
+use crate::analysis::analyze_host::{HostDecoder, batch_sums};
 use crate::analysis::batch_sums::BatchRow;
 use crate::analysis::latents::{LatentClass, LatentRow, Summary, delta_norm};
 use crate::crosscoder::{Crosscoder, Kind, decode, read_vec, tensor};
@@ -93,6 +94,9 @@ pub fn analyze(
     };
     let p = &cc.params;
     let norm_sum = p.norm_sum();
+    // On the CPU with sparse codes, the sums after the encoder run as host loops over the active
+    // entries; the first batch decides (dense codes keep the tensor route).
+    let mut route = if crate::backend::is_flex(device) { Route::Undecided } else { Route::Dense };
     // d_j^chat as a `[2d, D]`-shaped projector for each model's half: [d, D].
     let w_chat_t = p.w_dec.clone().narrow(1, d, d).transpose();
     // Resume: the sums after the last finished shard, if this same analysis was interrupted.
@@ -138,7 +142,16 @@ pub fn analyze(
             let phase = crate::phases::phase("decode stored rows to f32", device);
             layout.dtype.decode(&bytes[from..from + b * row_bytes], &mut rows);
             drop(phase);
-            accumulate(&cc, &mut acc, &rows, &template[start..start + b], b, d, &norm_sum, &w_chat_t, device)?;
+            let template = &template[start..start + b];
+            let projectors = [&norm_sum, &w_chat_t];
+            match &route {
+                Route::Dense => accumulate(cc, &mut acc, &rows, template, projectors, None, device)?,
+                Route::Host(hd) => {
+                    let codes = read_codes(cc, &rows, template.len(), device)?.1;
+                    add_host_sums(&mut acc, batch_sums(hd, &codes, &rows, template), device);
+                }
+                Route::Undecided => route = first_batch(cc, &mut acc, &rows, template, projectors, device)?,
+            }
             start += b;
             progress(acc.tokens, total);
         }
@@ -148,6 +161,67 @@ pub fn analyze(
     finish(&cc, acc, opts, dict, d)
 }
 
+/// Codes with at most one active entry in this many take the host loops (which pay per active
+/// entry what gemm pays per entry of the dense products, at ~20× the rate).
+const SPARSE_ENOUGH: usize = 32;
+
+/// How a CPU analysis sums its batches, decided on the first one.
+enum Route {
+    Undecided,
+    /// Dense tensors, one row read back per batch (the device route; dense codes on the CPU).
+    Dense,
+    /// Host loops over the active entries (sparse codes on the CPU).
+    Host(HostDecoder),
+}
+
+/// The codes of a batch, as a tensor and read back.
+fn read_codes(cc: &Crosscoder, rows: &[f32], b: usize, device: &Device) -> Result<(Tensor<2>, Vec<f32>)> {
+    let _phase = crate::phases::phase("encoder (codes)", device);
+    let f = cc.codes(tensor(rows.to_vec(), [b, 2 * cc.params.dims().0], device));
+    let codes = read_vec(f.clone())?;
+    Ok((f, codes))
+}
+
+/// The first batch on the CPU: its codes' density chooses the route, and it is summed by it.
+fn first_batch(
+    cc: &Crosscoder,
+    acc: &mut Accumulators,
+    rows: &[f32],
+    template: &[bool],
+    projectors: [&Tensor<2>; 2],
+    device: &Device,
+) -> Result<Route> {
+    let (f, codes) = read_codes(cc, rows, template.len(), device)?;
+    let active = codes.iter().filter(|v| **v > 0.0).count();
+    if active * SPARSE_ENOUGH > codes.len() {
+        accumulate(cc, acc, rows, template, projectors, Some(f), device)?;
+        return Ok(Route::Dense);
+    }
+    let hd = HostDecoder::new(cc)?;
+    add_host_sums(acc, batch_sums(&hd, &codes, rows, template), device);
+    Ok(Route::Host(hd))
+}
+
+/// Adds a batch's host sums into the accumulators.
+fn add_host_sums(acc: &mut Accumulators, s: crate::analysis::analyze_host::HostSums, device: &Device) {
+    let _phase = crate::phases::phase("host accumulation (f64)", device);
+    let add = |into: &mut [f64], v: &[f64]| into.iter_mut().zip(v).for_each(|(o, v)| *o += v);
+    add(&mut acc.active, &s.active);
+    add(&mut acc.template_active, &s.template_active);
+    acc.max_act.iter_mut().zip(&s.max_act).for_each(|(o, v)| *o = o.max(*v));
+    add(&mut acc.sum_f2, &s.sum_f2);
+    for m in 0..2 {
+        add(&mut acc.recon[m], &s.recon[m]);
+        add(&mut acc.err[m], &s.err[m]);
+    }
+    acc.l0 += s.l0;
+    add(&mut acc.x_sum, &s.x_sum);
+    add(&mut acc.x_sq, &s.x_sq);
+    add(&mut acc.e_sum, &s.e_sum);
+    add(&mut acc.e_sq, &s.e_sq);
+    acc.tokens += s.tokens;
+}
+
 #[derive(Serialize, serde::Deserialize)]
 struct SavedState {
     fingerprint: String,
@@ -155,21 +229,21 @@ struct SavedState {
     acc: Accumulators,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One batch's sums through dense tensors (the device route; `codes` when already computed), read
+/// back in one row. `projectors`: the decoder norm sums `[1, D]` and `[d, D]` chat directions.
 fn accumulate(
     cc: &Crosscoder,
     acc: &mut Accumulators,
     rows: &[f32],
     template: &[bool],
-    b: usize,
-    d: usize,
-    norm_sum: &Tensor<2>,
-    w_chat_t: &Tensor<2>,
+    [norm_sum, w_chat_t]: [&Tensor<2>; 2],
+    codes: Option<Tensor<2>>,
     device: &Device,
 ) -> Result<()> {
+    let (b, d) = (template.len(), cc.params.dims().0);
     let phase = crate::phases::phase("encoder and decoder (codes, reconstruction)", device);
     let x = tensor(rows.to_vec(), [b, 2 * d], device);
-    let f = cc.codes(x.clone());
+    let f = codes.unwrap_or_else(|| cc.codes(x.clone()));
     let recon = decode(&cc.params, f.clone());
     let err = x.clone() - recon.clone();
     drop(phase);

@@ -4,6 +4,7 @@
 
 pub mod adl;
 pub mod analyze;
+mod analyze_host;
 mod batch_sums;
 pub mod examples;
 pub mod figures;

@@ -296,6 +296,7 @@ pub fn bench_analyze(
     dict: usize,
     k: usize,
     tokens: u64,
+    threshold: f32,
 ) -> Result<AnalyzeBench> {
     check_size(d, dict, k, 256)?;
     check_tokens(tokens)?;
@@ -364,7 +365,7 @@ pub fn bench_analyze(
             w_dec: tensor(dec, [dict, 2 * d], device),
             b_dec: tensor(vec![0.0; 2 * d], [1, 2 * d], device),
         },
-        threshold: Some(0.4),
+        threshold: Some(threshold),
         file_checksum: None,
     };
     cc.save(&run)?;

@@ -73,6 +73,10 @@ pub enum BenchCommand {
         /// per-batch statistics, host accumulation, Latent Scaling).
         #[arg(long)]
         phases: bool,
+        /// The planted crosscoder's θ: 0.4 keeps about a quarter of the latents per token (dense
+        /// codes); 1.8 keeps about k, as a trained BatchTopK crosscoder's θ does.
+        #[arg(long, default_value_t = 0.4)]
+        threshold: f32,
     },
     /// Caching tokens/s of a model pair over generated sentences (the demo corpus's words), as
     /// `crossdiff cache` runs it; nothing is kept.
@@ -139,12 +143,12 @@ pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
                 println!("readbacks/step={:.1} dispatches/step={:.1}", r.readbacks_per_step, r.dispatches_per_step);
             }
         }
-        BenchCommand::Analyze { size: CrosscoderSize { d, dict_size, k }, tokens, counters, phases } => {
+        BenchCommand::Analyze { size: CrosscoderSize { d, dict_size, k }, tokens, counters, phases, threshold } => {
             let device = backend.device()?;
             if phases {
                 crossdiff::phases::enable();
             }
-            let r = crossdiff::bench::bench_analyze(&device, d, dict_size, k, tokens)?;
+            let r = crossdiff::bench::bench_analyze(&device, d, dict_size, k, tokens, threshold)?;
             crossdiff::phases::disable();
             println!("{}", serde_json::to_string(&r)?);
             println!(
