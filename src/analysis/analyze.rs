@@ -16,7 +16,7 @@ use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
 use crate::activations::cache::{CacheIndex, read_shard_file};
-use crate::analysis::analyze_host::{HostDecoder, batch_sums};
+use crate::analysis::analyze_host::{HostDecoder, Sums, batch_sums};
 use crate::analysis::batch_sums::BatchRow;
 use crate::analysis::latents::{LatentClass, LatentRow, Summary, delta_norm};
 use crate::crosscoder::{Crosscoder, Kind, decode, read_vec, tensor};
@@ -43,23 +43,8 @@ impl Default for AnalyzeOptions {
     }
 }
 
-/// Running sums over the cache, f64 on the host; saved between shards so an interrupted analysis
-/// resumes (f64 values survive JSON exactly).
-#[derive(Serialize, serde::Deserialize)]
-struct Accumulators {
-    tokens: u64,
-    active: Vec<f64>,
-    template_active: Vec<f64>,
-    max_act: Vec<f64>,
-    sum_f2: Vec<f64>,
-    recon: [Vec<f64>; 2],
-    err: [Vec<f64>; 2],
-    l0: f64,
-    x_sum: Vec<f64>,
-    x_sq: Vec<f64>,
-    e_sum: Vec<f64>,
-    e_sq: Vec<f64>,
-}
+/// The analysis's running sums (see [`Sums`]).
+type Accumulators = Sums;
 
 /// Streams the cache through the crosscoder `cc` (loaded once by the caller from `run`).
 pub fn analyze(
@@ -77,21 +62,7 @@ pub fn analyze(
         bail!("{}: the cache has width {}, the crosscoder {d}", cache.display(), index.d_model);
     }
     let total = opts.tokens.unwrap_or(index.total_tokens).min(index.total_tokens);
-    let zeros = || vec![0.0f64; dict];
-    let mut acc = Accumulators {
-        tokens: 0,
-        active: zeros(),
-        template_active: zeros(),
-        max_act: zeros(),
-        sum_f2: zeros(),
-        recon: [zeros(), zeros()],
-        err: [zeros(), zeros()],
-        l0: 0.0,
-        x_sum: vec![0.0; 2 * d],
-        x_sq: vec![0.0; 2 * d],
-        e_sum: vec![0.0; 2 * d],
-        e_sq: vec![0.0; 2 * d],
-    };
+    let mut acc = Sums::zeros(dict, 2 * d);
     let p = &cc.params;
     let norm_sum = p.norm_sum();
     // On the CPU with sparse codes, the sums after the encoder run as host loops over the active
@@ -203,23 +174,9 @@ fn first_batch(
 }
 
 /// Adds a batch's host sums into the accumulators.
-fn add_host_sums(acc: &mut Accumulators, s: crate::analysis::analyze_host::HostSums, device: &Device) {
+fn add_host_sums(acc: &mut Accumulators, s: Sums, device: &Device) {
     let _phase = crate::phases::phase("host accumulation (f64)", device);
-    let add = |into: &mut [f64], v: &[f64]| into.iter_mut().zip(v).for_each(|(o, v)| *o += v);
-    add(&mut acc.active, &s.active);
-    add(&mut acc.template_active, &s.template_active);
-    acc.max_act.iter_mut().zip(&s.max_act).for_each(|(o, v)| *o = o.max(*v));
-    add(&mut acc.sum_f2, &s.sum_f2);
-    for m in 0..2 {
-        add(&mut acc.recon[m], &s.recon[m]);
-        add(&mut acc.err[m], &s.err[m]);
-    }
-    acc.l0 += s.l0;
-    add(&mut acc.x_sum, &s.x_sum);
-    add(&mut acc.x_sq, &s.x_sq);
-    add(&mut acc.e_sum, &s.e_sum);
-    add(&mut acc.e_sq, &s.e_sq);
-    acc.tokens += s.tokens;
+    acc.absorb(&s);
 }
 
 #[derive(Serialize, serde::Deserialize)]

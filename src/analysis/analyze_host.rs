@@ -38,8 +38,11 @@ impl HostDecoder {
     }
 }
 
-/// One batch's sums, in the order of the device route's one-row readback.
-pub(crate) struct HostSums {
+/// Running sums over the cache (per latent, and per dimension of the pair), f64: one batch's from
+/// [`batch_sums`], or the analysis's accumulators (saved between shards so an interrupted analysis
+/// resumes; f64 values survive JSON exactly).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct Sums {
     pub tokens: u64,
     pub active: Vec<f64>,
     pub template_active: Vec<f64>,
@@ -54,8 +57,9 @@ pub(crate) struct HostSums {
     pub e_sq: Vec<f64>,
 }
 
-impl HostSums {
-    fn zeros(dict: usize, width: usize) -> Self {
+impl Sums {
+    /// All zero, for `dict` latents and pairs `width` wide.
+    pub(crate) fn zeros(dict: usize, width: usize) -> Self {
         let z = || vec![0.0f64; dict];
         let w = || vec![0.0f64; width];
         Self {
@@ -74,7 +78,8 @@ impl HostSums {
         }
     }
 
-    fn merge(mut self, o: Self) -> Self {
+    /// Adds `o` in (the maxima kept elementwise).
+    pub(crate) fn absorb(&mut self, o: &Self) {
         let add = |a: &mut Vec<f64>, b: &Vec<f64>| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
         add(&mut self.active, &o.active);
         add(&mut self.template_active, &o.template_active);
@@ -90,13 +95,12 @@ impl HostSums {
         add(&mut self.x_sq, &o.x_sq);
         add(&mut self.e_sum, &o.e_sum);
         add(&mut self.e_sq, &o.e_sq);
-        self
     }
 }
 
 /// The sums of a batch (statistics over the active entries, on the host): `codes` `[b, D]` (the crosscoder's inference codes of `rows`), `rows`
 /// `[b, 2d]` the pairs, `template` the chat-template flag of each token.
-pub(crate) fn batch_sums(hd: &HostDecoder, codes: &[f32], rows: &[f32], template: &[bool]) -> HostSums {
+pub(crate) fn batch_sums(hd: &HostDecoder, codes: &[f32], rows: &[f32], template: &[bool]) -> Sums {
     let _phase = crate::phases::phase("statistics over the active entries (host)", &burn::tensor::Device::flex());
     let (d, dict) = (hd.d, hd.dict);
     let width = 2 * d;
@@ -106,7 +110,7 @@ pub(crate) fn batch_sums(hd: &HostDecoder, codes: &[f32], rows: &[f32], template
         // A few large chunks: each fold starts its own D-wide sums.
         .with_min_len((b / rayon::current_num_threads().max(1)).max(1))
         .fold(
-            || HostSums::zeros(dict, width),
+            || Sums::zeros(dict, width),
             |mut s, t| {
                 let f = &codes[t * dict..(t + 1) * dict];
                 let x = &rows[t * width..(t + 1) * width];
@@ -147,5 +151,11 @@ pub(crate) fn batch_sums(hd: &HostDecoder, codes: &[f32], rows: &[f32], template
                 s
             },
         )
-        .reduce(|| HostSums::zeros(dict, width), HostSums::merge)
+        .reduce(
+            || Sums::zeros(dict, width),
+            |mut a, b| {
+                a.absorb(&b);
+                a
+            },
+        )
 }
