@@ -148,23 +148,7 @@ fn latents_csv_equals_an_independent_recomputation() {
         let _ = std::fs::remove_file(sparse_run.path().join("analyze-state.json"));
         let (gpu_rows, _) =
             analyze(&RunDir::new(sparse_run.path()), &on_gpu, cache.path(), gpu, &opts, |_, _| {}, || true).unwrap();
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-3);
-        let opt_close = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) => close(a, b),
-            (a, b) => a.is_none() == b.is_none(),
-        };
-        for (g, c) in gpu_rows.iter().zip(&host_rows) {
-            assert!(
-                close(g.freq, c.freq)
-                    && close(g.max_act, c.max_act)
-                    && opt_close(g.beta_recon_base, c.beta_recon_base)
-                    && opt_close(g.beta_recon_chat, c.beta_recon_chat)
-                    && opt_close(g.beta_error_base, c.beta_error_base)
-                    && opt_close(g.beta_error_chat, c.beta_error_chat),
-                "latent {} (sparse θ): wgpu {g:?}, cpu host route {c:?}",
-                c.latent
-            );
-        }
+        assert_same_table(&gpu_rows, &host_rows, "sparse θ: wgpu vs the CPU's host route");
     }
     // The dense route on the CPU against the device route on wgpu, on θ = 0.05.
     if let Some(gpu) = dense_device {
@@ -173,24 +157,7 @@ fn latents_csv_equals_an_independent_recomputation() {
         let _ = std::fs::remove_file(run.path().join("analyze-state.json"));
         let (gpu_rows, _) =
             analyze(&RunDir::new(run.path()), &on_gpu, cache.path(), gpu, &opts, |_, _| {}, || true).unwrap();
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-3);
-        let opt_close = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) => close(a, b),
-            (a, b) => a.is_none() == b.is_none(),
-        };
-        for (g, c) in gpu_rows.iter().zip(&rows) {
-            assert!(
-                close(g.freq, c.freq)
-                    && close(g.max_act, c.max_act)
-                    && opt_close(g.beta_recon_base, c.beta_recon_base)
-                    && opt_close(g.beta_recon_chat, c.beta_recon_chat)
-                    && opt_close(g.beta_error_base, c.beta_error_base)
-                    && opt_close(g.beta_error_chat, c.beta_error_chat)
-                    && opt_close(g.template_share, c.template_share),
-                "latent {}: wgpu {g:?}, cpu {c:?}",
-                c.latent
-            );
-        }
+        assert_same_table(&gpu_rows, &rows, "θ 0.05: wgpu vs the CPU's dense route");
     }
     assert!(!run.path().join("analyze-state.json").exists());
     RunDir::new(run.path()).write_latents(&rows, &summary).unwrap();
@@ -309,6 +276,34 @@ fn latents_csv_equals_an_independent_recomputation() {
         .count();
     assert_eq!(summary.chat_specific, specific);
     assert_eq!(summary.tokens, 600);
+}
+
+/// Two analyses' tables agree to 1e-4 relative in every summed column (frequency, maxima, betas,
+/// template share).
+fn assert_same_table(
+    got: &[crossdiff::analysis::latents::LatentRow],
+    want: &[crossdiff::analysis::latents::LatentRow],
+    what: &str,
+) {
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-3);
+    let opt_close = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => close(a, b),
+        (a, b) => a.is_none() == b.is_none(),
+    };
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, c) in got.iter().zip(want) {
+        assert!(
+            close(g.freq, c.freq)
+                && close(g.max_act, c.max_act)
+                && opt_close(g.beta_recon_base, c.beta_recon_base)
+                && opt_close(g.beta_recon_chat, c.beta_recon_chat)
+                && opt_close(g.beta_error_base, c.beta_error_base)
+                && opt_close(g.beta_error_chat, c.beta_error_chat)
+                && opt_close(g.template_share, c.template_share),
+            "{what}, latent {}: {g:?} vs {c:?}",
+            c.latent
+        );
+    }
 }
 
 #[test]

@@ -203,20 +203,7 @@ fn kv_cache_decoding_equals_the_full_forward() {
         let g = &model.lm;
         let r = reference(family, "chat");
         let ids = r.ids(2);
-        let full: Vec<f32> = g.forward(g.batch_ids(std::slice::from_ref(&ids)).unwrap()).try_into_vec_as().unwrap();
-        let v = g.config.vocab_size;
-        let mut cache = g.new_cache();
-        let prefix = 3;
-        let mut steps = vec![g.step(g.batch_ids(&[ids[..prefix].to_vec()]).unwrap(), &mut cache)];
-        for &id in &ids[prefix..] {
-            steps.push(g.step(g.batch_ids(&[vec![id]]).unwrap(), &mut cache));
-        }
-        for (k, logits) in steps.into_iter().enumerate() {
-            let pos = prefix - 1 + k;
-            let got: Vec<f32> = logits.try_into_vec_as().unwrap();
-            let want: Vec<f64> = full[pos * v..(pos + 1) * v].iter().map(|&x| x as f64).collect();
-            assert_close(&format!("{family} position {pos}"), &got, &want, 1e-5);
-        }
+        common::assert_kv_decoding_equals_forward(g, &ids, family);
     }
 }
 

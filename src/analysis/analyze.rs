@@ -129,7 +129,12 @@ pub fn analyze(
     }
     let _ = std::fs::remove_file(&state_path);
     let _phase = crate::phases::phase("Latent Scaling and the latents table", device);
-    finish(&cc, acc, opts, dict, d)
+    // The host route holds the decoder already: no second read of it.
+    let w = match route {
+        Route::Host(hd) => hd.into_decoder(),
+        _ => read_vec(cc.params.w_dec.clone())?,
+    };
+    finish(&cc, acc, &w, opts, dict, d)
 }
 
 /// Codes with at most one active entry in this many take the host loops (which pay per active
@@ -241,11 +246,11 @@ fn accumulate(
 fn finish(
     cc: &Crosscoder,
     acc: Accumulators,
+    w: &[f32],
     opts: &AnalyzeOptions,
     dict: usize,
     d: usize,
 ) -> Result<(Vec<LatentRow>, Summary)> {
-    let w = read_vec(cc.params.w_dec.clone())?;
     let n = acc.tokens.max(1) as f64;
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
     let mut rows = Vec::with_capacity(dict);

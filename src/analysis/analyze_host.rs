@@ -36,6 +36,11 @@ impl HostDecoder {
         let b_dec = all.split_off(dict * 2 * d);
         Ok(Self { w: all, b_dec, norm_sum, d, dict })
     }
+
+    /// The decoder `[D, 2d]`, for Latent Scaling after the last batch.
+    pub(crate) fn into_decoder(self) -> Vec<f32> {
+        self.w
+    }
 }
 
 /// Running sums over the cache (per latent, and per dimension of the pair), f64: one batch's from

@@ -308,3 +308,22 @@ pub fn train_run<'a>(
         source_fingerprint: serde_json::Value::Null,
     }
 }
+
+/// Incremental decoding (a 3-token prompt, then one token at a time) gives the full forward's
+/// logits at every position, to 1e-5 relative.
+pub fn assert_kv_decoding_equals_forward(g: &crossdiff::DecoderLm, ids: &[u32], what: &str) {
+    let full: Vec<f32> = g.forward(g.batch_ids(&[ids.to_vec()]).unwrap()).try_into_vec_as().unwrap();
+    let v = g.config.vocab_size;
+    let mut cache = g.new_cache();
+    let prefix = 3;
+    let mut steps = vec![g.step(g.batch_ids(&[ids[..prefix].to_vec()]).unwrap(), &mut cache)];
+    for &id in &ids[prefix..] {
+        steps.push(g.step(g.batch_ids(&[vec![id]]).unwrap(), &mut cache));
+    }
+    for (k, logits) in steps.into_iter().enumerate() {
+        let pos = prefix - 1 + k;
+        let got: Vec<f32> = logits.try_into_vec_as().unwrap();
+        let want: Vec<f64> = full[pos * v..(pos + 1) * v].iter().map(|&x| x as f64).collect();
+        assert_close(&format!("{what} position {pos}"), &got, &want, 1e-5);
+    }
+}

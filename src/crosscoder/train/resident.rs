@@ -123,9 +123,7 @@ pub fn step(
     let picks = batch_topk_picks(&flat_scores, keep, b, dict);
     let n = picks.token_offsets.clone().narrow(0, b, 1);
     // Empty slots (fewer positive scores than k·B) carry latent `dict`: out of every segment.
-    let main = device_set(picks.token_offsets, picks.tokens, picks.latents, &f, dict);
-    let flat = main.tokens.clone().mul_scalar(dict as i64) + main.latents.clone();
-    let empty = main.valid.clone().expect("a device set marks its empty slots").lower_elem(0.5);
+    let (main, flat, empty) = device_set(picks.token_offsets, picks.tokens, picks.latents, &f, dict);
     let min_kept = flat_scores.clone().select(0, flat).mask_fill(empty, f32::INFINITY).min();
     // The counters take this batch's selection first (selected → 0, others += B), then the dead set.
     let selected = picks.per_latent.clone().greater_elem(0);
@@ -189,15 +187,16 @@ fn device_set(
     latents: Tensor<1, Int>,
     f: &Tensor<2>,
     dict: usize,
-) -> Set {
+) -> (Set, Tensor<1, Int>, Tensor<1, Bool>) {
     let [_, width] = f.dims();
     let (latent_offsets, by_latent) = latent_segments(&latents, dict);
     let valid = latents.clone().lower_elem(dict as i64).bool_and(latents.clone().greater_equal_elem(0));
     let latents = latents.clamp(0, dict as i64 - 1);
     let flat = tokens.clone().mul_scalar(width as i64) + latents.clone();
-    let valid = valid.float();
-    let values = f.clone().reshape([f.dims()[0] * width]).select(0, flat) * valid.clone();
-    Set { tokens, latents, values, token_offsets, by_latent, latent_offsets, valid: Some(valid) }
+    let values = f.clone().reshape([f.dims()[0] * width]).select(0, flat.clone()) * valid.clone().float();
+    let empty = valid.clone().bool_not();
+    let set = Set { tokens, latents, values, token_offsets, by_latent, latent_offsets, valid: Some(valid.float()) };
+    (set, flat, empty)
 }
 
 /// AuxK's picks on the device: per token, the top k_aux = min(d/2, #dead) dead latents with a
@@ -235,7 +234,7 @@ fn aux_picks(
             )
         }
     };
-    let set = device_set(layout.2.clone(), layout.1.clone(), latents, f, dict);
+    let set = device_set(layout.2.clone(), layout.1.clone(), latents, f, dict).0;
     r.aux_layout = Some(layout);
     let e_hat = set.decode(&p.w_dec);
     Ok((set, e_hat))
