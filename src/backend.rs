@@ -3,6 +3,8 @@
 //! The engine code is the same for all three; only the `Device` differs. `auto` (the default)
 //! picks a real GPU through wgpu, else CUDA when built with it, else the CPU path; Mesa's lavapipe,
 //! llvmpipe and SwiftShader report themselves as CPU adapters and never count as a GPU.
+//! `remote:ws://HOST:PORT` runs every tensor operation on the device a `crossdiff serve` process
+//! hosts (burn's remote backend), with the data, checkpoints and outputs staying on this machine.
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,7 +12,7 @@ use std::str::FromStr;
 use anyhow::{Result, anyhow, bail};
 use burn::tensor::{Device, DeviceKind, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Backend {
     /// A real GPU through wgpu, else CUDA (when built with it), else `cpu`; `CROSSDIFF_BACKEND`
     /// overrides the choice.
@@ -20,6 +22,98 @@ pub enum Backend {
     /// burn's `flex` backend (multi-threaded, SIMD).
     Cpu,
     Cuda,
+    /// The device a `crossdiff serve` process hosts (`remote:ws://HOST:PORT`).
+    Remote(RemoteServer),
+}
+
+/// A `crossdiff serve` process as a client reaches it: its WebSocket address and the token it
+/// checks (`--remote-token`, else `CROSSDIFF_REMOTE_TOKEN`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RemoteServer {
+    /// `ws://HOST:PORT`.
+    pub url: String,
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for RemoteServer {
+    // The token never reaches a log line or an error message.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteServer").field("url", &self.url).field("token", &self.token.as_ref().map(|_| "…")).finish()
+    }
+}
+
+impl RemoteServer {
+    /// Parses what follows `remote:` (`ws://HOST:PORT`); the token comes from
+    /// `CROSSDIFF_REMOTE_TOKEN` until [`Backend::with_remote_token`] sets another.
+    pub fn parse(url: &str) -> Result<Self> {
+        let rest = url.strip_prefix("ws://").ok_or_else(|| {
+            let hint = if url.starts_with("wss://") { " (TLS is not served: use ws://)" } else { "" };
+            anyhow!("--backend remote:{url}: expected remote:ws://HOST:PORT{hint}")
+        })?;
+        let (host, port) = rest.trim_end_matches('/').rsplit_once(':').ok_or_else(|| {
+            anyhow!("--backend remote:{url}: no port (expected remote:ws://HOST:PORT, the port `crossdiff serve` printed)")
+        })?;
+        if host.is_empty() || host.contains('/') {
+            bail!("--backend remote:{url}: expected remote:ws://HOST:PORT");
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => bail!("--backend remote:{url}: port \"{port}\" is not a port number (1–65535)"),
+        }
+        let token = std::env::var("CROSSDIFF_REMOTE_TOKEN").ok().filter(|t| !t.is_empty());
+        Ok(Self { url: format!("ws://{host}:{port}"), token })
+    }
+
+    /// Connects the server's device 0 (burn's remote backend), in one line on failure: a refused
+    /// token, a server that is not there, another protocol version.
+    pub fn connect(&self) -> Result<Device> {
+        use burn::remote::{ConnectError, RemoteHost};
+        let mut host = RemoteHost::websocket(&self.url);
+        if let Some(t) = &self.token {
+            host = host.with_credential(t.as_str());
+        }
+        let flag = format!("--backend remote:{}", self.url);
+        Device::remote_options(&host).init().map_err(|e| match e {
+            ConnectError::Unauthorized if self.token.is_none() => anyhow!(
+                "{flag}: the server requires a token; pass the one `crossdiff serve` was started with (--remote-token or CROSSDIFF_REMOTE_TOKEN)"
+            ),
+            ConnectError::Unauthorized => anyhow!(
+                "{flag}: the server refused the token (--remote-token / CROSSDIFF_REMOTE_TOKEN is not the one `crossdiff serve` was started with)"
+            ),
+            ConnectError::Unreachable { reason } => anyhow!(
+                "{flag}: no server answers there ({}); start one with `crossdiff serve --port PORT` on that machine",
+                reason.lines().next().unwrap_or_default()
+            ),
+            other => anyhow!("{flag}: {}", other.to_string().lines().next().unwrap_or_default()),
+        })
+    }
+}
+
+impl Backend {
+    /// A job's error as the user should read it: on a remote backend whose server no longer
+    /// answers, that is what happened (the transport's own words are "Failed to read tensor:
+    /// RecvError"), with what stays and how to go on; any other error as it is.
+    pub fn explain_failure(&self, e: anyhow::Error) -> anyhow::Error {
+        let Self::Remote(r) = self else { return e };
+        if r.answers() {
+            return e;
+        }
+        anyhow!(
+            "--backend remote:{}: the remote server stopped answering mid-job ({}); what was written so far stays (checkpoints, finished files): start the server again and re-run the same command to resume",
+            r.url,
+            format!("{e:#}").lines().next().unwrap_or_default()
+        )
+    }
+}
+
+impl RemoteServer {
+    /// Whether something still accepts connections at the server's address.
+    fn answers(&self) -> bool {
+        use std::net::ToSocketAddrs;
+        let Some(hostport) = self.url.strip_prefix("ws://") else { return false };
+        let Ok(addrs) = hostport.to_socket_addrs() else { return false };
+        addrs.into_iter().any(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).is_ok())
+    }
 }
 
 impl FromStr for Backend {
@@ -30,7 +124,10 @@ impl FromStr for Backend {
             "wgpu" => Ok(Self::Wgpu),
             "cpu" | "flex" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda),
-            other => bail!("--backend: unknown backend \"{other}\" (expected auto, wgpu, cpu or cuda)"),
+            _ if s.starts_with("remote:") => Ok(Self::Remote(RemoteServer::parse(&s["remote:".len()..])?)),
+            other => bail!(
+                "--backend: unknown backend \"{other}\" (expected auto, wgpu, cpu, cuda or remote:ws://HOST:PORT)"
+            ),
         }
     }
 }
@@ -42,6 +139,7 @@ impl fmt::Display for Backend {
             Self::Wgpu => "wgpu",
             Self::Cpu => "cpu",
             Self::Cuda => "cuda",
+            Self::Remote(r) => return write!(f, "remote:{}", r.url),
         })
     }
 }
@@ -49,12 +147,16 @@ impl fmt::Display for Backend {
 impl Backend {
     /// The burn device, checked to be usable: a machine without a GPU driver gets an error that
     /// says so instead of a panic deep inside the runtime.
-    pub fn device(self) -> Result<Device> {
+    pub fn device(&self) -> Result<Device> {
         let device = match self.resolve()? {
             Self::Auto => unreachable!("resolve() returns a concrete backend"),
             Self::Cpu => return Ok(Device::flex()),
             Self::Wgpu => Device::wgpu(DeviceKind::DefaultDevice),
             Self::Cuda => cuda_device()?,
+            Self::Remote(r) => {
+                // The connect's handshake already ran an exchange with the server's device.
+                return r.connect();
+            }
         };
         probe(&device).map_err(|why| {
             anyhow!(
@@ -69,9 +171,9 @@ impl Backend {
 impl Backend {
     /// `auto` made concrete (`CROSSDIFF_BACKEND` first, then a real GPU, CUDA, the CPU); the
     /// others as they are.
-    pub fn resolve(self) -> Result<Backend> {
-        if self != Self::Auto {
-            return Ok(self);
+    pub fn resolve(&self) -> Result<Backend> {
+        if *self != Self::Auto {
+            return Ok(self.clone());
         }
         if let Ok(v) = std::env::var("CROSSDIFF_BACKEND") {
             let b: Backend = v.parse().map_err(|e| anyhow!("CROSSDIFF_BACKEND: {e}"))?;
@@ -81,7 +183,7 @@ impl Backend {
         }
         // Settled once per process: the app asks every frame, and probing CUDA is not free.
         static AUTO: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
-        Ok(*AUTO.get_or_init(|| {
+        Ok(AUTO.get_or_init(|| {
             if gpu_adapter().is_some() {
                 Self::Wgpu
             } else if cfg!(feature = "cuda") && cuda_device().is_ok_and(|d| probe(&d).is_ok()) {
@@ -89,11 +191,20 @@ impl Backend {
             } else {
                 Self::Cpu
             }
-        }))
+        })
+        .clone())
+    }
+
+    /// A remote backend with `token` (`--remote-token`) in place of `CROSSDIFF_REMOTE_TOKEN`'s.
+    pub fn with_remote_token(self, token: Option<String>) -> Self {
+        match (self, token) {
+            (Self::Remote(r), Some(t)) => Self::Remote(RemoteServer { token: Some(t), ..r }),
+            (b, _) => b,
+        }
     }
 
     /// What a summary line says: the backend and, for wgpu, the adapter (`wgpu: NVIDIA H100 (Vulkan)`).
-    pub fn describe(self) -> String {
+    pub fn describe(&self) -> String {
         match self.resolve() {
             // The adapter burn's default device settles on: a GPU before a CPU adapter, Vulkan first.
             Ok(Self::Wgpu) => match default_adapter() {
@@ -106,6 +217,9 @@ impl Backend {
                 None => "wgpu: no adapter".into(),
             },
             Ok(Self::Cpu) => "cpu (burn flex)".into(),
+            // burn's remote backend carries tensor operations, not our WGSL kernels: the portable
+            // route runs there.
+            Ok(Self::Remote(r)) => format!("remote {} (portable route)", r.url),
             Ok(b) => b.to_string(),
             Err(e) => format!("{self} ({e})"),
         }

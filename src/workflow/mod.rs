@@ -14,6 +14,7 @@ pub mod kl;
 pub mod models;
 pub mod project;
 pub mod prompt_lab;
+pub mod serve;
 pub mod steer;
 pub mod train;
 mod train_checks;

@@ -118,7 +118,7 @@ pub enum BenchCommand {
     },
 }
 
-pub fn run(which: BenchCommand, backend: Backend) -> Result<()> {
+pub fn run(which: BenchCommand, backend: &Backend) -> Result<()> {
     match which {
         BenchCommand::Train { size: CrosscoderSize { d, dict_size, k }, batch, kind, steps, counters, phases } => {
             let device = backend.device()?;

@@ -4,6 +4,7 @@
 
 mod bench;
 mod progress;
+mod summary;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ use crossdiff::workflow::train::TrainJob;
 use crossdiff::{Backend, LoadOptions, Model};
 
 use progress::Bar;
+use summary::{adl_summary, print_kl, train_summary};
 
 #[derive(Parser)]
 #[command(
@@ -33,9 +35,14 @@ use progress::Bar;
 struct Cli {
     /// Compute backend: auto (a real GPU through wgpu, else CUDA if built with it, else cpu; the
     /// CROSSDIFF_BACKEND variable overrides it), wgpu (any GPU vendor; on a machine without one,
-    /// Mesa's lavapipe, a CPU posing as a GPU), cpu (burn flex), cuda (needs the `cuda` build feature).
+    /// Mesa's lavapipe, a CPU posing as a GPU), cpu (burn flex), cuda (needs the `cuda` build feature),
+    /// remote:ws://HOST:PORT (the device of a `crossdiff serve` process; data and outputs stay here).
     #[arg(long, global = true, default_value = "auto")]
     backend: Backend,
+    /// The token of the `crossdiff serve` process --backend remote:… reaches (else the
+    /// CROSSDIFF_REMOTE_TOKEN variable).
+    #[arg(long, global = true, value_name = "TOKEN")]
+    remote_token: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -102,6 +109,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Host this machine's device (--backend) for other machines' jobs (`--backend
+    /// remote:ws://HOST:PORT` there) until Ctrl-C; loopback only unless given a token.
+    Serve(crossdiff::workflow::serve::ServeJob),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -158,9 +168,19 @@ fn parse() -> Cli {
 pub fn run() -> Result<()> {
     let cli = parse();
     // No subcommand: the desktop app, with the device the flags chose selected.
-    let Some(command) = cli.command else { return crate::app::run(cli.backend) };
+    let chosen = cli.backend.with_remote_token(cli.remote_token);
+    let Some(command) = cli.command else { return crate::app::run(chosen) };
     // `auto` settles once, here, before any job thread starts a device.
-    let backend = cli.backend.resolve()?;
+    let backend = chosen.resolve()?;
+    execute(command, &backend).map_err(|e| backend.explain_failure(e))?;
+    if progress::interrupted() {
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+/// Runs one subcommand on `backend` and prints its summary.
+fn execute(command: Command, backend: &Backend) -> Result<()> {
     let device_name = backend.describe();
     match command {
         Command::Inspect { input: PromptArgs { model, prompt, chat }, out } => {
@@ -349,7 +369,7 @@ pub fn run() -> Result<()> {
             if !no_app {
                 // SAFETY (set_var): nothing else runs yet; the app reads it once at start.
                 unsafe { std::env::set_var("CROSSDIFF_PROJECT", &project) };
-                if let Err(e) = crate::app::run(cli.backend) {
+                if let Err(e) = crate::app::run(backend.clone()) {
                     // A machine without a display still gets the finished project.
                     eprintln!(
                         "demo: {}; open the project later with `crossdiff` → Project → Open",
@@ -359,90 +379,44 @@ pub fn run() -> Result<()> {
             }
         }
         Command::Bench { which } => bench::run(which, backend)?,
-    }
-    if progress::interrupted() {
-        std::process::exit(130);
+        Command::Serve(job) => serve(&job, backend, &device_name)?,
     }
     Ok(())
 }
 
-/// The train command's one line: where the checkpoint is (`done.step`, also after a Ctrl-C that
-/// stopped past the last logged step) and the last logged metrics.
-fn train_summary(
-    job: &TrainJob,
-    done: &crossdiff::workflow::train::TrainOutcome,
-    stopped: bool,
-    device: &str,
-) -> String {
-    let (cc, out) = (&done.crosscoder, job.out.display());
-    if done.data_ended {
-        let short = done.short_last_batch.map_or(String::new(), |n| format!(", its last batch {n} pairs"));
-        let logged = done.last.as_ref().map_or(String::new(), |m| format!("; loss {:.4}, L0 {:.1}", m.loss, m.l0));
-        return format!(
-            "train: the data ran out at step {} of {}{short}; the run is finished with what there was{logged} → {out} ({device})",
-            done.step, done.total_steps
-        );
+/// `crossdiff serve`: the flags are checked and the port bound before the device starts; the first
+/// line says where clients point `--backend`.
+fn serve(job: &crossdiff::workflow::serve::ServeJob, backend: &Backend, device_name: &str) -> Result<()> {
+    use crossdiff::workflow::serve::print_line;
+    if let Backend::Remote(_) = backend {
+        anyhow::bail!("--backend {backend}: a server hosts a device of its own machine (auto, wgpu, cpu or cuda)");
     }
-    let Some(m) = &done.last else {
-        return if done.step < done.total_steps {
-            format!(
-                "train: stopped at step {} of {} before logging a step (checkpoint in {out}; re-run the same command to resume)",
-                done.step, done.total_steps
-            )
-        } else {
-            format!("train: nothing to do, {out} already holds a finished run")
-        };
-    };
-    // An SAE has one input: its FVE fills both fields.
-    let fve = match cc.config.target {
-        Some(t) => format!("FVE of {t} {:.3}", m.fve_chat),
-        None => format!("FVE base {:.3} chat {:.3}", m.fve_base, m.fve_chat),
-    };
-    let metrics = format!("loss {:.4}, {fve}, L0 {:.1}, dead {:.1}%", m.loss, m.l0, 100.0 * m.dead_frac);
-    if stopped && done.step < done.total_steps {
-        format!(
-            "train: stopped at step {} of {} (checkpoint saved; re-run the same command to resume); last logged step {}: {metrics} → {out} ({:.1}s, {device})",
-            done.step, done.total_steps, m.step, done.seconds
-        )
-    } else {
-        let logged = if m.step == done.step { String::new() } else { format!(", last logged step {}", m.step) };
-        format!(
-            "train: {} D={} step {} ({} tokens{logged}), {metrics} → {out} ({:.1}s, {device})",
-            match cc.config.kind {
-                crossdiff::crosscoder::Kind::Sae => "SAE".to_string(),
-                k => format!("{k:?}"),
-            },
-            cc.config.dict_size,
-            done.step,
-            m.tokens,
-            done.seconds
-        )
+    let bound = job.bind()?;
+    if std::env::var_os("RUST_LOG").is_none() {
+        // burn's server logs every start at info level, which our own lines already say.
+        // SAFETY (set_var): read once by the server's logger below; no thread reads the environment now.
+        unsafe { std::env::set_var("RUST_LOG", "warn") };
     }
-}
-
-/// The ADL's table: per position the chat model's top 5 promoted tokens, then the steered answers.
-fn adl_summary(r: &crossdiff::analysis::adl::AdlReport) -> String {
-    let mut out = String::from("position  documents  ‖mean diff‖  top promoted tokens through the chat model\n");
-    for p in &r.per_position {
-        let tokens: Vec<String> = p.chat.promoted.iter().take(5).map(|t| format!("{:?}", t.token)).collect();
-        out += &format!("{:>8}  {:>9}  {:>11.4}  {}\n", p.position, p.count, p.norm_of_mean_diff, tokens.join(" "));
-    }
-    let s = &r.steering;
-    out += &format!(
-        "steering with position {}'s mean difference at layer {} (strength × mean chat norm {:.4}):\n",
-        s.position, r.layer, r.mean_chat_norm
-    );
-    for (prompt, answers) in s.prompts.iter().zip(&s.outputs) {
-        out += &format!("--- {prompt:?} ---\n");
-        for (strength, answer) in s.strengths.iter().zip(answers) {
-            out += &format!("{strength:>6}: {}\n", answer.replace('\n', "\\n"));
-        }
-    }
-    out
+    let device = backend.device()?;
+    crossdiff::workflow::serve::ServeJob::serve(
+        bound,
+        device,
+        device_name,
+        |l| {
+            let host = if l.address.ip().is_unspecified() { "THIS-HOST".to_string() } else { l.address.ip().to_string() };
+            let port = l.address.port();
+            let token = if l.token_required { " --remote-token TOKEN" } else { "" };
+            print_line(&format!(
+                "serve: listening on {} ({device_name}); clients: --backend remote:ws://{host}:{port}{token}",
+                l.address
+            ));
+        },
+        |line| eprintln!("{line}"),
+    )
 }
 
 /// Loads a model (with its adapter merged in, when given) with a progress bar over its tensors.
-pub(crate) fn load(args: &ModelArgs, backend: Backend) -> Result<Model> {
+pub(crate) fn load(args: &ModelArgs, backend: &Backend) -> Result<Model> {
     let device = backend.device()?;
     let bar = Bar::new("tensors");
     let model = Model::load_adapted(&args.model, args.adapter.as_deref(), &device, args.load, |done, total| {
@@ -455,46 +429,4 @@ pub(crate) fn load(args: &ModelArgs, backend: Backend) -> Result<Model> {
 /// What a summary says about the adapter merged into `m`, if any.
 fn adapter_line(m: &Model) -> Option<String> {
     m.adapter.as_ref().map(|(dir, description)| format!("adapter {} merged ({description})", dir.display()))
-}
-
-/// `crossdiff kl`'s table, the sweep when there is one, and a last line with the gap it closes.
-fn print_kl(job: &KlJob, report: &crossdiff::analysis::kl::KlReport, device_name: &str) {
-    let print_rows = |rows: &[crossdiff::analysis::kl::KlStat]| {
-        println!("{:<18} {:>8} {:>22} {:>22}", "condition", "latents", "KL all reply tokens", "KL first 9 tokens");
-        for s in rows {
-            let name = match s.layer {
-                Some(l) => format!("{} @ {l}", s.condition),
-                None => s.condition.clone(),
-            };
-            let (all, first9) = (s.mean_all + 0.0, s.mean_first9 + 0.0); // + 0.0: never "-0.0000"
-            println!(
-                "{:<18} {:>8} {:>12.4} ± {:<7.4} {:>12.4} ± {:<7.4}",
-                name, s.latents, all, s.ci_all, first9, s.ci_first9
-            );
-        }
-    };
-    print_rows(&report.table);
-    if !report.sweep.is_empty() {
-        println!("layer sweep (patched on {}):", job.patch_on);
-        print_rows(&report.sweep);
-    }
-    let get = |c: &str| report.table.iter().find(|s| s.condition == c);
-    // A crosscoder's "all latents", or a diff-SAE's full reconstruction.
-    let (Some(none), Some(all)) = (get("none"), get("all").or_else(|| get("sae_recon"))) else { return };
-    let gap = none.mean_all;
-    let closed = |v: f64| if gap > 0.0 { (100.0 * (1.0 - v / gap)).round() + 0.0 } else { 0.0 }; // no "-0%"
-    let chat = match get("chat") {
-        Some(c) => format!("; chat's own activations there close {:.0}%", closed(c.mean_all)),
-        None => String::new(),
-    };
-    let sweep = if report.sweep.is_empty() { String::new() } else { format!(", sweep {}", job.sweep_file().display()) };
-    println!(
-        "kl: {} tokens; base→chat gap {gap:.4} (first 9: {:.4}); patching {} on {} positions closes {:.0}%{chat} → {}{sweep} ({device_name})",
-        none.tokens_all,
-        none.mean_first9,
-        if all.condition == "all" { "all latents" } else { "the diff-SAE's reconstruction" },
-        job.patch_on,
-        closed(all.mean_all),
-        job.table_file().display(),
-    );
 }

@@ -1,0 +1,341 @@
+//! `crossdiff serve` and `--backend remote:ws://…` on loopback: a run through a server equals the
+//! local run, a wrong or missing token is refused on both sides, bad flags are refused in one line,
+//! and a server killed mid-run stops the client with a clear error, the run resuming from its
+//! checkpoint.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::{Scratch, assets, small_cache};
+
+fn crossdiff(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(args).env_remove("CROSSDIFF_REMOTE_TOKEN").output().unwrap()
+}
+
+/// A `crossdiff serve` process on 127.0.0.1 (any free port), its stderr (the session log) in
+/// `log`; killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    log: std::path::PathBuf,
+}
+
+impl Server {
+    fn start(extra: &[&str], log: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crossdiff"))
+            .args(["--backend", "cpu", "serve", "--port", "0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        // "serve: listening on 127.0.0.1:PORT (cpu (burn flex)); clients: --backend remote:ws://127.0.0.1:PORT"
+        assert!(first.starts_with("serve: listening on 127.0.0.1:"), "{first}");
+        let url = first.split("--backend ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+        assert!(url.starts_with("remote:ws://127.0.0.1:"), "{first}");
+        Self { child, url, log: log.to_path_buf() }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn train_args<'a>(backend: &'a str, cache: &'a Path, out: &'a Path, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "--backend",
+        backend,
+        "train",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--dict-size",
+        "64",
+        "--k",
+        "4",
+        "--batch",
+        "32",
+        "--steps",
+        steps,
+        "--warmup-steps",
+        "5",
+        "--threshold-start",
+        "10",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "5",
+        "--log-every",
+        "1",
+    ]
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn weights(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(run.join("crosscoder.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let v = st.tensor(&n).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            (n, v)
+        })
+        .collect()
+}
+
+/// The same curve (loss, L0, FVE per step) and the same weights, to float tolerance: the server
+/// runs the portable route (burn's remote backend carries tensor operations, not the host loops
+/// the local CPU route uses).
+fn assert_same_run(local: &Path, remote: &Path) {
+    let (a, b) = (metrics(local), metrics(remote));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["step"], y["step"]);
+        assert_eq!(x["tokens"], y["tokens"]);
+        for key in ["loss", "recon", "l0", "fve_base", "fve_chat", "dead_frac"] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!((p - q).abs() <= 1e-4 * p.abs().max(1.0), "step {}: {key} {p} locally, {q} through the server", x["step"]);
+        }
+    }
+    for ((n, p), (m, q)) in weights(local).iter().zip(&weights(remote)) {
+        assert_eq!(n, m);
+        let scale = p.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-6);
+        let err = p.iter().zip(q).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+        assert!(err <= 1e-3 * scale, "{n}: max difference {err} (scale {scale})");
+    }
+}
+
+#[test]
+fn a_training_run_through_a_server_equals_the_local_run_and_the_server_logs_the_session() {
+    let tmp = Scratch::new("remote-train");
+    let cache = tmp.0.join("cache");
+    small_cache(&cache);
+    let server = Server::start(&[], &tmp.0.join("server.log"));
+    let local = tmp.0.join("local");
+    let r = crossdiff(&train_args("cpu", &cache, &local, "20"));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let remote = tmp.0.join("remote");
+    let r = crossdiff(&train_args(&server.url, &cache, &remote, "20"));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let line = String::from_utf8_lossy(&r.stdout);
+    assert!(line.contains("step 20") && line.contains("(portable route)"), "{line}");
+    assert_same_run(&local, &remote);
+    // The server's log: the session, who opened it and on which device, and when it closed.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let log = server.log();
+    assert!(log.contains("opened by WebSocket client 127.0.0.1:") && log.contains("on device 0 (cpu (burn flex))"), "{log}");
+    assert!(log.contains("closed after"), "{log}");
+}
+
+#[test]
+fn a_wrong_or_missing_token_is_refused_on_both_sides() {
+    let tmp = Scratch::new("remote-token");
+    let token_file = tmp.0.join("token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let server = Server::start(&["--token-file", token_file.to_str().unwrap()], &tmp.0.join("server.log"));
+    let cache = tmp.0.join("cache");
+    small_cache(&cache);
+    let run = tmp.0.join("run");
+    for (token, says) in [(None, "the server requires a token"), (Some("wrong"), "the server refused the token")] {
+        let mut args = train_args(&server.url, &cache, &run, "20");
+        if let Some(t) = token {
+            args.extend(["--remote-token", t]);
+        }
+        let r = crossdiff(&args);
+        assert!(!r.status.success());
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(says) && err.contains(&server.url), "{err}");
+        assert!(!run.exists(), "a refused client wrote nothing");
+    }
+    // The right token, from the environment.
+    let r = Command::new(env!("CARGO_BIN_EXE_crossdiff"))
+        .args(train_args(&server.url, &cache, &run, "20"))
+        .env("CROSSDIFF_REMOTE_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let log = server.log();
+    assert_eq!(log.matches("refused WebSocket client 127.0.0.1:").count(), 2, "{log}");
+    assert!(log.contains("wrong or missing token"), "{log}");
+    assert!(!log.contains("s3cret") && !log.contains("wrong\n"), "the log never shows a token: {log}");
+}
+
+#[test]
+fn bad_serve_and_remote_flags_are_one_line() {
+    let tmp = Scratch::new("remote-flags");
+    let empty = tmp.0.join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--backend", "cpu", "serve", "--port", "0", "--bind", "0.0.0.0"], "--bind 0.0.0.0: listening beyond this machine needs a token"),
+        (vec!["--backend", "cpu", "serve", "--port", "0", "--token", ""], "--token: the token is empty"),
+        (vec!["--backend", "cpu", "serve", "--port", "0", "--token-file", empty.to_str().unwrap()], "the token is empty"),
+        (vec!["--backend", "cpu", "serve", "--port", "0", "--token-file", "/nonexistent/token"], "--token-file /nonexistent/token: cannot read"),
+        (vec!["--backend", "remote:ws://127.0.0.1:9", "serve", "--port", "0"], "a server hosts a device of its own machine"),
+        (vec!["--backend", "remote:http://x:1", "inspect", "--model", "m", "--prompt", "p", "--out", "o"], "expected remote:ws://HOST:PORT"),
+        (vec!["--backend", "remote:ws://x", "inspect", "--model", "m", "--prompt", "p", "--out", "o"], "no port"),
+        (vec!["--backend", "remote:ws://x:99999", "inspect", "--model", "m", "--prompt", "p", "--out", "o"], "is not a port number"),
+    ];
+    for (args, says) in cases {
+        let r = crossdiff(&args);
+        assert!(!r.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // A port in use: the second server on the first one's port.
+    let server = Server::start(&[], &tmp.0.join("server.log"));
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    let r = crossdiff(&["--backend", "cpu", "serve", "--port", &port]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("the port is in use"), "{err}");
+    // Nobody listening: the client says so and how to start one.
+    drop(server);
+    let cache = tmp.0.join("cache");
+    small_cache(&cache);
+    let url = format!("remote:ws://127.0.0.1:{port}");
+    let r = crossdiff(&train_args(&url, &cache, &tmp.0.join("run"), "20"));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.trim().lines().count() == 1, "{err}");
+    assert!(err.contains("no server answers there") && err.contains("crossdiff serve --port"), "{err}");
+    assert!(!tmp.0.join("run").exists());
+}
+
+#[test]
+fn a_server_killed_mid_run_stops_the_client_clearly_and_the_run_resumes() {
+    let tmp = Scratch::new("remote-kill");
+    let cache = tmp.0.join("cache");
+    small_cache(&cache);
+    let mut server = Server::start(&[], &tmp.0.join("server.log"));
+    let run = tmp.0.join("run");
+    let mut client = Command::new(env!("CARGO_BIN_EXE_crossdiff"))
+        .args(train_args(&server.url, &cache, &run, "100000"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = run.join("checkpoint/state.json");
+    let started = std::time::Instant::now();
+    loop {
+        assert!(client.try_wait().unwrap().is_none(), "the client stopped before the server was killed");
+        assert!(started.elapsed().as_secs() < 120, "no checkpoint within 2 minutes");
+        if std::fs::read_to_string(&state).is_ok_and(|t| t.contains("\"step\"")) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let waited = std::time::Instant::now();
+    let out = loop {
+        if let Some(status) = client.try_wait().unwrap() {
+            break status;
+        }
+        assert!(waited.elapsed().as_secs() < 60, "the client hangs after its server died");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!out.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut client.stderr.take().unwrap(), &mut err).unwrap();
+    let last = err.trim().lines().last().unwrap_or_default().to_string();
+    assert!(last.contains("the remote server") && last.contains("re-run the same command to resume"), "{err}");
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let saved = saved["step"].as_u64().unwrap();
+    assert!(saved >= 5 && saved % 5 == 0, "the checkpoint stays a whole one: step {saved}");
+
+    // A new server; the same command resumes from the checkpoint (to a finite number of steps).
+    let server = Server::start(&[], &tmp.0.join("server2.log"));
+    let target = (saved + 10).to_string();
+    let r = crossdiff(&train_args(&server.url, &cache, &run, &target));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let lines = metrics(&run);
+    let steps: Vec<u64> = lines.iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=saved + 10).collect::<Vec<_>>(), "one line per step, none twice");
+    let _ = assets();
+}
+
+/// Every tensor of each shard: the activations within one bf16 rounding, the rest exact.
+fn assert_same_cache(local: &Path, remote: &Path) {
+    let mut shards: Vec<_> = std::fs::read_dir(local).unwrap().map(|e| e.unwrap().file_name()).collect();
+    shards.retain(|n| n.to_string_lossy().ends_with(".safetensors"));
+    assert!(!shards.is_empty());
+    for name in shards {
+        let (a, b) = (std::fs::read(local.join(&name)).unwrap(), std::fs::read(remote.join(&name)).unwrap());
+        let (a, b) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
+        for (tensor, view) in a.tensors() {
+            let other = b.tensor(&tensor).unwrap();
+            assert_eq!(view.shape(), other.shape(), "{tensor}");
+            if tensor != "acts" {
+                assert_eq!(view.data(), other.data(), "{name:?} {tensor}");
+                continue;
+            }
+            let bf16 = |d: &[u8]| d.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect::<Vec<_>>();
+            for (x, y) in bf16(view.data()).iter().zip(bf16(other.data())) {
+                assert!((x - y).abs() <= x.abs().max(y.abs()) / 128.0 + 1e-6, "{name:?}: {x} locally, {y} through the server");
+            }
+        }
+    }
+}
+
+#[test]
+fn cache_and_analyze_through_a_server_equal_the_local_ones() {
+    let tmp = Scratch::new("remote-cache");
+    let server = Server::start(&[], &tmp.0.join("server.log"));
+    let a = assets();
+    let (base, chat, web) = (a.join("tiny-gemma2/base"), a.join("tiny-gemma2/chat"), a.join("data/web.txt"));
+    let cache = |backend: &str, out: &Path| {
+        let args = [
+            "--backend", backend, "cache", "--base", base.to_str().unwrap(), "--chat", chat.to_str().unwrap(),
+            "--data", web.to_str().unwrap(), "--layer", "1", "--tokens", "600", "--context", "64",
+            "--shard-tokens", "256", "--out", out.to_str().unwrap(),
+        ];
+        let r = crossdiff(&args);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        String::from_utf8_lossy(&r.stdout).to_string()
+    };
+    let (local, remote) = (tmp.0.join("local"), tmp.0.join("remote"));
+    cache("cpu", &local);
+    let line = cache(&server.url, &remote);
+    assert!(line.starts_with("cache: 600 tokens in 3 shards") && line.contains("remote ws://127.0.0.1:"), "{line}");
+    assert_same_cache(&local, &remote);
+
+    // One trained run, analysed here and through the server: the same latents table.
+    let run = tmp.0.join("run");
+    let r = crossdiff(&train_args("cpu", &local, &run, "20"));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let analyze = |backend: &str| {
+        let r = crossdiff(&["--backend", backend, "analyze", "--run", run.to_str().unwrap(), "--cache", local.to_str().unwrap()]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        std::fs::read_to_string(run.join("latents.csv")).unwrap()
+    };
+    let (here, there) = (analyze("cpu"), analyze(&server.url));
+    let (here, there): (Vec<&str>, Vec<&str>) = (here.lines().collect(), there.lines().collect());
+    assert_eq!(here.len(), 65);
+    assert_eq!(here[0], there[0]);
+    for (x, y) in here[1..].iter().zip(&there[1..]) {
+        for (p, q) in x.split(',').zip(y.split(',')) {
+            match (p.parse::<f64>(), q.parse::<f64>()) {
+                (Ok(p), Ok(q)) => assert!((p - q).abs() <= 1e-3 * p.abs().max(1.0) || (p.is_nan() && q.is_nan()), "{x}\n{y}"),
+                _ => assert_eq!(p, q, "{x}\n{y}"),
+            }
+        }
+    }
+}
