@@ -18,8 +18,8 @@ use crate::jobs::JobEnv;
 pub use crate::models_view::ModelSummary;
 
 /// The device selector's text: the choice and, for `auto`, what it settled on (`auto: cpu (burn flex)`).
-fn device_label(b: Backend) -> String {
-    if b == Backend::Auto { format!("auto: {}", b.describe()) } else { b.to_string() }
+fn device_label(b: &Backend) -> String {
+    if *b == Backend::Auto { format!("auto: {}", b.describe()) } else { b.to_string() }
 }
 
 /// Opens the desktop app with `backend` selected in the top bar. Without a display, or when the
@@ -48,6 +48,7 @@ pub fn run(backend: Backend) -> Result<()> {
             if let Some(storage) = cc.storage {
                 app.restore_settings(storage);
             }
+            app.compute.adopt(&app.backend);
             // CROSSDIFF_PROJECT opens a project with its first run loaded (demos, screenshots); it
             // does not join the recent list.
             if let Ok(dir) = std::env::var("CROSSDIFF_PROJECT") {
@@ -112,7 +113,8 @@ pub fn window_size(monitor: egui::Vec2) -> egui::Vec2 {
     (monitor * 0.85).max(egui::Vec2::from(MIN_WINDOW)).min(monitor)
 }
 
-/// The devices the selector offers (as `crossdiff::Backend` has them).
+/// The local devices the selector offers (as `crossdiff::Backend` has them), before the Compute
+/// window's remote servers.
 const BACKENDS: [Backend; 4] = [Backend::Auto, Backend::Cpu, Backend::Wgpu, Backend::Cuda];
 
 pub struct CrossdiffApp {
@@ -123,6 +125,8 @@ pub struct CrossdiffApp {
     pub recent: Vec<PathBuf>,
     /// The one device every job runs on (the top bar's selector).
     pub backend: Backend,
+    /// The Compute window: remote servers the device selector offers too.
+    pub compute: crate::compute_view::ComputeView,
     /// The chat model's LoRA adapter folder as typed (empty: none): one field for every view that
     /// names a chat model, given to every job through [`JobEnv`].
     pub chat_adapter: String,
@@ -164,6 +168,7 @@ impl CrossdiffApp {
             project: None,
             recent: Vec::new(),
             backend: Backend::Auto,
+            compute: Default::default(),
             chat_adapter: String::new(),
             store: Arc::new(ModelStore::new()),
             commands: Commands::new(),
@@ -185,20 +190,22 @@ impl CrossdiffApp {
         }
     }
 
-    /// Restores what the app remembers across starts: recent projects and whether the tour was
-    /// dismissed (before a project is opened, so a dismissed tour stays closed).
+    /// Restores what the app remembers across starts: recent projects, whether the tour was
+    /// dismissed (before a project is opened, so a dismissed tour stays closed) and the remote
+    /// servers' addresses (never their tokens).
     pub fn restore_settings(&mut self, storage: &dyn eframe::Storage) {
         if let Some(recent) = eframe::get_value::<Vec<PathBuf>>(storage, RECENT_KEY) {
             self.recent = recent;
         }
         self.tour.dismissed = eframe::get_value(storage, TOUR_DISMISSED_KEY).unwrap_or(false);
+        self.compute.restore(eframe::get_value(storage, crate::compute_view::SERVERS_KEY).unwrap_or_default());
     }
 
     /// What every job gets: the app's device, model store and chat adapter.
     pub fn job_env(&self) -> JobEnv {
         JobEnv {
             ctx: self.ctx.clone(),
-            backend: self.backend,
+            backend: self.backend.clone(),
             store: self.store.clone(),
             chat_adapter: self.chat_adapter.clone(),
         }
@@ -405,11 +412,16 @@ impl CrossdiffApp {
             }
             ui.separator();
             // One device for every job; loaded models move with it (the store keys on the device).
-            egui::ComboBox::from_label("Device").selected_text(device_label(self.backend)).show_ui(ui, |ui| {
-                for b in BACKENDS {
-                    ui.selectable_value(&mut self.backend, b, b.to_string());
+            egui::ComboBox::from_label("Device").selected_text(device_label(&self.backend)).show_ui(ui, |ui| {
+                for b in BACKENDS.into_iter().chain(self.compute.backends()) {
+                    let label = b.to_string();
+                    ui.selectable_value(&mut self.backend, b, label);
                 }
             });
+            let compute = ui.selectable_label(self.compute.open, "Compute…");
+            if compute.on_hover_text("Remote servers (`crossdiff serve`) the Device selector offers").clicked() {
+                self.compute.open = !self.compute.open;
+            }
             if let Some(e) = &self.error {
                 ui.colored_label(egui::Color32::LIGHT_RED, format!("error: {e}"));
             }
@@ -421,6 +433,7 @@ impl eframe::App for CrossdiffApp {
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
         eframe::set_value(storage, RECENT_KEY, &self.recent);
         eframe::set_value(storage, TOUR_DISMISSED_KEY, &self.tour.dismissed);
+        eframe::set_value(storage, crate::compute_view::SERVERS_KEY, &self.compute.urls());
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
@@ -469,6 +482,7 @@ impl eframe::App for CrossdiffApp {
                 egui::CentralPanel::default().show(ui, |ui| self.methods.ui(ui));
             }
         }
+        self.compute.window(ui.ctx(), &mut self.backend);
         if !self.commands.is_empty() {
             ui.ctx().request_repaint();
         }

@@ -192,7 +192,7 @@ impl JobEnv {
     /// The backend jobs really run on: `auto` settled (an error there surfaces when the job opens
     /// the device).
     pub fn device_backend(&self) -> Backend {
-        self.backend.resolve().unwrap_or(self.backend)
+        self.backend.resolve().unwrap_or_else(|_| self.backend.clone())
     }
 
     /// A job on the app's device: the device is opened on the job's thread (an unusable one is the
@@ -204,12 +204,13 @@ impl JobEnv {
     ) -> Job {
         let backend = self.device_backend();
         let store = self.store.clone();
+        let started_on = backend.clone();
         let mut job = Job::spawn(name, self.ctx.clone(), move |handle| {
             handle.progress(&format!("opening the {backend} device"), 0, 1, "devices");
             let device = backend.device()?;
             work(&device, &store, handle)
         });
-        job.device = Some(backend);
+        job.device = Some(started_on);
         job
     }
 }
@@ -248,7 +249,7 @@ impl JobSlot {
 
     /// The device the last job was started on.
     pub fn device(&self) -> Option<Backend> {
-        self.job.as_ref().and_then(|j| j.device)
+        self.job.as_ref().and_then(|j| j.device.clone())
     }
 
     /// Applies the events that arrived since the last call.
@@ -297,11 +298,14 @@ pub fn job_ui(ui: &mut egui::Ui, job: &mut Job) {
         ui.colored_label(egui::Color32::LIGHT_RED, format!("{name} failed — error: {e}"));
         return;
     }
-    let on = job.device.map(|b| format!(" on {b}")).unwrap_or_default();
+    // The device, said here for every view: on the status line while the job runs, in its last
+    // line once it ended (`remote ws://HOST:PORT (portable route)`, `wgpu: NVIDIA H100 (Vulkan)`).
+    let device = job.device.as_ref().map(Backend::describe);
     let (done, total) = job.progress;
     let frac = if total > 0 { done as f32 / total as f32 } else { 0.0 };
-    ui.add(egui::ProgressBar::new(frac).show_percentage().text(format!("{name}{on}: {done}/{total} {}", job.unit)));
-    ui.label(format!("{name} status: {}", job.status));
+    ui.add(egui::ProgressBar::new(frac).show_percentage().text(format!("{name}: {done}/{total} {}", job.unit)));
+    let on = device.as_ref().filter(|_| job.running()).map(|d| format!(" on {d}")).unwrap_or_default();
+    ui.label(format!("{name} status: {}{on}", job.status));
     match &job.finished {
         None => {
             if let Some((rate, eta)) = job.rate_and_eta() {
@@ -316,7 +320,7 @@ pub fn job_ui(ui: &mut egui::Ui, job: &mut Job) {
             }
         }
         Some(Ok(s)) => {
-            let ran = job.device.map(|b| format!(" (ran on {})", b.describe())).unwrap_or_default();
+            let ran = device.map(|d| format!(" (ran on {d})")).unwrap_or_default();
             let ended = if job.cancel_requested() { "cancelled" } else { "finished" };
             ui.label(format!("{name} {ended}: {s}{ran}"));
         }

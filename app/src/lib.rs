@@ -8,6 +8,7 @@ pub mod cache_view;
 pub mod cli;
 pub mod commands;
 pub mod compare_view;
+pub mod compute_view;
 pub mod errors;
 pub mod jobs;
 pub mod latents_view;

@@ -1378,3 +1378,101 @@ fn the_cache_view_caches_a_chat_model_made_with_an_adapter() {
     assert_eq!(index.model_ids, vec![plain, adapted]);
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// The app on the Models view with the Compute window open (no servers yet).
+fn compute_harness() -> Harness<'static, CrossdiffApp> {
+    let mut harness = Harness::builder()
+        .with_size(eframe::egui::vec2(1300.0, 900.0))
+        .build_eframe(|cc| CrossdiffApp::new(cc.egui_ctx.clone()));
+    harness.run_steps(2);
+    harness.get_by_label("Compute…").click();
+    harness.run_steps(2);
+    assert!(harness.state().compute.open);
+    harness
+}
+
+/// Types `url` into the Compute window's address field and presses Add.
+fn add_server(harness: &mut Harness<'_, CrossdiffApp>, url: &str) {
+    retype(harness, crossdiff_app::compute_view::URL_LABEL, url);
+    harness.get_by_label("Add").click();
+    harness.run_steps(2);
+}
+
+#[test]
+fn the_compute_window_refuses_a_bad_server_url_in_the_parsers_words() {
+    let mut harness = compute_harness();
+    for url in ["ws://127.0.0.1", "http://127.0.0.1:7000", "ws://127.0.0.1:99999", "wss://host:443"] {
+        // The engine's parser's own one-line reason, without its `--backend remote:…` prefix.
+        let engine = format!("remote:{url}").parse::<crossdiff::Backend>().unwrap_err().to_string();
+        let why = engine.split_once(&format!("remote:{url}: ")).unwrap().1.to_string();
+        add_server(&mut harness, url);
+        harness.get_by_label(&format!("error: {why}"));
+        assert!(harness.state().compute.servers.is_empty(), "{url} was added");
+        // The address stays in its field, to be corrected.
+        assert_eq!(harness.state().compute.url, url);
+    }
+}
+
+#[test]
+fn an_added_server_is_offered_by_the_device_selector_and_jobs_run_there() {
+    let mut harness = compute_harness();
+    add_server(&mut harness, "ws://127.0.0.1:1");
+    let app = harness.state();
+    assert_eq!(app.compute.urls(), vec!["ws://127.0.0.1:1".to_string()]);
+    assert!(app.compute.url.is_empty() && app.compute.error.is_none());
+    harness.get_by_label("ws://127.0.0.1:1");
+    // Adding it again adds nothing.
+    add_server(&mut harness, "ws://127.0.0.1:1/");
+    harness.get_by_label("error: ws://127.0.0.1:1 is in the list already");
+    assert_eq!(harness.state().compute.servers.len(), 1);
+    harness.get_by_label("Compute…").click();
+    harness.run_steps(2);
+    assert!(!harness.state().compute.open);
+    // The Device selector offers it after the local devices; choosing it makes it the jobs' device.
+    select_device(&mut harness, "remote:ws://127.0.0.1:1");
+    let is_remote = |b: &crossdiff::Backend| matches!(b, crossdiff::Backend::Remote(r) if r.url == "ws://127.0.0.1:1");
+    assert!(is_remote(&harness.state().backend), "{:?}", harness.state().backend);
+    assert!(is_remote(&harness.state().job_env().backend));
+    // A job started now opens that device: nobody listens there, so it fails saying so.
+    harness.get_by_label("Load models").click();
+    wait_for(&mut harness, "loading models failed — error: “Device” remote:ws://127.0.0.1:1: no server answers there");
+    assert!(harness.state().models.job.device().as_ref().is_some_and(is_remote));
+}
+
+#[test]
+fn testing_a_server_where_nobody_listens_shows_the_engines_error() {
+    let mut harness = compute_harness();
+    add_server(&mut harness, "ws://127.0.0.1:1");
+    harness.get_by_label("Test").click();
+    // A real connect, on a background job: the frames go on meanwhile, and its error shows.
+    wait_for(&mut harness, "ws://127.0.0.1:1: no server answers there (");
+    let line = label_text(&harness, "no server answers there");
+    assert!(line.contains("start one with `crossdiff serve --port PORT` on that machine"), "{line}");
+    assert!(!line.contains("--backend"), "{line}");
+    assert!(harness.query_by_label_contains("ok: ").is_none());
+}
+
+#[test]
+fn servers_are_remembered_across_starts_without_their_tokens() {
+    let mut harness = compute_harness();
+    retype(&mut harness, crossdiff_app::compute_view::TOKEN_LABEL, "s3cret-token");
+    add_server(&mut harness, "ws://127.0.0.1:7000");
+    let server = &harness.state().compute.servers[0];
+    assert!(matches!(server.backend(), crossdiff::Backend::Remote(r) if r.token.as_deref() == Some("s3cret-token")));
+    let mut storage = MemoryStorage::default();
+    eframe::App::save(harness.state_mut(), &mut storage);
+    let saved: String = storage.0.values().cloned().collect();
+    assert!(saved.contains("ws://127.0.0.1:7000"), "{saved}");
+    assert!(!saved.contains("s3cret-token"), "a token was saved: {saved}");
+    // The next start lists it again, with no token typed.
+    let mut app = CrossdiffApp::new(eframe::egui::Context::default());
+    app.restore_settings(&storage);
+    assert_eq!(app.compute.urls(), vec!["ws://127.0.0.1:7000".to_string()]);
+    assert!(app.compute.servers[0].token.is_empty());
+    // Started with `--backend remote:ws://127.0.0.1:7000 --remote-token T`: that listed server, with T.
+    let started =
+        "remote:ws://127.0.0.1:7000".parse::<crossdiff::Backend>().unwrap().with_remote_token(Some("T".into()));
+    app.compute.adopt(&started);
+    assert_eq!(app.compute.servers.len(), 1);
+    assert_eq!(app.compute.servers[0].backend(), started);
+}
