@@ -106,6 +106,15 @@ impl Backend {
     }
 }
 
+/// [`Backend::explain_failure`] for a job on several devices (`train --devices`): the first
+/// remote one whose server no longer answers explains the error.
+pub fn explain_failure_of(backends: &[Backend], e: anyhow::Error) -> anyhow::Error {
+    match backends.iter().find(|b| matches!(b, Backend::Remote(r) if !r.answers())) {
+        Some(b) => b.explain_failure(e),
+        None => e,
+    }
+}
+
 impl RemoteServer {
     /// Whether something still accepts connections at the server's address.
     fn answers(&self) -> bool {

@@ -282,6 +282,7 @@ fn synthetic_run<'a>(out: &Path, source: &'a mut Synthetic, steps: u64) -> Train
         },
         out: out.to_path_buf(),
         device: Device::flex(),
+        devices: vec![],
         source,
         validation: None,
         layer: None,

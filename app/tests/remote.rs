@@ -339,3 +339,57 @@ fn cache_and_analyze_through_a_server_equal_the_local_ones() {
         }
     }
 }
+
+#[test]
+fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
+    let tmp = Scratch::new("remote-dp");
+    let cache = tmp.0.join("cache");
+    small_cache(&cache);
+    let (one, two) = (Server::start(&[], &tmp.0.join("one.log")), Server::start(&[], &tmp.0.join("two.log")));
+    // A batch that does not divide evenly, and dead latents early so AuxK's batch-global
+    // normaliser and its gradients are part of the comparison.
+    let args = |backend: &str, devices: Option<String>, out: &Path| -> Vec<String> {
+        let mut a: Vec<String> = train_args(backend, &cache, out, "40").iter().map(|s| s.to_string()).collect();
+        for (flag, value) in [("--batch", "50"), ("--dict-size", "256")] {
+            let i = a.iter().position(|s| s == flag).unwrap();
+            a[i + 1] = value.to_string();
+        }
+        a.extend(["--dead-tokens".to_string(), "100".to_string()]);
+        if let Some(d) = devices {
+            a.extend(["--devices".to_string(), d]);
+        }
+        a
+    };
+    let run = |a: Vec<String>| {
+        let r = Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(&a).output().unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        String::from_utf8_lossy(&r.stdout).to_string()
+    };
+    let single = tmp.0.join("single");
+    run(args("cpu", None, &single));
+    let parallel = tmp.0.join("parallel");
+    let line = run(args("cpu", Some(format!("{},{}", one.url, two.url)), &parallel));
+    assert!(line.contains("data-parallel over remote ws://127.0.0.1:"), "{line}");
+    let m = metrics(&single);
+    assert!(m.last().unwrap()["dead_frac"].as_f64().unwrap() > 0.1 && m.last().unwrap()["aux"].as_f64().unwrap() > 0.0);
+    assert_same_run(&single, &parallel);
+    // A local device beside a server, three slices.
+    let mixed = tmp.0.join("mixed");
+    run(args("cpu", Some(format!("cpu,{},{}", two.url, one.url)), &mixed));
+    assert_same_run(&single, &mixed);
+    assert!(one.log().contains("closed after") && two.log().contains("closed after"));
+
+    // Refused in one line before anything is written.
+    for (devices, kind, says) in [
+        (format!("{},{}", one.url, one.url), "batchtopk", "is given twice"),
+        (one.url.clone(), "l1", "--devices: data-parallel training covers --kind batchtopk; train l1 on one device"),
+    ] {
+        let out = tmp.0.join("refused");
+        let mut a = args("cpu", Some(devices), &out);
+        a.extend(["--kind".to_string(), kind.to_string()]);
+        let r = Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(&a).output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && err.trim().lines().count() == 1 && err.contains(says), "{err}");
+        assert!(!out.exists());
+    }
+}

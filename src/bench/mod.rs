@@ -234,6 +234,7 @@ pub fn bench_train(
         config,
         out: dir.clone(),
         device: device.clone(),
+        devices: vec![],
         source: &mut src,
         validation: None,
         layer: None,

@@ -132,6 +132,13 @@ pub struct TrainJob {
     /// Train on a cache whose `cache` run has not finished (what is there so far).
     #[arg(long)]
     pub allow_partial: bool,
+    /// Data-parallel (BatchTopK): split each batch's rows over these devices — local backends or
+    /// `remote:ws://HOST:PORT` servers, comma-separated — with the selection over the whole batch
+    /// and the gradients summed on the first device, where the parameters and the optimizer live.
+    /// The same global batch gives the one-device loss curve (to float rounding). --backend is then
+    /// not used for training.
+    #[arg(long, value_delimiter = ',', value_name = "DEV,DEV,…")]
+    pub devices: Vec<crate::Backend>,
 }
 
 impl Default for TrainJob {
@@ -171,6 +178,7 @@ impl Default for TrainJob {
             val_tokens: 0,
             checkpoint_every: defaults::CHECKPOINT_EVERY,
             shuffle_tokens: defaults::SHUFFLE_TOKENS,
+            devices: Vec::new(),
             log_every: defaults::LOG_EVERY,
             allow_partial: false,
         }
@@ -392,15 +400,24 @@ impl TrainJob {
     /// the whole run ([`crate::io::DirLock`]).
     pub fn run(&self, device: &Device, handle: Handle) -> Result<TrainOutcome> {
         self.validate()?;
+        if !self.devices.is_empty() && self.kind != Kind::BatchTopK {
+            bail!("--devices: data-parallel training covers --kind batchtopk; train {} on one device", format!("{:?}", self.kind).to_lowercase());
+        }
+        if let Some((i, b)) = self.devices.iter().enumerate().find(|(i, b)| self.devices[..*i].contains(b)) {
+            bail!("--devices: {b} is given twice (entry {})", i + 1);
+        }
         self.check_out()?;
+        // Data-parallel: connected before anything is written; the first device is home.
+        let devices = self.devices.iter().map(|b| b.device()).collect::<Result<Vec<_>>>()?;
+        let device = devices.first().unwrap_or(device);
         crate::io::clean_on_failure(&self.out, || {
             // Inside: the lock is gone before an empty folder left by a refusal is removed.
             let _lock = crate::io::DirLock::acquire(&self.out, "out")?;
-            self.run_in(device, handle)
+            self.run_in(device, &devices, handle)
         })
     }
 
-    fn run_in(&self, device: &Device, handle: Handle) -> Result<TrainOutcome> {
+    fn run_in(&self, device: &Device, devices: &[Device], handle: Handle) -> Result<TrainOutcome> {
         let started = std::time::Instant::now();
         let mut opened = self.open(device)?;
         let (dict, steps) = (opened.dict, opened.steps);
@@ -409,6 +426,7 @@ impl TrainJob {
             config,
             out: self.out.clone(),
             device: device.clone(),
+            devices: devices.to_vec(),
             source: opened.source.as_mut(),
             validation: opened.validation.take(),
             layer: opened.layer,

@@ -299,6 +299,7 @@ pub fn train_run<'a>(
         config,
         out,
         device: Device::flex(),
+        devices: vec![],
         source,
         validation: None,
         layer: None,

@@ -261,9 +261,18 @@ fn execute(command: Command, backend: &Backend) -> Result<()> {
         Command::Train(job) => {
             let device = backend.device()?;
             let bar = Bar::cancellable("steps");
-            let done = job.run(&device, bar.handle())?;
+            let done = job
+                .run(&device, bar.handle())
+                .map_err(|e| crossdiff::backend::explain_failure_of(&job.devices, e))?;
             bar.finish();
-            println!("{}", train_summary(&job, &done, bar.cancelled(), &device_name));
+            let on = match job.devices.as_slice() {
+                [] => device_name,
+                many => format!(
+                    "data-parallel over {}",
+                    many.iter().map(Backend::describe).collect::<Vec<_>>().join(" + ")
+                ),
+            };
+            println!("{}", train_summary(&job, &done, bar.cancelled(), &on));
         }
         Command::Analyze(job) => {
             let device = backend.device()?;

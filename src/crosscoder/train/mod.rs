@@ -14,6 +14,7 @@ mod dense;
 mod dispatch;
 pub mod host_sparse;
 mod kernel_sparse;
+mod parallel;
 pub mod resident;
 mod sae_step;
 mod step;
@@ -74,7 +75,11 @@ pub struct TrainProgress {
 pub struct TrainRun<'a> {
     pub config: TrainConfig,
     pub out: PathBuf,
+    /// Where the parameters, the optimizer and the batches live (with `devices`: the first of them).
     pub device: Device,
+    /// Data-parallel training: the devices each batch's rows are split over (the first is
+    /// `device`); empty: everything on `device`.
+    pub devices: Vec<Device>,
     pub source: &'a mut dyn PairSource,
     /// Validation pairs `[n, 2, d]` for `val_every`.
     pub validation: Option<PairBatch>,
@@ -170,7 +175,10 @@ impl TrainRun<'_> {
         let recorded_end = state.data_ended;
         let mut last_batch = None;
         // On wgpu, the dead-latent counters and θ live on the device between checkpoints.
-        let mut resident = resident::applies(&cfg, &self.device)
+        if !self.devices.is_empty() {
+            parallel::check(&cfg, &self.devices)?;
+        }
+        let mut resident = (self.devices.is_empty() && resident::applies(&cfg, &self.device))
             .then(|| resident::Resident::upload(&state.since_selected, state.threshold, &cfg, &self.device));
         while state.step < cfg.steps && !state.data_ended && keep_going() {
             let batch = match first.take() {
@@ -200,6 +208,14 @@ impl TrainRun<'_> {
                     let tokens_after = state.tokens + batch.batch as u64;
                     Outcome::Device(resident::step(&cfg, &state.params, x.clone(), step, tokens_after, r)?)
                 }
+                None if !self.devices.is_empty() => Outcome::Host(parallel::step(
+                    &cfg,
+                    &state.params,
+                    x.clone(),
+                    step,
+                    &mut state.since_selected,
+                    &self.devices,
+                )?),
                 None => Outcome::Host(step_loss(&cfg, &state.params, x.clone(), step, &mut state.since_selected)?),
             };
             let phase = crate::phases::phase("clip", &self.device);

@@ -1,0 +1,220 @@
+//! Data-parallel BatchTopK steps (`crossdiff train --devices A,B,…`): each device encodes,
+//! decodes and back-propagates a contiguous slice of the batch's rows; what couples the rows is
+//! computed over the whole batch, so a step equals the one-device step on the same batch up to
+//! float summation order:
+//! - the selection (the k·B largest scores of the whole batch, ties by position): every device's
+//!   codes come to the host, as the portable route's do, and one selection runs over them;
+//! - the dead-latent counters and AuxK's dead set, from that global selection;
+//! - the losses' means over B (each slice's sum is divided by the global B), AuxK's normaliser
+//!   `mean_b ‖e − mean_b e‖²` (a constant: the error is detached) from the global mean of e, and
+//!   AuxK's finite-or-not rule on the global value;
+//! - the gradients: each device's are brought to the first device and summed (burn 0.22's
+//!   collective all-reduce covers devices of one server only — `burn-remote` asserts "cross-peer
+//!   all_reduce is not supported yet" — and flex/wgpu have none, so the reduce is tensor moves
+//!   between devices, which burn's remote backend carries server to server).
+//!
+//! The step returns one [`StepOutput`] on the first device (the batch's error concatenated), so
+//! the clip, the optimizer, θ, the metrics and the checkpoints are the one-device loop's.
+
+use anyhow::{Result, anyhow, bail};
+use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::crosscoder::train::config::TrainConfig;
+use crate::crosscoder::train::host_sparse::{HostPicks, select_topk};
+use crate::crosscoder::train::step::{Selection, StepOutput, aux_weight, host_scores};
+use crate::crosscoder::{Kind, Params, encode, read_vec, recon_loss, tensor};
+
+/// Checks that the run can be split: BatchTopK crosscoders only, devices given once each.
+pub fn check(cfg: &TrainConfig, devices: &[Device]) -> Result<()> {
+    if cfg.kind != Kind::BatchTopK {
+        bail!("--devices: data-parallel training covers --kind batchtopk; train {:?} on one device", cfg.kind);
+    }
+    for (i, a) in devices.iter().enumerate() {
+        if devices[..i].iter().any(|b| b == a) {
+            bail!("--devices: entry {} is the same device as an earlier one", i + 1);
+        }
+    }
+    Ok(())
+}
+
+/// The rows each device takes: contiguous slices, the first ones one row longer when B does not
+/// divide (empty slices dropped: a last batch smaller than the device count).
+fn slices(b: usize, n: usize) -> Vec<std::ops::Range<usize>> {
+    let (base, extra) = (b / n, b % n);
+    let mut start = 0;
+    (0..n)
+        .map(|i| {
+            let len = base + usize::from(i < extra);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// A slice's picks on `device`: row indices local to the slice, codes as an autodiff leaf.
+struct Picks {
+    tokens: Tensor<1, Int>,
+    latents: Tensor<1, Int>,
+    values: Tensor<2>,
+}
+
+fn picks(f: &[f32], mask: &[f32], dict: usize, device: &Device) -> Option<Picks> {
+    let HostPicks { tokens, latents, values } = HostPicks::from_mask(f, mask, dict);
+    let n = values.len();
+    if n == 0 {
+        return None;
+    }
+    let ints = |v: Vec<u32>| Tensor::from_data(TensorData::new(v.into_iter().map(i64::from).collect(), [n]), device);
+    Some(Picks {
+        tokens: ints(tokens),
+        latents: ints(latents),
+        values: tensor(values, [n, 1], &device.clone().autodiff()).require_grad(),
+    })
+}
+
+/// Σ over the picks of f · d_j, accumulated into each picked row of an `[n, 2d]` zero (autodiff).
+fn decode(w_dec: &Tensor<2>, pk: Option<&Picks>, n: usize, dev: &Device) -> Tensor<2> {
+    let two_d = w_dec.dims()[1];
+    let zero = Tensor::<2>::zeros([n, two_d], (&dev.clone().autodiff(), DType::F32));
+    match pk {
+        Some(pk) => {
+            let rows = w_dec.clone().select(0, pk.latents.clone().autodiff()) * pk.values.clone();
+            zero.select_assign(0, pk.tokens.clone().autodiff(), rows, IndexingUpdateOp::Add)
+        }
+        None => zero,
+    }
+}
+
+/// One data-parallel step on the batch `x` (`[B, 2d]`, on `devices[0]`, where `p` lives).
+pub fn step(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    step: u64,
+    since_selected: &mut [u64],
+    devices: &[Device],
+) -> Result<StepOutput> {
+    let (d, dict) = p.dims();
+    let [b, two_d] = x.dims();
+    let home = x.device();
+    let parts = slices(b, devices.len());
+    // Each device's parameters and rows, then its codes on the host.
+    let shards: Vec<(Device, Params, Tensor<2>)> = parts
+        .iter()
+        .zip(devices)
+        .map(|(rows, dev)| {
+            let xs = x.clone().slice([rows.clone(), 0..two_d]).to_device(dev);
+            (dev.clone(), p.clone().map(|t| t.to_device(dev)), xs)
+        })
+        .collect();
+    // Every device's encoder is queued before the first read, so the devices run side by side.
+    let queued: Vec<Tensor<2>> = shards.iter().map(|(_, ps, xs)| encode(ps, xs.clone())).collect();
+    let codes: Vec<Vec<f32>> = queued.into_iter().map(read_vec).collect::<Result<_>>()?;
+    let norms = read_vec(p.norm_sum())?;
+    let f: Vec<f32> = codes.concat();
+
+    // The batch-global selection and bookkeeping, as on one device.
+    let keep = cfg.k_at(step) * b;
+    let (_, selected, mask, min_kept) = select_topk(&f, &norms, dict, keep);
+    let selection = Selection::batch_topk(selected, mask, min_kept);
+    let dead = selection.record(cfg, since_selected, b, d);
+    let aux_mask = dead.any().then(|| dead.aux_mask(&host_scores(&f, &norms, dict), dict));
+    let mask = &selection.kept.as_ref().ok_or_else(|| anyhow!("a BatchTopK selection keeps a mask"))?.0;
+
+    // Per slice: the decode, its error and its share of the reconstruction loss.
+    struct Slice {
+        w_dec: Tensor<2>,
+        b_dec: Tensor<2>,
+        err: Tensor<2>,
+        recon: Tensor<1>,
+        main: Option<Picks>,
+        aux: Option<Picks>,
+    }
+    let mut slices_out = Vec::new();
+    for ((rows, (dev, ps, xs)), f_s) in parts.iter().zip(&shards).zip(&codes) {
+        let w_dec = ps.w_dec.clone().autodiff().require_grad();
+        let b_dec = ps.b_dec.clone().autodiff().require_grad();
+        let span = rows.start * dict..rows.end * dict;
+        let main = picks(f_s, &mask[span.clone()], dict, dev);
+        let aux = aux_mask.as_ref().and_then(|m| picks(f_s, &m[span], dict, dev));
+        let err = xs.clone().autodiff() - (decode(&w_dec, main.as_ref(), rows.len(), dev) + b_dec.clone());
+        // recon_loss is a mean over the slice's rows: × n/B makes the slices add up to the batch's.
+        let recon = recon_loss(err.clone(), d, cfg.squared_recon).mul_scalar(rows.len() as f64 / b as f64);
+        slices_out.push(Slice { w_dec, b_dec, err, recon, main, aux });
+    }
+
+    // AuxK over the whole batch: mean_b ‖e − ê‖² / mean_b ‖e − mean_b e‖², e detached.
+    let mut aux_terms: Vec<Option<Tensor<1>>> = slices_out.iter().map(|_| None).collect();
+    let mut aux_value = None;
+    if aux_mask.is_some() {
+        let mut sum = vec![0f64; two_d];
+        for s in &slices_out {
+            for (acc, v) in sum.iter_mut().zip(read_vec(s.err.clone().inner().sum_dim(0))?) {
+                *acc += v as f64;
+            }
+        }
+        let mean: Vec<f32> = sum.iter().map(|v| (v / b as f64) as f32).collect();
+        let mut den = 0f64;
+        let mut nums = Vec::new();
+        for (s, (dev, _, xs)) in slices_out.iter().zip(&shards) {
+            let e = s.err.clone().inner();
+            den += read_vec((e.clone() - tensor(mean.clone(), [1, two_d], dev)).square().sum())?[0] as f64;
+            let e_hat = decode(&s.w_dec, s.aux.as_ref(), xs.dims()[0], dev);
+            nums.push((e.autodiff() - e_hat).square().sum());
+        }
+        // Σ_slices Σ_rows ‖e − ê‖² / B over the normaliser Σ ‖e − ē‖² / B: the B's cancel.
+        let mut value = 0f64;
+        for (slot, num) in aux_terms.iter_mut().zip(nums) {
+            let term = num.div_scalar(den);
+            value += read_vec(term.clone().inner())?[0] as f64;
+            *slot = Some(term);
+        }
+        aux_value = Some(value);
+    }
+    let alpha = aux_value.and_then(|v| aux_weight(cfg, v));
+
+    // Backward per slice (queued on each device, nothing read); the gradients, losses and errors
+    // summed or joined on the first device in slice order.
+    let mut grads: Option<[Tensor<2>; 4]> = None;
+    let (mut loss_total, mut recon_total): (Option<Tensor<1>>, Option<Tensor<1>>) = (None, None);
+    let add = |acc: Option<Tensor<1>>, t: Tensor<1>| Some(match acc {
+        Some(a) => a + t,
+        None => t,
+    });
+    let mut errs = Vec::new();
+    for ((s, (dev, _, xs)), aux_term) in slices_out.into_iter().zip(&shards).zip(aux_terms) {
+        let mut loss = s.recon.clone();
+        if let (Some(a), Some(t)) = (alpha, &aux_term) {
+            loss = loss + t.clone().mul_scalar(a);
+        }
+        recon_total = add(recon_total, s.recon.clone().inner().to_device(&home));
+        loss_total = add(loss_total, loss.clone().inner().to_device(&home));
+        let g = loss.backward();
+        let grad = |t: &Tensor<2>| t.grad(&g).map(Tensor::inner).ok_or_else(|| anyhow!("no gradient for a parameter"));
+        let mut g_w_enc_t = Tensor::<2>::zeros([dict, two_d], (dev, DType::F32));
+        let mut g_b_enc = Tensor::<2>::zeros([dict, 1], (dev, DType::F32));
+        // AuxK's picks carry a gradient only when its term counted.
+        for pk in [s.main.as_ref(), s.aux.as_ref().filter(|_| alpha.is_some())].into_iter().flatten() {
+            let gv = grad(&pk.values)?;
+            let rows = xs.clone().select(0, pk.tokens.clone()) * gv.clone();
+            g_w_enc_t = g_w_enc_t.select_assign(0, pk.latents.clone(), rows, IndexingUpdateOp::Add);
+            g_b_enc = g_b_enc.select_assign(0, pk.latents.clone(), gv, IndexingUpdateOp::Add);
+        }
+        let mine = [g_w_enc_t.transpose(), g_b_enc.reshape([1, dict]), grad(&s.w_dec)?, grad(&s.b_dec)?]
+            .map(|t| t.to_device(&home));
+        grads = Some(match grads {
+            None => mine,
+            Some([a0, a1, a2, a3]) => {
+                let [m0, m1, m2, m3] = mine;
+                [a0 + m0, a1 + m1, a2 + m2, a3 + m3]
+            }
+        });
+        errs.push(s.err.inner().to_device(&home));
+    }
+    let grads = grads.ok_or_else(|| anyhow!("an empty batch"))?;
+    let (loss, recon) = (loss_total.ok_or_else(|| anyhow!("an empty batch"))?, recon_total.ok_or_else(|| anyhow!("an empty batch"))?);
+    let aux = aux_value.map(|v| tensor(vec![v as f32], [1], &home));
+    Ok(StepOutput::new(selection, loss, recon, aux, Tensor::cat(errs, 0), grads))
+}
