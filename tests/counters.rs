@@ -40,13 +40,13 @@ fn counters_count_readbacks_and_kernel_dispatches() {
     );
 
     // Training on the CPU reads its host bookkeeping (the host route: reads are copies there).
-    let r = crossdiff::bench::bench_train(&flex, Kind::BatchTopK, 64, 1024, 8, 256, 5).unwrap();
+    let r = crossdiff::bench::bench_train(&flex, &[], Kind::BatchTopK, 64, 1024, 8, 256, 5).unwrap();
     assert!(r.readbacks_per_step <= 7.0, "training readbacks per step on cpu: {}", r.readbacks_per_step);
 
     let Some(wgpu) = common::wgpu_device() else { return };
     // On wgpu, training reads nothing back between log steps (issue 12's target): the benchmark
     // logs once, at its last step, so 5 steps read back once in all.
-    let r = crossdiff::bench::bench_train(&wgpu, Kind::BatchTopK, 64, 1024, 8, 256, 5).unwrap();
+    let r = crossdiff::bench::bench_train(&wgpu, &[], Kind::BatchTopK, 64, 1024, 8, 256, 5).unwrap();
     assert_eq!(r.readbacks_per_step, 1.0 / 5.0, "training readbacks per step on wgpu");
     // With AuxK running (dead latents), for every kind: one read per log step, none between.
     for kind in [Kind::BatchTopK, Kind::Sae, Kind::L1] {

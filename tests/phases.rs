@@ -9,7 +9,7 @@ fn the_phases_of_a_step_add_up_and_carry_the_transfers_bytes() {
     let steps = 4;
     phases::enable();
     let r =
-        crossdiff::bench::bench_train(&flex, crossdiff::crosscoder::Kind::BatchTopK, 32, 512, 8, 256, steps).unwrap();
+        crossdiff::bench::bench_train(&flex, &[], crossdiff::crosscoder::Kind::BatchTopK, 32, 512, 8, 256, steps).unwrap();
     phases::disable();
     let names: Vec<&str> = r.phases.iter().map(|p| p.name).collect();
     for want in [
@@ -39,7 +39,7 @@ fn the_phases_of_a_step_add_up_and_carry_the_transfers_bytes() {
     assert_eq!(encoder.bytes, steps * 4 * (256 * 512 + 512), "the encoder's readbacks");
     // Off again: nothing more is recorded.
     let before = phases::take();
-    crossdiff::bench::bench_train(&flex, crossdiff::crosscoder::Kind::BatchTopK, 32, 512, 8, 256, 2).unwrap();
+    crossdiff::bench::bench_train(&flex, &[], crossdiff::crosscoder::Kind::BatchTopK, 32, 512, 8, 256, 2).unwrap();
     assert_eq!(phases::take(), Vec::new(), "bench_train resets the table at its window; off, it stays empty");
     assert!(!before.is_empty());
 }

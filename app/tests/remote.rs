@@ -301,21 +301,34 @@ fn cache_and_analyze_through_a_server_equal_the_local_ones() {
     let server = Server::start(&[], &tmp.0.join("server.log"));
     let a = assets();
     let (base, chat, web) = (a.join("tiny-gemma2/base"), a.join("tiny-gemma2/chat"), a.join("data/web.txt"));
-    let cache = |backend: &str, out: &Path| {
-        let args = [
+    let cache = |backend: &str, out: &Path, devices: Option<&str>| {
+        let mut args = vec![
             "--backend", backend, "cache", "--base", base.to_str().unwrap(), "--chat", chat.to_str().unwrap(),
             "--data", web.to_str().unwrap(), "--layer", "1", "--tokens", "600", "--context", "64",
-            "--shard-tokens", "256", "--out", out.to_str().unwrap(),
+            "--shard-tokens", "256", "--batch-tokens", "128", "--out", out.to_str().unwrap(),
         ];
+        if let Some(d) = devices {
+            args.extend(["--devices", d]);
+        }
         let r = crossdiff(&args);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         String::from_utf8_lossy(&r.stdout).to_string()
     };
     let (local, remote) = (tmp.0.join("local"), tmp.0.join("remote"));
-    cache("cpu", &local);
-    let line = cache(&server.url, &remote);
+    cache("cpu", &local, None);
+    let line = cache(&server.url, &remote, None);
     assert!(line.starts_with("cache: 600 tokens in 3 shards") && line.contains("remote ws://127.0.0.1:"), "{line}");
     assert_same_cache(&local, &remote);
+    // The forward batches fanned out over two servers, and over this machine beside a server
+    // (batches of 128 padded tokens: several per shard, so every device takes some).
+    let other = Server::start(&[], &tmp.0.join("other.log"));
+    for (devices, name) in [(format!("{},{}", server.url, other.url), "two"), (format!("cpu,{}", other.url), "mixed")] {
+        let out = tmp.0.join(name);
+        let line = cache("cpu", &out, Some(&devices));
+        assert!(line.starts_with("cache: 600 tokens in 3 shards") && line.contains("fanned out over"), "{line}");
+        assert_same_cache(&local, &out);
+    }
+    assert!(other.log().contains("session 2 opened"), "both fan-outs used the second server: {}", other.log());
 
     // One trained run, analysed here and through the server: the same latents table.
     let run = tmp.0.join("run");

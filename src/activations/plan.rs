@@ -105,7 +105,14 @@ impl ShardPlan {
 /// Runs blocks 0..=layer over the plan's documents (batched by length) and returns `[tokens, d]`
 /// f32 rows in document order.
 pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_tokens: usize) -> Result<Vec<f32>> {
-    let d = model.lm.config.hidden_size;
+    compute_acts_on(&[model], plan, layer, batch_tokens)
+}
+
+/// [`compute_acts`] with the forward batches dealt round-robin over `models` (the same model on
+/// several devices, `cache --devices`), each device in a thread of its own; the batches and their
+/// rows are the one-device ones, so the result is too (to the devices' float rounding).
+pub(crate) fn compute_acts_on(models: &[&Model], plan: &ShardPlan, layer: usize, batch_tokens: usize) -> Result<Vec<f32>> {
+    let d = models[0].lm.config.hidden_size;
     let mut offsets = Vec::with_capacity(plan.docs.len());
     let mut acc = 0;
     for doc in &plan.docs {
@@ -118,24 +125,61 @@ pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_
     // Longest first, so each batch pads little; batches hold at most `batch_tokens` padded tokens.
     let mut order: Vec<usize> = (0..plan.docs.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(input_len(&plan.docs[i])), i));
+    let mut groups: Vec<&[usize]> = Vec::new();
     let mut start = 0;
     while start < order.len() {
-        let longest = input_len(&plan.docs[order[start]]);
-        let per_batch = (batch_tokens / longest).max(1);
+        let per_batch = (batch_tokens / input_len(&plan.docs[order[start]])).max(1);
         let group = &order[start..(start + per_batch).min(order.len())];
+        groups.push(group);
+        start += group.len();
+    }
+    // One batch's block output, `[batch, t, d]` on the host, and its padded length t.
+    let forward = |model: &Model, group: &[usize]| -> Result<(Vec<f32>, usize)> {
         let seqs: Vec<Vec<u32>> =
             group.iter().map(|&i| [plan.docs[i].prefix.as_slice(), plan.docs[i].ids.as_slice()].concat()).collect();
         let h = model.lm.forward_to(model.lm.batch_ids(&seqs)?, layer);
         let [_, t, _] = h.dims();
         crate::counters::count_forward_batch();
-        let rows = crate::counters::read_f32(h)?;
+        Ok((crate::counters::read_f32(h)?, t))
+    };
+    // Copies a batch's kept rows into `out` (each document's rows are its own: batches never share one).
+    let place = |out: &mut [f32], group: &[usize], rows: &[f32], t: usize| {
         for (b, &i) in group.iter().enumerate() {
             let (skip, n) = (plan.docs[i].prefix.len(), plan.docs[i].ids.len());
             let src = &rows[(b * t + skip) * d..(b * t + skip + n) * d];
             out[offsets[i] * d..(offsets[i] + n) * d].copy_from_slice(src);
         }
-        start += group.len();
+    };
+    if models.len() == 1 {
+        for group in &groups {
+            let (rows, t) = forward(models[0], group)?;
+            place(&mut out, group, &rows, t);
+        }
+        return Ok(out);
     }
+    let n = models.len();
+    let shared = std::sync::Mutex::new(&mut out);
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = models
+            .iter()
+            .enumerate()
+            .map(|(m, model)| {
+                let (groups, forward, place, shared) = (&groups, &forward, &place, &shared);
+                scope.spawn(move || -> Result<()> {
+                    for g in (m..groups.len()).step_by(n) {
+                        let (rows, t) = forward(model, groups[g])?;
+                        let mut out = shared.lock().unwrap_or_else(|p| p.into_inner());
+                        place(&mut out[..], groups[g], &rows, t);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        }
+        Ok(())
+    })?;
     Ok(out)
 }
 

@@ -12,7 +12,7 @@ use burn::tensor::Device;
 use safetensors::SafeTensors;
 
 use crate::activations::cache::{ActDtype, CacheIndex, CacheSettings, ShardInfo, checksum};
-use crate::activations::plan::{Planner, ShardPlan, check_context, check_finite, compute_acts, plan_from_partial};
+use crate::activations::plan::{Planner, ShardPlan, check_context, check_finite, compute_acts_on, plan_from_partial};
 use crate::data::{Mixer, TokenizeOptions};
 use crate::io::OwnedTensor;
 use crate::model::decoder::LoadOptions;
@@ -72,6 +72,11 @@ pub struct CacheJob {
     pub low_memory: bool,
     #[command(flatten)]
     pub load: LoadOptions,
+    /// Fan the forward batches out over these devices — local backends or `remote:ws://HOST:PORT`
+    /// servers, comma-separated — each holding both models; the shards are the one-device ones.
+    /// --backend is then not used for caching.
+    #[arg(long, value_delimiter = ',', value_name = "DEV,DEV,…")]
+    pub devices: Vec<crate::Backend>,
 }
 
 impl Default for CacheJob {
@@ -92,6 +97,7 @@ impl Default for CacheJob {
             batch_tokens: DEFAULT_BATCH_TOKENS,
             low_memory: false,
             load: LoadOptions::default(),
+            devices: Vec::new(),
         }
     }
 }
@@ -214,14 +220,23 @@ pub fn run_cache(
     let mut mixer = Mixer::new(&job.data, job.mix, &chat_tok, tokenize)?;
     mixer.skip(done_docs_total(&index))?;
 
-    let device = device.clone();
-    let load = |dir: &Path, adapter: Option<&Path>| Model::load_adapted(dir, adapter, &device, job.load, |_, _| {});
+    // --devices: each device holds the models and takes every n-th forward batch.
+    let devices = match job.devices.as_slice() {
+        [] => vec![device.clone()],
+        many => many.iter().map(|b| b.device()).collect::<Result<Vec<_>>>()?,
+    };
+    let device = devices[0].clone();
+    let load = |dir: &Path, adapter: Option<&Path>| -> Result<Vec<Model>> {
+        devices.iter().map(|dev| Model::load_adapted(dir, adapter, dev, job.load, |_, _| {})).collect()
+    };
     let timing = crate::phases::phase("load models", &device);
-    let base = load(&job.base, None)?;
-    let chat = if job.low_memory { None } else { Some(load(&job.chat, job.chat_adapter.as_deref())?) };
+    let bases = load(&job.base, None)?;
+    let chats = if job.low_memory { None } else { Some(load(&job.chat, job.chat_adapter.as_deref())?) };
     drop(timing);
-    if let Some(chat) = &chat {
-        check_models(&base, chat)?;
+    let base = &bases[0];
+    let chat = chats.as_ref().map(|c| &c[0]);
+    if let Some(chat) = chat {
+        check_models(base, chat)?;
     }
 
     // Base (or both) pass over the data stream.
@@ -238,8 +253,8 @@ pub fn run_cache(
             break;
         };
         drop(timing);
-        let base_acts = compute_acts(&base, &plan, job.layer, job.batch_tokens)?;
-        check_finite(&base_acts, d, &plan, &base, job.layer, job.dtype, &job.data)?;
+        let base_acts = compute_acts_on(&refs(&bases), &plan, job.layer, job.batch_tokens)?;
+        check_finite(&base_acts, d, &plan, base, job.layer, job.dtype, &job.data)?;
         let shard_i = index.shards.len() + index.partial_shards.len();
         let info = ShardInfo {
             file: shard_name(shard_i),
@@ -247,9 +262,10 @@ pub fn run_cache(
             documents: plan.docs.len() as u64,
             checksum: 0,
         };
-        match &chat {
-            Some(chat) => {
-                let chat_acts = compute_acts(chat, &plan, job.layer, job.batch_tokens)?;
+        match chats.as_deref() {
+            Some(chats) => {
+                let chat = &chats[0];
+                let chat_acts = compute_acts_on(&refs(chats), &plan, job.layer, job.batch_tokens)?;
                 let _phase = crate::phases::phase("check and write shards", &device);
                 check_finite(&chat_acts, d, &plan, chat, job.layer, job.dtype, &job.data)?;
                 finish_shard(job, &mut index, info, &plan, &base_acts, &chat_acts, d)?;
@@ -280,11 +296,12 @@ pub fn run_cache(
     if !keep_going() {
         return Ok(index);
     }
-    drop(base);
+    drop(bases);
 
     // --low-memory: the chat pass over the partial shards.
     if job.low_memory && !index.partial_shards.is_empty() {
-        let chat = load(&job.chat, job.chat_adapter.as_deref())?;
+        let chats = load(&job.chat, job.chat_adapter.as_deref())?;
+        let chat = &chats[0];
         let mut done = index.total_tokens;
         while let Some(info) = index.partial_shards.first().cloned() {
             if !keep_going() {
@@ -309,9 +326,9 @@ pub fn run_cache(
             }
             let mut base_acts = vec![0.0f32; plan.tokens * d];
             job.dtype.decode(base_view.data(), &mut base_acts);
-            let chat_acts = compute_acts(&chat, &plan, job.layer, job.batch_tokens)
+            let chat_acts = compute_acts_on(&refs(&chats), &plan, job.layer, job.batch_tokens)
                 .with_context(|| partial.display().to_string())?;
-            check_finite(&chat_acts, d, &plan, &chat, job.layer, job.dtype, &job.data)?;
+            check_finite(&chat_acts, d, &plan, chat, job.layer, job.dtype, &job.data)?;
             index.partial_shards.remove(0);
             finish_shard(job, &mut index, info.clone(), &plan, &base_acts, &chat_acts, d)?;
             index.write(&job.out)?;
@@ -413,4 +430,9 @@ fn write_shard(path: &Path, bytes: &[u8]) -> Result<()> {
         }
     }
     crate::io::write_atomic(path, |f| Ok(std::io::Write::write_all(f, bytes)?))
+}
+
+/// The models as the list [`compute_acts_on`] takes.
+fn refs(models: &[Model]) -> Vec<&Model> {
+    models.iter().collect()
 }

@@ -187,6 +187,7 @@ pub struct TrainBench {
 /// Times `steps` training steps (after one warm-up step) on random Gaussian pairs.
 pub fn bench_train(
     device: &burn::tensor::Device,
+    devices: &[burn::tensor::Device],
     kind: crate::crosscoder::Kind,
     d: usize,
     dict: usize,
@@ -233,8 +234,8 @@ pub fn bench_train(
     TrainRun {
         config,
         out: dir.clone(),
-        device: device.clone(),
-        devices: vec![],
+        device: devices.first().unwrap_or(device).clone(),
+        devices: devices.to_vec(),
         source: &mut src,
         validation: None,
         layer: None,

@@ -58,6 +58,9 @@ pub enum BenchCommand {
         /// them (time and bytes per step).
         #[arg(long)]
         phases: bool,
+        /// Data-parallel over these devices (as `train --devices`).
+        #[arg(long, value_delimiter = ',', value_name = "DEV,DEV,…")]
+        devices: Vec<Backend>,
     },
     /// analyze throughput and the examples store's per-latent query time on the planted case:
     /// synthetic pairs from known directions and a crosscoder made of them.
@@ -120,12 +123,17 @@ pub enum BenchCommand {
 
 pub fn run(which: BenchCommand, backend: &Backend) -> Result<()> {
     match which {
-        BenchCommand::Train { size: CrosscoderSize { d, dict_size, k }, batch, kind, steps, counters, phases } => {
+        BenchCommand::Train { size: CrosscoderSize { d, dict_size, k }, batch, kind, steps, counters, phases, devices } => {
             let device = backend.device()?;
+            let on = match devices.as_slice() {
+                [] => backend.describe(),
+                many => format!("data-parallel over {}", many.iter().map(Backend::describe).collect::<Vec<_>>().join(" + ")),
+            };
+            let devices = devices.iter().map(Backend::device).collect::<Result<Vec<_>>>()?;
             if phases {
                 crossdiff::phases::enable();
             }
-            let r = crossdiff::bench::bench_train(&device, kind, d, dict_size, k, batch, steps)?;
+            let r = crossdiff::bench::bench_train(&device, &devices, kind, d, dict_size, k, batch, steps)?;
             crossdiff::phases::disable();
             println!("{}", serde_json::to_string(&r)?);
             println!(
@@ -134,7 +142,7 @@ pub fn run(which: BenchCommand, backend: &Backend) -> Result<()> {
                 r.seconds_per_step,
                 r.tokens_per_s,
                 r.peak_host_bytes.unwrap_or(0) / (1 << 20),
-                backend.describe()
+                on
             );
             if phases {
                 print_phases(&r, steps);

@@ -243,8 +243,10 @@ fn execute(command: Command, backend: &Backend) -> Result<()> {
         Command::Cache(job) => {
             let device = backend.device()?;
             let bar = Bar::cancellable("tokens");
-            let done = crossdiff::workflow::cache::run(&job, &device, bar.handle())?;
+            let done = crossdiff::workflow::cache::run(&job, &device, bar.handle())
+                .map_err(|e| crossdiff::backend::explain_failure_of(&job.devices, e))?;
             bar.finish();
+            let device_name = on_devices(&job.devices, device_name, "fanned out over");
             let index = &done.index;
             let state = done.state(job.tokens, "interrupted; re-run the same command to resume");
             println!(
@@ -265,13 +267,7 @@ fn execute(command: Command, backend: &Backend) -> Result<()> {
                 .run(&device, bar.handle())
                 .map_err(|e| crossdiff::backend::explain_failure_of(&job.devices, e))?;
             bar.finish();
-            let on = match job.devices.as_slice() {
-                [] => device_name,
-                many => format!(
-                    "data-parallel over {}",
-                    many.iter().map(Backend::describe).collect::<Vec<_>>().join(" + ")
-                ),
-            };
+            let on = on_devices(&job.devices, device_name, "data-parallel over");
             println!("{}", train_summary(&job, &done, bar.cancelled(), &on));
         }
         Command::Analyze(job) => {
@@ -391,6 +387,14 @@ fn execute(command: Command, backend: &Backend) -> Result<()> {
         Command::Serve(job) => serve(&job, backend, &device_name)?,
     }
     Ok(())
+}
+
+/// What a summary line says a job ran on: `device` alone, or `how` the `--devices` list.
+fn on_devices(devices: &[Backend], device: String, how: &str) -> String {
+    match devices {
+        [] => device,
+        many => format!("{how} {}", many.iter().map(Backend::describe).collect::<Vec<_>>().join(" + ")),
+    }
 }
 
 /// `crossdiff serve`: the flags are checked and the port bound before the device starts; the first
