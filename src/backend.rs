@@ -67,13 +67,18 @@ impl RemoteServer {
     /// Connects the server's device 0 (burn's remote backend), in one line on failure: a refused
     /// token, a server that is not there, another protocol version.
     pub fn connect(&self) -> Result<Device> {
+        self.connect_as("--backend")
+    }
+
+    /// [`connect`](Self::connect), its errors naming `flag` (`--backend`, `--devices`).
+    pub fn connect_as(&self, flag: &str) -> Result<Device> {
         use burn::remote::{ConnectError, RemoteHost};
         let mut host = RemoteHost::websocket(&self.url);
         if let Some(t) = &self.token {
             host = host.with_credential(t.as_str());
         }
-        let flag = format!("--backend remote:{}", self.url);
-        Device::remote_options(&host).init().map_err(|e| match e {
+        let flag = format!("{flag} remote:{}", self.url);
+        let device = Device::remote_options(&host).init().map_err(|e| match e {
             ConnectError::Unauthorized if self.token.is_none() => anyhow!(
                 "{flag}: the server requires a token; pass the one `crossdiff serve` was started with (--remote-token or CROSSDIFF_REMOTE_TOKEN)"
             ),
@@ -85,9 +90,20 @@ impl RemoteServer {
                 reason.lines().next().unwrap_or_default()
             ),
             other => anyhow!("{flag}: {}", other.to_string().lines().next().unwrap_or_default()),
-        })
+        })?;
+        CONNECTED.lock().unwrap_or_else(|p| p.into_inner()).insert(self.url.clone());
+        Ok(device)
+    }
+
+    /// Whether this process connected the server once: only then can a later failure be the
+    /// server going away mid-job.
+    fn was_connected(&self) -> bool {
+        CONNECTED.lock().unwrap_or_else(|p| p.into_inner()).contains(&self.url)
     }
 }
+
+/// The servers this process has connected (their URLs).
+static CONNECTED: std::sync::Mutex<std::collections::BTreeSet<String>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
 
 impl Backend {
     /// A job's error as the user should read it: on a remote backend whose server no longer
@@ -95,7 +111,7 @@ impl Backend {
     /// RecvError"), with what stays and how to go on; any other error as it is.
     pub fn explain_failure(&self, e: anyhow::Error) -> anyhow::Error {
         let Self::Remote(r) = self else { return e };
-        if r.answers() {
+        if !r.was_connected() || r.answers() {
             return e;
         }
         anyhow!(
@@ -109,7 +125,7 @@ impl Backend {
 /// [`Backend::explain_failure`] for a job on several devices (`train --devices`): the first
 /// remote one whose server no longer answers explains the error.
 pub fn explain_failure_of(backends: &[Backend], e: anyhow::Error) -> anyhow::Error {
-    match backends.iter().find(|b| matches!(b, Backend::Remote(r) if !r.answers())) {
+    match backends.iter().find(|b| matches!(b, Backend::Remote(r) if r.was_connected() && !r.answers())) {
         Some(b) => b.explain_failure(e),
         None => e,
     }
@@ -157,6 +173,11 @@ impl Backend {
     /// The burn device, checked to be usable: a machine without a GPU driver gets an error that
     /// says so instead of a panic deep inside the runtime.
     pub fn device(&self) -> Result<Device> {
+        self.device_as("--backend")
+    }
+
+    /// [`device`](Self::device), its errors naming `flag` (`--devices` for an entry of that list).
+    pub fn device_as(&self, flag: &str) -> Result<Device> {
         let device = match self.resolve()? {
             Self::Auto => unreachable!("resolve() returns a concrete backend"),
             Self::Cpu => return Ok(Device::flex()),
@@ -164,12 +185,12 @@ impl Backend {
             Self::Cuda => cuda_device()?,
             Self::Remote(r) => {
                 // The connect's handshake already ran an exchange with the server's device.
-                return r.connect();
+                return r.connect_as(flag);
             }
         };
         probe(&device).map_err(|why| {
             anyhow!(
-                "--backend {self}: no usable device ({why}); install a Vulkan driver (on a CPU-only Linux machine: \
+                "{flag} {self}: no usable device ({why}); install a Vulkan driver (on a CPU-only Linux machine: \
                  Mesa's lavapipe, package mesa-vulkan-drivers) or use --backend cpu"
             )
         })?;
@@ -344,6 +365,11 @@ fn probe(device: &Device) -> std::result::Result<(), String> {
 /// kernels apply. burn's `Device` exposes its backend only through its description.
 pub fn is_wgpu(device: &Device) -> bool {
     format!("{device:?}").contains("Wgpu")
+}
+
+/// Whether the device is a `crossdiff serve` server's (burn's remote backend).
+pub fn is_remote(device: &Device) -> bool {
+    format!("{device:?}").contains("Remote")
 }
 
 /// Whether the device is burn's CPU backend (flex), whose tensors live in host memory.

@@ -208,7 +208,8 @@ impl JobEnv {
         let mut job = Job::spawn(name, self.ctx.clone(), move |handle| {
             handle.progress(&format!("opening the {backend} device"), 0, 1, "devices");
             let device = backend.device()?;
-            work(&device, &store, handle)
+            // A server that goes away mid-job is said as such (not as burn's "RecvError").
+            work(&device, &store, handle).map_err(|e| backend.explain_failure(e))
         });
         job.device = Some(started_on);
         job

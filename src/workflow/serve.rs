@@ -20,7 +20,7 @@ use burn::server::{AuthorizationRequest, RemoteServer, TokenAuthorizer, WebSocke
 use burn::tensor::Device;
 
 /// `crossdiff serve`: host this machine's device for remote clients until Ctrl-C.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct ServeJob {
     /// TCP port to listen on (0: any free port; the first line printed names it).
     #[arg(long)]
@@ -36,6 +36,18 @@ pub struct ServeJob {
     /// A file whose first line is the token.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ServeJob {
+    // The token never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeJob")
+            .field("port", &self.port)
+            .field("bind", &self.bind)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
 }
 
 /// What a client sees first: where to point `--backend`.

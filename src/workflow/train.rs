@@ -408,7 +408,10 @@ impl TrainJob {
         }
         self.check_out()?;
         // Data-parallel: connected before anything is written; the first device is home.
-        let devices = self.devices.iter().map(|b| b.device()).collect::<Result<Vec<_>>>()?;
+        let devices = self.devices.iter().map(|b| b.device_as("--devices")).collect::<Result<Vec<_>>>()?;
+        if let Some(i) = (1..devices.len()).find(|&i| devices[..i].contains(&devices[i])) {
+            bail!("--devices: entry {} ({}) is the same device as an earlier one", i + 1, self.devices[i]);
+        }
         let device = devices.first().unwrap_or(device);
         crate::io::clean_on_failure(&self.out, || {
             // Inside: the lock is gone before an empty folder left by a refusal is removed.

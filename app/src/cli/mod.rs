@@ -168,10 +168,18 @@ fn parse() -> Cli {
 pub fn run() -> Result<()> {
     let cli = parse();
     // No subcommand: the desktop app, with the device the flags chose selected.
-    let chosen = cli.backend.with_remote_token(cli.remote_token);
-    let Some(command) = cli.command else { return crate::app::run(chosen) };
-    // `auto` settles once, here, before any job thread starts a device.
-    let backend = chosen.resolve()?;
+    let token = cli.remote_token;
+    let chosen = cli.backend.with_remote_token(token.clone());
+    let Some(mut command) = cli.command else { return crate::app::run(chosen) };
+    // `auto` settles once, here, before any job thread starts a device (CROSSDIFF_BACKEND may name
+    // a server: the token applies to what it settles on, and to every --devices entry).
+    let backend = chosen.resolve()?.with_remote_token(token.clone());
+    if let Command::Train(TrainJob { devices, .. }) | Command::Cache(CacheJob { devices, .. }) = &mut command {
+        *devices = devices.drain(..).map(|b| b.with_remote_token(token.clone())).collect();
+    }
+    if let Command::Bench { which: bench::BenchCommand::Train { devices, .. } } = &mut command {
+        *devices = devices.drain(..).map(|b| b.with_remote_token(token.clone())).collect();
+    }
     execute(command, &backend).map_err(|e| backend.explain_failure(e))?;
     if progress::interrupted() {
         std::process::exit(130);
@@ -241,7 +249,8 @@ fn execute(command: Command, backend: &Backend) -> Result<()> {
             );
         }
         Command::Cache(job) => {
-            let device = backend.device()?;
+            // With --devices the job connects those; --backend is not used.
+            let device = if job.devices.is_empty() { backend.device()? } else { burn::tensor::Device::flex() };
             let bar = Bar::cancellable("tokens");
             let done = crossdiff::workflow::cache::run(&job, &device, bar.handle())
                 .map_err(|e| crossdiff::backend::explain_failure_of(&job.devices, e))?;
@@ -261,7 +270,8 @@ fn execute(command: Command, backend: &Backend) -> Result<()> {
             );
         }
         Command::Train(job) => {
-            let device = backend.device()?;
+            // With --devices the job connects those; --backend is not used.
+            let device = if job.devices.is_empty() { backend.device()? } else { burn::tensor::Device::flex() };
             let bar = Bar::cancellable("steps");
             let done = job
                 .run(&device, bar.handle())
@@ -416,11 +426,11 @@ fn serve(job: &crossdiff::workflow::serve::ServeJob, backend: &Backend, device_n
         device,
         device_name,
         |l| {
-            let host = if l.address.ip().is_unspecified() { "THIS-HOST".to_string() } else { l.address.ip().to_string() };
-            let port = l.address.port();
+            // `SocketAddr`'s Display brackets an IPv6 address, as a URL needs.
+            let reach = if l.address.ip().is_unspecified() { format!("THIS-HOST:{}", l.address.port()) } else { l.address.to_string() };
             let token = if l.token_required { " --remote-token TOKEN" } else { "" };
             print_line(&format!(
-                "serve: listening on {} ({device_name}); clients: --backend remote:ws://{host}:{port}{token}",
+                "serve: listening on {} ({device_name}); clients: --backend remote:ws://{reach}{token}",
                 l.address
             ));
         },

@@ -11,7 +11,9 @@
 //! - the gradients: each device's are brought to the first device and summed (burn 0.22's
 //!   collective all-reduce covers devices of one server only — `burn-remote` asserts "cross-peer
 //!   all_reduce is not supported yet" — and flex/wgpu have none, so the reduce is tensor moves
-//!   between devices, which burn's remote backend carries server to server).
+//!   between devices). A move between two servers goes through this client: burn's own
+//!   server-to-server transfer has the target dial the source at the address the client used,
+//!   which an SSH tunnel's 127.0.0.1 or a loopback-only server does not offer.
 //!
 //! The step returns one [`StepOutput`] on the first device (the batch's error concatenated), so
 //! the clip, the optimizer, θ, the metrics and the checkpoints are the one-device loop's.
@@ -22,10 +24,25 @@ use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use crate::crosscoder::train::config::TrainConfig;
 use crate::crosscoder::train::host_sparse::{HostPicks, select_topk};
 use crate::crosscoder::train::step::{Selection, StepOutput, aux_weight, host_scores};
+use crate::backend::is_remote;
 use crate::crosscoder::{Kind, Params, encode, read_vec, recon_loss, tensor};
+
+/// `t` on `dev`: in place when it is there, through this client between two servers.
+fn move_to<const N: usize>(t: Tensor<N>, dev: &Device) -> Result<Tensor<N>> {
+    let from = t.device();
+    if &from == dev {
+        return Ok(t);
+    }
+    if is_remote(&from) && is_remote(dev) {
+        let data = t.try_into_data().map_err(|e| anyhow!("moving a tensor between servers: {e:?}"))?;
+        return Ok(Tensor::from_data(data, dev));
+    }
+    Ok(t.to_device(dev))
+}
 
 /// Checks that the run can be split: BatchTopK crosscoders only, devices given once each.
 pub fn check(cfg: &TrainConfig, devices: &[Device]) -> Result<()> {
+    // Also checked by the train job before anything is written; here for every other caller.
     if cfg.kind != Kind::BatchTopK {
         bail!("--devices: data-parallel training covers --kind batchtopk; train {:?} on one device", cfg.kind);
     }
@@ -101,14 +118,17 @@ pub fn step(
     let home = x.device();
     let parts = slices(b, devices.len());
     // Each device's parameters and rows, then its codes on the host.
-    let shards: Vec<(Device, Params, Tensor<2>)> = parts
-        .iter()
-        .zip(devices)
-        .map(|(rows, dev)| {
-            let xs = x.clone().slice([rows.clone(), 0..two_d]).to_device(dev);
-            (dev.clone(), p.clone().map(|t| t.to_device(dev)), xs)
-        })
-        .collect();
+    let mut shards: Vec<(Device, Params, Tensor<2>)> = Vec::new();
+    for (rows, dev) in parts.iter().zip(devices) {
+        let xs = move_to(x.clone().slice([rows.clone(), 0..two_d]), dev)?;
+        let ps = Params {
+            w_enc: move_to(p.w_enc.clone(), dev)?,
+            b_enc: move_to(p.b_enc.clone(), dev)?,
+            w_dec: move_to(p.w_dec.clone(), dev)?,
+            b_dec: move_to(p.b_dec.clone(), dev)?,
+        };
+        shards.push((dev.clone(), ps, xs));
+    }
     // Every device's encoder is queued before the first read, so the devices run side by side.
     let queued: Vec<Tensor<2>> = shards.iter().map(|(_, ps, xs)| encode(ps, xs.clone())).collect();
     let codes: Vec<Vec<f32>> = queued.into_iter().map(read_vec).collect::<Result<_>>()?;
@@ -189,8 +209,8 @@ pub fn step(
         if let (Some(a), Some(t)) = (alpha, &aux_term) {
             loss = loss + t.clone().mul_scalar(a);
         }
-        recon_total = add(recon_total, s.recon.clone().inner().to_device(&home));
-        loss_total = add(loss_total, loss.clone().inner().to_device(&home));
+        recon_total = add(recon_total, move_to(s.recon.clone().inner(), &home)?);
+        loss_total = add(loss_total, move_to(loss.clone().inner(), &home)?);
         let g = loss.backward();
         let grad = |t: &Tensor<2>| t.grad(&g).map(Tensor::inner).ok_or_else(|| anyhow!("no gradient for a parameter"));
         let mut g_w_enc_t = Tensor::<2>::zeros([dict, two_d], (dev, DType::F32));
@@ -202,8 +222,13 @@ pub fn step(
             g_w_enc_t = g_w_enc_t.select_assign(0, pk.latents.clone(), rows, IndexingUpdateOp::Add);
             g_b_enc = g_b_enc.select_assign(0, pk.latents.clone(), gv, IndexingUpdateOp::Add);
         }
-        let mine = [g_w_enc_t.transpose(), g_b_enc.reshape([1, dict]), grad(&s.w_dec)?, grad(&s.b_dec)?]
-            .map(|t| t.to_device(&home));
+        // A slice none of whose entries was picked leaves W_dec out of its graph: its gradient is 0.
+        let g_w_dec = s.w_dec.grad(&g).map(Tensor::inner).unwrap_or_else(|| s.w_dec.clone().inner().zeros_like());
+        let mut mine = Vec::with_capacity(4);
+        for t in [g_w_enc_t.transpose(), g_b_enc.reshape([1, dict]), g_w_dec, grad(&s.b_dec)?] {
+            mine.push(move_to(t, &home)?);
+        }
+        let mine: [Tensor<2>; 4] = mine.try_into().map_err(|_| anyhow!("four gradients"))?;
         grads = Some(match grads {
             None => mine,
             Some([a0, a1, a2, a3]) => {
@@ -211,7 +236,7 @@ pub fn step(
                 [a0 + m0, a1 + m1, a2 + m2, a3 + m3]
             }
         });
-        errs.push(s.err.inner().to_device(&home));
+        errs.push(move_to(s.err.inner(), &home)?);
     }
     let grads = grads.ok_or_else(|| anyhow!("an empty batch"))?;
     let (loss, recon) = (loss_total.ok_or_else(|| anyhow!("an empty batch"))?, recon_total.ok_or_else(|| anyhow!("an empty batch"))?);
