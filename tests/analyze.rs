@@ -61,6 +61,7 @@ fn latents_csv_equals_an_independent_recomputation() {
         batch_tokens: 256,
         low_memory: false,
         load: LoadOptions::default(),
+        devices: Vec::new(),
     };
     run_cache(&job, &Device::flex(), |_| {}, || true).unwrap();
 
@@ -326,6 +327,7 @@ fn examples_store_returns_the_true_top_contexts() {
         batch_tokens: 256,
         low_memory: false,
         load: LoadOptions::default(),
+        devices: Vec::new(),
     };
     run_cache(&job, &Device::flex(), |_| {}, || true).unwrap();
     let device = Device::flex();

@@ -34,6 +34,7 @@ fn job(out: &Path, dtype: ActDtype, tokens: u64) -> CacheJob {
         batch_tokens: 256,
         low_memory: false,
         load: LoadOptions::default(),
+        devices: Vec::new(),
     }
 }
 

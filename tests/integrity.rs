@@ -44,6 +44,7 @@ fn cache_job(base: &Path, chat: &Path, out: &Path, data_files: Vec<PathBuf>, dty
         batch_tokens: 256,
         low_memory: false,
         load: LoadOptions::default(),
+        devices: Vec::new(),
     }
 }
 

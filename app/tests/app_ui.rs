@@ -81,6 +81,7 @@ fn analysed_run(tag: &str) -> std::path::PathBuf {
         batch_tokens: 256,
         low_memory: false,
         load: crossdiff::LoadOptions::default(),
+        devices: Vec::new(),
     };
     let device = burn::tensor::Device::flex();
     run_cache(&job, &device, |_| {}, || true).unwrap();

@@ -453,14 +453,24 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
     tiny(None, &tiny_one);
     tiny(Some(format!("cpu,{},{}", one.url, two.url)), &tiny_three);
     assert_same_run(&tiny_one, &tiny_three);
+    // L1: its means over B and the activity counts behind the dead fraction.
+    let l1 = |devices: Option<String>, out: &Path| {
+        let mut a = args("cpu", devices, out);
+        a.extend(["--kind".to_string(), "l1".to_string(), "--mu".to_string(), "0.05".to_string()]);
+        run(a);
+    };
+    let (l1_one, l1_two) = (tmp.0.join("l1-one"), tmp.0.join("l1-two"));
+    l1(None, &l1_one);
+    l1(Some(format!("{},{}", one.url, two.url)), &l1_two);
+    assert_same_run(&l1_one, &l1_two);
     // Every data-parallel run above opened a session on both servers (and closed it).
-    assert!(one.log_with("closed after", 4).matches("closed after").count() >= 4, "{}", one.log());
-    assert!(two.log_with("closed after", 4).matches("closed after").count() >= 4, "{}", two.log());
+    assert!(one.log_with("closed after", 5).matches("closed after").count() >= 5, "{}", one.log());
+    assert!(two.log_with("closed after", 5).matches("closed after").count() >= 5, "{}", two.log());
 
     // Refused in one line before anything is written.
     for (devices, kind, says) in [
         (format!("{},{}", one.url, one.url), "batchtopk", "is given twice"),
-        (one.url.clone(), "l1", "--devices: data-parallel training covers --kind batchtopk; train l1 on one device"),
+        (one.url.clone(), "sae", "--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device"),
     ] {
         let out = tmp.0.join("refused");
         let mut a = args("cpu", Some(devices), &out);

@@ -1,4 +1,4 @@
-//! Data-parallel BatchTopK steps (`crossdiff train --devices A,B,…`): each device encodes,
+//! Data-parallel steps (`crossdiff train --devices A,B,…`; BatchTopK and L1): each device encodes,
 //! decodes and back-propagates a contiguous slice of the batch's rows; what couples the rows is
 //! computed over the whole batch, so a step equals the one-device step on the same batch up to
 //! float summation order:
@@ -15,6 +15,8 @@
 //!   server-to-server transfer has the target dial the source at the address the client used,
 //!   which an SSH tunnel's 127.0.0.1 or a loopback-only server does not offer.
 //!
+//! L1 couples rows only through its means over B and the per-latent activity counts (summed).
+//!
 //! The step returns one [`StepOutput`] on the first device (the batch's error concatenated), so
 //! the clip, the optimizer, θ, the metrics and the checkpoints are the one-device loop's.
 
@@ -22,6 +24,7 @@ use anyhow::{Result, anyhow, bail};
 use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::crosscoder::train::config::TrainConfig;
+use crate::crosscoder::train::dense::{backward, l1_loss};
 use crate::crosscoder::train::host_sparse::{HostPicks, select_topk};
 use crate::crosscoder::train::step::{Selection, StepOutput, aux_weight, host_scores};
 use crate::backend::is_remote;
@@ -40,11 +43,37 @@ fn move_to<const N: usize>(t: Tensor<N>, dev: &Device) -> Result<Tensor<N>> {
     Ok(t.to_device(dev))
 }
 
-/// Checks that the run can be split: BatchTopK crosscoders only, devices given once each.
+/// The parameters on `dev` (a copy for this step).
+fn params_on(p: &Params, dev: &Device) -> Result<Params> {
+    Ok(Params {
+        w_enc: move_to(p.w_enc.clone(), dev)?,
+        b_enc: move_to(p.b_enc.clone(), dev)?,
+        w_dec: move_to(p.w_dec.clone(), dev)?,
+        b_dec: move_to(p.b_dec.clone(), dev)?,
+    })
+}
+
+/// Adds `mine` into `acc` (the first slice's gradients start it), on the first device.
+fn sum_grads(acc: Option<[Tensor<2>; 4]>, mine: [Tensor<2>; 4], home: &Device) -> Result<[Tensor<2>; 4]> {
+    let mut moved = Vec::with_capacity(4);
+    for t in mine {
+        moved.push(move_to(t, home)?);
+    }
+    let mine: [Tensor<2>; 4] = moved.try_into().map_err(|_| anyhow!("four gradients"))?;
+    Ok(match acc {
+        None => mine,
+        Some([a0, a1, a2, a3]) => {
+            let [m0, m1, m2, m3] = mine;
+            [a0 + m0, a1 + m1, a2 + m2, a3 + m3]
+        }
+    })
+}
+
+/// Checks that the run can be split: crosscoders (BatchTopK, L1), devices given once each.
 pub fn check(cfg: &TrainConfig, devices: &[Device]) -> Result<()> {
     // Also checked by the train job before anything is written; here for every other caller.
-    if cfg.kind != Kind::BatchTopK {
-        bail!("--devices: data-parallel training covers --kind batchtopk; train {:?} on one device", cfg.kind);
+    if cfg.kind == Kind::Sae {
+        bail!("--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device");
     }
     for (i, a) in devices.iter().enumerate() {
         if devices[..i].iter().any(|b| b == a) {
@@ -113,6 +142,68 @@ pub fn step(
     since_selected: &mut [u64],
     devices: &[Device],
 ) -> Result<StepOutput> {
+    match cfg.kind {
+        Kind::L1 => l1_step(cfg, p, x, since_selected, devices),
+        _ => batch_topk_step(cfg, p, x, step, since_selected, devices),
+    }
+}
+
+/// L1 over the slices: each slice's loss (a mean over its rows) × n/B, the activity counts summed.
+fn l1_step(cfg: &TrainConfig, p: &Params, x: Tensor<2>, since_selected: &mut [u64], devices: &[Device]) -> Result<StepOutput> {
+    let (d, dict) = p.dims();
+    let [b, two_d] = x.dims();
+    let home = x.device();
+    // Every slice's forward and backward queued before the first read.
+    let mut queued = Vec::new();
+    for (rows, dev) in slices(b, devices.len()).iter().zip(devices) {
+        let xs = move_to(x.clone().slice([rows.clone(), 0..two_d]), dev)?;
+        let ps = params_on(p, dev)?.map(|t| t.autodiff().require_grad());
+        let (loss, recon, err, codes) = l1_loss(cfg, &ps, xs.autodiff(), d);
+        let share = rows.len() as f64 / b as f64;
+        let (loss, recon) = (loss.mul_scalar(share), recon.mul_scalar(share));
+        let grads = backward(&loss, &ps)?;
+        queued.push((loss, recon, err, codes.greater_elem(0.0).float().sum_dim(0), grads));
+    }
+    let mut active = vec![0f32; dict];
+    let (mut loss_total, mut recon_total, mut grads, mut errs) = (None::<Tensor<1>>, None::<Tensor<1>>, None, Vec::new());
+    for (loss, recon, err, counts, g) in queued {
+        for (a, c) in active.iter_mut().zip(read_vec(counts)?) {
+            *a += c;
+        }
+        let (loss, recon) = (move_to(loss.inner(), &home)?, move_to(recon.inner(), &home)?);
+        loss_total = Some(match loss_total {
+            Some(t) => t + loss,
+            None => loss,
+        });
+        recon_total = Some(match recon_total {
+            Some(t) => t + recon,
+            None => recon,
+        });
+        grads = Some(sum_grads(grads, g, &home)?);
+        errs.push(move_to(err.inner(), &home)?);
+    }
+    let selection = Selection::active(active);
+    selection.record(cfg, since_selected, b, d);
+    let empty = || anyhow!("an empty batch");
+    Ok(StepOutput::new(
+        selection,
+        loss_total.ok_or_else(empty)?,
+        recon_total.ok_or_else(empty)?,
+        None,
+        Tensor::cat(errs, 0),
+        grads.ok_or_else(empty)?,
+    ))
+}
+
+/// One data-parallel BatchTopK step on the batch `x` (`[B, 2d]`, on `devices[0]`, where `p` lives).
+fn batch_topk_step(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    step: u64,
+    since_selected: &mut [u64],
+    devices: &[Device],
+) -> Result<StepOutput> {
     let (d, dict) = p.dims();
     let [b, two_d] = x.dims();
     let home = x.device();
@@ -121,13 +212,7 @@ pub fn step(
     let mut shards: Vec<(Device, Params, Tensor<2>)> = Vec::new();
     for (rows, dev) in parts.iter().zip(devices) {
         let xs = move_to(x.clone().slice([rows.clone(), 0..two_d]), dev)?;
-        let ps = Params {
-            w_enc: move_to(p.w_enc.clone(), dev)?,
-            b_enc: move_to(p.b_enc.clone(), dev)?,
-            w_dec: move_to(p.w_dec.clone(), dev)?,
-            b_dec: move_to(p.b_dec.clone(), dev)?,
-        };
-        shards.push((dev.clone(), ps, xs));
+        shards.push((dev.clone(), params_on(p, dev)?, xs));
     }
     // Every device's encoder is queued before the first read, so the devices run side by side.
     let queued: Vec<Tensor<2>> = shards.iter().map(|(_, ps, xs)| encode(ps, xs.clone())).collect();
@@ -224,18 +309,8 @@ pub fn step(
         }
         // A slice none of whose entries was picked leaves W_dec out of its graph: its gradient is 0.
         let g_w_dec = s.w_dec.grad(&g).map(Tensor::inner).unwrap_or_else(|| s.w_dec.clone().inner().zeros_like());
-        let mut mine = Vec::with_capacity(4);
-        for t in [g_w_enc_t.transpose(), g_b_enc.reshape([1, dict]), g_w_dec, grad(&s.b_dec)?] {
-            mine.push(move_to(t, &home)?);
-        }
-        let mine: [Tensor<2>; 4] = mine.try_into().map_err(|_| anyhow!("four gradients"))?;
-        grads = Some(match grads {
-            None => mine,
-            Some([a0, a1, a2, a3]) => {
-                let [m0, m1, m2, m3] = mine;
-                [a0 + m0, a1 + m1, a2 + m2, a3 + m3]
-            }
-        });
+        let mine = [g_w_enc_t.transpose(), g_b_enc.reshape([1, dict]), g_w_dec, grad(&s.b_dec)?];
+        grads = Some(sum_grads(grads, mine, &home)?);
         errs.push(move_to(s.err.inner(), &home)?);
     }
     let grads = grads.ok_or_else(|| anyhow!("an empty batch"))?;
