@@ -335,7 +335,7 @@ fn assert_same_cache(local: &Path, remote: &Path) {
 }
 
 #[test]
-fn cache_and_analyze_through_a_server_equal_the_local_ones() {
+fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
     let tmp = Scratch::new("remote-cache");
     let server = Server::start(&[], &tmp.0.join("server.log"));
     let a = assets();
@@ -390,6 +390,38 @@ fn cache_and_analyze_through_a_server_equal_the_local_ones() {
             }
         }
     }
+    // kl and steer on the same run: the same table, the same greedy completions.
+    let kl = |backend: &str| {
+        let conversations = a.join("data/chat.jsonl");
+        let args = [
+            "--backend", backend, "kl", "--run", run.to_str().unwrap(), "--base", base.to_str().unwrap(),
+            "--chat", chat.to_str().unwrap(), "--data", conversations.to_str().unwrap(), "--conversations", "8",
+        ];
+        let r = crossdiff(&args);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("kl.json")).unwrap()).unwrap();
+        rows.as_array().unwrap().clone()
+    };
+    let (here, there) = (kl("cpu"), kl(&server.url));
+    assert!(here.len() >= 2);
+    for (x, y) in here.iter().zip(&there) {
+        assert_eq!((&x["condition"], &x["tokens_all"], &x["latents"]), (&y["condition"], &y["tokens_all"], &y["latents"]));
+        for key in ["mean_all", "mean_first9"] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!((p - q).abs() <= 1e-4 * p.abs().max(1e-3), "{}: {key} {p} here, {q} there", x["condition"]);
+        }
+    }
+    let steer = |backend: &str| {
+        let args = [
+            "--backend", backend, "steer", "--run", run.to_str().unwrap(), "--model", chat.to_str().unwrap(),
+            "--latent", "3", "--strength", "4", "--prompt", "The river", "--max-tokens", "8",
+        ];
+        let r = crossdiff(&args);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let out = String::from_utf8_lossy(&r.stdout).to_string();
+        out.lines().filter(|l| !l.starts_with("steer:")).collect::<Vec<_>>().join("\n")
+    };
+    assert_eq!(steer("cpu"), steer(&server.url));
 }
 
 #[test]
@@ -429,40 +461,31 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
     let mixed = tmp.0.join("mixed");
     run(args("cpu", Some(format!("cpu,{},{}", two.url, one.url)), &mixed));
     assert_same_run(&single, &mixed);
-    // The paper's squared reconstruction term.
-    let squared = |devices: Option<String>, out: &Path| {
+    // Variants, each run on one device and split: `set` replaces flag values, `extra` adds flags.
+    let variant = |devices: Option<String>, out: &Path, set: &[(&str, &str)], extra: &[&str]| {
         let mut a = args("cpu", devices, out);
-        a.push("--squared-recon".to_string());
-        run(a);
-    };
-    let (sq_one, sq_two) = (tmp.0.join("sq-one"), tmp.0.join("sq-two"));
-    squared(None, &sq_one);
-    squared(Some(format!("{},{}", one.url, two.url)), &sq_two);
-    assert_same_run(&sq_one, &sq_two);
-    // Batches of 4 rows with k = 1 over three devices: slices of one or two rows, most of them
-    // without a single pick (their decoder gradient is 0, not an error).
-    let tiny = |devices: Option<String>, out: &Path| {
-        let mut a = args("cpu", devices, out);
-        for (flag, value) in [("--batch", "4"), ("--k", "1"), ("--dict-size", "64")] {
+        for (flag, value) in set {
             let i = a.iter().position(|s| s == flag).unwrap();
             a[i + 1] = value.to_string();
         }
+        a.extend(extra.iter().map(|s| s.to_string()));
         run(a);
     };
-    let (tiny_one, tiny_three) = (tmp.0.join("tiny-one"), tmp.0.join("tiny-three"));
-    tiny(None, &tiny_one);
-    tiny(Some(format!("cpu,{},{}", one.url, two.url)), &tiny_three);
-    assert_same_run(&tiny_one, &tiny_three);
-    // L1: its means over B and the activity counts behind the dead fraction.
-    let l1 = |devices: Option<String>, out: &Path| {
-        let mut a = args("cpu", devices, out);
-        a.extend(["--kind".to_string(), "l1".to_string(), "--mu".to_string(), "0.05".to_string()]);
-        run(a);
-    };
-    let (l1_one, l1_two) = (tmp.0.join("l1-one"), tmp.0.join("l1-two"));
-    l1(None, &l1_one);
-    l1(Some(format!("{},{}", one.url, two.url)), &l1_two);
-    assert_same_run(&l1_one, &l1_two);
+    let cases: [(&str, &str, &[(&str, &str)], &[&str]); 3] = [
+        // The paper's squared reconstruction term.
+        ("squared", "", &[], &["--squared-recon"]),
+        // Batches of 4 rows with k = 1 over three devices: slices of one or two rows, most of them
+        // without a single pick (their decoder gradient is 0, not an error).
+        ("tiny", "cpu,", &[("--batch", "4"), ("--k", "1"), ("--dict-size", "64")], &[]),
+        // L1: its means over B and the activity counts behind the dead fraction.
+        ("l1", "", &[], &["--kind", "l1", "--mu", "0.05"]),
+    ];
+    for (name, local, set, extra) in cases {
+        let (single, split) = (tmp.0.join(format!("{name}-one")), tmp.0.join(format!("{name}-split")));
+        variant(None, &single, set, extra);
+        variant(Some(format!("{local}{},{}", one.url, two.url)), &split, set, extra);
+        assert_same_run(&single, &split);
+    }
     // Every data-parallel run above opened a session on both servers (and closed it).
     assert!(one.log_with("closed after", 5).matches("closed after").count() >= 5, "{}", one.log());
     assert!(two.log_with("closed after", 5).matches("closed after").count() >= 5, "{}", two.log());
