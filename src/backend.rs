@@ -38,7 +38,10 @@ pub struct RemoteServer {
 impl fmt::Debug for RemoteServer {
     // The token never reaches a log line or an error message.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RemoteServer").field("url", &self.url).field("token", &self.token.as_ref().map(|_| "…")).finish()
+        f.debug_struct("RemoteServer")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .finish()
     }
 }
 
@@ -51,7 +54,9 @@ impl RemoteServer {
             anyhow!("--backend remote:{url}: expected remote:ws://HOST:PORT{hint}")
         })?;
         let (host, port) = rest.trim_end_matches('/').rsplit_once(':').ok_or_else(|| {
-            anyhow!("--backend remote:{url}: no port (expected remote:ws://HOST:PORT, the port `crossdiff serve` printed)")
+            anyhow!(
+                "--backend remote:{url}: no port (expected remote:ws://HOST:PORT, the port `crossdiff serve` printed)"
+            )
         })?;
         if host.is_empty() || host.contains('/') {
             bail!("--backend remote:{url}: expected remote:ws://HOST:PORT");
@@ -103,7 +108,8 @@ impl RemoteServer {
 }
 
 /// The servers this process has connected (their URLs).
-static CONNECTED: std::sync::Mutex<std::collections::BTreeSet<String>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+static CONNECTED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
 
 impl Backend {
     /// A job's error as the user should read it: on a remote backend whose server no longer
@@ -213,16 +219,17 @@ impl Backend {
         }
         // Settled once per process: the app asks every frame, and probing CUDA is not free.
         static AUTO: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
-        Ok(AUTO.get_or_init(|| {
-            if gpu_adapter().is_some() {
-                Self::Wgpu
-            } else if cfg!(feature = "cuda") && cuda_device().is_ok_and(|d| probe(&d).is_ok()) {
-                Self::Cuda
-            } else {
-                Self::Cpu
-            }
-        })
-        .clone())
+        Ok(AUTO
+            .get_or_init(|| {
+                if gpu_adapter().is_some() {
+                    Self::Wgpu
+                } else if cfg!(feature = "cuda") && cuda_device().is_ok_and(|d| probe(&d).is_ok()) {
+                    Self::Cuda
+                } else {
+                    Self::Cpu
+                }
+            })
+            .clone())
     }
 
     /// A remote backend with `token` (`--remote-token`) in place of `CROSSDIFF_REMOTE_TOKEN`'s.

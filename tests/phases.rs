@@ -8,8 +8,8 @@ fn the_phases_of_a_step_add_up_and_carry_the_transfers_bytes() {
     let flex = burn::tensor::Device::flex();
     let steps = 4;
     phases::enable();
-    let r =
-        crossdiff::bench::bench_train(&flex, &[], crossdiff::crosscoder::Kind::BatchTopK, 32, 512, 8, 256, steps).unwrap();
+    let r = crossdiff::bench::bench_train(&flex, &[], crossdiff::crosscoder::Kind::BatchTopK, 32, 512, 8, 256, steps)
+        .unwrap();
     phases::disable();
     let names: Vec<&str> = r.phases.iter().map(|p| p.name).collect();
     for want in [

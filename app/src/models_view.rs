@@ -156,7 +156,8 @@ impl ModelsView {
             let mut models = Vec::new();
             for (slot, dir) in dirs.iter().enumerate() {
                 let m = store.get(dir, adapters[slot].as_deref(), device, LoadOptions::default(), handle)?;
-                shown.lock().unwrap_or_else(|e| e.into_inner()).models[slot] = Some(ModelSummary::of(dir, &m, backend.clone()));
+                shown.lock().unwrap_or_else(|e| e.into_inner()).models[slot] =
+                    Some(ModelSummary::of(dir, &m, backend.clone()));
                 models.push(m);
             }
             crossdiff::model::check_models(&models[0], &models[1])?;
@@ -255,8 +256,10 @@ impl ModelsView {
         let backend = env.device_backend();
         self.job.start(env.spawn("generating", move |device, store, handle| {
             let (b, c) = store.pair(&dirs[0], &dirs[1], adapter.as_deref(), device, handle)?;
-            shown.lock().unwrap_or_else(|e| e.into_inner()).models =
-                [Some(ModelSummary::of(&dirs[0], &b, backend.clone())), Some(ModelSummary::of(&dirs[1], &c, backend.clone()))];
+            shown.lock().unwrap_or_else(|e| e.into_inner()).models = [
+                Some(ModelSummary::of(&dirs[0], &b, backend.clone())),
+                Some(ModelSummary::of(&dirs[1], &c, backend.clone())),
+            ];
             let mut counts = [0usize; 2];
             for (slot, m) in [b, c].iter().enumerate() {
                 let ids = m.prompt_ids(&text, chat)?;

@@ -100,7 +100,11 @@ fn train_args<'a>(backend: &'a str, cache: &'a Path, out: &'a Path, steps: &'a s
 }
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn weights(run: &Path) -> Vec<(String, Vec<f32>)> {
@@ -111,7 +115,13 @@ fn weights(run: &Path) -> Vec<(String, Vec<f32>)> {
     names
         .into_iter()
         .map(|n| {
-            let v = st.tensor(&n).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            let v = st
+                .tensor(&n)
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
             (n, v)
         })
         .collect()
@@ -128,7 +138,11 @@ fn assert_same_run(local: &Path, remote: &Path) {
         assert_eq!(x["tokens"], y["tokens"]);
         for key in ["loss", "recon", "aux", "l0", "fve_base", "fve_chat", "dead_frac"] {
             let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
-            assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "step {}: {key} {p} locally, {q} through the server", x["step"]);
+            assert!(
+                (p - q).abs() <= 1e-5 * p.abs().max(1.0),
+                "step {}: {key} {p} locally, {q} through the server",
+                x["step"]
+            );
         }
     }
     // Elementwise, relative to each value (an absolute floor for values near 0).
@@ -158,7 +172,10 @@ fn a_training_run_through_a_server_equals_the_local_run_and_the_server_logs_the_
     assert_same_run(&local, &remote);
     // The server's log: the session, who opened it and on which device, and when it closed.
     let log = server.log_with("closed after", 1);
-    assert!(log.contains("opened by WebSocket client 127.0.0.1:") && log.contains("on device 0 (cpu (burn flex))"), "{log}");
+    assert!(
+        log.contains("opened by WebSocket client 127.0.0.1:") && log.contains("on device 0 (cpu (burn flex))"),
+        "{log}"
+    );
     assert!(log.contains("closed after"), "{log}");
 }
 
@@ -201,7 +218,10 @@ fn a_wrong_or_missing_token_is_refused_on_both_sides() {
     args.extend(["--devices", &server.url]);
     let r = crossdiff(&args);
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success() && err.contains(&format!("--devices {}: the server requires a token", server.url)), "{err}");
+    assert!(
+        !r.status.success() && err.contains(&format!("--devices {}: the server requires a token", server.url)),
+        "{err}"
+    );
     args.extend(["--remote-token", "s3cret"]);
     let r = crossdiff(&args);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -213,14 +233,32 @@ fn bad_serve_and_remote_flags_are_one_line() {
     let empty = tmp.0.join("empty-token");
     std::fs::write(&empty, "\n").unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--backend", "cpu", "serve", "--port", "0", "--bind", "0.0.0.0"], "--bind 0.0.0.0: listening beyond this machine needs a token"),
+        (
+            vec!["--backend", "cpu", "serve", "--port", "0", "--bind", "0.0.0.0"],
+            "--bind 0.0.0.0: listening beyond this machine needs a token",
+        ),
         (vec!["--backend", "cpu", "serve", "--port", "0", "--token", ""], "--token: the token is empty"),
-        (vec!["--backend", "cpu", "serve", "--port", "0", "--token-file", empty.to_str().unwrap()], "the token is empty"),
-        (vec!["--backend", "cpu", "serve", "--port", "0", "--token-file", "/nonexistent/token"], "--token-file /nonexistent/token: cannot read"),
-        (vec!["--backend", "remote:ws://127.0.0.1:9", "serve", "--port", "0"], "a server hosts a device of its own machine"),
-        (vec!["--backend", "remote:http://x:1", "inspect", "--model", "m", "--prompt", "p", "--out", "o"], "expected remote:ws://HOST:PORT"),
+        (
+            vec!["--backend", "cpu", "serve", "--port", "0", "--token-file", empty.to_str().unwrap()],
+            "the token is empty",
+        ),
+        (
+            vec!["--backend", "cpu", "serve", "--port", "0", "--token-file", "/nonexistent/token"],
+            "--token-file /nonexistent/token: cannot read",
+        ),
+        (
+            vec!["--backend", "remote:ws://127.0.0.1:9", "serve", "--port", "0"],
+            "a server hosts a device of its own machine",
+        ),
+        (
+            vec!["--backend", "remote:http://x:1", "inspect", "--model", "m", "--prompt", "p", "--out", "o"],
+            "expected remote:ws://HOST:PORT",
+        ),
         (vec!["--backend", "remote:ws://x", "inspect", "--model", "m", "--prompt", "p", "--out", "o"], "no port"),
-        (vec!["--backend", "remote:ws://x:99999", "inspect", "--model", "m", "--prompt", "p", "--out", "o"], "is not a port number"),
+        (
+            vec!["--backend", "remote:ws://x:99999", "inspect", "--model", "m", "--prompt", "p", "--out", "o"],
+            "is not a port number",
+        ),
     ];
     for (args, says) in cases {
         let r = crossdiff(&args);
@@ -318,7 +356,8 @@ fn assert_same_cache(local: &Path, remote: &Path) {
     assert!(!shards.is_empty());
     for name in shards {
         let (a, b) = (std::fs::read(local.join(&name)).unwrap(), std::fs::read(remote.join(&name)).unwrap());
-        let (a, b) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
+        let (a, b) =
+            (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
         for (tensor, view) in a.tensors() {
             let other = b.tensor(&tensor).unwrap();
             assert_eq!(view.shape(), other.shape(), "{tensor}");
@@ -326,9 +365,16 @@ fn assert_same_cache(local: &Path, remote: &Path) {
                 assert_eq!(view.data(), other.data(), "{name:?} {tensor}");
                 continue;
             }
-            let bf16 = |d: &[u8]| d.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect::<Vec<_>>();
+            let bf16 = |d: &[u8]| {
+                d.chunks_exact(2)
+                    .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                    .collect::<Vec<_>>()
+            };
             for (x, y) in bf16(view.data()).iter().zip(bf16(other.data())) {
-                assert!((x - y).abs() <= x.abs().max(y.abs()) / 128.0 + 1e-6, "{name:?}: {x} locally, {y} through the server");
+                assert!(
+                    (x - y).abs() <= x.abs().max(y.abs()) / 128.0 + 1e-6,
+                    "{name:?}: {x} locally, {y} through the server"
+                );
             }
         }
     }
@@ -342,9 +388,27 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
     let (base, chat, web) = (a.join("tiny-gemma2/base"), a.join("tiny-gemma2/chat"), a.join("data/web.txt"));
     let cache = |backend: &str, out: &Path, devices: Option<&str>| {
         let mut args = vec![
-            "--backend", backend, "cache", "--base", base.to_str().unwrap(), "--chat", chat.to_str().unwrap(),
-            "--data", web.to_str().unwrap(), "--layer", "1", "--tokens", "600", "--context", "64",
-            "--shard-tokens", "256", "--batch-tokens", "128", "--out", out.to_str().unwrap(),
+            "--backend",
+            backend,
+            "cache",
+            "--base",
+            base.to_str().unwrap(),
+            "--chat",
+            chat.to_str().unwrap(),
+            "--data",
+            web.to_str().unwrap(),
+            "--layer",
+            "1",
+            "--tokens",
+            "600",
+            "--context",
+            "64",
+            "--shard-tokens",
+            "256",
+            "--batch-tokens",
+            "128",
+            "--out",
+            out.to_str().unwrap(),
         ];
         if let Some(d) = devices {
             args.extend(["--devices", d]);
@@ -374,7 +438,15 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
     let r = crossdiff(&train_args("cpu", &local, &run, "20"));
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let analyze = |backend: &str| {
-        let r = crossdiff(&["--backend", backend, "analyze", "--run", run.to_str().unwrap(), "--cache", local.to_str().unwrap()]);
+        let r = crossdiff(&[
+            "--backend",
+            backend,
+            "analyze",
+            "--run",
+            run.to_str().unwrap(),
+            "--cache",
+            local.to_str().unwrap(),
+        ]);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         std::fs::read_to_string(run.join("latents.csv")).unwrap()
     };
@@ -385,7 +457,9 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
     for (x, y) in here[1..].iter().zip(&there[1..]) {
         for (p, q) in x.split(',').zip(y.split(',')) {
             match (p.parse::<f64>(), q.parse::<f64>()) {
-                (Ok(p), Ok(q)) => assert!((p - q).abs() <= 1e-3 * p.abs().max(1.0) || (p.is_nan() && q.is_nan()), "{x}\n{y}"),
+                (Ok(p), Ok(q)) => {
+                    assert!((p - q).abs() <= 1e-3 * p.abs().max(1.0) || (p.is_nan() && q.is_nan()), "{x}\n{y}")
+                }
                 _ => assert_eq!(p, q, "{x}\n{y}"),
             }
         }
@@ -394,18 +468,33 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
     let kl = |backend: &str| {
         let conversations = a.join("data/chat.jsonl");
         let args = [
-            "--backend", backend, "kl", "--run", run.to_str().unwrap(), "--base", base.to_str().unwrap(),
-            "--chat", chat.to_str().unwrap(), "--data", conversations.to_str().unwrap(), "--conversations", "8",
+            "--backend",
+            backend,
+            "kl",
+            "--run",
+            run.to_str().unwrap(),
+            "--base",
+            base.to_str().unwrap(),
+            "--chat",
+            chat.to_str().unwrap(),
+            "--data",
+            conversations.to_str().unwrap(),
+            "--conversations",
+            "8",
         ];
         let r = crossdiff(&args);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("kl.json")).unwrap()).unwrap();
+        let rows: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("kl.json")).unwrap()).unwrap();
         rows.as_array().unwrap().clone()
     };
     let (here, there) = (kl("cpu"), kl(&server.url));
     assert!(here.len() >= 2);
     for (x, y) in here.iter().zip(&there) {
-        assert_eq!((&x["condition"], &x["tokens_all"], &x["latents"]), (&y["condition"], &y["tokens_all"], &y["latents"]));
+        assert_eq!(
+            (&x["condition"], &x["tokens_all"], &x["latents"]),
+            (&y["condition"], &y["tokens_all"], &y["latents"])
+        );
         for key in ["mean_all", "mean_first9"] {
             let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
             assert!((p - q).abs() <= 1e-4 * p.abs().max(1e-3), "{}: {key} {p} here, {q} there", x["condition"]);
@@ -413,8 +502,21 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
     }
     let steer = |backend: &str| {
         let args = [
-            "--backend", backend, "steer", "--run", run.to_str().unwrap(), "--model", chat.to_str().unwrap(),
-            "--latent", "3", "--strength", "4", "--prompt", "The river", "--max-tokens", "8",
+            "--backend",
+            backend,
+            "steer",
+            "--run",
+            run.to_str().unwrap(),
+            "--model",
+            chat.to_str().unwrap(),
+            "--latent",
+            "3",
+            "--strength",
+            "4",
+            "--prompt",
+            "The river",
+            "--max-tokens",
+            "8",
         ];
         let r = crossdiff(&args);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -493,7 +595,11 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
     // Refused in one line before anything is written.
     for (devices, kind, says) in [
         (format!("{},{}", one.url, one.url), "batchtopk", "is given twice"),
-        (one.url.clone(), "sae", "--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device"),
+        (
+            one.url.clone(),
+            "sae",
+            "--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device",
+        ),
     ] {
         let out = tmp.0.join("refused");
         let mut a = args("cpu", Some(devices), &out);

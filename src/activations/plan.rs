@@ -111,7 +111,12 @@ pub(crate) fn compute_acts(model: &Model, plan: &ShardPlan, layer: usize, batch_
 /// [`compute_acts`] with the forward batches dealt round-robin over `models` (the same model on
 /// several devices, `cache --devices`), each device in a thread of its own; the batches and their
 /// rows are the one-device ones, so the result is too (to the devices' float rounding).
-pub(crate) fn compute_acts_on(models: &[&Model], plan: &ShardPlan, layer: usize, batch_tokens: usize) -> Result<Vec<f32>> {
+pub(crate) fn compute_acts_on(
+    models: &[&Model],
+    plan: &ShardPlan,
+    layer: usize,
+    batch_tokens: usize,
+) -> Result<Vec<f32>> {
     let d = models[0].lm.config.hidden_size;
     let mut offsets = Vec::with_capacity(plan.docs.len());
     let mut acc = 0;

@@ -65,7 +65,10 @@ impl ServeJob {
             (None, Some(f)) => {
                 let text = std::fs::read_to_string(f)
                     .map_err(|e| anyhow!("--token-file {}: cannot read: {e}", f.display()))?;
-                Some((text.lines().next().unwrap_or_default().trim().to_string(), format!("--token-file {}", f.display())))
+                Some((
+                    text.lines().next().unwrap_or_default().trim().to_string(),
+                    format!("--token-file {}", f.display()),
+                ))
             }
             (None, None) => None,
         };
@@ -89,9 +92,13 @@ impl ServeJob {
         let address = SocketAddr::new(self.bind, self.port);
         let listener = TcpListener::bind(address).map_err(|e| {
             let why = match e.kind() {
-                std::io::ErrorKind::AddrInUse => "the port is in use (another server? pick another --port, or 0 for any free one)".to_string(),
+                std::io::ErrorKind::AddrInUse => {
+                    "the port is in use (another server? pick another --port, or 0 for any free one)".to_string()
+                }
                 std::io::ErrorKind::AddrNotAvailable => "no interface of this machine has that address".to_string(),
-                std::io::ErrorKind::PermissionDenied => "permission denied (ports below 1024 need privileges)".to_string(),
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied (ports below 1024 need privileges)".to_string()
+                }
                 _ => e.to_string(),
             };
             anyhow!("--port {} --bind {}: cannot listen: {why}", self.port, self.bind)
@@ -118,7 +125,8 @@ impl ServeJob {
         let authorizer = move |request: AuthorizationRequest<'_>| {
             let who = request.client.to_string();
             let verdict = match &checker {
-                Some(c) => burn::server::PeerAuthorizer::authorize(c, request).map_err(|_| "wrong or missing token".to_string()),
+                Some(c) => burn::server::PeerAuthorizer::authorize(c, request)
+                    .map_err(|_| "wrong or missing token".to_string()),
                 None => Ok(()),
             };
             match &verdict {
@@ -156,7 +164,11 @@ impl SessionLog {
                 for event in batch.drain(..) {
                     match event.as_ref() {
                         TelemetryEvent::SessionOpened { session, device } => {
-                            let who = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front().unwrap_or_else(|| "a client".into());
+                            let who = queue
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .pop_front()
+                                .unwrap_or_else(|| "a client".into());
                             opened += 1;
                             log(&format!("serve: session {opened} opened by {who} on device {device} ({device_name})"));
                             open.insert(*session, (opened, who, Instant::now(), 0u64));

@@ -401,7 +401,9 @@ impl TrainJob {
     pub fn run(&self, device: &Device, handle: Handle) -> Result<TrainOutcome> {
         self.validate()?;
         if !self.devices.is_empty() && self.kind == Kind::Sae {
-            bail!("--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device");
+            bail!(
+                "--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device"
+            );
         }
         if let Some((i, b)) = self.devices.iter().enumerate().find(|(i, b)| self.devices[..*i].contains(b)) {
             bail!("--devices: {b} is given twice (entry {})", i + 1);

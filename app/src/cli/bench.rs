@@ -123,11 +123,21 @@ pub enum BenchCommand {
 
 pub fn run(which: BenchCommand, backend: &Backend) -> Result<()> {
     match which {
-        BenchCommand::Train { size: CrosscoderSize { d, dict_size, k }, batch, kind, steps, counters, phases, devices } => {
+        BenchCommand::Train {
+            size: CrosscoderSize { d, dict_size, k },
+            batch,
+            kind,
+            steps,
+            counters,
+            phases,
+            devices,
+        } => {
             let device = backend.device()?;
             let on = match devices.as_slice() {
                 [] => backend.describe(),
-                many => format!("data-parallel over {}", many.iter().map(Backend::describe).collect::<Vec<_>>().join(" + ")),
+                many => {
+                    format!("data-parallel over {}", many.iter().map(Backend::describe).collect::<Vec<_>>().join(" + "))
+                }
             };
             let devices = devices.iter().map(Backend::device).collect::<Result<Vec<_>>>()?;
             if phases {

@@ -273,9 +273,8 @@ fn execute(command: Command, backend: &Backend) -> Result<()> {
             // With --devices the job connects those; --backend is not used.
             let device = if job.devices.is_empty() { backend.device()? } else { burn::tensor::Device::flex() };
             let bar = Bar::cancellable("steps");
-            let done = job
-                .run(&device, bar.handle())
-                .map_err(|e| crossdiff::backend::explain_failure_of(&job.devices, e))?;
+            let done =
+                job.run(&device, bar.handle()).map_err(|e| crossdiff::backend::explain_failure_of(&job.devices, e))?;
             bar.finish();
             let on = on_devices(&job.devices, device_name, "data-parallel over");
             println!("{}", train_summary(&job, &done, bar.cancelled(), &on));
@@ -427,7 +426,11 @@ fn serve(job: &crossdiff::workflow::serve::ServeJob, backend: &Backend, device_n
         device_name,
         |l| {
             // `SocketAddr`'s Display brackets an IPv6 address, as a URL needs.
-            let reach = if l.address.ip().is_unspecified() { format!("THIS-HOST:{}", l.address.port()) } else { l.address.to_string() };
+            let reach = if l.address.ip().is_unspecified() {
+                format!("THIS-HOST:{}", l.address.port())
+            } else {
+                l.address.to_string()
+            };
             let token = if l.token_required { " --remote-token TOKEN" } else { "" };
             print_line(&format!(
                 "serve: listening on {} ({device_name}); clients: --backend remote:ws://{reach}{token}",

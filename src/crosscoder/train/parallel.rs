@@ -23,11 +23,11 @@
 use anyhow::{Result, anyhow, bail};
 use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
+use crate::backend::is_remote;
 use crate::crosscoder::train::config::TrainConfig;
 use crate::crosscoder::train::dense::{backward, l1_loss};
 use crate::crosscoder::train::host_sparse::{HostPicks, select_topk};
 use crate::crosscoder::train::step::{Selection, StepOutput, aux_weight, host_scores};
-use crate::backend::is_remote;
 use crate::crosscoder::{Kind, Params, encode, read_vec, recon_loss, tensor};
 
 /// `t` on `dev`: in place when it is there, through this client between two servers.
@@ -73,7 +73,9 @@ fn sum_grads(acc: Option<[Tensor<2>; 4]>, mine: [Tensor<2>; 4], home: &Device) -
 pub fn check(cfg: &TrainConfig, devices: &[Device]) -> Result<()> {
     // Also checked by the train job before anything is written; here for every other caller.
     if cfg.kind == Kind::Sae {
-        bail!("--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device");
+        bail!(
+            "--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device"
+        );
     }
     for (i, a) in devices.iter().enumerate() {
         if devices[..i].iter().any(|b| b == a) {
@@ -149,7 +151,13 @@ pub fn step(
 }
 
 /// L1 over the slices: each slice's loss (a mean over its rows) × n/B, the activity counts summed.
-fn l1_step(cfg: &TrainConfig, p: &Params, x: Tensor<2>, since_selected: &mut [u64], devices: &[Device]) -> Result<StepOutput> {
+fn l1_step(
+    cfg: &TrainConfig,
+    p: &Params,
+    x: Tensor<2>,
+    since_selected: &mut [u64],
+    devices: &[Device],
+) -> Result<StepOutput> {
     let (d, dict) = p.dims();
     let [b, two_d] = x.dims();
     let home = x.device();
@@ -165,7 +173,8 @@ fn l1_step(cfg: &TrainConfig, p: &Params, x: Tensor<2>, since_selected: &mut [u6
         queued.push((loss, recon, err, codes.greater_elem(0.0).float().sum_dim(0), grads));
     }
     let mut active = vec![0f32; dict];
-    let (mut loss_total, mut recon_total, mut grads, mut errs) = (None::<Tensor<1>>, None::<Tensor<1>>, None, Vec::new());
+    let (mut loss_total, mut recon_total, mut grads, mut errs) =
+        (None::<Tensor<1>>, None::<Tensor<1>>, None, Vec::new());
     for (loss, recon, err, counts, g) in queued {
         for (a, c) in active.iter_mut().zip(read_vec(counts)?) {
             *a += c;
@@ -284,10 +293,12 @@ fn batch_topk_step(
     // summed or joined on the first device in slice order.
     let mut grads: Option<[Tensor<2>; 4]> = None;
     let (mut loss_total, mut recon_total): (Option<Tensor<1>>, Option<Tensor<1>>) = (None, None);
-    let add = |acc: Option<Tensor<1>>, t: Tensor<1>| Some(match acc {
-        Some(a) => a + t,
-        None => t,
-    });
+    let add = |acc: Option<Tensor<1>>, t: Tensor<1>| {
+        Some(match acc {
+            Some(a) => a + t,
+            None => t,
+        })
+    };
     let mut errs = Vec::new();
     for ((s, (dev, _, xs)), aux_term) in slices_out.into_iter().zip(&shards).zip(aux_terms) {
         let mut loss = s.recon.clone();
@@ -314,7 +325,8 @@ fn batch_topk_step(
         errs.push(move_to(s.err.inner(), &home)?);
     }
     let grads = grads.ok_or_else(|| anyhow!("an empty batch"))?;
-    let (loss, recon) = (loss_total.ok_or_else(|| anyhow!("an empty batch"))?, recon_total.ok_or_else(|| anyhow!("an empty batch"))?);
+    let (loss, recon) =
+        (loss_total.ok_or_else(|| anyhow!("an empty batch"))?, recon_total.ok_or_else(|| anyhow!("an empty batch"))?);
     let aux = aux_value.map(|v| tensor(vec![v as f32], [1], &home));
     Ok(StepOutput::new(selection, loss, recon, aux, Tensor::cat(errs, 0), grads))
 }
