@@ -133,13 +133,8 @@ pub fn run(which: BenchCommand, backend: &Backend) -> Result<()> {
             devices,
         } => {
             let device = backend.device()?;
-            let on = match devices.as_slice() {
-                [] => backend.describe(),
-                many => {
-                    format!("data-parallel over {}", many.iter().map(Backend::describe).collect::<Vec<_>>().join(" + "))
-                }
-            };
-            let devices = devices.iter().map(Backend::device).collect::<Result<Vec<_>>>()?;
+            let on = super::on_devices(&devices, backend.describe(), "data-parallel over");
+            let devices = devices.iter().map(|b| b.device_as("--devices")).collect::<Result<Vec<_>>>()?;
             if phases {
                 crossdiff::phases::enable();
             }

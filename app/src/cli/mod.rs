@@ -399,7 +399,7 @@ fn execute(command: Command, backend: &Backend) -> Result<()> {
 }
 
 /// What a summary line says a job ran on: `device` alone, or `how` the `--devices` list.
-fn on_devices(devices: &[Backend], device: String, how: &str) -> String {
+pub(crate) fn on_devices(devices: &[Backend], device: String, how: &str) -> String {
     match devices {
         [] => device,
         many => format!("{how} {}", many.iter().map(Backend::describe).collect::<Vec<_>>().join(" + ")),
