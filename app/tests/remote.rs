@@ -108,7 +108,9 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
 }
 
 fn weights(run: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(run.join("crosscoder.safetensors")).unwrap();
+    // A crosscoder's file, or an SAE's.
+    let file = ["crosscoder.safetensors", "sae.safetensors"].iter().map(|f| run.join(f)).find(|p| p.exists()).unwrap();
+    let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
@@ -145,12 +147,15 @@ fn assert_same_run(local: &Path, remote: &Path) {
             );
         }
     }
-    // Elementwise, relative to each value (an absolute floor for values near 0).
+    // Elementwise, against the tensor's scale: Adam turns float-rounding differences in tiny
+    // gradients into whole steps, so two one-device routes (host loops vs tensor ops) already differ
+    // by up to 1.1e-4 of the scale after 40 steps (measured on the SAE's encoder bias); a wrong
+    // gradient term differs by the values themselves.
     for ((n, p), (m, q)) in weights(local).iter().zip(&weights(remote)) {
         assert_eq!(n, m);
         let scale = p.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-6);
         for (i, (x, y)) in p.iter().zip(q).enumerate() {
-            assert!((x - y).abs() <= 1e-4 * x.abs() + 1e-5 * scale, "{n}[{i}]: {x} vs {y} (scale {scale})");
+            assert!((x - y).abs() <= 5e-4 * scale, "{n}[{i}]: {x} vs {y} (scale {scale})");
         }
     }
 }
@@ -573,7 +578,7 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
         a.extend(extra.iter().map(|s| s.to_string()));
         run(a);
     };
-    let cases: [(&str, &str, &[(&str, &str)], &[&str]); 3] = [
+    let cases: [(&str, &str, &[(&str, &str)], &[&str]); 4] = [
         // The paper's squared reconstruction term.
         ("squared", "", &[], &["--squared-recon"]),
         // Batches of 4 rows with k = 1 over three devices: slices of one or two rows, most of them
@@ -581,6 +586,8 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
         ("tiny", "cpu,", &[("--batch", "4"), ("--k", "1"), ("--dict-size", "64")], &[]),
         // L1: its means over B and the activity counts behind the dead fraction.
         ("l1", "", &[], &["--kind", "l1", "--mu", "0.05"]),
+        // A diff-SAE: its encoder reads x − b_dec (b_dec's gradient through the encoder too).
+        ("sae", "", &[], &["--kind", "sae"]),
     ];
     for (name, local, set, extra) in cases {
         let (single, split) = (tmp.0.join(format!("{name}-one")), tmp.0.join(format!("{name}-split")));
@@ -589,22 +596,20 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
         assert_same_run(&single, &split);
     }
     // Every data-parallel run above opened a session on both servers (and closed it).
-    assert!(one.log_with("closed after", 5).matches("closed after").count() >= 5, "{}", one.log());
-    assert!(two.log_with("closed after", 5).matches("closed after").count() >= 5, "{}", two.log());
+    assert!(one.log_with("closed after", 6).matches("closed after").count() >= 6, "{}", one.log());
+    assert!(two.log_with("closed after", 6).matches("closed after").count() >= 6, "{}", two.log());
 
     // Refused in one line before anything is written.
     for (devices, kind, says) in [
         (format!("{},{}", one.url, one.url), "batchtopk", "is given twice"),
-        (
-            one.url.clone(),
-            "sae",
-            "--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device",
-        ),
+        // `auto` settles on the CPU (CROSSDIFF_BACKEND below): the same device as `cpu`.
+        ("auto,cpu".to_string(), "batchtopk", "entry 2 (cpu) is the same device as an earlier one"),
     ] {
         let out = tmp.0.join("refused");
         let mut a = args("cpu", Some(devices), &out);
         a.extend(["--kind".to_string(), kind.to_string()]);
-        let r = Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(&a).output().unwrap();
+        let r =
+            Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(&a).env("CROSSDIFF_BACKEND", "cpu").output().unwrap();
         let err = String::from_utf8_lossy(&r.stderr);
         assert!(!r.status.success() && err.trim().lines().count() == 1 && err.contains(says), "{err}");
         assert!(!out.exists());

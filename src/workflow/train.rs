@@ -132,7 +132,7 @@ pub struct TrainJob {
     /// Train on a cache whose `cache` run has not finished (what is there so far).
     #[arg(long)]
     pub allow_partial: bool,
-    /// Data-parallel (crosscoders: BatchTopK, L1): split each batch's rows over these devices — local backends or
+    /// Data-parallel: split each batch's rows over these devices — local backends or
     /// `remote:ws://HOST:PORT` servers, comma-separated — with the selection over the whole batch
     /// and the gradients summed on the first device, where the parameters and the optimizer live.
     /// The same global batch gives the one-device loss curve (to float rounding). --backend is then
@@ -400,11 +400,6 @@ impl TrainJob {
     /// the whole run ([`crate::io::DirLock`]).
     pub fn run(&self, device: &Device, handle: Handle) -> Result<TrainOutcome> {
         self.validate()?;
-        if !self.devices.is_empty() && self.kind == Kind::Sae {
-            bail!(
-                "--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device"
-            );
-        }
         if let Some((i, b)) = self.devices.iter().enumerate().find(|(i, b)| self.devices[..*i].contains(b)) {
             bail!("--devices: {b} is given twice (entry {})", i + 1);
         }

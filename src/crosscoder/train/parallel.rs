@@ -1,5 +1,6 @@
-//! Data-parallel steps (`crossdiff train --devices A,B,…`; BatchTopK and L1): each device encodes,
-//! decodes and back-propagates a contiguous slice of the batch's rows; what couples the rows is
+//! Data-parallel steps (`crossdiff train --devices A,B,…`; BatchTopK and L1 crosscoders, SAEs):
+//! each device encodes, decodes and back-propagates a contiguous slice of the batch's rows; what
+//! couples the rows is
 //! computed over the whole batch, so a step equals the one-device step on the same batch up to
 //! float summation order:
 //! - the selection (the k·B largest scores of the whole batch, ties by position): every device's
@@ -69,14 +70,8 @@ fn sum_grads(acc: Option<[Tensor<2>; 4]>, mine: [Tensor<2>; 4], home: &Device) -
     })
 }
 
-/// Checks that the run can be split: crosscoders (BatchTopK, L1), devices given once each.
-pub fn check(cfg: &TrainConfig, devices: &[Device]) -> Result<()> {
-    // Also checked by the train job before anything is written; here for every other caller.
-    if cfg.kind == Kind::Sae {
-        bail!(
-            "--devices: data-parallel training covers crosscoders (--kind batchtopk or l1); train an SAE on one device"
-        );
-    }
+/// Checks that the run can be split: devices given once each.
+pub fn check(_cfg: &TrainConfig, devices: &[Device]) -> Result<()> {
     for (i, a) in devices.iter().enumerate() {
         if devices[..i].iter().any(|b| b == a) {
             bail!("--devices: entry {} is the same device as an earlier one", i + 1);
@@ -213,7 +208,10 @@ fn batch_topk_step(
     since_selected: &mut [u64],
     devices: &[Device],
 ) -> Result<StepOutput> {
-    let (d, dict) = p.dims();
+    // An SAE (its rows one input of width d; src/crosscoder/sae.rs): the encoder reads x − b_dec,
+    // its scores are its codes (unit decoder rows), its reconstruction term mean_b Σ (x − x̂)².
+    let sae = cfg.kind == Kind::Sae;
+    let (d, dict) = (cfg.width_of(p), p.w_enc.dims()[1]);
     let [b, two_d] = x.dims();
     let home = x.device();
     let parts = slices(b, devices.len());
@@ -224,9 +222,12 @@ fn batch_topk_step(
         shards.push((dev.clone(), params_on(p, dev)?, xs));
     }
     // Every device's encoder is queued before the first read, so the devices run side by side.
-    let queued: Vec<Tensor<2>> = shards.iter().map(|(_, ps, xs)| encode(ps, xs.clone())).collect();
+    let queued: Vec<Tensor<2>> = shards
+        .iter()
+        .map(|(_, ps, xs)| if sae { crate::crosscoder::sae::encode(ps, xs.clone()) } else { encode(ps, xs.clone()) })
+        .collect();
     let codes: Vec<Vec<f32>> = queued.into_iter().map(read_vec).collect::<Result<_>>()?;
-    let norms = read_vec(p.norm_sum())?;
+    let norms = if sae { vec![1.0; dict] } else { read_vec(p.norm_sum())? };
     let f: Vec<f32> = codes.concat();
 
     // The batch-global selection and bookkeeping, as on one device.
@@ -255,7 +256,9 @@ fn batch_topk_step(
         let aux = aux_mask.as_ref().and_then(|m| picks(f_s, &m[span], dict, dev));
         let err = xs.clone().autodiff() - (decode(&w_dec, main.as_ref(), rows.len(), dev) + b_dec.clone());
         // recon_loss is a mean over the slice's rows: × n/B makes the slices add up to the batch's.
-        let recon = recon_loss(err.clone(), d, cfg.squared_recon).mul_scalar(rows.len() as f64 / b as f64);
+        let recon =
+            if sae { err.clone().square().sum_dim(1).mean() } else { recon_loss(err.clone(), d, cfg.squared_recon) };
+        let recon = recon.mul_scalar(rows.len() as f64 / b as f64);
         slices_out.push(Slice { w_dec, b_dec, err, recon, main, aux });
     }
 
@@ -300,7 +303,7 @@ fn batch_topk_step(
         })
     };
     let mut errs = Vec::new();
-    for ((s, (dev, _, xs)), aux_term) in slices_out.into_iter().zip(&shards).zip(aux_terms) {
+    for ((s, (dev, ps, xs)), aux_term) in slices_out.into_iter().zip(&shards).zip(aux_terms) {
         let mut loss = s.recon.clone();
         if let (Some(a), Some(t)) = (alpha, &aux_term) {
             loss = loss + t.clone().mul_scalar(a);
@@ -311,16 +314,23 @@ fn batch_topk_step(
         let grad = |t: &Tensor<2>| t.grad(&g).map(Tensor::inner).ok_or_else(|| anyhow!("no gradient for a parameter"));
         let mut g_w_enc_t = Tensor::<2>::zeros([dict, two_d], (dev, DType::F32));
         let mut g_b_enc = Tensor::<2>::zeros([dict, 1], (dev, DType::F32));
+        let enc_in = if sae { xs.clone() - ps.b_dec.clone() } else { xs.clone() };
         // AuxK's picks carry a gradient only when its term counted.
         for pk in [s.main.as_ref(), s.aux.as_ref().filter(|_| alpha.is_some())].into_iter().flatten() {
             let gv = grad(&pk.values)?;
-            let rows = xs.clone().select(0, pk.tokens.clone()) * gv.clone();
+            let rows = enc_in.clone().select(0, pk.tokens.clone()) * gv.clone();
             g_w_enc_t = g_w_enc_t.select_assign(0, pk.latents.clone(), rows, IndexingUpdateOp::Add);
             g_b_enc = g_b_enc.select_assign(0, pk.latents.clone(), gv, IndexingUpdateOp::Add);
         }
         // A slice none of whose entries was picked leaves W_dec out of its graph: its gradient is 0.
         let g_w_dec = s.w_dec.grad(&g).map(Tensor::inner).unwrap_or_else(|| s.w_dec.clone().inner().zeros_like());
-        let mine = [g_w_enc_t.transpose(), g_b_enc.reshape([1, dict]), g_w_dec, grad(&s.b_dec)?];
+        let g_b_enc = g_b_enc.reshape([1, dict]);
+        let mut g_b_dec = grad(&s.b_dec)?;
+        if sae {
+            // b_dec enters the SAE's encoder too: − W_enc·(∂L/∂b_enc)ᵀ.
+            g_b_dec = g_b_dec - g_b_enc.clone().matmul(ps.w_enc.clone().transpose());
+        }
+        let mine = [g_w_enc_t.transpose(), g_b_enc, g_w_dec, g_b_dec];
         grads = Some(sum_grads(grads, mine, &home)?);
         errs.push(move_to(s.err.inner(), &home)?);
     }
@@ -328,5 +338,6 @@ fn batch_topk_step(
     let (loss, recon) =
         (loss_total.ok_or_else(|| anyhow!("an empty batch"))?, recon_total.ok_or_else(|| anyhow!("an empty batch"))?);
     let aux = aux_value.map(|v| tensor(vec![v as f32], [1], &home));
-    Ok(StepOutput::new(selection, loss, recon, aux, Tensor::cat(errs, 0), grads))
+    let out = StepOutput::new(selection, loss, recon, aux, Tensor::cat(errs, 0), grads);
+    Ok(if sae { out.one_block() } else { out })
 }
