@@ -111,20 +111,51 @@ impl RemoteServer {
 static CONNECTED: std::sync::Mutex<std::collections::BTreeSet<String>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
+/// A job stopped because a server it had connected went away (one line; never re-worded).
+#[derive(Debug)]
+pub struct RemoteStopped(String);
+
+impl fmt::Display for RemoteStopped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RemoteStopped {}
+
+/// The `--devices` list connected (errors naming `--devices`), after refusing an entry given twice
+/// — by its spelling before anything is connected, then as the same device once connected (`auto`
+/// settling on the same device as `cpu`) — so nothing is written for a refused list.
+pub fn connect_devices(backends: &[Backend]) -> Result<Vec<Device>> {
+    if let Some((i, b)) = backends.iter().enumerate().find(|(i, b)| backends[..*i].contains(b)) {
+        bail!("--devices: {b} is given twice (entry {})", i + 1);
+    }
+    let devices = backends.iter().map(|b| b.device_as("--devices")).collect::<Result<Vec<_>>>()?;
+    if let Some(i) = (1..devices.len()).find(|&i| devices[..i].contains(&devices[i])) {
+        bail!("--devices: entry {} ({}) is the same device as an earlier one", i + 1, backends[i]);
+    }
+    Ok(devices)
+}
+
 impl Backend {
     /// A job's error as the user should read it: on a remote backend whose server no longer
     /// answers, that is what happened (the transport's own words are "Failed to read tensor:
     /// RecvError"), with what stays and how to go on; any other error as it is.
     pub fn explain_failure(&self, e: anyhow::Error) -> anyhow::Error {
+        self.explain_failure_as("--backend", e)
+    }
+
+    /// [`explain_failure`](Self::explain_failure), naming `flag` (`--devices` for an entry there).
+    pub fn explain_failure_as(&self, flag: &str, e: anyhow::Error) -> anyhow::Error {
         let Self::Remote(r) = self else { return e };
-        if !r.was_connected() || r.answers() {
+        if e.downcast_ref::<RemoteStopped>().is_some() || !r.was_connected() || r.answers() {
             return e;
         }
-        anyhow!(
-            "--backend remote:{}: the remote server stopped answering mid-job ({}); what was written so far stays (checkpoints, finished files): start the server again and re-run the same command to resume",
+        anyhow::Error::new(RemoteStopped(format!(
+            "{flag} remote:{}: the remote server stopped answering mid-job ({}); what was written so far stays (checkpoints, finished files): start the server again and re-run the same command to resume",
             r.url,
             format!("{e:#}").lines().next().unwrap_or_default()
-        )
+        )))
     }
 }
 
@@ -132,7 +163,7 @@ impl Backend {
 /// remote one whose server no longer answers explains the error.
 pub fn explain_failure_of(backends: &[Backend], e: anyhow::Error) -> anyhow::Error {
     match backends.iter().find(|b| matches!(b, Backend::Remote(r) if r.was_connected() && !r.answers())) {
-        Some(b) => b.explain_failure(e),
+        Some(b) => b.explain_failure_as("--devices", e),
         None => e,
     }
 }

@@ -133,6 +133,18 @@ fn weights(run: &Path) -> Vec<(String, Vec<f32>)> {
 /// runs the portable route (burn's remote backend carries tensor operations, not the host loops
 /// the local CPU route uses).
 fn assert_same_run(local: &Path, remote: &Path) {
+    assert_same_run_within(local, remote, Weights::Strict);
+}
+
+/// How close the weights must be: `Strict` 10⁻⁴ of each value plus 10⁻⁵ of the tensor's scale;
+/// `OfScale` 5·10⁻⁴ of the tensor's scale.
+#[derive(Clone, Copy)]
+enum Weights {
+    Strict,
+    OfScale,
+}
+
+fn assert_same_run_within(local: &Path, remote: &Path, tolerance: Weights) {
     let (a, b) = (metrics(local), metrics(remote));
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
@@ -147,15 +159,21 @@ fn assert_same_run(local: &Path, remote: &Path) {
             );
         }
     }
-    // Elementwise, against the tensor's scale: Adam turns float-rounding differences in tiny
-    // gradients into whole steps, so two one-device routes (host loops vs tensor ops) already differ
-    // by up to 1.1e-4 of the scale after 40 steps (measured on the SAE's encoder bias); a wrong
-    // gradient term differs by the values themselves.
-    for ((n, p), (m, q)) in weights(local).iter().zip(&weights(remote)) {
-        assert_eq!(n, m);
+    // Elementwise. `OfScale` for the SAE and L1, whose weights hold many near-zero entries: Adam
+    // turns float-rounding differences in tiny gradients into whole steps, so the SAE's two
+    // one-device routes (host loops vs tensor ops) already differ by up to 1.1e-4 of the scale after
+    // 40 steps (measured on its encoder bias); L1's split run differs by 2.7e-5 of it.
+    let (a, b) = (weights(local), weights(remote));
+    assert_eq!(a.len(), b.len());
+    for ((n, p), (m, q)) in a.iter().zip(&b) {
+        assert_eq!((n, p.len()), (m, q.len()));
         let scale = p.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-6);
         for (i, (x, y)) in p.iter().zip(q).enumerate() {
-            assert!((x - y).abs() <= 5e-4 * scale, "{n}[{i}]: {x} vs {y} (scale {scale})");
+            let bound = match tolerance {
+                Weights::Strict => 1e-4 * x.abs() + 1e-5 * scale,
+                Weights::OfScale => 5e-4 * scale,
+            };
+            assert!((x - y).abs() <= bound, "{n}[{i}]: {x} vs {y} (scale {scale})");
         }
     }
 }
@@ -230,6 +248,18 @@ fn a_wrong_or_missing_token_is_refused_on_both_sides() {
     args.extend(["--remote-token", "s3cret"]);
     let r = crossdiff(&args);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // … and the server CROSSDIFF_BACKEND names when --backend is left at auto.
+    let via_env = tmp.0.join("via-env");
+    let mut args = train_args("auto", &cache, &via_env, "20");
+    args.extend(["--remote-token", "s3cret"]);
+    let r = Command::new(env!("CARGO_BIN_EXE_crossdiff"))
+        .args(&args)
+        .env_remove("CROSSDIFF_REMOTE_TOKEN")
+        .env("CROSSDIFF_BACKEND", &server.url)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("(portable route)"));
 }
 
 #[test]
@@ -494,7 +524,7 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
         rows.as_array().unwrap().clone()
     };
     let (here, there) = (kl("cpu"), kl(&server.url));
-    assert!(here.len() >= 2);
+    assert!(here.len() >= 2 && here.len() == there.len());
     for (x, y) in here.iter().zip(&there) {
         assert_eq!(
             (&x["condition"], &x["tokens_all"], &x["latents"]),
@@ -585,7 +615,7 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
         // without a single pick (their decoder gradient is 0, not an error).
         ("tiny", "cpu,", &[("--batch", "4"), ("--k", "1"), ("--dict-size", "64")], &[]),
         // L1: its means over B and the activity counts behind the dead fraction.
-        ("l1", "", &[], &["--kind", "l1", "--mu", "0.05"]),
+        ("l1", "", &[], &["--kind", "l1", "--mu", "0.5"]),
         // A diff-SAE: its encoder reads x − b_dec (b_dec's gradient through the encoder too).
         ("sae", "", &[], &["--kind", "sae"]),
     ];
@@ -593,7 +623,14 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
         let (single, split) = (tmp.0.join(format!("{name}-one")), tmp.0.join(format!("{name}-split")));
         variant(None, &single, set, extra);
         variant(Some(format!("{local}{},{}", one.url, two.url)), &split, set, extra);
-        assert_same_run(&single, &split);
+        // The dead-latent bookkeeping (L1's activity counts; AuxK for the others) took part.
+        let last = metrics(&single).pop().unwrap();
+        assert!(last["dead_frac"].as_f64().unwrap() > 0.0, "{name}: no dead latents to compare");
+        if name != "l1" {
+            assert!(last["aux"].as_f64().unwrap() > 0.0, "{name}: AuxK did not run");
+        }
+        let tolerance = if name == "sae" || name == "l1" { Weights::OfScale } else { Weights::Strict };
+        assert_same_run_within(&single, &split, tolerance);
     }
     // Every data-parallel run above opened a session on both servers (and closed it).
     assert!(one.log_with("closed after", 6).matches("closed after").count() >= 6, "{}", one.log());
@@ -603,7 +640,7 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
     for (devices, kind, says) in [
         (format!("{},{}", one.url, one.url), "batchtopk", "is given twice"),
         // `auto` settles on the CPU (CROSSDIFF_BACKEND below): the same device as `cpu`.
-        ("auto,cpu".to_string(), "batchtopk", "entry 2 (cpu) is the same device as an earlier one"),
+        ("auto,cpu".to_string(), "batchtopk", "--devices: cpu is given twice (entry 2)"),
     ] {
         let out = tmp.0.join("refused");
         let mut a = args("cpu", Some(devices), &out);

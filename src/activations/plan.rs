@@ -164,15 +164,21 @@ pub(crate) fn compute_acts_on(
     }
     let n = models.len();
     let shared = std::sync::Mutex::new(&mut out);
+    // One device failing (a server gone) stops the others at their next batch.
+    let failed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| -> Result<()> {
         let workers: Vec<_> = models
             .iter()
             .enumerate()
             .map(|(m, model)| {
-                let (groups, forward, place, shared) = (&groups, &forward, &place, &shared);
+                let (groups, forward, place, shared, failed) = (&groups, &forward, &place, &shared, &failed);
                 scope.spawn(move || -> Result<()> {
                     for g in (m..groups.len()).step_by(n) {
-                        let (rows, t) = forward(model, groups[g])?;
+                        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        let (rows, t) = forward(model, groups[g])
+                            .inspect_err(|_| failed.store(true, std::sync::atomic::Ordering::Relaxed))?;
                         let mut out = shared.lock().unwrap_or_else(|p| p.into_inner());
                         place(&mut out[..], groups[g], &rows, t);
                     }
@@ -180,10 +186,17 @@ pub(crate) fn compute_acts_on(
                 })
             })
             .collect();
-        for w in workers {
-            w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        // Every worker joined (none left running); a panic first, else the first error.
+        let results: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
+        let mut first_error = None;
+        for r in results {
+            match r {
+                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(Err(e)) if first_error.is_none() => first_error = Some(e),
+                Ok(_) => {}
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     })?;
     Ok(out)
 }

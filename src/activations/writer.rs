@@ -223,7 +223,7 @@ pub fn run_cache(
     // --devices: each device holds the models and takes every n-th forward batch.
     let devices = match job.devices.as_slice() {
         [] => vec![device.clone()],
-        many => many.iter().map(|b| b.device_as("--devices")).collect::<Result<Vec<_>>>()?,
+        many => crate::backend::connect_devices(many)?,
     };
     let device = devices[0].clone();
     let load = |dir: &Path, adapter: Option<&Path>| -> Result<Vec<Model>> {

@@ -39,7 +39,10 @@ pub fn select_aux(scores: &[f32], dict: usize, dead: &[bool], k_aux: usize) -> V
     let dead_ix: Vec<usize> = (0..dict).filter(|&j| dead[j]).collect();
     for (row, out) in scores.chunks_exact(dict).zip(mask.chunks_exact_mut(dict)) {
         let mut cand: Vec<usize> = dead_ix.iter().copied().filter(|&j| row[j] > 0.0).collect();
-        if cand.len() > k_aux {
+        if k_aux == 0 {
+            // A width-1 input: k_aux = min(d/2, #dead) = 0 picks nothing.
+            cand.clear();
+        } else if cand.len() > k_aux {
             cand.select_nth_unstable_by(k_aux - 1, |a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
             cand.truncate(k_aux);
         }

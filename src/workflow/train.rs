@@ -400,15 +400,9 @@ impl TrainJob {
     /// the whole run ([`crate::io::DirLock`]).
     pub fn run(&self, device: &Device, handle: Handle) -> Result<TrainOutcome> {
         self.validate()?;
-        if let Some((i, b)) = self.devices.iter().enumerate().find(|(i, b)| self.devices[..*i].contains(b)) {
-            bail!("--devices: {b} is given twice (entry {})", i + 1);
-        }
         self.check_out()?;
         // Data-parallel: connected before anything is written; the first device is home.
-        let devices = self.devices.iter().map(|b| b.device_as("--devices")).collect::<Result<Vec<_>>>()?;
-        if let Some(i) = (1..devices.len()).find(|&i| devices[..i].contains(&devices[i])) {
-            bail!("--devices: entry {} ({}) is the same device as an earlier one", i + 1, self.devices[i]);
-        }
+        let devices = crate::backend::connect_devices(&self.devices)?;
         let device = devices.first().unwrap_or(device);
         crate::io::clean_on_failure(&self.out, || {
             // Inside: the lock is gone before an empty folder left by a refusal is removed.

@@ -132,9 +132,10 @@ pub fn run(which: BenchCommand, backend: &Backend) -> Result<()> {
             phases,
             devices,
         } => {
-            let device = backend.device()?;
+            // With --devices those are connected; --backend is not used.
+            let device = if devices.is_empty() { backend.device()? } else { burn::tensor::Device::flex() };
             let on = super::on_devices(&devices, backend.describe(), "data-parallel over");
-            let devices = devices.iter().map(|b| b.device_as("--devices")).collect::<Result<Vec<_>>>()?;
+            let devices = crossdiff::backend::connect_devices(&devices)?;
             if phases {
                 crossdiff::phases::enable();
             }

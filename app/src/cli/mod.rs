@@ -169,16 +169,26 @@ pub fn run() -> Result<()> {
     let cli = parse();
     // No subcommand: the desktop app, with the device the flags chose selected.
     let token = cli.remote_token;
-    let chosen = cli.backend.with_remote_token(token.clone());
-    let Some(mut command) = cli.command else { return crate::app::run(chosen) };
-    // `auto` settles once, here, before any job thread starts a device (CROSSDIFF_BACKEND may name
-    // a server: the token applies to what it settles on, and to every --devices entry).
-    let backend = chosen.resolve()?.with_remote_token(token.clone());
-    if let Command::Train(TrainJob { devices, .. }) | Command::Cache(CacheJob { devices, .. }) = &mut command {
-        *devices = devices.drain(..).map(|b| b.with_remote_token(token.clone())).collect();
-    }
-    if let Command::Bench { which: bench::BenchCommand::Train { devices, .. } } = &mut command {
-        *devices = devices.drain(..).map(|b| b.with_remote_token(token.clone())).collect();
+    // The token applies to whatever names a server: the flag, or `auto` settled by
+    // CROSSDIFF_BACKEND (for the app too, whose jobs settle `auto` later).
+    let with_token = |b: Backend| -> Result<Backend> {
+        Ok(match b.resolve()? {
+            remote @ Backend::Remote(_) => remote.with_remote_token(token.clone()),
+            _ => b,
+        })
+    };
+    let Some(mut command) = cli.command else { return crate::app::run(with_token(cli.backend)?) };
+    // `auto` settles once, here, before any job thread starts a device.
+    let backend = with_token(cli.backend)?.resolve()?;
+    // Every --devices entry settled and given the token the same way.
+    let settle = |devices: &mut Vec<Backend>| -> Result<()> {
+        *devices = devices.drain(..).map(|b| with_token(b)?.resolve()).collect::<Result<_>>()?;
+        Ok(())
+    };
+    match &mut command {
+        Command::Train(TrainJob { devices, .. }) | Command::Cache(CacheJob { devices, .. }) => settle(devices)?,
+        Command::Bench { which: bench::BenchCommand::Train { devices, .. } } => settle(devices)?,
+        _ => {}
     }
     execute(command, &backend).map_err(|e| backend.explain_failure(e))?;
     if progress::interrupted() {
