@@ -123,6 +123,8 @@ fn cached_pairs_equal_inspect_block_outputs() {
     // --mix: the two sources contributed (nearly) equal token counts.
     let (web, chat) = (index.sources[0].tokens, index.sources[1].tokens);
     assert!(web > 0 && chat > 0 && web.abs_diff(chat) <= 48, "{web} vs {chat}");
+    // The per-source counts are what the shards hold (the run's last document is cut to the budget).
+    assert_eq!(web + chat, index.total_tokens);
 }
 
 /// --skip-first leaves positions out of the cache, not out of the model's input: a kept row equals

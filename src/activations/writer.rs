@@ -287,8 +287,12 @@ pub fn run_cache(
             }
         }
         tokens_done += plan.tokens as u64;
-        for (s, t) in index.sources.iter_mut().zip(mixer.tokens_per_source()) {
-            s.tokens = *t;
+        // What the written shards hold per source: not a document drawn but carried to the next
+        // shard, nor the part of the run's last document that was cut off.
+        for doc in &plan.docs {
+            if let Some(source) = index.sources.get_mut(doc.source) {
+                source.tokens += doc.ids.len() as u64;
+            }
         }
         index.write(&job.out)?;
         progress(CacheProgress { tokens: tokens_done, target: job.tokens, phase });
