@@ -108,6 +108,13 @@ fn bad_input_is_one_line_and_nonzero() {
     let r = crossdiff(&["--backend", "tpu", "inspect", "--model", "x", "--prompt", "x", "--out", "y"]);
     assert_ne!(r.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&r.stderr).contains("unknown backend \"tpu\""));
+
+    // A misspelt flag keeps clap's suggestion, in the one line.
+    let r = crossdiff(&["train", "--cache", "c", "--out", "o", "--dict-sise", "3"]);
+    assert_eq!(r.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("unexpected argument '--dict-sise'") && stderr.contains("'--dict-size'"), "{stderr}");
 }
 
 /// Every file of a directory, by name.

@@ -159,7 +159,10 @@ fn parse() -> Cli {
             }
             let text = e.render().to_string();
             let head: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
-            eprintln!("{}", head.join(" "));
+            // clap's own suggestion ("tip: a similar argument exists: '--dict-size'") stays, in the line.
+            let tips: Vec<&str> = text.lines().map(str::trim).filter(|l| l.starts_with("tip:")).collect();
+            let tips = if tips.is_empty() { String::new() } else { format!(" ({})", tips.join("; ")) };
+            eprintln!("{}{tips}", head.join(" "));
             std::process::exit(2);
         }
     }
