@@ -564,4 +564,12 @@ fn config_details_follow_transformers_5() {
     assert_eq!(llama.num_key_value_heads, llama.num_attention_heads);
     let qwen2 = edited_config("qwen2", "base", |v| v["num_key_value_heads"] = serde_json::Value::Null);
     assert_eq!(qwen2.num_key_value_heads, qwen2.num_attention_heads);
+    // Gemma without `sliding_window` takes transformers' 4096 (Gemma2Config, Gemma3TextConfig);
+    // an explicit null keeps every layer global.
+    let gemma3 = edited_config("gemma3", "base", |v| {
+        v.as_object_mut().unwrap().remove("sliding_window");
+    });
+    assert_eq!(gemma3.effective_sliding_window(), Some(4096));
+    let gemma3 = edited_config("gemma3", "base", |v| v["sliding_window"] = serde_json::Value::Null);
+    assert_eq!(gemma3.effective_sliding_window(), None);
 }

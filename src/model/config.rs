@@ -408,8 +408,8 @@ impl ModelConfig {
 }
 
 /// Fills in the fields transformers fills in when config.json omits them: `head_dim` (see
-/// [`Family::default_head_dim`]; null too where the default is computed) and `num_key_value_heads`
-/// (see [`Family::default_kv_heads`]). Values the file writes, 0 included, are kept (and validated).
+/// [`Family::default_head_dim`]; null too where the default is computed), `num_key_value_heads`
+/// (see [`Family::default_kv_heads`]) and Gemma's `sliding_window` (4096). Values the file writes, 0 included, are kept (and validated).
 fn fill_defaults(value: &mut Value, family: Family) {
     let Some(obj) = value.as_object_mut() else { return };
     let number = |key: &str| obj.get(key).and_then(Value::as_u64).map(|n| n as usize);
@@ -434,6 +434,11 @@ fn fill_defaults(value: &mut Value, family: Family) {
     }
     if let Some(kv) = kv {
         obj.insert("num_key_value_heads".into(), kv.into());
+    }
+    // Gemma's config classes default the sliding layers' window to 4096 (an explicit null stays:
+    // no window).
+    if matches!(family, Family::Gemma2 | Family::Gemma3) && !obj.contains_key("sliding_window") {
+        obj.insert("sliding_window".into(), 4096.into());
     }
 }
 
