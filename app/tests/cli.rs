@@ -209,17 +209,19 @@ fn train_on_a_cache_writes_the_run_directory() {
     let _ = std::fs::remove_dir_all(&tmp);
     let data = |f: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/data").join(f);
     let (cache, run) = (tmp.join("cache"), tmp.join("run"));
-    let r = crossdiff(&[
+    let (base, chat) = (fixture("base").display().to_string(), fixture("chat").display().to_string());
+    let (web, conversations) = (data("web.txt").display().to_string(), data("chat.jsonl").display().to_string());
+    let cache_args = [
         "--backend",
         "cpu",
         "cache",
         "--base",
-        fixture("base").to_str().unwrap(),
+        base.as_str(),
         "--chat",
-        fixture("chat").to_str().unwrap(),
+        chat.as_str(),
         "--data",
-        data("web.txt").to_str().unwrap(),
-        data("chat.jsonl").to_str().unwrap(),
+        web.as_str(),
+        conversations.as_str(),
         "--mix",
         "--layer",
         "2",
@@ -231,7 +233,13 @@ fn train_on_a_cache_writes_the_run_directory() {
         "512",
         "--out",
         cache.to_str().unwrap(),
-    ]);
+    ];
+    let r = crossdiff(&cache_args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // The same command again: nothing to compute, and the line says so (not "0.0 tokens/s").
+    let again = crossdiff(&cache_args);
+    let line = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success() && line.contains("(already complete, nothing to do;"), "{line}");
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let train = |steps: &str| {
         crossdiff(&[

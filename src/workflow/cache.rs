@@ -19,6 +19,8 @@ pub struct CacheOutcome {
     pub exhausted: bool,
     /// Tokens/s of the computation alone (from the first report after the models loaded).
     pub tokens_per_s: f64,
+    /// Tokens this run computed (0 for a cache that was complete already).
+    pub tokens_now: u64,
     pub seconds: f64,
 }
 
@@ -40,10 +42,10 @@ pub fn run(job: &CacheJob, device: &Device, handle: Handle) -> Result<CacheOutco
             || handle.keep_going(),
         )
     })?;
-    let tokens_per_s =
-        first.map_or(0.0, |(t, n)| index.total_tokens.saturating_sub(n) as f64 / t.elapsed().as_secs_f64().max(1e-9));
+    let tokens_now = first.map_or(0, |(_, n)| index.total_tokens.saturating_sub(n));
+    let tokens_per_s = first.map_or(0.0, |(t, _)| tokens_now as f64 / t.elapsed().as_secs_f64().max(1e-9));
     let exhausted = index.complete && index.total_tokens < job.tokens;
-    Ok(CacheOutcome { index, exhausted, tokens_per_s, seconds: started.elapsed().as_secs_f64() })
+    Ok(CacheOutcome { index, exhausted, tokens_per_s, tokens_now, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// A cache as a run's data source: what it holds (layer, width, size) and, through its shards'

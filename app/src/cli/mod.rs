@@ -271,15 +271,19 @@ fn execute(command: Command, backend: &Backend) -> Result<()> {
             let device_name = on_devices(&job.devices, device_name, "fanned out over");
             let index = &done.index;
             let state = done.state(job.tokens, "interrupted; re-run the same command to resume");
+            // A cache that was complete already: nothing computed, no rate to report.
+            let timing = if done.tokens_now == 0 && index.complete {
+                "already complete, nothing to do".to_string()
+            } else {
+                format!("{:.1}s, {:.1} tokens/s after loading, {state}", done.seconds, done.tokens_per_s)
+            };
             println!(
-                "cache: {} tokens in {} shards at layer {}, {} → {} ({:.1}s, {:.1} tokens/s after loading, {state}; {device_name})",
+                "cache: {} tokens in {} shards at layer {}, {} → {} ({timing}; {device_name})",
                 index.total_tokens,
                 index.shards.len(),
                 job.layer,
                 job.dtype_name(),
                 job.out.display(),
-                done.seconds,
-                done.tokens_per_s,
             );
         }
         Command::Train(job) => {
