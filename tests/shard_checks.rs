@@ -138,6 +138,9 @@ fn edited_cache(tag: &str, edit: impl FnOnce(&mut Vec<Value>)) -> (TempDir, Cach
     let sum = |k: &str| shards.iter().map(|s| s[k].as_u64().unwrap()).sum::<u64>();
     v["documents"] = sum("documents").into();
     v["total_tokens"] = sum("tokens").into();
+    // As the run wrote it when these were its shards (one source: all of them).
+    assert_eq!(v["sources"].as_array().unwrap().len(), 1);
+    v["sources"][0]["tokens"] = sum("tokens").into();
     v["shards"] = Value::Array(shards);
     v["complete"] = false.into();
     write_json(dir.path(), &v);
