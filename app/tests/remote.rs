@@ -594,6 +594,15 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
     let m = metrics(&single);
     assert!(m.last().unwrap()["dead_frac"].as_f64().unwrap() > 0.1 && m.last().unwrap()["aux"].as_f64().unwrap() > 0.0);
     assert_same_run(&single, &parallel);
+    // A run begun on two servers and finished on this machine alone (the checkpoint knows no
+    // devices): the one-device run again.
+    let switched = tmp.0.join("switched");
+    let mut first_half = args("cpu", Some(format!("{},{}", two.url, one.url)), &switched);
+    let i = first_half.iter().position(|s| s == "--steps").unwrap();
+    first_half[i + 1] = "20".to_string();
+    run(first_half);
+    run(args("cpu", None, &switched));
+    assert_same_run(&single, &switched);
     // A local device beside a server, three slices.
     let mixed = tmp.0.join("mixed");
     run(args("cpu", Some(format!("cpu,{},{}", two.url, one.url)), &mixed));
