@@ -11,6 +11,14 @@ use std::process::{Child, Command, Stdio};
 
 use common::{Scratch, assets, small_cache};
 
+/// The command's stdout, after asserting it succeeded (its stderr in the failure message).
+fn succeeds<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let r =
+        Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(args).env_remove("CROSSDIFF_REMOTE_TOKEN").output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    String::from_utf8_lossy(&r.stdout).to_string()
+}
+
 fn crossdiff(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(args).env_remove("CROSSDIFF_REMOTE_TOKEN").output().unwrap()
 }
@@ -185,12 +193,9 @@ fn a_training_run_through_a_server_equals_the_local_run_and_the_server_logs_the_
     small_cache(&cache);
     let server = Server::start(&[], &tmp.0.join("server.log"));
     let local = tmp.0.join("local");
-    let r = crossdiff(&train_args("cpu", &cache, &local, "20"));
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    succeeds(&train_args("cpu", &cache, &local, "20"));
     let remote = tmp.0.join("remote");
-    let r = crossdiff(&train_args(&server.url, &cache, &remote, "20"));
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let line = String::from_utf8_lossy(&r.stdout);
+    let line = succeeds(&train_args(&server.url, &cache, &remote, "20"));
     assert!(line.contains("step 20") && line.contains("(portable route)"), "{line}");
     assert_same_run(&local, &remote);
     // The server's log: the session, who opened it and on which device, and when it closed.
@@ -246,8 +251,7 @@ fn a_wrong_or_missing_token_is_refused_on_both_sides() {
         "{err}"
     );
     args.extend(["--remote-token", "s3cret"]);
-    let r = crossdiff(&args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    succeeds(&args);
     // … and the server CROSSDIFF_BACKEND names when --backend is left at auto.
     let via_env = tmp.0.join("via-env");
     let mut args = train_args("auto", &cache, &via_env, "20");
@@ -376,8 +380,7 @@ fn a_server_killed_mid_run_stops_the_client_clearly_and_the_run_resumes() {
     // A new server; the same command resumes from the checkpoint (to a finite number of steps).
     let server = Server::start(&[], &tmp.0.join("server2.log"));
     let target = (saved + 10).to_string();
-    let r = crossdiff(&train_args(&server.url, &cache, &run, &target));
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    succeeds(&train_args(&server.url, &cache, &run, &target));
     let lines = metrics(&run);
     let steps: Vec<u64> = lines.iter().map(|m| m["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=saved + 10).collect::<Vec<_>>(), "one line per step, none twice");
@@ -448,9 +451,7 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
         if let Some(d) = devices {
             args.extend(["--devices", d]);
         }
-        let r = crossdiff(&args);
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        String::from_utf8_lossy(&r.stdout).to_string()
+        succeeds(&args)
     };
     let (local, remote) = (tmp.0.join("local"), tmp.0.join("remote"));
     cache("cpu", &local, None);
@@ -470,10 +471,9 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
 
     // One trained run, analysed here and through the server: the same latents table.
     let run = tmp.0.join("run");
-    let r = crossdiff(&train_args("cpu", &local, &run, "20"));
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    succeeds(&train_args("cpu", &local, &run, "20"));
     let analyze = |backend: &str| {
-        let r = crossdiff(&[
+        succeeds(&[
             "--backend",
             backend,
             "analyze",
@@ -482,7 +482,6 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
             "--cache",
             local.to_str().unwrap(),
         ]);
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         std::fs::read_to_string(run.join("latents.csv")).unwrap()
     };
     let (here, there) = (analyze("cpu"), analyze(&server.url));
@@ -517,8 +516,7 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
             "--conversations",
             "8",
         ];
-        let r = crossdiff(&args);
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        succeeds(&args);
         let rows: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(run.join("kl.json")).unwrap()).unwrap();
         rows.as_array().unwrap().clone()
@@ -553,9 +551,7 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
             "--max-tokens",
             "8",
         ];
-        let r = crossdiff(&args);
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        let out = String::from_utf8_lossy(&r.stdout).to_string();
+        let out = succeeds(&args);
         out.lines().filter(|l| !l.starts_with("steer:")).collect::<Vec<_>>().join("\n")
     };
     assert_eq!(steer("cpu"), steer(&server.url));
@@ -581,11 +577,7 @@ fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
         }
         a
     };
-    let run = |a: Vec<String>| {
-        let r = Command::new(env!("CARGO_BIN_EXE_crossdiff")).args(&a).output().unwrap();
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        String::from_utf8_lossy(&r.stdout).to_string()
-    };
+    let run = |a: Vec<String>| succeeds(&a);
     let single = tmp.0.join("single");
     run(args("cpu", None, &single));
     let parallel = tmp.0.join("parallel");
