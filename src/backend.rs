@@ -69,13 +69,9 @@ impl RemoteServer {
         Ok(Self { url: format!("ws://{host}:{port}"), token })
     }
 
-    /// Connects the server's device 0 (burn's remote backend), in one line on failure: a refused
-    /// token, a server that is not there, another protocol version.
-    pub fn connect(&self) -> Result<Device> {
-        self.connect_as("--backend")
-    }
-
-    /// [`connect`](Self::connect), its errors naming `flag` (`--backend`, `--devices`).
+    /// Connects the server's device 0 (burn's remote backend), in one line naming `flag`
+    /// (`--backend`, `--devices`) on failure: a refused token, a server that is not there, another
+    /// protocol version.
     pub fn connect_as(&self, flag: &str) -> Result<Device> {
         use burn::remote::{ConnectError, RemoteHost};
         let mut host = RemoteHost::websocket(&self.url);
@@ -104,6 +100,14 @@ impl RemoteServer {
     /// server going away mid-job.
     fn was_connected(&self) -> bool {
         CONNECTED.lock().unwrap_or_else(|p| p.into_inner()).contains(&self.url)
+    }
+
+    /// Whether something still accepts connections at the server's address.
+    fn answers(&self) -> bool {
+        use std::net::ToSocketAddrs;
+        let Some(hostport) = self.url.strip_prefix("ws://") else { return false };
+        let Ok(addrs) = hostport.to_socket_addrs() else { return false };
+        addrs.into_iter().any(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).is_ok())
     }
 }
 
@@ -165,16 +169,6 @@ pub fn explain_failure_of(backends: &[Backend], e: anyhow::Error) -> anyhow::Err
     match backends.iter().find(|b| matches!(b, Backend::Remote(r) if r.was_connected() && !r.answers())) {
         Some(b) => b.explain_failure_as("--devices", e),
         None => e,
-    }
-}
-
-impl RemoteServer {
-    /// Whether something still accepts connections at the server's address.
-    fn answers(&self) -> bool {
-        use std::net::ToSocketAddrs;
-        let Some(hostport) = self.url.strip_prefix("ws://") else { return false };
-        let Ok(addrs) = hostport.to_socket_addrs() else { return false };
-        addrs.into_iter().any(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).is_ok())
     }
 }
 

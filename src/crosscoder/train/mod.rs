@@ -78,7 +78,8 @@ pub struct TrainRun<'a> {
     /// Where the parameters, the optimizer and the batches live (with `devices`: the first of them).
     pub device: Device,
     /// Data-parallel training: the devices each batch's rows are split over (the first is
-    /// `device`); empty: everything on `device`.
+    /// `device`; each once, as `crate::backend::connect_devices` makes the list); empty: everything
+    /// on `device`.
     pub devices: Vec<Device>,
     pub source: &'a mut dyn PairSource,
     /// Validation pairs `[n, 2, d]` for `val_every`.
@@ -175,9 +176,6 @@ impl TrainRun<'_> {
         let recorded_end = state.data_ended;
         let mut last_batch = None;
         // On wgpu, the dead-latent counters and θ live on the device between checkpoints.
-        if !self.devices.is_empty() {
-            parallel::check(&cfg, &self.devices)?;
-        }
         let mut resident = (self.devices.is_empty() && resident::applies(&cfg, &self.device))
             .then(|| resident::Resident::upload(&state.since_selected, state.threshold, &cfg, &self.device));
         while state.step < cfg.steps && !state.data_ended && keep_going() {

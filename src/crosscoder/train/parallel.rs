@@ -21,13 +21,14 @@
 //! The step returns one [`StepOutput`] on the first device (the batch's error concatenated), so
 //! the clip, the optimizer, θ, the metrics and the checkpoints are the one-device loop's.
 
-use anyhow::{Result, anyhow, bail};
-use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use anyhow::{Result, anyhow};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::backend::is_remote;
+use crate::crosscoder::train::autodiff_sparse::{Picks, decode_picks, encoder_grads, pick};
 use crate::crosscoder::train::config::TrainConfig;
 use crate::crosscoder::train::dense::{backward, l1_loss};
-use crate::crosscoder::train::host_sparse::{HostPicks, select_topk};
+use crate::crosscoder::train::host_sparse::select_topk;
 use crate::crosscoder::train::step::{Selection, StepOutput, aux_weight, host_scores};
 use crate::crosscoder::{Kind, Params, encode, read_vec, recon_loss, tensor};
 
@@ -70,16 +71,6 @@ fn sum_grads(acc: Option<[Tensor<2>; 4]>, mine: [Tensor<2>; 4], home: &Device) -
     })
 }
 
-/// Checks that the run can be split: devices given once each.
-pub fn check(_cfg: &TrainConfig, devices: &[Device]) -> Result<()> {
-    for (i, a) in devices.iter().enumerate() {
-        if devices[..i].iter().any(|b| b == a) {
-            bail!("--devices: entry {} is the same device as an earlier one", i + 1);
-        }
-    }
-    Ok(())
-}
-
 /// The rows each device takes: contiguous slices, the first ones one row longer when B does not
 /// divide (empty slices dropped: a last batch smaller than the device count).
 fn slices(b: usize, n: usize) -> Vec<std::ops::Range<usize>> {
@@ -96,38 +87,26 @@ fn slices(b: usize, n: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
-/// A slice's picks on `device`: row indices local to the slice, codes as an autodiff leaf.
-struct Picks {
-    tokens: Tensor<1, Int>,
-    latents: Tensor<1, Int>,
-    values: Tensor<2>,
-}
-
+/// A slice's picks on `device` (row indices local to the slice), none when the slice has none.
 fn picks(f: &[f32], mask: &[f32], dict: usize, device: &Device) -> Option<Picks> {
-    let HostPicks { tokens, latents, values } = HostPicks::from_mask(f, mask, dict);
-    let n = values.len();
-    if n == 0 {
-        return None;
-    }
-    let ints = |v: Vec<u32>| Tensor::from_data(TensorData::new(v.into_iter().map(i64::from).collect(), [n]), device);
-    Some(Picks {
-        tokens: ints(tokens),
-        latents: ints(latents),
-        values: tensor(values, [n, 1], &device.clone().autodiff()).require_grad(),
-    })
+    mask.iter().any(|&m| m > 0.0).then(|| pick(f, mask, dict, device, &device.clone().autodiff()))
 }
 
-/// Σ over the picks of f · d_j, accumulated into each picked row of an `[n, 2d]` zero (autodiff).
+/// The picks' decode into an `[n, 2d]` zero on `dev`'s autodiff device (zero without picks).
 fn decode(w_dec: &Tensor<2>, pk: Option<&Picks>, n: usize, dev: &Device) -> Tensor<2> {
-    let two_d = w_dec.dims()[1];
-    let zero = Tensor::<2>::zeros([n, two_d], (&dev.clone().autodiff(), DType::F32));
+    let ad = dev.clone().autodiff();
     match pk {
-        Some(pk) => {
-            let rows = w_dec.clone().select(0, pk.latents.clone().autodiff()) * pk.values.clone();
-            zero.select_assign(0, pk.tokens.clone().autodiff(), rows, IndexingUpdateOp::Add)
-        }
-        None => zero,
+        Some(pk) => decode_picks(w_dec, pk, n, &ad),
+        None => Tensor::<2>::zeros([n, w_dec.dims()[1]], (&ad, DType::F32)),
     }
+}
+
+/// `acc + t` (`t` alone for the first slice).
+fn add_to(acc: Option<Tensor<1>>, t: Tensor<1>) -> Option<Tensor<1>> {
+    Some(match acc {
+        Some(a) => a + t,
+        None => t,
+    })
 }
 
 /// One data-parallel step on the batch `x` (`[B, 2d]`, on `devices[0]`, where `p` lives).
@@ -174,15 +153,8 @@ fn l1_step(
         for (a, c) in active.iter_mut().zip(read_vec(counts)?) {
             *a += c;
         }
-        let (loss, recon) = (move_to(loss.inner(), &home)?, move_to(recon.inner(), &home)?);
-        loss_total = Some(match loss_total {
-            Some(t) => t + loss,
-            None => loss,
-        });
-        recon_total = Some(match recon_total {
-            Some(t) => t + recon,
-            None => recon,
-        });
+        loss_total = add_to(loss_total, move_to(loss.inner(), &home)?);
+        recon_total = add_to(recon_total, move_to(recon.inner(), &home)?);
         grads = Some(sum_grads(grads, g, &home)?);
         errs.push(move_to(err.inner(), &home)?);
     }
@@ -281,14 +253,15 @@ fn batch_topk_step(
             let e_hat = decode(&s.w_dec, s.aux.as_ref(), xs.dims()[0], dev);
             nums.push((e.autodiff() - e_hat).square().sum());
         }
-        // Σ_slices Σ_rows ‖e − ê‖² / B over the normaliser Σ ‖e − ē‖² / B: the B's cancel.
-        let mut value = 0f64;
+        // Σ_slices Σ_rows ‖e − ê‖² / B over the normaliser Σ ‖e − ē‖² / B: the B's cancel. The value
+        // (for AuxK's finite-or-not rule) is the slices' terms summed on the first device, one read.
+        let mut total = None;
         for (slot, num) in aux_terms.iter_mut().zip(nums) {
             let term = num.div_scalar(den);
-            value += read_vec(term.clone().inner())?[0] as f64;
+            total = add_to(total, move_to(term.clone().inner(), &home)?);
             *slot = Some(term);
         }
-        aux_value = Some(value);
+        aux_value = total.map(|t| read_vec(t).map(|v| v[0] as f64)).transpose()?;
     }
     let alpha = aux_value.and_then(|v| aux_weight(cfg, v));
 
@@ -296,36 +269,24 @@ fn batch_topk_step(
     // summed or joined on the first device in slice order.
     let mut grads: Option<[Tensor<2>; 4]> = None;
     let (mut loss_total, mut recon_total): (Option<Tensor<1>>, Option<Tensor<1>>) = (None, None);
-    let add = |acc: Option<Tensor<1>>, t: Tensor<1>| {
-        Some(match acc {
-            Some(a) => a + t,
-            None => t,
-        })
-    };
     let mut errs = Vec::new();
-    for ((s, (dev, ps, xs)), aux_term) in slices_out.into_iter().zip(&shards).zip(aux_terms) {
+    for ((s, (_, ps, xs)), aux_term) in slices_out.into_iter().zip(&shards).zip(aux_terms) {
         let mut loss = s.recon.clone();
         if let (Some(a), Some(t)) = (alpha, &aux_term) {
             loss = loss + t.clone().mul_scalar(a);
         }
-        recon_total = add(recon_total, move_to(s.recon.clone().inner(), &home)?);
-        loss_total = add(loss_total, move_to(loss.clone().inner(), &home)?);
+        recon_total = add_to(recon_total, move_to(s.recon.clone().inner(), &home)?);
+        loss_total = add_to(loss_total, move_to(loss.clone().inner(), &home)?);
         let g = loss.backward();
-        let grad = |t: &Tensor<2>| t.grad(&g).map(Tensor::inner).ok_or_else(|| anyhow!("no gradient for a parameter"));
-        let mut g_w_enc_t = Tensor::<2>::zeros([dict, two_d], (dev, DType::F32));
-        let mut g_b_enc = Tensor::<2>::zeros([dict, 1], (dev, DType::F32));
         let enc_in = if sae { xs.clone() - ps.b_dec.clone() } else { xs.clone() };
         // AuxK's picks carry a gradient only when its term counted.
-        for pk in [s.main.as_ref(), s.aux.as_ref().filter(|_| alpha.is_some())].into_iter().flatten() {
-            let gv = grad(&pk.values)?;
-            let rows = enc_in.clone().select(0, pk.tokens.clone()) * gv.clone();
-            g_w_enc_t = g_w_enc_t.select_assign(0, pk.latents.clone(), rows, IndexingUpdateOp::Add);
-            g_b_enc = g_b_enc.select_assign(0, pk.latents.clone(), gv, IndexingUpdateOp::Add);
-        }
+        let counted: Vec<&Picks> =
+            [s.main.as_ref(), s.aux.as_ref().filter(|_| alpha.is_some())].into_iter().flatten().collect();
+        let (g_w_enc_t, g_b_enc) = encoder_grads(&enc_in, &counted, &g, dict)?;
         // A slice none of whose entries was picked leaves W_dec out of its graph: its gradient is 0.
         let g_w_dec = s.w_dec.grad(&g).map(Tensor::inner).unwrap_or_else(|| s.w_dec.clone().inner().zeros_like());
         let g_b_enc = g_b_enc.reshape([1, dict]);
-        let mut g_b_dec = grad(&s.b_dec)?;
+        let mut g_b_dec = s.b_dec.grad(&g).map(Tensor::inner).ok_or_else(|| anyhow!("no gradient for b_dec"))?;
         if sae {
             // b_dec enters the SAE's encoder too: − W_enc·(∂L/∂b_enc)ᵀ.
             g_b_dec = g_b_dec - g_b_enc.clone().matmul(ps.w_enc.clone().transpose());
