@@ -9,6 +9,10 @@
 What the public crosscoder pipelines do: for each batch of documents, run each model with
 `output_hidden_states=True` (the whole model), take hidden_states[L+1], drop padding, store bf16
 shards. Same documents, tokenizer, context, batching by length and dtype as crossdiff's defaults.
+
+`--truncate` is the authors' route instead (their ActivationCache stops each model at the cached
+layer): blocks 0..=L only, no final norm or unembedding, the output of block L taken by a hook —
+the same work `crossdiff cache` does, so the fair reference for its speed.
 """
 import argparse
 import json
@@ -64,11 +68,18 @@ def main():
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--truncate", action="store_true", help="run blocks 0..=layer only (the authors' route)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
     models = [Gemma2ForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager").eval()
               for _ in range(2)]  # base and chat (same widths; throughput does not depend on the weights)
+    captured = {}
+    if args.truncate:
+        for m, model in enumerate(models):
+            model.model.layers = model.model.layers[: args.layer + 1]
+            model.model.layers[args.layer].register_forward_hook(
+                lambda _mod, _inp, out, m=m: captured.__setitem__(m, out[0] if isinstance(out, tuple) else out))
     docs, n = [], 0
     for ids in documents(tok, args.context):
         ids = ids[: args.tokens - n]
@@ -81,13 +92,18 @@ def main():
     with torch.no_grad():
         for group, ids, mask in length_batches(docs, args.batch_tokens):
             for m, model in enumerate(models):
-                h = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[args.layer + 1]
+                if args.truncate:
+                    model.model(input_ids=ids, attention_mask=mask)
+                    h = captured[m]
+                else:
+                    h = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[args.layer + 1]
                 for b, j in enumerate(group):
                     acts[m][j] = h[b, : len(docs[j])].to(torch.bfloat16)
     pairs = torch.stack([torch.cat(acts[0]), torch.cat(acts[1])], dim=1)
     save_file({"acts": pairs.contiguous()}, os.path.join(args.out, "acts-00000.safetensors"))
     secs = time.perf_counter() - start
-    print(json.dumps({"impl": "transformers output_hidden_states", "tokens": n, "layer": args.layer,
+    impl = "transformers blocks 0..=L (truncated)" if args.truncate else "transformers output_hidden_states"
+    print(json.dumps({"impl": impl, "tokens": n, "layer": args.layer,
                       "layers": models[0].config.num_hidden_layers, "seconds": secs, "tokens_per_s": n / secs}))
 
 

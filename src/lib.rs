@@ -20,6 +20,7 @@ pub mod crosscoder;
 pub mod data;
 pub mod demo;
 pub mod dir_lock;
+pub mod host_memory;
 pub mod io;
 pub mod model;
 pub mod phases;

@@ -105,8 +105,15 @@ fn loss_terms_and_gradients_equal_the_pytorch_reference() {
 #[test]
 fn sparse_and_dense_batchtopk_agree_on_a_larger_case() {
     // 32 tokens, D = 64, several dead latents: the sparse path's gradients equal the dense ones.
+    // Rows of 12 (shorter than the CPU loops' 16 lanes) and of 40 (two full lane blocks and a rest).
+    for d in [6, 20] {
+        sparse_and_dense_batchtopk_agree(d);
+    }
+}
+
+fn sparse_and_dense_batchtopk_agree(d: usize) {
     let device = Device::flex();
-    let (d, dict, b) = (6, 64, 32);
+    let (dict, b) = (64, 32);
     let p = Params::init(d, dict, 1.0, 3, &device);
     let mut rng = SplitMix64(8);
     let x = tensor((0..b * 2 * d).map(|_| rng.next_f64() as f32 - 0.3).collect(), [b, 2 * d], &device);
@@ -370,7 +377,7 @@ fn resumed_training_follows_the_same_loss_curve() {
 
 #[test]
 fn cpu_histogram_selection_equals_the_reference() {
-    use crossdiff::crosscoder::train::host_sparse::{select_topk, transpose};
+    use crossdiff::crosscoder::train::host_sparse::{norm_sums, select_topk};
     let mut rng = SplitMix64(77);
     for &(b, dict, k, ties) in
         &[(64usize, 300usize, 5usize, false), (32, 1000, 20, true), (16, 40, 3, true), (8, 50, 40, false)]
@@ -400,9 +407,11 @@ fn cpu_histogram_selection_equals_the_reference() {
         let per: Vec<f32> = (0..dict).map(|j| (0..b).map(|r| want_mask[r * dict + j]).sum()).collect();
         assert_eq!(selected, per);
     }
-    let m: Vec<f32> = (0..35 * 70).map(|i| i as f32).collect();
-    let t = transpose(&m, 35, 70);
-    assert!((0..35).all(|r| (0..70).all(|c| t[c * 35 + r] == m[r * 70 + c])));
+    // The score weights summed on the host equal the tensor route's.
+    let device = Device::flex();
+    let p = Params::init(9, 70, 1.0, 4, &device);
+    let want: Vec<f64> = read_vec(p.norm_sum()).unwrap().iter().map(|&v| v as f64).collect();
+    assert_close("norm sums", &norm_sums(&read_vec(p.w_dec.clone()).unwrap(), 9, 70), &want, 1e-6);
 }
 
 #[test]
@@ -415,25 +424,58 @@ fn adam_on_the_host_equals_adam_through_tensor_ops_bit_for_bit() {
     let n = shape[0] * shape[1];
     let adam = AdamConfig::default();
     let (p0, gs) = (draw(n), (0..3).map(|_| draw(n)).collect::<Vec<_>>());
-    let run = |host: bool| -> [Vec<f32>; 3] {
-        let mut p = tensor(p0.clone(), shape, &device);
-        let mut m = Tensor::<2>::zeros(shape, &device);
-        let mut v = Tensor::<2>::zeros(shape, &device);
-        for (i, g) in gs.iter().enumerate() {
-            let g = tensor(g.clone(), shape, &device);
-            let (step, lr) = (i as u64 + 1, 1e-3 * (i + 1) as f64);
-            p = if host {
-                adam.update_host(step, lr, p, &mut m, &mut v, g).unwrap()
-            } else {
-                adam.update(step, lr, p, &mut m, &mut v, g)
-            };
+    // The host pass applies the clip's factor as it reads each gradient value: the same as
+    // scaling the gradient tensor first.
+    for scale in [1.0f32, 0.37] {
+        let run = |host: bool| -> [Vec<f32>; 3] {
+            let mut p = tensor(p0.clone(), shape, &device);
+            let mut m = Tensor::<2>::zeros(shape, &device);
+            let mut v = Tensor::<2>::zeros(shape, &device);
+            for (i, g) in gs.iter().enumerate() {
+                let g = tensor(g.clone(), shape, &device);
+                let (step, lr) = (i as u64 + 1, 1e-3 * (i + 1) as f64);
+                p = if host {
+                    adam.update_host(step, lr, p, &mut m, &mut v, g, scale).unwrap()
+                } else {
+                    adam.update(step, lr, p, &mut m, &mut v, g.mul_scalar(scale))
+                };
+            }
+            [p, m, v].map(|t| read_vec(t).unwrap())
+        };
+        let (host, tensors) = (run(true), run(false));
+        for (name, (a, b)) in ["parameter", "first moment", "second moment"].iter().zip(host.iter().zip(&tensors)) {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{name} (gradient scale {scale}): the host pass differs from the tensor ops");
         }
-        [p, m, v].map(|t| read_vec(t).unwrap())
-    };
-    let (host, tensors) = (run(true), run(false));
-    for (name, (a, b)) in ["parameter", "first moment", "second moment"].iter().zip(host.iter().zip(&tensors)) {
-        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same, "{name}: the host pass differs from the tensor ops");
+    }
+}
+
+#[test]
+fn clipping_on_the_cpu_scales_to_the_global_norm() {
+    use crossdiff::crosscoder::train::{clip_factor, clip_gradients};
+    let device = Device::flex();
+    let mut rng = SplitMix64(5);
+    let shapes = [[7, 33], [1, 33], [33, 7], [1, 7]];
+    // Values of ±0.005 (global norm ≈ 0.07: untouched) and of ±0.5 (≈ 6.6: scaled to 1).
+    for spread in [0.01f32, 1.0] {
+        let vals: Vec<Vec<f32>> =
+            shapes.iter().map(|s| (0..s[0] * s[1]).map(|_| (rng.next_f64() as f32 - 0.5) * spread).collect()).collect();
+        let norm = vals.iter().flatten().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        assert_eq!(norm > 1.0, spread == 1.0, "one case on each side of the limit (norm {norm})");
+        let factor = if norm > 1.0 { 1.0 / norm } else { 1.0 };
+        let g: [Tensor<2>; 4] = std::array::from_fn(|i| tensor(vals[i].clone(), shapes[i], &device));
+        // The factor the training loop hands to Adam, and the gradients scaled by it.
+        let s = clip_factor(&g, Some(1.0)).unwrap() as f64;
+        assert!((s - factor).abs() < 1e-6 * factor, "clip factor {s}, want {factor}");
+        let clipped = clip_gradients(g, Some(1.0)).unwrap();
+        let mut total = 0.0f64;
+        for (i, (c, v)) in clipped.into_iter().zip(&vals).enumerate() {
+            let got = read_vec(c).unwrap();
+            total += got.iter().map(|&x| (x as f64).powi(2)).sum::<f64>();
+            let want: Vec<f64> = v.iter().map(|&x| x as f64 * factor).collect();
+            assert_close(&format!("gradient {i} (spread {spread})"), &got, &want, 1e-6);
+        }
+        assert!((total.sqrt() - norm.min(1.0)).abs() < 1e-5, "clipped norm {} for {norm}", total.sqrt());
     }
 }
 

@@ -184,7 +184,12 @@ pub struct TrainBench {
     pub phases: Vec<crate::phases::PhaseTime>,
 }
 
-/// Times `steps` training steps (after one warm-up step) on random Gaussian pairs.
+/// Warm-up steps before the clock starts: the first step allocates and compiles kernels, and on the
+/// CPU the first two grow the heap to its working size (every page touched the first time is a
+/// fault; the steps after reuse the same memory, src/host_memory.rs).
+const WARMUP_STEPS: u64 = 2;
+
+/// Times `steps` training steps (after [`WARMUP_STEPS`]) on random Gaussian pairs.
 pub fn bench_train(
     device: &burn::tensor::Device,
     devices: &[burn::tensor::Device],
@@ -210,9 +215,9 @@ pub fn bench_train(
     impl PairSource for Random<'_> {
         fn next_batch(&mut self) -> Result<Option<PairBatch>> {
             self.calls += 1;
-            if self.calls == 2 {
+            if self.calls == WARMUP_STEPS + 1 {
                 let c = self.counting;
-                // The phase totals, like the clock, start after the warm-up step.
+                // The phase totals, like the clock, start after the warm-up steps.
                 crate::phases::reset();
                 self.window_start.set(Some((Instant::now(), c.readbacks(), c.dispatches())));
             }
@@ -223,9 +228,10 @@ pub fn bench_train(
     let dir = std::env::temp_dir().join(format!("crossdiff-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     // Metrics only at the last step (the default interval is longer than a benchmark).
-    let config = TrainConfig { k, steps: steps + 1, checkpoint_every: 0, ..TrainConfig::defaults(kind, dict) };
+    let config =
+        TrainConfig { k, steps: steps + WARMUP_STEPS, checkpoint_every: 0, ..TrainConfig::defaults(kind, dict) };
     let counting = crate::counters::Counting::start();
-    // Timed (and counted) from the start of step 2 (after allocation and kernel compilation) to
+    // Timed (and counted) from the start of step 3 (after allocation and kernel compilation) to
     // the end of the last step; the final checkpoint and export are outside the window.
     let window_start: std::rc::Rc<std::cell::Cell<Option<(Instant, u64, u64)>>> = Default::default();
     let mut src =
@@ -254,7 +260,7 @@ pub fn bench_train(
     )?;
     let _ = std::fs::remove_dir_all(&dir);
     let ((t0, r0, d0), (t1, r1, d1)) = (
-        window_start.get().ok_or_else(|| anyhow::anyhow!("bench train: fewer than 2 steps ran"))?,
+        window_start.get().ok_or_else(|| anyhow::anyhow!("bench train: no step ran after the warm-up"))?,
         end.ok_or_else(|| anyhow::anyhow!("bench train: no step finished"))?,
     );
     let secs = (t1 - t0).as_secs_f64().max(1e-9);

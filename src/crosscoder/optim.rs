@@ -43,8 +43,11 @@ impl AdamConfig {
 
     /// One step on one tensor as a single pass over host memory (burn flex): the parameter and its
     /// moments are moved out of their tensors (no copy when nothing else holds them), updated in
-    /// place, and moved back. The same f32 operations in the same order as [`AdamConfig::update`],
-    /// so the results are bit-identical; it replaces eight element-wise passes over the tensor.
+    /// place, and moved back; the gradient is read in place. Each gradient value is first
+    /// multiplied by `grad_scale` (the clip's factor; 1 leaves it exact), then the same f32
+    /// operations in the same order as [`AdamConfig::update`], so the results are bit-identical
+    /// to scaling the gradient and running the tensor ops; it replaces eight element-wise passes.
+    #[allow(clippy::too_many_arguments)]
     pub fn update_host(
         &self,
         step: u64,
@@ -53,15 +56,15 @@ impl AdamConfig {
         m: &mut Tensor<2>,
         v: &mut Tensor<2>,
         g: Tensor<2>,
+        grad_scale: f32,
     ) -> anyhow::Result<Tensor<2>> {
         use rayon::prelude::*;
         let (device, shape) = (p.device(), p.dims());
-        let vec = |t: Tensor<2>| -> anyhow::Result<Vec<f32>> {
-            t.into_data().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("Adam on the host: {e:?}"))
-        };
+        let vec = crate::crosscoder::take_vec::<2>;
         let placeholder = || Tensor::<2>::zeros([1, 1], &device);
-        let (mut pv, mut mv, mut vv, gv) =
-            (vec(p)?, vec(std::mem::replace(m, placeholder()))?, vec(std::mem::replace(v, placeholder()))?, vec(g)?);
+        let (mut pv, mut mv, mut vv) =
+            (vec(p)?, vec(std::mem::replace(m, placeholder()))?, vec(std::mem::replace(v, placeholder()))?);
+        let gv = crate::crosscoder::HostValues::of(&g)?;
         let (b1, b2) = (self.beta1, self.beta2);
         let (c1, c2) = ((1.0 - b1.powi(step as i32)) as f32, (1.0 - b2.powi(step as i32)) as f32);
         let (b1f, nb1, b2f, nb2) = (b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32);
@@ -73,19 +76,22 @@ impl AdamConfig {
             .zip(gv.par_chunks(CHUNK))
             .for_each(|(((p, m), v), g)| {
                 for i in 0..p.len() {
-                    m[i] = m[i] * b1f + g[i] * nb1;
-                    v[i] = v[i] * b2f + g[i] * g[i] * nb2;
+                    let g = g[i] * grad_scale;
+                    m[i] = m[i] * b1f + g * nb1;
+                    v[i] = v[i] * b2f + g * g * nb2;
                     let denom = (v[i] / c2).sqrt() + eps;
                     p[i] -= m[i] / c1 / denom * lr;
                 }
             });
-        let back = |x: Vec<f32>| Tensor::<2>::from_data(burn::tensor::TensorData::new(x, shape), &device);
+        let back = |x: Vec<f32>| crate::crosscoder::give_vec(x, shape, &device);
         *m = back(mv);
         *v = back(vv);
         Ok(back(pv))
     }
 
-    /// The step on a crosscoder's parameters, gradients in the order (w_enc, b_enc, w_dec, b_dec).
+    /// The step on a crosscoder's parameters, gradients in the order (w_enc, b_enc, w_dec, b_dec),
+    /// each multiplied by `grad_scale` first (the clip's factor, [`crate::crosscoder::train::clip_factor`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn update_params(
         &self,
         step: u64,
@@ -94,14 +100,20 @@ impl AdamConfig {
         m: &mut Params,
         v: &mut Params,
         grads: [Tensor<2>; 4],
+        grad_scale: f32,
     ) -> anyhow::Result<()> {
         let [g_w_enc, g_b_enc, g_w_dec, g_b_dec] = grads;
         // On the CPU one pass over host memory per tensor; elsewhere burn's element-wise ops.
         let host = crate::backend::is_flex(&params.w_enc.device());
-        let one = |p: &mut Tensor<2>, m: &mut Tensor<2>, v: &mut Tensor<2>, g| -> anyhow::Result<()> {
+        let one = |p: &mut Tensor<2>, m: &mut Tensor<2>, v: &mut Tensor<2>, g: Tensor<2>| -> anyhow::Result<()> {
             // Moved out (not cloned) so the host pass takes the buffer without a copy.
             let taken = std::mem::replace(p, Tensor::<2>::zeros([1, 1], &m.device()));
-            *p = if host { self.update_host(step, lr, taken, m, v, g)? } else { self.update(step, lr, taken, m, v, g) };
+            *p = if host {
+                self.update_host(step, lr, taken, m, v, g, grad_scale)?
+            } else {
+                let g = if grad_scale == 1.0 { g } else { g.mul_scalar(grad_scale) };
+                self.update(step, lr, taken, m, v, g)
+            };
             Ok(())
         };
         one(&mut params.w_enc, &mut m.w_enc, &mut v.w_enc, g_w_enc)?;

@@ -58,6 +58,67 @@ pub fn tensor<const N: usize>(values: Vec<f32>, shape: [usize; N], device: &Devi
     t
 }
 
+/// A flex tensor's values borrowed in place (no copy): the CPU routes read the parameters this way
+/// instead of copying a 1.4 GB decoder out of its tensor every step.
+pub struct HostView(burn_dispatch::DispatchTensor);
+
+impl HostView {
+    /// The view of `t` when it is a contiguous f32 flex tensor (holds a reference to its buffer),
+    /// else `None` (other devices, strided layouts): the caller then reads a copy.
+    pub fn of<const N: usize>(t: &Tensor<N>) -> Option<Self> {
+        let view = Self(t.clone().into_dispatch());
+        view.try_slice().is_some().then_some(view)
+    }
+
+    fn try_slice(&self) -> Option<&[f32]> {
+        match &self.0.kind {
+            burn_dispatch::DispatchTensorKind::Flex(burn_dispatch::BackendTensor::Float(t)) => t.as_slice::<f32>(),
+            _ => None,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        self.try_slice().expect("checked when the view was made")
+    }
+}
+
+/// The values of `t` on the host: borrowed from a flex tensor, else read back.
+pub enum HostValues {
+    Borrowed(HostView),
+    Owned(Vec<f32>),
+}
+
+impl HostValues {
+    pub fn of<const N: usize>(t: &Tensor<N>) -> Result<Self> {
+        Ok(match HostView::of(t) {
+            Some(v) => Self::Borrowed(v),
+            None => Self::Owned(read_vec(t.clone())?),
+        })
+    }
+}
+
+impl std::ops::Deref for HostValues {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Self::Borrowed(v) => v.as_slice(),
+            Self::Owned(v) => v,
+        }
+    }
+}
+
+/// A flex tensor's values moved out as a `Vec` (no copy when nothing else holds the buffer; not a
+/// device readback): for host passes that update a tensor in place and wrap it again with [`tensor`].
+pub fn take_vec<const N: usize>(t: Tensor<N>) -> Result<Vec<f32>> {
+    t.into_data().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("a tensor's values on the host: {e:?}"))
+}
+
+/// The inverse of [`take_vec`]: the values wrapped as a flex tensor again (no copy, not counted as
+/// a transfer).
+pub fn give_vec<const N: usize>(values: Vec<f32>, shape: [usize; N], device: &Device) -> Tensor<N> {
+    Tensor::from_data(TensorData::new(values, shape), (device, DType::F32))
+}
+
 pub fn read_vec<const N: usize>(t: Tensor<N>) -> Result<Vec<f32>> {
     crate::counters::read_f32(t)
 }

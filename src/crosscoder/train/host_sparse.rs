@@ -10,8 +10,10 @@
 
 use anyhow::Result;
 
+pub use crate::crosscoder::train::host_picks::HostPicks;
+use crate::crosscoder::train::host_picks::{latent_grads, sum_squares};
 use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, aux_weight, host_scores};
-use crate::crosscoder::{encode, read_vec, tensor};
+use crate::crosscoder::{HostValues, encode, read_vec, tensor};
 
 /// The route: selection, decode, loss and every gradient by the loops below; only the dense encoder
 /// matmul runs through burn.
@@ -19,7 +21,9 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
     let StepInput { cfg, p, x, step, since_selected, d, dict, b, two_d, device } = input;
     let phase = crate::phases::phase("encoder forward", &device);
     let f = read_vec(encode(p, x.clone()))?;
-    let norms = read_vec(p.norm_sum())?;
+    // The decoder read in place on flex (a copy elsewhere), its norms summed here.
+    let w_dec = HostValues::of(&p.w_dec)?;
+    let norms = norm_sums(&w_dec, d, dict);
     drop(phase);
     let phase = crate::phases::phase("selection", &device);
     let (main, selected, mask, min_kept) = select_topk(&f, &norms, dict, cfg.k_at(step) * b);
@@ -28,7 +32,6 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
     drop(phase);
     let phase = crate::phases::phase("sparse decode", &device);
     let xh = read_vec(x)?;
-    let w_dec = read_vec(p.w_dec.clone())?;
     let b_dec = read_vec(p.b_dec.clone())?;
 
     let mut recon: Vec<f32> = (0..b).flat_map(|_| b_dec.iter().copied()).collect();
@@ -36,27 +39,7 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
     let err: Vec<f32> = xh.iter().zip(&recon).map(|(a, r)| a - r).collect();
     drop(phase);
     let phase = crate::phases::phase("loss/backward", &device);
-    // Reconstruction term and g = ∂L/∂ĥ.
-    let mut g = vec![0.0f32; b * two_d];
-    let mut recon_loss = 0.0f64;
-    for t in 0..b {
-        for m in 0..2 {
-            let e = &err[t * two_d + m * d..t * two_d + (m + 1) * d];
-            let gs = &mut g[t * two_d + m * d..t * two_d + (m + 1) * d];
-            let sq: f64 = e.iter().map(|v| (*v as f64).powi(2)).sum();
-            if cfg.squared_recon {
-                recon_loss += 0.5 * sq / b as f64;
-                gs.iter_mut().zip(e).for_each(|(gv, ev)| *gv = -ev / b as f32);
-            } else {
-                let n = sq.sqrt();
-                recon_loss += n / (2 * b) as f64;
-                if n > 0.0 {
-                    let k = (1.0 / (2.0 * b as f64 * n)) as f32;
-                    gs.iter_mut().zip(e).for_each(|(gv, ev)| *gv = -ev * k);
-                }
-            }
-        }
-    }
+    let (g, recon_loss) = recon_terms(&err, d, cfg.squared_recon);
     let mut loss = recon_loss;
     let mut aux_value = None;
     let mut aux_picks = None;
@@ -80,37 +63,23 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
         }
     }
     drop(phase);
+    drop(f);
     let _phase = crate::phases::phase("gradient assembly", &device);
-    // Gradients: ∂L/∂v per pick, then decoder rows and encoder columns grouped by latent.
-    let grad_v = pick_grads(&main, &w_dec, &g, two_d);
+    // Gradients: ∂L/∂v per pick, decoder rows and encoder columns, in one pass by latent.
+    let mut sets: Vec<(&HostPicks, &[f32])> = vec![(&main, &g)];
+    if let Some(p) = &aux_picks {
+        sets.push((p, &g_aux));
+    }
+    let grads = latent_grads(&w_dec, &xh, two_d, &sets);
     let mut grad_b_dec = vec![0.0f32; two_d];
     for row in g.chunks_exact(two_d) {
         grad_b_dec.iter_mut().zip(row).for_each(|(o, v)| *o += v);
     }
-    let grad_v_aux = aux_picks.as_ref().map(|p| pick_grads(p, &w_dec, &g_aux, two_d));
-    let mut dec_sets: Vec<(&HostPicks, &[f32], &[f32])> = vec![(&main, &main.values, &g)];
-    let mut enc_sets: Vec<(&HostPicks, &[f32], &[f32])> = vec![(&main, &grad_v, &xh)];
-    if let (Some(p), Some(gv)) = (&aux_picks, &grad_v_aux) {
-        dec_sets.push((p, &p.values, &g_aux));
-        enc_sets.push((p, gv, &xh));
-    }
-    let mut grad_w_dec = vec![0.0f32; dict * two_d];
-    accumulate_by_latent(&mut grad_w_dec, two_d, &dec_sets);
-    // Encoder gradient accumulated as [D, 2d] rows (contiguous), transposed once at the end.
-    let mut grad_enc_t = vec![0.0f32; dict * two_d];
-    accumulate_by_latent(&mut grad_enc_t, two_d, &enc_sets);
-    let mut grad_b_enc = vec![0.0f32; dict];
-    for (picks, gv, _) in &enc_sets {
-        for (&l, &gvp) in picks.latents.iter().zip(gv.iter()) {
-            grad_b_enc[l as usize] += gvp;
-        }
-    }
-    let grad_w_enc = transpose(&grad_enc_t, dict, two_d);
     let scalar = |v: f64| tensor(vec![v as f32], [1], &device);
     let grads = [
-        tensor(grad_w_enc, [two_d, dict], &device),
-        tensor(grad_b_enc, [1, dict], &device),
-        tensor(grad_w_dec, [dict, two_d], &device),
+        tensor(grads.w_enc, [two_d, dict], &device),
+        tensor(grads.b_enc, [1, dict], &device),
+        tensor(grads.w_dec, [dict, two_d], &device),
         tensor(grad_b_dec, [1, two_d], &device),
     ];
     Ok(StepOutput::new(
@@ -140,27 +109,6 @@ pub fn aux_terms(err: &[f32], e_hat: &[f32], w: usize) -> (f64, f64) {
     (num, den)
 }
 
-/// Picked (token, latent, code) entries.
-pub struct HostPicks {
-    pub tokens: Vec<u32>,
-    pub latents: Vec<u32>,
-    pub values: Vec<f32>,
-}
-
-impl HostPicks {
-    pub fn from_mask(f: &[f32], mask: &[f32], dict: usize) -> Self {
-        let (mut tokens, mut latents, mut values) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, &m) in mask.iter().enumerate() {
-            if m > 0.0 {
-                tokens.push((i / dict) as u32);
-                latents.push((i % dict) as u32);
-                values.push(f[i]);
-            }
-        }
-        Self { tokens, latents, values }
-    }
-}
-
 /// BatchTopK's selection from the codes `f` (`[B, D]`) and per-latent decoder norm sums, in two
 /// passes and no sort: a 4096-bin histogram of the positive scores' top bits finds the bin holding
 /// the `keep`-th largest, an exact selection among that bin's few members gives the threshold, and
@@ -173,30 +121,36 @@ pub fn select_topk(f: &[f32], norms: &[f32], dict: usize, keep: usize) -> (HostP
     // Rows are split across threads in chunks; within a row the norm of latent j is a zip.
     let rows_per = (f.len() / dict).div_ceil(rayon::current_num_threads() * 4).max(1);
     let chunk = rows_per * dict;
-    let hist: Vec<usize> = f
-        .par_chunks(chunk)
-        .map(|part| {
-            let mut h = vec![0u32; 1 << BITS];
-            for row in part.chunks_exact(dict) {
-                for (v, n) in row.iter().zip(norms) {
-                    let s = v * n;
-                    if s > 0.0 {
-                        h[bin_of(s)] += 1;
+    // Every score is counted by its top bits without a branch (half the scores are 0 and a
+    // branch on `s > 0` mispredicts): bins 1..2040 hold the finite positive scores, bin 0 holds
+    // +0 and the positive scores below 2^-129, bins 2040..2048 +∞ and NaN, the rest negatives.
+    fn histogram(f: &[f32], chunk: usize, norms: &[f32], keep_if: impl Fn(f32) -> bool + Sync) -> Vec<usize> {
+        f.par_chunks(chunk)
+            .map(|part| {
+                let mut h = vec![0u32; 1 << BITS];
+                for row in part.chunks_exact(norms.len()) {
+                    for (v, n) in row.iter().zip(norms) {
+                        let s = v * n;
+                        h[(s.to_bits() >> (32 - BITS)) as usize] += keep_if(s) as u32;
                     }
                 }
-            }
-            h
-        })
-        .reduce(
-            || vec![0u32; 1 << BITS],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
-        .into_iter()
-        .map(|c| c as usize)
-        .collect();
+                h
+            })
+            .reduce(|| vec![0u32; 1 << BITS], |a, b| a.into_iter().zip(b).map(|(x, y)| x + y).collect())
+            .into_iter()
+            .map(|c| c as usize)
+            .collect()
+    }
+    let mut hist = histogram(f, chunk, norms, |_| true);
+    const POSITIVE_FINITE: std::ops::Range<usize> = 1..2040;
+    if hist[2040..2048].iter().any(|&c| c > 0) || hist[POSITIVE_FINITE].iter().sum::<usize>() <= keep {
+        // +∞ or NaN among the scores, or few positive ones (bin 0's then matter): count exactly.
+        hist = histogram(f, chunk, norms, |s| s > 0.0);
+    } else {
+        // The `keep`-th largest lies in bins 1..2040: the others do not take part.
+        hist[0] = 0;
+        hist[2040..].fill(0);
+    }
     let positive: usize = hist.iter().sum();
     // (threshold, how many scores lie strictly above it)
     let threshold = if positive <= keep || keep == 0 {
@@ -210,20 +164,24 @@ pub fn select_topk(f: &[f32], norms: &[f32], dict: usize, keep: usize) -> (HostP
             }
             above += hist[bin];
         }
+        // Bins 1..2040 hold only positive finite scores; bin 0 (reached only by the exact count)
+        // also holds +0, which is no member.
+        let member = |s: f32| bin_of(s) == bin && (bin != 0 || s > 0.0);
         let mut members: Vec<f32> = f
             .par_chunks(chunk)
-            .flat_map_iter(|part| {
+            .map(|part| {
                 let mut m = Vec::new();
                 for row in part.chunks_exact(dict) {
                     for (v, n) in row.iter().zip(norms) {
                         let s = v * n;
-                        if s > 0.0 && bin_of(s) == bin {
+                        if member(s) {
                             m.push(s);
                         }
                     }
                 }
                 m
             })
+            .flatten_iter()
             .collect();
         let at = members.len() - (keep - above);
         let (_, &mut t, _) = members.select_nth_unstable_by(at, f32::total_cmp);
@@ -291,74 +249,56 @@ pub fn select_topk(f: &[f32], norms: &[f32], dict: usize, keep: usize) -> (HostP
     (picks, selected, mask, min_kept)
 }
 
-/// `[rows, cols]` → `[cols, rows]`, in cache-sized blocks.
-pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const B: usize = 32;
-    let mut out = vec![0.0f32; src.len()];
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    out[c * rows + r] = src[r * cols + c];
+/// `out[t] += Σ_{p: token t} v_p W[l_p]` (rows of width `w`; picks in token order, as
+/// [`select_topk`] and [`HostPicks::from_mask`] emit them): threads own bands of tokens.
+pub fn decode_into(out: &mut [f32], picks: &HostPicks, w_dec: &[f32], w: usize) {
+    use rayon::prelude::*;
+    assert!(picks.tokens.is_sorted(), "decode_into: picks in token order");
+    let rows = out.len() / w;
+    let band = rows.div_ceil(rayon::current_num_threads() * 4).max(1);
+    out.par_chunks_mut(band * w).enumerate().for_each(|(i, dst)| {
+        let (t0, t1) = ((i * band) as u32, ((i + 1) * band) as u32);
+        let (from, to) = (picks.tokens.partition_point(|&t| t < t0), picks.tokens.partition_point(|&t| t < t1));
+        for p in from..to {
+            let (t, l, v) = (picks.tokens[p] - t0, picks.latents[p] as usize, picks.values[p]);
+            let row = &w_dec[l * w..(l + 1) * w];
+            let dst = &mut dst[t as usize * w..(t as usize + 1) * w];
+            dst.iter_mut().zip(row).for_each(|(o, r)| *o += v * r);
+        }
+    });
+}
+
+/// Per latent `‖W_dec[l, 0..d]‖ + ‖W_dec[l, d..2d]‖` (BatchTopK's score weights, as
+/// [`crate::crosscoder::Params::norm_sum`]), summed in f64 over both cores.
+pub fn norm_sums(w_dec: &[f32], d: usize, dict: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let norm = |v: &[f32]| sum_squares(v).sqrt();
+    w_dec.par_chunks(2 * d).map(|row| (norm(&row[..d]) + norm(&row[d..])) as f32).collect::<Vec<_>>()[..dict].to_vec()
+}
+
+/// The reconstruction term of method.md §2.2 on the error rows `err` (`[B, 2d]`) and its gradient
+/// g = ∂L/∂ĥ: per model ‖e‖ averaged over the batch (or ½ mean ‖e‖² with `squared`), a row with no
+/// error giving the subgradient 0 (as the tensor route's clamp).
+pub(crate) fn recon_terms(err: &[f32], d: usize, squared: bool) -> (Vec<f32>, f64) {
+    let two_d = 2 * d;
+    let b = err.len() / two_d;
+    let mut g = vec![0.0f32; err.len()];
+    let mut recon_loss = 0.0f64;
+    for (e_row, g_row) in err.chunks_exact(two_d).zip(g.chunks_exact_mut(two_d)) {
+        for (e, gs) in e_row.chunks_exact(d).zip(g_row.chunks_exact_mut(d)) {
+            let sq: f64 = e.iter().map(|v| (*v as f64).powi(2)).sum();
+            if squared {
+                recon_loss += 0.5 * sq / b as f64;
+                gs.iter_mut().zip(e).for_each(|(gv, ev)| *gv = -ev / b as f32);
+            } else {
+                let n = sq.sqrt();
+                recon_loss += n / (2 * b) as f64;
+                if n > 0.0 {
+                    let k = (1.0 / (2.0 * b as f64 * n)) as f32;
+                    gs.iter_mut().zip(e).for_each(|(gv, ev)| *gv = -ev * k);
                 }
             }
         }
     }
-    out
-}
-
-/// `out[t] += Σ_{p: token t} v_p W[l_p]` (rows of width `w`).
-pub fn decode_into(out: &mut [f32], picks: &HostPicks, w_dec: &[f32], w: usize) {
-    for ((&t, &l), &v) in picks.tokens.iter().zip(&picks.latents).zip(&picks.values) {
-        let row = &w_dec[l as usize * w..(l as usize + 1) * w];
-        let dst = &mut out[t as usize * w..(t as usize + 1) * w];
-        dst.iter_mut().zip(row).for_each(|(o, r)| *o += v * r);
-    }
-}
-
-/// `∂L/∂v_p = W[l_p] · g[t_p]` for every pick, in parallel.
-pub fn pick_grads(picks: &HostPicks, w_dec: &[f32], g: &[f32], w: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    picks
-        .tokens
-        .par_iter()
-        .zip(picks.latents.par_iter())
-        .map(|(&t, &l)| {
-            let (t, l) = (t as usize, l as usize);
-            w_dec[l * w..(l + 1) * w].iter().zip(&g[t * w..(t + 1) * w]).map(|(a, b)| a * b).sum()
-        })
-        .collect()
-}
-
-/// `out[l] += Σ_{p: l_p = l} c_p · src[t_p]` over several pick sets (`out` is `[D, w]`, each
-/// `src` `[B, w]`): the gradient of the decoder rows (c = code values, src = ∂L/∂ĥ) and of the
-/// encoder columns (c = ∂L/∂v, src = x). Picks are grouped by latent so threads own whole rows.
-pub fn accumulate_by_latent(out: &mut [f32], w: usize, sets: &[(&HostPicks, &[f32], &[f32])]) {
-    use rayon::prelude::*;
-    let dict = out.len() / w;
-    // Counting sort of (set, pick) by latent.
-    let mut count = vec![0usize; dict + 1];
-    for (picks, _, _) in sets {
-        for &l in &picks.latents {
-            count[l as usize + 1] += 1;
-        }
-    }
-    for j in 0..dict {
-        count[j + 1] += count[j];
-    }
-    let mut order = vec![(0u32, 0u32); count[dict]];
-    let mut next = count.clone();
-    for (si, (picks, _, _)) in sets.iter().enumerate() {
-        for (p, &l) in picks.latents.iter().enumerate() {
-            order[next[l as usize]] = (si as u32, p as u32);
-            next[l as usize] += 1;
-        }
-    }
-    out.par_chunks_mut(w).enumerate().for_each(|(l, row)| {
-        for &(si, p) in &order[count[l]..count[l + 1]] {
-            let (picks, coeffs, src) = sets[si as usize];
-            let (t, c) = (picks.tokens[p as usize] as usize, coeffs[p as usize]);
-            row.iter_mut().zip(&src[t * w..(t + 1) * w]).for_each(|(o, x)| *o += c * x);
-        }
-    });
+    (g, recon_loss)
 }

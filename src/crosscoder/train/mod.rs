@@ -12,6 +12,7 @@ mod checkpoint;
 mod config;
 mod dense;
 mod dispatch;
+mod host_picks;
 pub mod host_sparse;
 mod kernel_sparse;
 mod parallel;
@@ -28,12 +29,12 @@ use burn::tensor::Device;
 pub use crate::crosscoder::train::checkpoint::{SavedRun, TrainState, check_checkpoint_dir, saved_config, saved_run};
 pub use crate::crosscoder::train::config::{TrainConfig, defaults, training_bytes};
 pub use crate::crosscoder::train::dispatch::step_loss;
-pub use crate::crosscoder::train::step::{StepMetrics, StepOutput, fve, update_threshold};
+pub use crate::crosscoder::train::step::{StepMetrics, StepOutput, clip_factor, clip_gradients, fve, update_threshold};
 
 use crate::activations::reader::PairBatch;
 use crate::crosscoder::optim::AdamConfig;
 use crate::crosscoder::train::checkpoint::{Provenance, load, save, trim_metrics};
-use crate::crosscoder::train::step::{clip_gradients, dead_fraction};
+use crate::crosscoder::train::step::dead_fraction;
 use crate::crosscoder::{
     Crosscoder, CrosscoderConfig, Kind, Params, decode, dictionary_input, geometric_median, tensor,
 };
@@ -200,7 +201,7 @@ impl TrainRun<'_> {
             }
             first_batch = false;
             let x = dictionary_input(cfg.kind, cfg.target, batch.acts, d, &self.device);
-            let out = match resident.as_mut() {
+            let mut out = match resident.as_mut() {
                 Some(r) => {
                     let _phase = crate::phases::phase("device-resident step", &self.device);
                     let tokens_after = state.tokens + batch.batch as u64;
@@ -217,22 +218,28 @@ impl TrainRun<'_> {
                 None => Outcome::Host(step_loss(&cfg, &state.params, x.clone(), step, &mut state.since_selected)?),
             };
             let phase = crate::phases::phase("clip", &self.device);
-            let mut g = match &out {
-                Outcome::Host(out) => out.gradients()?,
+            let mut g = match &mut out {
+                Outcome::Host(out) => out.take_gradients(),
                 Outcome::Device(out) => out.grads.clone(),
             };
             if cfg.kind == Kind::Sae {
                 g[2] = crate::crosscoder::sae::remove_parallel_gradient(&state.params.w_dec, g[2].clone());
             }
-            let g = match &out {
-                Outcome::Host(_) => clip_gradients(g, cfg.clip_grad)?,
-                Outcome::Device(_) => resident::clip(g, cfg.clip_grad),
+            // On the CPU the clip's factor is applied inside Adam's pass (one pass less over the
+            // gradients); elsewhere the gradients are scaled here.
+            let (g, grad_scale) = match &out {
+                Outcome::Host(_) if crate::backend::is_flex(&self.device) => {
+                    let s = clip_factor(&g, cfg.clip_grad)?;
+                    (g, s)
+                }
+                Outcome::Host(_) => (clip_gradients(g, cfg.clip_grad)?, 1.0),
+                Outcome::Device(_) => (resident::clip(g, cfg.clip_grad), 1.0),
             };
             drop(phase);
             let phase = crate::phases::phase("optimizer", &self.device);
             let lr = cfg.lr_at(step);
             let TrainState { params, adam_m, adam_v, .. } = &mut state;
-            AdamConfig::default().update_params(step, lr, params, adam_m, adam_v, g)?;
+            AdamConfig::default().update_params(step, lr, params, adam_m, adam_v, g, grad_scale)?;
             if cfg.kind == Kind::Sae {
                 params.w_dec = crate::crosscoder::sae::unit_rows(params.w_dec.clone());
             }

@@ -23,9 +23,8 @@ pub fn sparse_step(
     step: u64,
     since_selected: &mut [u64],
 ) -> Result<StepOutput> {
-    use crate::crosscoder::train::host_sparse::{
-        HostPicks, accumulate_by_latent, aux_terms, decode_into, pick_grads, select_topk, transpose,
-    };
+    use crate::crosscoder::train::host_sparse::{HostPicks, aux_terms, decode_into, select_topk};
+    use crate::crosscoder::train::host_picks::latent_grads;
     let [b, d] = x.dims();
     let [_, dict] = p.w_enc.dims();
     let device = x.device();
@@ -35,7 +34,7 @@ pub fn sparse_step(
     let selection = Selection::batch_topk(selected, mask, min_kept);
     let dead = selection.record(cfg, since_selected, b, d);
     let (xh, xc) = (read_vec(x)?, read_vec(centred)?);
-    let w_dec = read_vec(p.w_dec.clone())?;
+    let w_dec = crate::crosscoder::HostValues::of(&p.w_dec)?;
     let b_dec = read_vec(p.b_dec.clone())?;
     let mut recon: Vec<f32> = (0..b).flat_map(|_| b_dec.iter().copied()).collect();
     decode_into(&mut recon, &main, &w_dec, d);
@@ -58,35 +57,22 @@ pub fn sparse_step(
             aux_picks = Some(picks);
         }
     }
-    let grad_v = pick_grads(&main, &w_dec, &g, d);
-    let grad_v_aux = aux_picks.as_ref().map(|pk| pick_grads(pk, &w_dec, &g_aux, d));
-    let mut dec_sets: Vec<(&HostPicks, &[f32], &[f32])> = vec![(&main, &main.values, &g)];
-    let mut enc_sets: Vec<(&HostPicks, &[f32], &[f32])> = vec![(&main, &grad_v, &xc)];
-    if let (Some(pk), Some(gv)) = (&aux_picks, &grad_v_aux) {
-        dec_sets.push((pk, &pk.values, &g_aux));
-        enc_sets.push((pk, gv, &xc));
+    let mut sets: Vec<(&HostPicks, &[f32])> = vec![(&main, &g)];
+    if let Some(pk) = &aux_picks {
+        sets.push((pk, &g_aux));
     }
-    let mut grad_w_dec = vec![0.0f32; dict * d];
-    accumulate_by_latent(&mut grad_w_dec, d, &dec_sets);
-    let mut grad_enc_t = vec![0.0f32; dict * d];
-    accumulate_by_latent(&mut grad_enc_t, d, &enc_sets);
-    let mut grad_b_enc = vec![0.0f32; dict];
-    for (picks, gv, _) in &enc_sets {
-        for (&l, &gvp) in picks.latents.iter().zip(gv.iter()) {
-            grad_b_enc[l as usize] += gvp;
-        }
-    }
+    let grads = latent_grads(&w_dec, &xc, d, &sets);
     let mut grad_b_dec = vec![0.0f32; d];
     for row in g.chunks_exact(d) {
         grad_b_dec.iter_mut().zip(row).for_each(|(o, v)| *o += v);
     }
-    let grad_b_enc = tensor(grad_b_enc, [1, dict], &device);
+    let grad_b_enc = tensor(grads.b_enc, [1, dict], &device);
     let through_encoder = grad_b_enc.clone().matmul(p.w_enc.clone().transpose()); // [1, d]
     let scalar = |v: f64| tensor(vec![v as f32], [1], &device);
     let grads = [
-        tensor(transpose(&grad_enc_t, dict, d), [d, dict], &device),
+        tensor(grads.w_enc, [d, dict], &device),
         grad_b_enc,
-        tensor(grad_w_dec, [dict, d], &device),
+        tensor(grads.w_dec, [dict, d], &device),
         tensor(grad_b_dec, [1, d], &device) - through_encoder,
     ];
     let out = StepOutput::new(

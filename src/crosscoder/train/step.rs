@@ -112,6 +112,13 @@ impl StepOutput {
         Ok(self.grads.clone())
     }
 
+    /// The gradients, moved out (the training loop's route: on the CPU the optimizer then updates
+    /// them in place instead of copying buffers other handles still share).
+    pub fn take_gradients(&mut self) -> [Tensor<2>; 4] {
+        let empty = || Tensor::<2>::empty([0, 0], &self.err.device());
+        std::mem::replace(&mut self.grads, [empty(), empty(), empty(), empty()])
+    }
+
     /// BatchTopK's smallest kept score (the threshold's EMA input); `None` for L1.
     pub fn min_kept(&self) -> Option<f32> {
         self.kept.as_ref().and_then(|(_, m)| *m)
@@ -253,11 +260,48 @@ pub fn add_aux(cfg: &TrainConfig, loss: Tensor<1>, aux: &Tensor<1>) -> Result<(T
 /// Scales the gradients so their global norm is at most `max` (BatchTopK: 1.0).
 pub fn clip_gradients(g: [Tensor<2>; 4], max: Option<f64>) -> Result<[Tensor<2>; 4]> {
     let Some(max) = max else { return Ok(g) };
+    if crate::backend::is_flex(&g[0].device()) {
+        let s = clip_factor(&g, Some(max))?;
+        return if s < 1.0 { scale_on_host(g, s) } else { Ok(g) };
+    }
     // The four squared norms in one readback (summed on the host in the same order as before).
     let parts: Vec<Tensor<1>> = g.iter().map(|t| t.clone().square().sum()).collect();
     let sq: f32 = read_vec(Tensor::cat(parts, 0))?.iter().sum();
     let norm = (sq as f64).sqrt();
     Ok(if norm > max { g.map(|t| t.mul_scalar(max / norm)) } else { g })
+}
+
+/// The clip's factor without applying it: `max / norm` when the gradients' global norm exceeds
+/// `max`, else 1. The training loop on flex hands it to Adam's host pass, which scales each value
+/// as it reads it (one pass over the gradients less). The squared norm is summed in f64 over both
+/// cores from the tensors' memory in place (a read-back copy elsewhere).
+pub fn clip_factor(g: &[Tensor<2>; 4], max: Option<f64>) -> Result<f32> {
+    use rayon::prelude::*;
+    let Some(max) = max else { return Ok(1.0) };
+    let mut sq = 0.0f64;
+    for t in g {
+        let v = crate::crosscoder::HostValues::of(t)?;
+        // Chunk sums added in order: the factor is the same on every run (resumes stay exact).
+        let parts: Vec<f64> = v.par_chunks(1 << 16).map(crate::crosscoder::train::host_picks::sum_squares).collect();
+        sq += parts.iter().sum::<f64>();
+    }
+    let norm = sq.sqrt();
+    Ok(if norm > max { (max / norm) as f32 } else { 1.0 })
+}
+
+/// Every value times `s`, in place in host memory (no copy when nothing else holds the buffers).
+fn scale_on_host(g: [Tensor<2>; 4], s: f32) -> Result<[Tensor<2>; 4]> {
+    use rayon::prelude::*;
+    let device = g[0].device();
+    let mut out = Vec::with_capacity(4);
+    for t in g {
+        let shape = t.dims();
+        let mut v = crate::crosscoder::take_vec(t)?;
+        v.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|x| *x *= s));
+        out.push(crate::crosscoder::give_vec(v, shape, &device));
+    }
+    let mut out = out.into_iter();
+    Ok(std::array::from_fn(|_| out.next().expect("four gradients")))
 }
 
 /// θ's update rule: first minimum, then an EMA with weight 0.001, on the steps whose 0-based index
