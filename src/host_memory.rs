@@ -13,7 +13,12 @@
 
 /// Keeps freed memory for reuse instead of returning it to the system (glibc on Linux; a no-op
 /// elsewhere). Call once, first thing in `main`, before any large allocation.
+/// `CROSSDIFF_KEEP_FREED_MEMORY=0` leaves glibc's defaults (to compare, or where the resident size
+/// matters more than speed).
 pub fn keep_freed_memory() {
+    if std::env::var_os("CROSSDIFF_KEEP_FREED_MEMORY").is_some_and(|v| v == "0") {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
     unsafe {
