@@ -16,7 +16,7 @@ mod select;
 pub mod train;
 
 pub use init::Init;
-pub use params::{HostValues, HostView, Params, give_vec, read_vec, take_vec, tensor};
+pub use params::{HostValues, Params, give_vec, read_vec, take_vec, tensor};
 pub use sae::SaeTarget;
 pub use select::{select_aux, select_batch_topk};
 

@@ -58,42 +58,25 @@ pub fn tensor<const N: usize>(values: Vec<f32>, shape: [usize; N], device: &Devi
     t
 }
 
-/// A flex tensor's values borrowed in place (no copy): the CPU routes read the parameters this way
-/// instead of copying a 1.4 GB decoder out of its tensor every step.
-pub struct HostView(burn_dispatch::DispatchTensor);
-
-impl HostView {
-    /// The view of `t` when it is a contiguous f32 flex tensor (holds a reference to its buffer),
-    /// else `None` (other devices, strided layouts): the caller then reads a copy.
-    pub fn of<const N: usize>(t: &Tensor<N>) -> Option<Self> {
-        let view = Self(t.clone().into_dispatch());
-        view.try_slice().is_some().then_some(view)
-    }
-
-    fn try_slice(&self) -> Option<&[f32]> {
-        match &self.0.kind {
-            burn_dispatch::DispatchTensorKind::Flex(burn_dispatch::BackendTensor::Float(t)) => t.as_slice::<f32>(),
-            _ => None,
-        }
-    }
-
-    pub fn as_slice(&self) -> &[f32] {
-        self.try_slice().expect("checked when the view was made")
-    }
-}
-
-/// The values of `t` on the host: borrowed from a flex tensor, else read back.
+/// A tensor's values on the host: on flex the tensor's own buffer, borrowed in place (the CPU
+/// routes read the parameters this way instead of copying a 1.4 GB decoder out every step); on
+/// other devices, or for a strided flex tensor, a read-back copy.
 pub enum HostValues {
-    Borrowed(HostView),
+    /// A contiguous f32 flex tensor (holding its buffer) and the elements of the buffer it covers.
+    Borrowed(burn_flex::FlexTensor, std::ops::Range<usize>),
     Owned(Vec<f32>),
 }
 
 impl HostValues {
     pub fn of<const N: usize>(t: &Tensor<N>) -> Result<Self> {
-        Ok(match HostView::of(t) {
-            Some(v) => Self::Borrowed(v),
-            None => Self::Owned(read_vec(t.clone())?),
-        })
+        use burn_dispatch::{BackendTensor, DispatchTensorKind};
+        if let DispatchTensorKind::Flex(BackendTensor::Float(ft)) = t.clone().into_dispatch().kind
+            && ft.dtype() == DType::F32
+            && let Some((start, end)) = ft.layout().contiguous_offsets()
+        {
+            return Ok(Self::Borrowed(ft, start..end));
+        }
+        Ok(Self::Owned(read_vec(t.clone())?))
     }
 }
 
@@ -101,7 +84,7 @@ impl std::ops::Deref for HostValues {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
         match self {
-            Self::Borrowed(v) => v.as_slice(),
+            Self::Borrowed(t, range) => &t.storage::<f32>()[range.clone()],
             Self::Owned(v) => v,
         }
     }

@@ -10,7 +10,7 @@ use burn::tensor::{DType, Device, Gradients, IndexingUpdateOp, Int, Tensor, Tens
 
 use crate::crosscoder::train::host_sparse::HostPicks;
 use crate::crosscoder::train::kernel_sparse::DeviceSelection;
-use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, add_aux, host_scores, per_latent};
+use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, add_aux, column_sums, host_scores};
 use crate::crosscoder::{aux_loss, read_vec, recon_loss, select_batch_topk, tensor};
 
 /// Selected (token, latent) entries and their code values as an autodiff leaf `[n, 1]`.
@@ -93,7 +93,7 @@ pub fn step(
         None => {
             let (f, scores) = read_host()?;
             let (mask, min_kept) = select_batch_topk(&scores, keep);
-            let selected = per_latent(&mask, dict);
+            let selected = column_sums(&mask, dict);
             let picks = pick(&f, &mask, dict, &device, &ad);
             host = Some((f, scores));
             (picks, Selection::batch_topk(selected, mask, min_kept))

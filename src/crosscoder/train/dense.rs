@@ -8,7 +8,7 @@ use anyhow::{Result, anyhow};
 use burn::tensor::Tensor;
 
 use crate::crosscoder::train::config::TrainConfig;
-use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, add_aux, per_latent};
+use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, add_aux, column_sums};
 use crate::crosscoder::{Kind, Params, aux_loss, decode, encode, read_vec, recon_loss, select_batch_topk, tensor};
 
 pub fn step(input: StepInput) -> Result<StepOutput> {
@@ -38,7 +38,7 @@ pub fn step(input: StepInput) -> Result<StepOutput> {
             } else {
                 recon_loss(err.clone(), d, cfg.squared_recon)
             };
-            let selection = Selection::batch_topk(per_latent(&mask, dict), mask, min_kept);
+            let selection = Selection::batch_topk(column_sums(&mask, dict), mask, min_kept);
             let dead = selection.record(cfg, since_selected, b, d);
             let mut loss = recon.clone();
             let mut aux = None;

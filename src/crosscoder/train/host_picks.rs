@@ -72,6 +72,7 @@ pub fn latent_grads(w_dec: &[f32], x: &[f32], w: usize, sets: &[(&HostPicks, &[f
     let (mut grad_dec, mut grad_enc) = (Vec::<f32>::with_capacity(dict * w), Vec::<f32>::with_capacity(w * dict));
     let (dec_out, enc_out) = (SharedOut(grad_dec.as_mut_ptr()), SharedOut(grad_enc.as_mut_ptr()));
     let mut grad_b_enc = vec![0.0f32; dict];
+    let simd = Simd::detect();
     grad_b_enc.par_chunks_mut(BLOCK).enumerate().for_each_init(
         || (vec![0.0f32; BLOCK * w], vec![0.0f32; BLOCK * w]),
         |(dec_block, enc_block), (blk, b_enc)| {
@@ -89,23 +90,22 @@ pub fn latent_grads(w_dec: &[f32], x: &[f32], w: usize, sets: &[(&HostPicks, &[f
                     let (picks, g) = sets[si as usize];
                     let (t, v) = (picks.tokens[p as usize] as usize, picks.values[p as usize]);
                     let rows = PickRows { w_row, g: &g[t * w..(t + 1) * w], x: &x[t * w..(t + 1) * w] };
-                    b_enc[j] += rows.apply(v, dec, enc);
+                    b_enc[j] += rows.apply(simd, v, dec, enc);
                 }
             }
             // SAFETY: this block alone writes rows l0..l0+n of the decoder's gradient and columns
             // l0..l0+n of the encoder's, inside their capacity; nothing reads them before `set_len`.
             unsafe {
                 let dec_dst = dec_out.at(l0 * w);
-                if picked {
-                    std::ptr::copy_nonoverlapping(dec_block.as_ptr(), dec_dst, n * w);
-                } else {
+                if !picked {
                     std::ptr::write_bytes(dec_dst, 0, n * w);
+                    (0..w).for_each(|i| std::ptr::write_bytes(enc_out.at(i * dict + l0), 0, n));
+                    return;
                 }
+                std::ptr::copy_nonoverlapping(dec_block.as_ptr(), dec_dst, n * w);
                 for i in 0..w {
                     let dst = enc_out.at(i * dict + l0);
-                    for j in 0..n {
-                        dst.add(j).write(if picked { enc_block[j * w + i] } else { 0.0 });
-                    }
+                    (0..n).for_each(|j| dst.add(j).write(enc_block[j * w + i]));
                 }
             }
         },
@@ -139,21 +139,42 @@ struct PickRows<'a> {
     x: &'a [f32],
 }
 
-impl PickRows<'_> {
-    /// `dec += v·g`, returns `gv = w_row·g` after adding `gv·x` to `enc`.
-    fn apply(&self, v: f32, dec: &mut [f32], enc: &mut [f32]) -> f32 {
+/// The instruction set the row loops are run with, chosen once per call.
+#[derive(Clone, Copy)]
+enum Simd {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Simd {
+    fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has the features the function is compiled for.
-                return unsafe { self.apply_avx512(v, dec, enc) };
+                return Self::Avx512;
             }
             if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: as above.
-                return unsafe { self.apply_avx2(v, dec, enc) };
+                return Self::Avx2;
             }
         }
-        self.apply_portable(v, dec, enc)
+        Self::Portable
+    }
+}
+
+impl PickRows<'_> {
+    /// `dec += v·g`, returns `gv = w_row·g` after adding `gv·x` to `enc`.
+    fn apply(&self, simd: Simd, v: f32, dec: &mut [f32], enc: &mut [f32]) -> f32 {
+        match simd {
+            // SAFETY: `Simd::detect` saw the features these functions are compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => unsafe { self.apply_avx512(v, dec, enc) },
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { self.apply_avx2(v, dec, enc) },
+            Simd::Portable => self.apply_portable(v, dec, enc),
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -174,7 +195,9 @@ impl PickRows<'_> {
         const L: usize = 16;
         let mut acc = [0.0f32; L];
         let n = self.g.len() / L * L;
-        for ((wc, gc), dc) in self.w_row[..n].chunks_exact(L).zip(self.g[..n].chunks_exact(L)).zip(dec[..n].chunks_exact_mut(L)) {
+        for ((wc, gc), dc) in
+            self.w_row[..n].chunks_exact(L).zip(self.g[..n].chunks_exact(L)).zip(dec[..n].chunks_exact_mut(L))
+        {
             for j in 0..L {
                 acc[j] += wc[j] * gc[j];
                 dc[j] += v * gc[j];

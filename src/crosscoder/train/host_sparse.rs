@@ -12,8 +12,8 @@ use anyhow::Result;
 
 pub use crate::crosscoder::train::host_picks::HostPicks;
 use crate::crosscoder::train::host_picks::{latent_grads, sum_squares};
-use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, aux_weight, host_scores};
-use crate::crosscoder::{HostValues, encode, read_vec, tensor};
+use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, aux_weight, column_sums, host_scores};
+use crate::crosscoder::{HostValues, encode, give_vec, read_vec, tensor};
 
 /// The route: selection, decode, loss and every gradient by the loops below; only the dense encoder
 /// matmul runs through burn.
@@ -23,7 +23,7 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
     let f = read_vec(encode(p, x.clone()))?;
     // The decoder read in place on flex (a copy elsewhere), its norms summed here.
     let w_dec = HostValues::of(&p.w_dec)?;
-    let norms = norm_sums(&w_dec, d, dict);
+    let norms = norm_sums(&w_dec, d);
     drop(phase);
     let phase = crate::phases::phase("selection", &device);
     let (main, selected, mask, min_kept) = select_topk(&f, &norms, dict, cfg.k_at(step) * b);
@@ -71,16 +71,13 @@ pub(crate) fn step(input: StepInput) -> Result<StepOutput> {
         sets.push((p, &g_aux));
     }
     let grads = latent_grads(&w_dec, &xh, two_d, &sets);
-    let mut grad_b_dec = vec![0.0f32; two_d];
-    for row in g.chunks_exact(two_d) {
-        grad_b_dec.iter_mut().zip(row).for_each(|(o, v)| *o += v);
-    }
     let scalar = |v: f64| tensor(vec![v as f32], [1], &device);
+    // Wrapped, not copied (this route runs on flex only).
     let grads = [
-        tensor(grads.w_enc, [two_d, dict], &device),
-        tensor(grads.b_enc, [1, dict], &device),
-        tensor(grads.w_dec, [dict, two_d], &device),
-        tensor(grad_b_dec, [1, two_d], &device),
+        give_vec(grads.w_enc, [two_d, dict], &device),
+        give_vec(grads.b_enc, [1, dict], &device),
+        give_vec(grads.w_dec, [dict, two_d], &device),
+        give_vec(column_sums(&g, two_d), [1, two_d], &device),
     ];
     Ok(StepOutput::new(
         selection,
@@ -117,7 +114,9 @@ pub fn aux_terms(err: &[f32], e_hat: &[f32], w: usize) -> (f64, f64) {
 pub fn select_topk(f: &[f32], norms: &[f32], dict: usize, keep: usize) -> (HostPicks, Vec<f32>, Vec<f32>, Option<f32>) {
     use rayon::prelude::*;
     const BITS: u32 = 12;
-    let bin_of = |s: f32| (s.to_bits() >> (32 - BITS)) as usize;
+    fn bin_of(s: f32) -> usize {
+        (s.to_bits() >> (32 - BITS)) as usize
+    }
     // Rows are split across threads in chunks; within a row the norm of latent j is a zip.
     let rows_per = (f.len() / dict).div_ceil(rayon::current_num_threads() * 4).max(1);
     let chunk = rows_per * dict;
@@ -131,7 +130,7 @@ pub fn select_topk(f: &[f32], norms: &[f32], dict: usize, keep: usize) -> (HostP
                 for row in part.chunks_exact(norms.len()) {
                     for (v, n) in row.iter().zip(norms) {
                         let s = v * n;
-                        h[(s.to_bits() >> (32 - BITS)) as usize] += keep_if(s) as u32;
+                        h[bin_of(s)] += keep_if(s) as u32;
                     }
                 }
                 h
@@ -270,23 +269,23 @@ pub fn decode_into(out: &mut [f32], picks: &HostPicks, w_dec: &[f32], w: usize) 
 
 /// Per latent `‖W_dec[l, 0..d]‖ + ‖W_dec[l, d..2d]‖` (BatchTopK's score weights, as
 /// [`crate::crosscoder::Params::norm_sum`]), summed in f64 over both cores.
-pub fn norm_sums(w_dec: &[f32], d: usize, dict: usize) -> Vec<f32> {
+pub fn norm_sums(w_dec: &[f32], d: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let norm = |v: &[f32]| sum_squares(v).sqrt();
-    w_dec.par_chunks(2 * d).map(|row| (norm(&row[..d]) + norm(&row[d..])) as f32).collect::<Vec<_>>()[..dict].to_vec()
+    w_dec.par_chunks(2 * d).map(|row| (norm(&row[..d]) + norm(&row[d..])) as f32).collect()
 }
 
 /// The reconstruction term of method.md §2.2 on the error rows `err` (`[B, 2d]`) and its gradient
 /// g = ∂L/∂ĥ: per model ‖e‖ averaged over the batch (or ½ mean ‖e‖² with `squared`), a row with no
 /// error giving the subgradient 0 (as the tensor route's clamp).
-pub(crate) fn recon_terms(err: &[f32], d: usize, squared: bool) -> (Vec<f32>, f64) {
+fn recon_terms(err: &[f32], d: usize, squared: bool) -> (Vec<f32>, f64) {
     let two_d = 2 * d;
     let b = err.len() / two_d;
     let mut g = vec![0.0f32; err.len()];
     let mut recon_loss = 0.0f64;
     for (e_row, g_row) in err.chunks_exact(two_d).zip(g.chunks_exact_mut(two_d)) {
         for (e, gs) in e_row.chunks_exact(d).zip(g_row.chunks_exact_mut(d)) {
-            let sq: f64 = e.iter().map(|v| (*v as f64).powi(2)).sum();
+            let sq = sum_squares(e);
             if squared {
                 recon_loss += 0.5 * sq / b as f64;
                 gs.iter_mut().zip(e).for_each(|(gv, ev)| *gv = -ev / b as f32);

@@ -11,7 +11,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::crosscoder::kernels::{kth_largest, pick_dot, segment_rows};
 use crate::crosscoder::train::host_sparse::HostPicks;
-use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, add_aux, host_scores, per_latent};
+use crate::crosscoder::train::step::{Selection, StepInput, StepOutput, add_aux, column_sums, host_scores};
 use crate::crosscoder::{aux_loss, read_vec, tensor};
 
 /// BatchTopK's selection without reading the B×D scores back: the WGSL histogram search finds the
@@ -201,7 +201,7 @@ pub fn step(input: StepInput, f_dev: &Tensor<2>, sel: DeviceSelection) -> Result
         let e_hat = if vs.is_empty() {
             e.clone().zeros_like()
         } else {
-            let per = per_latent(&aux_mask, dict);
+            let per = column_sums(&aux_mask, dict);
             let n = vs.len();
             let set = make_set(ints(ts), ints(ls), tensor(vs, [n], &device), &per)?;
             let e_hat = decode(&set);

@@ -23,8 +23,8 @@ pub fn sparse_step(
     step: u64,
     since_selected: &mut [u64],
 ) -> Result<StepOutput> {
-    use crate::crosscoder::train::host_sparse::{HostPicks, aux_terms, decode_into, select_topk};
     use crate::crosscoder::train::host_picks::latent_grads;
+    use crate::crosscoder::train::host_sparse::{HostPicks, aux_terms, decode_into, select_topk};
     let [b, d] = x.dims();
     let [_, dict] = p.w_enc.dims();
     let device = x.device();
@@ -62,10 +62,7 @@ pub fn sparse_step(
         sets.push((pk, &g_aux));
     }
     let grads = latent_grads(&w_dec, &xc, d, &sets);
-    let mut grad_b_dec = vec![0.0f32; d];
-    for row in g.chunks_exact(d) {
-        grad_b_dec.iter_mut().zip(row).for_each(|(o, v)| *o += v);
-    }
+    let grad_b_dec = crate::crosscoder::train::step::column_sums(&g, d);
     let grad_b_enc = tensor(grads.b_enc, [1, dict], &device);
     let through_encoder = grad_b_enc.clone().matmul(p.w_enc.clone().transpose()); // [1, d]
     let scalar = |v: f64| tensor(vec![v as f32], [1], &device);

@@ -188,10 +188,11 @@ impl Selection {
     }
 }
 
-/// Column sums of a row-major `[B, D]` 0/1 mask (row-major pass: a strided one misses the cache).
-pub fn per_latent(mask: &[f32], dict: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; dict];
-    for row in mask.chunks_exact(dict) {
+/// Column sums of a row-major matrix of rows of `width` (a `[B, D]` 0/1 mask: selections per
+/// latent; a `[B, w]` gradient: the bias's). A row-major pass: a strided one misses the cache.
+pub fn column_sums(m: &[f32], width: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; width];
+    for row in m.chunks_exact(width) {
         out.iter_mut().zip(row).for_each(|(o, m)| *o += m);
     }
     out
@@ -257,13 +258,10 @@ pub fn add_aux(cfg: &TrainConfig, loss: Tensor<1>, aux: &Tensor<1>) -> Result<(T
     })
 }
 
-/// Scales the gradients so their global norm is at most `max` (BatchTopK: 1.0).
+/// Scales the gradients so their global norm is at most `max` (BatchTopK: 1.0), through tensor
+/// ops (the training loop on flex uses [`clip_factor`] instead and scales inside Adam's pass).
 pub fn clip_gradients(g: [Tensor<2>; 4], max: Option<f64>) -> Result<[Tensor<2>; 4]> {
     let Some(max) = max else { return Ok(g) };
-    if crate::backend::is_flex(&g[0].device()) {
-        let s = clip_factor(&g, Some(max))?;
-        return if s < 1.0 { scale_on_host(g, s) } else { Ok(g) };
-    }
     // The four squared norms in one readback (summed on the host in the same order as before).
     let parts: Vec<Tensor<1>> = g.iter().map(|t| t.clone().square().sum()).collect();
     let sq: f32 = read_vec(Tensor::cat(parts, 0))?.iter().sum();
@@ -287,21 +285,6 @@ pub fn clip_factor(g: &[Tensor<2>; 4], max: Option<f64>) -> Result<f32> {
     }
     let norm = sq.sqrt();
     Ok(if norm > max { (max / norm) as f32 } else { 1.0 })
-}
-
-/// Every value times `s`, in place in host memory (no copy when nothing else holds the buffers).
-fn scale_on_host(g: [Tensor<2>; 4], s: f32) -> Result<[Tensor<2>; 4]> {
-    use rayon::prelude::*;
-    let device = g[0].device();
-    let mut out = Vec::with_capacity(4);
-    for t in g {
-        let shape = t.dims();
-        let mut v = crate::crosscoder::take_vec(t)?;
-        v.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|x| *x *= s));
-        out.push(crate::crosscoder::give_vec(v, shape, &device));
-    }
-    let mut out = out.into_iter();
-    Ok(std::array::from_fn(|_| out.next().expect("four gradients")))
 }
 
 /// θ's update rule: first minimum, then an EMA with weight 0.001, on the steps whose 0-based index
