@@ -21,6 +21,7 @@ pub mod data;
 pub mod demo;
 pub mod dir_lock;
 pub mod host_memory;
+pub mod host_tensor;
 pub mod io;
 pub mod model;
 pub mod phases;

@@ -24,8 +24,8 @@ fn counters_count_readbacks_and_kernel_dispatches() {
 
     // Caching reads each forward batch's block output back exactly once (issue 12's target).
     let fixture = common::fixture("base").parent().unwrap().to_path_buf();
-    let r =
-        crossdiff::bench::bench_cache(&flex, &fixture.join("base"), &fixture.join("chat"), 1, 3000, 64, 256).unwrap();
+    let r = crossdiff::bench::bench_cache(&flex, &fixture.join("base"), &fixture.join("chat"), 1, 3000, 64, 256, &[])
+        .unwrap();
     assert_eq!(r.tokens, 3000);
     assert!(r.forward_batches >= 2 * 3000 / 256, "both models, batches of at most 256 tokens: {}", r.forward_batches);
     assert_eq!(r.readbacks_per_batch, 1.0, "readbacks per forward batch");

@@ -1,6 +1,6 @@
 //! One shard's worth of work before and after the models run: the planner cuts the document stream
-//! into shards of whole documents, `compute_acts` runs a model over a shard's documents (batched by
-//! length), and `check_finite` refuses activations a cache must not hold.
+//! into shards of whole documents, `compute_acts` runs a model over a shard's documents (short ones
+//! packed into shared rows, batched by length), and `check_finite` refuses activations a cache must not hold.
 
 use anyhow::{Result, anyhow, bail};
 use safetensors::{Dtype, SafeTensors};
@@ -126,33 +126,49 @@ pub(crate) fn compute_acts_on(
     }
     let mut out = vec![0.0f32; acc * d];
     // Each document runs with its skipped prefix in front (read, not kept).
-    let input_len = |doc: &TokenizedDoc| doc.prefix.len() + doc.ids.len();
-    // Longest first, so each batch pads little; batches hold at most `batch_tokens` padded tokens.
-    let mut order: Vec<usize> = (0..plan.docs.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(input_len(&plan.docs[i])), i));
-    let mut groups: Vec<&[usize]> = Vec::new();
+    let input_len = |i: usize| plan.docs[i].prefix.len() + plan.docs[i].ids.len();
+    // Short documents are packed into rows as long as the longest document (each attends only to
+    // itself, see `DecoderLm::forward_to_packed`), the fullest rows first; batches hold at most
+    // `batch_tokens` padded tokens.
+    let lengths: Vec<usize> = (0..plan.docs.len()).map(input_len).collect();
+    let mut rows = crate::model::packed::pack_rows(&lengths, lengths.iter().copied().max().unwrap_or(0));
+    let fill = |row: &Vec<usize>| row.iter().map(|&i| lengths[i]).sum::<usize>();
+    rows.sort_by_key(|row| (std::cmp::Reverse(fill(row)), row[0]));
+    let mut groups: Vec<&[Vec<usize>]> = Vec::new();
     let mut start = 0;
-    while start < order.len() {
-        let per_batch = (batch_tokens / input_len(&plan.docs[order[start]])).max(1);
-        let group = &order[start..(start + per_batch).min(order.len())];
+    while start < rows.len() {
+        let per_batch = (batch_tokens / fill(&rows[start]).max(1)).max(1);
+        let group = &rows[start..(start + per_batch).min(rows.len())];
         groups.push(group);
         start += group.len();
     }
     // One batch's block output, `[batch, t, d]` on the host, and its padded length t.
-    let forward = |model: &Model, group: &[usize]| -> Result<(Vec<f32>, usize)> {
-        let seqs: Vec<Vec<u32>> =
-            group.iter().map(|&i| [plan.docs[i].prefix.as_slice(), plan.docs[i].ids.as_slice()].concat()).collect();
-        let h = model.lm.forward_to(model.lm.batch_ids(&seqs)?, layer);
+    let forward = |model: &Model, group: &[Vec<usize>]| -> Result<(Vec<f32>, usize)> {
+        let seqs: Vec<Vec<u32>> = group
+            .iter()
+            .map(|row| row.iter().flat_map(|&i| plan.docs[i].prefix.iter().chain(&plan.docs[i].ids).copied()).collect())
+            .collect();
+        let ids = model.lm.batch_ids(&seqs)?;
+        let h = if group.iter().all(|row| row.len() == 1) {
+            model.lm.forward_to(ids, layer)
+        } else {
+            let docs: Vec<Vec<usize>> = group.iter().map(|row| row.iter().map(|&i| lengths[i]).collect()).collect();
+            model.lm.forward_to_packed(ids, &docs, layer)?
+        };
         let [_, t, _] = h.dims();
         crate::counters::count_forward_batch();
         Ok((crate::counters::read_f32(h)?, t))
     };
     // Copies a batch's kept rows into `out` (each document's rows are its own: batches never share one).
-    let place = |out: &mut [f32], group: &[usize], rows: &[f32], t: usize| {
-        for (b, &i) in group.iter().enumerate() {
-            let (skip, n) = (plan.docs[i].prefix.len(), plan.docs[i].ids.len());
-            let src = &rows[(b * t + skip) * d..(b * t + skip + n) * d];
-            out[offsets[i] * d..(offsets[i] + n) * d].copy_from_slice(src);
+    let place = |out: &mut [f32], group: &[Vec<usize>], rows: &[f32], t: usize| {
+        for (b, row) in group.iter().enumerate() {
+            let mut at = b * t;
+            for &i in row {
+                let (skip, n) = (plan.docs[i].prefix.len(), plan.docs[i].ids.len());
+                let src = &rows[(at + skip) * d..(at + skip + n) * d];
+                out[offsets[i] * d..(offsets[i] + n) * d].copy_from_slice(src);
+                at += lengths[i];
+            }
         }
     };
     if models.len() == 1 {

@@ -1,4 +1,5 @@
-//! `crossdiff bench cache`: caching as `crossdiff cache` runs it, over generated sentences.
+//! `crossdiff bench cache`: caching as `crossdiff cache` runs it, over generated sentences or the
+//! user's own data files.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -18,8 +19,10 @@ pub struct CacheBench {
     pub phases: Vec<crate::phases::PhaseTime>,
 }
 
-/// Caches `tokens` pairs of generated sentences (the demo corpus's words) at `layer` of `base`/`chat`
-/// into a temporary folder, timed after the models load.
+/// Caches `tokens` pairs at `layer` of `base`/`chat` into a temporary folder, timed after the models
+/// load: of `data` (mixed 1:1, as `cache --mix` reads it) when given, else of generated sentences (the
+/// demo corpus's words).
+#[allow(clippy::too_many_arguments)]
 pub fn bench_cache(
     device: &burn::tensor::Device,
     base: &std::path::Path,
@@ -28,18 +31,26 @@ pub fn bench_cache(
     tokens: u64,
     context: usize,
     batch_tokens: usize,
+    data: &[std::path::PathBuf],
 ) -> Result<CacheBench> {
     super::check_tokens(tokens)?;
     let root = std::env::temp_dir().join(format!("crossdiff-bench-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     fs_err::create_dir_all(&root)?;
-    let corpus = crate::demo::corpus::generate(1, 4000, 0);
-    let text = root.join("text.txt");
-    fs_err::write(&text, corpus.web.join("\n\n"))?;
+    let data = if data.is_empty() {
+        let corpus = crate::demo::corpus::generate(1, 4000, 0);
+        let text = root.join("text.txt");
+        fs_err::write(&text, corpus.web.join("\n\n"))?;
+        vec![text]
+    } else {
+        data.to_vec()
+    };
+    let mix = data.len() > 1;
     let job = crate::workflow::cache::CacheJob {
         base: base.to_path_buf(),
         chat: chat.to_path_buf(),
-        data: vec![text],
+        data,
+        mix,
         layer,
         tokens,
         out: root.join("cache"),

@@ -15,8 +15,9 @@ pub mod sae;
 mod select;
 pub mod train;
 
+pub use crate::host_tensor::{HostValues, give_vec, take_vec};
 pub use init::Init;
-pub use params::{HostValues, Params, give_vec, read_vec, take_vec, tensor};
+pub use params::{Params, read_vec, tensor};
 pub use sae::SaeTarget;
 pub use select::{select_aux, select_batch_topk};
 

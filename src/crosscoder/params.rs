@@ -58,50 +58,6 @@ pub fn tensor<const N: usize>(values: Vec<f32>, shape: [usize; N], device: &Devi
     t
 }
 
-/// A tensor's values on the host: on flex the tensor's own buffer, borrowed in place (the CPU
-/// routes read the parameters this way instead of copying a 1.4 GB decoder out every step); on
-/// other devices, or for a strided flex tensor, a read-back copy.
-pub enum HostValues {
-    /// A contiguous f32 flex tensor (holding its buffer) and the elements of the buffer it covers.
-    Borrowed(burn_flex::FlexTensor, std::ops::Range<usize>),
-    Owned(Vec<f32>),
-}
-
-impl HostValues {
-    pub fn of<const N: usize>(t: &Tensor<N>) -> Result<Self> {
-        use burn_dispatch::{BackendTensor, DispatchTensorKind};
-        if let DispatchTensorKind::Flex(BackendTensor::Float(ft)) = t.clone().into_dispatch().kind
-            && ft.dtype() == DType::F32
-            && let Some((start, end)) = ft.layout().contiguous_offsets()
-        {
-            return Ok(Self::Borrowed(ft, start..end));
-        }
-        Ok(Self::Owned(read_vec(t.clone())?))
-    }
-}
-
-impl std::ops::Deref for HostValues {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        match self {
-            Self::Borrowed(t, range) => &t.storage::<f32>()[range.clone()],
-            Self::Owned(v) => v,
-        }
-    }
-}
-
-/// A flex tensor's values moved out as a `Vec` (no copy when nothing else holds the buffer; not a
-/// device readback): for host passes that update a tensor in place and wrap it again with [`tensor`].
-pub fn take_vec<const N: usize>(t: Tensor<N>) -> Result<Vec<f32>> {
-    t.into_data().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("a tensor's values on the host: {e:?}"))
-}
-
-/// The inverse of [`take_vec`]: the values wrapped as a flex tensor again (no copy, not counted as
-/// a transfer).
-pub fn give_vec<const N: usize>(values: Vec<f32>, shape: [usize; N], device: &Device) -> Tensor<N> {
-    Tensor::from_data(TensorData::new(values, shape), (device, DType::F32))
-}
-
 pub fn read_vec<const N: usize>(t: Tensor<N>) -> Result<Vec<f32>> {
     crate::counters::read_f32(t)
 }

@@ -9,7 +9,7 @@
 //! pad, so per-token outputs equal the unpadded run and no padding mask is needed.
 
 use anyhow::{Result, bail};
-use burn::tensor::activation::{gelu_approximate, silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use crate::model::rope::RopeSpec;
@@ -50,14 +50,7 @@ impl Linear {
     }
 }
 
-/// The MLP's gate activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
-    /// Gemma: `gelu_pytorch_tanh`.
-    GeluTanh,
-    /// Llama, Qwen: SwiGLU's `silu`.
-    Silu,
-}
+pub use crate::model::fused::Activation;
 
 /// One decoder block. Norm weights are stored as the factor the normalised vector is multiplied by
 /// (Gemma's `1 + w`, the others' `w`), f32, `[1, width]`.
@@ -182,14 +175,26 @@ impl DecoderLm {
         &self,
         ids: Tensor<2, Int>,
         last_layer: usize,
+        on_block: impl FnMut(usize, &Tensor<3>),
+    ) -> Tensor<3> {
+        let t = ids.dims()[1];
+        let (rope, masks) = (self.rope_tables(0, t), self.masks(0, t, t));
+        self.run_blocks(ids, last_layer, &rope, &masks, on_block)
+    }
+
+    /// Blocks `0..=last_layer` with the given RoPE tables and masks (plain or packed rows).
+    pub(crate) fn run_blocks(
+        &self,
+        ids: Tensor<2, Int>,
+        last_layer: usize,
+        rope: &[(Tensor<4>, Tensor<4>)],
+        masks: &Masks,
         mut on_block: impl FnMut(usize, &Tensor<3>),
     ) -> Tensor<3> {
         let [b, t] = ids.dims();
         let mut h = self.embed_tokens(ids);
-        let rope = self.rope_tables(0, t);
-        let masks = self.masks(0, t, t);
         for (l, block) in self.layers.iter().enumerate().take(last_layer + 1) {
-            h = self.block_forward(block, h, b, t, &rope, &masks, None);
+            h = self.block_forward(block, h, b, t, rope, masks, None);
             let out = h.clone().reshape([b, t, self.config.hidden_size]);
             on_block(l, &out);
         }
@@ -226,21 +231,8 @@ impl DecoderLm {
     pub fn logits(&self, h: Tensor<2>) -> Tensor<2> {
         let _phase = crate::phases::phase("unembedding (final norm, logits, soft-cap)", &self.device);
         let x = rms_norm(h, &self.final_norm, self.config.rms_norm_eps);
-        let unembed = |block: &Tensor<2>| {
-            if block.dtype() == DType::F16 {
-                x.clone().cast(FloatDType::F16).matmul(block.clone().transpose()).cast(FloatDType::F32)
-            } else {
-                x.clone().matmul(block.clone().transpose())
-            }
-        };
-        let logits = match self.unembed.as_ref().unwrap_or(&self.embed).as_slice() {
-            [one] => unembed(one),
-            blocks => Tensor::cat(blocks.iter().map(unembed).collect(), 1),
-        };
-        match self.config.final_softcap() {
-            Some(c) => soft_cap(logits, c),
-            None => logits,
-        }
+        let blocks = self.unembed.as_ref().unwrap_or(&self.embed);
+        crate::model::fused::logits(x, blocks, self.config.final_softcap())
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -298,12 +290,7 @@ impl DecoderLm {
         let inter = self.config.intermediate_size;
         let phase = crate::phases::phase("MLP (gate/up, activation, down)", &self.device);
         let gu = block.gate_up.forward(x);
-        let gate = gu.clone().narrow(1, 0, inter);
-        let gate = match self.activation {
-            Activation::GeluTanh => gelu_approximate(gate),
-            Activation::Silu => silu(gate),
-        };
-        let x = block.down.forward(gate * gu.narrow(1, inter, inter));
+        let x = block.down.forward(crate::model::fused::gated_activation(gu, inter, self.activation));
         drop(phase);
         let x = match &block.mlp_out_norm {
             Some(n) => rms_norm(x, n, eps),
@@ -366,7 +353,7 @@ impl DecoderLm {
     }
 
     /// Each RoPE table of the model for positions `p0..p0+t` (see [`DecoderLm::rope`]).
-    fn rope_tables(&self, p0: usize, t: usize) -> Vec<(Tensor<4>, Tensor<4>)> {
+    pub(crate) fn rope_tables(&self, p0: usize, t: usize) -> Vec<(Tensor<4>, Tensor<4>)> {
         self.ropes.iter().map(|spec| self.rope(spec, p0, t)).collect()
     }
 
@@ -416,11 +403,12 @@ impl DecoderLm {
 }
 
 /// Added to hidden scores; finite so that no backend turns it into NaN.
-const MASKED: f32 = -1.0e30;
+pub(crate) const MASKED: f32 = -1.0e30;
 
-struct Masks {
-    causal: Tensor<5>,
-    sliding: Tensor<5>,
+/// Additive attention masks, `[1 or batch, 1, 1, t, s]`.
+pub(crate) struct Masks {
+    pub(crate) causal: Tensor<5>,
+    pub(crate) sliding: Tensor<5>,
 }
 
 /// RMSNorm in f32: `x · rsqrt(mean(x²) + eps) · scale`; `scale` is `[1, width]` (Gemma's `1 + w`,

@@ -4,10 +4,12 @@
 pub mod config;
 pub mod decoder;
 pub mod family;
+pub mod fused;
 pub mod generate;
 pub mod inspect;
 pub mod load;
 pub mod lora;
+pub mod packed;
 pub mod rope;
 pub mod snapshot;
 pub mod tokenizer;

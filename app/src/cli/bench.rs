@@ -81,8 +81,8 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0.4)]
         threshold: f32,
     },
-    /// Caching tokens/s of a model pair over generated sentences (the demo corpus's words), as
-    /// `crossdiff cache` runs it; nothing is kept.
+    /// Caching tokens/s of a model pair over generated sentences (the demo corpus's words) or
+    /// `--data` files, as `crossdiff cache` runs it; nothing is kept.
     Cache {
         #[arg(long)]
         base: PathBuf,
@@ -96,6 +96,9 @@ pub enum BenchCommand {
         context: usize,
         #[arg(long, default_value_t = crossdiff::activations::writer::DEFAULT_BATCH_TOKENS)]
         batch_tokens: usize,
+        /// Cache these files instead of generated sentences (several: mixed 1:1, as `cache --mix`).
+        #[arg(long, num_args = 1..)]
+        data: Vec<PathBuf>,
         /// End with `readbacks/batch=R dispatches/batch=N` (per forward batch of one model).
         #[arg(long)]
         counters: bool,
@@ -181,12 +184,12 @@ pub fn run(which: BenchCommand, backend: &Backend) -> Result<()> {
                 println!("readbacks/batch={:.1} dispatches/batch={:.1}", r.readbacks_per_batch, r.dispatches_per_batch);
             }
         }
-        BenchCommand::Cache { base, chat, layer, tokens, context, batch_tokens, counters, phases } => {
+        BenchCommand::Cache { base, chat, layer, tokens, context, batch_tokens, data, counters, phases } => {
             let device = backend.device()?;
             if phases {
                 crossdiff::phases::enable();
             }
-            let r = crossdiff::bench::bench_cache(&device, &base, &chat, layer, tokens, context, batch_tokens)?;
+            let r = crossdiff::bench::bench_cache(&device, &base, &chat, layer, tokens, context, batch_tokens, &data)?;
             crossdiff::phases::disable();
             println!("{}", serde_json::to_string(&r)?);
             println!(
@@ -198,12 +201,10 @@ pub fn run(which: BenchCommand, backend: &Backend) -> Result<()> {
                 backend.describe()
             );
             if phases {
-                // The run's whole time (loading included) is what the phases cover.
-                let whole: f64 =
-                    r.phases.iter().filter(|p| p.name == "load models").map(|p| p.seconds).sum::<f64>() + r.seconds;
+                // The phases cover the run's whole time, loading included (as `seconds` does).
                 print_phase_table(
                     &r.phases,
-                    whole,
+                    r.seconds,
                     r.tokens as f64 / 1000.0,
                     "ms/1k tok",
                     "(rest: index, progress, bookkeeping)",

@@ -8,6 +8,8 @@
 //! once for all three products (they were three passes of `B·k` row reads before). The rows are
 //! memory-bound loops; they are compiled for AVX-512 / AVX2 as well and chosen at run time.
 
+use crate::host_tensor::Simd;
+
 /// Picked (token, latent, code) entries.
 pub struct HostPicks {
     pub tokens: Vec<u32>,
@@ -137,31 +139,6 @@ struct PickRows<'a> {
     w_row: &'a [f32],
     g: &'a [f32],
     x: &'a [f32],
-}
-
-/// The instruction set the row loops are run with, chosen once per call.
-#[derive(Clone, Copy)]
-enum Simd {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
-impl Simd {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Self::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return Self::Avx2;
-            }
-        }
-        Self::Portable
-    }
 }
 
 impl PickRows<'_> {
