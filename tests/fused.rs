@@ -4,7 +4,7 @@
 mod common;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use common::{assert_close, fixture};
+use common::{assert_close, family_fixture, fixture};
 use crossdiff::model::fused::{
     Activation, exp, gated_activation, gated_activation_reference, logits, logits_reference, tanh,
 };
@@ -31,7 +31,7 @@ fn exp_and_tanh_match_f64_to_a_few_ulp() {
         worst_exp = worst_exp.max(((exp(x) as f64 - want) / want).abs());
     }
     assert!(worst_exp < 4e-7, "exp: worst relative error {worst_exp:e}");
-    // Clamped outside [−87, 88.5]: tiny and huge but finite, never NaN.
+    // Clamped outside [−87, 88]: tiny and huge but finite, never NaN.
     assert!(exp(-1e4) > 0.0 && exp(-1e4) < 2e-38 && exp(1e4).is_finite() && exp(1e4) > 1e38);
     let mut worst_tanh = 0.0f64;
     for i in -40_000..=40_000 {
@@ -57,8 +57,8 @@ fn gate_up(rows: usize, inter: usize, device: &Device) -> Tensor<2> {
 #[test]
 fn gated_activation_host_loop_matches_the_tensor_ops_and_the_formula() {
     let device = Device::flex();
-    // 37 columns: not a multiple of any vector width; 300 rows: several tasks.
-    let (rows, inter) = (300, 37);
+    // 4099 columns: not a multiple of any vector width, 64 rows per task; 300 rows: five tasks.
+    let (rows, inter) = (300, 4099);
     let gu = gate_up(rows, inter, &device);
     let host = values(gu.clone());
     for act in [Activation::GeluTanh, Activation::Silu] {
@@ -85,19 +85,22 @@ fn gated_activation_host_loop_matches_the_tensor_ops_and_the_formula() {
 #[test]
 fn unembedding_host_route_matches_the_tensor_ops() {
     let device = Device::flex();
-    let x = Tensor::<2>::random([5, 24], Distribution::Normal(0.0, 3.0), &device);
-    // Three vocabulary blocks of odd sizes, as a large embedding is stored.
-    let blocks: Vec<Tensor<2>> =
-        [10, 7, 13].iter().map(|&n| Tensor::random([n, 24], Distribution::Normal(0.0, 1.0), &device)).collect();
-    for cap in [Some(15.0), None] {
-        let got = values(logits(x.clone(), &blocks, cap));
-        let want = as_f64(&values(logits_reference(x.clone(), &blocks, cap)));
-        assert_eq!(got.len(), 5 * 30);
-        assert_close(&format!("logits, cap {cap:?}"), &got, &want, 1e-5);
+    // One row (a decoding step), a few, and a batch; widths past gemm's depth blocking; blocks of
+    // odd sizes, as a large embedding is stored.
+    for (rows, hidden, sizes) in [(1, 24, vec![10, 7, 13]), (5, 24, vec![30]), (37, 1100, vec![300, 129, 257])] {
+        let x = Tensor::<2>::random([rows, hidden], Distribution::Normal(0.0, 1.0), &device);
+        let blocks: Vec<Tensor<2>> =
+            sizes.iter().map(|&n| Tensor::random([n, hidden], Distribution::Normal(0.0, 1.0), &device)).collect();
+        let vocab: usize = sizes.iter().sum();
+        // Scaled so the cap's both regimes occur: |z/c| below 0.25 (the series) and saturated.
+        for (scale, cap) in [(1.0, Some(15.0)), (40.0 / (hidden as f64).sqrt(), Some(15.0)), (1.0, None)] {
+            let xs = x.clone().mul_scalar(scale);
+            let got = values(logits(xs.clone(), &blocks, cap));
+            let want = as_f64(&values(logits_reference(xs, &blocks, cap)));
+            assert_eq!(got.len(), rows * vocab);
+            assert_close(&format!("{rows}×{hidden}, blocks {sizes:?}, ×{scale:.2}, cap {cap:?}"), &got, &want, 1e-5);
+        }
     }
-    // The cap bounds the logits: |softcap(z)| < c even where |z| ≫ c.
-    let big = x.mul_scalar(100.0);
-    assert!(values(logits(big, &blocks, Some(15.0))).iter().all(|z| z.abs() <= 15.0));
 }
 
 #[test]
@@ -127,20 +130,17 @@ fn packing_places_every_document_once_in_rows_that_fit() {
     assert!(pack_rows(&[], 128).is_empty());
 }
 
-#[test]
-fn packed_rows_equal_each_document_run_alone() {
-    let model = Model::load(fixture("base"), &Device::flex(), LoadOptions::default()).unwrap();
+/// Packs documents of `lengths` into rows of `row_len` and checks every document's block outputs
+/// against the document run alone.
+fn check_packed_rows(model: &Model, lengths: &[usize], row_len: usize) {
     let g = &model.lm;
     let (d, vocab) = (g.config.hidden_size, g.config.vocab_size as u32);
-    // Documents longer than the fixture's sliding window (6) and shorter, packed into rows of 12
-    // and one row left with padding at its end.
-    let lengths = [9usize, 3, 5, 2, 7, 1, 12, 4];
     let docs: Vec<Vec<u32>> = lengths
         .iter()
         .enumerate()
         .map(|(j, &n)| (0..n as u32).map(|i| (7 + 31 * j as u32 + 13 * i) % vocab).collect())
         .collect();
-    let rows = pack_rows(&lengths, 12);
+    let rows = pack_rows(lengths, row_len);
     assert!(rows.iter().any(|r| r.len() > 1), "the case packs");
     let seqs: Vec<Vec<u32>> = rows.iter().map(|r| r.iter().flat_map(|&i| docs[i].clone()).collect()).collect();
     let row_docs: Vec<Vec<usize>> = rows.iter().map(|r| r.iter().map(|&i| lengths[i]).collect()).collect();
@@ -153,13 +153,28 @@ fn packed_rows_equal_each_document_run_alone() {
             for &i in row {
                 let alone = values(g.forward_to(g.batch_ids(std::slice::from_ref(&docs[i])).unwrap(), layer));
                 let got = &packed[(r * t + at) * d..(r * t + at + lengths[i]) * d];
-                assert_close(&format!("layer {layer}, document {i} in row {r}"), got, &as_f64(&alone), 1e-5);
+                let what = format!("{:?} layer {layer}, document {i} at {at} of row {r}", g.config.family);
+                assert_close(&what, got, &as_f64(&alone), 1e-5);
                 at += lengths[i];
             }
         }
     }
     // Lengths that do not add up are refused, not run.
     assert!(g.forward_to_packed(g.batch_ids(&seqs).unwrap(), &row_docs[1..], last).is_err());
+}
+
+#[test]
+fn packed_rows_equal_each_document_run_alone() {
+    // Gemma 2's fixture has a sliding window of 6 on even layers: documents longer than it, also
+    // second in their row (7 after 9, 7 after 8 in rows of 16), and short ones; one row keeps padding.
+    let lengths = [9usize, 3, 5, 2, 7, 1, 12, 4, 8, 7];
+    let gemma2 = Model::load(fixture("base"), &Device::flex(), LoadOptions::default()).unwrap();
+    check_packed_rows(&gemma2, &lengths, 16);
+    // Gemma 3 (two RoPE tables, sliding window 6, q/k norms), Llama, Qwen 2 and 3.
+    for family in ["gemma3", "llama", "qwen2", "qwen3"] {
+        let model = Model::load(family_fixture(family, "base"), &Device::flex(), LoadOptions::default()).unwrap();
+        check_packed_rows(&model, &lengths, 16);
+    }
 }
 
 #[test]

@@ -45,21 +45,83 @@ impl HostDecoder {
 
 /// Running sums over the cache (per latent, and per dimension of the pair), f64: one batch's from
 /// [`batch_sums`], or the analysis's accumulators (saved between shards so an interrupted analysis
-/// resumes; f64 values survive JSON exactly).
+/// resumes). Saved as the floats' bit patterns: serde_json's default number parser may round a
+/// float's last bit (it has no `float_roundtrip` here), and a resumed analysis must equal an
+/// uninterrupted one bit for bit.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct Sums {
     pub tokens: u64,
+    #[serde(with = "exact")]
     pub active: Vec<f64>,
+    #[serde(with = "exact")]
     pub template_active: Vec<f64>,
+    #[serde(with = "exact")]
     pub max_act: Vec<f64>,
+    #[serde(with = "exact")]
     pub sum_f2: Vec<f64>,
+    #[serde(with = "exact")]
     pub recon: [Vec<f64>; 2],
+    #[serde(with = "exact")]
     pub err: [Vec<f64>; 2],
+    #[serde(with = "exact")]
     pub l0: f64,
+    #[serde(with = "exact")]
     pub x_sum: Vec<f64>,
+    #[serde(with = "exact")]
     pub x_sq: Vec<f64>,
+    #[serde(with = "exact")]
     pub e_sum: Vec<f64>,
+    #[serde(with = "exact")]
     pub e_sq: Vec<f64>,
+}
+
+/// f64 values (alone, in a Vec, in a pair of Vecs) written and read as their `u64` bit patterns.
+mod exact {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub trait Bits: Sized {
+        type Repr: Serialize + for<'de> Deserialize<'de>;
+        fn to_bits(&self) -> Self::Repr;
+        fn from_bits(r: Self::Repr) -> Self;
+    }
+
+    impl Bits for f64 {
+        type Repr = u64;
+        fn to_bits(&self) -> u64 {
+            f64::to_bits(*self)
+        }
+        fn from_bits(r: u64) -> Self {
+            f64::from_bits(r)
+        }
+    }
+
+    impl Bits for Vec<f64> {
+        type Repr = Vec<u64>;
+        fn to_bits(&self) -> Vec<u64> {
+            self.iter().map(|v| v.to_bits()).collect()
+        }
+        fn from_bits(r: Vec<u64>) -> Self {
+            r.into_iter().map(f64::from_bits).collect()
+        }
+    }
+
+    impl Bits for [Vec<f64>; 2] {
+        type Repr = [Vec<u64>; 2];
+        fn to_bits(&self) -> [Vec<u64>; 2] {
+            [self[0].to_bits(), self[1].to_bits()]
+        }
+        fn from_bits([a, b]: [Vec<u64>; 2]) -> Self {
+            [Vec::from_bits(a), Vec::from_bits(b)]
+        }
+    }
+
+    pub fn serialize<T: Bits, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        v.to_bits().serialize(s)
+    }
+
+    pub fn deserialize<'de, T: Bits, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        T::Repr::deserialize(d).map(T::from_bits)
+    }
 }
 
 impl Sums {

@@ -136,7 +136,7 @@ pub fn logits(x: Tensor<2>, blocks: &[Tensor<2>], cap: Option<f64>) -> Tensor<2>
         let host: Result<Vec<HostValues>, _> = blocks.iter().map(HostValues::of).collect();
         if let (Ok(xv), Ok(host)) = (HostValues::of(&x), host) {
             let [rows, hidden] = x.dims();
-            let slices: Vec<&[f32]> = host.iter().map(|b| &b[..]).collect();
+            let slices: Vec<(&[f32], usize)> = host.iter().zip(blocks).map(|(v, b)| (&v[..], b.dims()[0])).collect();
             return logits_host(&xv, rows, hidden, &slices, cap.map(|c| c as f32), &device);
         }
     }
@@ -163,27 +163,38 @@ pub fn logits_reference(x: Tensor<2>, blocks: &[Tensor<2>], cap: Option<f64>) ->
     }
 }
 
-/// The host route of [`logits`] on plain slices: `x` is `[rows, hidden]`, each block `[n_i, hidden]`.
+/// The host route of [`logits`] on plain slices: `x` is `[rows, hidden]`, each block `(values, n_i)`
+/// is `[n_i, hidden]`.
+///
+/// Panics when a shape does not match its values (the caller passes tensors' own dims).
 pub fn logits_host(
     x: &[f32],
     rows: usize,
     hidden: usize,
-    blocks: &[&[f32]],
+    blocks: &[(&[f32], usize)],
     cap: Option<f32>,
     device: &Device,
 ) -> Tensor<2> {
     use rayon::prelude::*;
-    let vocab: usize = blocks.iter().map(|b| b.len() / hidden).sum();
-    assert_eq!(x.len(), rows * hidden, "logits_host: x is not [rows, hidden]");
-    let mut out: Vec<f32> = Vec::with_capacity(rows * vocab);
+    let vocab: usize = blocks.iter().map(|(_, n)| n).sum();
+    assert_eq!(Some(x.len()), rows.checked_mul(hidden), "logits_host: x is not [rows, hidden]");
+    let len = rows.checked_mul(vocab).expect("logits_host: rows × vocab overflows");
+    if len == 0 || hidden == 0 {
+        return give_vec(vec![0.0; len], [rows, vocab], device);
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(len);
     let mut col = 0;
-    for block in blocks {
-        let n = block.len() / hidden;
-        assert_eq!(block.len(), n * hidden, "logits_host: a block is not [n, hidden]");
+    for &(block, n) in blocks {
+        assert_eq!(Some(block.len()), n.checked_mul(hidden), "logits_host: a block is not [n, hidden]");
+        if n == 0 {
+            continue;
+        }
         // SAFETY: dst is `out`'s [rows, vocab] allocation at column `col` (row stride vocab), the
         // block's n columns fit (col + n ≤ vocab); lhs is x as [rows, hidden] (row stride hidden),
         // rhs is the block read as its transpose [hidden, n] (element (k, j) at j·hidden + k). With
-        // `read_dst` false gemm only writes dst, and the blocks together write every element.
+        // `read_dst` false gemm only writes dst (checked in gemm-common 0.19 for the x86 kernels
+        // burn-flex builds; its Apple AMX kernel, off unless burn-flex's `apple-amx` feature is on,
+        // copies dst for partial tiles), and the blocks together write every element.
         unsafe {
             gemm::gemm(
                 rows,
@@ -210,7 +221,7 @@ pub fn logits_host(
         col += n;
     }
     // SAFETY: every element was written above (rows × Σ n_i = rows × vocab).
-    unsafe { out.set_len(rows * vocab) };
+    unsafe { out.set_len(len) };
     if let Some(c) = cap {
         let simd = Simd::detect();
         out.par_chunks_mut(1 << 16).for_each(|chunk| soft_cap_in_place(simd, chunk, c));
@@ -255,7 +266,7 @@ fn soft_cap_portable(v: &mut [f32], cap: f32) {
 pub fn tanh(y: f32) -> f32 {
     let a = y.abs();
     let a2 = a * a;
-    // tanh a = a − a³/3 + 2a⁵/15 − 17a⁷/315 + 62a⁹/2835 − …; at a = 0.25 the next term is ~2e−9·a.
+    // tanh a = a − a³/3 + 2a⁵/15 − 17a⁷/315 + 62a⁹/2835 − …; at a = 0.25 the next term is ~9e−9·a.
     let series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))));
     let t = exp(-2.0 * a);
     let big = (1.0 - t) / (1.0 + t);

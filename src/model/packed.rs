@@ -62,7 +62,10 @@ impl DecoderLm {
             }
             Tensor::from_data(TensorData::new(m, [b, 1, 1, t, t]), (device, DType::F32))
         };
-        let masks = Masks { causal: build(false), sliding: build(true) };
+        // A window as long as the rows hides nothing the causal mask does not (Gemma 2's 4096).
+        let causal = build(false);
+        let sliding = if window < t { build(true) } else { causal.clone() };
+        let masks = Masks { causal, sliding };
         Ok(self.run_blocks(ids, layer.min(self.layers.len() - 1), &rope, &masks, |_, _| {}))
     }
 }
