@@ -55,7 +55,7 @@ fn gate_up(rows: usize, inter: usize, device: &Device) -> Tensor<2> {
 }
 
 #[test]
-fn gated_activation_host_loop_matches_the_tensor_ops_and_the_formula() {
+fn gated_activation_host_loop_matches_the_tensor_ops_to_a_few_ulp_and_the_formula() {
     let device = Device::flex();
     // 4099 columns: not a multiple of any vector width, 64 rows per task; 300 rows: five tasks.
     let (rows, inter) = (300, 4099);
@@ -63,8 +63,14 @@ fn gated_activation_host_loop_matches_the_tensor_ops_and_the_formula() {
     let host = values(gu.clone());
     for act in [Activation::GeluTanh, Activation::Silu] {
         let got = values(gated_activation(gu.clone(), inter, act));
-        let reference = as_f64(&values(gated_activation_reference(gu.clone(), inter, act)));
-        assert_close(&format!("{act:?} vs the tensor ops"), &got, &reference, 1e-6);
+        let reference = values(gated_activation_reference(gu.clone(), inter, act));
+        // The same f32 operations in the same order but x³ and tanh/exp: a few ulp of each factor
+        // (of x·u where 1 + tanh cancels in GELU's negative tail).
+        for (i, (a, b)) in got.iter().zip(&reference).enumerate() {
+            let (x, u) = (host[(i / inter) * 2 * inter + i % inter], host[(i / inter) * 2 * inter + inter + i % inter]);
+            let scale = b.abs() + (x * u).abs();
+            assert!((a - b).abs() <= 8.0 * f32::EPSILON * scale + 1e-37, "{act:?} at {i}: {a} vs {b} (x {x}, u {u})");
+        }
         let formula: Vec<f64> = (0..rows * inter)
             .map(|i| {
                 let (r, j) = (i / inter, i % inter);

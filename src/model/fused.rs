@@ -2,8 +2,8 @@
 //! chain of tensor ops would read and write a fresh `[tokens, 9216]` buffer per op; every other
 //! device runs the tensor ops, which are also the reference the tests compare the loops with.
 //!
-//! The MLP's `act(gate) · up` (2 × 9216 values per token at the 2B widths; as tensor ops, GELU-tanh
-//! alone is five passes) and the unembedding (256k logits per token: per vocabulary block a product,
+//! The MLP's `act(gate) · up` (2 × 9216 values per token at the 2B widths; as tensor ops, nine
+//! passes over a fresh buffer each) and the unembedding (256k logits per token: per vocabulary block a product,
 //! then a concatenation and a three-pass soft-cap) are the two that matter.
 
 use burn::tensor::activation::{gelu_approximate, silu};
@@ -47,6 +47,11 @@ pub fn gated_activation_reference(gu: Tensor<2>, inter: usize, act: Activation) 
 }
 
 /// The host pass over `gu`'s values (`[rows, 2·inter]`, row-major), rows split over rayon's threads.
+///
+/// The tensor route's f32 operations in its order, with two differences of a few ulp: x³ as
+/// `x·x·x` (not `powf`) and [`tanh`] / flex's σ through [`exp`] (not libm's), so that the loop
+/// vectorises. The tensor route reads and writes a `[rows, inter]` buffer per op (nine for
+/// GELU-tanh · up) and calls libm per element; this loop reads `gu` once and writes once.
 pub fn gated_activation_host(gu: &[f32], rows: usize, inter: usize, act: Activation, device: &Device) -> Tensor<2> {
     use rayon::prelude::*;
     // Rows per task: enough work per task (~0.3M values) that scheduling is noise.
@@ -86,28 +91,30 @@ fn gated_row_avx2(act: Activation, gate: &[f32], up: &[f32], dst: &mut [f32]) {
     gated_row_portable(act, gate, up, dst)
 }
 
-/// Both activations as `x · σ(z)` with one exp: GELU-tanh's `½x(1 + tanh y)` is `x·σ(2y)`,
-/// `y = √(2/π)(x + 0.044715x³)`; SiLU is `x·σ(x)`. `1 + e^{−z}` never cancels, and at e^{−z} = ∞ the
-/// quotient is ±0 as the reference's is.
+/// burn's `gelu_approximate` (`(x·(tanh(√(2/π)·(x + x³·0.044715)) + 1))·0.5`) and `silu` (`x·σ(x)`,
+/// flex's two-branch σ) on the gate, times up, in the tensor route's order of f32 operations.
 #[inline(always)]
 fn gated_row_portable(act: Activation, gate: &[f32], up: &[f32], dst: &mut [f32]) {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const SQRT_2_OVER_PI: f64 = std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+    let (c, k) = (0.044715f64 as f32, SQRT_2_OVER_PI as f32);
     match act {
         Activation::GeluTanh => {
             for ((o, &x), &u) in dst.iter_mut().zip(gate).zip(up) {
-                let z = 2.0 * SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-                *o = x / (1.0 + exp(-z)) * u;
+                let inner = (x + x * x * x * c) * k;
+                *o = ((x * (tanh(inner) + 1.0)) * 0.5) * u;
             }
         }
         Activation::Silu => {
             for ((o, &x), &u) in dst.iter_mut().zip(gate).zip(up) {
-                *o = x / (1.0 + exp(-x)) * u;
+                let (e_neg, e_pos) = (exp(-x), exp(x));
+                let sigmoid = if x >= 0.0 { 1.0 / (1.0 + e_neg) } else { e_pos / (1.0 + e_pos) };
+                *o = (x * sigmoid) * u;
             }
         }
     }
 }
 
-/// `e^x` in f32 to ~1 ulp, branch-free so that it vectorises (Cephes' `expf`): x = n·ln2 + r with
+/// `e^x` in f32 to ~1 ulp, branch-free so that it vectorises (the soft-cap's `tanh`) (Cephes' `expf`): x = n·ln2 + r with
 /// |r| ≤ ln2/2, e^r by its degree-7 series, 2^n put into the exponent bits. x is clamped to
 /// [−87, 88] so 2^n stays a normal float (n ≤ 127): below, the result is ~1.6e−38 instead of a
 /// subnormal or 0; above, ~1.7e38 instead of ∞ — both saturate the sigmoid above the same way.
