@@ -9,7 +9,9 @@ use serde::Serialize;
 #[derive(Debug, Serialize)]
 pub struct CacheBench {
     pub tokens: u64,
+    /// The whole run, loading the models included.
     pub seconds: f64,
+    /// After the models loaded.
     pub tokens_per_s: f64,
     pub forward_batches: u64,
     pub readbacks_per_batch: f64,
