@@ -16,16 +16,22 @@ pub fn step(input: StepInput) -> Result<StepOutput> {
     let sae = cfg.kind == Kind::Sae;
     let p = p.clone().map(|t| t.autodiff().require_grad());
     let x = x.autodiff();
-    let f = if sae { crate::crosscoder::sae::encode(&p, x.clone()) } else { encode(&p, x.clone()) };
     match cfg.kind {
         Kind::L1 => {
+            // `l1_loss` encodes: the codes are not computed here as well (a second B×2d×D product).
+            let phase = crate::phases::phase("encoder forward, decode, loss", &x.device());
             let (loss, recon, err, codes) = l1_loss(cfg, &p, x, d);
+            drop(phase);
+            let phase = crate::phases::phase("selection", &codes.device());
             let selection = Selection::active(read_vec(codes.greater_elem(0.0).float().sum_dim(0))?);
             selection.record(cfg, since_selected, b, d);
+            drop(phase);
+            let _phase = crate::phases::phase("loss/backward", &loss.device());
             let grads = backward(&loss, &p)?;
             Ok(StepOutput::new(selection, loss, recon, None, err, grads))
         }
         Kind::BatchTopK | Kind::Sae => {
+            let f = if sae { crate::crosscoder::sae::encode(&p, x.clone()) } else { encode(&p, x.clone()) };
             let scores =
                 if sae { read_vec(f.clone().detach())? } else { read_vec(f.clone().detach() * p.norm_sum().detach())? };
             let keep = cfg.k_at(step) * b;

@@ -43,6 +43,10 @@ pub fn step_loss(
         return dense::step(StepInput::new(cfg, p, x, step, since_selected));
     }
     let input = StepInput::new(cfg, p, x, step, since_selected);
+    if cfg.kind == Kind::L1 {
+        // Its own phases (encoder forward with decode and loss, selection, backward).
+        return dense::step(input);
+    }
     if !(cfg.kind == Kind::BatchTopK && cfg.sparse) {
         let _phase = crate::phases::phase("dense step (encoder, decode, loss, backward)", &input.device);
         return dense::step(input);
