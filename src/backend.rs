@@ -152,7 +152,10 @@ impl Backend {
     /// [`explain_failure`](Self::explain_failure), naming `flag` (`--devices` for an entry there).
     pub fn explain_failure_as(&self, flag: &str, e: anyhow::Error) -> anyhow::Error {
         let Self::Remote(r) = self else { return e };
-        if e.downcast_ref::<RemoteStopped>().is_some() || !r.was_connected() || r.answers() {
+        // The transport's own "channel closed" is proof enough; otherwise a probe decides (it can
+        // be fooled by another server that took the address since, hence not the only test).
+        let lost = format!("{e:#}").contains("RecvError") || !r.answers();
+        if e.downcast_ref::<RemoteStopped>().is_some() || !r.was_connected() || !lost {
             return e;
         }
         anyhow::Error::new(RemoteStopped(format!(

@@ -38,7 +38,7 @@ impl std::ops::Deref for HostValues {
 }
 
 /// A flex tensor's values moved out as a `Vec` (no copy when nothing else holds the buffer; not a
-/// device readback): for host passes that update a tensor in place and wrap it again with [`tensor`].
+/// device readback): for host passes that update a tensor in place and wrap it again with [`give_vec`].
 pub fn take_vec<const N: usize>(t: Tensor<N>) -> Result<Vec<f32>> {
     t.into_data().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("a tensor's values on the host: {e:?}"))
 }

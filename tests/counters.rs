@@ -29,6 +29,27 @@ fn counters_count_readbacks_and_kernel_dispatches() {
     assert_eq!(r.tokens, 3000);
     assert!(r.forward_batches >= 2 * 3000 / 256, "both models, batches of at most 256 tokens: {}", r.forward_batches);
     assert_eq!(r.readbacks_per_batch, 1.0, "readbacks per forward batch");
+    // `bench cache --data`: the user's files (short documents, packed into shared rows), the same
+    // one readback per batch; a missing file is named, not replaced by generated text.
+    let data = common::data("web.txt").parent().unwrap().to_path_buf();
+    let files = [data.join("web.txt"), data.join("chat.jsonl")];
+    let r = crossdiff::bench::bench_cache(&flex, &fixture.join("base"), &fixture.join("chat"), 1, 600, 64, 256, &files)
+        .unwrap();
+    assert_eq!(r.tokens, 600);
+    assert_eq!(r.readbacks_per_batch, 1.0, "readbacks per packed forward batch");
+    let missing = data.join("no-such-file.txt");
+    let err = crossdiff::bench::bench_cache(
+        &flex,
+        &fixture.join("base"),
+        &fixture.join("chat"),
+        1,
+        600,
+        64,
+        256,
+        &[missing.clone()],
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("no-such-file.txt"), "{err:#}");
 
     // analyze reads each batch's statistics back once (issue 12's target), plus a few reads at the
     // end (the decoder for Latent Scaling), spread over the batches here.

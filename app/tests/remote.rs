@@ -186,18 +186,8 @@ fn assert_same_run_within(local: &Path, remote: &Path, tolerance: Weights) {
     }
 }
 
-/// Servers listen on ephemeral ports: while the kill test's server is dead, a server another test
-/// starts may get its port, and the client's "does the server still answer?" probe would then see
-/// that one. The kill test runs alone; the others share.
-static PORTS: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-fn ports_shared() -> std::sync::RwLockReadGuard<'static, ()> {
-    PORTS.read().unwrap_or_else(|p| p.into_inner())
-}
-
 #[test]
 fn a_training_run_through_a_server_equals_the_local_run_and_the_server_logs_the_session() {
-    let _ports = ports_shared();
     let tmp = Scratch::new("remote-train");
     let cache = tmp.0.join("cache");
     small_cache(&cache);
@@ -219,7 +209,6 @@ fn a_training_run_through_a_server_equals_the_local_run_and_the_server_logs_the_
 
 #[test]
 fn a_wrong_or_missing_token_is_refused_on_both_sides() {
-    let _ports = ports_shared();
     let tmp = Scratch::new("remote-token");
     let token_file = tmp.0.join("token");
     std::fs::write(&token_file, "s3cret\n").unwrap();
@@ -279,7 +268,6 @@ fn a_wrong_or_missing_token_is_refused_on_both_sides() {
 
 #[test]
 fn bad_serve_and_remote_flags_are_one_line() {
-    let _ports = ports_shared();
     let tmp = Scratch::new("remote-flags");
     let empty = tmp.0.join("empty-token");
     std::fs::write(&empty, "\n").unwrap();
@@ -339,7 +327,6 @@ fn bad_serve_and_remote_flags_are_one_line() {
 
 #[test]
 fn a_server_killed_mid_run_stops_the_client_clearly_and_the_run_resumes() {
-    let _ports = PORTS.write().unwrap_or_else(|p| p.into_inner());
     let tmp = Scratch::new("remote-kill");
     let cache = tmp.0.join("cache");
     small_cache(&cache);
@@ -433,7 +420,6 @@ fn assert_same_cache(local: &Path, remote: &Path) {
 
 #[test]
 fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
-    let _ports = ports_shared();
     let tmp = Scratch::new("remote-cache");
     let server = Server::start(&[], &tmp.0.join("server.log"));
     let a = assets();
@@ -573,7 +559,6 @@ fn cache_analyze_kl_and_steer_through_a_server_equal_the_local_ones() {
 
 #[test]
 fn data_parallel_training_over_two_servers_equals_the_one_device_run() {
-    let _ports = ports_shared();
     let tmp = Scratch::new("remote-dp");
     let cache = tmp.0.join("cache");
     small_cache(&cache);

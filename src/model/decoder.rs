@@ -12,6 +12,7 @@ use anyhow::{Result, bail};
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
+use crate::model::fused::soft_cap;
 use crate::model::rope::RopeSpec;
 use crate::model::snapshot::ModelConfig;
 
@@ -416,11 +417,6 @@ pub(crate) struct Masks {
 fn rms_norm(x: Tensor<2>, scale: &Tensor<2>, eps: f64) -> Tensor<2> {
     let inv = x.clone().square().mean_dim(1).add_scalar(eps).sqrt().recip();
     x * inv * scale.clone()
-}
-
-/// `c · tanh(x / c)`.
-fn soft_cap<const D: usize>(x: Tensor<D>, cap: f64) -> Tensor<D> {
-    x.div_scalar(cap).tanh().mul_scalar(cap)
 }
 
 /// Half-split rotary embedding: `x·cos + rotate_half(x)·sin`, rotate_half(x) = [−x₂, x₁].

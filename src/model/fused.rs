@@ -165,9 +165,14 @@ pub fn logits_reference(x: Tensor<2>, blocks: &[Tensor<2>], cap: Option<f64>) ->
         blocks => Tensor::cat(blocks.iter().map(unembed).collect(), 1),
     };
     match cap {
-        Some(c) => logits.div_scalar(c).tanh().mul_scalar(c),
+        Some(c) => soft_cap(logits, c),
         None => logits,
     }
+}
+
+/// `c · tanh(x / c)` as tensor ops (Gemma's attention and final soft-caps).
+pub fn soft_cap<const D: usize>(x: Tensor<D>, cap: f64) -> Tensor<D> {
+    x.div_scalar(cap).tanh().mul_scalar(cap)
 }
 
 /// The host route of [`logits`] on plain slices: `x` is `[rows, hidden]`, each block `(values, n_i)`

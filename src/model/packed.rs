@@ -22,14 +22,15 @@ impl DecoderLm {
         let mut positions = Vec::with_capacity(b * t);
         let mut segment = Vec::with_capacity(b * t);
         for row in docs {
-            if row.iter().sum::<usize>() > t {
-                bail!("packed rows: documents of {} tokens in a row of {t}", row.iter().sum::<usize>());
+            let used: usize = row.iter().sum();
+            if used > t {
+                bail!("packed rows: documents of {used} tokens in a row of {t}");
             }
             for (s, &n) in row.iter().enumerate() {
                 positions.extend((0..n).map(|p| p as i64));
                 segment.extend(std::iter::repeat_n(s as u32, n));
             }
-            let tail = t - row.iter().sum::<usize>();
+            let tail = t - used;
             positions.extend((0..tail).map(|p| p as i64));
             segment.extend(std::iter::repeat_n(row.len() as u32, tail));
         }
