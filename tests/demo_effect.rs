@@ -10,85 +10,104 @@ use crossdiff::analysis::examples::ExamplesStore;
 use crossdiff::analysis::latents::{LatentClass, LatentRow};
 use crossdiff::demo::{DemoPipeline, run_pipeline};
 
+/// The demo at its defaults, then the later methods on its cache.
 #[test]
 fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
     let project = TempDir::new("demo-effect");
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
     let p = DemoPipeline { models: models.clone(), project: project.path().to_path_buf(), ..Default::default() };
     run_pipeline(&p, &Device::flex(), crossdiff::workflow::Handle::silent(), |_| {}).unwrap();
-    let rows =
-        |run: &str| crossdiff::run_dir::RunDir::new(project.path().join("runs").join(run)).read_latents().unwrap();
+    the_papers_effect_shows(project.path(), &models);
+    diff_sae_and_lens_surface_the_planted_behaviours(project.path(), &models);
+}
+
+/// The same claims at another crosscoder seed: the demo's findings must not hang on one bit pattern
+/// of its training (at seed 0 each behaviour has a chat-only latent that passes Latent Scaling; at
+/// seed 3 only the identity's passes, and the top of the Δ ranking still holds all three). A GPU's
+/// float order is such a perturbation too: on lavapipe, seed 0 keeps the refusal's and "Sure!"'s
+/// and the claims below hold (measured once, 450 s: too slow for CI).
+#[test]
+fn the_effect_holds_at_another_training_seed() {
+    let project = TempDir::new("demo-effect-seed");
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
+    let p =
+        DemoPipeline { models: models.clone(), project: project.path().to_path_buf(), seed: 3, ..Default::default() };
+    run_pipeline(&p, &Device::flex(), crossdiff::workflow::Handle::silent(), |_| {}).unwrap();
+    the_papers_effect_shows(project.path(), &models);
+}
+
+/// Which planted behaviour a latent's top examples show — the chat model's planted replies
+/// (identity, refusal, the "Sure!" opening) — or None if they are not all the same one.
+fn planted_behaviour(store: &ExamplesStore, tok: &crossdiff::ChatTokenizer, latent: usize) -> Option<&'static str> {
+    let ex = store.latent(latent).unwrap();
+    let behaviours: Vec<Option<&str>> = ex
+        .examples
+        .iter()
+        .filter(|e| e.kind == 0)
+        .map(|e| {
+            let ids: Vec<u32> =
+                e.window_ids.iter().zip(&e.window_acts).filter(|(_, a)| **a >= 0.0).map(|(i, _)| *i).collect();
+            let t = tok.decode(&ids).unwrap();
+            if t.contains("sorry") || t.contains("cannot help") {
+                Some("refusal")
+            } else if t.contains("Mini") || t.contains("crossdiff") {
+                Some("identity")
+            } else if t.contains("Sure") {
+                Some("sure")
+            } else {
+                None
+            }
+        })
+        .collect();
+    let first = *behaviours.first()?;
+    behaviours.iter().all(|b| *b == first).then_some(first).flatten()
+}
+
+/// The paper's effect in miniature, stated as what holds for any training seed (measured over
+/// seeds 0–7; see the README): the latents with the largest Δ are the planted behaviours, all
+/// three; every chat-only BatchTopK latent is one of them; at least one passes Latent Scaling; L1
+/// reports more chat-only latents that Latent Scaling flags; patching the chat-specific latents
+/// closes part of the KL gap.
+fn the_papers_effect_shows(project: &Path, models: &Path) {
+    let rows = |run: &str| crossdiff::run_dir::RunDir::new(project.join("runs").join(run)).read_latents().unwrap();
     let (btk, l1) = (rows("batchtopk"), rows("l1"));
-    let chat_only = |r: &[LatentRow]| r.iter().filter(|x| x.class == LatentClass::ChatOnly).count();
-    let flagged =
-        |r: &[LatentRow]| r.iter().filter(|x| x.class == LatentClass::ChatOnly && !x.is_chat_specific()).count();
-    let (n_btk, n_l1) = (chat_only(&btk), chat_only(&l1));
-    assert!(n_btk >= 1, "BatchTopK finds at least one chat-only latent");
-    // L1 has more chat-only latents, and a larger share of them flagged by Latent Scaling.
-    assert!(n_l1 > n_btk, "chat-only latents: L1 {n_l1}, BatchTopK {n_btk}");
-    let share = |f: usize, n: usize| f as f64 / n.max(1) as f64;
-    assert!(
-        share(flagged(&l1), n_l1) > share(flagged(&btk), n_btk),
-        "flagged: L1 {}/{n_l1}, BatchTopK {}/{n_btk}",
-        flagged(&l1),
-        flagged(&btk)
-    );
+    let tok = crossdiff::ChatTokenizer::from_dir(&models.join("chat")).unwrap();
+    let store = ExamplesStore::open(&project.join("runs/batchtopk")).unwrap();
 
     let dead = btk.iter().filter(|x| x.class == LatentClass::Dead).count();
     assert!(dead * 5 < btk.len(), "dead BatchTopK latents: {dead} of {}", btk.len());
 
-    // BatchTopK's chat-only latents fire on the planted behaviours: their top examples are the
-    // chat model's planted replies (identity, refusal, the "Sure!" opening), and each of the three
-    // has a latent of its own that passes Latent Scaling.
-    let tok = crossdiff::ChatTokenizer::from_dir(&models.join("chat")).unwrap();
-    let store = ExamplesStore::open(&project.path().join("runs/batchtopk")).unwrap();
-    let mut found = std::collections::BTreeSet::new();
-    for r in btk.iter().filter(|x| x.class == LatentClass::ChatOnly) {
-        let ex = store.latent(r.latent).unwrap();
-        let top: Vec<String> = ex
-            .examples
-            .iter()
-            .filter(|e| e.kind == 0)
-            .map(|e| {
-                let ids: Vec<u32> =
-                    e.window_ids.iter().zip(&e.window_acts).filter(|(_, a)| **a >= 0.0).map(|(i, _)| *i).collect();
-                tok.decode(&ids).unwrap()
-            })
-            .collect();
-        let planted = |t: &String| {
-            t.contains("Mini")
-                || t.contains("crossdiff")
-                || t.contains("sorry")
-                || t.contains("cannot help")
-                || t.contains("Sure")
-        };
-        assert!(!top.is_empty() && top.iter().all(planted), "latent {}: top contexts {top:?}", r.latent);
-        let behaviour = |t: &String| {
-            if t.contains("sorry") || t.contains("cannot help") {
-                "refusal"
-            } else if t.contains("Mini") || t.contains("crossdiff") {
-                "identity"
-            } else {
-                "sure"
-            }
-        };
-        if r.is_chat_specific() && top.iter().all(|t| behaviour(t) == behaviour(&top[0])) {
-            found.insert(behaviour(&top[0]));
-        }
+    // The Latents view sorted by Δ: the top rows are the planted behaviours (Δ ≈ 0.85–0.94 here),
+    // one behaviour each, together all three.
+    let mut live: Vec<&LatentRow> = btk.iter().filter(|x| x.class != LatentClass::Dead).collect();
+    live.sort_by(|a, b| b.delta_norm.total_cmp(&a.delta_norm));
+    let top: Vec<Option<&str>> = live.iter().take(12).map(|r| planted_behaviour(&store, &tok, r.latent)).collect();
+    let shown: std::collections::BTreeSet<&str> = top.iter().flatten().copied().collect();
+    assert!(top.iter().filter(|b| b.is_none()).count() <= 1, "the 12 largest Δ: {top:?}");
+    assert_eq!(shown, ["identity", "refusal", "sure"].into_iter().collect(), "the 12 largest Δ: {top:?}");
+
+    // Every chat-only BatchTopK latent is a planted behaviour, and at least one passes Latent Scaling.
+    let chat_only: Vec<&LatentRow> = btk.iter().filter(|x| x.class == LatentClass::ChatOnly).collect();
+    for r in &chat_only {
+        assert!(planted_behaviour(&store, &tok, r.latent).is_some(), "chat-only latent {} is not planted", r.latent);
     }
-    assert_eq!(
-        found,
-        ["identity", "refusal", "sure"].into_iter().collect(),
-        "planted behaviours with a chat-specific BatchTopK latent of their own"
+    assert!(chat_only.iter().any(|r| r.is_chat_specific()), "no chat-specific BatchTopK latent: {chat_only:?}");
+
+    // L1 fakes chat-only latents: more of its chat-only latents fail Latent Scaling.
+    let flagged =
+        |r: &[LatentRow]| r.iter().filter(|x| x.class == LatentClass::ChatOnly && !x.is_chat_specific()).count();
+    assert!(
+        flagged(&l1) > flagged(&btk),
+        "flagged chat-only latents: L1 {}, BatchTopK {}",
+        flagged(&l1),
+        flagged(&btk)
     );
 
     // Patching the chat-specific latents into the base residual closes part of the KL gap.
     let kl: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(project.path().join("runs/batchtopk/kl.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(project.join("runs/batchtopk/kl.json")).unwrap()).unwrap();
     let mean = |c: &str| kl.iter().find(|k| k["condition"] == c).unwrap()["mean_all"].as_f64().unwrap();
     assert!(mean("chat_specific") < mean("none"), "chat-specific {} vs none {}", mean("chat_specific"), mean("none"));
-
-    diff_sae_and_lens_surface_the_planted_behaviours(project.path(), &models);
 }
 
 /// The later methods on the same demo pair (issue 15): a diff-SAE on the demo cache has

@@ -90,7 +90,7 @@ pub fn steps(plan: &TourPlan) -> Vec<Step> {
                  direction per model. A latent whose base direction is nearly zero looks chat-only — a candidate \
                  for something fine-tuning added. Δ runs from 0 (base-only) through 0.5 (shared) to 1 (chat-only). \
                  Shown: the {name} run's chat-only latents by Δ, and the dashboard of {latent_text}, its most \
-                 chat-specific one; its top examples are where it fires (in the demo, the planted identity answer)."
+                 chat-specific one; its top examples are where it fires (in the demo, one of the planted answers)."
             ),
             vec![AppCommand::ShowLatents { run: run.clone(), class, latent: plan.latent }],
         ),

@@ -106,6 +106,7 @@ enum Command {
         /// With --rebuild: training steps for the base model and again for the chat fine-tune.
         #[arg(long, default_value_t = crossdiff::demo::DEFAULT_LM_STEPS, requires = "rebuild")]
         steps: usize,
+        /// The crosscoders' training seed (with --rebuild: the corpus's and the models' seed).
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
