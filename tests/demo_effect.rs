@@ -12,7 +12,7 @@ use crossdiff::demo::{DemoPipeline, run_pipeline};
 
 /// The demo at its defaults, then the later methods on its cache.
 #[test]
-fn batchtopk_finds_planted_behaviours_and_l1_fakes_more_chat_only_latents() {
+fn the_demo_shows_the_papers_effect_at_its_defaults() {
     let project = TempDir::new("demo-effect");
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
     let p = DemoPipeline { models: models.clone(), project: project.path().to_path_buf(), ..Default::default() };
@@ -36,27 +36,28 @@ fn the_effect_holds_at_another_training_seed() {
     the_papers_effect_shows(project.path(), &models);
 }
 
-/// Which planted behaviour a latent's top examples show — the chat model's planted replies
-/// (identity, refusal, the "Sure!" opening) — or None if they are not all the same one.
+/// The planted behaviours and the words of the chat model's planted replies that name each.
+const PLANTED: [(&str, &[&str]); 3] =
+    [("refusal", &["sorry", "cannot help"]), ("identity", &["Mini", "crossdiff"]), ("sure", &["Sure"])];
+
+/// Which planted behaviour a latent's top examples show, or None when they show none, several, or
+/// not all the same one. An example's window (±16 tokens, cut at its document's edges) spans most of
+/// a demo conversation, so this names the conversation the latent fires in — its request, the
+/// template or the reply — not the token.
 fn planted_behaviour(store: &ExamplesStore, tok: &crossdiff::ChatTokenizer, latent: usize) -> Option<&'static str> {
     let ex = store.latent(latent).unwrap();
-    let behaviours: Vec<Option<&str>> = ex
+    let behaviours: Vec<Option<&'static str>> = ex
         .examples
         .iter()
         .filter(|e| e.kind == 0)
         .map(|e| {
-            let ids: Vec<u32> =
-                e.window_ids.iter().zip(&e.window_acts).filter(|(_, a)| **a >= 0.0).map(|(i, _)| *i).collect();
-            let t = tok.decode(&ids).unwrap();
-            if t.contains("sorry") || t.contains("cannot help") {
-                Some("refusal")
-            } else if t.contains("Mini") || t.contains("crossdiff") {
-                Some("identity")
-            } else if t.contains("Sure") {
-                Some("sure")
-            } else {
-                None
-            }
+            let text = tok.decode(&e.document_ids()).unwrap();
+            let named: Vec<&'static str> = PLANTED
+                .iter()
+                .filter(|(_, words)| words.iter().any(|w| text.contains(w)))
+                .map(|(name, _)| *name)
+                .collect();
+            (named.len() == 1).then(|| named[0])
         })
         .collect();
     let first = *behaviours.first()?;
@@ -77,8 +78,8 @@ fn the_papers_effect_shows(project: &Path, models: &Path) {
     let dead = btk.iter().filter(|x| x.class == LatentClass::Dead).count();
     assert!(dead * 5 < btk.len(), "dead BatchTopK latents: {dead} of {}", btk.len());
 
-    // The Latents view sorted by Δ: the top rows are the planted behaviours (Δ ≈ 0.85–0.94 here),
-    // one behaviour each, together all three.
+    // The Latents view sorted by Δ: the top rows are the planted behaviours (Δ ≈ 0.85–0.94 at seeds
+    // 0–7), one behaviour each (all but at most one row), together all three.
     let mut live: Vec<&LatentRow> = btk.iter().filter(|x| x.class != LatentClass::Dead).collect();
     live.sort_by(|a, b| b.delta_norm.total_cmp(&a.delta_norm));
     let top: Vec<Option<&str>> = live.iter().take(12).map(|r| planted_behaviour(&store, &tok, r.latent)).collect();
@@ -93,14 +94,14 @@ fn the_papers_effect_shows(project: &Path, models: &Path) {
     }
     assert!(chat_only.iter().any(|r| r.is_chat_specific()), "no chat-specific BatchTopK latent: {chat_only:?}");
 
-    // L1 fakes chat-only latents: more of its chat-only latents fail Latent Scaling.
+    // L1 fakes chat-only latents: more of its chat-only latents fail Latent Scaling (2–5 at seeds
+    // 0–7, BatchTopK 0–3).
     let flagged =
         |r: &[LatentRow]| r.iter().filter(|x| x.class == LatentClass::ChatOnly && !x.is_chat_specific()).count();
+    let (l1_flagged, btk_flagged) = (flagged(&l1), flagged(&btk));
     assert!(
-        flagged(&l1) > flagged(&btk),
-        "flagged chat-only latents: L1 {}, BatchTopK {}",
-        flagged(&l1),
-        flagged(&btk)
+        l1_flagged >= 2 && l1_flagged > btk_flagged,
+        "flagged chat-only latents: L1 {l1_flagged}, BatchTopK {btk_flagged}"
     );
 
     // Patching the chat-specific latents into the base residual closes part of the KL gap.

@@ -183,6 +183,18 @@ fn packed_rows_equal_each_document_run_alone() {
     }
 }
 
+/// The masks are built on the device from per-token positions and document numbers: the same
+/// check through WGSL (lavapipe in CI), Gemma 2 for its sliding window and Llama for plain causal.
+#[test]
+fn packed_rows_equal_each_document_run_alone_on_wgpu() {
+    let Some(device) = common::wgpu_device() else { return };
+    let lengths = [9usize, 3, 5, 2, 7, 1, 12, 4, 8, 7];
+    let gemma2 = Model::load(fixture("base"), &device, LoadOptions::default()).unwrap();
+    check_packed_rows(&gemma2, &lengths, 16);
+    let llama = Model::load(family_fixture("llama", "base"), &device, LoadOptions::default()).unwrap();
+    check_packed_rows(&llama, &lengths, 16);
+}
+
 #[test]
 fn under_autodiff_the_tensor_ops_run_and_gradients_flow() {
     let device = Device::flex().autodiff();

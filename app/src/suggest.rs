@@ -43,10 +43,7 @@ pub fn strongest_latent(rows: &[LatentRow]) -> Option<usize> {
 fn top_example_text(run: &Path, chat: &Path, j: usize) -> Option<String> {
     let examples = ExamplesStore::open(run).ok()?.latent(j).ok()?;
     let top = examples.examples.iter().find(|e| e.kind == 0)?;
-    // Positions outside the document carry a negative activation.
-    let ids: Vec<u32> =
-        top.window_ids.iter().zip(&top.window_acts).filter(|(_, a)| **a >= 0.0).map(|(id, _)| *id).collect();
-    let text = ChatTokenizer::from_dir(chat).ok()?.decode(&ids).ok()?;
+    let text = ChatTokenizer::from_dir(chat).ok()?.decode(&top.document_ids()).ok()?;
     // A window cut inside a character starts or ends with a piece of it; one cut inside a line
     // starts with the rest of that line, which is dropped when the line is short.
     let mut text = text.trim_start_matches("<bos>").replace('\u{FFFD}', "");

@@ -89,8 +89,8 @@ pub fn steps(plan: &TourPlan) -> Vec<Step> {
                 "The crosscoder learns a dictionary of latents that explain those pairs: each latent has one \
                  direction per model. A latent whose base direction is nearly zero looks chat-only — a candidate \
                  for something fine-tuning added. Δ runs from 0 (base-only) through 0.5 (shared) to 1 (chat-only). \
-                 Shown: the {name} run's chat-only latents by Δ, and the dashboard of {latent_text}, its most \
-                 chat-specific one; its top examples are where it fires (in the demo, one of the planted answers)."
+                 Shown: the {name} run's chat-only latents by Δ, and the dashboard of {latent_text}, its \
+                 largest-Δ one; its top examples are where it fires (in the demo, one of the planted answers)."
             ),
             vec![AppCommand::ShowLatents { run: run.clone(), class, latent: plan.latent }],
         ),
@@ -100,7 +100,7 @@ pub fn steps(plan: &TourPlan) -> Vec<Step> {
              too, but the penalty pushed its base direction to zero (Complete Shrinkage) or another latent carried \
              it (Latent Decoupling). Latent Scaling measures how much of each latent the base model actually has \
              (ν^ε, ν^r). Side by side: how many chat-only latents each run reports and how many pass. In the demo, \
-             L1 reports many more, most of them flagged; BatchTopK's pass."
+             L1 has more chat-only latents that Latent Scaling flags; BatchTopK's are the planted behaviours."
                 .into(),
             vec![AppCommand::CompareRuns { runs: plan.compare.clone() }],
         ),

@@ -282,6 +282,14 @@ pub struct Example {
     pub window_acts: Vec<f32>,
 }
 
+impl Example {
+    /// The window's token ids inside the example's document (positions outside it carry a negative
+    /// activation).
+    pub fn document_ids(&self) -> Vec<u32> {
+        self.window_ids.iter().zip(&self.window_acts).filter(|(_, a)| **a >= 0.0).map(|(id, _)| *id).collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LatentExamples {
     pub examples: Vec<Example>,

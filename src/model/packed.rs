@@ -4,7 +4,7 @@
 //! chat turns and short web pages, padded row per document, ran ~2× the tokens it kept.
 
 use anyhow::{Result, bail};
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use crate::model::decoder::{DecoderLm, MASKED, Masks};
 
@@ -28,16 +28,16 @@ impl DecoderLm {
             }
             for (s, &n) in row.iter().enumerate() {
                 positions.extend((0..n).map(|p| p as i64));
-                segment.extend(std::iter::repeat_n(s as u32, n));
+                segment.extend(std::iter::repeat_n(s as i64, n));
             }
             let tail = t - used;
             positions.extend((0..tail).map(|p| p as i64));
-            segment.extend(std::iter::repeat_n(row.len() as u32, tail));
+            segment.extend(std::iter::repeat_n(row.len() as i64, tail));
         }
         let device = self.device();
         // The unpacked tables for positions 0..t, gathered per token: the same values as a row that
         // starts its document at column 0.
-        let index = Tensor::<1, Int>::from_data(TensorData::new(positions.clone(), [b * t]), device);
+        let index = Tensor::<1, Int>::from_data(TensorData::new(positions, [b * t]), device);
         let hd = self.config.head_dim;
         let rope = self
             .rope_tables(0, t)
@@ -47,25 +47,24 @@ impl DecoderLm {
                 (gather(cos), gather(sin))
             })
             .collect::<Vec<_>>();
+        // The masks are built where they are used, from the b·t positions and document numbers (not
+        // b·t² values made on the host and uploaded: at rows of 1024, 32 MB per mask per forward to a
+        // GPU or over a remote server's socket). Within one document, column j comes after row i
+        // exactly when its position is larger, so "same document and pos_i − pos_j ≥ 0" is causal.
         let window = self.config.effective_sliding_window().unwrap_or(usize::MAX);
-        let build = |sliding: bool| {
-            let mut m = vec![0.0f32; b * t * t];
-            for r in 0..b {
-                let (seg, pos) = (&segment[r * t..(r + 1) * t], &positions[r * t..(r + 1) * t]);
-                for i in 0..t {
-                    for j in 0..t {
-                        let hidden = j > i || seg[j] != seg[i] || (sliding && (pos[i] - pos[j]) as usize >= window);
-                        if hidden {
-                            m[(r * t + i) * t + j] = MASKED;
-                        }
-                    }
-                }
-            }
-            Tensor::from_data(TensorData::new(m, [b, 1, 1, t, t]), (device, DType::F32))
+        let segment = Tensor::<2, Int>::from_data(TensorData::new(segment, [b, t]), device);
+        let position = index.clone().reshape([b, t]);
+        let rows = |x: Tensor<2, Int>| x.reshape([b, 1, 1, t, 1]).expand([b, 1, 1, t, t]);
+        let cols = |x: Tensor<2, Int>| x.reshape([b, 1, 1, 1, t]).expand([b, 1, 1, t, t]);
+        let behind = rows(position.clone()) - cols(position);
+        let visible = rows(segment.clone()).equal(cols(segment)).bool_and(behind.clone().greater_equal_elem(0));
+        let additive = |visible: Tensor<5, Bool>| {
+            Tensor::<5>::zeros([b, 1, 1, t, t], (device, DType::F32)).mask_fill(visible.bool_not(), MASKED)
         };
         // A window as long as the rows hides nothing the causal mask does not (Gemma 2's 4096).
-        let causal = build(false);
-        let sliding = if window < t { build(true) } else { causal.clone() };
+        let causal = additive(visible.clone());
+        let sliding =
+            if window < t { additive(visible.bool_and(behind.lower_elem(window as i64))) } else { causal.clone() };
         let masks = Masks { causal, sliding };
         Ok(self.run_blocks(ids, layer.min(self.layers.len() - 1), &rope, &masks, |_, _| {}))
     }
