@@ -10,7 +10,7 @@
 
 use anyhow::{Result, bail};
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use crate::model::fused::soft_cap;
 use crate::model::rope::RopeSpec;
@@ -386,20 +386,11 @@ impl DecoderLm {
     /// Additive masks `[1, 1, 1, t, s]` for queries at `p0..p0+t` over keys `0..s`: causal, and
     /// causal plus the sliding window (key j hidden from query i when i − j ≥ window).
     fn masks(&self, p0: usize, t: usize, s: usize) -> Masks {
-        let window = self.config.effective_sliding_window().unwrap_or(usize::MAX);
-        let build = |sliding: bool| {
-            let mut m = vec![0.0f32; t * s];
-            for i in 0..t {
-                let qi = p0 + i;
-                for j in 0..s {
-                    if j > qi || (sliding && qi - j >= window) {
-                        m[i * s + j] = MASKED;
-                    }
-                }
-            }
-            Tensor::from_data(TensorData::new(m, [1, 1, 1, t, s]), (&self.device, DType::F32))
+        let at = |from: usize, n: usize| {
+            Tensor::<1, Int>::arange(from as i64..(from + n) as i64, &self.device).reshape([1, n])
         };
-        Masks { causal: build(false), sliding: build(true) }
+        let window = self.config.effective_sliding_window();
+        Masks::new(at(p0, t), at(0, s), None, window.filter(|&w| w < p0 + t))
     }
 }
 
@@ -410,6 +401,40 @@ pub(crate) const MASKED: f32 = -1.0e30;
 pub(crate) struct Masks {
     pub(crate) causal: Tensor<5>,
     pub(crate) sliding: Tensor<5>,
+}
+
+impl Masks {
+    /// The masks for queries at positions `query` (`[rows, t]`) over keys at `key` (`[rows, s]`), built
+    /// on their device from those b·(t + s) numbers (not t·s values made on the host and uploaded).
+    /// Key j is hidden from query i when it comes later (pos_i − pos_j < 0) or, given `documents`
+    /// (each token's document number in its row — packed rows, where queries and keys are the same
+    /// tokens), belongs to another document; the sliding mask also hides keys `window` or more
+    /// behind. `window: None` (no window, or one no key can reach) reuses the causal mask.
+    pub(crate) fn new(
+        query: Tensor<2, Int>,
+        key: Tensor<2, Int>,
+        documents: Option<Tensor<2, Int>>,
+        window: Option<usize>,
+    ) -> Masks {
+        let ([rows, t], s) = (query.dims(), key.dims()[1]);
+        let device = query.device();
+        let by_query = |x: Tensor<2, Int>| x.reshape([rows, 1, 1, t, 1]).expand([rows, 1, 1, t, s]);
+        let by_key = |x: Tensor<2, Int>| x.reshape([rows, 1, 1, 1, s]).expand([rows, 1, 1, t, s]);
+        let behind = by_query(query) - by_key(key);
+        let mut visible = behind.clone().greater_equal_elem(0);
+        if let Some(doc) = documents {
+            visible = visible.bool_and(by_query(doc.clone()).equal(by_key(doc)));
+        }
+        let additive = |visible: Tensor<5, Bool>| {
+            Tensor::<5>::zeros([rows, 1, 1, t, s], (&device, DType::F32)).mask_fill(visible.bool_not(), MASKED)
+        };
+        let causal = additive(visible.clone());
+        let sliding = match window {
+            Some(w) => additive(visible.bool_and(behind.lower_elem(w as i64))),
+            None => causal.clone(),
+        };
+        Masks { causal, sliding }
+    }
 }
 
 /// RMSNorm in f32: `x · rsqrt(mean(x²) + eps) · scale`; `scale` is `[1, width]` (Gemma's `1 + w`,

@@ -4,9 +4,9 @@
 //! chat turns and short web pages, padded row per document, ran ~2× the tokens it kept.
 
 use anyhow::{Result, bail};
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::decoder::{DecoderLm, MASKED, Masks};
+use crate::model::decoder::{DecoderLm, Masks};
 
 impl DecoderLm {
     /// The output of block `layer` (`[batch, time, hidden]`) for packed rows: row r of `ids` holds
@@ -47,25 +47,12 @@ impl DecoderLm {
                 (gather(cos), gather(sin))
             })
             .collect::<Vec<_>>();
-        // The masks are built where they are used, from the b·t positions and document numbers (not
-        // b·t² values made on the host and uploaded: at rows of 1024, 32 MB per mask per forward to a
-        // GPU or over a remote server's socket). Within one document, column j comes after row i
-        // exactly when its position is larger, so "same document and pos_i − pos_j ≥ 0" is causal.
-        let window = self.config.effective_sliding_window().unwrap_or(usize::MAX);
+        // Within one document a later column has a larger position, so the rule is the plain one
+        // plus "same document". A window as long as the rows hides nothing more (Gemma 2's 4096).
         let segment = Tensor::<2, Int>::from_data(TensorData::new(segment, [b, t]), device);
         let position = index.clone().reshape([b, t]);
-        let rows = |x: Tensor<2, Int>| x.reshape([b, 1, 1, t, 1]).expand([b, 1, 1, t, t]);
-        let cols = |x: Tensor<2, Int>| x.reshape([b, 1, 1, 1, t]).expand([b, 1, 1, t, t]);
-        let behind = rows(position.clone()) - cols(position);
-        let visible = rows(segment.clone()).equal(cols(segment)).bool_and(behind.clone().greater_equal_elem(0));
-        let additive = |visible: Tensor<5, Bool>| {
-            Tensor::<5>::zeros([b, 1, 1, t, t], (device, DType::F32)).mask_fill(visible.bool_not(), MASKED)
-        };
-        // A window as long as the rows hides nothing the causal mask does not (Gemma 2's 4096).
-        let causal = additive(visible.clone());
-        let sliding =
-            if window < t { additive(visible.bool_and(behind.lower_elem(window as i64))) } else { causal.clone() };
-        let masks = Masks { causal, sliding };
+        let window = self.config.effective_sliding_window().filter(|&w| w < t);
+        let masks = Masks::new(position.clone(), position, Some(segment), window);
         Ok(self.run_blocks(ids, layer.min(self.layers.len() - 1), &rope, &masks, |_, _| {}))
     }
 }
