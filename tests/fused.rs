@@ -6,7 +6,7 @@ mod common;
 use burn::tensor::{Device, Distribution, Tensor};
 use common::{assert_close, family_fixture, fixture};
 use crossdiff::model::fused::{
-    Activation, exp, gated_activation, gated_activation_reference, logits, logits_reference, tanh,
+    Activation, exp, few_rows_matmul, gated_activation, gated_activation_reference, logits, logits_reference, tanh,
 };
 use crossdiff::model::packed::pack_rows;
 use crossdiff::{LoadOptions, Model};
@@ -93,7 +93,10 @@ fn unembedding_host_route_matches_the_tensor_ops() {
     let device = Device::flex();
     // One row (a decoding step), a few, and a batch; widths past gemm's depth blocking; blocks of
     // odd sizes, as a large embedding is stored.
-    for (rows, hidden, sizes) in [(1, 24, vec![10, 7, 13]), (5, 24, vec![30]), (37, 1100, vec![300, 129, 257])] {
+    // Up to 4 rows take the dot-product route (vocabulary tasks of 256 rows: 300 spans two).
+    for (rows, hidden, sizes) in
+        [(1, 24, vec![10, 7, 13]), (3, 1100, vec![300, 129, 257]), (5, 24, vec![30]), (37, 1100, vec![300, 129, 257])]
+    {
         let x = Tensor::<2>::random([rows, hidden], Distribution::Normal(0.0, 1.0), &device);
         let blocks: Vec<Tensor<2>> =
             sizes.iter().map(|&n| Tensor::random([n, hidden], Distribution::Normal(0.0, 1.0), &device)).collect();
@@ -107,6 +110,26 @@ fn unembedding_host_route_matches_the_tensor_ops() {
             assert_close(&format!("{rows}×{hidden}, blocks {sizes:?}, ×{scale:.2}, cap {cap:?}"), &got, &want, 1e-5);
         }
     }
+}
+
+/// A decoding step's projections: a few rows times a weight in one pass, against burn's matmul;
+/// depths that leave a partial slice of weight rows (256 per task) and span several slices.
+#[test]
+fn few_rows_matmul_matches_the_tensor_op() {
+    let device = Device::flex();
+    for (rows, k, n) in [(1, 24, 10), (1, 1100, 2500), (3, 1100, 2500), (4, 9, 1024)] {
+        let x = Tensor::<2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+        let got = values(few_rows_matmul(&x, &w).expect("applies to a few f32 rows on flex"));
+        let want = as_f64(&values(x.matmul(w)));
+        assert_close(&format!("{rows}×{k} · {k}×{n}"), &got, &want, 1e-5);
+    }
+    // More rows, or under autodiff: the tensor ops run instead.
+    let w = Tensor::<2>::random([8, 8], Distribution::Default, &device);
+    assert!(few_rows_matmul(&Tensor::<2>::random([5, 8], Distribution::Default, &device), &w).is_none());
+    let ad = device.autodiff();
+    let w_ad = Tensor::<2>::random([8, 8], Distribution::Default, &ad);
+    assert!(few_rows_matmul(&Tensor::<2>::random([1, 8], Distribution::Default, &ad), &w_ad).is_none());
 }
 
 #[test]
