@@ -5,8 +5,9 @@ mod common;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use common::{assert_close, family_fixture, fixture};
+use crossdiff::model::few_rows::{dot_at, few_rows_matmul};
 use crossdiff::model::fused::{
-    Activation, exp, few_rows_matmul, gated_activation, gated_activation_reference, logits, logits_reference, tanh,
+    Activation, exp, gated_activation, gated_activation_reference, logits, logits_reference, tanh,
 };
 use crossdiff::model::packed::pack_rows;
 use crossdiff::{LoadOptions, Model};
@@ -130,6 +131,33 @@ fn few_rows_matmul_matches_the_tensor_op() {
     let ad = device.autodiff();
     let w_ad = Tensor::<2>::random([8, 8], Distribution::Default, &ad);
     assert!(few_rows_matmul(&Tensor::<2>::random([1, 8], Distribution::Default, &ad), &w_ad).is_none());
+}
+
+/// The decoding logits' dot product sums in one order on every SIMD level: AVX-512, AVX2 and the
+/// portable loop give the same bits (lengths around the 64 partial sums; values within a factor of
+/// 100 of each other, so every step's rounding reaches the sum: a fused multiply-add fails this).
+#[test]
+fn dot_products_are_the_same_bits_on_every_simd_level() {
+    use crossdiff::host_tensor::Simd;
+    let mut state = 11u64;
+    let mut next = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        u * 10f32.powi((state >> 20) as i32 % 3 - 1)
+    };
+    for len in [0usize, 1, 63, 64, 65, 1100, 4103] {
+        let (a, b): (Vec<f32>, Vec<f32>) = (0..len).map(|_| (next(), next())).unzip();
+        let portable = dot_at(Simd::Portable, &a, &b).unwrap();
+        let exact: f64 = a.iter().zip(&b).map(|(p, q)| *p as f64 * *q as f64).sum();
+        let scale: f64 = a.iter().zip(&b).map(|(p, q)| (*p as f64 * *q as f64).abs()).sum();
+        assert!((portable as f64 - exact).abs() <= 1e-5 * scale.max(1e-30), "length {len}: {portable} vs {exact}");
+        #[cfg(target_arch = "x86_64")]
+        for level in [Simd::Avx512, Simd::Avx2] {
+            if let Some(v) = dot_at(level, &a, &b) {
+                assert_eq!(v.to_bits(), portable.to_bits(), "length {len}, {level:?}: {v} vs portable {portable}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -39,7 +39,7 @@ pub(crate) struct Linear {
 
 impl Linear {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let y = if let Some(y) = crate::model::fused::few_rows_matmul(&x, &self.w) {
+        let y = if let Some(y) = crate::model::few_rows::few_rows_matmul(&x, &self.w) {
             y
         } else if self.w.dtype() == DType::F16 {
             x.cast(FloatDType::F16).matmul(self.w.clone()).cast(FloatDType::F32)

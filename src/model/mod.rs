@@ -4,6 +4,7 @@
 pub mod config;
 pub mod decoder;
 pub mod family;
+pub mod few_rows;
 pub mod fused;
 pub mod generate;
 pub mod inspect;
