@@ -114,7 +114,7 @@ fn unembedding_host_route_matches_the_tensor_ops() {
 }
 
 /// A decoding step's projections: a few rows times a weight in one pass, against burn's matmul;
-/// depths that leave a partial slice of weight rows (256 per task) and span several slices.
+/// depths that leave a partial slice of weight rows (128 per task) and span several slices.
 #[test]
 fn few_rows_matmul_matches_the_tensor_op() {
     let device = Device::flex();
