@@ -2,7 +2,7 @@
 //! memory-bound — each weight is read once per step — and gemm's repacking of the weight for its
 //! kernel cost more than the arithmetic. So the projections stream each weight once
 //! ([`few_rows_matmul`]) and the logits are dot products over the vocabulary rows
-//! ([`logits_by_dots`], called by [`crate::model::fused::logits`]). Every other case, and every
+//! (`logits_by_dots`, called by [`crate::model::fused::logits`]). Every other case, and every
 //! other device, runs the tensor ops (the tests' reference).
 
 use burn::tensor::{DType, Tensor};

@@ -3,8 +3,9 @@
 //! device runs the tensor ops, which are also the reference the tests compare the loops with.
 //!
 //! The MLP's `act(gate) · up` (2 × 9216 values per token at the 2B widths; as tensor ops, nine
-//! passes over a fresh buffer each) and the unembedding (256k logits per token: per vocabulary block a product,
-//! then a concatenation and a three-pass soft-cap) are the two that matter.
+//! passes over a fresh buffer each) and the unembedding (256k logits per token: per vocabulary
+//! block a product, then a concatenation and a three-pass soft-cap) are the two that matter. A
+//! decoding step's few rows take [`crate::model::few_rows`] instead.
 
 use burn::tensor::activation::{gelu_approximate, silu};
 use burn::tensor::{DType, Device, Tensor};
@@ -115,9 +116,9 @@ fn gated_row_portable(act: Activation, gate: &[f32], up: &[f32], dst: &mut [f32]
     }
 }
 
-/// `e^x` in f32 to ~1 ulp, branch-free so that it vectorises (the soft-cap's `tanh`) (Cephes' `expf`): x = n·ln2 + r with
-/// |r| ≤ ln2/2, e^r by its degree-7 series, 2^n put into the exponent bits. x is clamped to
-/// [−87, 88] so 2^n stays a normal float (n ≤ 127): below, the result is ~1.6e−38 instead of a
+/// `e^x` in f32 to ~1 ulp (Cephes' `expf`), branch-free so that the loops using it (σ, [`tanh`])
+/// vectorise: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its degree-7 series, 2^n put into the
+/// exponent bits. x is clamped to [−87, 88] so 2^n stays a normal float (n ≤ 127): below, the result is ~1.6e−38 instead of a
 /// subnormal or 0; above, ~1.7e38 instead of ∞ — both saturate the sigmoid above the same way.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
